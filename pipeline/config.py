@@ -1,0 +1,218 @@
+"""Configuration: pydantic models mirroring ``config.toml``, loaded with environment overrides.
+
+Every section is a frozen pydantic model that rejects unknown keys, so a misspelled option is an error,
+not a silent default. ``load_config(path)`` reads the TOML file (or uses defaults when ``path`` is None)
+and applies environment overrides:
+
+- ``LINEINSPECT__<SECTION>__<KEY>=value`` sets one key (value parsed as JSON when it parses, else a string),
+  e.g. ``LINEINSPECT__SCORING__SHIFT_PIXELS=2``.
+- ``REDIS_URL`` sets ``redis.url``.
+
+This module imports no torch: workers and the pipeline read it without loading the model stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "LINEINSPECT__"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(_Section):
+    """Backbone and patch features."""
+
+    backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"] = "efficientnet_lite0"
+    layers: tuple[str, ...] | None = Field(
+        default=None, description="Backbone layers to tap; None uses the backbone's stride-8 and stride-16 defaults."
+    )
+    weights_path: Path | None = Field(
+        default=None, description="Local weights file for torchvision backbones (the default backbone ships its own)."
+    )
+    image_size: int = Field(default=224, ge=32, le=2048, description="Frames are resized to image_size x image_size.")
+    feature_dim: int | None = Field(
+        default=None, ge=8, description="Reduce patch features to this many channels; None keeps all of them."
+    )
+    aggregation_kernel: int = Field(default=3, ge=1, le=7, description="Local neighbourhood averaged per patch.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("aggregation_kernel")
+    @classmethod
+    def _odd_kernel(cls, value: int) -> int:
+        if value % 2 == 0:
+            msg = f"model.aggregation_kernel must be odd so patches stay centred, got {value}"
+            raise ValueError(msg)
+        return value
+
+
+class BankSettings(_Section):
+    """Patch-feature memory bank."""
+
+    kind: Literal["compressed", "coreset"] = "compressed"
+    compression_ratio: float = Field(
+        default=2.0, gt=0, le=64, description="compressed: bank rows = ratio x patches of one image."
+    )
+    ema_momentum: float = Field(default=0.99, gt=0, lt=1, description="compressed: weight kept by a bank row per image.")
+    kmeans_iterations: int = Field(default=20, ge=1, le=500)
+    init_images: int = Field(default=8, ge=1, description="compressed: images whose patches seed the k-means init.")
+    coreset_ratio: float = Field(default=0.1, gt=0, le=1, description="coreset: fraction of patches kept.")
+    coreset_projection_dim: int = Field(default=128, ge=8, description="coreset: random projection for the greedy search.")
+    seed: int = 0
+
+
+class IndexSettings(_Section):
+    """Nearest-neighbour search over the bank."""
+
+    kind: Literal["flat", "ivf", "hnsw"] = "flat"
+    ivf_lists: int = Field(default=256, ge=1)
+    ivf_probe: int = Field(default=8, ge=1)
+    hnsw_neighbors: int = Field(default=32, ge=4)
+    use_gpu: Literal["auto", "never"] = "auto"
+
+
+class ScoringSettings(_Section):
+    """Turning nearest-neighbour distances into maps and image scores."""
+
+    neighbors: int = Field(default=1, ge=1, le=64, description="Bank neighbours searched per patch (>=3 for softmin).")
+    image_score: Literal["max", "reweighted", "softmin"] = "max"
+    smoothing_sigma: float = Field(default=4.0, ge=0)
+    shift_pixels: int = Field(default=0, ge=0, le=32, description="N-pad shifting: offset in pixels; 0 turns it off.")
+    shift_pattern: Literal["cross", "grid"] = "cross"
+    shift_aggregate: Literal["min", "mean"] = "min"
+    batch_size: int = Field(default=8, ge=1, le=512)
+
+    @model_validator(mode="after")
+    def _softmin_needs_neighbours(self) -> ScoringSettings:
+        if self.image_score == "softmin" and self.neighbors < 2:
+            msg = "scoring.image_score = 'softmin' needs scoring.neighbors >= 2 (CFA uses 3)"
+            raise ValueError(msg)
+        return self
+
+
+class ThresholdSettings(_Section):
+    false_reject_rate: float = Field(default=0.005, gt=0, lt=0.5)
+
+
+class RedisSettings(_Section):
+    url: str | None = Field(default=None, description="redis://host:port/db; None starts an embedded server.")
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    reconnect_max_backoff_s: float = Field(default=10.0, gt=0)
+
+
+class StreamSettings(_Section):
+    prefix: str = Field(default="lineinspect", min_length=1)
+    maxlen: int = Field(default=10_000, ge=10, description="Approximate MAXLEN per stream, keeps Redis memory bounded.")
+    block_ms: int = Field(default=200, ge=1)
+    claim_idle_ms: int = Field(default=30_000, ge=100, description="Pending entries idle this long are claimed.")
+    max_deliveries: int = Field(default=3, ge=1, description="Deliveries before an entry is dead-lettered.")
+    max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+
+
+class WorkerSettings(_Section):
+    line_id: str = "line-1"
+    model_dir: Path | None = None
+    max_batch: int = Field(default=8, ge=1, le=512)
+    max_wait_ms: int = Field(default=20, ge=0)
+    decode_threads: int = Field(default=2, ge=1, le=64)
+    stale_after_ms: int | None = Field(default=None, ge=1, description="Skip frames older than this; None scores all.")
+    drain_timeout_s: float = Field(default=25.0, gt=0)
+    health_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
+
+
+class IngestSettings(_Section):
+    max_fps: float | None = Field(default=None, gt=0)
+    jpeg_quality: int = Field(default=90, ge=1, le=100)
+    live_queue_limit: int = Field(default=64, ge=1, description="Live sources drop the oldest frame beyond this lag.")
+
+
+class SinkSettings(_Section):
+    heatmap_dir: Path = Path("out/heatmaps")
+    save_all_heatmaps: bool = False
+    heatmap_max_files: int = Field(default=10_000, ge=1)
+    heatmap_max_age_s: float = Field(default=7 * 24 * 3600, gt=0)
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
+
+
+class Config(_Section):
+    model: ModelSettings = ModelSettings()
+    bank: BankSettings = BankSettings()
+    index: IndexSettings = IndexSettings()
+    scoring: ScoringSettings = ScoringSettings()
+    threshold: ThresholdSettings = ThresholdSettings()
+    redis: RedisSettings = RedisSettings()
+    streams: StreamSettings = StreamSettings()
+    worker: WorkerSettings = WorkerSettings()
+    ingest: IngestSettings = IngestSettings()
+    sink: SinkSettings = SinkSettings()
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
+    overrides: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if len(parts) != 2 or not all(parts):
+            msg = f"environment override {name} must look like {ENV_PREFIX}<SECTION>__<KEY>"
+            raise ConfigError(msg)
+        section, key = parts
+        overrides.setdefault(section, {})[key] = _parse_env_value(raw)
+    if environ.get("REDIS_URL"):
+        overrides.setdefault("redis", {})["url"] = environ["REDIS_URL"]
+    return overrides
+
+
+def config_from_mapping(data: dict[str, Any], source: str = "<mapping>") -> Config:
+    """Validate a nested mapping (as read from TOML) into a Config, with a message naming the bad key."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in issue['loc'])}: {issue['msg']}" for issue in error.errors()
+        )
+        msg = f"invalid configuration in {source}: {problems}"
+        raise ConfigError(msg) from None
+
+
+def load_config(path: Path | str | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Read ``path`` (TOML; defaults when None) and apply environment overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            msg = f"config file not found: {path}"
+            raise ConfigError(msg) from None
+        except tomllib.TOMLDecodeError as error:
+            msg = f"config file {path} is not valid TOML: {error}"
+            raise ConfigError(msg) from None
+    for section, values in _env_overrides(dict(os.environ if environ is None else environ)).items():
+        current = data.setdefault(section, {})
+        if not isinstance(current, dict):
+            msg = f"{source}: [{section}] must be a table"
+            raise ConfigError(msg)
+        current.update(values)
+        source = f"{source} + environment"
+    return config_from_mapping(data, source)

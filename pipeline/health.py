@@ -1,0 +1,102 @@
+"""Worker liveness: a ``Heartbeat`` (in-process state + Redis key with a TTL) and an HTTP server for it.
+
+The HTTP server answers ``/healthz`` (200 when the heartbeat is fresh, else 503; JSON body) and ``/metrics``
+(Prometheus text from the worker's ``Metrics``). ``lineinspect check`` reads the Redis keys instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from pipeline.metrics import Metrics
+from pipeline.streams import StreamClient, health_key
+
+logger = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Tracks when the worker loop last made progress and mirrors it to ``P:health:<role>:<name>`` in Redis."""
+
+    def __init__(self, client: StreamClient, prefix: str, role: str, name: str, ttl_s: float = 15.0) -> None:
+        self.client = client
+        self.key = health_key(prefix, role, name)
+        self.ttl_s = ttl_s
+        self.status: dict[str, Any] = {"role": role, "name": name, "host": socket.gethostname(), "pid": os.getpid()}
+        self.state = "starting"
+        self.last_beat = time.monotonic()
+        self._last_write = 0.0
+        self._lock = threading.Lock()
+
+    def beat(self, state: str = "ok", force: bool = False, **fields: Any) -> None:
+        """Record progress; writes to Redis at most once a second (always when ``force``)."""
+        with self._lock:
+            self.state = state
+            self.status.update(fields)
+            self.last_beat = time.monotonic()
+            if not force and self.last_beat - self._last_write < 1.0:
+                return
+            self._last_write = self.last_beat
+            status = {**self.status, "state": state, "updated_at": time.time()}
+        self.client.write_health(self.key, status, self.ttl_s)
+
+    def healthy(self) -> tuple[bool, dict[str, Any]]:
+        with self._lock:
+            age_s = time.monotonic() - self.last_beat
+            ok = self.state in ("ok", "draining", "starting") and age_s < self.ttl_s
+            return ok, {**self.status, "state": self.state, "seconds_since_beat": round(age_s, 3)}
+
+    def clear(self) -> None:
+        try:
+            self.client.redis.delete(self.key)
+        except Exception:  # best effort at exit; the key expires anyway
+            logger.debug("could not delete health key", extra={"key": self.key})
+
+
+class HealthServer:
+    """``/healthz`` and ``/metrics`` on ``port`` (0 picks a free one), in a daemon thread."""
+
+    def __init__(self, heartbeat: Heartbeat, metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
+        handler = _make_handler(heartbeat, metrics)
+        self.server = ThreadingHTTPServer((host, port), handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self._thread = threading.Thread(target=self.server.serve_forever, name="health-http", daemon=True)
+
+    def start(self) -> HealthServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _make_handler(heartbeat: Heartbeat, metrics: Metrics) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/healthz"):
+                ok, status = heartbeat.healthy()
+                self._reply(200 if ok else 503, "application/json", json.dumps(status).encode())
+            elif self.path.startswith("/metrics"):
+                self._reply(200, "text/plain; version=0.0.4", metrics.render())
+            else:
+                self._reply(404, "text/plain", b"not found: try /healthz or /metrics\n")
+
+        def _reply(self, code: int, content_type: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # the base class names it format
+            return
+
+    return Handler

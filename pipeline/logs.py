@@ -1,0 +1,39 @@
+"""Structured logs: one JSON object per line on stderr, with the ``extra={...}`` fields of each call."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, static_fields: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.static_fields = static_fields or {}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **self.static_fields,
+        }
+        entry.update({key: value for key, value in record.__dict__.items() if key not in _STANDARD})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(role: str, level: str = "INFO", **static_fields: Any) -> None:
+    """Send every log record to stderr as JSON tagged with the worker role."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter({"role": role, **static_fields}))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

@@ -1,0 +1,126 @@
+"""Frame and Decision: the only shapes that cross a process boundary.
+
+A ``Frame`` is one captured image on its way to a scoring worker; a ``Decision`` is the verdict for one frame.
+Both carry ``version`` (the wire schema version checked by ``pipeline.codec``), ``line_id``, ``camera_id``,
+``frame_id`` (unique per frame) and ``captured_at_ns`` (wall-clock nanoseconds set at capture, carried through
+so end-to-end latency can be measured at the sink).
+
+Frame pixels travel as ``encoding``:
+
+- ``jpeg`` / ``png``: ``data`` holds the encoded file bytes.
+- ``raw``: ``data`` holds the array bytes in C order, with ``raw_shape`` ``(height, width)`` or
+  ``(height, width, channels)`` and ``raw_dtype`` (``uint8`` or ``uint16``).
+
+A Decision on the internal results stream may carry the anomaly map (``(map_size, map_size)`` float16 bytes) so
+the sink can draw a heatmap; the sink strips it before publishing the decision on the line's output stream.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION: Literal[1] = 1
+
+Encoding = Literal["jpeg", "png", "raw"]
+Verdict = Literal["pass", "fail", "error"]
+MetadataValue = str | int | float | bool | None
+
+
+def now_ns() -> int:
+    """Wall-clock time in nanoseconds, the unit of every ``*_at_ns`` field."""
+    return time.time_ns()
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Frame(_Message):
+    """One captured image plus where and when it was taken."""
+
+    version: Literal[1] = SCHEMA_VERSION
+    line_id: str = Field(min_length=1)
+    camera_id: str = Field(min_length=1)
+    frame_id: str = Field(min_length=1)
+    sequence: int = Field(ge=0, description="Per-camera counter, increasing by one per captured frame.")
+    captured_at_ns: int = Field(ge=0)
+    encoding: Encoding
+    data: bytes
+    raw_shape: tuple[int, ...] | None = None
+    raw_dtype: Literal["uint8", "uint16"] | None = None
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict, description="Part number, recipe, source file.")
+
+
+class StageTimings(_Message):
+    """Seconds spent per stage for one frame; batch-wide stages are the batch's time, shared by its frames."""
+
+    queue_wait_s: float = 0.0
+    decode_s: float = 0.0
+    backbone_s: float = 0.0
+    search_s: float = 0.0
+    postprocess_s: float = 0.0
+    publish_s: float = 0.0
+
+
+class Decision(_Message):
+    """The verdict for one frame. ``error_reason`` is set exactly when ``verdict`` is ``error``."""
+
+    version: Literal[1] = SCHEMA_VERSION
+    frame_id: str = Field(min_length=1)
+    line_id: str = Field(min_length=1)
+    camera_id: str = Field(min_length=1)
+    sequence: int = Field(default=0, ge=0)
+    verdict: Verdict
+    score: float | None = None
+    threshold: float | None = None
+    model_id: str | None = None
+    error_reason: str | None = None
+    error_detail: str | None = None
+    heatmap_ref: str | None = Field(default=None, description="Path of the heatmap overlay PNG the sink wrote.")
+    timings: StageTimings = StageTimings()
+    captured_at_ns: int = Field(ge=0)
+    decided_at_ns: int = Field(default=0, ge=0, description="Set by the scoring worker when the verdict is known.")
+    published_at_ns: int = Field(default=0, ge=0, description="Set by the sink when the decision is published.")
+    frame_entry_id: str | None = Field(default=None, description="Frames-stream entry id, for the heatmap image.")
+    map_size: int | None = Field(default=None, ge=1)
+    anomaly_map: bytes | None = Field(default=None, description="(map_size, map_size) float16, C order.")
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+
+    def anomaly_map_array(self) -> np.ndarray | None:
+        """The anomaly map as a ``(map_size, map_size)`` float32 array, or None when the decision carries none."""
+        if self.anomaly_map is None or self.map_size is None:
+            return None
+        values = np.frombuffer(self.anomaly_map, dtype=np.float16)
+        if values.size != self.map_size * self.map_size:
+            msg = f"decision {self.frame_id}: anomaly map has {values.size} values, expected {self.map_size}^2"
+            raise ValueError(msg)
+        return values.reshape(self.map_size, self.map_size).astype(np.float32)
+
+
+def pack_anomaly_map(anomaly_map: np.ndarray) -> tuple[int, bytes]:
+    """``(size, size)`` float map to ``(size, float16 bytes)`` for ``Decision.anomaly_map``."""
+    if anomaly_map.ndim != 2 or anomaly_map.shape[0] != anomaly_map.shape[1]:
+        msg = f"anomaly map must be square (size, size), got shape {anomaly_map.shape}"
+        raise ValueError(msg)
+    return int(anomaly_map.shape[0]), np.ascontiguousarray(anomaly_map, dtype=np.float16).tobytes()
+
+
+def error_decision(frame: Frame, reason: str, detail: str, timings: StageTimings | None = None) -> Decision:
+    """An ``error`` verdict for ``frame`` that says why it was not scored."""
+    return Decision(
+        frame_id=frame.frame_id,
+        line_id=frame.line_id,
+        camera_id=frame.camera_id,
+        sequence=frame.sequence,
+        verdict="error",
+        error_reason=reason,
+        error_detail=detail[:500],
+        timings=timings or StageTimings(),
+        captured_at_ns=frame.captured_at_ns,
+        decided_at_ns=now_ns(),
+        metadata=frame.metadata,
+    )

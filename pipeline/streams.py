@@ -1,0 +1,345 @@
+"""The only module that talks to Redis: stream keys, publish, read_batch, commit (publish + ack), claims, dead letters.
+
+Keys for line ``L`` with prefix ``P`` (``streams.prefix``):
+
+- ``P:L:frames``      stream of encoded Frames (field ``payload``), read by consumer group ``scorers``
+- ``P:L:results``     stream of encoded Decisions from scoring workers (with anomaly maps), group ``sinks``
+- ``P:L:decisions``   the line's output: exactly one encoded Decision per frame, published by the sink
+- ``P:L:deadletter``  entries that could not be processed: ``reason``, ``detail``, ``source_stream``,
+                      ``source_entry_id``, ``frame_id`` and the original ``payload``
+- ``P:L:model``       the model directory the line's scoring workers should use (set it to hot-reload)
+- ``P:L:published:<frame_id>``  marker (with a TTL) that makes the sink's publish idempotent
+- ``P:health:<role>:<name>``    JSON heartbeat of each worker, expiring after a TTL
+
+Every stream is trimmed with ``MAXLEN ~ streams.maxlen``. Calls retry on connection loss with exponential backoff
+(capped at ``redis.reconnect_max_backoff_s``) until ``retry_deadline`` (a ``time.monotonic()`` value) passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis
+
+from pipeline.config import RedisSettings, StreamSettings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+PAYLOAD = "payload"
+SCORER_GROUP = "scorers"
+SINK_GROUP = "sinks"
+RETRIED_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionError, OSError)
+
+_PUBLISH_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV[3])
+end
+return false
+"""
+
+
+class StreamsUnavailable(ConnectionError):
+    """Redis stayed unreachable past the retry deadline."""
+
+
+@dataclass(frozen=True)
+class LineKeys:
+    """Redis key names of one line."""
+
+    prefix: str
+    line_id: str
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}:{self.line_id}:{name}"
+
+    @property
+    def frames(self) -> str:
+        return self._key("frames")
+
+    @property
+    def results(self) -> str:
+        return self._key("results")
+
+    @property
+    def decisions(self) -> str:
+        return self._key("decisions")
+
+    @property
+    def deadletter(self) -> str:
+        return self._key("deadletter")
+
+    @property
+    def model(self) -> str:
+        return self._key("model")
+
+    def published(self, frame_id: str) -> str:
+        return self._key(f"published:{frame_id}")
+
+
+def health_key(prefix: str, role: str, name: str) -> str:
+    return f"{prefix}:health:{role}:{name}"
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    """One stream entry as read. ``payload`` is None when the entry was trimmed or deleted before it was read."""
+
+    entry_id: str
+    payload: bytes | None
+    deliveries: int = 1
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    entry_id: str
+    payload: bytes | None
+    reason: str
+    detail: str
+    frame_id: str = ""
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    pending: int
+    lag: int | None
+    last_delivered_id: str
+
+
+@dataclass
+class Commit:
+    """What finishing a batch writes in one transaction: new entries, dead letters, then the acks."""
+
+    appends: list[tuple[str, bytes]] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    acks: list[str] = field(default_factory=list)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def entry_time_s(entry_id: str) -> float:
+    """Unix time (seconds) at which Redis appended the entry, from its id."""
+    return int(entry_id.split("-", 1)[0]) / 1000.0
+
+
+class StreamClient:
+    """A Redis connection with the stream operations the workers need, retrying through outages."""
+
+    def __init__(self, url: str, redis_settings: RedisSettings, stream_settings: StreamSettings) -> None:
+        self.url = url
+        self.settings = stream_settings
+        self.max_backoff_s = redis_settings.reconnect_max_backoff_s
+        self.retry_deadline: float | None = None
+        self.redis: Any = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=redis_settings.connect_timeout_s,
+            socket_timeout=redis_settings.connect_timeout_s + stream_settings.block_ms / 1000.0,
+            health_check_interval=30,
+        )
+        self._publish_once = self.redis.register_script(_PUBLISH_ONCE)
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def _call(self, operation: Callable[[], T], what: str) -> T:
+        backoff_s = 0.05
+        while True:
+            try:
+                return operation()
+            except RETRIED_ERRORS as error:
+                if self.retry_deadline is not None and time.monotonic() >= self.retry_deadline:
+                    msg = f"redis at {self.url} unreachable during {what}: {error}"
+                    raise StreamsUnavailable(msg) from error
+                logger.warning(
+                    "redis unavailable, retrying", extra={"op": what, "error": str(error), "retry_in_s": backoff_s}
+                )
+                time.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, self.max_backoff_s)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except RETRIED_ERRORS:
+            return False
+
+    def ensure_group(self, stream: str, group: str) -> None:
+        """Create ``group`` on ``stream`` (and the stream) reading from the start, unless it exists."""
+
+        def create() -> None:
+            try:
+                self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+            except redis.ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
+
+        self._call(create, "ensure_group")
+
+    def publish(self, stream: str, payload: bytes) -> str:
+        entry_id = self._call(
+            lambda: self.redis.xadd(stream, {PAYLOAD: payload}, maxlen=self.settings.maxlen, approximate=True),
+            "publish",
+        )
+        return _text(entry_id)
+
+    def _entries(self, reply: Any) -> list[StreamEntry]:
+        entries: list[StreamEntry] = []
+        for _stream, items in reply or []:
+            for entry_id, fields in items:
+                entries.append(StreamEntry(_text(entry_id), (fields or {}).get(PAYLOAD.encode())))
+        return entries
+
+    def read_new(self, stream: str, group: str, consumer: str, count: int, block_ms: int | None) -> list[StreamEntry]:
+        """Up to ``count`` never-delivered entries; waits up to ``block_ms`` (None: do not wait) for the first."""
+
+        def read() -> Any:
+            try:
+                return self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+            except redis.ResponseError as error:
+                if "NOGROUP" not in str(error):
+                    raise
+                logger.warning("consumer group missing (redis restarted empty?), recreating", extra={"stream": stream})
+                self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+                return []
+
+        return self._entries(self._call(read, "read_new"))
+
+    def _with_deliveries(self, stream: str, group: str, entries: list[StreamEntry]) -> list[StreamEntry]:
+        if not entries:
+            return entries
+        ids = [entry.entry_id for entry in entries]
+        rows = self._call(
+            lambda: self.redis.xpending_range(stream, group, min=min(ids, key=_id_key), max=max(ids, key=_id_key),
+                                              count=len(ids) + 1000),
+            "pending_counts",
+        )  # fmt: skip
+        counts = {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
+        return [StreamEntry(e.entry_id, e.payload, counts.get(e.entry_id, 1)) for e in entries]
+
+    def read_own_pending(self, stream: str, group: str, consumer: str, count: int) -> list[StreamEntry]:
+        """Entries delivered to ``consumer`` earlier and never acknowledged (a restart re-reads them first)."""
+        reply = self._call(
+            lambda: self.redis.xreadgroup(group, consumer, {stream: "0"}, count=count), "read_own_pending"
+        )
+        return self._with_deliveries(stream, group, self._entries(reply))
+
+    def claim_stale(self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int) -> list[StreamEntry]:
+        """Take over entries pending longer than ``min_idle_ms`` on any consumer (e.g. a dead worker's)."""
+        reply = self._call(
+            lambda: self.redis.xautoclaim(stream, group, consumer, min_idle_ms, "0-0", count=count), "claim_stale"
+        )
+        claimed = [StreamEntry(_text(entry_id), (fields or {}).get(PAYLOAD.encode())) for entry_id, fields in reply[1]]
+        return self._with_deliveries(stream, group, claimed)
+
+    def commit(self, stream: str, group: str, commit: Commit, deadletter_stream: str) -> None:
+        """Append results and dead letters, then acknowledge, atomically (MULTI/EXEC)."""
+        if not (commit.appends or commit.dead_letters or commit.acks):
+            return
+
+        def run() -> None:
+            pipe = self.redis.pipeline(transaction=True)
+            for target, payload in commit.appends:
+                pipe.xadd(target, {PAYLOAD: payload}, maxlen=self.settings.maxlen, approximate=True)
+            for letter in commit.dead_letters:
+                fields: dict[str, str | bytes] = {
+                    "reason": letter.reason, "detail": letter.detail[:2000], "source_stream": stream,
+                    "source_entry_id": letter.entry_id, "frame_id": letter.frame_id, PAYLOAD: letter.payload or b"",
+                }  # fmt: skip
+                pipe.xadd(deadletter_stream, fields, maxlen=self.settings.maxlen, approximate=True)  # type: ignore[arg-type]
+            if commit.acks:
+                pipe.xack(stream, group, *commit.acks)
+            pipe.execute()
+
+        self._call(run, "commit")
+
+    def publish_decision_once(self, keys: LineKeys, frame_id: str, payload: bytes, marker_ttl_s: int) -> bool:
+        """Append to the decisions stream unless this frame_id was already published; True when appended."""
+        appended = self._call(
+            lambda: self._publish_once(
+                keys=[keys.published(frame_id), keys.decisions], args=[marker_ttl_s, self.settings.maxlen, payload]
+            ),
+            "publish_decision_once",
+        )
+        return appended is not None
+
+    def ack(self, stream: str, group: str, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            self._call(lambda: self.redis.xack(stream, group, *entry_ids), "ack")
+
+    def fetch(self, stream: str, entry_id: str) -> bytes | None:
+        """The payload of one entry, or None when it has been trimmed."""
+        rows = self._call(lambda: self.redis.xrange(stream, entry_id, entry_id, count=1), "fetch")
+        return rows[0][1].get(PAYLOAD.encode()) if rows else None
+
+    def read_range(self, stream: str, after_id: str, count: int) -> list[StreamEntry]:
+        """Entries after ``after_id`` (exclusive), oldest first, without a consumer group."""
+        rows = self._call(lambda: self.redis.xrange(stream, f"({after_id}", "+", count=count), "read_range")
+        return [StreamEntry(_text(entry_id), fields.get(PAYLOAD.encode())) for entry_id, fields in rows]
+
+    def tail(self, positions: dict[str, str], count: int, block_ms: int | None) -> list[tuple[str, StreamEntry]]:
+        """XREAD from several streams after the given ids (``$`` = only new entries), without a consumer group."""
+        reply = self._call(lambda: self.redis.xread(positions, count=count, block=block_ms), "tail")
+        found: list[tuple[str, StreamEntry]] = []
+        for stream, items in reply or []:
+            for entry_id, fields in items:
+                found.append((_text(stream), StreamEntry(_text(entry_id), fields.get(PAYLOAD.encode()))))
+        return found
+
+    def last_id(self, stream: str) -> str:
+        """Id of the newest entry, ``0-0`` for an empty or missing stream."""
+        rows = self._call(lambda: self.redis.xrevrange(stream, "+", "-", count=1), "last_id")
+        return _text(rows[0][0]) if rows else "0-0"
+
+    def length(self, stream: str) -> int:
+        return int(self._call(lambda: self.redis.xlen(stream), "length"))
+
+    def group_stats(self, stream: str) -> dict[str, GroupStats]:
+        def read() -> Any:
+            try:
+                return self.redis.xinfo_groups(stream)
+            except redis.ResponseError:
+                return []
+
+        stats: dict[str, GroupStats] = {}
+        for row in self._call(read, "group_stats"):
+            lag = row.get("lag")
+            stats[_text(row["name"])] = GroupStats(
+                pending=int(row["pending"]),
+                lag=None if lag is None else int(lag),
+                last_delivered_id=_text(row["last-delivered-id"]),
+            )
+        return stats
+
+    def dead_letters(self, keys: LineKeys, count: int = 1000) -> list[dict[str, str]]:
+        """Dead-letter entries of a line (text fields only), oldest first."""
+        rows = self._call(lambda: self.redis.xrange(keys.deadletter, "-", "+", count=count), "dead_letters")
+        return [
+            {_text(name): value.decode(errors="replace") for name, value in fields.items() if name != PAYLOAD.encode()}
+            for _entry_id, fields in rows
+        ]
+
+    def get_model_dir(self, keys: LineKeys) -> str | None:
+        value = self._call(lambda: self.redis.get(keys.model), "get_model_dir")
+        return None if value is None else _text(value)
+
+    def set_model_dir(self, keys: LineKeys, model_dir: str, only_if_absent: bool = False) -> bool:
+        return bool(self._call(lambda: self.redis.set(keys.model, model_dir, nx=only_if_absent), "set_model_dir"))
+
+    def write_health(self, key: str, status: dict[str, Any], ttl_s: float) -> None:
+        self._call(lambda: self.redis.set(key, json.dumps(status), px=int(ttl_s * 1000)), "write_health")
+
+    def read_health(self, prefix: str) -> list[dict[str, Any]]:
+        keys = self._call(lambda: list(self.redis.scan_iter(match=f"{prefix}:health:*", count=500)), "read_health")
+        values = self._call(lambda: self.redis.mget(keys) if keys else [], "read_health")
+        return [json.loads(value) for value in values if value is not None]
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    millis, _, sequence = entry_id.partition("-")
+    return int(millis), int(sequence or 0)

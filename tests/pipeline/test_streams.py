@@ -1,0 +1,128 @@
+"""StreamClient against a real Redis: delivery, pending re-reads, claims, atomic commit, idempotent publish."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from pipeline.config import Config
+from pipeline.streams import SCORER_GROUP, Commit, DeadLetter, LineKeys, StreamClient
+
+
+@pytest.fixture
+def client(config: Config) -> Iterator[StreamClient]:
+    stream_client = StreamClient(config.redis.url or "", config.redis, config.streams)
+    yield stream_client
+    stream_client.close()
+
+
+@pytest.fixture
+def keys(config: Config) -> LineKeys:
+    return LineKeys(config.streams.prefix, "line-1")
+
+
+def publish_many(client: StreamClient, keys: LineKeys, count: int) -> list[str]:
+    return [client.publish(keys.frames, f"frame-{index}".encode()) for index in range(count)]
+
+
+def test_new_entries_are_delivered_once_across_consumers(client: StreamClient, keys: LineKeys) -> None:
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    client.ensure_group(keys.frames, SCORER_GROUP)  # idempotent
+    ids = publish_many(client, keys, 5)
+    first = client.read_new(keys.frames, SCORER_GROUP, "a", count=3, block_ms=None)
+    second = client.read_new(keys.frames, SCORER_GROUP, "b", count=10, block_ms=None)
+    assert [entry.entry_id for entry in first + second] == ids
+    assert first[0].payload == b"frame-0"
+    assert client.read_new(keys.frames, SCORER_GROUP, "a", count=10, block_ms=None) == []
+
+
+def test_own_pending_is_reread_with_a_rising_delivery_count(client: StreamClient, keys: LineKeys) -> None:
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = publish_many(client, keys, 3)
+    client.read_new(keys.frames, SCORER_GROUP, "a", count=3, block_ms=None)
+    client.ack(keys.frames, SCORER_GROUP, [ids[0]])
+    pending = client.read_own_pending(keys.frames, SCORER_GROUP, "a", count=10)
+    assert [entry.entry_id for entry in pending] == ids[1:]
+    assert [entry.deliveries for entry in pending] == [2, 2]
+    assert client.read_own_pending(keys.frames, SCORER_GROUP, "b", count=10) == []
+
+
+def test_claim_stale_takes_over_idle_entries_only(client: StreamClient, keys: LineKeys) -> None:
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = publish_many(client, keys, 2)
+    client.read_new(keys.frames, SCORER_GROUP, "dead", count=2, block_ms=None)
+    assert client.claim_stale(keys.frames, SCORER_GROUP, "alive", min_idle_ms=60_000, count=10) == []
+    claimed = client.claim_stale(keys.frames, SCORER_GROUP, "alive", min_idle_ms=0, count=10)
+    assert [entry.entry_id for entry in claimed] == ids
+    assert all(entry.deliveries == 2 for entry in claimed)
+    assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 2
+
+
+def test_commit_appends_dead_letters_and_acks_together(client: StreamClient, keys: LineKeys) -> None:
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = publish_many(client, keys, 2)
+    client.read_new(keys.frames, SCORER_GROUP, "a", count=2, block_ms=None)
+    commit = Commit(
+        appends=[(keys.results, b"decision-0")],
+        dead_letters=[DeadLetter(ids[1], b"frame-1", "not_msgpack", "bad bytes", frame_id="")],
+        acks=ids,
+    )
+    client.commit(keys.frames, SCORER_GROUP, commit, keys.deadletter)
+    assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
+    assert client.fetch(keys.results, client.last_id(keys.results)) == b"decision-0"
+    letters = client.dead_letters(keys)
+    assert letters == [
+        {"reason": "not_msgpack", "detail": "bad bytes", "source_stream": keys.frames, "source_entry_id": ids[1],
+         "frame_id": ""}
+    ]  # fmt: skip
+
+
+def test_publish_decision_once_is_idempotent_per_frame(client: StreamClient, keys: LineKeys) -> None:
+    assert client.publish_decision_once(keys, "f-1", b"first", marker_ttl_s=60)
+    assert not client.publish_decision_once(keys, "f-1", b"again", marker_ttl_s=60)
+    assert client.publish_decision_once(keys, "f-2", b"other", marker_ttl_s=60)
+    payloads = [entry.payload for entry in client.read_range(keys.decisions, "0-0", count=10)]
+    assert payloads == [b"first", b"other"]
+    assert 0 < client.redis.ttl(keys.published("f-1")) <= 60
+
+
+def test_streams_are_trimmed_to_about_maxlen(config: Config, keys: LineKeys) -> None:
+    settings = config.streams.model_copy(update={"maxlen": 10})
+    client = StreamClient(config.redis.url or "", config.redis, settings)
+    for index in range(500):
+        client.publish(keys.frames, str(index).encode())
+    assert client.length(keys.frames) < 200
+    assert client.fetch(keys.frames, client.last_id(keys.frames)) == b"499"
+    client.close()
+
+
+def test_missing_group_is_recreated_on_read(client: StreamClient, keys: LineKeys) -> None:
+    publish_many(client, keys, 2)
+    entries = client.read_new(keys.frames, SCORER_GROUP, "a", count=5, block_ms=None)
+    assert entries == []
+    assert len(client.read_new(keys.frames, SCORER_GROUP, "a", count=5, block_ms=None)) == 2
+
+
+def test_tail_and_read_range_see_entries_without_a_group(client: StreamClient, keys: LineKeys) -> None:
+    ids = publish_many(client, keys, 3)
+    tail = client.tail({keys.frames: ids[0]}, count=10, block_ms=None)
+    assert [(stream, entry.entry_id) for stream, entry in tail] == [(keys.frames, ids[1]), (keys.frames, ids[2])]
+    assert [entry.entry_id for entry in client.read_range(keys.frames, ids[1], 10)] == [ids[2]]
+
+
+def test_health_keys_round_trip_and_expire(client: StreamClient, config: Config) -> None:
+    prefix = config.streams.prefix
+    client.write_health(f"{prefix}:health:score:w1", {"state": "ok"}, ttl_s=30)
+    client.write_health(f"{prefix}:health:sink:s1", {"state": "draining"}, ttl_s=30)
+    assert sorted(status["state"] for status in client.read_health(prefix)) == ["draining", "ok"]
+    assert 0 < client.redis.pttl(f"{prefix}:health:score:w1") <= 30_000
+
+
+def test_model_key_first_writer_wins_only_if_absent(client: StreamClient, keys: LineKeys) -> None:
+    assert client.get_model_dir(keys) is None
+    assert client.set_model_dir(keys, "/models/a", only_if_absent=True)
+    assert not client.set_model_dir(keys, "/models/b", only_if_absent=True)
+    assert client.get_model_dir(keys) == "/models/a"
+    client.set_model_dir(keys, "/models/c")
+    assert client.get_model_dir(keys) == "/models/c"

@@ -119,6 +119,9 @@ class StreamSettings(_Section):
     claim_idle_ms: int = Field(default=30_000, ge=100, description="Pending entries idle this long are claimed.")
     max_deliveries: int = Field(default=3, ge=1, description="Deliveries before an entry is dead-lettered.")
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    published_ttl_s: int = Field(
+        default=3600, ge=60, description="How long the sink remembers a published frame_id (duplicate guard)."
+    )
 
 
 class WorkerSettings(_Section):

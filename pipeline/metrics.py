@@ -23,13 +23,19 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         reg = self.registry
         self.end_to_end_latency = Histogram(
-            "lineinspect_end_to_end_latency_seconds", "Capture to published decision.", ["line"],
-            buckets=LATENCY_BUCKETS_S, registry=reg,
-        )  # fmt: skip
+            "lineinspect_end_to_end_latency_seconds",
+            "Capture to published decision.",
+            ["line"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=reg,
+        )
         self.stage_latency = Histogram(
-            "lineinspect_stage_latency_seconds", "Time per pipeline stage, per frame.", ["line", "stage"],
-            buckets=LATENCY_BUCKETS_S, registry=reg,
-        )  # fmt: skip
+            "lineinspect_stage_latency_seconds",
+            "Time per pipeline stage, per frame.",
+            ["line", "stage"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=reg,
+        )
         self.batch_size = Histogram(
             "lineinspect_batch_size", "Frames per scored batch.", ["line"], buckets=BATCH_SIZE_BUCKETS, registry=reg
         )

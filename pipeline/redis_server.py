@@ -79,9 +79,21 @@ class EmbeddedRedis:
             self._tempdir = tempfile.TemporaryDirectory(prefix="lineinspect-redis-")
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         command = [
-            str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self._tempdir.name,
-            "--save", "", *persistence, "--daemonize", "no", "--loglevel", "warning",
-        ]  # fmt: skip
+            str(self.binary),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self._tempdir.name,
+            "--save",
+            "",
+            *persistence,
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+        ]
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:

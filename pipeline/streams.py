@@ -215,10 +215,11 @@ class StreamClient:
             return entries
         ids = [entry.entry_id for entry in entries]
         rows = self._call(
-            lambda: self.redis.xpending_range(stream, group, min=min(ids, key=_id_key), max=max(ids, key=_id_key),
-                                              count=len(ids) + 1000),
+            lambda: self.redis.xpending_range(
+                stream, group, min=min(ids, key=_id_key), max=max(ids, key=_id_key), count=len(ids) + 1000
+            ),
             "pending_counts",
-        )  # fmt: skip
+        )
         counts = {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
         return [StreamEntry(e.entry_id, e.payload, counts.get(e.entry_id, 1)) for e in entries]
 
@@ -248,9 +249,13 @@ class StreamClient:
                 pipe.xadd(target, {PAYLOAD: payload}, maxlen=self.settings.maxlen, approximate=True)
             for letter in commit.dead_letters:
                 fields: dict[str, str | bytes] = {
-                    "reason": letter.reason, "detail": letter.detail[:2000], "source_stream": stream,
-                    "source_entry_id": letter.entry_id, "frame_id": letter.frame_id, PAYLOAD: letter.payload or b"",
-                }  # fmt: skip
+                    "reason": letter.reason,
+                    "detail": letter.detail[:2000],
+                    "source_stream": stream,
+                    "source_entry_id": letter.entry_id,
+                    "frame_id": letter.frame_id,
+                    PAYLOAD: letter.payload or b"",
+                }
                 pipe.xadd(deadletter_stream, fields, maxlen=self.settings.maxlen, approximate=True)  # type: ignore[arg-type]
             if commit.acks:
                 pipe.xack(stream, group, *commit.acks)

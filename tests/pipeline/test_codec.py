@@ -21,10 +21,17 @@ from pipeline.messages import Decision, Frame, StageTimings, error_decision, pac
 
 def make_frame(**overrides: object) -> Frame:
     fields: dict[str, object] = {
-        "line_id": "line-1", "camera_id": "cam0", "frame_id": "f-1", "sequence": 7, "captured_at_ns": 123,
-        "encoding": "raw", "data": bytes(2 * 3 * 3), "raw_shape": (2, 3, 3), "raw_dtype": "uint8",
+        "line_id": "line-1",
+        "camera_id": "cam0",
+        "frame_id": "f-1",
+        "sequence": 7,
+        "captured_at_ns": 123,
+        "encoding": "raw",
+        "data": bytes(2 * 3 * 3),
+        "raw_shape": (2, 3, 3),
+        "raw_dtype": "uint8",
         "metadata": {"part": "A-17", "recipe": 3},
-    }  # fmt: skip
+    }
     fields.update(overrides)
     return Frame.model_validate(fields)
 
@@ -37,9 +44,18 @@ def test_frame_round_trip_keeps_every_field() -> None:
 def test_decision_round_trip_keeps_map_and_timings() -> None:
     size, packed = pack_anomaly_map(np.arange(16, dtype=np.float32).reshape(4, 4))
     decision = Decision(
-        frame_id="f-1", line_id="line-1", camera_id="cam0", verdict="fail", score=2.5, threshold=1.0, model_id="abc",
-        timings=StageTimings(decode_s=0.01, backbone_s=0.2), captured_at_ns=5, map_size=size, anomaly_map=packed,
-    )  # fmt: skip
+        frame_id="f-1",
+        line_id="line-1",
+        camera_id="cam0",
+        verdict="fail",
+        score=2.5,
+        threshold=1.0,
+        model_id="abc",
+        timings=StageTimings(decode_s=0.01, backbone_s=0.2),
+        captured_at_ns=5,
+        map_size=size,
+        anomaly_map=packed,
+    )
     decoded = decode_decision(encode_decision(decision))
     assert decoded == decision
     anomaly_map = decoded.anomaly_map_array()

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from pipeline.messages import Decision, StageTimings
+from pipeline.messages import Decision, StageTimings, Verdict
 from pipeline.metrics import Metrics
 from pipeline.streams import GroupStats
 
 
-def decision(verdict: str, reason: str | None = None) -> Decision:
+def decision(verdict: Verdict, reason: str | None = None) -> Decision:
     return Decision(
-        frame_id="f", line_id="line-1", camera_id="cam0", verdict=verdict, error_reason=reason,  # type: ignore[arg-type]
-        timings=StageTimings(decode_s=0.004, backbone_s=0.12), captured_at_ns=1_000_000_000,
-    )  # fmt: skip
+        frame_id="f",
+        line_id="line-1",
+        camera_id="cam0",
+        verdict=verdict,
+        error_reason=reason,
+        timings=StageTimings(decode_s=0.004, backbone_s=0.12),
+        captured_at_ns=1_000_000_000,
+    )
 
 
 def test_decisions_feed_verdict_error_stage_and_latency_metrics() -> None:

@@ -73,9 +73,14 @@ def test_commit_appends_dead_letters_and_acks_together(client: StreamClient, key
     assert client.fetch(keys.results, client.last_id(keys.results)) == b"decision-0"
     letters = client.dead_letters(keys)
     assert letters == [
-        {"reason": "not_msgpack", "detail": "bad bytes", "source_stream": keys.frames, "source_entry_id": ids[1],
-         "frame_id": ""}
-    ]  # fmt: skip
+        {
+            "reason": "not_msgpack",
+            "detail": "bad bytes",
+            "source_stream": keys.frames,
+            "source_entry_id": ids[1],
+            "frame_id": "",
+        }
+    ]
 
 
 def test_publish_decision_once_is_idempotent_per_frame(client: StreamClient, keys: LineKeys) -> None:

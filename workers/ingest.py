@@ -1,0 +1,217 @@
+"""Ingest worker: sources -> Frames on the line's frames stream, with a frame-rate limit and backpressure.
+
+Each source runs in its own capture thread and fills a ``FrameBuffer``; the publisher takes frames round-robin
+and publishes them while the scorers' backlog (undelivered entries of the ``scorers`` group) is below
+``ingest.live_queue_limit``. When it is not, the publisher waits: file and replay sources then block in their
+buffers (nothing lost), live cameras keep capturing and their buffers drop the oldest frames (counted in
+``lineinspect_dropped_frames_total``).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pipeline.codec import encode_frame
+from pipeline.messages import Frame
+from pipeline.streams import SCORER_GROUP, LineKeys
+from workers.lifecycle import WorkerRuntime
+from workers.sources import Capture, Source
+
+logger = logging.getLogger(__name__)
+
+
+class FrameBuffer:
+    """A bounded hand-off between a capture thread and the publisher.
+
+    ``drop_oldest=True`` (live sources): ``put`` never blocks; a full buffer discards its oldest frame and counts it.
+    ``drop_oldest=False``: ``put`` blocks until there is room or ``stop`` is set.
+    """
+
+    def __init__(self, capacity: int, drop_oldest: bool) -> None:
+        if capacity < 1:
+            msg = f"buffer capacity must be at least 1, got {capacity}"
+            raise ValueError(msg)
+        self.capacity, self.drop_oldest = capacity, drop_oldest
+        self.items: collections.deque[Capture] = collections.deque()
+        self.dropped = 0
+        self.finished = False
+        self._condition = threading.Condition()
+
+    def put(self, item: Capture, stop: threading.Event) -> bool:
+        """Add ``item``; returns False when it was not added because ``stop`` was set."""
+        with self._condition:
+            while len(self.items) >= self.capacity:
+                if self.drop_oldest:
+                    self.items.popleft()
+                    self.dropped += 1
+                    break
+                if stop.is_set():
+                    return False
+                self._condition.wait(timeout=0.1)
+            self.items.append(item)
+            return True
+
+    def take(self) -> Capture | None:
+        with self._condition:
+            if not self.items:
+                return None
+            item = self.items.popleft()
+            self._condition.notify_all()
+            return item
+
+    def close(self) -> None:
+        with self._condition:
+            self.finished = True
+
+    @property
+    def exhausted(self) -> bool:
+        with self._condition:
+            return self.finished and not self.items
+
+
+class RateLimiter:
+    """Spaces events at least ``1 / max_fps`` apart; ``clock`` is injectable for tests."""
+
+    def __init__(self, max_fps: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = 0.0 if not max_fps else 1.0 / max_fps
+        self.clock = clock
+        self.next_at = 0.0
+
+    def delay(self) -> float:
+        """Seconds to wait before the next event is allowed (0 = now); books the slot when it is 0."""
+        now = self.clock()
+        if now < self.next_at:
+            return self.next_at - now
+        self.next_at = max(self.next_at, now) + self.interval_s
+        return 0.0
+
+
+@dataclass
+class Feed:
+    source: Source
+    buffer: FrameBuffer
+    sequence: itertools.count  # type: ignore[type-arg]
+    reported_drops: int = 0
+
+
+class Ingestor:
+    """Publishes frames from several sources onto one line's frames stream."""
+
+    def __init__(
+        self,
+        runtime: WorkerRuntime,
+        line_id: str,
+        sources: Sequence[Source],
+        max_frames: int | None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.config = runtime.config
+        self.keys = LineKeys(self.config.streams.prefix, line_id)
+        self.line_id = line_id
+        self.max_frames = max_frames
+        self.metadata = metadata or {}
+        limit = self.config.ingest.live_queue_limit
+        self.feeds = [
+            Feed(source, FrameBuffer(limit, drop_oldest=source.live), itertools.count()) for source in sources
+        ]
+        self.published = 0
+        self._published_ids: collections.deque[str] = collections.deque(maxlen=4 * limit)
+
+    def _capture_loop(self, feed: Feed) -> None:
+        limiter = RateLimiter(self.config.ingest.max_fps)
+        try:
+            for capture in feed.source.captures():
+                wait_s = limiter.delay()
+                if wait_s > 0:
+                    if feed.source.live:
+                        continue  # live: skip frames faster than max_fps rather than fall behind
+                    if self.runtime.stop.wait(wait_s):
+                        return
+                    limiter.delay()
+                if not feed.buffer.put(capture, self.runtime.stop) or self.runtime.stop.is_set():
+                    return
+        except Exception:
+            logger.exception("source failed", extra={"camera": feed.source.camera_id})
+        finally:
+            feed.buffer.close()
+
+    def backlog(self) -> int:
+        """Frames not yet delivered to any scoring worker."""
+        stats = self.runtime.client.group_stats(self.keys.frames).get(SCORER_GROUP)
+        if stats is None:
+            return 0
+        if stats.lag is not None:
+            return stats.lag
+        last = tuple(int(part) for part in stats.last_delivered_id.split("-"))
+        return sum(1 for entry_id in self._published_ids if tuple(int(p) for p in entry_id.split("-")) > last)
+
+    def _publish(self, feed: Feed, capture: Capture) -> None:
+        camera_id = capture.camera_id or feed.source.camera_id
+        frame = Frame(
+            line_id=self.line_id,
+            camera_id=camera_id,
+            frame_id=f"{camera_id}-{uuid.uuid4().hex[:16]}",
+            sequence=next(feed.sequence),
+            captured_at_ns=capture.captured_at_ns,
+            encoding=capture.encoding,
+            data=capture.data,
+            raw_shape=capture.raw_shape,
+            raw_dtype=capture.raw_dtype,  # type: ignore[arg-type]
+            metadata={**capture.metadata, **self.metadata},
+        )
+        payload = encode_frame(frame)
+        if len(payload) > self.config.streams.max_frame_bytes:
+            logger.error(
+                "frame larger than streams.max_frame_bytes, not sent",
+                extra={"camera": camera_id, "bytes": len(payload)},
+            )
+            self.runtime.metrics.dropped_frames.labels(self.line_id, camera_id).inc()
+            return
+        self._published_ids.append(self.runtime.client.publish(self.keys.frames, payload))
+        self.published += 1
+
+    def _export_drops(self) -> None:
+        for feed in self.feeds:
+            new = feed.buffer.dropped - feed.reported_drops
+            if new:
+                self.runtime.metrics.dropped_frames.labels(self.line_id, feed.source.camera_id).inc(new)
+                feed.reported_drops += new
+
+    def run(self) -> int:
+        """Publish until every source is exhausted, ``max_frames`` are sent or stop is set; returns frames sent."""
+        self.runtime.client.ensure_group(self.keys.frames, SCORER_GROUP)
+        threads = [threading.Thread(target=self._capture_loop, args=(feed,), daemon=True) for feed in self.feeds]
+        for thread in threads:
+            thread.start()
+        limit = self.config.ingest.live_queue_limit
+        stop = self.runtime.stop
+        while not stop.is_set() and (self.max_frames is None or self.published < self.max_frames):
+            self.runtime.heartbeat.beat("ok", line=self.line_id, published=self.published)
+            self._export_drops()
+            if all(feed.buffer.exhausted for feed in self.feeds):
+                break
+            if self.backlog() >= limit:
+                stop.wait(0.01)
+                continue
+            sent = False
+            for feed in self.feeds:
+                capture = feed.buffer.take()
+                if capture is not None and (self.max_frames is None or self.published < self.max_frames):
+                    self._publish(feed, capture)
+                    sent = True
+            if not sent:
+                stop.wait(0.005)
+        stop.set()
+        self._export_drops()
+        logger.info(
+            "ingest finished", extra={"published": self.published, "dropped": sum(f.buffer.dropped for f in self.feeds)}
+        )
+        return self.published

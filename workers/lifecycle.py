@@ -1,0 +1,69 @@
+"""What every worker process shares: stop on SIGTERM/SIGINT, a Redis client, metrics, heartbeat and /healthz.
+
+``WorkerRuntime`` is a context manager: it sets everything up, serves ``/healthz`` and ``/metrics`` on
+``port`` and, on exit, marks the worker stopped and removes its health key.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from types import FrameType, TracebackType
+
+from pipeline.config import Config
+from pipeline.health import HealthServer, Heartbeat
+from pipeline.metrics import Metrics
+from pipeline.streams import StreamClient
+
+logger = logging.getLogger(__name__)
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    """First SIGTERM/SIGINT sets ``stop`` (drain); a second one restores the default handler and re-raises."""
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        logger.info("stop requested, draining", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handle)
+
+
+def default_worker_name(role: str) -> str:
+    return f"{socket.gethostname()}-{role}"
+
+
+class WorkerRuntime:
+    """Redis client, Metrics, Heartbeat and the health/metrics HTTP server of one worker."""
+
+    def __init__(self, config: Config, redis_url: str, role: str, name: str, port: int) -> None:
+        self.config = config
+        self.role = role
+        self.name = name
+        self.stop = threading.Event()
+        self.client = StreamClient(redis_url, config.redis, config.streams)
+        self.metrics = Metrics()
+        self.heartbeat = Heartbeat(self.client, config.streams.prefix, role, name)
+        self.server = HealthServer(self.heartbeat, self.metrics, port)
+
+    def __enter__(self) -> WorkerRuntime:
+        self.server.start()
+        self.metrics.worker_up.labels(self.role, self.name).set(1)
+        logger.info("worker started", extra={"worker": self.name, "health_port": self.server.port})
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.metrics.worker_up.labels(self.role, self.name).set(0)
+        self.heartbeat.state = "stopped"
+        self.heartbeat.clear()
+        self.server.stop()
+        self.client.close()
+        logger.info("worker stopped", extra={"worker": self.name, "error": repr(exc) if exc else None})

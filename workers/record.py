@@ -1,0 +1,218 @@
+"""Record a line's frames and decisions to a file, replay them, and compare a replay's decisions with the recording.
+
+Recording file: a sequence of msgpack maps (no pickle). The first is a header
+``{"format": "lineinspect-recording", "version": 1, "line_id", "created_at_ns"}``; then
+``{"kind": "frame", "entry_id", "payload"}`` (an encoded Frame with its original ``captured_at_ns``) and
+``{"kind": "decision", "payload"}`` (the published Decision for a recorded frame).
+
+Replay re-stamps ``captured_at_ns`` to the moment each frame is sent (so latency and staleness stay meaningful),
+gives each frame a new ``frame_id`` and keeps the original in ``metadata["replay_of"]``. Pacing: ``speed=1``
+reproduces the recorded gaps, ``speed=N`` is N times faster, ``speed=0`` sends as fast as the pipeline takes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import msgpack
+import numpy as np
+
+from pipeline.codec import CodecError, decode_decision, decode_frame
+from pipeline.messages import Decision, Frame, MetadataValue
+from pipeline.streams import LineKeys, StreamClient
+from workers.sources import Capture
+
+FORMAT = "lineinspect-recording"
+FORMAT_VERSION = 1
+
+
+class RecordingError(ValueError):
+    """A recording file that cannot be read."""
+
+
+@dataclass
+class Recording:
+    line_id: str
+    frames: list[Frame] = field(default_factory=list)
+    decisions: dict[str, Decision] = field(default_factory=dict)  # by frame_id
+
+
+class RecordingWriter:
+    """Appends frames and decisions to a recording file."""
+
+    def __init__(self, path: Path, line_id: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: BinaryIO = path.open("wb")
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._write({"format": FORMAT, "version": FORMAT_VERSION, "line_id": line_id, "created_at_ns": time.time_ns()})
+
+    def _write(self, item: dict[str, Any]) -> None:
+        self._file.write(self._packer.pack(item))
+
+    def frame(self, entry_id: str, payload: bytes) -> None:
+        self._write({"kind": "frame", "entry_id": entry_id, "payload": payload})
+
+    def decision(self, payload: bytes) -> None:
+        self._write({"kind": "decision", "payload": payload})
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_recording(path: Path) -> Recording:
+    """Load a recording; raises RecordingError naming the file when it is not one."""
+    try:
+        with path.open("rb") as handle:
+            items = list(msgpack.Unpacker(handle, raw=False, strict_map_key=True))
+    except (OSError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as error:
+        msg = f"{path}: not a readable recording ({error})"
+        raise RecordingError(msg) from None
+    header = items[0] if items else None
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
+        msg = f"{path}: not a {FORMAT} v{FORMAT_VERSION} file (make one with `lineinspect record`)"
+        raise RecordingError(msg)
+    recording = Recording(line_id=str(header["line_id"]))
+    try:
+        for item in items[1:]:
+            if item.get("kind") == "frame":
+                recording.frames.append(decode_frame(item["payload"]))
+            elif item.get("kind") == "decision":
+                decision = decode_decision(item["payload"])
+                recording.decisions[decision.frame_id] = decision
+    except (CodecError, KeyError, AttributeError) as error:
+        msg = f"{path}: damaged entry ({error})"
+        raise RecordingError(msg) from None
+    return recording
+
+
+def record_line(
+    client: StreamClient,
+    keys: LineKeys,
+    path: Path,
+    stop: threading.Event,
+    max_frames: int | None,
+    settle_s: float = 5.0,
+) -> tuple[int, int]:
+    """Save new frames (and their decisions) of a line until ``max_frames`` or ``stop``; returns the counts.
+
+    After the last frame, decisions are awaited up to ``settle_s`` so the recording has a baseline for each frame.
+    """
+    writer = RecordingWriter(path, keys.line_id)
+    positions = {keys.frames: client.last_id(keys.frames), keys.decisions: client.last_id(keys.decisions)}
+    frame_ids: set[str] = set()
+    decided: set[str] = set()
+    settle_until: float | None = None
+    try:
+        while True:
+            done_frames = stop.is_set() or (max_frames is not None and len(frame_ids) >= max_frames)
+            if done_frames and settle_until is None:
+                settle_until = time.monotonic() + settle_s
+            if settle_until is not None and (frame_ids <= decided or time.monotonic() > settle_until):
+                break
+            for stream, entry in client.tail(positions, count=100, block_ms=100):
+                positions[stream] = entry.entry_id
+                if entry.payload is None:
+                    continue
+                if stream == keys.frames and not done_frames:
+                    frame_ids.add(decode_frame(entry.payload).frame_id)
+                    writer.frame(entry.entry_id, entry.payload)
+                elif stream == keys.decisions:
+                    frame_id = decode_decision(entry.payload).frame_id
+                    if frame_id in frame_ids and frame_id not in decided:
+                        decided.add(frame_id)
+                        writer.decision(entry.payload)
+    finally:
+        writer.close()
+    return len(frame_ids), len(decided)
+
+
+class ReplaySource:
+    """Frames of a recording as a (non-live) ingest source, paced by ``speed``."""
+
+    live = False
+
+    def __init__(self, camera_id: str, path: Path, speed: float, run_id: str = "") -> None:
+        if speed < 0:
+            msg = f"replay speed must be >= 0 (0 = as fast as the pipeline takes), got {speed}"
+            raise ValueError(msg)
+        self.camera_id, self.speed, self.run_id = camera_id, speed, run_id
+        self.recording = read_recording(path)
+
+    def captures(self) -> Iterator[Capture]:
+        frames = self.recording.frames
+        if not frames:
+            return
+        first_ns, started = frames[0].captured_at_ns, time.monotonic()
+        for frame in frames:
+            if self.speed > 0:
+                due = started + (frame.captured_at_ns - first_ns) / 1e9 / self.speed
+                time.sleep(max(0.0, due - time.monotonic()))
+            metadata: dict[str, MetadataValue] = {**frame.metadata, "replay_of": frame.frame_id}
+            if self.run_id:
+                metadata["replay_run"] = self.run_id
+            yield Capture(
+                frame.data,
+                frame.encoding,
+                time.time_ns(),
+                raw_shape=frame.raw_shape,
+                raw_dtype=frame.raw_dtype,
+                metadata=metadata,
+                camera_id=frame.camera_id,
+            )
+
+
+def _distribution(scores: list[float]) -> dict[str, float | int]:
+    if not scores:
+        return {"count": 0}
+    values = np.asarray(scores, dtype=np.float64)
+    quantiles = np.quantile(values, [0.5, 0.9, 0.99])
+    return {
+        "count": int(values.size),
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        "p50": float(quantiles[0]),
+        "p90": float(quantiles[1]),
+        "p99": float(quantiles[2]),
+        "max": float(values.max()),
+    }
+
+
+def compare_decisions(baseline: dict[str, Decision], candidate: dict[str, Decision]) -> dict[str, Any]:
+    """Report of verdict changes and score distributions; ``candidate`` is keyed by the recorded frame_id."""
+    shared = sorted(set(baseline) & set(candidate))
+    transitions: dict[str, int] = {}
+    changed = []
+    for frame_id in shared:
+        before, after = baseline[frame_id].verdict, candidate[frame_id].verdict
+        transitions[f"{before}->{after}"] = transitions.get(f"{before}->{after}", 0) + 1
+        if before != after:
+            changed.append(
+                {
+                    "frame_id": frame_id,
+                    "baseline": before,
+                    "candidate": after,
+                    "baseline_score": baseline[frame_id].score,
+                    "candidate_score": candidate[frame_id].score,
+                }
+            )
+    score_pairs = [(baseline[f].score, candidate[f].score) for f in shared]
+    differences = [abs(b - c) for b, c in score_pairs if b is not None and c is not None]
+    return {
+        "frames_compared": len(shared),
+        "missing_in_candidate": len(set(baseline) - set(candidate)),
+        "missing_in_baseline": len(set(candidate) - set(baseline)),
+        "verdict_changes": len(changed),
+        "transitions": dict(sorted(transitions.items())),
+        "changed_frames": changed[:200],
+        "baseline_models": sorted({d.model_id or "" for d in baseline.values()}),
+        "candidate_models": sorted({d.model_id or "" for d in candidate.values()}),
+        "baseline_scores": _distribution([s for s, _ in score_pairs if s is not None]),
+        "candidate_scores": _distribution([s for _, s in score_pairs if s is not None]),
+        "mean_abs_score_change": float(np.mean(differences)) if differences else None,
+    }

@@ -1,0 +1,221 @@
+"""``lineinspect run``: the whole line on one machine, from nothing to a summary.
+
+Redis (configured and reachable, else embedded) -> demo line from scikit-image textures -> model (fitted unless
+``--model``) announced on the line's model key -> sink, scoring worker(s) and ingest started as separate
+processes (``python -m workers.stream_commands ...``, logs in ``OUT/logs/``) -> live progress from the decisions
+stream -> stop after ``--frames`` decisions or Ctrl-C -> children drained with SIGTERM -> summary with AUROC on the
+demo's known defects. Heatmaps of failed frames land in ``OUT/heatmaps/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.codec import decode_decision
+from pipeline.config import Config, load_config
+from pipeline.messages import Decision
+from pipeline.redis_server import free_port, resolve_redis
+from pipeline.streams import LineKeys, StreamClient
+
+if TYPE_CHECKING:
+    from models.synthetic import DemoLine
+
+CHILD_MODULE = "workers.stream_commands"
+RUN_TAG = "demo_run"
+
+
+@dataclass
+class Progress:
+    """Decisions seen so far for this run; ``line()`` is the live status text."""
+
+    started: float = field(default_factory=time.monotonic)
+    verdicts: dict[str, int] = field(default_factory=lambda: {"pass": 0, "fail": 0, "error": 0})
+    latencies_s: list[float] = field(default_factory=list)
+    scores_by_file: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return sum(self.verdicts.values())
+
+    def add(self, decision: Decision) -> None:
+        self.verdicts[decision.verdict] += 1
+        if decision.published_at_ns:
+            self.latencies_s.append((decision.published_at_ns - decision.captured_at_ns) / 1e9)
+        source_file = decision.metadata.get("source_file")
+        if decision.score is not None and isinstance(source_file, str):
+            self.scores_by_file.setdefault(source_file, decision.score)
+
+    def latency_ms(self, quantile: float) -> float:
+        return float(np.quantile(self.latencies_s, quantile) * 1000) if self.latencies_s else float("nan")
+
+    def line(self, target: int) -> str:
+        elapsed = time.monotonic() - self.started
+        return (
+            f"[{elapsed:6.1f} s] {self.count}/{target or '∞'} frames  {self.count / max(elapsed, 1e-9):5.1f} frames/s  "
+            f"p50 {self.latency_ms(0.5):6.0f} ms  p99 {self.latency_ms(0.99):6.0f} ms  "
+            f"pass {self.verdicts['pass']}  fail {self.verdicts['fail']}  error {self.verdicts['error']}"
+        )
+
+
+def _prepare_model(args: argparse.Namespace, config: Config, out: Path) -> tuple[Path, DemoLine]:
+    from models.fit import fit_scorer
+    from models.images import list_images
+    from models.synthetic import make_demo_line
+
+    print(f"making the demo line in {out / 'demo'} ...", flush=True)
+    demo = make_demo_line(out / "demo", n_train=40, n_test_good=20, n_test_defect=20, seed=0)
+    if args.model is not None:
+        return Path(args.model).resolve(), demo
+    print("fitting a model on the demo's good parts ...", flush=True)
+    scorer = fit_scorer(list_images(demo.train_dir), config, progress=True)
+    model_dir = (out / "model").resolve()
+    scorer.save(model_dir)
+    print(f"model {scorer.model_id} saved to {model_dir}", flush=True)
+    return model_dir, demo
+
+
+def _child_env(url: str, out: Path, metrics_port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "REDIS_URL": url,
+            "LINEINSPECT__SINK__HEATMAP_DIR": str((out / "heatmaps").resolve()),
+            "LINEINSPECT__SINK__METRICS_PORT": str(metrics_port),
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")])
+            ),
+        }
+    )
+    return env
+
+
+def _start(
+    role: str, extra: list[str], args: argparse.Namespace, env: dict[str, str], logs: Path
+) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", CHILD_MODULE, role, "--line", args.line, *extra]
+    if args.config is not None:
+        command += ["--config", str(args.config)]
+    log_file = (logs / f"{role}-{extra[-1] if extra else ''}.log").open("wb")
+    return subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(processes: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _auroc(progress: Progress, demo: DemoLine) -> float | None:
+    from models.evaluation import image_auroc
+
+    labels_by_name = {path.name: label for path, label in zip(demo.test_images, demo.test_labels, strict=True)}
+    names = [name for name in progress.scores_by_file if name in labels_by_name]
+    labels = np.array([labels_by_name[name] for name in names])
+    if len(set(labels.tolist())) < 2:
+        return None
+    return float(image_auroc(labels, np.array([progress.scores_by_file[name] for name in names])))
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.image_size:
+        config = config.model_copy(update={"model": config.model.model_copy(update={"image_size": args.image_size})})
+    args.line = args.line or config.worker.line_id
+    out = Path(args.out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with resolve_redis(config.redis.url) as url:
+        print(f"redis: {url}", flush=True)
+        model_dir, demo = _prepare_model(args, config, out)
+        client = StreamClient(url, config.redis, config.streams)
+        keys = LineKeys(config.streams.prefix, args.line)
+        client.set_model_dir(keys, str(model_dir))
+        position = client.last_id(keys.decisions)
+        metrics_port = config.sink.metrics_port or free_port()
+        env = _child_env(url, out, metrics_port)
+        run_id = uuid.uuid4().hex[:8]
+        test_root = demo.test_images[0].parents[1]
+        frames = ["--frames", str(args.frames)] if args.frames else []
+        sink = _start("sink", ["--name", "run-sink"], args, env, logs)
+        scorers = [_start("score-worker", ["--name", f"run-score-{i}"], args, env, logs) for i in range(args.workers)]
+        ingest = _start(
+            "ingest",
+            [
+                "--source",
+                f"good=loop-folder:{test_root / 'good'}",
+                "--source",
+                f"defect=loop-folder:{test_root / 'defect'}",
+                "--metadata",
+                f"{RUN_TAG}={run_id}",
+                *frames,
+                "--name",
+                "run-ingest",
+            ],
+            args,
+            env,
+            logs,
+        )
+        print(
+            f"started ingest, {args.workers} scoring worker(s), sink (metrics on :{metrics_port}/metrics); "
+            f"logs in {logs}",
+            flush=True,
+        )
+        progress = Progress()
+        last_print = 0.0
+        failed = None
+        try:
+            while not stop.is_set() and not (args.frames and progress.count >= args.frames):
+                for _stream, entry in client.tail({keys.decisions: position}, count=200, block_ms=200):
+                    position = entry.entry_id
+                    decision = decode_decision(entry.payload) if entry.payload else None
+                    if decision is not None and decision.metadata.get(RUN_TAG) == run_id:
+                        progress.add(decision)
+                if time.monotonic() - last_print > 1.0:
+                    last_print = time.monotonic()
+                    print("\r" + progress.line(args.frames), end="", flush=True)
+                dead = [p for p in [sink, *scorers] if p.poll() is not None]
+                if dead:
+                    failed = f"a worker exited early (code {dead[0].returncode}); see {logs}"
+                    break
+        finally:
+            print("\r" + progress.line(args.frames), flush=True)
+            print("stopping workers ...", flush=True)
+            _stop([ingest], 10)
+            _stop(scorers, config.worker.drain_timeout_s + 5)
+            _stop([sink], 15)
+            client.close()
+    auroc = _auroc(progress, demo)
+    print("\nsummary")
+    print(f"  frames decided     {progress.count}  ({progress.verdicts})")
+    print(f"  throughput         {progress.count / max(time.monotonic() - progress.started, 1e-9):.1f} frames/s")
+    p50, p99 = progress.latency_ms(0.5), progress.latency_ms(0.99)
+    auroc_text = "n/a (needs good and defect frames)" if auroc is None else f"{auroc:.3f}"
+    print(f"  latency p50 / p99  {p50:.0f} / {p99:.0f} ms (capture to published)")
+    print(f"  image AUROC        {auroc_text} on the demo's known defects")
+    print(f"  heatmaps           {(out / 'heatmaps').resolve()}")
+    print(f"  model              {model_dir}")
+    if failed:
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,344 @@
+"""Scoring worker: frames stream -> dynamic batches -> Scorer -> results stream, acknowledging only after publishing.
+
+Loop: re-read own pending entries first, then repeatedly collect a batch (``max_batch`` frames or ``max_wait_ms``),
+decode its pixels in a thread pool while the previous batch is on the model, score, and commit results, dead
+letters and acks in one transaction. Entries idle on dead consumers are claimed every ``claim_idle_ms / 2``; an
+entry delivered more than ``max_deliveries`` times is dead-lettered. A frame that cannot be decoded gets a dead-letter
+entry and an ``error`` decision; the rest of its batch is scored. The model follows the line's Redis model key:
+a new directory is loaded in the background and swapped in between batches, so no frame is lost or scored twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from pipeline.batching import check_one_to_one, collect_batch
+from pipeline.codec import CodecError, decode_frame, decode_pixels, encode_decision
+from pipeline.config import Config
+from pipeline.messages import Decision, Frame, StageTimings, Verdict, error_decision, now_ns, pack_anomaly_map
+from pipeline.streams import SCORER_GROUP, Commit, DeadLetter, LineKeys, StreamEntry, entry_time_s
+from workers.lifecycle import WorkerRuntime
+
+logger = logging.getLogger(__name__)
+
+
+class BatchTimings(Protocol):
+    backbone_s: float
+    search_s: float
+    postprocess_s: float
+
+
+class ScoredBatch(Protocol):
+    scores: np.ndarray  # (N,)
+    maps: np.ndarray  # (N, S, S)
+    timings: BatchTimings
+
+
+class ScorerLike(Protocol):
+    """What the worker needs of ``models.scorer.Scorer``."""
+
+    model_id: str
+
+    @property
+    def threshold_or_default(self) -> float: ...
+
+    def score(self, images: Sequence[np.ndarray]) -> ScoredBatch: ...
+
+
+ModelLoader = Callable[[Path], ScorerLike]
+
+
+def load_model(device: str) -> ModelLoader:
+    """The production loader: ``models.artifact.load_scorer`` (imports torch only when called)."""
+
+    def load(model_dir: Path) -> ScorerLike:
+        from models.artifact import load_scorer
+
+        return load_scorer(model_dir, device=device)  # type: ignore[return-value]
+
+    return load
+
+
+class ModelSlot:
+    """The line's current model; follows the Redis model key, loading new versions in a background thread."""
+
+    def __init__(self, runtime: WorkerRuntime, keys: LineKeys, loader: ModelLoader, initial_dir: Path | None) -> None:
+        self.runtime, self.keys, self.loader = runtime, keys, loader
+        announced = runtime.client.get_model_dir(keys)
+        if announced is None:
+            if initial_dir is None:
+                msg = f"no model for line {keys.line_id}: pass --model DIR or set worker.model_dir (or {keys.model})"
+                raise ValueError(msg)
+            runtime.client.set_model_dir(keys, str(initial_dir), only_if_absent=True)
+            announced = runtime.client.get_model_dir(keys) or str(initial_dir)
+        elif initial_dir is not None and Path(announced) != initial_dir:
+            logger.warning("line's model key overrides --model", extra={"model_dir": announced})
+        self.model_dir = announced
+        self.scorer = loader(Path(announced))
+        runtime.metrics.set_model(keys.line_id, self.scorer.model_id)
+        self._loading: threading.Thread | None = None
+        self._ready: tuple[str, ScorerLike] | None = None
+        self._failed_dir: str | None = None
+        self._next_poll = 0.0
+
+    def _load(self, model_dir: str) -> None:
+        try:
+            scorer = self.loader(Path(model_dir))
+        except Exception as error:
+            logger.error(
+                "model reload failed, keeping the current model", extra={"model_dir": model_dir, "error": str(error)}
+            )
+            self.runtime.metrics.model_reloads.labels(self.keys.line_id, "failed").inc()
+            self._failed_dir = model_dir
+            return
+        self._ready = (model_dir, scorer)
+
+    def refresh(self) -> None:
+        """Between batches: swap in a loaded model, or start loading a newly announced one (at most once a second)."""
+        if self._ready is not None:
+            self.model_dir, self.scorer = self._ready
+            self._ready = None
+            self.runtime.metrics.set_model(self.keys.line_id, self.scorer.model_id)
+            self.runtime.metrics.model_reloads.labels(self.keys.line_id, "ok").inc()
+            logger.info("model swapped", extra={"model_dir": self.model_dir, "model_id": self.scorer.model_id})
+        now = time.monotonic()
+        if now < self._next_poll or (self._loading is not None and self._loading.is_alive()):
+            return
+        self._next_poll = now + 1.0
+        announced = self.runtime.client.get_model_dir(self.keys)
+        if announced and announced not in (self.model_dir, self._failed_dir):
+            logger.info("new model announced, loading", extra={"model_dir": announced})
+            self._loading = threading.Thread(target=self._load, args=(announced,), name="model-load", daemon=True)
+            self._loading.start()
+
+
+@dataclass
+class Pending:
+    """One entry in hand: its frame once parsed and the future of its decoded pixels."""
+
+    entry: StreamEntry
+    read_at_s: float
+    frame: Frame | None = None
+    pixels: Future[tuple[np.ndarray, float]] | None = None
+    decision: Decision | None = None
+    dead_letter: DeadLetter | None = None
+
+
+@dataclass
+class BatchOutcome:
+    decisions: list[Decision] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+def _timed_decode(frame: Frame) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    return decode_pixels(frame), time.perf_counter() - started
+
+
+class ScoreWorker:
+    """Consumes one line's frames stream in the ``scorers`` group as consumer ``runtime.name``."""
+
+    def __init__(self, runtime: WorkerRuntime, line_id: str, models: ModelSlot) -> None:
+        self.runtime = runtime
+        self.config: Config = runtime.config
+        self.keys = LineKeys(self.config.streams.prefix, line_id)
+        self.models = models
+        self.pool = ThreadPoolExecutor(self.config.worker.decode_threads, thread_name_prefix="decode")
+        self._next_claim = 0.0
+
+    # -- reading -----------------------------------------------------------------------------------------------
+    def _fetch(self, max_items: int, wait_s: float | None) -> list[StreamEntry]:
+        block_ms = None if wait_s is None else max(1, int(wait_s * 1000))
+        return self.runtime.client.read_new(self.keys.frames, SCORER_GROUP, self.runtime.name, max_items, block_ms)
+
+    def _recovered(self) -> list[StreamEntry]:
+        """Own pending entries at start, and entries of dead consumers idle longer than claim_idle_ms."""
+        client, settings = self.runtime.client, self.config.streams
+        now = time.monotonic()
+        if now < self._next_claim:
+            return []
+        self._next_claim = now + settings.claim_idle_ms / 2000.0
+        count = self.config.worker.max_batch
+        claimed = client.claim_stale(self.keys.frames, SCORER_GROUP, self.runtime.name, settings.claim_idle_ms, count)
+        if len(claimed) == count:
+            self._next_claim = 0.0  # a full page: there may be more to take over
+        if claimed:
+            logger.info("claimed idle entries", extra={"count": len(claimed), "first": claimed[0].entry_id})
+        return claimed
+
+    def prepare(self, entries: Sequence[StreamEntry]) -> list[Pending]:
+        """Parse each entry and start decoding its pixels; unusable entries are marked for the dead-letter stream."""
+        prepared: list[Pending] = []
+        stale_after_ms = self.config.worker.stale_after_ms
+        for entry in entries:
+            item = Pending(entry, read_at_s=time.time())
+            prepared.append(item)
+            if entry.payload is None:
+                item.dead_letter = DeadLetter(entry.entry_id, None, "entry_trimmed", "entry was trimmed before read")
+                continue
+            if entry.deliveries > self.config.streams.max_deliveries:
+                detail = (
+                    f"delivered {entry.deliveries} times (streams.max_deliveries={self.config.streams.max_deliveries})"
+                )
+                item.dead_letter = DeadLetter(entry.entry_id, entry.payload, "max_deliveries_exceeded", detail)
+                continue
+            try:
+                item.frame = decode_frame(entry.payload, self.config.streams.max_frame_bytes)
+            except CodecError as error:
+                item.dead_letter = DeadLetter(entry.entry_id, entry.payload, error.reason.value, error.detail)
+                continue
+            age_ms = (now_ns() - item.frame.captured_at_ns) / 1e6
+            if stale_after_ms is not None and age_ms > stale_after_ms:
+                detail = f"frame was {age_ms:.0f} ms old, limit worker.stale_after_ms={stale_after_ms}"
+                item.decision = error_decision(item.frame, "stale", detail, self._queue_timings(item))
+                continue
+            item.pixels = self.pool.submit(_timed_decode, item.frame)
+        return prepared
+
+    @staticmethod
+    def _queue_timings(item: Pending) -> StageTimings:
+        return StageTimings(queue_wait_s=max(0.0, item.read_at_s - entry_time_s(item.entry.entry_id)))
+
+    # -- scoring -----------------------------------------------------------------------------------------------
+    def score(self, batch: Sequence[Pending]) -> BatchOutcome:
+        """Decisions and dead letters for a prepared batch; one bad frame never fails the others."""
+        outcome = BatchOutcome()
+        ready: list[tuple[Pending, np.ndarray, float]] = []
+        for item in batch:
+            if item.pixels is not None:
+                try:
+                    image, decode_s = item.pixels.result()
+                    ready.append((item, image, decode_s))
+                except CodecError as error:
+                    assert item.frame is not None
+                    frame_id = item.frame.frame_id
+                    item.dead_letter = DeadLetter(
+                        item.entry.entry_id, item.entry.payload, error.reason.value, error.detail, frame_id
+                    )
+                    item.decision = error_decision(
+                        item.frame, error.reason.value, error.detail, self._queue_timings(item)
+                    )
+            if item.dead_letter is not None:
+                outcome.dead_letters.append(item.dead_letter)
+            if item.decision is not None:
+                outcome.decisions.append(item.decision)
+        if ready:
+            outcome.decisions.extend(self._score_images(ready))
+        return outcome
+
+    def _score_images(self, ready: list[tuple[Pending, np.ndarray, float]]) -> list[Decision]:
+        scorer = self.models.scorer
+        try:
+            result = scorer.score([image for _, image, _ in ready])
+            check_one_to_one(len(ready), result.scores, "scores")
+            check_one_to_one(len(ready), result.maps, "anomaly maps")
+            threshold = float(scorer.threshold_or_default)
+        except Exception as error:
+            logger.exception("scoring failed for a batch", extra={"frames": len(ready)})
+            return [
+                error_decision(
+                    item.frame, "scoring_failed", f"{type(error).__name__}: {error}", self._queue_timings(item)
+                )
+                for item, _, _ in ready
+                if item.frame is not None
+            ]
+        self.runtime.metrics.batch_size.labels(self.keys.line_id).observe(len(ready))
+        decided_at = now_ns()
+        decisions = []
+        for (item, _, decode_s), score, anomaly_map in zip(ready, result.scores, result.maps, strict=True):
+            assert item.frame is not None
+            verdict: Verdict = "fail" if float(score) > threshold else "pass"
+            map_size, map_bytes = None, None
+            if verdict == "fail" or self.config.sink.save_all_heatmaps:
+                map_size, map_bytes = pack_anomaly_map(anomaly_map)
+            timings = StageTimings(
+                queue_wait_s=self._queue_timings(item).queue_wait_s,
+                decode_s=decode_s,
+                backbone_s=result.timings.backbone_s,
+                search_s=result.timings.search_s,
+                postprocess_s=result.timings.postprocess_s,
+            )
+            frame = item.frame
+            decisions.append(
+                Decision(
+                    frame_id=frame.frame_id,
+                    line_id=frame.line_id,
+                    camera_id=frame.camera_id,
+                    sequence=frame.sequence,
+                    verdict=verdict,
+                    score=float(score),
+                    threshold=threshold,
+                    model_id=scorer.model_id,
+                    timings=timings,
+                    captured_at_ns=frame.captured_at_ns,
+                    decided_at_ns=decided_at,
+                    frame_entry_id=item.entry.entry_id,
+                    map_size=map_size,
+                    anomaly_map=map_bytes,
+                    metadata=frame.metadata,
+                )
+            )
+        return decisions
+
+    def finish(self, batch: Sequence[Pending]) -> None:
+        """Score a prepared batch and commit results, dead letters and acks in one transaction."""
+        if not batch:
+            return
+        outcome = self.score(batch)
+        commit = Commit(
+            appends=[(self.keys.results, encode_decision(decision)) for decision in outcome.decisions],
+            dead_letters=outcome.dead_letters,
+            acks=[item.entry.entry_id for item in batch],
+        )
+        self.runtime.client.commit(self.keys.frames, SCORER_GROUP, commit, self.keys.deadletter)
+        for letter in outcome.dead_letters:
+            self.runtime.metrics.dead_letters.labels(self.keys.line_id, letter.reason).inc()
+            logger.warning(
+                "dead-lettered", extra={"entry_id": letter.entry_id, "reason": letter.reason, "detail": letter.detail}
+            )
+
+    # -- loop --------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Serve until ``runtime.stop`` is set, then finish and acknowledge what is in hand."""
+        settings, stop = self.config.worker, self.runtime.stop
+        client = self.runtime.client
+        while not stop.is_set():
+            own = client.read_own_pending(self.keys.frames, SCORER_GROUP, self.runtime.name, settings.max_batch)
+            if not own:
+                break
+            self.finish(self.prepare(own))
+        in_hand: list[Pending] = []
+        while not stop.is_set():
+            self.models.refresh()
+            self.runtime.heartbeat.beat("ok", model_id=self.models.scorer.model_id, line=self.keys.line_id)
+            recovered = self._recovered()
+            if recovered:
+                self.finish(in_hand)
+                self.finish(self.prepare(recovered))
+                in_hand = []
+                continue
+            if in_hand:
+                entries = self._fetch(settings.max_batch, None)
+            else:
+                entries = collect_batch(
+                    self._fetch,
+                    settings.max_batch,
+                    settings.max_wait_ms / 1000.0,
+                    self.config.streams.block_ms / 1000.0,
+                )
+            upcoming = self.prepare(entries)
+            self.finish(in_hand)
+            in_hand = upcoming
+        self.runtime.heartbeat.beat("draining", force=True)
+        client.retry_deadline = time.monotonic() + settings.drain_timeout_s
+        self.finish(in_hand)
+        self.pool.shutdown(wait=True)

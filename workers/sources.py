@@ -1,0 +1,139 @@
+"""Frame sources for ingest: image folder (optionally looping), video file, live camera, replay of a recording.
+
+A source spec on the command line is ``[CAMERA_ID=]KIND:TARGET``:
+
+- ``folder:DIR`` (``loop-folder:DIR`` repeats forever): PNG/JPEG files are sent as their original bytes, so a frame
+  scores exactly like ``lineinspect score`` on the file; other formats are sent as PNG.
+- ``video:FILE``: frames of a video file, JPEG-encoded (``ingest.jpeg_quality``).
+- ``camera:0`` / ``camera:rtsp://...`` / ``camera:<GStreamer pipeline ending in appsink>``: a live camera through
+  OpenCV ``VideoCapture``. Live sources drop their oldest frames when scoring falls behind; the others wait.
+- ``replay:FILE``: a recording made by ``lineinspect record`` (see ``workers.record``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+
+from pipeline.codec import encode_pixels
+from pipeline.messages import Encoding, MetadataValue
+
+ENCODED_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+
+
+@dataclass(frozen=True)
+class Capture:
+    """One captured image, encoded, before it becomes a Frame."""
+
+    data: bytes
+    encoding: Encoding
+    captured_at_ns: int
+    raw_shape: tuple[int, ...] | None = None
+    raw_dtype: str | None = None
+    metadata: dict[str, MetadataValue] = field(default_factory=dict)
+    camera_id: str | None = None  # replay keeps each recorded frame's camera; other sources use their own
+
+
+class Source(Protocol):
+    camera_id: str
+    live: bool
+
+    def captures(self) -> Iterator[Capture]: ...
+
+
+class FolderSource:
+    """Image files of a directory in name order, once or looping."""
+
+    live = False
+
+    def __init__(self, camera_id: str, directory: Path, loop: bool) -> None:
+        from models.images import list_images
+
+        self.camera_id, self.directory, self.loop = camera_id, directory, loop
+        self.paths = list_images(directory)
+        if not self.paths:
+            msg = f"folder source {directory} holds no images (png, jpg, bmp, tif, webp)"
+            raise ValueError(msg)
+
+    def _capture(self, path: Path) -> Capture:
+        from models.images import read_image
+
+        encoding = ENCODED_SUFFIXES.get(path.suffix.lower())
+        metadata: dict[str, MetadataValue] = {"source_file": path.name}
+        if encoding is not None:
+            return Capture(path.read_bytes(), encoding, time.time_ns(), metadata=metadata)  # type: ignore[arg-type]
+        data, _ = encode_pixels(read_image(path), "png")
+        return Capture(data, "png", time.time_ns(), metadata=metadata)
+
+    def captures(self) -> Iterator[Capture]:
+        while True:
+            for path in self.paths:
+                yield self._capture(path)
+            if not self.loop:
+                return
+
+
+class VideoSource:
+    """Frames from ``cv2.VideoCapture``: a file (waits under backpressure) or a camera (live, drops oldest)."""
+
+    def __init__(self, camera_id: str, target: str, live: bool, encoding: Encoding, jpeg_quality: int) -> None:
+        self.camera_id, self.target, self.live = camera_id, target, live
+        self.encoding, self.jpeg_quality = encoding, jpeg_quality
+
+    def _open(self) -> cv2.VideoCapture:
+        if self.target.isdigit():
+            capture = cv2.VideoCapture(int(self.target))
+        elif "appsink" in self.target:
+            capture = cv2.VideoCapture(self.target, cv2.CAP_GSTREAMER)
+        else:
+            capture = cv2.VideoCapture(self.target)
+        if not capture.isOpened():
+            msg = f"OpenCV cannot open {self.target!r} (device index, video file, RTSP URL or GStreamer pipeline)"
+            raise ValueError(msg)
+        return capture
+
+    def captures(self) -> Iterator[Capture]:
+        capture = self._open()
+        try:
+            index = 0
+            while True:
+                ok, frame_bgr = capture.read()
+                captured_at = time.time_ns()
+                if not ok:
+                    return
+                rgb = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)
+                data, extra = encode_pixels(rgb, self.encoding, self.jpeg_quality)
+                yield Capture(data, self.encoding, captured_at, metadata={"source_index": index}, **extra)
+                index += 1
+        finally:
+            capture.release()
+
+
+def parse_source(spec: str, default_camera_id: str, encoding: Encoding, jpeg_quality: int, speed: float) -> Source:
+    """Build a source from ``[CAMERA_ID=]KIND:TARGET`` (see the module docstring)."""
+    camera_id, _, rest = spec.partition("=") if "=" in spec.split(":", 1)[0] else ("", "", spec)
+    kind, sep, target = rest.partition(":")
+    if not sep or not target:
+        msg = f"source {spec!r} must look like [CAMERA_ID=]KIND:TARGET, e.g. cam1=folder:images/"
+        raise ValueError(msg)
+    camera_id = camera_id or default_camera_id
+    if kind in ("folder", "loop-folder"):
+        return FolderSource(camera_id, Path(target), loop=kind == "loop-folder")
+    if kind == "video":
+        if not Path(target).exists():
+            msg = f"video file not found: {target}"
+            raise ValueError(msg)
+        return VideoSource(camera_id, target, live=False, encoding=encoding, jpeg_quality=jpeg_quality)
+    if kind == "camera":
+        return VideoSource(camera_id, target, live=True, encoding=encoding, jpeg_quality=jpeg_quality)
+    if kind == "replay":
+        from workers.record import ReplaySource
+
+        return ReplaySource(camera_id, Path(target), speed=speed)
+    msg = f"unknown source kind {kind!r} in {spec!r}: use folder, loop-folder, video, camera or replay"
+    raise ValueError(msg)

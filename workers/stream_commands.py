@@ -1,0 +1,257 @@
+"""The streaming subcommands of ``lineinspect``: run, ingest, score-worker, sink, check, record, replay, promote.
+
+``add_stream_commands(subparsers)`` registers them; each sets ``func(args) -> exit code``. Every command takes
+``--config PATH`` (defaults plus environment overrides when omitted). Workers need a Redis URL (``REDIS_URL`` or
+``redis.url``); only ``run`` starts an embedded Redis when none is configured or reachable.
+``python -m workers.stream_commands ...`` runs them without the rest of the CLI (``run`` starts its children so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.logs import setup_logging
+from pipeline.streams import LineKeys, StreamClient
+from workers.lifecycle import WorkerRuntime, default_worker_name, install_stop_handlers
+
+logger = logging.getLogger(__name__)
+SCORE_WORKER_COMMAND = "score-worker"
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def _redis_url(config: Config) -> str:
+    if not config.redis.url:
+        msg = "no Redis configured: set REDIS_URL or redis.url in the config (`lineinspect run` starts its own)"
+        raise ConfigError(msg)
+    return config.redis.url
+
+
+def _line(args: argparse.Namespace, config: Config) -> str:
+    return str(args.line or config.worker.line_id)
+
+
+def cmd_score_worker(args: argparse.Namespace) -> int:
+    from workers.score import ModelSlot, ScoreWorker, load_model
+
+    config = _config(args)
+    name = args.name or default_worker_name("score")
+    setup_logging("score", worker=name)
+    line_id = _line(args, config)
+    with WorkerRuntime(config, _redis_url(config), "score", name, config.worker.health_port) as runtime:
+        install_stop_handlers(runtime.stop)
+        runtime.heartbeat.beat("starting", force=True, line=line_id)
+        models = ModelSlot(
+            runtime,
+            LineKeys(config.streams.prefix, line_id),
+            load_model(config.model.device),
+            args.model or config.worker.model_dir,
+        )
+        ScoreWorker(runtime, line_id, models).run()
+    return 0
+
+
+def cmd_sink(args: argparse.Namespace) -> int:
+    from workers.sink import SinkWorker
+
+    config = _config(args)
+    name = args.name or default_worker_name("sink")
+    setup_logging("sink", worker=name)
+    with WorkerRuntime(config, _redis_url(config), "sink", name, config.sink.metrics_port) as runtime:
+        install_stop_handlers(runtime.stop)
+        SinkWorker(runtime, _line(args, config)).run()
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from workers.ingest import Ingestor
+    from workers.sources import parse_source
+
+    config = _config(args)
+    if args.max_fps is not None:
+        config = config.model_copy(update={"ingest": config.ingest.model_copy(update={"max_fps": args.max_fps})})
+    name = args.name or default_worker_name("ingest")
+    setup_logging("ingest", worker=name)
+    sources = [
+        parse_source(spec, f"cam{index}", args.encoding, config.ingest.jpeg_quality, args.speed)
+        for index, spec in enumerate(args.source)
+    ]
+    metadata = dict(item.split("=", 1) for item in args.metadata if "=" in item)
+    if len(metadata) != len(args.metadata):
+        msg = f"--metadata takes KEY=VALUE, got {args.metadata}"
+        raise ValueError(msg)
+    with WorkerRuntime(config, _redis_url(config), "ingest", name, config.worker.health_port) as runtime:
+        install_stop_handlers(runtime.stop)
+        Ingestor(runtime, _line(args, config), sources, args.frames, metadata).run()
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Exit 0 when at least one matching worker has a fresh, healthy heartbeat in Redis, else 1."""
+    config = _config(args)
+    client = StreamClient(_redis_url(config), config.redis, config.streams)
+    client.retry_deadline = time.monotonic() + config.redis.connect_timeout_s
+    try:
+        statuses = client.read_health(config.streams.prefix)
+    except ConnectionError as error:
+        print(json.dumps({"healthy": False, "error": str(error)}))
+        return 1
+    matching = [
+        status
+        for status in statuses
+        if (args.role is None or status.get("role") == args.role)
+        and (args.line is None or status.get("line") == args.line)
+    ]
+    healthy = bool(matching) and all(status.get("state") in ("ok", "starting", "draining") for status in matching)
+    print(json.dumps({"healthy": healthy, "workers": matching}, indent=2))
+    return 0 if healthy else 1
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Announce a model directory for a line; its scoring workers load it and swap between batches."""
+    config = _config(args)
+    model_dir = Path(args.model).resolve()
+    if not (model_dir / "manifest.json").exists():
+        print(f"error: {model_dir} has no manifest.json (a directory written by `lineinspect fit`)", file=sys.stderr)
+        return 2
+    client = StreamClient(_redis_url(config), config.redis, config.streams)
+    keys = LineKeys(config.streams.prefix, _line(args, config))
+    client.set_model_dir(keys, str(model_dir))
+    print(f"{keys.model} = {model_dir}")
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from workers.record import record_line
+
+    config = _config(args)
+    setup_logging("record")
+    client = StreamClient(_redis_url(config), config.redis, config.streams)
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    frames, decisions = record_line(
+        client, LineKeys(config.streams.prefix, _line(args, config)), Path(args.out), stop, args.frames
+    )
+    print(f"recorded {frames} frames and {decisions} decisions to {args.out}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from workers.replay import replay_and_compare
+
+    config = _config(args)
+    setup_logging("replay")
+    run_id = uuid.uuid4().hex[:8]
+    with WorkerRuntime(config, _redis_url(config), "replay", f"replay-{run_id}", 0) as runtime:
+        install_stop_handlers(runtime.stop)
+        report = replay_and_compare(runtime, Path(args.file), args.line, args.speed, run_id, args.timeout_s)
+    text = json.dumps(report, indent=2)
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(text)
+    print(text)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from workers.run import run_demo
+
+    return run_demo(args)
+
+
+def _common(parser: argparse.ArgumentParser, line: bool = True) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="config.toml (default: built-in defaults + env)")
+    if line:
+        parser.add_argument("--line", default=None, help="line id (default: worker.line_id)")
+
+
+def add_stream_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register the streaming subcommands on the ``lineinspect`` parser."""
+    run = subparsers.add_parser("run", help="demo line end to end: embedded Redis, fit, ingest, score, sink")
+    _common(run)
+    run.add_argument("--frames", type=int, default=200, help="stop after this many decisions (0 = until Ctrl-C)")
+    run.add_argument("--model", type=Path, default=None, help="use this model directory instead of fitting one")
+    run.add_argument("--workers", type=int, default=1, help="scoring worker processes")
+    run.add_argument("--out", type=Path, default=Path("out"), help="demo data, model and heatmaps go here")
+    run.add_argument(
+        "--image-size", type=int, default=None, help="demo image and model size (default model.image_size)"
+    )
+    run.set_defaults(func=cmd_run)
+
+    ingest = subparsers.add_parser("ingest", help="publish frames from sources onto a line's frames stream")
+    _common(ingest)
+    ingest.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        help="[CAMERA_ID=]KIND:TARGET with KIND folder, loop-folder, video, camera, replay; repeatable",
+    )
+    ingest.add_argument("--frames", type=int, default=None, help="stop after this many frames")
+    ingest.add_argument(
+        "--encoding", choices=["jpeg", "png", "raw"], default="jpeg", help="for video and camera frames"
+    )
+    ingest.add_argument("--max-fps", type=float, default=None, help="per-source frame-rate limit (ingest.max_fps)")
+    ingest.add_argument("--speed", type=float, default=1.0, help="replay sources: 1 = recorded pace, 0 = flat out")
+    ingest.add_argument("--metadata", action="append", default=[], help="KEY=VALUE added to every frame; repeatable")
+    ingest.add_argument("--name", default=None, help="worker name for health and logs")
+    ingest.set_defaults(func=cmd_ingest)
+
+    score = subparsers.add_parser(SCORE_WORKER_COMMAND, help="scoring worker: batches frames through the model")
+    _common(score)
+    score.add_argument("--model", type=Path, default=None, help="model dir when the line has none announced yet")
+    score.add_argument("--name", default=None, help="consumer name; stable across restarts (re-reads own pending)")
+    score.set_defaults(func=cmd_score_worker)
+
+    sink = subparsers.add_parser("sink", help="publish decisions once, write heatmaps, serve Prometheus metrics")
+    _common(sink)
+    sink.add_argument("--name", default=None, help="consumer name; stable across restarts")
+    sink.set_defaults(func=cmd_sink)
+
+    check = subparsers.add_parser("check", help="exit 0 when matching workers are healthy (Redis heartbeats)")
+    _common(check)
+    check.add_argument("--role", choices=["ingest", "score", "sink"], default=None)
+    check.set_defaults(func=cmd_check)
+
+    record = subparsers.add_parser("record", help="save a line's new frames and decisions to a file")
+    _common(record)
+    record.add_argument("--out", required=True, help="recording file to write")
+    record.add_argument("--frames", type=int, default=None, help="stop after this many frames (default: Ctrl-C)")
+    record.set_defaults(func=cmd_record)
+
+    replay = subparsers.add_parser("replay", help="push a recording through a line and compare its decisions")
+    _common(replay)
+    replay.add_argument("file", help="recording made by `lineinspect record`")
+    replay.add_argument("--speed", type=float, default=0.0, help="1 = recorded pace, N = N x faster, 0 = flat out")
+    replay.add_argument("--report", default=None, help="write the comparison report (JSON) here")
+    replay.add_argument("--timeout-s", type=float, default=120.0, help="give up waiting for decisions after this")
+    replay.set_defaults(func=cmd_replay)
+
+    promote = subparsers.add_parser("promote", help="hot-swap a line's model (workers reload between batches)")
+    _common(promote)
+    promote.add_argument("--model", required=True, help="model directory")
+    promote.set_defaults(func=cmd_promote)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lineinspect")
+    add_stream_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

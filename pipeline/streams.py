@@ -206,7 +206,7 @@ class StreamClient:
                     raise
                 logger.warning("consumer group missing (redis restarted empty?), recreating", extra={"stream": stream})
                 self.redis.xgroup_create(stream, group, id="0", mkstream=True)
-                return []
+                return self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
 
         return self._entries(self._call(read, "read_new"))
 

@@ -48,13 +48,26 @@ class ScorerLike(Protocol):
 
     model_id: str
 
-    @property
-    def threshold_or_default(self) -> float: ...
-
     def score(self, images: Sequence[np.ndarray]) -> ScoredBatch: ...
 
 
 ModelLoader = Callable[[Path], ScorerLike]
+
+
+def decision_threshold(scorer: ScorerLike) -> float:
+    """The pass/fail threshold: ``threshold_or_default`` when the scorer offers it, else its calibrated threshold.
+
+    Written against both shapes of the scoring core's API (a float property, or a ``Threshold`` with ``value``).
+    """
+    default = getattr(scorer, "threshold_or_default", None)
+    if default is not None:
+        return float(default)
+    threshold = getattr(scorer, "threshold", None)
+    value = getattr(threshold, "value", threshold)
+    if value is None:
+        msg = f"model {scorer.model_id} has no threshold: run `lineinspect calibrate --model DIR --good DIR`"
+        raise RuntimeError(msg)
+    return float(value)
 
 
 def load_model(device: str) -> ModelLoader:
@@ -241,7 +254,7 @@ class ScoreWorker:
             result = scorer.score([image for _, image, _ in ready])
             check_one_to_one(len(ready), result.scores, "scores")
             check_one_to_one(len(ready), result.maps, "anomaly maps")
-            threshold = float(scorer.threshold_or_default)
+            threshold = decision_threshold(scorer)
         except Exception as error:
             logger.exception("scoring failed for a batch", extra={"frames": len(ready)})
             return [
@@ -311,6 +324,7 @@ class ScoreWorker:
         """Serve until ``runtime.stop`` is set, then finish and acknowledge what is in hand."""
         settings, stop = self.config.worker, self.runtime.stop
         client = self.runtime.client
+        client.ensure_group(self.keys.frames, SCORER_GROUP)
         while not stop.is_set():
             own = client.read_own_pending(self.keys.frames, SCORER_GROUP, self.runtime.name, settings.max_batch)
             if not own:

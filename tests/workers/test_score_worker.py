@@ -1,0 +1,205 @@
+"""Scoring worker in-process against a real Redis and a real (tiny) model: faults, parity, drain, hot reload."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgpack
+import numpy as np
+import pytest
+
+from pipeline.codec import CodecErrorReason, encode_frame
+from pipeline.config import Config
+from pipeline.streams import SCORER_GROUP, LineKeys
+from tests.workers.conftest import TinyLine
+from tests.workers.helpers import decisions_in, frame_from_file, publish_frames, start_thread, wait_until
+from workers.lifecycle import WorkerRuntime
+from workers.score import ModelSlot, ScoreWorker, load_model
+
+
+def start_worker(runtime: WorkerRuntime, model_dir: object) -> ScoreWorker:
+    keys = LineKeys(runtime.config.streams.prefix, "line-1")
+    slot = ModelSlot(runtime, keys, load_model("cpu"), model_dir)  # type: ignore[arg-type]
+    return ScoreWorker(runtime, "line-1", slot)
+
+
+def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_keeps_going(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], worker_config: Config
+) -> None:
+    runtime = make_runtime("score", "w1")
+    worker = start_worker(runtime, tiny_line.model_dir)
+    client, keys = runtime.client, worker.keys
+    good = frame_from_file(tiny_line.good_images[0])
+    bad_jpeg = frame_from_file(tiny_line.good_images[1], encoding="jpeg", data=b"\xff\xd8\xff\xe0 truncated jpeg")
+    bad_raw = frame_from_file(
+        tiny_line.good_images[1], encoding="raw", data=bytes(100), raw_shape=(96, 96, 3), raw_dtype="uint8"
+    )
+    oversized = frame_from_file(
+        tiny_line.good_images[1],
+        encoding="raw",
+        data=bytes(96 * 96 * 3 * 8),
+        raw_shape=(96 * 8, 96, 3),
+        raw_dtype="uint8",
+    )
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    client.publish(keys.frames, b"\x00\x01garbage that is not msgpack\xc1")
+    client.publish(keys.frames, msgpack.packb({"version": 7, "frame_id": "from-the-future"}))
+    publish_frames(client, keys, [bad_jpeg, bad_raw, oversized])
+    after = frame_from_file(tiny_line.good_images[2])
+    publish_frames(client, keys, [good, after])
+    thread = start_thread(worker.run)
+    wait_until(lambda: client.length(keys.results) >= 4, what="decisions for the good and undecodable frames")
+    runtime.stop.set()
+    thread.join(timeout=30)
+
+    reasons = sorted(letter["reason"] for letter in client.dead_letters(keys))
+    assert reasons == sorted(
+        [
+            CodecErrorReason.NOT_MSGPACK,
+            CodecErrorReason.UNKNOWN_VERSION,
+            CodecErrorReason.UNDECODABLE_IMAGE,
+            CodecErrorReason.RAW_SHAPE_MISMATCH,
+            CodecErrorReason.OVERSIZED,
+        ]
+    )
+    by_frame = {decision.frame_id: decision for decision in decisions_in(client, keys.results)}
+    assert by_frame[bad_jpeg.frame_id].error_reason == "undecodable_image"
+    assert by_frame[bad_raw.frame_id].error_reason == "raw_shape_mismatch"
+    assert {by_frame[good.frame_id].verdict, by_frame[after.frame_id].verdict} <= {"pass", "fail"}
+    assert len(by_frame) == 4
+    assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
+    assert (
+        runtime.metrics.registry.get_sample_value(
+            "lineinspect_dead_letters_total", {"line": "line-1", "reason": "oversized_frame"}
+        )
+        == 1
+    )
+
+
+def test_streamed_scores_equal_offline_scores_of_the_same_files(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime]
+) -> None:
+    from models.artifact import load_scorer
+    from models.images import read_image
+
+    runtime = make_runtime("score", "w1")
+    worker = start_worker(runtime, tiny_line.model_dir)
+    paths = tiny_line.good_images + tiny_line.defect_images
+    frames = [frame_from_file(path) for path in paths]
+    publish_frames(runtime.client, worker.keys, frames)
+    thread = start_thread(worker.run)
+    wait_until(lambda: runtime.client.length(worker.keys.results) >= len(frames), what="all decisions")
+    runtime.stop.set()
+    thread.join(timeout=30)
+
+    offline = load_scorer(tiny_line.model_dir, device="cpu").score([read_image(path) for path in paths]).scores
+    streamed = {d.frame_id: d.score for d in decisions_in(runtime.client, worker.keys.results)}
+    np.testing.assert_allclose([streamed[frame.frame_id] for frame in frames], offline, rtol=1e-5, atol=1e-5)
+
+
+def test_frames_in_hand_are_finished_and_acknowledged_on_stop(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime]
+) -> None:
+    runtime = make_runtime("score", "w1")
+    worker = start_worker(runtime, tiny_line.model_dir)
+    frames = [frame_from_file(tiny_line.good_images[i % 4]) for i in range(6)]
+    entries = worker.prepare(runtime.client.read_new(worker.keys.frames, SCORER_GROUP, "w1", 10, None))
+    assert entries == []
+    publish_frames(runtime.client, worker.keys, frames)
+    in_hand = worker.prepare(runtime.client.read_new(worker.keys.frames, SCORER_GROUP, "w1", 10, None))
+    assert runtime.client.group_stats(worker.keys.frames)[SCORER_GROUP].pending == 6
+    worker.finish(in_hand)
+    assert runtime.client.group_stats(worker.keys.frames)[SCORER_GROUP].pending == 0
+    assert {d.frame_id for d in decisions_in(runtime.client, worker.keys.results)} == {f.frame_id for f in frames}
+
+
+def test_stale_frames_get_an_error_decision_without_scoring(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], worker_config: Config
+) -> None:
+    config = worker_config.model_copy(
+        update={"worker": worker_config.worker.model_copy(update={"stale_after_ms": 1000})}
+    )
+    runtime = make_runtime("score", "w1", config)
+    worker = start_worker(runtime, tiny_line.model_dir)
+    old = frame_from_file(tiny_line.good_images[0], captured_at_ns=1_000_000_000)
+    fresh = frame_from_file(tiny_line.good_images[0])
+    publish_frames(runtime.client, worker.keys, [old, fresh])
+    worker.finish(worker.prepare(runtime.client.read_new(worker.keys.frames, SCORER_GROUP, "w1", 10, None)))
+    by_frame = {d.frame_id: d for d in decisions_in(runtime.client, worker.keys.results)}
+    assert (by_frame[old.frame_id].verdict, by_frame[old.frame_id].error_reason) == ("error", "stale")
+    assert by_frame[old.frame_id].score is None
+    assert by_frame[fresh.frame_id].verdict in ("pass", "fail")
+
+
+def test_entries_delivered_too_often_are_dead_lettered(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], worker_config: Config
+) -> None:
+    runtime = make_runtime("score", "w1")
+    worker = start_worker(runtime, tiny_line.model_dir)
+    client, keys = runtime.client, worker.keys
+    frame = frame_from_file(tiny_line.good_images[0])
+    publish_frames(client, keys, [frame])
+    client.read_new(keys.frames, SCORER_GROUP, "w1", 10, None)
+    for _ in range(worker_config.streams.max_deliveries):
+        own = client.read_own_pending(keys.frames, SCORER_GROUP, "w1", 10)
+    assert own[0].deliveries == worker_config.streams.max_deliveries + 1
+    worker.finish(worker.prepare(own))
+    assert [letter["reason"] for letter in client.dead_letters(keys)] == ["max_deliveries_exceeded"]
+    assert client.dead_letters(keys)[0]["source_entry_id"] == own[0].entry_id
+    assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
+
+
+def test_hot_reload_swaps_models_between_batches_without_losing_or_repeating_frames(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime]
+) -> None:
+    from models.artifact import read_manifest
+
+    model_a = str(read_manifest(tiny_line.model_dir)["model_id"])
+    model_b = str(read_manifest(tiny_line.other_model_dir)["model_id"])
+    assert model_a != model_b
+    runtime = make_runtime("score", "w1")
+    worker = start_worker(runtime, tiny_line.model_dir)
+    client, keys = runtime.client, worker.keys
+    thread = start_thread(worker.run)
+    first = [frame_from_file(tiny_line.good_images[i % 4]) for i in range(5)]
+    publish_frames(client, keys, first)
+    wait_until(lambda: client.length(keys.results) >= 5, what="first decisions")
+
+    client.set_model_dir(keys, "/nonexistent/model")  # a broken announcement keeps the current model
+    wait_until(
+        lambda: (
+            runtime.metrics.registry.get_sample_value(
+                "lineinspect_model_reloads_total", {"line": "line-1", "outcome": "failed"}
+            )
+            == 1
+        ),
+        what="failed reload",
+    )
+    client.set_model_dir(keys, str(tiny_line.other_model_dir))
+    wait_until(lambda: worker.models.scorer.model_id == model_b, what="model swap")
+    second = [frame_from_file(tiny_line.defect_images[i % 4]) for i in range(5)]
+    publish_frames(client, keys, second)
+    wait_until(lambda: client.length(keys.results) >= 10, what="second decisions")
+    runtime.stop.set()
+    thread.join(timeout=30)
+
+    decisions = decisions_in(client, keys.results)
+    assert sorted(d.frame_id for d in decisions) == sorted(f.frame_id for f in first + second)
+    models_used = {d.frame_id: d.model_id for d in decisions}
+    assert {models_used[f.frame_id] for f in first} == {model_a}
+    assert {models_used[f.frame_id] for f in second} == {model_b}
+    assert (
+        runtime.metrics.registry.get_sample_value("lineinspect_model_info", {"line": "line-1", "model_id": model_b})
+        == 1
+    )
+
+
+def test_a_line_without_any_model_is_a_clear_error(make_runtime: Callable[..., WorkerRuntime]) -> None:
+    runtime = make_runtime("score", "w1")
+    with pytest.raises(ValueError, match="no model for line line-1"):
+        ModelSlot(runtime, LineKeys(runtime.config.streams.prefix, "line-1"), load_model("cpu"), None)
+
+
+def test_encode_frame_round_trips_file_bytes(tiny_line: TinyLine) -> None:
+    frame = frame_from_file(tiny_line.good_images[0])
+    assert tiny_line.good_images[0].read_bytes() in encode_frame(frame)

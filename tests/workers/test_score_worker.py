@@ -94,7 +94,8 @@ def test_streamed_scores_equal_offline_scores_of_the_same_files(
 
     offline = load_scorer(tiny_line.model_dir, device="cpu").score([read_image(path) for path in paths]).scores
     streamed = {d.frame_id: d.score for d in decisions_in(runtime.client, worker.keys.results)}
-    np.testing.assert_allclose([streamed[frame.frame_id] for frame in frames], offline, rtol=1e-5, atol=1e-5)
+    streamed_scores = np.array([streamed[frame.frame_id] for frame in frames], dtype=np.float64)
+    np.testing.assert_allclose(streamed_scores, offline, rtol=1e-5, atol=1e-5)
 
 
 def test_frames_in_hand_are_finished_and_acknowledged_on_stop(

@@ -1,0 +1,103 @@
+"""Sink against a real Redis: one published decision per frame, heatmaps for failures, metrics, retention."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.codec import encode_decision, encode_frame, encode_pixels
+from pipeline.messages import Decision, Frame, StageTimings, now_ns, pack_anomaly_map
+from pipeline.streams import SINK_GROUP
+from tests.workers.helpers import decisions_in
+from workers.heatmaps import HeatmapStore, expired_files
+from workers.lifecycle import WorkerRuntime
+from workers.sink import SinkWorker
+
+
+def result_for(frame: Frame, entry_id: str, verdict: str, with_map: bool) -> Decision:
+    size, data = pack_anomaly_map(np.linspace(0, 2, 32 * 32, dtype=np.float32).reshape(32, 32))
+    return Decision.model_validate(
+        {
+            "frame_id": frame.frame_id,
+            "line_id": "line-1",
+            "camera_id": "cam0",
+            "verdict": verdict,
+            "score": 1.5,
+            "threshold": 1.0,
+            "model_id": "m1",
+            "timings": StageTimings(backbone_s=0.1),
+            "captured_at_ns": now_ns(),
+            "decided_at_ns": now_ns(),
+            "frame_entry_id": entry_id,
+            "map_size": size if with_map else None,
+            "anomaly_map": data if with_map else None,
+        }
+    )
+
+
+def test_each_frame_is_published_once_with_a_heatmap_for_failures(make_runtime: Callable[..., WorkerRuntime]) -> None:
+    runtime = make_runtime("sink", "s1")
+    sink = SinkWorker(runtime, "line-1")
+    client, keys = runtime.client, sink.keys
+    pixels, extra = encode_pixels(np.full((48, 64, 3), 90, dtype=np.uint8), "png")
+    frames = [
+        Frame(
+            line_id="line-1",
+            camera_id="cam0",
+            frame_id=f"f{i}",
+            sequence=i,
+            captured_at_ns=now_ns(),
+            encoding="png",
+            data=pixels,
+            **extra,
+        )
+        for i in range(3)
+    ]
+    entry_ids = [client.publish(keys.frames, encode_frame(frame)) for frame in frames]
+    results = [
+        result_for(frames[0], entry_ids[0], "fail", with_map=True),
+        result_for(frames[1], entry_ids[1], "pass", with_map=False),
+        result_for(frames[0], entry_ids[0], "fail", with_map=True),  # redelivered and scored twice
+        result_for(frames[2], "0-1", "fail", with_map=True),  # its frame was trimmed away
+    ]
+    client.ensure_group(keys.results, SINK_GROUP)
+    for result in results:
+        client.publish(keys.results, encode_decision(result))
+    client.publish(keys.results, b"not a decision")
+    sink.handle(client.read_new(keys.results, SINK_GROUP, "s1", 100, None))
+
+    published = decisions_in(client, keys.decisions)
+    assert sorted(d.frame_id for d in published) == ["f0", "f1", "f2"]
+    assert all(d.anomaly_map is None and d.published_at_ns > 0 for d in published)
+    by_frame = {d.frame_id: d for d in published}
+    assert by_frame["f1"].heatmap_ref is None
+    heatmap = cv2.imread(str(by_frame["f0"].heatmap_ref))
+    assert heatmap is not None and heatmap.shape == (48, 64, 3)
+    assert cv2.imread(str(by_frame["f2"].heatmap_ref)).shape == (32, 32, 3)
+    assert [letter["reason"] for letter in client.dead_letters(keys)] == ["not_msgpack"]
+    assert client.group_stats(keys.results)[SINK_GROUP].pending == 0
+    value = runtime.metrics.registry.get_sample_value
+    assert value("lineinspect_frames_total", {"line": "line-1", "verdict": "fail"}) == 2
+    assert value("lineinspect_duplicate_decisions_total", {"line": "line-1"}) == 1
+    assert value("lineinspect_end_to_end_latency_seconds_count", {"line": "line-1"}) == 3
+
+
+def test_retention_removes_too_old_then_oldest_beyond_the_limit() -> None:
+    now = 1000.0
+    files = [(Path(f"{name}.png"), mtime) for name, mtime in [("a", 990), ("b", 999), ("c", 500), ("d", 995)]]
+    assert expired_files(files, now, max_files=2, max_age_s=100) == [Path("c.png"), Path("a.png")]
+    assert expired_files(files, now, max_files=10, max_age_s=1000) == []
+
+
+def test_heatmap_store_prunes_files_on_disk(tmp_path: Path) -> None:
+    store = HeatmapStore(tmp_path, max_files=2, max_age_s=3600, prune_every_s=0)
+    for index in range(4):
+        path = store.write("line/1", f"frame {index}", np.zeros((16, 16, 3), np.uint8), np.ones((8, 8)), 0.5)
+        os.utime(path, (time.time() - 100 + index, time.time() - 100 + index))
+    assert store.maybe_prune(now_monotonic=0.0) == 2
+    assert sorted(p.name for p in (tmp_path / "line_1").iterdir()) == ["frame_2.png", "frame_3.png"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Config, config_from_mapping
+from tests.workers.processes import WorkerProcesses
 from workers.lifecycle import WorkerRuntime
 
 TINY_MODEL = {"image_size": 64, "device": "cpu"}
@@ -76,3 +77,12 @@ def make_runtime(worker_config: Config) -> Iterator[Callable[..., WorkerRuntime]
     for runtime in runtimes:
         runtime.stop.set()
         runtime.__exit__(None, None, None)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[WorkerProcesses]:
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    launcher = WorkerProcesses({}, log_dir)
+    yield launcher
+    launcher.stop_all()

@@ -78,7 +78,8 @@ def test_each_frame_is_published_once_with_a_heatmap_for_failures(make_runtime: 
     assert by_frame["f1"].heatmap_ref is None
     heatmap = cv2.imread(str(by_frame["f0"].heatmap_ref))
     assert heatmap is not None and heatmap.shape == (48, 64, 3)
-    assert cv2.imread(str(by_frame["f2"].heatmap_ref)).shape == (32, 32, 3)
+    grey_canvas = cv2.imread(str(by_frame["f2"].heatmap_ref))
+    assert grey_canvas is not None and grey_canvas.shape == (32, 32, 3)
     assert [letter["reason"] for letter in client.dead_letters(keys)] == ["not_msgpack"]
     assert client.group_stats(keys.results)[SINK_GROUP].pending == 0
     value = runtime.metrics.registry.get_sample_value

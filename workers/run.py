@@ -123,6 +123,27 @@ def _stop(processes: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
             process.wait()
 
 
+def _wait_ready(
+    client: StreamClient,
+    prefix: str,
+    line_id: str,
+    expected: dict[str, int],
+    children: list[subprocess.Popen[bytes]],
+    stop: threading.Event,
+    timeout_s: float = 300.0,
+) -> str | None:
+    """Wait until ``expected`` workers per role report ``ok``; returns an error text when one dies or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not stop.is_set() and time.monotonic() < deadline:
+        statuses = [s for s in client.read_health(prefix) if s.get("line") == line_id and s.get("state") == "ok"]
+        if all(sum(s.get("role") == role for s in statuses) >= count for role, count in expected.items()):
+            return None
+        if any(child.poll() is not None for child in children):
+            return "a worker exited while starting"
+        time.sleep(0.2)
+    return None if stop.is_set() else f"workers not ready after {timeout_s:.0f} s"
+
+
 def _auroc(progress: Progress, demo: DemoLine) -> float | None:
     from models.evaluation import image_auroc
 
@@ -157,8 +178,13 @@ def run_demo(args: argparse.Namespace) -> int:
         run_id = uuid.uuid4().hex[:8]
         test_root = demo.test_images[0].parents[1]
         frames = ["--frames", str(args.frames)] if args.frames else []
+        fps = ["--max-fps", str(args.fps)] if args.fps else []
         sink = _start("sink", ["--name", "run-sink"], args, env, logs)
         scorers = [_start("score-worker", ["--name", f"run-score-{i}"], args, env, logs) for i in range(args.workers)]
+        print("waiting for the workers to load the model ...", flush=True)
+        failed = _wait_ready(
+            client, config.streams.prefix, args.line, {"score": args.workers, "sink": 1}, [sink, *scorers], stop
+        )
         ingest = _start(
             "ingest",
             [
@@ -169,6 +195,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 "--metadata",
                 f"{RUN_TAG}={run_id}",
                 *frames,
+                *fps,
                 "--name",
                 "run-ingest",
             ],
@@ -183,9 +210,8 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         progress = Progress()
         last_print = 0.0
-        failed = None
         try:
-            while not stop.is_set() and not (args.frames and progress.count >= args.frames):
+            while not failed and not stop.is_set() and not (args.frames and progress.count >= args.frames):
                 for _stream, entry in client.tail({keys.decisions: position}, count=200, block_ms=200):
                     position = entry.entry_id
                     decision = decode_decision(entry.payload) if entry.payload else None

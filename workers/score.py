@@ -71,12 +71,15 @@ def decision_threshold(scorer: ScorerLike) -> float:
 
 
 def load_model(device: str) -> ModelLoader:
-    """The production loader: ``models.artifact.load_scorer`` (imports torch only when called)."""
+    """The production loader: ``models.artifact.load_scorer`` (imports torch only when called), then one warm-up
+    call so the first real batch (or the first batch after a hot swap) is not slowed by lazy initialisation."""
 
     def load(model_dir: Path) -> ScorerLike:
         from models.artifact import load_scorer
 
-        return load_scorer(model_dir, device=device)  # type: ignore[return-value]
+        scorer = load_scorer(model_dir, device=device)
+        scorer.score([np.full((scorer.image_size, scorer.image_size, 3), 128, dtype=np.uint8)])  # warm-up
+        return scorer  # type: ignore[return-value]
 
     return load
 

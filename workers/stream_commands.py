@@ -182,6 +182,7 @@ def add_stream_commands(subparsers: argparse._SubParsersAction) -> None:  # type
     run.add_argument("--frames", type=int, default=200, help="stop after this many decisions (0 = until Ctrl-C)")
     run.add_argument("--model", type=Path, default=None, help="use this model directory instead of fitting one")
     run.add_argument("--workers", type=int, default=1, help="scoring worker processes")
+    run.add_argument("--fps", type=float, default=None, help="frame rate per demo camera (default: as fast as scored)")
     run.add_argument("--out", type=Path, default=Path("out"), help="demo data, model and heatmaps go here")
     run.add_argument(
         "--image-size", type=int, default=None, help="demo image and model size (default model.image_size)"

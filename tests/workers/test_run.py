@@ -1,0 +1,53 @@
+"""``lineinspect run`` end to end, as a newcomer runs it (small frame count and image size to stay fast)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.workers.processes import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_run_fits_streams_and_summarises_the_demo_line(tmp_path: Path, redis_url: str) -> None:
+    pytest.importorskip("models.synthetic")
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "PYTHONPATH": str(REPO_ROOT),
+        "LINEINSPECT__SINK__METRICS_PORT": "0",
+        "LINEINSPECT__STREAMS__PREFIX": f"run-test-{tmp_path.name}",
+        "OMP_NUM_THREADS": "1",
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workers.stream_commands",
+            "run",
+            "--frames",
+            "24",
+            "--image-size",
+            "64",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert re.search(r"frames decided\s+24\b", output), output[-3000:]
+    auroc = re.search(r"image AUROC\s+([0-9.]+)", output)
+    assert auroc is not None and 0.0 <= float(auroc.group(1)) <= 1.0
+    assert (tmp_path / "out" / "model" / "manifest.json").exists()
+    assert sorted(path.name for path in (tmp_path / "out" / "logs").iterdir())

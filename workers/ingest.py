@@ -123,6 +123,7 @@ class Ingestor:
             Feed(source, FrameBuffer(limit, drop_oldest=source.live), itertools.count()) for source in sources
         ]
         self.published = 0
+        self.stop_captures = threading.Event()  # set when publishing ends, whatever the reason
         self._published_ids: collections.deque[str] = collections.deque(maxlen=4 * limit)
 
     def _capture_loop(self, feed: Feed) -> None:
@@ -133,10 +134,10 @@ class Ingestor:
                 if wait_s > 0:
                     if feed.source.live:
                         continue  # live: skip frames faster than max_fps rather than fall behind
-                    if self.runtime.stop.wait(wait_s):
+                    if self.stop_captures.wait(wait_s):
                         return
                     limiter.delay()
-                if not feed.buffer.put(capture, self.runtime.stop) or self.runtime.stop.is_set():
+                if not feed.buffer.put(capture, self.stop_captures) or self.stop_captures.is_set():
                     return
         except Exception:
             logger.exception("source failed", extra={"camera": feed.source.camera_id})
@@ -209,7 +210,7 @@ class Ingestor:
                     sent = True
             if not sent:
                 stop.wait(0.005)
-        stop.set()
+        self.stop_captures.set()
         self._export_drops()
         logger.info(
             "ingest finished", extra={"published": self.published, "dropped": sum(f.buffer.dropped for f in self.feeds)}

@@ -1,0 +1,67 @@
+"""The CLI surface: check exits 0/1 from Redis heartbeats, promote announces models, parsers reject bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import RedisSettings, StreamSettings
+from pipeline.streams import LineKeys, StreamClient, health_key
+from workers.stream_commands import SCORE_WORKER_COMMAND, add_stream_commands, main
+
+
+@pytest.fixture
+def client(redis_url: str, stream_prefix: str, monkeypatch: pytest.MonkeyPatch) -> StreamClient:
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("LINEINSPECT__STREAMS__PREFIX", stream_prefix)
+    return StreamClient(redis_url, RedisSettings(), StreamSettings(prefix=stream_prefix))
+
+
+def test_check_follows_heartbeats(client: StreamClient, stream_prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check"]) == 1
+    client.write_health(
+        health_key(stream_prefix, "score", "w1"), {"role": "score", "line": "line-1", "state": "ok"}, 30
+    )
+    assert main(["check", "--role", "score", "--line", "line-1"]) == 0
+    assert main(["check", "--role", "sink"]) == 1
+    client.write_health(
+        health_key(stream_prefix, "score", "w2"), {"role": "score", "line": "line-1", "state": "failed"}, 30
+    )
+    assert main(["check", "--role", "score"]) == 1
+    output = capsys.readouterr().out
+    assert json.loads(output[output.rindex('{\n  "healthy"') :])["healthy"] is False
+
+
+def test_promote_announces_only_model_directories(client: StreamClient, stream_prefix: str, tmp_path: Path) -> None:
+    assert main(["promote", "--line", "line-1", "--model", str(tmp_path)]) == 2
+    (tmp_path / "manifest.json").write_text("{}")
+    assert main(["promote", "--line", "line-1", "--model", str(tmp_path)]) == 0
+    assert client.get_model_dir(LineKeys(stream_prefix, "line-1")) == str(tmp_path.resolve())
+
+
+def test_workers_refuse_to_start_without_redis(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert main(["sink"]) == 2
+    assert "no Redis configured" in capsys.readouterr().err
+
+
+def test_every_command_is_registered_with_a_handler() -> None:
+    parser = argparse.ArgumentParser()
+    add_stream_commands(parser.add_subparsers(dest="command"))
+    for argv in (
+        ["run"],
+        ["ingest", "--source", "folder:x"],
+        [SCORE_WORKER_COMMAND],
+        ["sink"],
+        ["check"],
+        ["record", "--out", "f"],
+        ["replay", "f"],
+        ["promote", "--model", "m"],
+    ):
+        args = parser.parse_args(argv)
+        assert callable(args.func) and args.config is None

@@ -92,3 +92,25 @@ def test_workers_ride_out_a_redis_restart_without_losing_acknowledged_frames(
         assert all(process.poll() is None for process in processes.processes), "a worker died on the restart"
         processes.stop_all()
         client.close()
+
+
+def test_sigterm_drains_the_frames_in_hand_before_exiting(
+    tiny_line: TinyLine, redis_url: str, stream_prefix: str, tmp_path: Path, processes: WorkerProcesses
+) -> None:
+    processes.env = worker_env(redis_url, stream_prefix, tmp_path, LINEINSPECT__STREAMS__CLAIM_IDLE_MS="600000")
+    client = StreamClient(redis_url, RedisSettings(), StreamSettings(prefix=stream_prefix))
+    keys = LineKeys(stream_prefix, "line-1")
+    frames = [frame_from_file(tiny_line.good_images[i % 4]) for i in range(200)]
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    publish_frames(client, keys, frames)
+    worker = processes.start("score-worker", "--line", "line-1", "--name", "a", "--model", str(tiny_line.model_dir))
+
+    def worker_holds_frames() -> bool:
+        return bool(client.redis.xpending_range(keys.frames, SCORER_GROUP, "-", "+", 100, consumername="a"))
+
+    wait_until(worker_holds_frames, timeout_s=120, what="worker a to take a batch")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    assert client.redis.xpending_range(keys.frames, SCORER_GROUP, "-", "+", 100, consumername="a") == []
+    scored = client.length(keys.results)
+    assert 0 < scored < len(frames)  # stopped early, yet everything it took was finished and acknowledged

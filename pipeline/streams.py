@@ -113,11 +113,15 @@ class GroupStats:
 
 @dataclass
 class Commit:
-    """What finishing a batch writes in one transaction: new entries, dead letters, then the acks."""
+    """What finishing a batch writes in one transaction: new entries, dead letters, the acks, then deletions.
+
+    ``delete_acked`` removes the acknowledged entries from the stream (for internal streams nobody re-reads).
+    """
 
     appends: list[tuple[str, bytes]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     acks: list[str] = field(default_factory=list)
+    delete_acked: bool = False
 
 
 def _text(value: bytes | str) -> str:
@@ -259,6 +263,8 @@ class StreamClient:
                 pipe.xadd(deadletter_stream, fields, maxlen=self.settings.maxlen, approximate=True)  # type: ignore[arg-type]
             if commit.acks:
                 pipe.xack(stream, group, *commit.acks)
+                if commit.delete_acked:
+                    pipe.xdel(stream, *commit.acks)
             pipe.execute()
 
         self._call(run, "commit")

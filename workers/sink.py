@@ -76,7 +76,8 @@ class SinkWorker:
                 letters.append(DeadLetter(entry.entry_id, entry.payload, error.reason.value, error.detail))
                 continue
             published += self._publish(decision)
-        commit = Commit(dead_letters=letters, acks=[entry.entry_id for entry in entries])
+        # results carry anomaly maps and are read by nobody else: delete them once acknowledged to bound memory
+        commit = Commit(dead_letters=letters, acks=[entry.entry_id for entry in entries], delete_acked=True)
         self.runtime.client.commit(self.keys.results, SINK_GROUP, commit, self.keys.deadletter)
         return published
 

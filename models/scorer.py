@@ -1,0 +1,234 @@
+"""Scorer: frames in, image scores and per-pixel anomaly maps out.
+
+``Scorer.score(images)`` reads top to bottom as the method does:
+
+1. ``preprocess``: each frame (any size, grayscale/RGB/RGBA, 8/16-bit) -> RGB, resized to ``(S, S)``;
+   batch ``(N, 3, S, S)`` floats in [0, 1].
+2. N-pad shifting: ``(N * V, 3, S, S)``, V views per frame (V = 1 when shifting is off).
+3. One backbone call -> patch features ``(N * V, C, h, w)`` (h = w = S / 8 for the default layers).
+4. One index search of all ``N * V * h * w`` patches -> distances to the nearest bank entries ``(N * V * h * w, k)``.
+5. Patch scores ``(N * V, h, w)``: nearest distance (optionally times CFA's softmin certainty), upsampled to
+   ``(S, S)``, shifted views aligned back and aggregated per pixel -> ``(N, S, S)``, Gaussian-smoothed (sigma 4).
+6. Image score ``(N,)``: the map's maximum, or PatchCore's re-weighted maximum patch score.
+
+Returns a typed ``ScoreBatch(scores, maps, timings)``. Models never do I/O here; see ``models.artifact``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.features import PatchFeatureExtractor, flatten_patches
+from models.images import to_rgb_uint8
+from models.index import NearestNeighbourIndex
+from models.memory_bank import MemoryBank
+from models.shifting import align_and_aggregate, shift_offsets, shifted_views
+from pipeline.config import BankSettings, IndexSettings, ModelSettings, ScoringSettings
+
+REWEIGHT_NEIGHBOURS = 9
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Seconds spent on the whole batch in each stage."""
+
+    backbone_s: float
+    search_s: float
+    postprocess_s: float
+
+
+class ScoreBatch(NamedTuple):
+    scores: np.ndarray  # (N,) float32
+    maps: np.ndarray  # (N, S, S) float32
+    timings: StageTimings
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Pass/fail threshold on the image score and how it was chosen."""
+
+    value: float
+    method: str  # "false_reject_rate" or "manual"
+    false_reject_rate: float | None = None
+    good_images: int = 0
+    best_f1_value: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    images: int
+    skipped: list[str] = field(default_factory=list)
+    source: str = ""
+    fit_seconds: float = 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        msg = "device 'cuda' requested but CUDA is not available; use 'auto' or 'cpu'"
+        raise RuntimeError(msg)
+    return torch.device(device)
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """1-D Gaussian ``(2 * round(4 * sigma) + 1,)`` summing to 1."""
+    radius = int(4.0 * sigma + 0.5)
+    positions = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (positions / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(N, H, W)`` maps with reflected borders."""
+    if sigma <= 0:
+        return maps
+    kernel = gaussian_kernel(sigma).to(maps.device)
+    radius = kernel.numel() // 2
+    x = maps[:, None]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def preprocess(images: Sequence[np.ndarray], image_size: int) -> torch.Tensor:
+    """Frames -> ``(N, 3, S, S)`` float32 in [0, 1]."""
+    resized = []
+    for position, image in enumerate(images):
+        rgb = to_rgb_uint8(image, f"image {position}")
+        shrinking = rgb.shape[0] > image_size or rgb.shape[1] > image_size
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        resized.append(cv2.resize(rgb, (image_size, image_size), interpolation=interpolation))
+    batch = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
+    return batch.float().div_(255.0)
+
+
+class Scorer:
+    def __init__(
+        self,
+        extractor: PatchFeatureExtractor,
+        bank: MemoryBank,
+        index: NearestNeighbourIndex,
+        model_settings: ModelSettings,
+        bank_settings: BankSettings,
+        index_settings: IndexSettings,
+        scoring: ScoringSettings,
+        training: TrainingSummary,
+        threshold: Threshold | None = None,
+        model_id: str = "unsaved",
+    ) -> None:
+        if bank.channels != index.dimension:
+            msg = f"bank has {bank.channels} channels but the index expects {index.dimension}"
+            raise ValueError(msg)
+        self.extractor = extractor
+        self.bank = bank
+        self.index = index
+        self.model_settings = model_settings
+        self.bank_settings = bank_settings
+        self.index_settings = index_settings
+        self.scoring = scoring
+        self.training = training
+        self.threshold = threshold
+        self.model_id = model_id
+        self.device = next(extractor.backbone.buffers()).device
+        self.offsets = shift_offsets(scoring.shift_pixels, scoring.shift_pattern)
+
+    @property
+    def image_size(self) -> int:
+        return self.model_settings.image_size
+
+    def with_scoring(self, scoring: ScoringSettings) -> Scorer:
+        """The same fitted model scored with other settings (e.g. shifting on), sharing backbone and bank."""
+        return Scorer(
+            self.extractor, self.bank, self.index, self.model_settings, self.bank_settings, self.index_settings,
+            scoring, self.training, self.threshold, self.model_id,
+        )  # fmt: skip
+
+    def with_threshold(self, threshold: Threshold | None) -> Scorer:
+        scorer = self.with_scoring(self.scoring)
+        scorer.threshold = threshold
+        return scorer
+
+    @torch.inference_mode()
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, S, S)`` in [0, 1] -> patch features ``(N, C, h, w)`` float32 on the CPU."""
+        batch = batch.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                features = self.extractor(batch)
+        else:
+            features = self.extractor(batch)
+        return features.float().cpu()
+
+    def score(self, images: Sequence[np.ndarray]) -> ScoreBatch:
+        if len(images) == 0:
+            msg = "score() needs at least one image"
+            raise ValueError(msg)
+        size = self.image_size
+        started = time.perf_counter()
+        views = shifted_views(preprocess(images, size), self.offsets)
+        features = self.embed(views)
+        view_count, _, grid_h, grid_w = features.shape
+        embedded = time.perf_counter()
+
+        patches = flatten_patches(features).numpy()
+        distances, neighbours = self.index.search(patches, self.scoring.neighbors)
+        searched = time.perf_counter()
+
+        patch_scores = torch.from_numpy(distances[:, 0].copy())
+        if self.scoring.image_score == "softmin":
+            certainty = torch.softmax(-torch.from_numpy(distances), dim=1)[:, 0]
+            patch_scores = patch_scores * certainty
+        patch_maps = patch_scores.view(view_count, 1, grid_h, grid_w)
+        view_maps = F.interpolate(patch_maps, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        maps = gaussian_blur(align_and_aggregate(view_maps, self.offsets, self.scoring.shift_aggregate),
+                             self.scoring.smoothing_sigma)  # fmt: skip
+        if self.scoring.image_score == "reweighted":
+            view_scores = self._reweighted_scores(patches, patch_scores, neighbours[:, 0], view_count)
+            scores = align_and_aggregate(view_scores.view(-1, 1, 1), self.offsets, self.scoring.shift_aggregate)
+            scores = scores.view(-1)
+        else:
+            scores = maps.flatten(1).amax(dim=1)
+        finished = time.perf_counter()
+        if scores.shape[0] != len(images) or maps.shape[0] != len(images):
+            msg = f"scorer produced {scores.shape[0]} scores for {len(images)} images"
+            raise RuntimeError(msg)
+        timings = StageTimings(embedded - started, searched - embedded, finished - searched)
+        return ScoreBatch(scores.numpy().astype(np.float32), maps.numpy().astype(np.float32), timings)
+
+    def _reweighted_scores(
+        self, patches: np.ndarray, patch_scores: torch.Tensor, nearest: np.ndarray, view_count: int
+    ) -> torch.Tensor:
+        """PatchCore: max patch score times 1 - softmax weight of its nearest entry among that entry's neighbours."""
+        per_view = patch_scores.view(view_count, -1)
+        top = per_view.argmax(dim=1).numpy() + np.arange(view_count) * per_view.shape[1]
+        anchors = self.bank.features[nearest[top]]
+        _, anchor_neighbours = self.index.search(anchors, REWEIGHT_NEIGHBOURS)
+        support = torch.from_numpy(self.bank.features[anchor_neighbours])  # (views, b, C)
+        test = torch.from_numpy(patches[top])[:, None]  # (views, 1, C)
+        distances = torch.linalg.vector_norm(support - test, dim=2)
+        weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
+        return weights * per_view.amax(dim=1)
+
+    def verdicts(self, scores: np.ndarray) -> list[bool]:
+        """True = fail (anomalous). Raises when the model has no threshold yet."""
+        if self.threshold is None:
+            msg = "this model has no threshold: run `lineinspect calibrate --model DIR --good DIR` first"
+            raise RuntimeError(msg)
+        return [bool(score > self.threshold.value) for score in scores]
+
+    def save(self, model_dir: Path) -> str:
+        """Write the artifact directory; returns the new model id. See ``models.artifact``."""
+        from models.artifact import save_scorer
+
+        self.model_id = save_scorer(self, model_dir)
+        return self.model_id

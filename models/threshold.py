@@ -1,0 +1,64 @@
+"""Pass/fail thresholds from good images alone, and the best-F1 threshold when defects are known.
+
+Factories rarely have defect samples, so the primary threshold is a quantile of held-out **good** scores at a
+target false-reject rate. With zero defect images this still gives a usable threshold: it never degenerates to
+"flag everything" (anomalib's adaptive F1 threshold does, since F1 has no positives to balance).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from models.scorer import Threshold
+
+
+def false_reject_threshold(good_scores: np.ndarray, false_reject_rate: float) -> Threshold:
+    """Smallest threshold that rejects at most ``false_reject_rate`` of ``good_scores``.
+
+    With fewer than ``1 / false_reject_rate`` good images the rate cannot be resolved: the threshold is then the
+    largest good score plus a margin of one inter-quartile range, and a warning says so.
+    """
+    scores = np.sort(np.asarray(good_scores, dtype=np.float64))
+    if scores.size == 0:
+        msg = "calibration needs at least one good image"
+        raise ValueError(msg)
+    if not 0 < false_reject_rate < 1:
+        msg = f"false_reject_rate must be in (0, 1), got {false_reject_rate}"
+        raise ValueError(msg)
+    allowed_rejects = math.floor(false_reject_rate * scores.size)
+    if allowed_rejects == 0:
+        spread = float(np.subtract(*np.percentile(scores, [75, 25]))) if scores.size > 1 else 0.0
+        value = float(scores[-1] + max(spread, 1e-6 * abs(scores[-1]), 1e-9))
+        warnings.warn(
+            f"{scores.size} good images cannot resolve a false-reject rate of {false_reject_rate:.2%}; "
+            f"threshold set just above the largest good score ({value:.4f}). Calibrate with at least "
+            f"{math.ceil(1 / false_reject_rate)} good images.",
+            stacklevel=2,
+        )
+    else:
+        # Everything strictly above the threshold fails; put it at the score that leaves allowed_rejects above it.
+        value = float(scores[scores.size - allowed_rejects - 1])
+    return Threshold(value=value, method="false_reject_rate", false_reject_rate=false_reject_rate,
+                     good_images=int(scores.size))  # fmt: skip
+
+
+def best_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """``(threshold, f1)`` maximising F1 with "fail" = score > threshold; needs at least one defect."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if not labels.any():
+        msg = "best-F1 threshold needs at least one defective image"
+        raise ValueError(msg)
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores, sorted_labels = scores[order], labels[order]
+    true_positives = np.cumsum(sorted_labels)
+    predicted = np.arange(1, scores.size + 1)
+    f1 = 2 * true_positives / (predicted + labels.sum())
+    # Only cut between distinct scores.
+    valid = np.r_[sorted_scores[1:] < sorted_scores[:-1], True]
+    best = int(np.argmax(np.where(valid, f1, -1)))
+    below = sorted_scores[best + 1] if best + 1 < scores.size else sorted_scores[best] - 1.0
+    return float((sorted_scores[best] + below) / 2), float(f1[best])

@@ -1,0 +1,161 @@
+"""Evaluating a Scorer on a labelled dataset and writing the report a person looks at.
+
+``evaluate(scorer, items, out_dir)`` scores every test image in batches (progress bar), resizes masks to the
+map size ``(S, S)``, and writes to ``out_dir``:
+
+- ``metrics.json``: image_auroc, pixel_auroc, pro (FPR <= 0.3, normalised), f1_max, images_per_second,
+  per-defect-type image AUROC, score summaries, and the model's threshold with its false-reject / detection rates;
+- ``roc.png`` (image and pixel ROC) and ``pro.png`` (PRO curve);
+- ``overlays/``: heatmap overlays of the highest-scoring defects, the lowest-scoring defects (misses) and the
+  highest-scoring good images (false alarms).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from tqdm import tqdm
+
+from models.datasets import TestItem
+from models.evaluation import f1_max, image_auroc, pixel_auroc, pro_auc_from_curve, pro_curve, roc_curve
+from models.heatmap import overlay_heatmap
+from models.images import ImageError, read_image, read_mask
+from models.scorer import Scorer
+
+OVERLAYS_PER_GROUP = 4
+
+
+def _score_items(
+    scorer: Scorer, items: Sequence[TestItem], batch_size: int, progress: bool
+) -> tuple[list[TestItem], np.ndarray, np.ndarray, np.ndarray, float]:
+    size = scorer.image_size
+    kept: list[TestItem] = []
+    scores: list[np.ndarray] = []
+    maps: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    scoring_seconds = 0.0
+    bar = tqdm(total=len(items), desc="evaluate: scoring test images", unit="img", disable=not progress)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        images = []
+        for item in chunk:
+            try:
+                images.append(read_image(item.image))
+            except ImageError as error:
+                tqdm.write(f"skipping unreadable test image: {error}")
+                continue
+            kept.append(item)
+            if item.mask is not None and item.mask.is_file():
+                masks.append(read_mask(item.mask, (size, size)))
+            else:
+                masks.append(np.zeros((size, size), dtype=bool))
+        if images:
+            tic = time.perf_counter()
+            batch = scorer.score(images)
+            scoring_seconds += time.perf_counter() - tic
+            scores.append(batch.scores)
+            maps.append(batch.maps)
+        bar.update(len(chunk))
+    bar.close()
+    if not kept:
+        msg = "no readable test image"
+        raise ValueError(msg)
+    return kept, np.concatenate(scores), np.concatenate(maps), np.stack(masks), scoring_seconds
+
+
+def _plot_curves(out_dir: Path, labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray,
+                 pro_fpr: np.ndarray, pro: np.ndarray, metrics: dict[str, Any]) -> None:  # fmt: skip
+    figure, axis = plt.subplots(figsize=(5, 5))
+    fpr, tpr = roc_curve(labels, scores)
+    axis.plot(fpr, tpr, label=f"image AUROC {metrics['image_auroc']:.3f}")
+    if masks.any():
+        pixel_fpr, pixel_tpr = roc_curve(masks[:, ::4, ::4], maps[:, ::4, ::4])
+        axis.plot(pixel_fpr, pixel_tpr, label=f"pixel AUROC {metrics['pixel_auroc']:.3f}")
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    axis.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(out_dir / "roc.png", dpi=110)
+    plt.close(figure)
+    if pro.size:
+        figure, axis = plt.subplots(figsize=(5, 5))
+        axis.plot(pro_fpr, pro, label=f"PRO (FPR<=0.3) {metrics['pro']:.3f}")
+        axis.set(xlabel="false-positive rate (good pixels)", ylabel="per-region overlap", title="PRO", xlim=(0, 0.3),
+                 ylim=(0, 1))  # fmt: skip
+        axis.legend(loc="lower right")
+        figure.tight_layout()
+        figure.savefig(out_dir / "pro.png", dpi=110)
+        plt.close(figure)
+
+
+def _write_overlays(out_dir: Path, scorer: Scorer, items: list[TestItem], scores: np.ndarray,
+                    maps: np.ndarray) -> None:  # fmt: skip
+    overlay_dir = out_dir / "overlays"
+    overlay_dir.mkdir(parents=True, exist_ok=True)
+    labels = np.array([item.label for item in items])
+    defects, goods = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    groups = {
+        "detected": defects[np.argsort(-scores[defects])][:OVERLAYS_PER_GROUP],
+        "missed": defects[np.argsort(scores[defects])][:OVERLAYS_PER_GROUP],
+        "false_alarm": goods[np.argsort(-scores[goods])][:OVERLAYS_PER_GROUP],
+    }
+    threshold = scorer.threshold.value if scorer.threshold else None
+    for group, positions in groups.items():
+        for position in positions:
+            item = items[position]
+            picture = overlay_heatmap(read_image(item.image), maps[position], threshold)
+            name = f"{group}_{item.defect_type}_{item.image.stem}_score{scores[position]:.3f}.png"
+            cv2.imwrite(str(overlay_dir / name), picture)
+
+
+def evaluate(
+    scorer: Scorer, items: Sequence[TestItem], out_dir: Path, batch_size: int = 8, progress: bool = True
+) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kept, scores, maps, masks, seconds = _score_items(scorer, items, batch_size, progress)
+    labels = np.array([item.label for item in kept])
+    metrics: dict[str, Any] = {
+        "model_id": scorer.model_id,
+        "images": len(kept),
+        "defective_images": int(labels.sum()),
+        "image_auroc": image_auroc(labels, scores),
+        "f1_max": f1_max(labels, scores),
+        "images_per_second": len(kept) / seconds if seconds > 0 else None,
+        "image_size": scorer.image_size,
+        "shift_pixels": scorer.scoring.shift_pixels,
+    }
+    pro_fpr, pro = np.empty(0), np.empty(0)
+    if masks.any():
+        metrics["pixel_auroc"] = pixel_auroc(masks, maps)
+        pro_fpr, pro = pro_curve(masks, maps)
+        metrics["pro"] = pro_auc_from_curve(pro_fpr, pro)
+    else:
+        metrics["pixel_auroc"] = metrics["pro"] = None
+    per_type = {}
+    for defect_type in sorted({item.defect_type for item in kept} - {"good"}):
+        chosen = np.array([item.defect_type in ("good", defect_type) for item in kept])
+        per_type[defect_type] = image_auroc(labels[chosen], scores[chosen])
+    metrics["image_auroc_by_type"] = per_type
+    if scorer.threshold is not None:
+        failed = scores > scorer.threshold.value
+        metrics["threshold"] = scorer.threshold.value
+        metrics["false_reject_rate"] = float(failed[labels == 0].mean()) if (labels == 0).any() else None
+        metrics["detection_rate"] = float(failed[labels == 1].mean()) if (labels == 1).any() else None
+    _plot_curves(out_dir, labels, scores, masks, maps, pro_fpr, pro, metrics)
+    _write_overlays(out_dir, scorer, kept, scores, maps)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    scores_table = [{"image": str(item.image), "label": item.label, "score": float(score)}
+                    for item, score in zip(kept, scores, strict=True)]  # fmt: skip
+    (out_dir / "scores.json").write_text(json.dumps(scores_table, indent=1))
+    return metrics

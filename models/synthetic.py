@@ -1,0 +1,135 @@
+"""Synthetic parts and defects, for the demo line, tests, and choosing defaults without touching test data.
+
+- ``add_synthetic_defect(image, rng)`` -> ``(defective image, bool mask)``: one of a scratch (a thin curved
+  line), a blob (a soft dark or bright ellipse), a cut-paste patch (a piece of the same image moved and rotated)
+  or a texture patch (noise). Works on RGB uint8 ``(H, W, 3)`` of any size.
+- ``make_part(texture, rng, size, max_shift, max_rotation)``: a "good part", a crop of a scikit-image texture
+  with a small random translation and rotation, as parts arrive on a real line.
+- ``make_demo_line(out_dir, ...)`` writes a small MVTec-layout dataset from scikit-image's ``brick`` texture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+DEFECT_KINDS = ("scratch", "blob", "cutpaste", "noise")
+
+
+def _scratch(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    height, width = image.shape[:2]
+    mask = np.zeros((height, width), np.uint8)
+    points = [rng.uniform([0.15 * width, 0.15 * height], [0.85 * width, 0.85 * height])]
+    length = rng.uniform(0.15, 0.4) * min(height, width)
+    angle = rng.uniform(0, np.pi)
+    for _ in range(4):
+        angle += rng.normal(0, 0.3)
+        step = length / 4 * np.array([np.cos(angle), np.sin(angle)])
+        points.append(points[-1] + step)
+    thickness = max(1, round(min(height, width) * rng.uniform(0.008, 0.02)))
+    cv2.polylines(mask, [np.array(points, np.int32)], False, 1, thickness)
+    return mask.astype(bool)
+
+
+def _ellipse(image: np.ndarray, rng: np.random.Generator, scale: tuple[float, float]) -> np.ndarray:
+    height, width = image.shape[:2]
+    mask = np.zeros((height, width), np.uint8)
+    centre = (int(rng.uniform(0.2, 0.8) * width), int(rng.uniform(0.2, 0.8) * height))
+    axes = tuple(max(2, int(rng.uniform(*scale) * min(height, width))) for _ in range(2))
+    cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    return mask.astype(bool)
+
+
+def add_synthetic_defect(
+    image: np.ndarray, rng: np.random.Generator, kind: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """RGB uint8 ``(H, W, 3)`` -> ``(image with one defect, mask (H, W) bool)``."""
+    kind = kind or DEFECT_KINDS[int(rng.integers(len(DEFECT_KINDS)))]
+    out = image.astype(np.float32)
+    height, width = image.shape[:2]
+    if kind == "scratch":
+        mask = _scratch(image, rng)
+        shade = rng.choice([-1.0, 1.0]) * rng.uniform(60, 110)
+        out[mask] = np.clip(out[mask] + shade, 0, 255)
+    elif kind == "blob":
+        mask = _ellipse(image, rng, (0.03, 0.09))
+        soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), max(1.0, 0.01 * min(height, width)))
+        shade = rng.choice([-1.0, 1.0]) * rng.uniform(50, 100)
+        out = np.clip(out + soft[:, :, None] * shade, 0, 255)
+        mask = soft > 0.5
+    elif kind == "cutpaste":
+        mask = _ellipse(image, rng, (0.05, 0.12))
+        source_angle = float(rng.uniform(30, 150))
+        rotation = cv2.getRotationMatrix2D((width / 2, height / 2), source_angle, 1.0)
+        rotation[:, 2] += rng.uniform(-0.3, 0.3, size=2) * np.array([width, height])
+        moved = cv2.warpAffine(image, rotation, (width, height), borderMode=cv2.BORDER_REFLECT)
+        out[mask] = moved[mask]
+    elif kind == "noise":
+        mask = _ellipse(image, rng, (0.04, 0.1))
+        noise = rng.normal(0, 45, size=image.shape).astype(np.float32)
+        out[mask] = np.clip(out[mask] + noise[mask], 0, 255)
+    else:
+        msg = f"unknown defect kind {kind!r}; choose one of {DEFECT_KINDS}"
+        raise ValueError(msg)
+    return out.astype(np.uint8), mask
+
+
+def make_part(
+    texture: np.ndarray, rng: np.random.Generator, size: int, max_shift: float = 4.0, max_rotation: float = 2.0
+) -> np.ndarray:
+    """A ``(size, size, 3)`` crop from the centre of ``texture``, translated and rotated a little."""
+    height, width = texture.shape[:2]
+    angle = float(rng.uniform(-max_rotation, max_rotation))
+    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0)
+    matrix[:, 2] += rng.uniform(-max_shift, max_shift, size=2)
+    moved = cv2.warpAffine(texture, matrix, (width, height), borderMode=cv2.BORDER_REFLECT)
+    top, left = (height - size) // 2, (width - size) // 2
+    crop = moved[top : top + size, left : left + size]
+    return np.repeat(crop[:, :, None], 3, axis=2) if crop.ndim == 2 else crop
+
+
+@dataclass(frozen=True)
+class DemoLine:
+    root: Path
+    train_dir: Path
+    test_images: list[Path]
+    test_labels: list[int]
+
+
+def make_demo_line(
+    out_dir: Path, n_train: int = 40, n_test_good: int = 20, n_test_defect: int = 20, image_size: int = 256,
+    seed: int = 0,
+) -> DemoLine:  # fmt: skip
+    """Write a demo dataset (MVTec layout) made from scikit-image's ``brick`` texture."""
+    import skimage.data
+
+    texture = skimage.data.brick()
+    if min(texture.shape[:2]) < image_size + 16:
+        msg = f"demo image_size must be at most {min(texture.shape[:2]) - 16}"
+        raise ValueError(msg)
+    rng = np.random.default_rng(seed)
+    out_dir = Path(out_dir)
+    train_dir = out_dir / "train" / "good"
+    good_dir, defect_dir = out_dir / "test" / "good", out_dir / "test" / "defect"
+    mask_dir = out_dir / "ground_truth" / "defect"
+    for directory in (train_dir, good_dir, defect_dir, mask_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+    for number in range(n_train):
+        cv2.imwrite(str(train_dir / f"part_{number:04d}.png"), make_part(texture, rng, image_size))
+    test_images, test_labels = [], []
+    for number in range(n_test_good):
+        path = good_dir / f"good_{number:04d}.png"
+        cv2.imwrite(str(path), make_part(texture, rng, image_size))
+        test_images.append(path)
+        test_labels.append(0)
+    for number in range(n_test_defect):
+        defective, mask = add_synthetic_defect(make_part(texture, rng, image_size), rng)
+        path = defect_dir / f"defect_{number:04d}.png"
+        cv2.imwrite(str(path), defective)
+        cv2.imwrite(str(mask_dir / f"defect_{number:04d}_mask.png"), mask.astype(np.uint8) * 255)
+        test_images.append(path)
+        test_labels.append(1)
+    return DemoLine(out_dir, train_dir, test_images, test_labels)

@@ -10,6 +10,7 @@ a new directory is loaded in the background and swapped in between batches, so n
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -103,10 +104,10 @@ class ModelSlot:
         runtime.metrics.set_model(keys.line_id, self.scorer.model_id)
         self._loading: threading.Thread | None = None
         self._ready: tuple[str, ScorerLike] | None = None
-        self._failed_dir: str | None = None
+        self._failed: tuple[str, str | None] | None = None
         self._next_poll = 0.0
 
-    def _load(self, model_dir: str) -> None:
+    def _load(self, model_dir: str, version: str | None) -> None:
         try:
             scorer = self.loader(Path(model_dir))
         except Exception as error:
@@ -114,12 +115,16 @@ class ModelSlot:
                 "model reload failed, keeping the current model", extra={"model_dir": model_dir, "error": str(error)}
             )
             self.runtime.metrics.model_reloads.labels(self.keys.line_id, "failed").inc()
-            self._failed_dir = model_dir
+            self._failed = (model_dir, version)
             return
         self._ready = (model_dir, scorer)
 
     def refresh(self) -> None:
-        """Between batches: swap in a loaded model, or start loading a newly announced one (at most once a second)."""
+        """Between batches: swap in a loaded model, or start loading a newly announced one (checked once a second).
+
+        A model counts as new when the key names another directory or the directory's manifest has another model
+        id (e.g. a ``current`` symlink flipped to a new version). A failed load is retried only once that changes.
+        """
         if self._ready is not None:
             self.model_dir, self.scorer = self._ready
             self._ready = None
@@ -131,10 +136,22 @@ class ModelSlot:
             return
         self._next_poll = now + 1.0
         announced = self.runtime.client.get_model_dir(self.keys)
-        if announced and announced not in (self.model_dir, self._failed_dir):
-            logger.info("new model announced, loading", extra={"model_dir": announced})
-            self._loading = threading.Thread(target=self._load, args=(announced,), name="model-load", daemon=True)
-            self._loading.start()
+        if not announced:
+            return
+        version = manifest_model_id(Path(announced))
+        if version == self.scorer.model_id or (announced, version) == self._failed:
+            return
+        logger.info("new model announced, loading", extra={"model_dir": announced, "model_id": version})
+        self._loading = threading.Thread(target=self._load, args=(announced, version), name="model-load", daemon=True)
+        self._loading.start()
+
+
+def manifest_model_id(model_dir: Path) -> str | None:
+    """The ``model_id`` in a model directory's manifest.json, or None when it cannot be read."""
+    try:
+        return str(json.loads((model_dir / "manifest.json").read_text())["model_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass
@@ -176,8 +193,8 @@ class ScoreWorker:
         block_ms = None if wait_s is None else max(1, int(wait_s * 1000))
         return self.runtime.client.read_new(self.keys.frames, SCORER_GROUP, self.runtime.name, max_items, block_ms)
 
-    def _recovered(self) -> list[StreamEntry]:
-        """Own pending entries at start, and entries of dead consumers idle longer than claim_idle_ms."""
+    def _claim_idle(self) -> list[StreamEntry]:
+        """Entries pending on any consumer longer than claim_idle_ms (a dead worker's), at most every claim_idle/2."""
         client, settings = self.runtime.client, self.config.streams
         now = time.monotonic()
         if now < self._next_claim:
@@ -337,7 +354,7 @@ class ScoreWorker:
         while not stop.is_set():
             self.models.refresh()
             self.runtime.heartbeat.beat("ok", model_id=self.models.scorer.model_id, line=self.keys.line_id)
-            recovered = self._recovered()
+            recovered = self._claim_idle()
             if recovered:
                 self.finish(in_hand)
                 self.finish(self.prepare(recovered))

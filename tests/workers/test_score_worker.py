@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -204,3 +205,24 @@ def test_a_line_without_any_model_is_a_clear_error(make_runtime: Callable[..., W
 def test_encode_frame_round_trips_file_bytes(tiny_line: TinyLine) -> None:
     frame = frame_from_file(tiny_line.good_images[0])
     assert tiny_line.good_images[0].read_bytes() in encode_frame(frame)
+
+
+def test_a_flipped_model_symlink_under_the_same_announced_path_is_reloaded(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    from models.artifact import read_manifest
+
+    current = tmp_path / "current"
+    current.symlink_to(tiny_line.model_dir)
+    runtime = make_runtime("score", "w1")
+    slot = ModelSlot(runtime, LineKeys(runtime.config.streams.prefix, "line-1"), load_model("cpu"), current)
+    assert slot.scorer.model_id == read_manifest(tiny_line.model_dir)["model_id"]
+    current.unlink()
+    current.symlink_to(tiny_line.other_model_dir)
+
+    def swapped() -> bool:
+        slot.refresh()
+        return slot.scorer.model_id == read_manifest(tiny_line.other_model_dir)["model_id"]
+
+    wait_until(swapped, what="the flipped model to load")
+    assert slot.model_dir == str(current)

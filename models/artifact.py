@@ -28,7 +28,8 @@ import faiss
 import numpy as np
 import torch
 
-from models.backbones import BackboneError, load_backbone
+from models.backbones import load_backbone
+from models.errors import ArtifactError, BackboneError
 from models.features import PatchFeatureExtractor
 from models.index import IndexError_, NearestNeighbourIndex
 from models.memory_bank import MemoryBank, MemoryBankError
@@ -39,10 +40,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 BANK_FILE = "bank.npy"
 INDEX_FILE = "index.faiss"
-
-
-class ArtifactError(RuntimeError):
-    """A model directory that is missing, corrupt, or does not match this installation."""
 
 
 def _sha256(path: Path) -> str:

@@ -22,9 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
-class BackboneError(RuntimeError):
-    """A backbone that cannot be built or whose weights cannot be loaded offline."""
+from models.errors import BackboneError
 
 
 @dataclass(frozen=True)

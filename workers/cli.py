@@ -1,0 +1,216 @@
+"""The ``lineinspect`` command: model commands here, streaming daemons from ``workers.stream_commands``.
+
+    lineinspect fit --good DIR [--config config.toml] --out MODEL_DIR
+    lineinspect score --model MODEL_DIR IMAGE... [--heatmaps DIR]
+    lineinspect evaluate --model MODEL_DIR --data DIR --out REPORT_DIR
+    lineinspect calibrate --model MODEL_DIR --good DIR [--false-reject-rate R] [--data DIR]
+    lineinspect demo [--out DIR]      small fit + evaluate on synthetic scikit-image parts
+
+``--good`` and ``--data`` accept a folder of images, an MVTec AD-layout folder, or a folder with a
+``split.json`` (such as ``../shared/datasets/mtd``). Errors are reported as one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("lineinspect")
+
+
+def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pipeline.config import load_config
+
+    return load_config(args.config)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from models.datasets import good_images
+    from models.fit import fit_scorer
+
+    config = _config(args)
+    paths = good_images(args.good)
+    scorer = fit_scorer(paths, config, progress=not args.quiet, holdout_fraction=args.holdout, source=str(args.good))
+    model_id = scorer.save(args.out)
+    threshold = f"{scorer.threshold.value:.4f}" if scorer.threshold else "none (run calibrate)"
+    print(f"model {model_id} written to {args.out}: {scorer.bank.kind} bank {scorer.bank.rows} x "
+          f"{scorer.bank.channels} from {scorer.training.images} images in {scorer.training.fit_seconds:.1f} s; "
+          f"threshold {threshold}")  # fmt: skip
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import cv2
+
+    from models.artifact import load_scorer
+    from models.heatmap import overlay_heatmap
+    from models.images import ImageError, read_image
+
+    scorer = load_scorer(args.model, args.device)
+    threshold = scorer.threshold.value if scorer.threshold else None
+    if args.heatmaps:
+        args.heatmaps.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    results = []
+    for path in args.images:
+        try:
+            image = read_image(path)
+        except ImageError as error:
+            print(f"error: {error}", file=sys.stderr)
+            failures += 1
+            continue
+        batch = scorer.score([image])
+        score = float(batch.scores[0])
+        verdict = "unknown" if threshold is None else ("fail" if score > threshold else "pass")
+        results.append({"image": str(path), "score": score, "verdict": verdict, "model_id": scorer.model_id})
+        if args.heatmaps:
+            cv2.imwrite(str(args.heatmaps / f"{path.stem}_{verdict}.png"), overlay_heatmap(image, batch.maps[0], threshold))
+        if not args.json:
+            print(f"{verdict:7s} {score:10.4f}  {path}")
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 1 if failures else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.artifact import load_scorer
+    from models.datasets import test_items
+    from models.report import evaluate
+
+    scorer = load_scorer(args.model, args.device)
+    if args.shift_pixels is not None:
+        scorer = scorer.with_scoring(scorer.scoring.model_copy(update={"shift_pixels": args.shift_pixels}))
+    metrics = evaluate(scorer, test_items(args.data), args.out, batch_size=args.batch_size, progress=not args.quiet)
+    shown = {key: metrics[key] for key in ("image_auroc", "pixel_auroc", "pro", "f1_max", "images_per_second")}
+    print(json.dumps(shown, indent=1))
+    print(f"report written to {args.out} (metrics.json, roc.png, pro.png, overlays/)")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from models.artifact import load_scorer, update_threshold
+    from models.datasets import good_images, test_items
+    from models.fit import score_paths
+    from models.threshold import best_f1_threshold, false_reject_threshold
+
+    scorer = load_scorer(args.model, args.device)
+    good_scores = score_paths(scorer, good_images(args.good), scorer.scoring.batch_size, not args.quiet,
+                              "calibrate: scoring good images")  # fmt: skip
+    threshold = false_reject_threshold(good_scores, args.false_reject_rate)
+    if args.data is not None:
+        items = test_items(args.data)
+        scores = score_paths(scorer, [item.image for item in items], scorer.scoring.batch_size, not args.quiet,
+                             "calibrate: scoring labelled images")  # fmt: skip
+        labels = np.array([item.label for item in items])
+        if labels.any():
+            best, f1 = best_f1_threshold(labels, scores)
+            threshold = type(threshold)(**{**threshold.__dict__, "best_f1_value": best})
+            print(f"best-F1 threshold on {args.data}: {best:.4f} (F1 {f1:.3f}); not applied")
+    model_id = update_threshold(args.model, threshold)
+    print(f"threshold {threshold.value:.4f} (false-reject rate {args.false_reject_rate:.2%} on "
+          f"{threshold.good_images} good images) written; model id is now {model_id}")  # fmt: skip
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from models.fit import fit_scorer
+    from models.report import evaluate
+    from models.synthetic import make_demo_line
+    from pipeline.config import config_from_mapping
+
+    out = args.out or Path(tempfile.mkdtemp(prefix="lineinspect-demo-"))
+    demo = make_demo_line(out / "data", n_train=40, n_test_good=20, n_test_defect=20)
+    print(f"demo line written to {demo.root}")
+    scorer = fit_scorer(sorted(demo.train_dir.iterdir()), config_from_mapping({}), progress=True,
+                        source="demo")  # fmt: skip
+    scorer.save(out / "model")
+    from models.datasets import test_items
+
+    metrics = evaluate(scorer, test_items(demo.root), out / "report")
+    print(f"demo: image AUROC {metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}, "
+          f"PRO {metrics['pro']:.3f}; report in {out / 'report'}")  # fmt: skip
+    return 0
+
+
+def _add_model_commands(subparsers: argparse._SubParsersAction) -> None:
+    def command(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser(name, help=help_text, description=help_text)
+        parser.add_argument("--config", type=Path, default=None, help="config.toml (default: built-in defaults)")
+        parser.add_argument("--quiet", action="store_true", help="no progress bars")
+        parser.set_defaults(func=func)
+        return parser
+
+    fit = command("fit", cmd_fit, "fit a model on good images")
+    fit.add_argument("--good", type=Path, required=True, help="folder of good images, MVTec root, or split.json root")
+    fit.add_argument("--out", type=Path, required=True, help="model directory to write")
+    fit.add_argument("--holdout", type=float, default=0.1,
+                     help="fraction of good images kept out of the bank to set the first threshold")  # fmt: skip
+
+    for name, func, text in (
+        ("score", cmd_score, "score images with a fitted model"),
+        ("evaluate", cmd_evaluate, "evaluate a model on a labelled dataset"),
+        ("calibrate", cmd_calibrate, "set the pass/fail threshold from good images"),
+    ):
+        parser = command(name, func, text)
+        parser.add_argument("--model", type=Path, required=True, help="model directory")
+        parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        if name == "score":
+            parser.add_argument("images", type=Path, nargs="+")
+            parser.add_argument("--heatmaps", type=Path, default=None, help="write heatmap overlay PNGs here")
+            parser.add_argument("--json", action="store_true", help="print results as JSON")
+        elif name == "evaluate":
+            parser.add_argument("--data", type=Path, required=True, help="MVTec-layout or split.json dataset root")
+            parser.add_argument("--out", type=Path, required=True, help="report directory")
+            parser.add_argument("--batch-size", type=int, default=8)
+            parser.add_argument("--shift-pixels", type=int, default=None, help="override the model's shift size")
+        else:
+            parser.add_argument("--good", type=Path, required=True, help="held-out good images")
+            parser.add_argument("--false-reject-rate", type=float, default=0.005)
+            parser.add_argument("--data", type=Path, default=None, help="labelled data: also report best-F1 threshold")
+
+    demo = command("demo", cmd_demo, "fit and evaluate on a synthetic demo line (no Redis)")
+    demo.add_argument("--out", type=Path, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lineinspect", description="Streaming visual inspection for factory lines.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_model_commands(subparsers)
+    try:
+        from workers.stream_commands import add_stream_commands
+    except ImportError:
+        pass
+    else:
+        add_stream_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    from models.datasets import DatasetError
+    from models.errors import ArtifactError, BackboneError
+    from models.images import ImageError
+    from pipeline.config import ConfigError
+
+    try:
+        code: int = args.func(args)
+    except (ArtifactError, BackboneError, ConfigError, DatasetError, ImageError, ValueError) as error:
+        print(f"lineinspect {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

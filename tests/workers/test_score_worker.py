@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgpack
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from pipeline.codec import CodecErrorReason, encode_frame
 from pipeline.config import Config
-from pipeline.streams import SCORER_GROUP, LineKeys
+from pipeline.streams import SCORER_GROUP, LineKeys, StreamEntry
 from tests.workers.conftest import TinyLine
 from tests.workers.helpers import decisions_in, frame_from_file, publish_frames, start_thread, wait_until
 from workers.lifecycle import WorkerRuntime
@@ -42,12 +43,11 @@ def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_keeps_goi
         raw_shape=(96 * 8, 96, 3),
         raw_dtype="uint8",
     )
+    after = frame_from_file(tiny_line.good_images[2])
     client.ensure_group(keys.frames, SCORER_GROUP)
     client.publish(keys.frames, b"\x00\x01garbage that is not msgpack\xc1")
     client.publish(keys.frames, msgpack.packb({"version": 7, "frame_id": "from-the-future"}))
-    publish_frames(client, keys, [bad_jpeg, bad_raw, oversized])
-    after = frame_from_file(tiny_line.good_images[2])
-    publish_frames(client, keys, [good, after])
+    publish_frames(client, keys, [good, bad_jpeg, bad_raw, after, oversized])  # bad frames share batches with good
     thread = start_thread(worker.run)
     wait_until(lambda: client.length(keys.results) >= 4, what="decisions for the good and undecodable frames")
     runtime.stop.set()
@@ -226,3 +226,38 @@ def test_a_flipped_model_symlink_under_the_same_announced_path_is_reloaded(
 
     wait_until(swapped, what="the flipped model to load")
     assert slot.model_dir == str(current)
+
+
+class MiscountingScorer:
+    """Stand-in for a broken model: returns one score whatever the batch size."""
+
+    model_id = "broken"
+    threshold_or_default = 1.0
+
+    def score(self, images: Sequence[np.ndarray]) -> SimpleNamespace:
+        timings = SimpleNamespace(backbone_s=0.0, search_s=0.0, postprocess_s=0.0)
+        return SimpleNamespace(scores=np.zeros(1, np.float32), maps=np.zeros((1, 8, 8), np.float32), timings=timings)
+
+
+def test_a_model_returning_the_wrong_number_of_outputs_errors_every_frame_of_the_batch(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime]
+) -> None:
+    runtime = make_runtime("score", "w1")
+    worker = ScoreWorker(runtime, "line-1", SimpleNamespace(scorer=MiscountingScorer()))  # type: ignore[arg-type]
+    frames = [frame_from_file(path) for path in tiny_line.good_images[:3]]
+    entries = [StreamEntry(f"{i + 1}-0", encode_frame(frame)) for i, frame in enumerate(frames)]
+    outcome = worker.score(worker.prepare(entries))
+    assert [(d.frame_id, d.verdict, d.error_reason) for d in outcome.decisions] == [
+        (frame.frame_id, "error", "scoring_failed") for frame in frames
+    ]
+    assert "3 inputs" in (outcome.decisions[0].error_detail or "")
+    assert outcome.dead_letters == []
+
+
+def test_each_line_follows_its_own_model_key(tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime]) -> None:
+    runtime = make_runtime("score", "w1")
+    prefix = runtime.config.streams.prefix
+    slot_1 = ModelSlot(runtime, LineKeys(prefix, "line-1"), load_model("cpu"), tiny_line.model_dir)
+    slot_2 = ModelSlot(runtime, LineKeys(prefix, "line-2"), load_model("cpu"), tiny_line.other_model_dir)
+    assert slot_1.scorer.model_id != slot_2.scorer.model_id
+    assert runtime.client.get_model_dir(LineKeys(prefix, "line-2")) == str(tiny_line.other_model_dir)

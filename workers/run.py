@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -86,11 +87,26 @@ def _prepare_model(args: argparse.Namespace, config: Config, out: Path) -> tuple
     return model_dir, demo
 
 
-def _child_env(url: str, out: Path, metrics_port: int) -> dict[str, str]:
+def port_is_free(port: int) -> bool:
+    """True when ``port`` can be bound on all interfaces (0 never is: it means 'pick one')."""
+    if port == 0:
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def _child_env(url: str, out: Path, metrics_port: int, backlog: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
             "REDIS_URL": url,
+            # the demo's folders are file sources: keep just enough queued for full batches, so the latency shown
+            # is the pipeline's and not the time spent waiting behind a deep queue
+            "LINEINSPECT__INGEST__LIVE_QUEUE_LIMIT": str(backlog),
             "LINEINSPECT__SINK__HEATMAP_DIR": str((out / "heatmaps").resolve()),
             "LINEINSPECT__SINK__METRICS_PORT": str(metrics_port),
             "PYTHONPATH": os.pathsep.join(
@@ -173,8 +189,8 @@ def run_demo(args: argparse.Namespace) -> int:
         keys = LineKeys(config.streams.prefix, args.line)
         client.set_model_dir(keys, str(model_dir))
         position = client.last_id(keys.decisions)
-        metrics_port = config.sink.metrics_port or free_port()
-        env = _child_env(url, out, metrics_port)
+        metrics_port = config.sink.metrics_port if port_is_free(config.sink.metrics_port) else free_port()
+        env = _child_env(url, out, metrics_port, backlog=2 * config.worker.max_batch * args.workers)
         run_id = uuid.uuid4().hex[:8]
         test_root = demo.test_images[0].parents[1]
         frames = ["--frames", str(args.frames)] if args.frames else []

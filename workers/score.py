@@ -4,7 +4,8 @@ Loop: re-read own pending entries first, then repeatedly collect a batch (``max_
 decode its pixels in a thread pool while the previous batch is on the model, score, and commit results, dead
 letters and acks in one transaction. Entries idle on dead consumers are claimed every ``claim_idle_ms / 2``; an
 entry delivered more than ``max_deliveries`` times is dead-lettered. A frame that cannot be decoded gets a dead-letter
-entry and an ``error`` decision; the rest of its batch is scored. The model follows the line's Redis model key:
+entry and an ``error`` decision; the rest of its batch is scored. An uncalibrated model yields ``error`` decisions
+(reason ``uncalibrated``) that still carry the score. The model follows the line's Redis model key:
 a new directory is loaded in the background and swapped in between batches, so no frame is lost or scored twice.
 """
 
@@ -44,10 +45,15 @@ class ScoredBatch(Protocol):
     timings: BatchTimings
 
 
+class ThresholdLike(Protocol):
+    value: float
+
+
 class ScorerLike(Protocol):
-    """What the worker needs of ``models.scorer.Scorer``."""
+    """What the worker needs of ``models.scorer.Scorer``; ``threshold`` is None until the model is calibrated."""
 
     model_id: str
+    threshold: ThresholdLike | None
 
     def score(self, images: Sequence[np.ndarray]) -> ScoredBatch: ...
 
@@ -55,20 +61,7 @@ class ScorerLike(Protocol):
 ModelLoader = Callable[[Path], ScorerLike]
 
 
-def decision_threshold(scorer: ScorerLike) -> float:
-    """The pass/fail threshold: ``threshold_or_default`` when the scorer offers it, else its calibrated threshold.
-
-    Written against both shapes of the scoring core's API (a float property, or a ``Threshold`` with ``value``).
-    """
-    default = getattr(scorer, "threshold_or_default", None)
-    if default is not None:
-        return float(default)
-    threshold = getattr(scorer, "threshold", None)
-    value = getattr(threshold, "value", threshold)
-    if value is None:
-        msg = f"model {scorer.model_id} has no threshold: run `lineinspect calibrate --model DIR --good DIR`"
-        raise RuntimeError(msg)
-    return float(value)
+UNCALIBRATED = "the model has no pass/fail threshold: run `lineinspect calibrate --model DIR --good DIR`"
 
 
 def load_model(device: str) -> ModelLoader:
@@ -274,7 +267,6 @@ class ScoreWorker:
             result = scorer.score([image for _, image, _ in ready])
             check_one_to_one(len(ready), result.scores, "scores")
             check_one_to_one(len(ready), result.maps, "anomaly maps")
-            threshold = decision_threshold(scorer)
         except Exception as error:
             logger.exception("scoring failed for a batch", extra={"frames": len(ready)})
             return [
@@ -285,11 +277,12 @@ class ScoreWorker:
                 if item.frame is not None
             ]
         self.runtime.metrics.batch_size.labels(self.keys.line_id).observe(len(ready))
+        threshold = None if scorer.threshold is None else float(scorer.threshold.value)
         decided_at = now_ns()
         decisions = []
         for (item, _, decode_s), score, anomaly_map in zip(ready, result.scores, result.maps, strict=True):
             assert item.frame is not None
-            verdict: Verdict = "fail" if float(score) > threshold else "pass"
+            verdict: Verdict = "error" if threshold is None else ("fail" if float(score) > threshold else "pass")
             map_size, map_bytes = None, None
             if verdict == "fail" or self.config.sink.save_all_heatmaps:
                 map_size, map_bytes = pack_anomaly_map(anomaly_map)
@@ -308,6 +301,8 @@ class ScoreWorker:
                     camera_id=frame.camera_id,
                     sequence=frame.sequence,
                     verdict=verdict,
+                    error_reason="uncalibrated" if threshold is None else None,
+                    error_detail=UNCALIBRATED if threshold is None else None,
                     score=float(score),
                     threshold=threshold,
                     model_id=scorer.model_id,

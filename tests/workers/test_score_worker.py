@@ -232,7 +232,7 @@ class MiscountingScorer:
     """Stand-in for a broken model: returns one score whatever the batch size."""
 
     model_id = "broken"
-    threshold_or_default = 1.0
+    threshold = SimpleNamespace(value=1.0)
 
     def score(self, images: Sequence[np.ndarray]) -> SimpleNamespace:
         timings = SimpleNamespace(backbone_s=0.0, search_s=0.0, postprocess_s=0.0)

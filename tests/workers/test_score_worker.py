@@ -261,3 +261,28 @@ def test_each_line_follows_its_own_model_key(tiny_line: TinyLine, make_runtime: 
     slot_2 = ModelSlot(runtime, LineKeys(prefix, "line-2"), load_model("cpu"), tiny_line.other_model_dir)
     assert slot_1.scorer.model_id != slot_2.scorer.model_id
     assert runtime.client.get_model_dir(LineKeys(prefix, "line-2")) == str(tiny_line.other_model_dir)
+
+
+class UncalibratedScorer:
+    """Stand-in for a model fitted without held-out images: scores but no threshold."""
+
+    model_id = "uncalibrated"
+    threshold = None
+
+    def score(self, images: Sequence[np.ndarray]) -> SimpleNamespace:
+        timings = SimpleNamespace(backbone_s=0.0, search_s=0.0, postprocess_s=0.0)
+        count = len(images)
+        return SimpleNamespace(
+            scores=np.full(count, 2.5, np.float32), maps=np.zeros((count, 8, 8), np.float32), timings=timings
+        )
+
+
+def test_an_uncalibrated_model_gives_error_decisions_that_keep_the_score(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime]
+) -> None:
+    runtime = make_runtime("score", "w1")
+    worker = ScoreWorker(runtime, "line-1", SimpleNamespace(scorer=UncalibratedScorer()))  # type: ignore[arg-type]
+    frame = frame_from_file(tiny_line.good_images[0])
+    [decision] = worker.score(worker.prepare([StreamEntry("1-0", encode_frame(frame))])).decisions
+    assert (decision.verdict, decision.error_reason, decision.score) == ("error", "uncalibrated", 2.5)
+    assert "lineinspect calibrate" in (decision.error_detail or "")

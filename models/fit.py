@@ -126,25 +126,31 @@ def fit_scorer(
         bank.features, config.index.kind, use_gpu, config.index.ivf_lists, config.index.ivf_probe,
         config.index.hnsw_neighbors,
     )  # fmt: skip
-    training = TrainingSummary(
-        images=used, skipped=skipped, source=source, fit_seconds=round(time.perf_counter() - started, 3)
-    )
+    training = TrainingSummary(images=used, skipped=skipped, source=source)
     scorer = Scorer(extractor, bank, index, config.model, config.bank, config.index, config.scoring, training)
     if holdout_paths:
-        good_scores = score_paths(scorer, holdout_paths, batch_size, progress, "fit: calibrating on held-out good")
+        good_scores = score_paths(scorer, holdout_paths, batch_size, progress, "fit: calibrating on held-out good",
+                                  skipped)  # fmt: skip
         if good_scores.size:
             scorer.threshold = false_reject_threshold(good_scores, config.threshold.false_reject_rate)
+    scorer.training = TrainingSummary(images=used, skipped=skipped, source=source,
+                                      fit_seconds=round(time.perf_counter() - started, 3))  # fmt: skip
     log.info("fitted %s bank of %d x %d from %d images in %.1f s", bank.kind, bank.rows, channels, used,
              time.perf_counter() - started)  # fmt: skip
     return scorer
 
 
 def score_paths(
-    scorer: Scorer, paths: Sequence[Path], batch_size: int, progress: bool = True, desc: str = "scoring"
+    scorer: Scorer,
+    paths: Sequence[Path],
+    batch_size: int,
+    progress: bool = True,
+    desc: str = "scoring",
+    skipped: list[str] | None = None,
 ) -> np.ndarray:
-    """Image scores ``(readable images,)`` of image files, unreadable ones skipped with a warning."""
+    """Image scores ``(readable images,)`` of image files; unreadable ones are warned about and added to ``skipped``."""
     scores: list[np.ndarray] = []
-    skipped: list[str] = []
+    skipped = [] if skipped is None else skipped
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
     for batch in _readable_batches(paths, batch_size, skipped):
         scores.append(scorer.score(batch).scores)

@@ -1,0 +1,83 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.artifact import load_scorer, read_manifest, update_threshold
+from models.errors import ArtifactError
+from models.images import read_image
+from models.scorer import Scorer, Threshold
+from models.synthetic import DemoLine
+
+
+def test_reloaded_model_in_a_new_scorer_gives_identical_scores(fitted_scorer: Scorer, saved_model: Path,
+                                                               demo_line: DemoLine) -> None:  # fmt: skip
+    images = [read_image(p) for p in demo_line.test_images]
+    reloaded = load_scorer(saved_model, device="cpu")
+    assert reloaded is not fitted_scorer and reloaded.index is not fitted_scorer.index
+    first, second = fitted_scorer.score(images), reloaded.score(images)
+    assert np.array_equal(first.scores, second.scores)
+    assert np.array_equal(first.maps, second.maps)
+    assert reloaded.threshold == fitted_scorer.threshold
+    assert reloaded.model_id == read_manifest(saved_model)["model_id"] != "unsaved"
+
+
+def test_manifest_describes_the_model(saved_model: Path) -> None:
+    manifest = json.loads((saved_model / "manifest.json").read_text())
+    assert manifest["model"]["backbone"] == "efficientnet_lite0"
+    assert manifest["layers"] == ["blocks.2", "blocks.4"]
+    assert manifest["bank"]["kind"] == "compressed" and manifest["bank"]["rows"] == 288
+    assert manifest["training"]["images"] > 0 and "torch" in manifest["libraries"]
+    assert sorted(p.name for p in saved_model.iterdir()) == ["bank.npy", "index.faiss", "manifest.json"]
+
+
+def _copy(saved_model: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(saved_model, target)
+    return target
+
+
+def test_corrupt_bank_is_detected(saved_model: Path, tmp_path: Path) -> None:
+    model = _copy(saved_model, tmp_path)
+    data = bytearray((model / "bank.npy").read_bytes())
+    data[-1] ^= 0xFF
+    (model / "bank.npy").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"bank\.npy does not match its sha256"):
+        load_scorer(model)
+
+
+def test_hand_edited_manifest_is_detected(saved_model: Path, tmp_path: Path) -> None:
+    model = _copy(saved_model, tmp_path)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["scoring"]["shift_pixels"] = 3
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="content hash"):
+        load_scorer(model)
+
+
+def test_backbone_mismatch_is_detected(saved_model: Path, tmp_path: Path) -> None:
+    model = _copy(saved_model, tmp_path)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["layers"] = ["blocks.2", "blocks.3"]  # 40 + 80 channels, the bank has 152
+    from models.artifact import _write_manifest
+
+    _write_manifest(model, manifest)
+    with pytest.raises(ArtifactError, match="backbone or weights mismatch"):
+        load_scorer(model)
+
+
+def test_missing_or_non_model_directory(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        load_scorer(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_scorer(tmp_path)
+
+
+def test_new_threshold_makes_a_new_model_version(saved_model: Path, tmp_path: Path) -> None:
+    model = _copy(saved_model, tmp_path)
+    before = read_manifest(model)["model_id"]
+    after = update_threshold(model, Threshold(value=1.5, method="manual"))
+    assert after != before and load_scorer(model).threshold == Threshold(value=1.5, method="manual")

@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+import torch
+import torchvision
+
+from models.backbones import BACKBONES, build_efficientnet_lite0, lite0_key_map, load_backbone
+from models.errors import BackboneError
+
+
+def test_shipped_lite0_weights_classify_chelsea_as_a_cat() -> None:
+    model = build_efficientnet_lite0().eval()
+    image = cv2.resize(skimage.data.chelsea(), (224, 224)).astype(np.float32) / 255.0
+    batch = (torch.from_numpy(image).permute(2, 0, 1)[None] - 0.5) / 0.5
+    with torch.inference_mode():
+        top = int(model(batch).argmax())
+    assert 281 <= top <= 285, f"predicted ImageNet class {top}, expected a cat (281-285)"
+
+
+def test_key_map_places_flat_blocks_into_stages() -> None:
+    assert lite0_key_map("_blocks.0._depthwise_conv.weight") == "blocks.0.0.conv_dw.weight"
+    assert lite0_key_map("_blocks.3._expand_conv.weight") == "blocks.2.0.conv_pw.weight"
+    assert lite0_key_map("_blocks.15._project_conv.weight") == "blocks.6.0.conv_pwl.weight"
+    assert lite0_key_map("_fc.bias") == "classifier.bias"
+
+
+def test_default_backbone_taps_stride_8_and_16() -> None:
+    backbone = load_backbone("efficientnet_lite0")
+    with torch.inference_mode():
+        maps = backbone(torch.rand(2, 3, 64, 64))
+    assert [tuple(m.shape) for m in maps] == [(2, 40, 8, 8), (2, 112, 4, 4)]
+
+
+def test_missing_torchvision_weights_name_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "wide_resnet50_2.pth"
+    with pytest.raises(BackboneError, match=str(missing)) as error:
+        load_backbone("wide_resnet50_2", weights_path=missing)
+    assert "model.weights_path" in str(error.value)
+
+
+def test_resnet18_loads_from_a_local_weights_file(tmp_path: Path) -> None:
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    backbone = load_backbone("resnet18", weights_path=path)
+    assert torch.equal(backbone.network.conv1.weight, reference.conv1.weight)
+    with torch.inference_mode():
+        maps = backbone(torch.rand(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == [128, 256]
+
+
+def test_unknown_backbone_and_layer_are_reported() -> None:
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        load_backbone("vgg99")
+    with pytest.raises(BackboneError, match="unknown backbone layers"):
+        load_backbone("efficientnet_lite0", layers=("blocks.99",))
+    assert set(BACKBONES) == {"efficientnet_lite0", "resnet18", "wide_resnet50_2"}

@@ -1,0 +1,82 @@
+"""The model commands end to end on a small demo line: fit, score, calibrate, evaluate."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models.synthetic import DemoLine
+from workers.cli import main
+
+TINY_TOML = """
+[model]
+image_size = 96
+[bank]
+compression_ratio = 2
+init_images = 4
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_model(demo_line: DemoLine, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("cli")
+    good = work / "good"
+    shutil.copytree(demo_line.train_dir, good)
+    (good / "zz_broken.png").write_bytes(b"garbage")
+    (work / "config.toml").write_text(TINY_TOML)
+    assert main(["fit", "--good", str(good), "--config", str(work / "config.toml"), "--out", str(work / "model"),
+                 "--quiet"]) == 0  # fmt: skip
+    return work / "model"
+
+
+def test_fit_skips_unreadable_images_and_records_them(cli_model: Path) -> None:
+    manifest = json.loads((cli_model / "manifest.json").read_text())
+    assert any("zz_broken.png" in reason for reason in manifest["training"]["skipped"])
+    assert manifest["threshold"] is not None
+
+
+def test_fit_fails_clearly_when_nothing_is_readable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.png").write_bytes(b"x")
+    assert main(["fit", "--good", str(tmp_path), "--out", str(tmp_path / "m"), "--quiet"]) == 2
+    assert "no readable training image" in capsys.readouterr().err
+
+
+def test_score_prints_verdicts_and_writes_heatmaps(cli_model: Path, demo_line: DemoLine, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    images = [str(p) for p in demo_line.test_images[:2]]
+    assert main(["score", "--model", str(cli_model), *images, "--heatmaps", str(tmp_path), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["verdict"] in ("pass", "fail") for r in results] == [True, True]
+    assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+def test_calibrate_writes_threshold_and_reports_best_f1(cli_model: Path, demo_line: DemoLine, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    model = tmp_path / "model"
+    shutil.copytree(cli_model, model)
+    before = json.loads((model / "manifest.json").read_text())["model_id"]
+    code = main(["calibrate", "--model", str(model), "--good", str(demo_line.root / "test" / "good"),
+                 "--false-reject-rate", "0.2", "--data", str(demo_line.root), "--quiet"])  # fmt: skip
+    assert code == 0
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["model_id"] != before
+    assert manifest["threshold"]["good_images"] == 6 and manifest["threshold"]["best_f1_value"] is not None
+    assert "best-F1 threshold" in capsys.readouterr().out
+
+
+def test_evaluate_writes_metrics_curves_and_overlays(cli_model: Path, demo_line: DemoLine, tmp_path: Path) -> None:
+    assert main(["evaluate", "--model", str(cli_model), "--data", str(demo_line.root), "--out", str(tmp_path),
+                 "--quiet"]) == 0  # fmt: skip
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "pro", "f1_max", "images_per_second"):
+        assert metrics[key] is not None
+    assert metrics["image_auroc"] > 0.8 and metrics["pixel_auroc"] > 0.8
+    assert (tmp_path / "roc.png").stat().st_size > 1000 and (tmp_path / "pro.png").stat().st_size > 1000
+    assert len(list((tmp_path / "overlays").glob("*.png"))) >= 4
+
+
+def test_bad_config_value_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bad.toml").write_text("[scoring]\nshift_pixels = -3\n")
+    assert main(["fit", "--good", str(tmp_path), "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path)]) == 2
+    assert "scoring.shift_pixels" in capsys.readouterr().err

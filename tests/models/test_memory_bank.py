@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.memory_bank import CompressedBankBuilder, MemoryBank, MemoryBankError, coreset_select
+
+
+def _images(count: int, patches: int = 64, channels: int = 16, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 5, size=(12, channels))
+    return [
+        (centres[rng.integers(12, size=patches)] + rng.normal(0, 0.3, size=(patches, channels))).astype(np.float32)
+        for _ in range(count)
+    ]
+
+
+def _build(images: list[np.ndarray], ratio: float = 0.5) -> MemoryBank:
+    builder = CompressedBankBuilder(patches_per_image=64, compression_ratio=ratio, init_images=4)
+    for patches in images:
+        builder.add_image(patches)
+    return builder.finish()
+
+
+def test_compressed_bank_size_does_not_grow_with_training_set() -> None:
+    small, large = _build(_images(10)), _build(_images(100))
+    assert small.rows == large.rows == 32
+    assert small.channels == large.channels == 16
+
+
+def test_compressed_bank_covers_the_training_patches() -> None:
+    images = _images(40)
+    bank = _build(images)
+    patches = np.concatenate(images)
+    nearest = np.sqrt(((patches[:, None] - bank.features[None]) ** 2).sum(-1)).min(axis=1)
+    spread = np.sqrt(((patches - patches.mean(0)) ** 2).sum(-1)).mean()
+    assert np.percentile(nearest, 99) < 0.25 * spread
+
+
+def test_compressed_bank_rejects_wrong_patch_count_and_empty_finish() -> None:
+    builder = CompressedBankBuilder(patches_per_image=64, compression_ratio=1)
+    with pytest.raises(MemoryBankError, match="expected"):
+        builder.add_image(np.zeros((10, 16), np.float32))
+    with pytest.raises(MemoryBankError, match="no training images"):
+        builder.finish()
+
+
+def test_coreset_is_a_k_center_cover() -> None:
+    points = np.concatenate(_images(5))
+    chosen = coreset_select(points, ratio=0.05, projection_dim=128)
+    assert len(chosen) == int(np.ceil(0.05 * len(points)))
+    assert len(set(chosen.tolist())) == len(chosen)
+
+    def cover_radius(selected: np.ndarray) -> float:
+        d = ((points[:, None] - points[selected][None]) ** 2).sum(-1)
+        return float(np.sqrt(d.min(axis=1)).max())
+
+    random_choice = np.random.default_rng(1).choice(len(points), len(chosen), replace=False)
+    assert cover_radius(chosen) < cover_radius(random_choice)
+
+
+def test_coreset_ratio_validated() -> None:
+    with pytest.raises(MemoryBankError, match="ratio"):
+        coreset_select(np.zeros((10, 4), np.float32), ratio=0.0)
+
+
+def test_bank_round_trips_without_pickle(tmp_path: Path) -> None:
+    bank = _build(_images(8))
+    bank.save(tmp_path / "bank.npy")
+    loaded = MemoryBank.load(tmp_path / "bank.npy", "compressed")
+    assert np.array_equal(loaded.features, bank.features)
+
+
+def test_empty_or_non_finite_bank_rejected() -> None:
+    with pytest.raises(MemoryBankError, match="non-empty"):
+        MemoryBank(np.zeros((0, 4), np.float32), "compressed")
+    with pytest.raises(MemoryBankError, match="finite"):
+        MemoryBank(np.full((2, 4), np.nan, np.float32), "compressed")

@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+
+from models.images import read_image
+from models.scorer import Scorer, gaussian_blur
+from models.synthetic import DemoLine
+
+
+def _images(demo_line: DemoLine) -> tuple[list[np.ndarray], np.ndarray]:
+    return [read_image(p) for p in demo_line.test_images], np.array(demo_line.test_labels)
+
+
+def test_batch_gives_one_score_and_one_full_size_map_per_image(fitted_scorer: Scorer, demo_line: DemoLine) -> None:
+    images, _ = _images(demo_line)
+    batch = fitted_scorer.score(images[:5])
+    assert batch.scores.shape == (5,) and batch.maps.shape == (5, 96, 96)
+    assert batch.scores.dtype == np.float32 and np.isfinite(batch.maps).all()
+    assert batch.timings.backbone_s > 0 and batch.timings.search_s > 0
+
+
+def test_a_batch_costs_one_backbone_call_and_one_search(fitted_scorer: Scorer, demo_line: DemoLine) -> None:
+    images, _ = _images(demo_line)
+    scorer = fitted_scorer.with_scoring(fitted_scorer.scoring.model_copy(update={"shift_pixels": 2}))
+    calls = {"backbone": 0, "search": 0}
+    hook = scorer.extractor.backbone.register_forward_hook(
+        lambda *_: calls.__setitem__("backbone", calls["backbone"] + 1)
+    )
+    original_search = scorer.index.search
+
+    def counting_search(*args, **kwargs):
+        calls["search"] += 1
+        return original_search(*args, **kwargs)
+
+    scorer.index.search = counting_search  # type: ignore[method-assign]
+    try:
+        scorer.score(images[:4])
+    finally:
+        hook.remove()
+        del scorer.index.search
+    assert calls == {"backbone": 1, "search": 1}
+
+
+def test_batched_scores_equal_one_by_one(fitted_scorer: Scorer, demo_line: DemoLine) -> None:
+    images, _ = _images(demo_line)
+    together = fitted_scorer.score(images[:4]).scores
+    alone = np.array([fitted_scorer.score([image]).scores[0] for image in images[:4]])
+    np.testing.assert_allclose(together, alone, rtol=1e-4)
+
+
+def test_defects_score_higher_than_good_parts(fitted_scorer: Scorer, demo_line: DemoLine) -> None:
+    images, labels = _images(demo_line)
+    scores = fitted_scorer.score(images).scores
+    assert scores[labels == 1].mean() > scores[labels == 0].mean()
+    assert np.median(scores[labels == 1]) > scores[labels == 0].max() * 0.9
+
+
+def test_defect_map_peaks_on_the_defect(fitted_scorer: Scorer, demo_line: DemoLine) -> None:
+    from models.images import read_mask
+
+    position = demo_line.test_labels.index(1)
+    path = demo_line.test_images[position]
+    batch = fitted_scorer.score([read_image(path)])
+    mask = read_mask(demo_line.root / "ground_truth" / "defect" / f"{path.stem}_mask.png", (96, 96))
+    assert batch.maps[0][mask].mean() > batch.maps[0][~mask].mean()
+
+
+@pytest.mark.parametrize("image_score", ["reweighted", "softmin"])
+def test_alternative_image_scores_rank_defects_higher(fitted_scorer: Scorer, demo_line: DemoLine,
+                                                      image_score: str) -> None:  # fmt: skip
+    images, labels = _images(demo_line)
+    settings = fitted_scorer.scoring.model_copy(update={"image_score": image_score, "neighbors": 3})
+    scores = fitted_scorer.with_scoring(settings).score(images).scores
+    assert scores.shape == (len(images),)
+    assert scores[labels == 1].mean() > scores[labels == 0].mean()
+
+
+def test_any_image_format_is_accepted(fitted_scorer: Scorer) -> None:
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 255, (120, 200), dtype=np.uint8)
+    rgba = rng.integers(0, 255, (50, 70, 4), dtype=np.uint8)
+    deep = rng.integers(0, 65535, (90, 90), dtype=np.uint16)
+    assert fitted_scorer.score([gray, rgba, deep]).scores.shape == (3,)
+
+
+def test_empty_batch_and_missing_threshold_are_errors(fitted_scorer: Scorer) -> None:
+    with pytest.raises(ValueError, match="at least one image"):
+        fitted_scorer.score([])
+    with pytest.raises(RuntimeError, match="calibrate"):
+        fitted_scorer.with_threshold(None).verdicts(np.array([1.0]))
+
+
+def test_gaussian_blur_preserves_mass_and_spreads_peaks() -> None:
+    import torch
+
+    maps = torch.zeros(1, 41, 41)
+    maps[0, 20, 20] = 1.0
+    blurred = gaussian_blur(maps, 4.0)
+    assert abs(float(blurred.sum()) - 1.0) < 1e-4
+    assert float(blurred.max()) < 0.02 and int(blurred.argmax()) == 20 * 41 + 20

@@ -70,6 +70,10 @@ class FrameBuffer:
         with self._condition:
             self.finished = True
 
+    def __len__(self) -> int:
+        with self._condition:
+            return len(self.items)
+
     @property
     def exhausted(self) -> bool:
         with self._condition:
@@ -199,17 +203,17 @@ class Ingestor:
             self._export_drops()
             if all(feed.buffer.exhausted for feed in self.feeds):
                 break
-            if self.backlog() >= limit:
+            ready = [feed for feed in self.feeds if len(feed.buffer)]
+            if not ready:
+                stop.wait(0.005)
+                continue
+            if self.backlog() >= limit:  # asked only with frames in hand, so an idle camera costs no Redis calls
                 stop.wait(0.01)
                 continue
-            sent = False
-            for feed in self.feeds:
+            for feed in ready:  # round-robin: one frame per source per pass
                 capture = feed.buffer.take()
                 if capture is not None and (self.max_frames is None or self.published < self.max_frames):
                     self._publish(feed, capture)
-                    sent = True
-            if not sent:
-                stop.wait(0.005)
         self.stop_captures.set()
         self._export_drops()
         logger.info(

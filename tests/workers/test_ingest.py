@@ -152,3 +152,21 @@ def test_live_sources_drop_oldest_under_backpressure_and_export_the_count(
     assert len(published) + dropped == 200
     last = decode_frame(published[-1].payload or b"")
     assert last.metadata["index"] == 199  # the newest frame survives, the oldest were dropped
+
+
+def test_video_file_frames_are_published_as_jpeg(tmp_path: Path, make_runtime: Callable[..., WorkerRuntime]) -> None:
+    import cv2
+
+    path = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (32, 24))
+    assert writer.isOpened()
+    for index in range(5):
+        writer.write(np.full((24, 32, 3), 40 * index, np.uint8))
+    writer.release()
+    runtime = make_runtime("ingest", "i1")
+    source = parse_source(f"video:{path}", "cam0", "jpeg", 80, 1.0)
+    ingestor = Ingestor(runtime, "line-1", [source], max_frames=None)
+    assert ingestor.run() == 5
+    frames = [decode_frame(e.payload or b"") for e in runtime.client.read_range(ingestor.keys.frames, "0-0", 10)]
+    assert {frame.encoding for frame in frames} == {"jpeg"}
+    assert [frame.metadata["source_index"] for frame in frames] == [0, 1, 2, 3, 4]

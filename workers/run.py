@@ -179,12 +179,12 @@ def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with resolve_redis(config.redis.url) as url:
         print(f"redis: {url}", flush=True)
-        model_dir, demo = _prepare_model(args, config, out)
+        model_dir, demo = _prepare_model(args, config, out)  # Ctrl-C here simply interrupts
+        stop = threading.Event()  # from now on Ctrl-C drains the workers and still prints the summary
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         client = StreamClient(url, config.redis, config.streams)
         keys = LineKeys(config.streams.prefix, args.line)
         client.set_model_dir(keys, str(model_dir))

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pipeline.config import RedisSettings, StreamSettings
+from pipeline.streams import LineKeys, StreamClient
+from tests.workers.helpers import wait_until
 from tests.workers.processes import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -51,3 +55,48 @@ def test_run_fits_streams_and_summarises_the_demo_line(tmp_path: Path, redis_url
     assert auroc is not None and 0.0 <= float(auroc.group(1)) <= 1.0
     assert (tmp_path / "out" / "model" / "manifest.json").exists()
     assert sorted(path.name for path in (tmp_path / "out" / "logs").iterdir())
+
+
+def test_ctrl_c_drains_the_workers_and_still_prints_the_summary(tmp_path: Path, redis_url: str) -> None:
+    pytest.importorskip("models.synthetic")
+    prefix = f"run-test-{tmp_path.name}"
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "PYTHONPATH": str(REPO_ROOT),
+        "LINEINSPECT__SINK__METRICS_PORT": "0",
+        "LINEINSPECT__STREAMS__PREFIX": prefix,
+        "OMP_NUM_THREADS": "1",
+    }
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "workers.stream_commands",
+            "run",
+            "--frames",
+            "0",
+            "--image-size",
+            "64",
+            "--fps",
+            "5",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    client = StreamClient(redis_url, RedisSettings(), StreamSettings(prefix=prefix))
+    try:
+        wait_until(lambda: client.length(LineKeys(prefix, "line-1").decisions) >= 5, timeout_s=240, what="decisions")
+    finally:
+        run.send_signal(signal.SIGINT)
+        output, _ = run.communicate(timeout=120)
+    assert run.returncode == 0, output[-3000:]
+    assert "summary" in output
+    logs = "".join(path.read_text() for path in (tmp_path / "out" / "logs").iterdir())
+    assert logs.count('"msg": "worker stopped"') == 3  # ingest, scoring worker and sink all exited cleanly
+    assert client.read_health(prefix) == []

@@ -158,7 +158,7 @@ def test_video_file_frames_are_published_as_jpeg(tmp_path: Path, make_runtime: C
     import cv2
 
     path = tmp_path / "line.avi"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (32, 24))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10.0, (32, 24))
     assert writer.isOpened()
     for index in range(5):
         writer.write(np.full((24, 32, 3), 40 * index, np.uint8))

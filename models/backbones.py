@@ -13,6 +13,7 @@ normalised batch ``(batch, 3, height, width)`` and returns the tapped feature ma
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Callable
@@ -133,7 +134,9 @@ def _torchvision_builder(arch: str, hub_filename: str) -> Callable[[Path | None]
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": BackboneSpec(("blocks.2", "blocks.4"), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), build_efficientnet_lite0),
+    "efficientnet_lite0": BackboneSpec(
+        ("blocks.2", "blocks.4"), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), build_efficientnet_lite0
+    ),
     "resnet18": BackboneSpec(
         ("layer2", "layer3"), IMAGENET_MEAN, IMAGENET_STD, _torchvision_builder("resnet18", "resnet18-f37072fd.pth")
     ),
@@ -154,7 +157,8 @@ class Backbone(nn.Module):
         names = dict(network.named_modules())
         unknown = [layer for layer in layers if layer not in names]
         if unknown or not layers:
-            msg = f"unknown backbone layers {unknown or '(none given)'}; top-level modules: {list(dict(network.named_children()))}"
+            children = list(dict(network.named_children()))
+            msg = f"unknown backbone layers {unknown or '(none given)'}; top-level modules: {children}"
             raise BackboneError(msg)
         self.network = network.eval().requires_grad_(False)
         self.layers = layers
@@ -175,14 +179,14 @@ class Backbone(nn.Module):
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """``(batch, 3, H, W)`` floats in [0, 1] -> normalised for this network."""
-        return (images - self.mean) / self.std
+        mean, std = self.mean, self.std
+        assert isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor)
+        return (images - mean) / std
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         self._captured = {}
-        try:
+        with contextlib.suppress(_StopForward):
             self.network(self.normalise(images))
-        except _StopForward:
-            pass
         return [self._captured[layer] for layer in self.layers]
 
 

@@ -69,9 +69,7 @@ def pro_curve(
     ranks = np.round((1.0 - np.linspace(0.0, fpr_limit, thresholds)) * (good_pixels.size - 1)).astype(np.int64)
     levels = good_pixels[ranks]
     fpr = 1.0 - np.searchsorted(good_pixels, levels, side="right") / good_pixels.size
-    overlaps = np.stack(
-        [1.0 - np.searchsorted(scores, levels, side="right") / scores.size for scores in region_scores]
-    )
+    overlaps = np.stack([1.0 - np.searchsorted(scores, levels, side="right") / scores.size for scores in region_scores])
     return fpr, overlaps.mean(axis=0)
 
 

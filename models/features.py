@@ -37,7 +37,9 @@ class PatchFeatureExtractor(nn.Module):
         if self.feature_dim is not None and self.feature_dim < features.shape[1]:
             batch, channels, height, width = features.shape
             flat = features.permute(0, 2, 3, 1).reshape(-1, 1, channels)
-            features = F.adaptive_avg_pool1d(flat, self.feature_dim).reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+            features = (
+                F.adaptive_avg_pool1d(flat, self.feature_dim).reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+            )
         return features.float()
 
     @torch.inference_mode()

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 def holdout_split(paths: Sequence[Path], fraction: float) -> tuple[list[Path], list[Path]]:
     """``(fit, holdout)``: a file goes to holdout when the sha1 of its name falls in the first ``fraction``."""
-    fit, holdout = [], []
+    fit: list[Path] = []
+    holdout: list[Path] = []
     for path in paths:
         bucket = int(hashlib.sha1(path.name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         (holdout if bucket < fraction else fit).append(path)
@@ -41,9 +42,7 @@ def holdout_split(paths: Sequence[Path], fraction: float) -> tuple[list[Path], l
     return fit, holdout
 
 
-def _readable_batches(
-    paths: Sequence[Path], batch_size: int, skipped: list[str]
-) -> Iterator[list[np.ndarray]]:
+def _readable_batches(paths: Sequence[Path], batch_size: int, skipped: list[str]) -> Iterator[list[np.ndarray]]:
     batch: list[np.ndarray] = []
     for path in paths:
         try:

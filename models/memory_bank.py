@@ -83,7 +83,7 @@ class CompressedBankBuilder:
             msg = f"ema_momentum must be in (0, 1), got {ema_momentum}"
             raise MemoryBankError(msg)
         if compression_ratio <= 0 or patches_per_image <= 0:
-            msg = f"compression_ratio and patches_per_image must be positive, got {compression_ratio}, {patches_per_image}"
+            msg = f"compression_ratio and patches_per_image must be positive: {compression_ratio}, {patches_per_image}"
             raise MemoryBankError(msg)
         self.rows = max(1, round(compression_ratio * patches_per_image))
         self.patches_per_image = patches_per_image

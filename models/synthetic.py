@@ -83,7 +83,7 @@ def make_part(
     """A ``(size, size, 3)`` crop from the centre of ``texture``, translated and rotated a little."""
     height, width = texture.shape[:2]
     angle = float(rng.uniform(-max_rotation, max_rotation))
-    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0)
+    matrix = np.asarray(cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0), dtype=np.float64)
     matrix[:, 2] += rng.uniform(-max_shift, max_shift, size=2)
     moved = cv2.warpAffine(texture, matrix, (width, height), borderMode=cv2.BORDER_REFLECT)
     top, left = (height - size) // 2, (width - size) // 2

@@ -63,13 +63,17 @@ class BankSettings(_Section):
 
     kind: Literal["compressed", "coreset"] = "compressed"
     compression_ratio: float = Field(
-        default=2.0, gt=0, le=64, description="compressed: bank rows = ratio x patches of one image."
+        default=8.0, gt=0, le=64, description="compressed: bank rows = ratio x patches of one image."
     )
-    ema_momentum: float = Field(default=0.99, gt=0, lt=1, description="compressed: weight kept by a bank row per image.")
+    ema_momentum: float = Field(
+        default=0.99, gt=0, lt=1, description="compressed: weight kept by a bank row per image."
+    )
     kmeans_iterations: int = Field(default=20, ge=1, le=500)
     init_images: int = Field(default=8, ge=1, description="compressed: images whose patches seed the k-means init.")
     coreset_ratio: float = Field(default=0.1, gt=0, le=1, description="coreset: fraction of patches kept.")
-    coreset_projection_dim: int = Field(default=128, ge=8, description="coreset: random projection for the greedy search.")
+    coreset_projection_dim: int = Field(
+        default=128, ge=8, description="coreset: random projection for the greedy search."
+    )
     seed: int = 0
 
 
@@ -87,7 +91,10 @@ class ScoringSettings(_Section):
     """Turning nearest-neighbour distances into maps and image scores."""
 
     neighbors: int = Field(default=1, ge=1, le=64, description="Bank neighbours searched per patch (>=3 for softmin).")
-    image_score: Literal["max", "reweighted", "softmin"] = "max"
+    image_score: Literal["topk", "max", "reweighted", "softmin"] = Field(
+        default="topk", description="topk: mean of the top_k patch scores; max: the smoothed map's maximum."
+    )
+    top_k: int = Field(default=10, ge=1, description="Patches averaged by image_score = 'topk'.")
     smoothing_sigma: float = Field(default=4.0, ge=0)
     shift_pixels: int = Field(default=0, ge=0, le=32, description="N-pad shifting: offset in pixels; 0 turns it off.")
     shift_pattern: Literal["cross", "grid"] = "cross"
@@ -114,7 +121,7 @@ class RedisSettings(_Section):
 
 class StreamSettings(_Section):
     prefix: str = Field(default="lineinspect", min_length=1)
-    maxlen: int = Field(default=10_000, ge=10, description="Approximate MAXLEN per stream, keeps Redis memory bounded.")
+    maxlen: int = Field(default=2_000, ge=10, description="Approximate MAXLEN per stream, keeps Redis memory bounded.")
     block_ms: int = Field(default=200, ge=1)
     claim_idle_ms: int = Field(default=30_000, ge=100, description="Pending entries idle this long are claimed.")
     max_deliveries: int = Field(default=3, ge=1, description="Deliveries before an entry is dead-lettered.")

@@ -69,7 +69,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         verdict = "unknown" if threshold is None else ("fail" if score > threshold else "pass")
         results.append({"image": str(path), "score": score, "verdict": verdict, "model_id": scorer.model_id})
         if args.heatmaps:
-            cv2.imwrite(str(args.heatmaps / f"{path.stem}_{verdict}.png"), overlay_heatmap(image, batch.maps[0], threshold))
+            cv2.imwrite(
+                str(args.heatmaps / f"{path.stem}_{verdict}.png"), overlay_heatmap(image, batch.maps[0], threshold)
+            )
         if not args.json:
             print(f"{verdict:7s} {score:10.4f}  {path}")
     if args.json:

@@ -69,7 +69,7 @@ def test_backbone_mismatch_is_detected(saved_model: Path, tmp_path: Path) -> Non
 
 
 def test_missing_or_non_model_directory(tmp_path: Path) -> None:
-    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+    with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
         load_scorer(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):

@@ -18,6 +18,7 @@ Saved as ``.npy`` (``allow_pickle=False``): plain arrays, no pickle.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,9 +114,16 @@ class CompressedBankBuilder:
 
     def _initialise(self) -> None:
         points = np.concatenate(self._seed_patches)
-        if points.shape[0] < self.rows:
-            msg = f"need at least {self.rows} patches to initialise a {self.rows}-row bank, got {points.shape[0]}"
-            raise MemoryBankError(msg)
+        if points.shape[0] < 4 * self.rows:
+            # Too few training images for the requested size: a bank cannot hold more entries than k-means can
+            # place, so shrink it rather than fail (small lines, tests, first fits on a handful of parts).
+            rows = max(1, points.shape[0] // 4)
+            warnings.warn(
+                f"{self.images_seen} training images give {points.shape[0]} patches, too few for a {self.rows}-row "
+                f"bank; using {rows} rows. Fit on more good images for the configured compression_ratio.",
+                stacklevel=3,
+            )
+            self.rows = rows
         self._bank = _kmeans(points, self.rows, self.kmeans_iterations, self.seed)
         index = faiss.IndexFlatL2(points.shape[1])
         index.add(self._bank)

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ def test_run_fits_streams_and_summarises_the_demo_line(tmp_path: Path, redis_url
         "REDIS_URL": redis_url,
         "PYTHONPATH": str(REPO_ROOT),
         "LINEINSPECT__SINK__METRICS_PORT": "0",
-        "LINEINSPECT__STREAMS__PREFIX": f"run-test-{tmp_path.name}",
+        "LINEINSPECT__STREAMS__PREFIX": f"run-test-{uuid.uuid4().hex[:10]}",
         "OMP_NUM_THREADS": "1",
     }
     result = subprocess.run(
@@ -59,7 +60,7 @@ def test_run_fits_streams_and_summarises_the_demo_line(tmp_path: Path, redis_url
 
 def test_ctrl_c_drains_the_workers_and_still_prints_the_summary(tmp_path: Path, redis_url: str) -> None:
     pytest.importorskip("models.synthetic")
-    prefix = f"run-test-{tmp_path.name}"
+    prefix = f"run-test-{uuid.uuid4().hex[:10]}"  # unique: a shared REDIS_URL keeps earlier runs' streams
     env = {
         **os.environ,
         "REDIS_URL": redis_url,

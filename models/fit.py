@@ -8,6 +8,7 @@ Unreadable images are skipped with a warning; fitting fails only when no valid i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -132,8 +133,7 @@ def fit_scorer(
                                   skipped)  # fmt: skip
         if good_scores.size:
             scorer.threshold = false_reject_threshold(good_scores, config.threshold.false_reject_rate)
-    scorer.training = TrainingSummary(images=used, skipped=skipped, source=source,
-                                      fit_seconds=round(time.perf_counter() - started, 3))  # fmt: skip
+    scorer.training = dataclasses.replace(training, fit_seconds=round(time.perf_counter() - started, 3))
     log.info("fitted %s bank of %d x %d from %d images in %.1f s", bank.kind, bank.rows, channels, used,
              time.perf_counter() - started)  # fmt: skip
     return scorer

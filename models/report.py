@@ -148,7 +148,7 @@ def evaluate(
         per_type[defect_type] = image_auroc(labels[chosen], scores[chosen])
     metrics["image_auroc_by_type"] = per_type
     if scorer.threshold is not None:
-        failed = scores > scorer.threshold.value
+        failed = np.array(scorer.verdicts(scores))
         metrics["threshold"] = scorer.threshold.value
         metrics["false_reject_rate"] = float(failed[labels == 0].mean()) if (labels == 0).any() else None
         metrics["detection_rate"] = float(failed[labels == 1].mean()) if (labels == 1).any() else None

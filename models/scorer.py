@@ -155,11 +155,6 @@ class Scorer:
             scoring, self.training, self.threshold, self.model_id,
         )  # fmt: skip
 
-    def with_threshold(self, threshold: Threshold | None) -> Scorer:
-        scorer = self.with_scoring(self.scoring)
-        scorer.threshold = threshold
-        return scorer
-
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """``(N, 3, S, S)`` in [0, 1] -> patch features ``(N, C, h, w)`` float32 on the CPU."""

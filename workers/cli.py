@@ -66,7 +66,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             continue
         batch = scorer.score([image])
         score = float(batch.scores[0])
-        verdict = "unknown" if threshold is None else ("fail" if score > threshold else "pass")
+        verdict = "unknown" if threshold is None else ("fail" if scorer.verdicts(batch.scores)[0] else "pass")
         results.append({"image": str(path), "score": score, "verdict": verdict, "model_id": scorer.model_id})
         if args.heatmaps:
             cv2.imwrite(

@@ -86,7 +86,9 @@ def test_empty_batch_and_missing_threshold_are_errors(fitted_scorer: Scorer) -> 
     with pytest.raises(ValueError, match="at least one image"):
         fitted_scorer.score([])
     with pytest.raises(RuntimeError, match="calibrate"):
-        fitted_scorer.with_threshold(None).verdicts(np.array([1.0]))
+        uncalibrated = fitted_scorer.with_scoring(fitted_scorer.scoring)
+        uncalibrated.threshold = None
+        uncalibrated.verdicts(np.array([1.0]))
 
 
 def test_gaussian_blur_preserves_mass_and_spreads_peaks() -> None:

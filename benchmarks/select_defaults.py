@@ -74,7 +74,7 @@ def run_variant(name: str, overrides: dict, fit_paths: list[Path], images: list[
         "variant": name,
         "image_auroc": image_auroc(labels, np.concatenate(scores)),
         "pixel_auroc": pixel_auroc(resized, np.concatenate(maps)),
-        "bank_rows": scorer.bank.rows,
+        "model": scorer.method.describe(),
         "fit_s": fit_seconds,
         "images_per_s": len(images) / score_seconds,
     }
@@ -90,10 +90,10 @@ def main() -> None:
     images, labels, masks = validation_set(validation_paths)
     print(f"fit on {len(fit_paths)} training images; validate on {len(validation_paths)} good + "
           f"{len(validation_paths)} synthetic-defect images (all from the training split)")  # fmt: skip
-    print(f"{'variant':<18} {'img AUROC':>9} {'px AUROC':>9} {'rows':>7} {'fit s':>6} {'img/s':>6}")
+    print(f"{'variant':<18} {'img AUROC':>9} {'px AUROC':>9} {'model':>28} {'fit s':>6} {'img/s':>6}")
     for name in args.variants:
         result = run_variant(name, VARIANTS[name], fit_paths, images, labels, masks)
-        print(f"{name:<18} {result['image_auroc']:9.4f} {result['pixel_auroc']:9.4f} {result['bank_rows']:7d} "
+        print(f"{name:<18} {result['image_auroc']:9.4f} {result['pixel_auroc']:9.4f} {result['model']:>28} "
               f"{result['fit_s']:6.1f} {result['images_per_s']:6.1f}", flush=True)  # fmt: skip
         if args.out:
             with args.out.open("a") as stream:

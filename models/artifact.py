@@ -3,14 +3,16 @@
 ::
 
     MODEL_DIR/
-      manifest.json   format version, model id, settings (backbone, layers, image size, bank, index, scoring),
-                      threshold, training summary, feature shape, library versions, sha256 of every file,
-                      and a content hash over all of that
-      bank.npy        memory bank (rows, channels) float32, numpy format with allow_pickle=False
-      index.faiss     faiss index written from the CPU (faiss's own binary format)
+      manifest.json   format version, model id, model settings (backbone, image size), the method's section (its
+                      name, settings, fitted sizes, layers, feature shape), scoring settings, threshold, training
+                      summary, library versions, sha256 of every file, and a content hash over all of that
+      ...             the method's own files (``models.methods``), e.g. PatchCore's ``bank.npy`` (numpy format,
+                      loaded with allow_pickle=False) and ``index.faiss`` (written from the CPU); torch weights are
+                      state dicts read back with ``weights_only=True``
 
-``load_scorer`` checks the format version, every file's sha256, the content hash, and that the backbone
-really produces features of the recorded shape; anything wrong raises ``ArtifactError`` naming the problem.
+``load_scorer`` checks the format version, every file's sha256 and the content hash, then lets the method check
+its own files against the manifest (PatchCore: the backbone really produces features of the recorded shape);
+anything wrong raises ``ArtifactError`` naming the problem.
 The model id is the first 12 hex digits of the content hash, so a recalibrated model is a new version.
 """
 
@@ -28,18 +30,13 @@ import faiss
 import numpy as np
 import torch
 
-from models.backbones import load_backbone
-from models.errors import ArtifactError, BackboneError
-from models.features import PatchFeatureExtractor
-from models.index import IndexError_, NearestNeighbourIndex
-from models.memory_bank import MemoryBank, MemoryBankError
+from models.errors import ArtifactError
+from models.methods import method_class
 from models.scorer import Scorer, Threshold, TrainingSummary, resolve_device
-from pipeline.config import BankSettings, IndexSettings, ModelSettings, ScoringSettings
+from pipeline.config import ModelSettings, ScoringSettings
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-BANK_FILE = "bank.npy"
-INDEX_FILE = "index.faiss"
 
 
 def _sha256(path: Path) -> str:
@@ -82,21 +79,17 @@ def save_scorer(scorer: Scorer, model_dir: Path) -> str:
     """Write ``scorer`` to ``model_dir`` (created if needed); returns the model id."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    scorer.bank.save(model_dir / BANK_FILE)
-    scorer.index.save(model_dir / INDEX_FILE)
-    channels, grid_h, grid_w = scorer.extractor.output_shape(scorer.image_size)
+    section = scorer.method.save(model_dir)
+    files = section.pop("files")
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "model": scorer.model_settings.model_dump(mode="json"),
-        "bank": scorer.bank_settings.model_dump(mode="json") | {"rows": scorer.bank.rows, "kind": scorer.bank.kind},
-        "index": scorer.index_settings.model_dump(mode="json"),
+        "method": {"name": scorer.method.name} | section,
         "scoring": scorer.scoring.model_dump(mode="json"),
         "threshold": asdict(scorer.threshold) if scorer.threshold else None,
         "training": asdict(scorer.training),
-        "features": {"channels": channels, "grid": [grid_h, grid_w]},
-        "layers": list(scorer.extractor.backbone.layers),
         "libraries": library_versions(),
-        "files": {name: _sha256(model_dir / name) for name in (BANK_FILE, INDEX_FILE)},
+        "files": {name: _sha256(model_dir / name) for name in files},
     }
     return _write_manifest(model_dir, manifest)
 
@@ -136,40 +129,16 @@ def load_scorer(model_dir: Path, device: str = "auto") -> Scorer:
     model_dir = Path(model_dir)
     try:
         model_settings = ModelSettings.model_validate(manifest["model"] | {"device": device})
-        bank_fields = {k: v for k, v in manifest["bank"].items() if k not in ("rows",)}
-        bank_settings = BankSettings.model_validate(bank_fields)
-        index_settings = IndexSettings.model_validate(manifest["index"])
+        section = dict(manifest["method"])
+        cls = method_class(section.pop("name"))
         scoring = ScoringSettings.model_validate(manifest["scoring"])
         threshold = Threshold(**manifest["threshold"]) if manifest.get("threshold") else None
         training = TrainingSummary(**manifest["training"])
     except (KeyError, TypeError, ValueError) as error:
         msg = f"{model_dir}/{MANIFEST} has invalid or missing settings: {error}"
         raise ArtifactError(msg) from None
-    try:
-        bank = MemoryBank.load(model_dir / BANK_FILE, manifest["bank"]["kind"])
-        use_gpu = index_settings.use_gpu == "auto" and resolve_device(device).type == "cuda"
-        index = NearestNeighbourIndex.load(
-            model_dir / INDEX_FILE, index_settings.kind, use_gpu, index_settings.ivf_probe
-        )
-        backbone = load_backbone(model_settings.backbone, tuple(manifest["layers"]), model_settings.weights_path)
-    except (MemoryBankError, IndexError_, BackboneError, ValueError) as error:
-        msg = f"{model_dir}: {error}"
-        raise ArtifactError(msg) from None
-    extractor = PatchFeatureExtractor(backbone, model_settings.aggregation_kernel, model_settings.feature_dim)
-    extractor = extractor.to(resolve_device(device))
-    channels, grid_h, grid_w = extractor.output_shape(model_settings.image_size)
-    recorded = manifest["features"]
-    if channels != recorded["channels"] or [grid_h, grid_w] != recorded["grid"] or channels != bank.channels:
-        msg = (
-            f"{model_dir}: backbone {model_settings.backbone} {manifest['layers']} gives features "
-            f"{channels}x{grid_h}x{grid_w}, the model was fitted on {recorded['channels']}x{recorded['grid']} "
-            f"(bank has {bank.channels} channels): backbone or weights mismatch"
-        )
-        raise ArtifactError(msg)
-    return Scorer(
-        extractor, bank, index, model_settings, bank_settings, index_settings, scoring, training, threshold,
-        model_id=str(manifest["model_id"]),
-    )  # fmt: skip
+    method = cls.load(model_dir, section, model_settings, resolve_device(device))
+    return Scorer(method, model_settings, scoring, training, threshold, model_id=str(manifest["model_id"]))
 
 
 def update_threshold(model_dir: Path, threshold: Threshold) -> str:

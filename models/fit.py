@@ -13,17 +13,15 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.backbones import load_backbone
-from models.features import PatchFeatureExtractor, flatten_patches
 from models.images import ImageError, read_image
-from models.index import NearestNeighbourIndex
-from models.memory_bank import CompressedBankBuilder, MemoryBank, coreset_select
+from models.methods import method_class
 from models.scorer import Scorer, TrainingSummary, preprocess, resolve_device
 from models.threshold import false_reject_threshold
 from pipeline.config import Config
@@ -59,11 +57,49 @@ def _readable_batches(paths: Sequence[Path], batch_size: int, skipped: list[str]
         yield batch
 
 
-def build_extractor(config: Config) -> PatchFeatureExtractor:
-    settings = config.model
-    backbone = load_backbone(settings.backbone, settings.layers, settings.weights_path)
-    extractor = PatchFeatureExtractor(backbone, settings.aggregation_kernel, settings.feature_dim)
-    return extractor.to(resolve_device(settings.device))
+@dataclass
+class TrainingImages:
+    """Good image files as re-iterable batches ``(B, 3, S, S)``; unreadable files are skipped (once) with a warning."""
+
+    paths: Sequence[Path]
+    image_size: int
+    batch_size: int
+    skipped: list[str] = field(default_factory=list)
+    _unreadable: set[Path] = field(default_factory=set)
+
+    @property
+    def images(self) -> int:
+        return len(self.paths) - len(self._unreadable)
+
+    def _read(self, path: Path) -> np.ndarray | None:
+        if path in self._unreadable:
+            return None
+        try:
+            return read_image(path)
+        except ImageError as error:
+            log.warning("skipping unreadable training image: %s", error)
+            self.skipped.append(str(error))
+            self._unreadable.add(path)
+            return None
+
+    def require_one(self) -> None:
+        """Raise ValueError when no file is readable (reads files only until the first readable one)."""
+        if not any(self._read(path) is not None for path in self.paths):
+            msg = f"no readable training image among {len(self.paths)} files ({len(self.skipped)} skipped)"
+            raise ValueError(msg)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        batch: list[np.ndarray] = []
+        for path in self.paths:
+            image = self._read(path)
+            if image is None:
+                continue
+            batch.append(image)
+            if len(batch) == self.batch_size:
+                yield preprocess(batch, self.image_size)
+                batch = []
+        if batch:
+            yield preprocess(batch, self.image_size)
 
 
 def fit_scorer(
@@ -73,68 +109,26 @@ def fit_scorer(
     holdout_fraction: float = 0.1,
     source: str = "",
 ) -> Scorer:
-    """Fit on good images; returns a Scorer with a threshold from the held-out slice (when there is one)."""
+    """Fit ``config.model.method`` on good images; returns a Scorer with a threshold from the held-out slice."""
     started = time.perf_counter()
     if not image_paths:
         msg = "no training images given"
         raise ValueError(msg)
     fit_paths, holdout_paths = holdout_split(image_paths, holdout_fraction)
-    extractor = build_extractor(config)
-    device = next(extractor.backbone.buffers()).device
-    channels, grid_h, grid_w = extractor.output_shape(config.model.image_size)
-    patches_per_image = grid_h * grid_w
-    skipped: list[str] = []
-    batch_size = config.scoring.batch_size
-    builder = CompressedBankBuilder(
-        patches_per_image,
-        config.bank.compression_ratio,
-        config.bank.ema_momentum,
-        config.bank.kmeans_iterations,
-        config.bank.init_images,
-        config.bank.seed,
-    )
-    collected: list[np.ndarray] = []
-    bar = tqdm(total=len(fit_paths), desc="fit: embedding good images", unit="img", disable=not progress)
-    used = 0
-    for batch in _readable_batches(fit_paths, batch_size, skipped):
-        with torch.inference_mode():
-            features = extractor(preprocess(batch, config.model.image_size).to(device)).float().cpu()
-        for image_features in features:
-            patches = flatten_patches(image_features[None]).numpy()
-            if config.bank.kind == "compressed":
-                builder.add_image(patches)
-            else:
-                collected.append(patches)
-        used += len(batch)
-        bar.update(len(batch))
-    bar.close()
-    if used == 0:
-        msg = f"no readable training image among {len(fit_paths)} files ({len(skipped)} skipped)"
-        raise ValueError(msg)
-    if config.bank.kind == "compressed":
-        bank = builder.finish()
-    else:
-        all_patches = np.concatenate(collected)
-        keep = max(1, int(np.ceil(config.bank.coreset_ratio * all_patches.shape[0])))
-        coreset_bar = tqdm(total=keep, desc="fit: greedy coreset", unit="row", disable=not progress, miniters=256)
-        chosen = coreset_select(all_patches, config.bank.coreset_ratio, config.bank.coreset_projection_dim,
-                                config.bank.seed, on_step=lambda _step: coreset_bar.update(1))  # fmt: skip
-        coreset_bar.close()
-        bank = MemoryBank(np.ascontiguousarray(all_patches[chosen]), "coreset")
-    use_gpu = config.index.use_gpu == "auto" and device.type == "cuda"
-    index = NearestNeighbourIndex.build(
-        bank.features, config.index.kind, use_gpu, config.index.ivf_lists, config.index.ivf_probe,
-        config.index.hnsw_neighbors,
-    )  # fmt: skip
-    training = TrainingSummary(images=used, skipped=skipped, source=source)
-    scorer = Scorer(extractor, bank, index, config.model, config.bank, config.index, config.scoring, training)
+    images = TrainingImages(fit_paths, config.model.image_size, config.scoring.batch_size)
+    images.require_one()
+    method = method_class(config.model.method).fit(images, config, resolve_device(config.model.device), progress)
+    training = TrainingSummary(images=images.images, skipped=images.skipped, source=source)
+    scorer = Scorer(method, config.model, config.scoring, training)
+    skipped = images.skipped
     if holdout_paths:
-        good_scores = score_paths(scorer, holdout_paths, batch_size, progress, "fit: calibrating on held-out good",
-                                  skipped)  # fmt: skip
+        good_scores = score_paths(scorer, holdout_paths, config.scoring.batch_size, progress,
+                                  "fit: calibrating on held-out good", skipped)  # fmt: skip
         if good_scores.size:
             scorer.threshold = false_reject_threshold(good_scores, config.threshold.false_reject_rate)
-    scorer.training = dataclasses.replace(training, fit_seconds=round(time.perf_counter() - started, 3))
-    log.info("fitted %s bank of %d x %d from %d images in %.1f s", bank.kind, bank.rows, channels, used,
+    fit_seconds = round(time.perf_counter() - started, 3)
+    scorer.training = dataclasses.replace(training, skipped=skipped, fit_seconds=fit_seconds)
+    log.info("fitted %s (%s) from %d images in %.1f s", method.name, method.describe(), images.images,
              time.perf_counter() - started)  # fmt: skip
     return scorer
 

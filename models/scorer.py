@@ -1,17 +1,17 @@
-"""Scorer: frames in, image scores and per-pixel anomaly maps out.
+"""Scorer: frames in, image scores and per-pixel anomaly maps out, whatever the method.
 
-``Scorer.score(images)`` reads top to bottom as the method does:
+``Scorer.score(images)`` reads top to bottom:
 
 1. ``preprocess``: each frame (any size, grayscale/RGB/RGBA, 8/16-bit) -> RGB, resized to ``(S, S)``;
    batch ``(N, 3, S, S)`` floats in [0, 1].
 2. N-pad shifting: ``(N * V, 3, S, S)``, V views per frame (V = 1 when shifting is off).
-3. One backbone call -> patch features ``(N * V, C, h, w)`` (h = w = S / 8 for the default layers).
-4. One index search of all ``N * V * h * w`` patches -> distances to the nearest bank entries ``(N * V * h * w, k)``.
-5. Patch scores ``(N * V, h, w)``: nearest distance (optionally times CFA's softmin certainty), upsampled to
-   ``(S, S)``, shifted views aligned back and aggregated per pixel -> ``(N, S, S)``, Gaussian-smoothed (sigma 4).
-6. Image score ``(N,)``: the mean of the ``top_k`` highest patch scores (default; chosen on a validation split of
-   MTD training images with synthetic defects, where it beat the map's maximum: 0.913 vs 0.859 image AUROC), the
-   smoothed map's maximum, or PatchCore's re-weighted maximum patch score.
+3. The method (``models.methods``; PatchCore by default: one backbone call, one index search for the whole batch)
+   -> patch maps ``(N * V, h, w)`` and, for methods with their own image score, view scores ``(N * V,)``.
+4. Maps upsampled to ``(S, S)``, shifted views aligned back and aggregated per pixel -> ``(N, S, S)``,
+   Gaussian-smoothed (sigma 4).
+5. Image score ``(N,)``: the method's own (aggregated over views like the maps), else the mean of the ``top_k``
+   highest patch scores (default; chosen on a validation split of MTD training images with synthetic defects, where
+   it beat the map's maximum: 0.913 vs 0.859 image AUROC) or the smoothed map's maximum.
 
 Returns a typed ``ScoreBatch(scores, maps, timings)``. Models never do I/O here; see ``models.artifact``.
 """
@@ -29,14 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.features import PatchFeatureExtractor, flatten_patches
 from models.images import to_rgb_uint8
-from models.index import NearestNeighbourIndex
-from models.memory_bank import MemoryBank
+from models.methods.base import AnomalyMethod
 from models.shifting import align_and_aggregate, shift_offsets, shifted_views
-from pipeline.config import BankSettings, IndexSettings, ModelSettings, ScoringSettings
-
-REWEIGHT_NEIGHBOURS = 9
+from pipeline.config import ModelSettings, ScoringSettings
 
 
 @dataclass(frozen=True)
@@ -115,33 +111,23 @@ def preprocess(images: Sequence[np.ndarray], image_size: int) -> torch.Tensor:
 
 
 class Scorer:
+    """A fitted method plus everything shared around it: preprocessing, shifting, maps, image scores, threshold."""
+
     def __init__(
         self,
-        extractor: PatchFeatureExtractor,
-        bank: MemoryBank,
-        index: NearestNeighbourIndex,
+        method: AnomalyMethod,
         model_settings: ModelSettings,
-        bank_settings: BankSettings,
-        index_settings: IndexSettings,
         scoring: ScoringSettings,
         training: TrainingSummary,
         threshold: Threshold | None = None,
         model_id: str = "unsaved",
     ) -> None:
-        if bank.channels != index.dimension:
-            msg = f"bank has {bank.channels} channels but the index expects {index.dimension}"
-            raise ValueError(msg)
-        self.extractor = extractor
-        self.bank = bank
-        self.index = index
+        self.method = method
         self.model_settings = model_settings
-        self.bank_settings = bank_settings
-        self.index_settings = index_settings
         self.scoring = scoring
         self.training = training
         self.threshold = threshold
         self.model_id = model_id
-        self.device = next(extractor.backbone.buffers()).device
         self.offsets = shift_offsets(scoring.shift_pixels, scoring.shift_pattern)
 
     @property
@@ -149,75 +135,40 @@ class Scorer:
         return self.model_settings.image_size
 
     def with_scoring(self, scoring: ScoringSettings) -> Scorer:
-        """The same fitted model scored with other settings (e.g. shifting on), sharing backbone and bank."""
-        return Scorer(
-            self.extractor, self.bank, self.index, self.model_settings, self.bank_settings, self.index_settings,
-            scoring, self.training, self.threshold, self.model_id,
-        )  # fmt: skip
+        """The same fitted model scored with other settings (e.g. shifting on), sharing its fitted state."""
+        return Scorer(self.method, self.model_settings, scoring, self.training, self.threshold, self.model_id)
 
     @torch.inference_mode()
-    def embed(self, batch: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, S, S)`` in [0, 1] -> patch features ``(N, C, h, w)`` float32 on the CPU."""
-        batch = batch.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.float16):
-                features = self.extractor(batch)
-        else:
-            features = self.extractor(batch)
-        return features.float().cpu()
-
     def score(self, images: Sequence[np.ndarray]) -> ScoreBatch:
         if len(images) == 0:
             msg = "score() needs at least one image"
             raise ValueError(msg)
         size = self.image_size
-        started = time.perf_counter()
         views = shifted_views(preprocess(images, size), self.offsets)
-        features = self.embed(views)
-        view_count, _, grid_h, grid_w = features.shape
-        embedded = time.perf_counter()
-
-        patches = flatten_patches(features).numpy()
-        distances, neighbours = self.index.search(patches, self.scoring.neighbors)
-        searched = time.perf_counter()
-
-        patch_scores = torch.from_numpy(distances[:, 0].copy())
-        if self.scoring.image_score == "softmin":
-            certainty = torch.softmax(-torch.from_numpy(distances), dim=1)[:, 0]
-            patch_scores = patch_scores * certainty
-        patch_maps = patch_scores.view(view_count, 1, grid_h, grid_w)
+        output = self.method.score_views(views, self.scoring)
+        started_post = time.perf_counter()
+        view_count, grid_h, grid_w = output.patch_maps.shape
+        if view_count != views.shape[0]:
+            msg = f"{self.method.name} returned {view_count} maps for {views.shape[0]} views"
+            raise RuntimeError(msg)
+        patch_maps = output.patch_maps[:, None].float()
         view_maps = F.interpolate(patch_maps, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         aggregated = align_and_aggregate(view_maps, self.offsets, self.scoring.shift_aggregate)
         maps = gaussian_blur(aggregated, self.scoring.smoothing_sigma)
-        if self.scoring.image_score == "topk":
+        if output.view_scores is not None:
+            view_scores = output.view_scores.float().view(-1, 1, 1)
+            scores = align_and_aggregate(view_scores, self.offsets, self.scoring.shift_aggregate).view(-1)
+        elif self.scoring.image_score == "max":
+            scores = maps.flatten(1).amax(dim=1)
+        else:
             grid_scores = F.adaptive_avg_pool2d(aggregated[:, None], (grid_h, grid_w)).flatten(1)
             scores = grid_scores.topk(min(self.scoring.top_k, grid_scores.shape[1]), dim=1).values.mean(dim=1)
-        elif self.scoring.image_score == "reweighted":
-            view_scores = self._reweighted_scores(patches, patch_scores, neighbours[:, 0], view_count)
-            scores = align_and_aggregate(view_scores.view(-1, 1, 1), self.offsets, self.scoring.shift_aggregate)
-            scores = scores.view(-1)
-        else:
-            scores = maps.flatten(1).amax(dim=1)
         finished = time.perf_counter()
         if scores.shape[0] != len(images) or maps.shape[0] != len(images):
             msg = f"scorer produced {scores.shape[0]} scores for {len(images)} images"
             raise RuntimeError(msg)
-        timings = StageTimings(embedded - started, searched - embedded, finished - searched)
+        timings = StageTimings(output.embed_s, output.search_s, finished - started_post)
         return ScoreBatch(scores.numpy().astype(np.float32), maps.numpy().astype(np.float32), timings)
-
-    def _reweighted_scores(
-        self, patches: np.ndarray, patch_scores: torch.Tensor, nearest: np.ndarray, view_count: int
-    ) -> torch.Tensor:
-        """PatchCore: max patch score times 1 - softmax weight of its nearest entry among that entry's neighbours."""
-        per_view = patch_scores.view(view_count, -1)
-        top = per_view.argmax(dim=1).numpy() + np.arange(view_count) * per_view.shape[1]
-        anchors = self.bank.features[nearest[top]]
-        _, anchor_neighbours = self.index.search(anchors, REWEIGHT_NEIGHBOURS)
-        support = torch.from_numpy(self.bank.features[anchor_neighbours])  # (views, b, C)
-        test = torch.from_numpy(patches[top])[:, None]  # (views, 1, C)
-        distances = torch.linalg.vector_norm(support - test, dim=2)
-        weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
-        return weights * per_view.amax(dim=1)
 
     def verdicts(self, scores: np.ndarray) -> list[bool]:
         """True = fail (anomalous). Raises when the model has no threshold yet."""

@@ -33,8 +33,11 @@ class _Section(BaseModel):
 
 
 class ModelSettings(_Section):
-    """Backbone and patch features."""
+    """Method, backbone and patch features."""
 
+    method: Literal["patchcore"] = Field(
+        default="patchcore", description="Anomaly-detection method (models/methods/); each has its own section."
+    )
     backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"] = "efficientnet_lite0"
     layers: tuple[str, ...] | None = Field(
         default=None, description="Backbone layers to tap; None uses the backbone's stride-8 and stride-16 defaults."

@@ -16,7 +16,7 @@ def test_reloaded_model_in_a_new_scorer_gives_identical_scores(fitted_scorer: Sc
                                                                demo_line: DemoLine) -> None:  # fmt: skip
     images = [read_image(p) for p in demo_line.test_images]
     reloaded = load_scorer(saved_model, device="cpu")
-    assert reloaded is not fitted_scorer and reloaded.index is not fitted_scorer.index
+    assert reloaded is not fitted_scorer and reloaded.method is not fitted_scorer.method
     first, second = fitted_scorer.score(images), reloaded.score(images)
     assert np.array_equal(first.scores, second.scores)
     assert np.array_equal(first.maps, second.maps)
@@ -27,8 +27,9 @@ def test_reloaded_model_in_a_new_scorer_gives_identical_scores(fitted_scorer: Sc
 def test_manifest_describes_the_model(saved_model: Path) -> None:
     manifest = json.loads((saved_model / "manifest.json").read_text())
     assert manifest["model"]["backbone"] == "efficientnet_lite0"
-    assert manifest["layers"] == ["blocks.2", "blocks.4"]
-    assert manifest["bank"]["kind"] == "compressed" and manifest["bank"]["rows"] == 288
+    method = manifest["method"]
+    assert method["name"] == "patchcore" and method["layers"] == ["blocks.2", "blocks.4"]
+    assert method["bank"]["kind"] == "compressed" and method["bank"]["rows"] == 288
     assert manifest["training"]["images"] > 0 and "torch" in manifest["libraries"]
     assert sorted(p.name for p in saved_model.iterdir()) == ["bank.npy", "index.faiss", "manifest.json"]
 
@@ -60,7 +61,7 @@ def test_hand_edited_manifest_is_detected(saved_model: Path, tmp_path: Path) -> 
 def test_backbone_mismatch_is_detected(saved_model: Path, tmp_path: Path) -> None:
     model = _copy(saved_model, tmp_path)
     manifest = json.loads((model / "manifest.json").read_text())
-    manifest["layers"] = ["blocks.2", "blocks.3"]  # 40 + 80 channels, the bank has 152
+    manifest["method"]["layers"] = ["blocks.2", "blocks.3"]  # 40 + 80 channels, the bank has 152
     from models.artifact import _write_manifest
 
     _write_manifest(model, manifest)

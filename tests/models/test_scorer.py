@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from models.images import read_image
+from models.methods.patchcore import PatchCoreMethod
 from models.scorer import Scorer, gaussian_blur
 from models.synthetic import DemoLine
 
@@ -22,21 +23,23 @@ def test_a_batch_costs_one_backbone_call_and_one_search(fitted_scorer: Scorer, d
     images, _ = _images(demo_line)
     scorer = fitted_scorer.with_scoring(fitted_scorer.scoring.model_copy(update={"shift_pixels": 2}))
     calls = {"backbone": 0, "search": 0}
-    hook = scorer.extractor.backbone.register_forward_hook(
+    hook = scorer.method.extractor.backbone.register_forward_hook(
         lambda *_: calls.__setitem__("backbone", calls["backbone"] + 1)
     )
-    original_search = scorer.index.search
+    method = scorer.method
+    assert isinstance(method, PatchCoreMethod)
+    original_search = method.index.search
 
     def counting_search(*args, **kwargs):
         calls["search"] += 1
         return original_search(*args, **kwargs)
 
-    scorer.index.search = counting_search  # type: ignore[method-assign]
+    method.index.search = counting_search  # type: ignore[method-assign]
     try:
         scorer.score(images[:4])
     finally:
         hook.remove()
-        del scorer.index.search
+        del method.index.search
     assert calls == {"backbone": 1, "search": 1}
 
 

@@ -51,6 +51,12 @@ class Metrics:
             ["line", "reason"],
             registry=reg,
         )
+        self.ingested_frames = Counter(
+            "lineinspect_ingested_frames_total",
+            "Frames ingest published onto the line's frames stream, per camera.",
+            ["line", "camera"],
+            registry=reg,
+        )
         self.dropped_frames = Counter(
             "lineinspect_dropped_frames_total",
             "Live frames dropped under backpressure.",

@@ -126,6 +126,8 @@ class Ingestor:
         self.feeds = [
             Feed(source, FrameBuffer(limit, drop_oldest=source.live), itertools.count()) for source in sources
         ]
+        for feed in self.feeds:  # a series at 0 from the start, so a camera that never sends is visible
+            runtime.metrics.ingested_frames.labels(line_id, feed.source.camera_id)
         self.published = 0
         self.stop_captures = threading.Event()  # set when publishing ends, whatever the reason
         self._published_ids: collections.deque[str] = collections.deque(maxlen=4 * limit)
@@ -182,6 +184,7 @@ class Ingestor:
             return
         self._published_ids.append(self.runtime.client.publish(self.keys.frames, payload))
         self.published += 1
+        self.runtime.metrics.ingested_frames.labels(self.line_id, camera_id).inc()
 
     def _export_drops(self) -> None:
         for feed in self.feeds:

@@ -111,6 +111,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         for status in statuses
         if (args.role is None or status.get("role") == args.role)
         and (args.line is None or status.get("line") == args.line)
+        and (args.name is None or status.get("name") == args.name)
     ]
     healthy = bool(matching) and all(status.get("state") in ("ok", "starting", "draining") for status in matching)
     print(json.dumps({"healthy": healthy, "workers": matching}, indent=2))
@@ -221,6 +222,7 @@ def add_stream_commands(subparsers: argparse._SubParsersAction) -> None:  # type
     check = subparsers.add_parser("check", help="exit 0 when matching workers are healthy (Redis heartbeats)")
     _common(check)
     check.add_argument("--role", choices=["ingest", "score", "sink"], default=None)
+    check.add_argument("--name", default=None, help="only this worker (containers: <hostname>-<role>)")
     check.set_defaults(func=cmd_check)
 
     record = subparsers.add_parser("record", help="save a line's new frames and decisions to a file")

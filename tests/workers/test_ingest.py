@@ -92,6 +92,10 @@ def test_folder_frames_carry_the_original_file_bytes(
     assert [frame.sequence for frame in frames] == [0, 1, 2]
     assert {frame.metadata["recipe"] for frame in frames} == {"r7"}
     assert len({frame.frame_id for frame in frames}) == 3
+    ingested = runtime.metrics.registry.get_sample_value(
+        "lineinspect_ingested_frames_total", {"line": "line-1", "camera": "cam0"}
+    )
+    assert ingested == 3
 
 
 def test_file_sources_wait_for_scorers_instead_of_dropping(
@@ -150,6 +154,10 @@ def test_live_sources_drop_oldest_under_backpressure_and_export_the_count(
     )
     assert dropped is not None and dropped > 0
     assert len(published) + dropped == 200
+    ingested = runtime.metrics.registry.get_sample_value(
+        "lineinspect_ingested_frames_total", {"line": "line-1", "camera": "live0"}
+    )
+    assert ingested == len(published)
     last = decode_frame(published[-1].payload or b"")
     assert last.metadata["index"] == 199  # the newest frame survives, the oldest were dropped
 

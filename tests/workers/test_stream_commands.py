@@ -23,16 +23,21 @@ def client(redis_url: str, stream_prefix: str, monkeypatch: pytest.MonkeyPatch) 
 def test_check_follows_heartbeats(client: StreamClient, stream_prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check"]) == 1
     client.write_health(
-        health_key(stream_prefix, "score", "w1"), {"role": "score", "line": "line-1", "state": "ok"}, 30
+        health_key(stream_prefix, "score", "w1"), {"role": "score", "name": "w1", "line": "line-1", "state": "ok"}, 30
     )
     assert main(["check", "--role", "score", "--line", "line-1"]) == 0
     assert main(["check", "--role", "sink"]) == 1
     client.write_health(
-        health_key(stream_prefix, "score", "w2"), {"role": "score", "line": "line-1", "state": "failed"}, 30
+        health_key(stream_prefix, "score", "w2"),
+        {"role": "score", "name": "w2", "line": "line-1", "state": "failed"},
+        30,
     )
     assert main(["check", "--role", "score"]) == 1
     output = capsys.readouterr().out
     assert json.loads(output[output.rindex('{\n  "healthy"') :])["healthy"] is False
+    assert main(["check", "--role", "score", "--name", "w1"]) == 0  # a container checks only its own worker
+    assert main(["check", "--role", "score", "--name", "w2"]) == 1
+    assert main(["check", "--name", "w3"]) == 1
 
 
 def test_promote_announces_only_model_directories(client: StreamClient, stream_prefix: str, tmp_path: Path) -> None:

@@ -1,0 +1,304 @@
+"""Write deploy/grafana/dashboards/lineinspect.json, the provisioned per-line dashboard (Grafana 10/11).
+
+    python deploy/grafana/make_dashboard.py          # rewrite the JSON
+    python deploy/grafana/make_dashboard.py --check  # exit 1 if the committed JSON differs (tests run this)
+
+The panels are the ``ROWS`` table below: title, PromQL (``$line`` is the template variable), legend, unit. Queries use
+the workers' metrics and the recording rules of deploy/prometheus/alerts.yml; tests/deploy checks that every name
+exists. Standard library only: the generated JSON is committed, so Grafana needs nothing from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+OUTPUT = Path(__file__).resolve().parent / "dashboards" / "lineinspect.json"
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+LINE = 'line="$line"'
+
+
+@dataclass(frozen=True)
+class Query:
+    expr: str
+    legend: str
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    queries: tuple[Query, ...]
+    unit: str = "short"
+    kind: str = "timeseries"  # or "stat"
+    description: str = ""
+    width: int = 8
+
+
+ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
+    (
+        "Decisions",
+        (
+            Panel(
+                "Throughput by verdict",
+                (
+                    Query(
+                        f"sum by (verdict) (rate(lineinspect_frames_total{{{LINE}}}[$__rate_interval]))", "{{verdict}}"
+                    ),
+                ),
+                unit="reqps",
+                description="Published decisions per second (one per frame).",
+            ),
+            Panel(
+                "Fail share (15 min vs 1 day) and errors",
+                (
+                    Query(f"line:lineinspect_fail_ratio:rate15m{{{LINE}}}", "fail share, 15 min"),
+                    Query(f"line:lineinspect_fail_ratio:rate1d{{{LINE}}}", "fail share, 1 day"),
+                    Query(
+                        f"sum(rate(lineinspect_errors_total{{{LINE}}}[$__rate_interval]))"
+                        f" / sum(rate(lineinspect_frames_total{{{LINE}}}[$__rate_interval]))",
+                        "error share",
+                    ),
+                ),
+                unit="percentunit",
+                description="Failed / (passed + failed). The alert LineinspectFailRateJump compares the two lines.",
+            ),
+            Panel(
+                "Model version (scoring workers)",
+                (
+                    Query(
+                        f'count by (model_id) (lineinspect_model_info{{{LINE}, job="lineinspect-score"}})',
+                        "{{model_id}}",
+                    ),
+                ),
+                kind="stat",
+                description="Workers per model id; more than one id means a mismatch (alert LineinspectModelMismatch).",
+            ),
+        ),
+    ),
+    (
+        "Latency",
+        (
+            Panel(
+                "End-to-end latency (capture to decision)",
+                (
+                    Query(f"line:lineinspect_end_to_end_latency_seconds:p50{{{LINE}}}", "p50"),
+                    Query(f"line:lineinspect_end_to_end_latency_seconds:p95{{{LINE}}}", "p95"),
+                    Query(f"line:lineinspect_end_to_end_latency_seconds:p99{{{LINE}}}", "p99"),
+                ),
+                unit="s",
+            ),
+            Panel(
+                "Stage latency p50",
+                (Query(f"line_stage:lineinspect_stage_latency_seconds:p50{{{LINE}}}", "{{stage}}"),),
+                unit="s",
+            ),
+            Panel(
+                "Stage latency p99",
+                (Query(f"line_stage:lineinspect_stage_latency_seconds:p99{{{LINE}}}", "{{stage}}"),),
+                unit="s",
+            ),
+        ),
+    ),
+    (
+        "Scoring and streams",
+        (
+            Panel(
+                "Batch size",
+                (
+                    Query(
+                        f"sum(rate(lineinspect_batch_size_sum{{{LINE}}}[$__rate_interval]))"
+                        f" / sum(rate(lineinspect_batch_size_count{{{LINE}}}[$__rate_interval]))",
+                        "mean",
+                    ),
+                    Query(
+                        "histogram_quantile(0.95, sum by (le) "
+                        f"(rate(lineinspect_batch_size_bucket{{{LINE}}}[$__rate_interval])))",
+                        "p95",
+                    ),
+                ),
+                description="Frames per scored batch (up to worker.max_batch).",
+            ),
+            Panel(
+                "Stream lag (not yet delivered)",
+                (Query(f"line_stream_group:lineinspect_stream_lag:max{{{LINE}}}", "{{group}}"),),
+                description="scorers: frames waiting for a scoring worker (ingest holds back at live_queue_limit); "
+                "sinks: results waiting for the sink. KEDA scales scorers on the first.",
+            ),
+            Panel(
+                "Stream pending (delivered, not acknowledged)",
+                (Query(f"line_stream_group:lineinspect_stream_pending:max{{{LINE}}}", "{{group}}"),),
+                description="Frames in workers' hands; stuck entries are claimed after streams.claim_idle_ms.",
+            ),
+        ),
+    ),
+    (
+        "Cameras and losses",
+        (
+            Panel(
+                "Frames in per camera",
+                (
+                    Query(
+                        f"sum by (camera) (rate(lineinspect_ingested_frames_total{{{LINE}}}[$__rate_interval]))",
+                        "{{camera}}",
+                    ),
+                ),
+                unit="reqps",
+            ),
+            Panel(
+                "Dropped frames per camera",
+                (
+                    Query(
+                        f"sum by (camera) (rate(lineinspect_dropped_frames_total{{{LINE}}}[$__rate_interval]))",
+                        "{{camera}}",
+                    ),
+                ),
+                unit="reqps",
+                description="Live frames dropped because the scorers' backlog reached ingest.live_queue_limit.",
+            ),
+            Panel(
+                "Dead letters and error decisions by reason",
+                (
+                    Query(
+                        f"sum by (reason) (rate(lineinspect_dead_letters_total{{{LINE}}}[$__rate_interval]))",
+                        "dead letter: {{reason}}",
+                    ),
+                    Query(
+                        f"sum by (reason) (rate(lineinspect_errors_total{{{LINE}}}[$__rate_interval]))",
+                        "error: {{reason}}",
+                    ),
+                ),
+                unit="reqps",
+            ),
+        ),
+    ),
+    (
+        "Workers",
+        (
+            Panel(
+                "Workers up",
+                (Query('sum by (job) (up{job=~"lineinspect-.*"})', "{{job}}"),),
+                kind="stat",
+                description="Scrape targets answering, per role (all lines).",
+            ),
+            Panel(
+                "Model reloads (last hour)",
+                (
+                    Query(
+                        f"sum by (outcome) (increase(lineinspect_model_reloads_total{{{LINE}}}[1h]))",
+                        "{{outcome}}",
+                    ),
+                ),
+                kind="stat",
+            ),
+            Panel(
+                "Duplicate decisions suppressed",
+                (
+                    Query(
+                        f"sum(rate(lineinspect_duplicate_decisions_total{{{LINE}}}[$__rate_interval]))",
+                        "duplicates",
+                    ),
+                ),
+                unit="reqps",
+                description="Redelivered frames whose decision was already published (after a worker died).",
+            ),
+        ),
+    ),
+)
+
+
+def _panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict[str, Any]:
+    targets = [
+        {"datasource": DATASOURCE, "expr": query.expr, "legendFormat": query.legend, "refId": chr(ord("A") + index)}
+        for index, query in enumerate(panel.queries)
+    ]
+    body: dict[str, Any] = {
+        "id": panel_id,
+        "type": panel.kind,
+        "title": panel.title,
+        "description": panel.description,
+        "datasource": DATASOURCE,
+        "gridPos": {"h": 8, "w": panel.width, "x": x, "y": y},
+        "targets": targets,
+        "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
+    }
+    if panel.kind == "stat":
+        body["options"] = {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "textMode": "value_and_name",
+            "colorMode": "none",
+        }
+    else:
+        body["options"] = {"legend": {"displayMode": "list", "placement": "bottom"}, "tooltip": {"mode": "multi"}}
+    return body
+
+
+def dashboard() -> dict[str, Any]:
+    panels: list[dict[str, Any]] = []
+    panel_id, y = 1, 0
+    for row_title, row_panels in ROWS:
+        panels.append(
+            {"id": panel_id, "type": "row", "title": row_title, "collapsed": False, "panels": [],
+             "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}}
+        )  # fmt: skip
+        panel_id, y, x = panel_id + 1, y + 1, 0
+        for panel in row_panels:
+            panels.append(_panel_json(panel, panel_id, x, y))
+            panel_id, x = panel_id + 1, x + panel.width
+        y += 8
+    line_variable = {
+        "name": "line",
+        "label": "Line",
+        "type": "query",
+        "datasource": DATASOURCE,
+        "definition": "label_values(lineinspect_model_info, line)",
+        "query": {"query": "label_values(lineinspect_model_info, line)", "refId": "line"},
+        "refresh": 2,
+        "sort": 1,
+        "includeAll": False,
+        "multi": False,
+    }
+    datasource_variable = {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus"}
+    return {
+        "uid": "lineinspect-line",
+        "title": "lineinspect: line",
+        "description": "One inspection line: decisions, latency, scoring, streams, cameras, workers. Generated by "
+        "deploy/grafana/make_dashboard.py.",
+        "tags": ["lineinspect"],
+        "editable": True,
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "10s",
+        "time": {"from": "now-1h", "to": "now"},
+        "timezone": "",
+        "templating": {"list": [datasource_variable, line_variable]},
+        "annotations": {"list": []},
+        "panels": panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="compare with the committed JSON instead of writing")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        if not OUTPUT.exists() or OUTPUT.read_text() != text:
+            print(f"{OUTPUT} is out of date: run python deploy/grafana/make_dashboard.py", file=sys.stderr)
+            return 1
+        return 0
+    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
+    OUTPUT.write_text(text)
+    print(f"wrote {OUTPUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from pipeline.config import load_config
 from tests.workers.conftest import processes, tiny_line  # noqa: F401  (fixtures shared with the worker tests)
 from tests.workers.processes import REPO_ROOT
+from workers.stream_commands import add_stream_commands
 
 DEPLOY = REPO_ROOT / "deploy"
 
@@ -37,3 +40,18 @@ def prometheus() -> str:
 @pytest.fixture(scope="session")
 def deploy_dir() -> Path:
     return DEPLOY
+
+
+def parse_lineinspect(argv: list[str]) -> argparse.Namespace:
+    """Parse a deploy file's command line with the real CLI parser (fails on an unknown subcommand or option)."""
+    parser = argparse.ArgumentParser(prog="lineinspect", exit_on_error=False)
+    add_stream_commands(parser.add_subparsers(dest="command", required=True))
+    try:
+        return parser.parse_args(argv)
+    except SystemExit:  # argparse exits on some errors even with exit_on_error=False
+        pytest.fail(f"lineinspect rejects {argv}")
+
+
+def drain_timeout_s() -> float:
+    """worker.drain_timeout_s as config.toml sets it: grace periods must exceed it."""
+    return load_config(REPO_ROOT / "config.toml", environ={}).worker.drain_timeout_s

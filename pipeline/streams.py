@@ -279,6 +279,42 @@ class StreamClient:
         )
         return appended is not None
 
+    def publish_decisions_once(
+        self, keys: LineKeys, decisions: Sequence[tuple[str, bytes]], marker_ttl_s: int
+    ) -> list[bool]:
+        """``publish_decision_once`` for several ``(frame_id, payload)`` in one round trip; True where appended.
+
+        Each decision is still its own atomic script call (marker + XADD), so a crash part-way publishes a prefix
+        and a retry of the whole list publishes only what is missing.
+        """
+        if not decisions:
+            return []
+
+        def run() -> list[Any]:
+            pipe = self.redis.pipeline(transaction=False)
+            for frame_id, payload in decisions:
+                self._publish_once(
+                    keys=[keys.published(frame_id), keys.decisions],
+                    args=[marker_ttl_s, self.settings.maxlen, payload],
+                    client=pipe,
+                )
+            return list(pipe.execute())
+
+        return [reply is not None for reply in self._call(run, "publish_decisions_once")]
+
+    def fetch_many(self, stream: str, entry_ids: Sequence[str]) -> list[bytes | None]:
+        """``fetch`` for several entries in one round trip (None where trimmed)."""
+        if not entry_ids:
+            return []
+
+        def run() -> list[Any]:
+            pipe = self.redis.pipeline(transaction=False)
+            for entry_id in entry_ids:
+                pipe.xrange(stream, entry_id, entry_id, count=1)
+            return list(pipe.execute())
+
+        return [rows[0][1].get(PAYLOAD.encode()) if rows else None for rows in self._call(run, "fetch_many")]
+
     def ack(self, stream: str, group: str, entry_ids: Sequence[str]) -> None:
         if entry_ids:
             self._call(lambda: self.redis.xack(stream, group, *entry_ids), "ack")

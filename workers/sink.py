@@ -1,27 +1,104 @@
 """Sink worker: results stream -> heatmap PNGs + the line's decisions stream (once per frame_id) + Prometheus.
 
 Each result is published with ``publish_decision_once`` (a ``published:<frame_id>`` marker set atomically with the
-XADD), so a redelivered or twice-scored frame never yields two published decisions. Failed frames (all frames with
-``sink.save_all_heatmaps``) get a heatmap overlay drawn on the original frame, fetched from the frames stream.
-Stream lag and pending counts of both consumer groups are exported every second.
+XADD), so a redelivered or twice-scored frame never yields two published decisions.
+
+Results without an anomaly map (passes) are published by the main thread, a whole read in one round trip, and
+acknowledged (and deleted) in one transaction. Results with a map (failed frames; all frames with
+``sink.save_all_heatmaps``) go to a ``HeatmapWriter`` thread through a bounded queue, so drawing and PNG-encoding
+overlays never holds up the other decisions: it fetches the original frame from the frames stream, writes the
+overlay, then publishes the decision (whose ``heatmap_ref`` therefore names a file that exists) and only then
+acknowledges the result. A crash in between leaves the result pending, to be redelivered; an overlay already on disk
+is not drawn again, so each failed frame's overlay is written once. The writer also applies heatmap retention.
+On drain the writer finishes its queue before the sink exits. Stream lag and pending counts of both consumer
+groups are exported every second.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from pipeline.codec import CodecError, decode_decision, decode_frame, decode_pixels, encode_decision
 from pipeline.messages import Decision, StageTimings, now_ns
-from pipeline.streams import SINK_GROUP, Commit, DeadLetter, LineKeys, StreamEntry
+from pipeline.streams import SINK_GROUP, Commit, DeadLetter, LineKeys, StreamEntry, StreamsUnavailable
 from workers.heatmaps import HeatmapStore
 from workers.lifecycle import WorkerRuntime
 
 logger = logging.getLogger(__name__)
 READ_COUNT = 64
+HEATMAP_QUEUE = 32  # results (anomaly map ~100 kB each) waiting for the writer; a full queue holds up the reader
+
+
+@dataclass(frozen=True)
+class HeatmapJob:
+    """A result whose overlay is to be written before its decision is published and the result acknowledged."""
+
+    entry_id: str
+    decision: Decision
+
+
+class HeatmapWriter:
+    """The sink's writer thread: overlay PNG, then publish, then acknowledge, for results that carry a map."""
+
+    def __init__(self, sink: SinkWorker, capacity: int = HEATMAP_QUEUE) -> None:
+        self.sink = sink
+        self.jobs: queue.Queue[HeatmapJob | None] = queue.Queue(maxsize=capacity)
+        self._thread = threading.Thread(target=self._run, name="heatmap-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: HeatmapJob) -> None:
+        """Queue ``job``; blocks while the queue is full (backpressure on the sink's reader)."""
+        self.jobs.put(job)
+
+    def flush(self) -> None:
+        """Wait until every job queued so far has been written, published and acknowledged."""
+        self.jobs.join()
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Finish the queued jobs and stop the thread."""
+        self.jobs.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            logger.error("heatmap writer did not finish its queue in time", extra={"queued": self.jobs.qsize()})
+
+    def _take(self) -> list[HeatmapJob | None]:
+        """The next job (waiting up to the prune interval) and whatever else is queued behind it."""
+        try:
+            taken = [self.jobs.get(timeout=self.sink.heatmaps.prune_every_s or None)]
+        except queue.Empty:
+            return []
+        while taken[-1] is not None and len(taken) < READ_COUNT:
+            try:
+                taken.append(self.jobs.get_nowait())
+            except queue.Empty:
+                break
+        return taken
+
+    def _run(self) -> None:
+        while True:
+            taken = self._take()
+            jobs = [job for job in taken if job is not None]
+            try:
+                if jobs:
+                    self.sink.write_and_publish(jobs)
+                self.sink.heatmaps.maybe_prune()
+            except StreamsUnavailable as error:  # only once the drain deadline has passed: results stay pending
+                logger.error("heatmap writer gave up on redis", extra={"error": str(error), "jobs": len(jobs)})
+            except Exception:
+                logger.exception("heatmap writer failed; results stay pending for redelivery")
+            finally:
+                for _ in taken:
+                    self.jobs.task_done()
+            if taken and taken[-1] is None:
+                return
 
 
 class SinkWorker:
@@ -33,14 +110,13 @@ class SinkWorker:
         self.keys = LineKeys(self.config.streams.prefix, line_id)
         sink = self.config.sink
         self.heatmaps = HeatmapStore(sink.heatmap_dir, sink.heatmap_max_files, sink.heatmap_max_age_s)
+        self.writer = HeatmapWriter(self)
         self._next_stats = 0.0
         self._next_claim = 0.0
 
-    def _overlay_image(self, decision: Decision, anomaly_map: np.ndarray) -> np.ndarray:
+    # -- heatmaps (writer thread) ------------------------------------------------------------------------------
+    def _overlay_image(self, decision: Decision, anomaly_map: np.ndarray, payload: bytes | None) -> np.ndarray:
         """The original frame's pixels, or a grey canvas when the frame has been trimmed from Redis."""
-        payload = None
-        if decision.frame_entry_id:
-            payload = self.runtime.client.fetch(self.keys.frames, decision.frame_entry_id)
         if payload is not None:
             try:
                 return decode_pixels(decode_frame(payload))
@@ -51,46 +127,72 @@ class SinkWorker:
         side = anomaly_map.shape[0]
         return np.full((side, side, 3), 128, dtype=np.uint8)
 
-    def _heatmap(self, decision: Decision) -> str | None:
+    def _write_heatmap(self, decision: Decision, payload: bytes | None) -> str | None:
         anomaly_map = decision.anomaly_map_array()
         if anomaly_map is None:
             return None
-        image = self._overlay_image(decision, anomaly_map)
-        path = self.heatmaps.write(decision.line_id, decision.frame_id, image, anomaly_map, decision.threshold)
+        try:
+            image = self._overlay_image(decision, anomaly_map, payload)
+            path = self.heatmaps.write(decision.line_id, decision.frame_id, image, anomaly_map, decision.threshold)
+        except (OSError, ValueError) as error:
+            logger.error("heatmap not written", extra={"frame_id": decision.frame_id, "error": str(error)})
+            return None
         self.runtime.metrics.heatmaps.labels(decision.line_id).inc()
         return str(path)
 
-    def handle(self, entries: Sequence[StreamEntry]) -> int:
-        """Publish each result once, then acknowledge them all; returns how many were newly published."""
-        published = 0
-        letters: list[DeadLetter] = []
-        for entry in entries:
-            if entry.payload is None:
-                letters.append(
-                    DeadLetter(entry.entry_id, None, "entry_trimmed", "result trimmed before the sink read it")
-                )
-                continue
-            try:
-                decision = decode_decision(entry.payload)
-            except CodecError as error:
-                letters.append(DeadLetter(entry.entry_id, entry.payload, error.reason.value, error.detail))
-                continue
-            published += self._publish(decision)
-        # results carry anomaly maps and are read by nobody else: delete them once acknowledged to bound memory
-        commit = Commit(dead_letters=letters, acks=[entry.entry_id for entry in entries], delete_acked=True)
-        self.runtime.client.commit(self.keys.results, SINK_GROUP, commit, self.keys.deadletter)
+    def write_and_publish(self, jobs: Sequence[HeatmapJob]) -> int:
+        """Write each job's overlay (unless an earlier delivery did), publish its decision once, acknowledge."""
+        client = self.runtime.client
+        refs: dict[str, str | None] = {}
+        to_draw: dict[Path, HeatmapJob] = {}  # one overlay per frame, even when a batch holds it twice
+        for job in jobs:
+            path = self.heatmaps.path_for(job.decision.line_id, job.decision.frame_id)
+            if path.exists():
+                refs[job.entry_id] = str(path)  # drawn for an earlier delivery of this frame
+            else:
+                to_draw.setdefault(path, job)
+        with_frame = [job for job in to_draw.values() if job.decision.frame_entry_id]
+        payloads = dict(
+            zip(
+                [job.entry_id for job in with_frame],
+                client.fetch_many(self.keys.frames, [job.decision.frame_entry_id or "" for job in with_frame]),
+                strict=True,
+            )
+        )
+        drawn = {path: self._write_heatmap(job.decision, payloads.get(job.entry_id)) for path, job in to_draw.items()}
+        for job in jobs:
+            if job.entry_id not in refs:
+                refs[job.entry_id] = drawn[self.heatmaps.path_for(job.decision.line_id, job.decision.frame_id)]
+        published = self._publish([(job.decision, refs[job.entry_id]) for job in jobs])
+        commit = Commit(acks=[job.entry_id for job in jobs], delete_acked=True)
+        client.commit(self.keys.results, SINK_GROUP, commit, self.keys.deadletter)
         return published
 
-    def _publish(self, decision: Decision) -> int:
-        try:
-            heatmap_ref = self._heatmap(decision)
-        except (OSError, ValueError) as error:
-            logger.error("heatmap not written", extra={"frame_id": decision.frame_id, "error": str(error)})
-            heatmap_ref = None
+    # -- publishing --------------------------------------------------------------------------------------------
+    def _publish(self, items: Sequence[tuple[Decision, str | None]]) -> int:
+        """Publish each ``(decision, heatmap_ref)`` unless its frame already has a decision; returns how many were."""
         published_at = now_ns()
+        finals = [self._final(decision, heatmap_ref, published_at) for decision, heatmap_ref in items]
+        appended = self.runtime.client.publish_decisions_once(
+            self.keys,
+            [(final.frame_id, encode_decision(final)) for final in finals],
+            self.config.streams.published_ttl_s,
+        )
+        for final, was_appended in zip(finals, appended, strict=True):
+            if not was_appended:
+                self.runtime.metrics.duplicates.labels(final.line_id).inc()
+                logger.info("duplicate decision not published again", extra={"frame_id": final.frame_id})
+                continue
+            self.runtime.metrics.observe_decision(final, published_at)
+            if final.model_id:
+                self.runtime.metrics.set_model(final.line_id, final.model_id)
+        return sum(appended)
+
+    @staticmethod
+    def _final(decision: Decision, heatmap_ref: str | None, published_at: int) -> Decision:
         publish_s = max(0.0, (published_at - decision.decided_at_ns) / 1e9) if decision.decided_at_ns else 0.0
         timings = StageTimings(**{**decision.timings.model_dump(), "publish_s": publish_s})
-        final = decision.model_copy(
+        return decision.model_copy(
             update={
                 "heatmap_ref": heatmap_ref,
                 "published_at_ns": published_at,
@@ -99,21 +201,42 @@ class SinkWorker:
                 "map_size": None,
             }
         )
-        appended = self.runtime.client.publish_decision_once(
-            self.keys, decision.frame_id, encode_decision(final), self.config.streams.published_ttl_s
-        )
-        if not appended:
-            self.runtime.metrics.duplicates.labels(decision.line_id).inc()
-            logger.info("duplicate decision not published again", extra={"frame_id": decision.frame_id})
-            return 0
-        self.runtime.metrics.observe_decision(final, published_at)
-        if decision.model_id:
-            self.runtime.metrics.set_model(decision.line_id, decision.model_id)
-        return 1
+
+    def handle(self, entries: Sequence[StreamEntry]) -> int:
+        """Publish results without a map now and hand those with one to the writer; returns how many were published
+        here (the writer's are published once their overlay is written, see ``writer.flush``)."""
+        letters: list[DeadLetter] = []
+        plain: list[tuple[Decision, str | None]] = []
+        acks: list[str] = []
+        jobs: list[HeatmapJob] = []
+        for entry in entries:
+            if entry.payload is None:
+                letters.append(
+                    DeadLetter(entry.entry_id, None, "entry_trimmed", "result trimmed before the sink read it")
+                )
+                acks.append(entry.entry_id)
+                continue
+            try:
+                decision = decode_decision(entry.payload)
+            except CodecError as error:
+                letters.append(DeadLetter(entry.entry_id, entry.payload, error.reason.value, error.detail))
+                acks.append(entry.entry_id)
+                continue
+            if decision.anomaly_map is not None:
+                jobs.append(HeatmapJob(entry.entry_id, decision))
+            else:
+                plain.append((decision, None))
+                acks.append(entry.entry_id)
+        published = self._publish(plain)
+        # results carry anomaly maps and are read by nobody else: delete them once acknowledged to bound memory
+        commit = Commit(dead_letters=letters, acks=acks, delete_acked=True)
+        self.runtime.client.commit(self.keys.results, SINK_GROUP, commit, self.keys.deadletter)
+        for job in jobs:
+            self.writer.submit(job)
+        return published
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
-        self.heatmaps.maybe_prune(now)
         if now >= self._next_stats:
             self._next_stats = now + 1.0
             for stream in (self.keys.frames, self.keys.results):
@@ -128,6 +251,7 @@ class SinkWorker:
             if not own:
                 break
             self.handle(own)
+            self.writer.flush()  # the writer's results stay pending until done: do not read them again
         while not stop.is_set():
             self.runtime.heartbeat.beat("ok", line=self.keys.line_id)
             if time.monotonic() >= self._next_claim:
@@ -136,3 +260,5 @@ class SinkWorker:
             self.handle(client.read_new(self.keys.results, SINK_GROUP, name, READ_COUNT, streams.block_ms))
             self._housekeeping()
         self.runtime.heartbeat.beat("draining", force=True)
+        client.retry_deadline = time.monotonic() + self.config.worker.drain_timeout_s
+        self.writer.close(self.config.worker.drain_timeout_s)

@@ -92,6 +92,23 @@ def test_publish_decision_once_is_idempotent_per_frame(client: StreamClient, key
     assert 0 < client.redis.ttl(keys.published("f-1")) <= 60
 
 
+def test_publish_decisions_once_batches_and_stays_idempotent(client: StreamClient, keys: LineKeys) -> None:
+    assert client.publish_decision_once(keys, "f-1", b"first", marker_ttl_s=60)
+    batch = [("f-1", b"again"), ("f-2", b"second"), ("f-2", b"twice in one batch"), ("f-3", b"third")]
+    assert client.publish_decisions_once(keys, batch, marker_ttl_s=60) == [False, True, False, True]
+    assert client.publish_decisions_once(keys, [], marker_ttl_s=60) == []
+    payloads = [entry.payload for entry in client.read_range(keys.decisions, "0-0", count=10)]
+    assert payloads == [b"first", b"second", b"third"]
+    assert 0 < client.redis.ttl(keys.published("f-3")) <= 60
+
+
+def test_fetch_many_returns_payloads_in_order_and_none_when_gone(client: StreamClient, keys: LineKeys) -> None:
+    first = client.publish(keys.frames, b"one")
+    second = client.publish(keys.frames, b"two")
+    assert client.fetch_many(keys.frames, [second, "1-1", first]) == [b"two", None, b"one"]
+    assert client.fetch_many(keys.frames, []) == []
+
+
 def test_streams_are_trimmed_to_about_maxlen(config: Config, keys: LineKeys) -> None:
     settings = config.streams.model_copy(update={"maxlen": 10})
     client = StreamClient(config.redis.url or "", config.redis, settings)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+import pytest
 
 from pipeline.codec import encode_decision, encode_frame, encode_pixels
 from pipeline.messages import Decision, Frame, StageTimings, now_ns, pack_anomaly_map
 from pipeline.streams import SINK_GROUP
-from tests.workers.helpers import decisions_in
+from tests.workers.helpers import decisions_in, start_thread, wait_until
 from workers.heatmaps import HeatmapStore, expired_files
 from workers.lifecycle import WorkerRuntime
 from workers.sink import SinkWorker
@@ -70,6 +73,7 @@ def test_each_frame_is_published_once_with_a_heatmap_for_failures(make_runtime: 
         client.publish(keys.results, encode_decision(result))
     client.publish(keys.results, b"not a decision")
     sink.handle(client.read_new(keys.results, SINK_GROUP, "s1", 100, None))
+    sink.writer.flush()
 
     published = decisions_in(client, keys.decisions)
     assert sorted(d.frame_id for d in published) == ["f0", "f1", "f2"]
@@ -103,3 +107,129 @@ def test_heatmap_store_prunes_files_on_disk(tmp_path: Path) -> None:
         os.utime(path, (time.time() - 100 + index, time.time() - 100 + index))
     assert store.maybe_prune(now_monotonic=0.0) == 2
     assert sorted(p.name for p in (tmp_path / "line_1").iterdir()) == ["frame_2.png", "frame_3.png"]
+
+
+def _frames_with_results(
+    sink: SinkWorker, count: int, verdict: str = "fail"
+) -> tuple[list[Frame], list[Decision]]:
+    """``count`` frames on the frames stream and a scoring result for each (with a map when ``verdict`` is fail)."""
+    client, keys = sink.runtime.client, sink.keys
+    pixels, extra = encode_pixels(np.full((40, 40, 3), 60, dtype=np.uint8), "png")
+    frames = [
+        Frame(
+            line_id="line-1",
+            camera_id="cam0",
+            frame_id=f"{verdict}-{i}",
+            sequence=i,
+            captured_at_ns=now_ns(),
+            encoding="png",
+            data=pixels,
+            **extra,
+        )
+        for i in range(count)
+    ]
+    entry_ids = [client.publish(keys.frames, encode_frame(frame)) for frame in frames]
+    results = [
+        result_for(frame, entry_id, verdict, with_map=verdict == "fail")
+        for frame, entry_id in zip(frames, entry_ids, strict=True)
+    ]
+    return frames, results
+
+
+def _deliver(sink: SinkWorker, results: list[Decision]) -> int:
+    client, keys = sink.runtime.client, sink.keys
+    client.ensure_group(keys.results, SINK_GROUP)
+    for result in results:
+        client.publish(keys.results, encode_decision(result))
+    return sink.handle(client.read_new(keys.results, SINK_GROUP, sink.runtime.name, 100, None))
+
+
+def test_writer_writes_each_failed_frames_overlay_once_across_redeliveries(
+    make_runtime: Callable[..., WorkerRuntime],
+) -> None:
+    runtime = make_runtime("sink", "s-once")
+    sink = SinkWorker(runtime, "line-1")
+    _frames, results = _frames_with_results(sink, 5)
+    assert _deliver(sink, results + results[:2]) == 0  # failures are published by the writer, not here
+    sink.writer.flush()
+    _deliver(sink, results[1:4])  # redelivered after their decisions (and overlays) are out
+    sink.writer.flush()
+
+    published = decisions_in(runtime.client, sink.keys.decisions)
+    assert sorted(d.frame_id for d in published) == [f"fail-{i}" for i in range(5)]
+    paths = {Path(str(d.heatmap_ref)) for d in published}
+    assert paths == set((sink.config.sink.heatmap_dir / "line-1").iterdir())
+    assert all(cv2.imread(str(path)).shape == (40, 40, 3) for path in paths)
+    value = runtime.metrics.registry.get_sample_value
+    assert value("lineinspect_heatmaps_written_total", {"line": "line-1"}) == 5
+    assert value("lineinspect_duplicate_decisions_total", {"line": "line-1"}) == 5
+    assert runtime.client.group_stats(sink.keys.results)[SINK_GROUP].pending == 0
+    assert runtime.client.length(sink.keys.results) == 0
+
+
+def test_an_overlay_left_by_a_crashed_delivery_is_not_drawn_again(make_runtime: Callable[..., WorkerRuntime]) -> None:
+    runtime = make_runtime("sink", "s-crash")
+    sink = SinkWorker(runtime, "line-1")
+    frames, results = _frames_with_results(sink, 1)
+    path = sink.heatmaps.path_for("line-1", frames[0].frame_id)
+    path.parent.mkdir(parents=True)
+    cv2.imwrite(str(path), np.zeros((8, 8, 3), np.uint8))  # written, then the sink died before publishing
+    _deliver(sink, results)
+    sink.writer.flush()
+    (published,) = decisions_in(runtime.client, sink.keys.decisions)
+    assert published.heatmap_ref == str(path)
+    assert cv2.imread(str(path)).shape == (8, 8, 3)
+    assert runtime.metrics.registry.get_sample_value("lineinspect_heatmaps_written_total", {"line": "line-1"}) is None
+
+
+def test_passes_are_published_while_the_writer_is_busy(
+    make_runtime: Callable[..., WorkerRuntime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = make_runtime("sink", "s-busy")
+    sink = SinkWorker(runtime, "line-1")
+    release = threading.Event()
+    original_write = sink.heatmaps.write
+
+    def held_write(*args: Any) -> Path:
+        release.wait()
+        return original_write(*args)
+
+    monkeypatch.setattr(sink.heatmaps, "write", held_write)
+    _fail_frames, failures = _frames_with_results(sink, 2)
+    _pass_frames, passes = _frames_with_results(sink, 3, verdict="pass")
+    assert _deliver(sink, [failures[0], *passes, failures[1]]) == 3
+    published = decisions_in(runtime.client, sink.keys.decisions)
+    assert sorted(d.frame_id for d in published) == ["pass-0", "pass-1", "pass-2"]
+    assert runtime.client.group_stats(sink.keys.results)[SINK_GROUP].pending == 2  # acked only once written
+    release.set()
+    sink.writer.flush()
+    assert len(decisions_in(runtime.client, sink.keys.decisions)) == 5
+    assert runtime.client.group_stats(sink.keys.results)[SINK_GROUP].pending == 0
+
+
+def test_writer_applies_retention(make_runtime: Callable[..., WorkerRuntime]) -> None:
+    runtime = make_runtime("sink", "s-retain", config=None)
+    sink = SinkWorker(runtime, "line-1")
+    sink.heatmaps.max_files, sink.heatmaps.prune_every_s = 2, 0.0
+    _frames, results = _frames_with_results(sink, 5)
+    for result in results:  # one per read, so the writer prunes between them
+        _deliver(sink, [result])
+        sink.writer.flush()
+    assert len(list((sink.config.sink.heatmap_dir / "line-1").iterdir())) == 2
+    assert len(decisions_in(runtime.client, sink.keys.decisions)) == 5
+
+
+def test_drain_finishes_the_writers_queue(make_runtime: Callable[..., WorkerRuntime]) -> None:
+    runtime = make_runtime("sink", "s-drain")
+    sink = SinkWorker(runtime, "line-1")
+    _frames, results = _frames_with_results(sink, 4)
+    runtime.client.ensure_group(sink.keys.results, SINK_GROUP)
+    for result in results:
+        runtime.client.publish(sink.keys.results, encode_decision(result))
+    thread = start_thread(sink.run)
+    wait_until(lambda: runtime.client.group_stats(sink.keys.results)[SINK_GROUP].lag == 0, what="results read")
+    runtime.stop.set()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert len(decisions_in(runtime.client, sink.keys.decisions)) == 4
+    assert runtime.client.group_stats(sink.keys.results)[SINK_GROUP].pending == 0

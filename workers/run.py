@@ -120,7 +120,8 @@ def _child_env(url: str, out: Path, metrics_port: int, backlog: int) -> dict[str
 def _start(
     role: str, extra: list[str], args: argparse.Namespace, env: dict[str, str], logs: Path
 ) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", CHILD_MODULE, role, "--line", args.line, *extra]
+    verbose = ["-v"] if getattr(args, "verbose", False) else []
+    command = [sys.executable, "-m", CHILD_MODULE, *verbose, role, "--line", args.line, *extra]
     if args.config is not None:
         command += ["--config", str(args.config)]
     log_file = (logs / f"{role}-{extra[-1] if extra else ''}.log").open("wb")

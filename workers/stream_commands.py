@@ -41,12 +41,17 @@ def _line(args: argparse.Namespace, config: Config) -> str:
     return str(args.line or config.worker.line_id)
 
 
+def _log_level(args: argparse.Namespace) -> str:
+    """DEBUG with ``lineinspect -v`` (or ``python -m workers.stream_commands -v``), else INFO."""
+    return "DEBUG" if getattr(args, "verbose", False) else "INFO"
+
+
 def cmd_score_worker(args: argparse.Namespace) -> int:
     from workers.score import ModelSlot, ScoreWorker, load_model
 
     config = _config(args)
     name = args.name or default_worker_name("score")
-    setup_logging("score", worker=name)
+    setup_logging("score", _log_level(args), worker=name)
     line_id = _line(args, config)
     with WorkerRuntime(config, _redis_url(config), "score", name, config.worker.health_port) as runtime:
         install_stop_handlers(runtime.stop)
@@ -66,7 +71,7 @@ def cmd_sink(args: argparse.Namespace) -> int:
 
     config = _config(args)
     name = args.name or default_worker_name("sink")
-    setup_logging("sink", worker=name)
+    setup_logging("sink", _log_level(args), worker=name)
     with WorkerRuntime(config, _redis_url(config), "sink", name, config.sink.metrics_port) as runtime:
         install_stop_handlers(runtime.stop)
         SinkWorker(runtime, _line(args, config)).run()
@@ -81,7 +86,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.max_fps is not None:
         config = config.model_copy(update={"ingest": config.ingest.model_copy(update={"max_fps": args.max_fps})})
     name = args.name or default_worker_name("ingest")
-    setup_logging("ingest", worker=name)
+    setup_logging("ingest", _log_level(args), worker=name)
     sources = [
         parse_source(spec, f"cam{index}", args.encoding, config.ingest.jpeg_quality, args.speed)
         for index, spec in enumerate(args.source)
@@ -136,7 +141,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     from workers.record import record_line
 
     config = _config(args)
-    setup_logging("record")
+    setup_logging("record", _log_level(args))
     client = StreamClient(_redis_url(config), config.redis, config.streams)
     stop = threading.Event()
     install_stop_handlers(stop)
@@ -151,7 +156,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from workers.replay import replay_and_compare
 
     config = _config(args)
-    setup_logging("replay")
+    setup_logging("replay", _log_level(args))
     run_id = uuid.uuid4().hex[:8]
     with WorkerRuntime(config, _redis_url(config), "replay", f"replay-{run_id}", 0) as runtime:
         install_stop_handlers(runtime.stop)
@@ -247,6 +252,7 @@ def add_stream_commands(subparsers: argparse._SubParsersAction) -> None:  # type
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lineinspect")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
     add_stream_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:

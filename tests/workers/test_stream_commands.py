@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,31 @@ def test_every_command_is_registered_with_a_handler() -> None:
     ):
         args = parser.parse_args(argv)
         assert callable(args.func) and args.config is None
+
+
+@pytest.mark.parametrize("entry", ["workers.stream_commands", "workers.cli"])
+def test_verbose_flag_turns_on_the_workers_debug_logs(
+    entry: str,
+    client: StreamClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from workers import cli, sink
+
+    monkeypatch.setenv("LINEINSPECT__SINK__METRICS_PORT", "0")
+    monkeypatch.setenv("LINEINSPECT__SINK__HEATMAP_DIR", str(tmp_path))
+    monkeypatch.setattr(sink.SinkWorker, "run", lambda self: logging.getLogger("workers.sink").debug("debug is on"))
+    run = main if entry == "workers.stream_commands" else cli.main
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        assert run(["sink", "--name", "quiet"]) == 0
+        assert "debug is on" not in capsys.readouterr().err
+        assert run(["-v", "sink", "--name", "verbose"]) == 0
+        logs = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+        assert {"msg": "debug is on", "level": "debug", "role": "sink", "worker": "verbose"}.items() <= next(
+            log for log in logs if log["msg"] == "debug is on"
+        ).items()
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]

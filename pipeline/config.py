@@ -35,12 +35,12 @@ class _Section(BaseModel):
 class ModelSettings(_Section):
     """Method, backbone and patch features."""
 
-    method: Literal["patchcore"] = Field(
+    method: Literal["patchcore", "gaussian", "padim"] = Field(
         default="patchcore", description="Anomaly-detection method (models/methods/); each has its own section."
     )
     backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"] = "efficientnet_lite0"
     layers: tuple[str, ...] | None = Field(
-        default=None, description="Backbone layers to tap; None uses the backbone's stride-8 and stride-16 defaults."
+        default=None, description="Backbone layers to tap; None: stride-8 + stride-16 blocks (gaussian: every stage)."
     )
     weights_path: Path | None = Field(
         default=None, description="Local weights file for torchvision backbones (the default backbone ships its own)."
@@ -112,6 +112,34 @@ class ScoringSettings(_Section):
         return self
 
 
+class GaussianSettings(_Section):
+    """Gaussian AD (models/methods/gaussian.py): a Ledoit-Wolf Gaussian over each layer's pooled least-variance
+    components (image score: Mahalanobis summed over layers) and one per position (maps); paper defaults."""
+
+    retained_variance: float = Field(
+        default=0.05, gt=0, le=1,
+        description="Negated PCA: keep the least-variance components holding this share of a layer's variance.",
+    )  # fmt: skip
+    position_max_components: int = Field(
+        default=128, ge=1, le=4096,
+        description="Per-position Gaussians: at most this many components per layer (memory: squared x positions).",
+    )  # fmt: skip
+    init_images: int = Field(
+        default=64, ge=2, description="Images whose local features fix the per-position projection (first ones)."
+    )
+
+
+class PadimSettings(_Section):
+    """PaDiM (models/methods/padim.py): a Gaussian per position over a random subset of the patch-feature channels,
+    Mahalanobis distance map; image score from the map ([scoring] image_score). Paper defaults."""
+
+    channels: int = Field(
+        default=100, ge=1, le=4096, description="Random channels kept (paper: 100 of ResNet-18's 448; 550 for WRN-50)."
+    )
+    regularisation: float = Field(default=0.01, gt=0, description="Added to each covariance's diagonal (epsilon I).")
+    seed: int = Field(default=0, description="Seed of the random channel subset (saved with the model).")
+
+
 class ThresholdSettings(_Section):
     false_reject_rate: float = Field(default=0.005, gt=0, lt=0.5)
 
@@ -164,6 +192,8 @@ class Config(_Section):
     bank: BankSettings = BankSettings()
     index: IndexSettings = IndexSettings()
     scoring: ScoringSettings = ScoringSettings()
+    gaussian: GaussianSettings = GaussianSettings()
+    padim: PadimSettings = PadimSettings()
     threshold: ThresholdSettings = ThresholdSettings()
     redis: RedisSettings = RedisSettings()
     streams: StreamSettings = StreamSettings()

@@ -192,6 +192,19 @@ class StreamClient:
         )
         return _text(entry_id)
 
+    def publish_many(self, stream: str, payloads: Sequence[bytes]) -> list[str]:
+        """``publish`` several payloads in one round trip (pipelined XADDs, in order); returns their entry ids."""
+        if not payloads:
+            return []
+
+        def run() -> list[Any]:
+            pipe = self.redis.pipeline(transaction=False)
+            for payload in payloads:
+                pipe.xadd(stream, {PAYLOAD: payload}, maxlen=self.settings.maxlen, approximate=True)
+            return list(pipe.execute())
+
+        return [_text(entry_id) for entry_id in self._call(run, "publish_many")]
+
     def _entries(self, reply: Any) -> list[StreamEntry]:
         entries: list[StreamEntry] = []
         for _stream, items in reply or []:

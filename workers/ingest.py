@@ -1,7 +1,9 @@
 """Ingest worker: sources -> Frames on the line's frames stream, with a frame-rate limit and backpressure.
 
-Each source runs in its own capture thread and fills a ``FrameBuffer``; the publisher takes frames round-robin
-and publishes them while the scorers' backlog (undelivered entries of the ``scorers`` group) is below
+Each source runs in its own capture thread and fills a ``FrameBuffer`` (a file source reads its next file only
+when ``ingest.max_fps`` allows, so ``captured_at`` is the time it was read); the publisher, woken by each capture,
+takes frames round-robin and publishes all it has in one round trip while the scorers' backlog (undelivered entries
+of the ``scorers`` group, asked of Redis only when the room it last saw is used up) is below
 ``ingest.live_queue_limit``. When it is not, the publisher waits: file and replay sources then block in their
 buffers (nothing lost), live cameras keep capturing and their buffers drop the oldest frames (counted in
 ``lineinspect_dropped_frames_total``).
@@ -25,6 +27,8 @@ from workers.lifecycle import WorkerRuntime
 from workers.sources import Capture, Source
 
 logger = logging.getLogger(__name__)
+IDLE_WAIT_S = 0.2  # longest the publisher sleeps without a frame (heartbeats, stop)
+BACKLOG_POLL_S = 0.025  # how often a full backlog is asked again: well under one batch's scoring time
 
 
 class FrameBuffer:
@@ -34,7 +38,7 @@ class FrameBuffer:
     ``drop_oldest=False``: ``put`` blocks until there is room or ``stop`` is set.
     """
 
-    def __init__(self, capacity: int, drop_oldest: bool) -> None:
+    def __init__(self, capacity: int, drop_oldest: bool, on_put: threading.Event | None = None) -> None:
         if capacity < 1:
             msg = f"buffer capacity must be at least 1, got {capacity}"
             raise ValueError(msg)
@@ -42,6 +46,7 @@ class FrameBuffer:
         self.items: collections.deque[Capture] = collections.deque()
         self.dropped = 0
         self.finished = False
+        self.on_put = on_put  # set after every put and at close: wakes the publisher instead of it polling
         self._condition = threading.Condition()
 
     def put(self, item: Capture, stop: threading.Event) -> bool:
@@ -56,7 +61,9 @@ class FrameBuffer:
                     return False
                 self._condition.wait(timeout=0.1)
             self.items.append(item)
-            return True
+        if self.on_put is not None:
+            self.on_put.set()
+        return True
 
     def take(self) -> Capture | None:
         with self._condition:
@@ -69,6 +76,8 @@ class FrameBuffer:
     def close(self) -> None:
         with self._condition:
             self.finished = True
+        if self.on_put is not None:
+            self.on_put.set()
 
     def __len__(self) -> int:
         with self._condition:
@@ -123,8 +132,10 @@ class Ingestor:
         self.max_frames = max_frames
         self.metadata = metadata or {}
         limit = self.config.ingest.live_queue_limit
+        self.frames_ready = threading.Event()
         self.feeds = [
-            Feed(source, FrameBuffer(limit, drop_oldest=source.live), itertools.count()) for source in sources
+            Feed(source, FrameBuffer(limit, drop_oldest=source.live, on_put=self.frames_ready), itertools.count())
+            for source in sources
         ]
         for feed in self.feeds:  # a series at 0 from the start, so a camera that never sends is visible
             runtime.metrics.ingested_frames.labels(line_id, feed.source.camera_id)
@@ -134,15 +145,20 @@ class Ingestor:
 
     def _capture_loop(self, feed: Feed) -> None:
         limiter = RateLimiter(self.config.ingest.max_fps)
+        captures = iter(feed.source.captures())
         try:
-            for capture in feed.source.captures():
-                wait_s = limiter.delay()
-                if wait_s > 0:
-                    if feed.source.live:
-                        continue  # live: skip frames faster than max_fps rather than fall behind
-                    if self.stop_captures.wait(wait_s):
-                        return
-                    limiter.delay()
+            while not self.stop_captures.is_set():
+                if not feed.source.live:  # wait for the slot first, so captured_at is when the frame was read
+                    wait_s = limiter.delay()
+                    while wait_s > 0:
+                        if self.stop_captures.wait(wait_s):
+                            return
+                        wait_s = limiter.delay()
+                capture = next(captures, None)
+                if capture is None:
+                    return
+                if feed.source.live and limiter.delay() > 0:
+                    continue  # live: skip frames faster than max_fps rather than fall behind
                 if not feed.buffer.put(capture, self.stop_captures) or self.stop_captures.is_set():
                     return
         except Exception:
@@ -160,7 +176,8 @@ class Ingestor:
         last = tuple(int(part) for part in stats.last_delivered_id.split("-"))
         return sum(1 for entry_id in self._published_ids if tuple(int(p) for p in entry_id.split("-")) > last)
 
-    def _publish(self, feed: Feed, capture: Capture) -> None:
+    def _frame_payload(self, feed: Feed, capture: Capture) -> tuple[str, bytes] | None:
+        """``(camera_id, encoded Frame)``, or None (logged and counted as dropped) when it is too large to send."""
         camera_id = capture.camera_id or feed.source.camera_id
         frame = Frame(
             line_id=self.line_id,
@@ -181,10 +198,30 @@ class Ingestor:
                 extra={"camera": camera_id, "bytes": len(payload)},
             )
             self.runtime.metrics.dropped_frames.labels(self.line_id, camera_id).inc()
-            return
-        self._published_ids.append(self.runtime.client.publish(self.keys.frames, payload))
-        self.published += 1
-        self.runtime.metrics.ingested_frames.labels(self.line_id, camera_id).inc()
+            return None
+        return camera_id, payload
+
+    def _publish(self, taken: Sequence[tuple[Feed, Capture]]) -> None:
+        """Publish captures in one round trip (pipelined XADDs)."""
+        frames = [framed for feed, capture in taken if (framed := self._frame_payload(feed, capture)) is not None]
+        entry_ids = self.runtime.client.publish_many(self.keys.frames, [payload for _, payload in frames])
+        self._published_ids.extend(entry_ids)
+        self.published += len(entry_ids)
+        for camera_id, _ in frames:
+            self.runtime.metrics.ingested_frames.labels(self.line_id, camera_id).inc()
+
+    def _take(self, ready: Sequence[Feed], count: int) -> list[tuple[Feed, Capture]]:
+        """Up to ``count`` captures, round-robin: one per source per pass."""
+        taken: list[tuple[Feed, Capture]] = []
+        while len(taken) < count:
+            before = len(taken)
+            for feed in ready:
+                capture = feed.buffer.take() if len(taken) < count else None
+                if capture is not None:
+                    taken.append((feed, capture))
+            if len(taken) == before:
+                break
+        return taken
 
     def _export_drops(self) -> None:
         for feed in self.feeds:
@@ -201,22 +238,26 @@ class Ingestor:
             thread.start()
         limit = self.config.ingest.live_queue_limit
         stop = self.runtime.stop
+        room = 0  # frames the scorers' backlog can still take; Redis is asked again only when it runs out
         while not stop.is_set() and (self.max_frames is None or self.published < self.max_frames):
             self.runtime.heartbeat.beat("ok", line=self.line_id, published=self.published)
             self._export_drops()
             if all(feed.buffer.exhausted for feed in self.feeds):
                 break
+            self.frames_ready.clear()
             ready = [feed for feed in self.feeds if len(feed.buffer)]
             if not ready:
-                stop.wait(0.005)
+                self.frames_ready.wait(IDLE_WAIT_S)  # woken by the next capture (or a source ending)
                 continue
-            if self.backlog() >= limit:  # asked only with frames in hand, so an idle camera costs no Redis calls
-                stop.wait(0.01)
-                continue
-            for feed in ready:  # round-robin: one frame per source per pass
-                capture = feed.buffer.take()
-                if capture is not None and (self.max_frames is None or self.published < self.max_frames):
-                    self._publish(feed, capture)
+            if room <= 0:
+                room = limit - self.backlog()  # asked only with frames in hand, so an idle camera costs no calls
+                if room <= 0:
+                    stop.wait(BACKLOG_POLL_S)
+                    continue
+            wanted = room if self.max_frames is None else min(room, self.max_frames - self.published)
+            taken = self._take(ready, wanted)
+            self._publish(taken)
+            room -= len(taken)
         self.stop_captures.set()
         self._export_drops()
         logger.info(

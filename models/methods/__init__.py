@@ -12,6 +12,8 @@ from models.methods.base import AnomalyMethod
 
 METHOD_CLASSES: dict[str, str] = {
     "patchcore": "models.methods.patchcore:PatchCoreMethod",
+    "gaussian": "models.methods.gaussian:GaussianMethod",
+    "padim": "models.methods.padim:PadimMethod",
 }
 
 

@@ -22,6 +22,8 @@ from tests.models.conftest import TINY
 
 FAST: dict[str, dict[str, Any]] = {
     "patchcore": {},
+    "gaussian": {"gaussian": {"init_images": 4}},
+    "padim": {},
 }
 
 

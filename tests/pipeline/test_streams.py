@@ -102,6 +102,13 @@ def test_publish_decisions_once_batches_and_stays_idempotent(client: StreamClien
     assert 0 < client.redis.ttl(keys.published("f-3")) <= 60
 
 
+def test_publish_many_appends_in_order_in_one_call(client: StreamClient, keys: LineKeys) -> None:
+    entry_ids = client.publish_many(keys.frames, [b"a", b"b", b"c"])
+    assert [entry.entry_id for entry in client.read_range(keys.frames, "0-0", 10)] == entry_ids
+    assert [client.fetch(keys.frames, entry_id) for entry_id in entry_ids] == [b"a", b"b", b"c"]
+    assert client.publish_many(keys.frames, []) == []
+
+
 def test_fetch_many_returns_payloads_in_order_and_none_when_gone(client: StreamClient, keys: LineKeys) -> None:
     first = client.publish(keys.frames, b"one")
     second = client.publish(keys.frames, b"two")

@@ -43,6 +43,15 @@ def test_file_buffer_blocks_instead_of_dropping_until_stopped() -> None:
     assert [buffer.take().metadata["index"] for _ in range(2)] == [0, 1]  # type: ignore[union-attr]
 
 
+def test_buffer_wakes_the_publisher_on_put_and_on_close() -> None:
+    ready = threading.Event()
+    buffer = FrameBuffer(capacity=2, drop_oldest=True, on_put=ready)
+    assert buffer.put(capture(0), threading.Event()) and ready.is_set()
+    ready.clear()
+    buffer.close()
+    assert ready.is_set()
+
+
 def test_rate_limiter_spaces_events() -> None:
     now = [0.0]
     limiter = RateLimiter(max_fps=10, clock=lambda: now[0])
@@ -178,3 +187,29 @@ def test_video_file_frames_are_published_as_jpeg(tmp_path: Path, make_runtime: C
     frames = [decode_frame(e.payload or b"") for e in runtime.client.read_range(ingestor.keys.frames, "0-0", 10)]
     assert {frame.encoding for frame in frames} == {"jpeg"}
     assert [frame.metadata["source_index"] for frame in frames] == [0, 1, 2, 3, 4]
+
+
+class CountingSource:
+    """A file-like (not live) source that records when each capture is taken."""
+
+    camera_id = "files0"
+    live = False
+
+    def captures(self) -> Iterator[Capture]:
+        for index in range(4):
+            yield Capture(b"x", "png", time.time_ns(), metadata={"index": index})
+
+
+def test_a_paced_file_source_reads_each_frame_at_its_slot(
+    make_runtime: Callable[..., WorkerRuntime], worker_config: Config
+) -> None:
+    """captured_at is taken after the rate limit's wait, not one interval early (it is where latency starts)."""
+    config = worker_config.model_copy(update={"ingest": worker_config.ingest.model_copy(update={"max_fps": 20})})
+    runtime = make_runtime("ingest", "i-paced", config)
+    ingestor = Ingestor(runtime, "line-1", [CountingSource()], max_frames=4)
+    assert ingestor.run() == 4
+    entries = runtime.client.read_range(ingestor.keys.frames, "0-0", 10)
+    frames = [decode_frame(entry.payload or b"") for entry in entries]
+    assert [frame.metadata["index"] for frame in frames] == [0, 1, 2, 3]
+    gaps_s = np.diff([frame.captured_at_ns for frame in frames]) / 1e9
+    assert (gaps_s >= 0.05 - 0.002).all()  # the limiter's spacing: a lower bound by construction, not a speed check

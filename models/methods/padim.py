@@ -1,0 +1,178 @@
+"""PaDiM (Defard et al., "PaDiM: a Patch Distribution Modeling Framework for Anomaly Detection and Localization").
+
+Fit, one pass over the good images (statistics in ``models.methods.gaussian_stats``):
+
+1. Patch embeddings ``(B, C, h, w)``: the tapped backbone maps, deeper ones bilinearly upsampled to the shallowest
+   grid (stride 8 for the default EfficientNet-Lite0 blocks.2 + blocks.4) and concatenated
+   (``models.features.PatchFeatureExtractor``; the paper uses raw maps, ``model.aggregation_kernel = 1``).
+2. A random subset of ``channels`` of the C channels (fixed ``seed``; the indices are saved with the model).
+3. Running sums per position -> mean ``(h * w, d)`` and covariance ``(h * w, d, d)`` + ``regularisation`` x I;
+   the inverse covariances are computed once here.
+
+Score: views ``(V, 3, S, S)`` -> embeddings -> the same channels -> Mahalanobis distance of every position to its
+own Gaussian -> maps ``(V, h, w)``. No image score of its own: the Scorer takes it from the map
+(``scoring.image_score``: the paper's is the map maximum, ``"max"``).
+
+Files: ``padim.npz`` (plain numpy arrays, read with ``allow_pickle=False``): ``channel_indices (d,)``,
+``mean (h * w, d)``, ``precision (h * w, d, d)``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.backbones import load_backbone
+from models.errors import ArtifactError, BackboneError
+from models.features import PatchFeatureExtractor
+from models.methods.base import AnomalyMethod, ImageBatches, MethodOutput
+from models.methods.gaussian_stats import GaussianMoments, mahalanobis, precision_matrix
+from pipeline.config import Config, ModelSettings, PadimSettings, ScoringSettings
+
+STATE_FILE = "padim.npz"
+
+
+def random_channels(total: int, keep: int, seed: int) -> torch.Tensor:
+    """``keep`` distinct channel indices out of ``total``, sorted, reproducible from ``seed``."""
+    if not 0 < keep <= total:
+        msg = f"padim.channels must be between 1 and the {total} feature channels, got {keep}"
+        raise ValueError(msg)
+    chosen = np.random.default_rng(seed).choice(total, size=keep, replace=False)
+    return torch.from_numpy(np.sort(chosen).astype(np.int64))
+
+
+def build_extractor(model: ModelSettings, device: torch.device) -> PatchFeatureExtractor:
+    backbone = load_backbone(model.backbone, model.layers, model.weights_path)
+    return PatchFeatureExtractor(backbone, model.aggregation_kernel, model.feature_dim).to(device)
+
+
+@torch.inference_mode()
+def embed(extractor: PatchFeatureExtractor, views: torch.Tensor, channel_indices: torch.Tensor) -> torch.Tensor:
+    """``(V, 3, S, S)`` -> the chosen channels at every position ``(V, h * w, d)`` float32 on the model's device."""
+    device = next(extractor.backbone.buffers()).device
+    features = extractor(views.to(device, non_blocking=True)).float()
+    return features[:, channel_indices.to(device)].flatten(2).transpose(1, 2)
+
+
+class PadimMethod(AnomalyMethod):
+    name: ClassVar[str] = "padim"
+
+    def __init__(
+        self,
+        extractor: PatchFeatureExtractor,
+        channel_indices: torch.Tensor,
+        mean: torch.Tensor,
+        precision: torch.Tensor,
+        grid: tuple[int, int],
+        settings: PadimSettings,
+        image_size: int,
+    ) -> None:
+        positions, dim = mean.shape
+        if (
+            positions != grid[0] * grid[1]
+            or channel_indices.shape != (dim,)
+            or precision.shape != (positions, dim, dim)
+        ):
+            msg = (
+                f"inconsistent PaDiM state: grid {grid}, {tuple(channel_indices.shape)} channels, mean "
+                f"{tuple(mean.shape)}, precision {tuple(precision.shape)}"
+            )
+            raise ValueError(msg)
+        device = next(extractor.backbone.buffers()).device
+        self.extractor = extractor
+        self.channel_indices = channel_indices.to(device)
+        self.mean = mean.float().to(device).contiguous()
+        self.precision = precision.float().to(device).contiguous()
+        self.grid = grid
+        self.settings = settings
+        self.image_size = image_size
+
+    @classmethod
+    def fit(cls, batches: ImageBatches, config: Config, device: torch.device, progress: bool) -> PadimMethod:
+        settings = config.padim
+        extractor = build_extractor(config.model, device)
+        channels, grid_h, grid_w = extractor.output_shape(config.model.image_size)
+        channel_indices = random_channels(channels, settings.channels, settings.seed)
+        moments: GaussianMoments | None = None
+        bar = tqdm(total=batches.images, desc="fit: PaDiM statistics", unit="img", disable=not progress)
+        for batch in batches:
+            patches = embed(extractor, batch, channel_indices).cpu()
+            if moments is None:  # sums around the first batch's mean keep float64 sums exact
+                moments = GaussianMoments(grid_h * grid_w, settings.channels, patches.mean(dim=0))
+            moments.add(patches)
+            bar.update(batch.shape[0])
+        bar.close()
+        if moments is None or moments.count < 2:
+            msg = "PaDiM needs at least 2 good images to estimate covariances"
+            raise ValueError(msg)
+        identity = torch.eye(settings.channels, dtype=torch.float64)
+        covariance = moments.covariance(unbiased=True) + settings.regularisation * identity
+        return cls(extractor, channel_indices, moments.mean().float(), precision_matrix(covariance).float(),
+                   (grid_h, grid_w), settings, config.model.image_size)  # fmt: skip
+
+    @torch.inference_mode()
+    def score_views(self, views: torch.Tensor, scoring: ScoringSettings) -> MethodOutput:
+        started = time.perf_counter()
+        patches = embed(self.extractor, views, self.channel_indices)
+        embedded = time.perf_counter()
+        distances = mahalanobis(patches, self.mean, self.precision)  # (V, h * w)
+        maps = distances.view(views.shape[0], *self.grid).float().cpu()
+        searched = time.perf_counter()
+        return MethodOutput(maps, None, embedded - started, searched - embedded)
+
+    def save(self, model_dir: Path) -> dict[str, Any]:
+        with (model_dir / STATE_FILE).open("wb") as handle:
+            np.savez(
+                handle,
+                allow_pickle=False,
+                channel_indices=self.channel_indices.cpu().numpy(),
+                mean=self.mean.cpu().numpy(),
+                precision=self.precision.cpu().numpy(),
+            )
+        channels, grid_h, grid_w = self.extractor.output_shape(self.image_size)
+        return {
+            "settings": self.settings.model_dump(mode="json"),
+            "layers": list(self.extractor.backbone.layers),
+            "features": {"channels": channels, "grid": [grid_h, grid_w]},
+            "files": [STATE_FILE],
+        }
+
+    @classmethod
+    def load(cls, model_dir: Path, section: dict[str, Any], model: ModelSettings, device: torch.device) -> PadimMethod:
+        try:
+            settings = PadimSettings.model_validate(section["settings"])
+            recorded = section["features"]
+            backbone = load_backbone(model.backbone, tuple(section["layers"]), model.weights_path)
+            extractor = PatchFeatureExtractor(backbone, model.aggregation_kernel, model.feature_dim).to(device)
+            with np.load(model_dir / STATE_FILE, allow_pickle=False) as state:
+                # clone(): torch's 64-byte-aligned memory, so matrix products round exactly as before saving
+                channel_indices = torch.from_numpy(state["channel_indices"]).long()
+                mean, precision = torch.from_numpy(state["mean"]).clone(), torch.from_numpy(state["precision"]).clone()
+        except (KeyError, TypeError, ValueError, OSError, BackboneError) as error:
+            msg = f"{model_dir}: {error}"
+            raise ArtifactError(msg) from None
+        channels, grid_h, grid_w = extractor.output_shape(model.image_size)
+        if channels != recorded["channels"] or [grid_h, grid_w] != recorded["grid"]:
+            msg = (
+                f"{model_dir}: backbone {model.backbone} {section['layers']} gives features {channels}x{grid_h}x"
+                f"{grid_w}, the model was fitted on {recorded['channels']}x{recorded['grid']}: backbone, weights or "
+                "image size mismatch"
+            )
+            raise ArtifactError(msg)
+        if channel_indices.numel() and int(channel_indices.max()) >= channels:
+            msg = f"{model_dir}: {STATE_FILE} selects channel {int(channel_indices.max())} of {channels}"
+            raise ArtifactError(msg)
+        try:
+            return cls(extractor, channel_indices, mean, precision, (grid_h, grid_w), settings, model.image_size)
+        except ValueError as error:
+            msg = f"{model_dir}: {STATE_FILE}: {error}"
+            raise ArtifactError(msg) from None
+
+    def describe(self) -> str:
+        positions, dim = self.mean.shape
+        return f"PaDiM Gaussians at {positions} positions ({self.grid[0]}x{self.grid[1]}) over {dim} random channels"

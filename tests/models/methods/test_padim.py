@@ -1,0 +1,78 @@
+"""PaDiM's own ideas: a reproducible random channel subset, per-position Gaussians from one streaming pass equal
+to the ones computed from all embeddings at once (+ epsilon I), and a map that peaks where a part differs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from models.methods.padim import PadimMethod, build_extractor, embed, random_channels
+from pipeline.config import config_from_mapping
+
+
+class _Batches:
+    """Re-iterable ``(B, 3, S, S)`` batches of fixed tensors (the ``ImageBatches`` protocol)."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int) -> None:
+        self._images = images
+        self._batch_size = batch_size
+
+    @property
+    def images(self) -> int:
+        return int(self._images.shape[0])
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self._images.split(self._batch_size))
+
+
+def _stripes(count: int, size: int, seed: int) -> torch.Tensor:
+    """Good parts: horizontal stripes with small random phase and noise, ``(count, 3, size, size)`` in [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.arange(size, dtype=torch.float32)[None, :, None]
+    phase = torch.rand(count, 1, 1, generator=generator) * 2
+    stripes = 0.5 + 0.3 * torch.sin((rows + phase) * 0.5)
+    noise = 0.03 * torch.randn(count, size, size, generator=generator)
+    return (stripes + noise).clamp(0, 1)[:, None].expand(count, 3, size, size).contiguous()
+
+
+def test_the_random_channel_subset_is_reproducible_distinct_and_sorted() -> None:
+    first, again, other = (
+        random_channels(152, 100, seed=0),
+        random_channels(152, 100, seed=0),
+        random_channels(152, 100, seed=1),
+    )
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert first.unique().numel() == 100 and bool((first[1:] > first[:-1]).all()) and int(first.max()) < 152
+    with pytest.raises(ValueError, match="between 1 and the 40 feature channels"):
+        random_channels(40, 100, seed=0)
+
+
+def test_streamed_gaussians_equal_the_ones_from_all_embeddings_at_once() -> None:
+    config = config_from_mapping({"model": {"method": "padim", "image_size": 64, "aggregation_kernel": 1},
+                                  "padim": {"channels": 8, "seed": 3}})  # fmt: skip
+    images = _stripes(24, 64, seed=0)
+    method = PadimMethod.fit(_Batches(images, 3), config, torch.device("cpu"), progress=False)
+    assert method.grid == (8, 8) and method.mean.shape == (64, 8)
+    extractor = build_extractor(config.model, torch.device("cpu"))
+    patches = embed(extractor, images, method.channel_indices).double()  # (24, 64, 8)
+    torch.testing.assert_close(method.mean, patches.mean(dim=0).float(), rtol=1e-5, atol=1e-5)
+    for position in (0, 27, 63):
+        covariance = torch.cov(patches[:, position].T) + 0.01 * torch.eye(8, dtype=torch.float64)
+        expected = torch.linalg.inv(covariance).float()
+        torch.testing.assert_close(method.precision[position], expected, rtol=1e-3, atol=1e-3)
+
+
+def test_the_map_peaks_where_the_part_differs() -> None:
+    config = config_from_mapping({"model": {"method": "padim", "image_size": 96, "aggregation_kernel": 1}})
+    method = PadimMethod.fit(_Batches(_stripes(24, 96, seed=1), 8), config, torch.device("cpu"), progress=False)
+    test = _stripes(2, 96, seed=2)
+    test[1, :, 56:72, 16:32] = 1.0  # a bright square on the second part
+    output = method.score_views(test, config.scoring)
+    assert output.view_scores is None and output.patch_maps.shape == (2, 12, 12)
+    maps = output.patch_maps
+    peak = int(maps[1].flatten().argmax())
+    row, column = divmod(peak, 12)
+    assert 6 <= row <= 9 and 1 <= column <= 4  # the square covers grid cells 7-8 x 2-3
+    assert float(maps[1].max()) > 2 * float(maps[0].max())

@@ -41,6 +41,14 @@ def _line(args: argparse.Namespace, config: Config) -> str:
     return str(args.line or config.worker.line_id)
 
 
+def _one_opencv_thread() -> None:
+    """Ingest and sink do light image work (colour conversion, JPEG encoding, overlays) beside the scorers, which use
+    every core for torch; OpenCV would otherwise start a thread per core for it. They import no torch."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def _log_level(args: argparse.Namespace) -> str:
     """DEBUG with ``lineinspect -v`` (or ``python -m workers.stream_commands -v``), else INFO."""
     return "DEBUG" if getattr(args, "verbose", False) else "INFO"
@@ -72,6 +80,7 @@ def cmd_sink(args: argparse.Namespace) -> int:
     config = _config(args)
     name = args.name or default_worker_name("sink")
     setup_logging("sink", _log_level(args), worker=name)
+    _one_opencv_thread()
     with WorkerRuntime(config, _redis_url(config), "sink", name, config.sink.metrics_port) as runtime:
         install_stop_handlers(runtime.stop)
         SinkWorker(runtime, _line(args, config)).run()
@@ -87,6 +96,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"ingest": config.ingest.model_copy(update={"max_fps": args.max_fps})})
     name = args.name or default_worker_name("ingest")
     setup_logging("ingest", _log_level(args), worker=name)
+    _one_opencv_thread()
     sources = [
         parse_source(spec, f"cam{index}", args.encoding, config.ingest.jpeg_quality, args.speed)
         for index, spec in enumerate(args.source)

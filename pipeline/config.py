@@ -35,7 +35,7 @@ class _Section(BaseModel):
 class ModelSettings(_Section):
     """Method, backbone and patch features."""
 
-    method: Literal["patchcore", "gaussian", "padim"] = Field(
+    method: Literal["patchcore", "gaussian", "padim", "patchsvdd"] = Field(
         default="patchcore", description="Anomaly-detection method (models/methods/); each has its own section."
     )
     backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"] = "efficientnet_lite0"
@@ -140,6 +140,57 @@ class PadimSettings(_Section):
     seed: int = Field(default=0, description="Seed of the random channel subset (saved with the model).")
 
 
+class PatchSVDDSettings(_Section):
+    """Patch SVDD (models/methods/patchsvdd.py): hierarchical patch encoders trained from scratch on good images
+    (SVDD' compactness between neighbouring patches + relative-position self-supervision), nearest-normal-patch
+    scoring per scale, maps multiplied. Paper / official-code defaults except the training budget (CPU)."""
+
+    variant: Literal["patchsvdd", "multiscale"] = Field(
+        default="patchsvdd",
+        description="patchsvdd: 32 + 64 px encoders, L2 SVDD' loss (Yi & Yoon 2020); multiscale: 16 + 32 + 64 px, "
+        "cosine-similarity and k-means losses (Tsai et al. 2022, as read from its abstract; see the module).",
+    )
+    patch_size: Literal[32, 64] = Field(
+        default=64, description="Largest patch (pixels on the resized image); the scales halve down from it."
+    )
+    embedding_dim: int = Field(default=64, ge=8, le=512, description="D: patch embedding size.")
+    stride: int = Field(
+        default=8, ge=2, le=64, description="Pixels between scored patches (and bank patches), for every scale."
+    )
+    svdd_weight: float = Field(
+        default=1e-3, ge=0, description="lambda on the SVDD' (or cosine) loss; the position loss has weight 1."
+    )
+    kmeans_weight: float = Field(default=1.0, ge=0, description="multiscale: weight of the k-means loss.")
+    kmeans_clusters: int = Field(default=16, ge=1, le=1024, description="multiscale: centroids per scale.")
+    similarity_margin: float = Field(
+        default=0.1, ge=0, le=2, description="multiscale: a jittered patch must be this much more cosine-similar "
+        "to its anchor than the anchor's next-patch neighbour.",
+    )
+    learning_rate: float = Field(default=1e-4, gt=0, le=1, description="Adam learning rate (official 1e-4).")
+    batch_size: int = Field(
+        default=64, ge=2, le=1024, description="Patch pairs per task and scale per step (official 64)."
+    )
+    epochs: int = Field(
+        default=1000, ge=0, le=100_000,
+        description="Cap on passes; one pass draws one pair per task and scale from every training image.",
+    )
+    max_train_seconds: float = Field(
+        default=600.0, gt=0, description="Wall-time cap on training (the budget that binds on a CPU)."
+    )
+    bank_rows: int = Field(
+        default=32_768, ge=16, description="Training patch embeddings kept per scale (random subsample).",
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _stride_divides_patches(self) -> PatchSVDDSettings:
+        smallest = self.patch_size // (4 if self.variant == "multiscale" else 2)
+        if smallest % self.stride:
+            msg = f"patchsvdd.stride ({self.stride}) must divide the smallest patch ({smallest} px)"
+            raise ValueError(msg)
+        return self
+
+
 class ThresholdSettings(_Section):
     false_reject_rate: float = Field(default=0.005, gt=0, lt=0.5)
 
@@ -194,6 +245,7 @@ class Config(_Section):
     scoring: ScoringSettings = ScoringSettings()
     gaussian: GaussianSettings = GaussianSettings()
     padim: PadimSettings = PadimSettings()
+    patchsvdd: PatchSVDDSettings = PatchSVDDSettings()
     threshold: ThresholdSettings = ThresholdSettings()
     redis: RedisSettings = RedisSettings()
     streams: StreamSettings = StreamSettings()

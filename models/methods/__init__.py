@@ -12,6 +12,7 @@ from models.methods.base import AnomalyMethod
 
 METHOD_CLASSES: dict[str, str] = {
     "patchcore": "models.methods.patchcore:PatchCoreMethod",
+    "patchsvdd": "models.methods.patchsvdd:PatchSVDDMethod",
     "gaussian": "models.methods.gaussian:GaussianMethod",
     "padim": "models.methods.padim:PadimMethod",
 }

@@ -22,6 +22,9 @@ from tests.models.conftest import TINY
 
 FAST: dict[str, dict[str, Any]] = {
     "patchcore": {},
+    "patchsvdd": {
+        "patchsvdd": {"patch_size": 32, "epochs": 3, "batch_size": 8, "max_train_seconds": 20, "bank_rows": 2000}
+    },
     "gaussian": {"gaussian": {"init_images": 4}},
     "padim": {},
 }

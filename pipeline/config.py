@@ -64,9 +64,17 @@ class ModelSettings(_Section):
 class BankSettings(_Section):
     """Patch-feature memory bank."""
 
-    kind: Literal["compressed", "coreset"] = "compressed"
+    kind: Literal["bounded_coreset", "compressed", "coreset"] = Field(
+        default="bounded_coreset",
+        description="bounded_coreset: greedy k-center of a fixed-size patch sample; compressed: CFA k-means + EMA; "
+        "coreset: PatchCore's greedy k-center over all patches (grows with the data).",
+    )
     compression_ratio: float = Field(
-        default=8.0, gt=0, le=64, description="compressed: bank rows = ratio x patches of one image."
+        default=8.0, gt=0, le=64, description="bounded_coreset, compressed: bank rows = ratio x patches of one image."
+    )
+    pool_patches: int = Field(
+        default=200_000, ge=1000, le=10_000_000,
+        description="bounded_coreset: patches sampled uniformly from all training images for the k-center search.",
     )
     ema_momentum: float = Field(
         default=0.99, gt=0, lt=1, description="compressed: weight kept by a bank row per image."

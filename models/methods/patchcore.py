@@ -1,8 +1,10 @@
 """PatchCore-style kNN over a patch-feature memory bank (the default method).
 
-Fit: every good image -> locally aware patch features ``(C, h, w)`` (``models.features``) -> either the CFA-style
-compressed bank (k-means init + running-mean/EMA updates; rows fixed by a ratio of one image's ``h * w`` patches,
-independent of the training-set size) or PatchCore's greedy k-center coreset -> faiss index (``models.index``).
+Fit: every good image -> locally aware patch features ``(C, h, w)`` (``models.features``) -> a memory bank
+(``models.memory_bank``): by default the greedy k-center coreset of a fixed-size uniform sample of all patches
+(rows fixed by a ratio of one image's ``h * w`` patches, so size and fit cost do not grow with the training set);
+or the CFA-style compressed bank (k-means init + running-mean/EMA updates, same fixed size); or PatchCore's
+coreset over all patches -> faiss index (``models.index``).
 
 Score: views ``(V, 3, S, S)`` -> one backbone call -> ``(V * h * w, C)`` patches -> one index search ->
 nearest distances ``(V * h * w, k)`` -> patch maps ``(V, h, w)``; optionally times CFA's softmin certainty over
@@ -25,7 +27,14 @@ from models.backbones import load_backbone
 from models.errors import ArtifactError, BackboneError
 from models.features import PatchFeatureExtractor, flatten_patches
 from models.index import IndexError_, NearestNeighbourIndex
-from models.memory_bank import CompressedBankBuilder, MemoryBank, MemoryBankError, coreset_select
+from models.memory_bank import (
+    CompressedBankBuilder,
+    MemoryBank,
+    MemoryBankError,
+    PatchReservoir,
+    bounded_coreset,
+    coreset_select,
+)
 from models.methods.base import AnomalyMethod, ImageBatches, MethodOutput
 from pipeline.config import BankSettings, Config, IndexSettings, ModelSettings, ScoringSettings
 
@@ -84,6 +93,7 @@ class PatchCoreMethod(AnomalyMethod):
             grid_h * grid_w, settings.compression_ratio, settings.ema_momentum, settings.kmeans_iterations,
             settings.init_images, settings.seed,
         )  # fmt: skip
+        reservoir = PatchReservoir(settings.pool_patches, settings.seed)
         collected: list[np.ndarray] = []
         bar = tqdm(total=batches.images, desc="fit: embedding good images", unit="img", disable=not progress)
         for batch in batches:
@@ -91,12 +101,20 @@ class PatchCoreMethod(AnomalyMethod):
                 patches = flatten_patches(image_features[None]).numpy()
                 if settings.kind == "compressed":
                     builder.add_image(patches)
+                elif settings.kind == "bounded_coreset":
+                    reservoir.add(patches)
                 else:
                     collected.append(patches)
             bar.update(batch.shape[0])
         bar.close()
         if settings.kind == "compressed":
             bank = builder.finish()
+        elif settings.kind == "bounded_coreset":
+            rows = max(1, round(settings.compression_ratio * grid_h * grid_w))
+            coreset_bar = tqdm(total=rows, desc="fit: greedy coreset", unit="row", disable=not progress, miniters=256)
+            bank = bounded_coreset(reservoir, rows, settings.coreset_projection_dim, settings.seed,
+                                   on_step=lambda _step: coreset_bar.update(1))  # fmt: skip
+            coreset_bar.close()
         else:
             bank = _coreset_bank(np.concatenate(collected), settings, progress)
         use_gpu = config.index.use_gpu == "auto" and device.type == "cuda"

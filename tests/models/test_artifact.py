@@ -29,7 +29,7 @@ def test_manifest_describes_the_model(saved_model: Path) -> None:
     assert manifest["model"]["backbone"] == "efficientnet_lite0"
     method = manifest["method"]
     assert method["name"] == "patchcore" and method["layers"] == ["blocks.2", "blocks.4"]
-    assert method["bank"]["kind"] == "compressed" and method["bank"]["rows"] == 288
+    assert method["bank"]["kind"] == "bounded_coreset" and method["bank"]["rows"] == 288
     assert manifest["training"]["images"] > 0 and "torch" in manifest["libraries"]
     assert sorted(p.name for p in saved_model.iterdir()) == ["bank.npy", "index.faiss", "manifest.json"]
 

@@ -76,3 +76,42 @@ def test_empty_or_non_finite_bank_rejected() -> None:
         MemoryBank(np.zeros((0, 4), np.float32), "compressed")
     with pytest.raises(MemoryBankError, match="finite"):
         MemoryBank(np.full((2, 4), np.nan, np.float32), "compressed")
+
+
+def test_reservoir_keeps_a_uniform_sample_of_bounded_size() -> None:
+    from models.memory_bank import PatchReservoir
+
+    reservoir = PatchReservoir(capacity=500, seed=3)
+    for image in range(100):
+        reservoir.add(np.full((50, 2), image, dtype=np.float32))  # 5,000 rows, value = image number
+    sample = reservoir.sample()
+    assert sample.shape == (500, 2) and reservoir.seen == 5000
+    # uniform: each tenth of the images holds about a tenth of the sample (binomial sd ~ 6.7)
+    counts = np.bincount((sample[:, 0] // 10).astype(int), minlength=10)
+    assert counts.min() > 20 and counts.max() < 80
+
+
+def test_bounded_coreset_size_does_not_grow_with_training_set_and_keeps_rare_patterns() -> None:
+    from models.memory_bank import PatchReservoir, bounded_coreset
+
+    def bank(images: list[np.ndarray], capacity: int = 2000) -> MemoryBank:
+        reservoir = PatchReservoir(capacity=capacity, seed=0)
+        for patches in images:
+            reservoir.add(patches)
+        return bounded_coreset(reservoir, rows=32)
+
+    small, large = bank(_images(10)), bank(_images(100))
+    assert small.rows == large.rows == 32 and small.kind == "bounded_coreset"
+    images = _images(40)
+    images[7][0] = 40.0  # one rare but normal patch far from every cluster, in a sample holding every patch
+    rare = bank(images, capacity=40 * 64)
+    assert np.isclose(np.abs(rare.features - 40.0).max(axis=1).min(), 0.0)
+
+
+def test_bounded_coreset_with_fewer_patches_than_rows_keeps_them_all() -> None:
+    from models.memory_bank import PatchReservoir, bounded_coreset
+
+    reservoir = PatchReservoir(capacity=1000)
+    reservoir.add(_images(1, patches=20)[0])
+    with pytest.warns(UserWarning, match="only 20 patches were sampled for a 32-row bank"):
+        assert bounded_coreset(reservoir, rows=32).rows == 20

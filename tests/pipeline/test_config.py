@@ -7,7 +7,7 @@ from pipeline.config import ConfigError, load_config
 
 def test_defaults_without_a_file() -> None:
     config = load_config(None, environ={})
-    assert config.model.backbone == "efficientnet_lite0" and config.bank.kind == "compressed"
+    assert config.model.backbone == "efficientnet_lite0" and config.bank.kind == "bounded_coreset"
 
 
 def test_file_then_environment_overrides(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ class _Section(BaseModel):
 class ModelSettings(_Section):
     """Method, backbone and patch features."""
 
-    method: Literal["patchcore", "gaussian", "padim", "patchsvdd"] = Field(
+    method: Literal["patchcore", "gaussian", "padim", "patchsvdd", "cfa"] = Field(
         default="patchcore", description="Anomaly-detection method (models/methods/); each has its own section."
     )
     backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"] = "efficientnet_lite0"
@@ -199,6 +199,34 @@ class PatchSVDDSettings(_Section):
         return self
 
 
+class CFASettings(_Section):
+    """CFA (models/methods/cfa.py): a 1x1-convolution patch descriptor trained on good images with the
+    coupled-hypersphere loss against the compressed bank of [bank]; paper / official-code defaults."""
+
+    reduction: int = Field(
+        default=1, ge=1, le=16, description="Descriptor channels = feature channels / reduction (CFA's gamma_d)."
+    )
+    coord_conv: bool = Field(default=False, description="Append (y, x) coordinate channels to the head (CoordConv).")
+    attract_neighbors: int = Field(
+        default=3, ge=1, le=16, description="K: nearest bank entries each patch is pulled towards; softmin width."
+    )
+    repel_neighbors: int = Field(
+        default=3, ge=0, le=16, description="J: the next nearest entries, pushed beyond radius^2 + margin."
+    )
+    radius: float = Field(default=1e-5, ge=0, description="r: hypersphere radius (fixed; official initial value).")
+    margin: float = Field(default=0.1, ge=0, description="alpha: repulsion margin on squared distances.")
+    learning_rate: float = Field(default=1e-3, gt=0, le=1, description="AdamW (AMSGrad) learning rate.")
+    weight_decay: float = Field(default=5e-4, ge=0, le=1)
+    epochs: int = Field(
+        default=10, ge=0, le=1000, description="Passes over the cached features; 0 keeps the untrained head."
+    )
+    max_train_seconds: float = Field(
+        default=300.0, gt=0, description="Wall-time cap on training; the head after the last step is kept."
+    )
+    batch_images: int = Field(default=8, ge=1, le=512, description="Images whose patches form one training step.")
+    seed: int = 0
+
+
 class ThresholdSettings(_Section):
     false_reject_rate: float = Field(default=0.005, gt=0, lt=0.5)
 
@@ -251,6 +279,7 @@ class Config(_Section):
     bank: BankSettings = BankSettings()
     index: IndexSettings = IndexSettings()
     scoring: ScoringSettings = ScoringSettings()
+    cfa: CFASettings = CFASettings()
     gaussian: GaussianSettings = GaussianSettings()
     padim: PadimSettings = PadimSettings()
     patchsvdd: PatchSVDDSettings = PatchSVDDSettings()

@@ -15,6 +15,7 @@ METHOD_CLASSES: dict[str, str] = {
     "patchsvdd": "models.methods.patchsvdd:PatchSVDDMethod",
     "gaussian": "models.methods.gaussian:GaussianMethod",
     "padim": "models.methods.padim:PadimMethod",
+    "cfa": "models.methods.cfa:CFAMethod",
 }
 
 

@@ -209,9 +209,16 @@ def ingest_and_collect(
                     )
             sampler.maybe_sample()
     finally:
-        if ingest.wait(timeout=30) != 0:
-            msg = f"ingest exited with {ingest.returncode} (logs in {line.logs})"
-            raise RuntimeError(msg)
+        if len(collected) < count:  # interrupted or timed out: stop the ingest too
+            ingest.terminate()
+        try:
+            code = ingest.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            ingest.kill()
+            code = ingest.wait()
+    if code != 0:
+        msg = f"ingest exited with {code} (logs in {line.logs})"
+        raise RuntimeError(msg)
     return collected
 
 

@@ -248,7 +248,9 @@ def coreset_select(
     for step in range(keep):
         selected[step] = current
         centre = points[current]
-        distance = squared_norms - 2.0 * (points @ centre) + centre.dot(centre)
+        # |p - c|^2 = |p|^2 - 2 p.c + |c|^2; the constant |c|^2 does not change which point is farthest,
+        # but it is kept so min_distance holds true squared distances. One fused pass over the points per step.
+        distance = torch.addmv(squared_norms, points, centre, alpha=-2.0).add_(centre.dot(centre))
         torch.minimum(min_distance, distance, out=min_distance)
         current = int(torch.argmax(min_distance))
         if on_step is not None:

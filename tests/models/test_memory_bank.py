@@ -115,3 +115,14 @@ def test_bounded_coreset_with_fewer_patches_than_rows_keeps_them_all() -> None:
     reservoir.add(_images(1, patches=20)[0])
     with pytest.warns(UserWarning, match="only 20 patches were sampled for a 32-row bank"):
         assert bounded_coreset(reservoir, rows=32).rows == 20
+
+
+def test_coreset_selection_equals_a_brute_force_greedy_k_center() -> None:
+    points = np.random.default_rng(0).normal(size=(3000, 16)).astype(np.float32)
+    selected = coreset_select(points, 0.01, projection_dim=128)  # 16 channels: no projection, exact distances
+    chosen = [int(selected[0])]
+    distance = ((points - points[chosen[0]]) ** 2).sum(axis=1)
+    for _ in range(len(selected) - 1):
+        chosen.append(int(distance.argmax()))
+        distance = np.minimum(distance, ((points - points[chosen[-1]]) ** 2).sum(axis=1))
+    assert selected.tolist() == chosen

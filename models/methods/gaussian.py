@@ -187,6 +187,9 @@ class GaussianMethod(AnomalyMethod):
                     init_maps = []
             bar.update(batch.shape[0])
         bar.close()
+        if sum(vectors.shape[0] for vectors in pooled[0]) < 2:
+            msg = "the Gaussian method needs at least 2 good images to estimate covariances"
+            raise ValueError(msg)
         if not fitters:  # fewer images than init_images
             fitters = [_PositionFitter(torch.cat(maps), settings) for maps in init_maps]
         image_gaussians = [_image_gaussians(torch.cat(vectors), settings) for vectors in pooled]

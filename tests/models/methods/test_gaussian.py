@@ -5,6 +5,7 @@ backbone they were fitted on."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,15 @@ def test_a_model_loaded_at_another_image_size_is_refused(saved_gaussian: Path) -
     model = ModelSettings.model_validate(manifest["model"] | {"image_size": 128, "device": "cpu"})
     with pytest.raises(ArtifactError, match="image size mismatch"):
         GaussianMethod.load(saved_gaussian, section, model, torch.device("cpu"))
+
+
+def test_one_image_is_refused_with_a_clear_message() -> None:
+    class _OneImage:
+        images = 1
+
+        def __iter__(self) -> Iterator[torch.Tensor]:
+            return iter([torch.rand(1, 3, 64, 64)])
+
+    config = config_from_mapping({"model": {"method": "gaussian", "image_size": 64}})
+    with pytest.raises(ValueError, match="at least 2 good images"):
+        GaussianMethod.fit(_OneImage(), config, torch.device("cpu"), progress=False)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -120,6 +121,8 @@ class MemorySampler:
     used_memory: list[int] = field(default_factory=list)
     streams_memory: list[int] = field(default_factory=list)
     our_keys_memory: list[int] = field(default_factory=list)
+    scans: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
     _next: float = 0.0
     _next_scan: float = 0.0
 
@@ -134,21 +137,33 @@ class MemorySampler:
         if now >= self._next:
             self._next = now + self.every_s
             self.used_memory.append(int(self.client.redis.info("memory")["used_memory"]))
-            self.streams_memory.append(sum(self.client.redis.memory_usage(key) or 0 for key in self.streams))
+            self.streams_memory.append(
+                sum(self.client.redis.memory_usage(key, samples=0) or 0 for key in self.streams)
+            )
         if now >= self._next_scan:
             self._next_scan = now + self.scan_every_s
-            self.our_keys_memory.append(self.scan()["bytes"])
+            self.scans.append(self.scan())
+            self.our_keys_memory.append(self.scans[-1]["bytes"])
 
-    def scan(self) -> dict[str, int]:
-        """``MEMORY USAGE`` (exact for streams: SAMPLES 0) summed over every key under the run's prefix."""
+    def scan(self) -> dict[str, Any]:
+        """Exact ``MEMORY USAGE`` (SAMPLES 0) of every key under the run's prefix: per stream, markers, the rest."""
         redis = self.client.redis
         names = list(redis.scan_iter(match=f"{self.keys.prefix}:*", count=1000))
         pipe = redis.pipeline(transaction=False)
         for name in names:
             pipe.memory_usage(name, samples=0)
-        sizes = [int(size or 0) for size in pipe.execute()]
-        markers = sum(1 for name in names if b":published:" in name)
-        return {"keys": len(names), "published_markers": markers, "bytes": sum(sizes)}
+        sizes = dict(zip(names, (int(size or 0) for size in pipe.execute()), strict=True))
+        streams = {key.rsplit(":", 1)[1]: sizes.get(key.encode(), 0) for key in self.streams}
+        markers = [size for name, size in sizes.items() if b":published:" in name]
+        return {
+            "at_s": round(time.monotonic() - self.started),
+            "bytes": sum(sizes.values()),
+            "streams_bytes": streams,
+            "published_markers": len(markers),
+            "published_markers_bytes": sum(markers),
+            "other_keys": len(sizes) - len(markers) - sum(1 for key in self.streams if key.encode() in sizes),
+            "stream_lengths": self.lengths(),
+        }
 
     def lengths(self) -> dict[str, int]:
         return {key.rsplit(":", 1)[1]: self.client.length(key) for key in self.streams}
@@ -178,6 +193,11 @@ class Line:
     env: dict[str, str]
     images_dir: Path
     logs: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def roles(self) -> list[str]:
+        return ["sink"] + [f"score_{index}" for index in range(len(self.workers) - 1)]
 
 
 def ingest_and_collect(
@@ -244,15 +264,51 @@ def summarise(decisions: Sequence[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a live process has used so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def exited_children_cpu_s() -> float:
+    """CPU of every child that has exited and been waited for: the ingests (start-up included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def redis_cpu_s(client: StreamClient) -> float:
+    """The Redis server's CPU (all its clients: on a shared Redis, others' commands count too)."""
+    cpu = client.redis.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
 def measure_throughput(
     args: argparse.Namespace, scorer: Any, images: list[np.ndarray], line: Line, sampler: MemorySampler
 ) -> dict[str, Any]:
-    rounds: list[dict[str, float]] = []
+    """Interleaved rounds. Besides images/s, CPU ms per image: this process's for the bare scorer; each pipeline
+    process's (the ingest's including its start-up; Redis's including other clients') for the pipeline: a cost
+    that load from other processes distorts less than wall time does."""
+    rounds: list[dict[str, Any]] = []
     for round_number in range(args.rounds):
         load_before = load_1m()
+        cpu_before = own_cpu_s()
         bare = bare_scorer_rate(scorer, images, args.batch, args.frames)
+        bare_cpu_ms = 1000 * (own_cpu_s() - cpu_before) / args.frames
         load_mid = load_1m()
+        before = [process_cpu_s(worker.pid) for worker in line.workers]
+        ingest_before, redis_before = exited_children_cpu_s(), redis_cpu_s(line.client)
         full = ingest_and_collect(line, args.frames, None, sampler)
+        per_image = {
+            f"{role}_cpu_ms_per_image": 1000 * (process_cpu_s(worker.pid) - cpu) / args.frames
+            for role, worker, cpu in zip(line.roles, line.workers, before, strict=True)
+        }
+        per_image["ingest_cpu_ms_per_image"] = 1000 * (exited_children_cpu_s() - ingest_before) / args.frames
+        per_image["redis_cpu_ms_per_image"] = 1000 * (redis_cpu_s(line.client) - redis_before) / args.frames
         pipeline = steady_rate(full)
         first_capture = min(d["captured_at_ns"] for d in full)
         overall = len(full) / ((max(d["published_at_ns"] for d in full) - first_capture) / 1e9)
@@ -266,6 +322,8 @@ def measure_throughput(
                 "load_1m_before_pipeline": load_mid,
                 "load_1m_after": load_1m(),
                 "fail_fraction": summarise(full)["fail_fraction"],
+                "bare_cpu_ms_per_image": bare_cpu_ms,
+                **per_image,
             }
         )
         print(f"round {round_number + 1}: {json.dumps(rounds[-1])}", flush=True)
@@ -273,6 +331,11 @@ def measure_throughput(
     pipeline_median = statistics.median(r["pipeline_images_per_s"] for r in rounds)
     return {
         "rounds": rounds,
+        **{
+            f"median_{key}": statistics.median(r[key] for r in rounds)
+            for key in rounds[0]
+            if key.endswith("_cpu_ms_per_image")
+        },
         "bare_images_per_s": bare_median,
         "pipeline_images_per_s": pipeline_median,
         "ratio_to_bare": pipeline_median / bare_median,
@@ -326,7 +389,7 @@ def main() -> int:
         env = worker_env(url, settings.prefix, args.batch, settings.maxlen, work)
         children = start_workers(env, args.model.resolve(), args.workers, work)
         sampler = MemorySampler(client, keys)
-        line = Line(client, keys, env, images_dir, work)
+        line = Line(client, keys, env, images_dir, work, children)
         try:
             wait_ready(client, settings.prefix, args.workers)
             ingest_and_collect(line, 2 * args.batch, None, sampler)  # warm-up
@@ -349,7 +412,7 @@ def main() -> int:
                 }
                 print(f"{int(load * 100)}% load: {json.dumps(results[key])}", flush=True)
             if args.soak_s > 0:
-                sampler.enabled = True
+                sampler.enabled, sampler.started = True, time.monotonic()
                 load_before = load_1m()
                 soak = ingest_and_collect(line, int(args.soak_s * 0.5 * rate), 0.5 * rate, sampler)
                 final = sampler.scan()
@@ -366,6 +429,7 @@ def main() -> int:
                     "streams_memory_first_last_bytes": [sampler.streams_memory[0], sampler.streams_memory[-1]],
                     "our_keys_memory_peak_bytes": max([*sampler.our_keys_memory, final["bytes"]]),
                     "our_keys_at_end": final,
+                    "our_keys_every_60_s": sampler.scans,
                     "stream_lengths_at_end": sampler.lengths(),
                     "instance_used_memory_peak_bytes": int(client.redis.info("memory")["used_memory_peak"]),
                 }

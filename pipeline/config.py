@@ -35,7 +35,7 @@ class _Section(BaseModel):
 class ModelSettings(_Section):
     """Method, backbone and patch features."""
 
-    method: Literal["patchcore", "gaussian", "padim", "patchsvdd", "cfa"] = Field(
+    method: Literal["patchcore", "gaussian", "padim", "patchsvdd", "cfa", "npad"] = Field(
         default="patchcore", description="Anomaly-detection method (models/methods/); each has its own section."
     )
     backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"] = "efficientnet_lite0"
@@ -227,6 +227,56 @@ class CFASettings(_Section):
     seed: int = 0
 
 
+class NpadSettings(_Section):
+    """N-pad (models/methods/npad.py): per-position Gaussians estimated with Bhattacharyya-weighted neighbours,
+    min-over-neighbours Mahalanobis, plus neighbourhood-averaged features with k-means centroids (Euclidean).
+    Radii are Chebyshev distances in cells of the stride-8 feature grid (the paper's grid has stride 4)."""
+
+    channels: int = Field(
+        default=128, ge=2, le=2048,
+        description="Sparsest backbone channels kept (fewest activations above activation_epsilon; paper: 550 of "
+        "WRN-50's 1792; 128 of EfficientNet-Lite0's 152 by validation). Artifact: 2 x positions x channels^2 x 4 B.",
+    )  # fmt: skip
+    activation_epsilon: float = Field(
+        default=0.0, description="An activation counts as non-zero above this (0: what a ReLU would pass)."
+    )
+    train_radius: int = Field(
+        default=2, ge=0, le=4,
+        description="Neighbours whose Gaussians are mixed into a position's (0: PaDiM). The paper's 3 cells of its "
+        "stride-4 grid (12 px) is 1.5 of ours; 2 rounds up.",
+    )  # fmt: skip
+    inference_radius: int = Field(
+        default=1, ge=0, le=4,
+        description="Mahalanobis distance to the nearest of these neighbours' Gaussians (paper: 2 stride-4 cells).",
+    )  # fmt: skip
+    similarity_temperature: float = Field(
+        default=1.0, gt=0, description="Neighbour weight exp(-Bhattacharyya distance / temperature); 1: the "
+        "Bhattacharyya coefficient.",
+    )  # fmt: skip
+    covariance_regularisation: float = Field(
+        default=0.01, gt=0, le=10, description="Ridge added to each covariance, times its mean variance."
+    )
+    averaged_gaussian: bool = Field(
+        default=True, description="Branch 2 also scores averaged features by per-position Mahalanobis distance."
+    )
+    score: Literal["geometric_mean", "mahalanobis"] = Field(
+        default="geometric_mean",
+        description="geometric_mean: the paper's sqrt(Mahalanobis x Euclidean distance to k-means centroids of the "
+        "averaged features); mahalanobis: the Mahalanobis map alone (no k-means).",
+    )
+    centroid_ratio: float = Field(
+        default=0.1, gt=0, le=1, description="k-means centroids as a fraction of the sampled averaged features."
+    )
+    kmeans_sample: int = Field(
+        default=32_768, ge=64, le=1_000_000, description="Averaged training features sampled for k-means."
+    )
+    kmeans_iterations: int = Field(default=20, ge=1, le=300)
+    whitening_dtype: Literal["float32", "float16"] = Field(
+        default="float32", description="Storage of the (P, C, C) whitening matrices (computed in float32)."
+    )
+    seed: int = 0
+
+
 class ThresholdSettings(_Section):
     false_reject_rate: float = Field(default=0.005, gt=0, lt=0.5)
 
@@ -283,6 +333,7 @@ class Config(_Section):
     gaussian: GaussianSettings = GaussianSettings()
     padim: PadimSettings = PadimSettings()
     patchsvdd: PatchSVDDSettings = PatchSVDDSettings()
+    npad: NpadSettings = NpadSettings()
     threshold: ThresholdSettings = ThresholdSettings()
     redis: RedisSettings = RedisSettings()
     streams: StreamSettings = StreamSettings()

@@ -16,6 +16,7 @@ METHOD_CLASSES: dict[str, str] = {
     "gaussian": "models.methods.gaussian:GaussianMethod",
     "padim": "models.methods.padim:PadimMethod",
     "cfa": "models.methods.cfa:CFAMethod",
+    "npad": "models.methods.npad:NpadMethod",
 }
 
 

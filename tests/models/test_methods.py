@@ -28,6 +28,7 @@ FAST: dict[str, dict[str, Any]] = {
     "gaussian": {"gaussian": {"init_images": 4}},
     "padim": {},
     "cfa": {"cfa": {"epochs": 3, "batch_images": 4, "max_train_seconds": 30}},
+    "npad": {"npad": {"channels": 48, "train_radius": 1, "kmeans_sample": 1024}},
 }
 
 

@@ -7,13 +7,14 @@ Fit, top to bottom:
 2. Patch descriptor: a 1x1 convolution ``C [+ 2 coordinate channels] -> D = C / reduction`` (CFA's gamma_d;
    ``PatchDescriptor``). Initialised with orthonormal rows and zero weights on the coordinates, so the untrained
    descriptor is a rotation (``reduction = 1``) or a random orthogonal projection of the features: distances start
-   out as PatchCore's, and ``epochs = 0`` is the kNN baseline in the same code path.
+   out as the frozen features' own, and ``epochs = 0`` is the untrained kNN baseline in the same code path.
 3. Memory bank in the descriptor space: the core's compressed bank (``models.memory_bank``: k-means init +
    running-mean/EMA steps; rows = ``[bank] compression_ratio`` x one image's ``h * w`` patches, independent of the
-   training-set size), built from the *initial* head's output and kept fixed during training, as CFA does. A fixed
-   bank is the target the loss is defined against: rebuilding it from the moving descriptors would let the head
-   shrink descriptors and bank together (the attraction term's trivial minimum), and rebuilding once after training
-   would score with entries the head was never trained towards.
+   training-set size), whatever ``[bank] kind`` says (that picks PatchCore's bank). Built from the *initial* head's
+   output and kept fixed during training, as CFA does. A fixed bank is the target the loss is defined against:
+   rebuilding it from the moving descriptors would let the head shrink descriptors and bank together (the
+   attraction term's trivial minimum), and rebuilding once after training would score with entries the head was
+   never trained towards.
 4. Training (``train_descriptor``): for each patch descriptor ``phi``, its ``K`` nearest bank entries and the next
    ``J`` (hard negatives), found with faiss on the detached descriptors; squared distances ``d^2`` to them get the
    coupled-hypersphere loss (``coupled_hypersphere_loss``)
@@ -24,6 +25,12 @@ Fit, top to bottom:
    AdamW with AMSGrad (lr 1e-3, weight decay 5e-4, the official code's optimiser), images shuffled each epoch.
    The budget is fixed: ``epochs`` AND ``max_train_seconds``; the head after the last step is kept. No epoch is ever
    selected on test results (the official code picks its best epoch on the test set).
+   Why 5 epochs (the default): on the validation split carved from MTD's training images with synthetic defects
+   (never test images), image AUROC (top-10) after epochs 0..10 was 90.2, 92.2, 90.6, 93.3, 94.3, 94.3, 94.4, 93.1,
+   92.2, 90.9, 90.4 and pixel AUROC 98.4 at 0, 98.4-98.6 at 4-6, 96.5 at 10. The repulsion term stayed 0 all along:
+   with these features the next entries lie tens to hundreds of squared units away, never within
+   ``r^2 + alpha = 0.1``, so nothing resists the attraction contracting every descriptor (anomalous ones too)
+   towards the bank; by epoch 10 the descriptors' spread had fallen to 6% of its initial value.
    Differences from the official code, on purpose: ``r`` is fixed (the official ``r`` is a learnable parameter
    initialised to 1e-5), and the repulsion margin is added (``+ alpha``, as this project's brief specifies); the
    official ``relu(r^2 - d^2 - alpha)`` is zero for every ``d`` while ``r^2 < alpha``, i.e. it only repels once
@@ -155,10 +162,10 @@ def cache_features(extractor: PatchFeatureExtractor, batches: ImageBatches, prog
 
 @torch.no_grad()
 def build_bank(head: PatchDescriptor, features: torch.Tensor, settings: BankSettings) -> MemoryBank:
-    """The compressed bank over ``head``'s descriptors of ``features (N, C, h, w)``, one image at a time."""
-    if settings.kind != "compressed":
-        msg = f"cfa uses the compressed memory bank; set [bank] kind = 'compressed' (got {settings.kind!r})"
-        raise ValueError(msg)
+    """The compressed bank over ``head``'s descriptors of ``features (N, C, h, w)``, one image at a time.
+
+    CFA's bank is always the compressed one (its paper's); ``[bank] kind`` chooses PatchCore's bank and is not read
+    here, the compressed bank's own settings (``compression_ratio``, ``ema_momentum``, ...) are."""
     patches_per_image = features.shape[2] * features.shape[3]
     builder = CompressedBankBuilder(
         patches_per_image, settings.compression_ratio, settings.ema_momentum, settings.kmeans_iterations,

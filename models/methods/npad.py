@@ -629,10 +629,10 @@ def _collect_statistics(
         smoothed = neighbourhood_average(features, kernel)
         pixel.add(features)
         averaged.add(smoothed)
-        rows = smoothed.flatten(2).permute(0, 2, 1)  # (B, P, C)
-        for image_rows in rows if per_image else ():
-            chosen = torch.randperm(positions, generator=generator)[: min(per_image, positions)]
-            sample.append(image_rows[chosen.to(device)].cpu())
+        if per_image:  # a few random averaged features of every image, for k-means
+            for image_rows in smoothed.flatten(2).permute(0, 2, 1):  # (P, C)
+                chosen = torch.randperm(positions, generator=generator)[: min(per_image, positions)]
+                sample.append(image_rows[chosen.to(device)].cpu())
     if kept is None:
         kept = torch.from_numpy(sparsest_channels(positive.cpu().numpy(), settings.channels)).to(device)
         pixel, averaged = pixel.select(kept), averaged.select(kept)

@@ -51,6 +51,17 @@ class PatchFeatureExtractor(nn.Module):
         return int(channels), int(height), int(width)
 
 
+@torch.inference_mode()
+def embed_on_device(extractor: PatchFeatureExtractor, views: torch.Tensor) -> torch.Tensor:
+    """``(V, 3, S, S)`` -> ``(V, C, h, w)`` float32 on the extractor's device (fp16 autocast on CUDA)."""
+    device = next(extractor.backbone.buffers()).device
+    views = views.to(device, non_blocking=True)
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.float16):
+            return extractor(views).float()
+    return extractor(views)
+
+
 def flatten_patches(features: torch.Tensor) -> torch.Tensor:
     """``(batch, channels, h, w)`` -> ``(batch * h * w, channels)``, row-major over (batch, h, w)."""
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from models.backbones import load_backbone
 from models.errors import ArtifactError, BackboneError
-from models.features import PatchFeatureExtractor
+from models.features import PatchFeatureExtractor, embed_on_device
 from models.index import IndexError_, NearestNeighbourIndex
 from models.methods.base import AnomalyMethod, ImageBatches, MethodOutput
 from pipeline.config import Config, ModelSettings, NpadSettings, ScoringSettings
@@ -396,17 +396,6 @@ def build_extractor(model: ModelSettings, device: torch.device) -> PatchFeatureE
     return PatchFeatureExtractor(backbone, aggregation_kernel=1).to(device)
 
 
-@torch.inference_mode()
-def embed(extractor: PatchFeatureExtractor, views: torch.Tensor) -> torch.Tensor:
-    """``(V, 3, S, S)`` -> ``(V, C_all, h, w)`` float32 on the extractor's device (fp16 autocast on CUDA)."""
-    device = next(extractor.backbone.buffers()).device
-    views = views.to(device, non_blocking=True)
-    if device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.float16):
-            return extractor(views).float()
-    return extractor(views)
-
-
 class NpadMethod(AnomalyMethod):
     name: ClassVar[str] = "npad"
 
@@ -478,7 +467,7 @@ class NpadMethod(AnomalyMethod):
     @torch.inference_mode()
     def score_views(self, views: torch.Tensor, scoring: ScoringSettings) -> MethodOutput:
         started = time.perf_counter()
-        features = embed(self.extractor, views).index_select(1, self.channel_index)
+        features = embed_on_device(self.extractor, views).index_select(1, self.channel_index)
         averaged = neighbourhood_average(features, self.model.aggregation_kernel)
         embedded = time.perf_counter()
         radius = self.settings.inference_radius
@@ -588,7 +577,7 @@ def _embedded(
 ) -> Iterator[torch.Tensor]:
     bar = tqdm(total=batches.images, desc=desc, unit="img", disable=not progress)
     for batch in batches:
-        yield embed(extractor, batch)
+        yield embed_on_device(extractor, batch)
         bar.update(batch.shape[0])
     bar.close()
 

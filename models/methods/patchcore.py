@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from models.backbones import load_backbone
 from models.errors import ArtifactError, BackboneError
-from models.features import PatchFeatureExtractor, flatten_patches
+from models.features import PatchFeatureExtractor, embed_on_device, flatten_patches
 from models.index import IndexError_, NearestNeighbourIndex
 from models.memory_bank import (
     CompressedBankBuilder,
@@ -49,17 +49,9 @@ def build_extractor(model: ModelSettings, device: torch.device) -> PatchFeatureE
     return extractor.to(device)
 
 
-@torch.inference_mode()
 def embed(extractor: PatchFeatureExtractor, views: torch.Tensor) -> torch.Tensor:
     """``(V, 3, S, S)`` -> patch features ``(V, C, h, w)`` float32 on the CPU (fp16 autocast on CUDA)."""
-    device = next(extractor.backbone.buffers()).device
-    views = views.to(device, non_blocking=True)
-    if device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.float16):
-            features = extractor(views)
-    else:
-        features = extractor(views)
-    return features.float().cpu()
+    return embed_on_device(extractor, views).cpu()
 
 
 class PatchCoreMethod(AnomalyMethod):

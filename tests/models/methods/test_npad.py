@@ -123,7 +123,7 @@ def test_fit_keeps_the_backbone_channels_that_fire_least_on_the_training_images(
     images = TrainingImages(sorted(demo_line.train_dir.iterdir()), 96, 4)
     method = npad.NpadMethod.fit(images, config, torch.device("cpu"), progress=False)
     counts = sum(
-        (npad.embed(method.extractor, batch) > 0).sum(dim=(0, 2, 3)).numpy() for batch in images
+        (npad.embed_on_device(method.extractor, batch) > 0).sum(dim=(0, 2, 3)).numpy() for batch in images
     )  # independent count over the same images
     kept = method.channels
     assert kept.size == 48

@@ -59,13 +59,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from models.backbones import load_backbone
-from models.errors import ArtifactError, BackboneError
+from models.errors import ArtifactError
 from models.features import PatchFeatureExtractor, flatten_patches
 from models.index import IndexError_, NearestNeighbourIndex
 from models.memory_bank import CompressedBankBuilder, MemoryBank, MemoryBankError
 from models.methods.base import AnomalyMethod, ImageBatches, MethodOutput
-from models.methods.patchcore import build_extractor, embed
+from models.methods.patchcore import build_extractor, embed, load_extractor
 from pipeline.config import BankSettings, CFASettings, Config, IndexSettings, ModelSettings, ScoringSettings
 
 HEAD_FILE = "descriptor.pt"
@@ -374,20 +373,11 @@ class CFAMethod(AnomalyMethod):
             index = NearestNeighbourIndex.load(
                 model_dir / INDEX_FILE, index_settings.kind, use_gpu, index_settings.ivf_probe
             )
-            backbone = load_backbone(model.backbone, tuple(section["layers"]), model.weights_path)
-        except (KeyError, TypeError, MemoryBankError, IndexError_, BackboneError, ValueError, OSError) as error:
+        except (KeyError, TypeError, MemoryBankError, IndexError_, ValueError, OSError) as error:
             msg = f"{model_dir}: {error}"
             raise ArtifactError(msg) from None
-        extractor = PatchFeatureExtractor(backbone, model.aggregation_kernel, model.feature_dim).to(device)
-        channels, grid_h, grid_w = extractor.output_shape(model.image_size)
-        recorded = section["features"]
-        if channels != recorded["channels"] or [grid_h, grid_w] != recorded["grid"] or channels != head.in_channels:
-            msg = (
-                f"{model_dir}: backbone {model.backbone} {section['layers']} gives features "
-                f"{channels}x{grid_h}x{grid_w}, the model was fitted on {recorded['channels']}x{recorded['grid']} "
-                f"(descriptor expects {head.in_channels} channels): backbone or weights mismatch"
-            )
-            raise ArtifactError(msg)
+        consumer = f"descriptor expects {head.in_channels} channels"
+        extractor = load_extractor(model_dir, section, model, device, consumer, head.in_channels)
         if not head.out_channels == bank.channels == index.dimension:
             msg = (f"{model_dir}: descriptor gives {head.out_channels} channels, bank.npy has {bank.channels}, "
                    f"index.faiss {index.dimension}: files from different models")  # fmt: skip

@@ -49,6 +49,29 @@ def build_extractor(model: ModelSettings, device: torch.device) -> PatchFeatureE
     return extractor.to(device)
 
 
+def load_extractor(
+    model_dir: Path, section: dict[str, Any], model: ModelSettings, device: torch.device, consumer: str, channels: int
+) -> PatchFeatureExtractor:
+    """The saved layers' extractor, checked to give the recorded feature shape and the ``channels`` that
+    ``consumer`` (e.g. "bank has 152 channels") expects; ArtifactError naming the mismatch otherwise."""
+    try:
+        backbone = load_backbone(model.backbone, tuple(section["layers"]), model.weights_path)
+    except (KeyError, TypeError, BackboneError) as error:
+        msg = f"{model_dir}: {error}"
+        raise ArtifactError(msg) from None
+    extractor = PatchFeatureExtractor(backbone, model.aggregation_kernel, model.feature_dim).to(device)
+    got, grid_h, grid_w = extractor.output_shape(model.image_size)
+    recorded = section["features"]
+    if got != recorded["channels"] or [grid_h, grid_w] != recorded["grid"] or got != channels:
+        msg = (
+            f"{model_dir}: backbone {model.backbone} {section['layers']} gives features "
+            f"{got}x{grid_h}x{grid_w}, the model was fitted on {recorded['channels']}x{recorded['grid']} "
+            f"({consumer}): backbone or weights mismatch"
+        )
+        raise ArtifactError(msg)
+    return extractor
+
+
 def embed(extractor: PatchFeatureExtractor, views: torch.Tensor) -> torch.Tensor:
     """``(V, 3, S, S)`` -> patch features ``(V, C, h, w)`` float32 on the CPU (fp16 autocast on CUDA)."""
     return embed_on_device(extractor, views).cpu()
@@ -171,20 +194,11 @@ class PatchCoreMethod(AnomalyMethod):
             index = NearestNeighbourIndex.load(
                 model_dir / INDEX_FILE, index_settings.kind, use_gpu, index_settings.ivf_probe
             )
-            backbone = load_backbone(model.backbone, tuple(section["layers"]), model.weights_path)
-        except (KeyError, TypeError, MemoryBankError, IndexError_, BackboneError, ValueError) as error:
+        except (KeyError, TypeError, MemoryBankError, IndexError_, ValueError) as error:
             msg = f"{model_dir}: {error}"
             raise ArtifactError(msg) from None
-        extractor = PatchFeatureExtractor(backbone, model.aggregation_kernel, model.feature_dim).to(device)
-        channels, grid_h, grid_w = extractor.output_shape(model.image_size)
-        recorded = section["features"]
-        if channels != recorded["channels"] or [grid_h, grid_w] != recorded["grid"] or channels != bank.channels:
-            msg = (
-                f"{model_dir}: backbone {model.backbone} {section['layers']} gives features "
-                f"{channels}x{grid_h}x{grid_w}, the model was fitted on {recorded['channels']}x{recorded['grid']} "
-                f"(bank has {bank.channels} channels): backbone or weights mismatch"
-            )
-            raise ArtifactError(msg)
+        consumer = f"bank has {bank.channels} channels"
+        extractor = load_extractor(model_dir, section, model, device, consumer, bank.channels)
         return cls(extractor, bank, index, bank_settings, index_settings, model.image_size)
 
     def describe(self) -> str:

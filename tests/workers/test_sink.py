@@ -91,6 +91,7 @@ def test_each_frame_is_published_once_with_a_heatmap_for_failures(make_runtime: 
     assert value("lineinspect_frames_total", {"line": "line-1", "verdict": "fail"}) == 2
     assert value("lineinspect_duplicate_decisions_total", {"line": "line-1"}) == 1
     assert value("lineinspect_end_to_end_latency_seconds_count", {"line": "line-1"}) == 3
+    assert value("lineinspect_dead_letters_total", {"line": "line-1", "reason": "not_msgpack"}) == 1
 
 
 def test_retention_removes_too_old_then_oldest_beyond_the_limit() -> None:

@@ -3,7 +3,9 @@
 The MTD training list (split.json "train", all good) is split by file-name hash into fit (80%) and validation
 (20%). Validation defects are synthetic (models.synthetic: scratches, blobs, cut-paste, noise) pasted on the
 validation good images, so no test image is ever seen here. Each variant is fitted on the fit part and scored
-on validation good + validation synthetic-defect images; image and pixel AUROC are printed as a table.
+on validation good + validation synthetic-defect images, twice: with defects at full contrast ("standard") and at
+40% contrast ("subtle", closer to real defects and far from saturated); image and pixel AUROC of both are printed.
+Variants override the current defaults of config.toml ("default" = no override).
 
     python benchmarks/select_defaults.py --data ../shared/datasets/mtd [--variants NAME ...]
 """
@@ -24,20 +26,46 @@ from models.images import read_image
 from models.synthetic import add_synthetic_defect
 from pipeline.config import config_from_mapping
 
+COMPRESSED = {"kind": "compressed", "compression_ratio": 8}
 VARIANTS: dict[str, dict] = {
-    "compressed-r2": {},
-    "compressed-r8": {"bank": {"compression_ratio": 8}},
-    "compressed-r32": {"bank": {"compression_ratio": 32}},
-    "kmeans-only-r8": {"bank": {"compression_ratio": 8, "init_images": 10_000}},
+    "default": {},
+    # session 1: the compressed bank and its options (RESULTS.md section 4)
+    "compressed-r2": {"bank": {**COMPRESSED, "compression_ratio": 2}},
+    "compressed-r8": {"bank": COMPRESSED},
+    "compressed-r32": {"bank": {**COMPRESSED, "compression_ratio": 32}},
     "coreset-1%": {"bank": {"kind": "coreset", "coreset_ratio": 0.01}},
-    "r8-320px": {"bank": {"compression_ratio": 8}, "model": {"image_size": 320}},
-    "r8-shift2": {"bank": {"compression_ratio": 8}, "scoring": {"shift_pixels": 2}},
-    "r8-reweighted": {"bank": {"compression_ratio": 8}, "scoring": {"image_score": "reweighted"}},
-    "r8-softmin": {"bank": {"compression_ratio": 8}, "scoring": {"image_score": "softmin", "neighbors": 3}},
+    "r8-320px": {"bank": COMPRESSED, "model": {"image_size": 320}},
+    "r8-shift2": {"bank": COMPRESSED, "scoring": {"shift_pixels": 2}},
+    "r8-reweighted": {"bank": COMPRESSED, "scoring": {"image_score": "reweighted"}},
+    "r8-softmin": {"bank": COMPRESSED, "scoring": {"image_score": "softmin", "neighbors": 3}},
+    # session 3: around the bounded-coreset default
+    "size-256": {"model": {"image_size": 256}},
+    "size-288": {"model": {"image_size": 288}},
+    "size-320": {"model": {"image_size": 320}},
+    "layers-2-3-4": {"model": {"layers": ["blocks.2", "blocks.3", "blocks.4"]}},
+    "layers-2-4-5": {"model": {"layers": ["blocks.2", "blocks.4", "blocks.5"]}},
+    "layers-2-3": {"model": {"layers": ["blocks.2", "blocks.3"]}},
+    "aggregate-1": {"model": {"aggregation_kernel": 1}},
+    "aggregate-5": {"model": {"aggregation_kernel": 5}},
+    "ratio-4": {"bank": {"compression_ratio": 4}},
+    "ratio-16": {"bank": {"compression_ratio": 16}},
+    "ratio-32": {"bank": {"compression_ratio": 32}},
+    "pool-400k": {"bank": {"pool_patches": 400_000}},
+    "pool-100k": {"bank": {"pool_patches": 100_000}},
+    "score-max": {"scoring": {"image_score": "max"}},
+    "score-top3": {"scoring": {"top_k": 3}},
+    "score-top30": {"scoring": {"top_k": 30}},
+    "score-reweighted": {"scoring": {"image_score": "reweighted"}},
+    "sigma-2": {"scoring": {"smoothing_sigma": 2.0}},
+    "sigma-8": {"scoring": {"smoothing_sigma": 8.0}},
+    "shift-2": {"scoring": {"shift_pixels": 2}},
 }
+STRENGTHS = {"standard": 1.0, "subtle": 0.4}
 
 
-def validation_set(paths: list[Path], seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
+def validation_set(
+    paths: list[Path], seed: int = 0, strength: float = 1.0
+) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
     rng = np.random.default_rng(seed)
     images, labels, masks = [], [], []
     for path in paths:
@@ -45,39 +73,40 @@ def validation_set(paths: list[Path], seed: int = 0) -> tuple[list[np.ndarray], 
         images.append(good)
         labels.append(0)
         masks.append(np.zeros(good.shape[:2], bool))
-        defective, mask = add_synthetic_defect(good, rng)
+        defective, mask = add_synthetic_defect(good, rng, strength=strength)
         images.append(defective)
         labels.append(1)
         masks.append(mask)
     return images, np.array(labels), masks
 
 
-def run_variant(name: str, overrides: dict, fit_paths: list[Path], images: list[np.ndarray], labels: np.ndarray,
-                masks: list[np.ndarray]) -> dict:  # fmt: skip
+ValidationSet = tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]
+
+
+def run_variant(name: str, overrides: dict, fit_paths: list[Path], sets: dict[str, ValidationSet]) -> dict:
+    import cv2
+
     config = config_from_mapping(overrides)
     started = time.perf_counter()
     scorer = fit_scorer(fit_paths, config, progress=False, holdout_fraction=0.0)
-    fit_seconds = time.perf_counter() - started
+    result: dict = {"variant": name, "model": scorer.method.describe(), "fit_s": time.perf_counter() - started}
     size = scorer.image_size
-    scores, maps = [], []
-    started = time.perf_counter()
-    for start in range(0, len(images), 8):
-        batch = scorer.score(images[start : start + 8])
-        scores.append(batch.scores)
-        maps.append(batch.maps)
-    score_seconds = time.perf_counter() - started
-    import cv2
-
-    resized = np.stack([cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
-                        for m in masks])  # fmt: skip
-    return {
-        "variant": name,
-        "image_auroc": image_auroc(labels, np.concatenate(scores)),
-        "pixel_auroc": pixel_auroc(resized, np.concatenate(maps)),
-        "model": scorer.method.describe(),
-        "fit_s": fit_seconds,
-        "images_per_s": len(images) / score_seconds,
-    }
+    scored, score_seconds = 0, 0.0
+    for set_name, (images, labels, masks) in sets.items():
+        scores, maps = [], []
+        started = time.perf_counter()
+        for start in range(0, len(images), 8):
+            batch = scorer.score(images[start : start + 8])
+            scores.append(batch.scores)
+            maps.append(batch.maps)
+        score_seconds += time.perf_counter() - started
+        scored += len(images)
+        resized = np.stack([cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+                            for m in masks])  # fmt: skip
+        result[f"{set_name}_image_auroc"] = image_auroc(labels, np.concatenate(scores))
+        result[f"{set_name}_pixel_auroc"] = pixel_auroc(resized, np.concatenate(maps))
+    result["images_per_s"] = scored / score_seconds
+    return result
 
 
 def main() -> None:
@@ -87,14 +116,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="append results as JSON lines to this file")
     args = parser.parse_args()
     fit_paths, validation_paths = holdout_split(good_images(args.data), 0.2)
-    images, labels, masks = validation_set(validation_paths)
+    sets = {name: validation_set(validation_paths, strength=strength) for name, strength in STRENGTHS.items()}
     print(f"fit on {len(fit_paths)} training images; validate on {len(validation_paths)} good + "
-          f"{len(validation_paths)} synthetic-defect images (all from the training split)")  # fmt: skip
-    print(f"{'variant':<18} {'img AUROC':>9} {'px AUROC':>9} {'model':>28} {'fit s':>6} {'img/s':>6}")
+          f"{len(validation_paths)} synthetic-defect images per set (all from the training split)")  # fmt: skip
+    columns = [f"{set_name[:4]} {level}" for set_name in sets for level in ("img", "px")]
+    print(f"{'variant':<18} " + " ".join(f"{c:>9}" for c in columns) + f" {'model':>32} {'fit s':>6} {'img/s':>6}")
     for name in args.variants:
-        result = run_variant(name, VARIANTS[name], fit_paths, images, labels, masks)
-        print(f"{name:<18} {result['image_auroc']:9.4f} {result['pixel_auroc']:9.4f} {result['model']:>28} "
-              f"{result['fit_s']:6.1f} {result['images_per_s']:6.1f}", flush=True)  # fmt: skip
+        result = run_variant(name, VARIANTS[name], fit_paths, sets)
+        values = [result[f"{set_name}_{level}_auroc"] for set_name in sets for level in ("image", "pixel")]
+        print(f"{name:<18} " + " ".join(f"{100 * v:9.1f}" for v in values)
+              + f" {result['model']:>32} {result['fit_s']:6.1f} {result['images_per_s']:6.1f}", flush=True)  # fmt: skip
         if args.out:
             with args.out.open("a") as stream:
                 stream.write(json.dumps(result) + "\n")

@@ -1,8 +1,9 @@
 """Synthetic parts and defects, for the demo line, tests, and choosing defaults without touching test data.
 
-- ``add_synthetic_defect(image, rng)`` -> ``(defective image, bool mask)``: one of a scratch (a thin curved
-  line), a blob (a soft dark or bright ellipse), a cut-paste patch (a piece of the same image moved and rotated)
-  or a texture patch (noise). Works on RGB uint8 ``(H, W, 3)`` of any size.
+- ``add_synthetic_defect(image, rng, strength=1.0)`` -> ``(defective image, bool mask)``: one of a scratch (a
+  thin curved line), a blob (a soft dark or bright ellipse), a cut-paste patch (a piece of the same image moved
+  and rotated) or a texture patch (noise). Works on RGB uint8 ``(H, W, 3)`` of any size. ``strength`` scales the
+  contrast (shade, noise amplitude, cut-paste opacity): below 1 gives subtle defects, closer to real ones.
 - ``make_part(texture, rng, size, max_shift, max_rotation)``: a "good part", a crop of a scikit-image texture
   with a small random translation and rotation, as parts arrive on a real line.
 - ``make_demo_line(out_dir, ...)`` writes a small MVTec-layout dataset from scikit-image's ``brick`` texture.
@@ -44,20 +45,23 @@ def _ellipse(image: np.ndarray, rng: np.random.Generator, scale: tuple[float, fl
 
 
 def add_synthetic_defect(
-    image: np.ndarray, rng: np.random.Generator, kind: str | None = None
+    image: np.ndarray, rng: np.random.Generator, kind: str | None = None, strength: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """RGB uint8 ``(H, W, 3)`` -> ``(image with one defect, mask (H, W) bool)``."""
+    if not 0.0 < strength <= 1.0:
+        msg = f"strength must be in (0, 1], got {strength}"
+        raise ValueError(msg)
     kind = kind or DEFECT_KINDS[int(rng.integers(len(DEFECT_KINDS)))]
     out = image.astype(np.float32)
     height, width = image.shape[:2]
     if kind == "scratch":
         mask = _scratch(image, rng)
-        shade = rng.choice([-1.0, 1.0]) * rng.uniform(60, 110)
+        shade = strength * rng.choice([-1.0, 1.0]) * rng.uniform(60, 110)
         out[mask] = np.clip(out[mask] + shade, 0, 255)
     elif kind == "blob":
         mask = _ellipse(image, rng, (0.03, 0.09))
         soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), max(1.0, 0.01 * min(height, width)))
-        shade = rng.choice([-1.0, 1.0]) * rng.uniform(50, 100)
+        shade = strength * rng.choice([-1.0, 1.0]) * rng.uniform(50, 100)
         out = np.clip(out + soft[:, :, None] * shade, 0, 255)
         mask = soft > 0.5
     elif kind == "cutpaste":
@@ -66,10 +70,10 @@ def add_synthetic_defect(
         rotation = cv2.getRotationMatrix2D((width / 2, height / 2), source_angle, 1.0)
         rotation[:, 2] += rng.uniform(-0.3, 0.3, size=2) * np.array([width, height])
         moved = cv2.warpAffine(image, rotation, (width, height), borderMode=cv2.BORDER_REFLECT)
-        out[mask] = moved[mask]
+        out[mask] = strength * moved[mask] + (1.0 - strength) * out[mask]
     elif kind == "noise":
         mask = _ellipse(image, rng, (0.04, 0.1))
-        noise = rng.normal(0, 45, size=image.shape).astype(np.float32)
+        noise = rng.normal(0, 45 * strength, size=image.shape).astype(np.float32)
         out[mask] = np.clip(out[mask] + noise[mask], 0, 255)
     else:
         msg = f"unknown defect kind {kind!r}; choose one of {DEFECT_KINDS}"

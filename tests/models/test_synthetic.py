@@ -1,0 +1,40 @@
+"""Synthetic defects: every kind marks a region and changes it there; ``strength`` makes it subtler."""
+
+import numpy as np
+import pytest
+import skimage.data
+
+from models.synthetic import DEFECT_KINDS, add_synthetic_defect
+
+
+@pytest.fixture(scope="module")
+def part() -> np.ndarray:
+    grey = skimage.data.brick()[:160, :200]
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+@pytest.mark.parametrize("kind", DEFECT_KINDS)
+def test_each_kind_changes_the_image_inside_its_mask(part: np.ndarray, kind: str) -> None:
+    defective, mask = add_synthetic_defect(part, np.random.default_rng(3), kind=kind)
+    assert defective.shape == part.shape and defective.dtype == np.uint8
+    assert mask.shape == part.shape[:2] and 0 < mask.sum() < mask.size // 4
+    change = np.abs(defective.astype(int) - part.astype(int)).sum(axis=2)
+    assert change[mask].mean() > 10
+    if kind != "blob":  # a blob's soft edge reaches just past its half-strength mask
+        assert change[~mask].max() == 0
+
+
+@pytest.mark.parametrize("kind", DEFECT_KINDS)
+def test_lower_strength_gives_the_same_region_with_less_contrast(part: np.ndarray, kind: str) -> None:
+    strong, strong_mask = add_synthetic_defect(part, np.random.default_rng(5), kind=kind)
+    subtle, subtle_mask = add_synthetic_defect(part, np.random.default_rng(5), kind=kind, strength=0.4)
+    assert np.array_equal(strong_mask, subtle_mask)
+    region = strong_mask
+    strong_change = np.abs(strong.astype(int) - part.astype(int))[region].mean()
+    subtle_change = np.abs(subtle.astype(int) - part.astype(int))[region].mean()
+    assert 0 < subtle_change < 0.7 * strong_change
+
+
+def test_strength_outside_zero_to_one_is_refused(part: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="strength"):
+        add_synthetic_defect(part, np.random.default_rng(0), strength=1.5)

@@ -59,12 +59,18 @@ VARIANTS: dict[str, dict] = {
     "sigma-2": {"scoring": {"smoothing_sigma": 2.0}},
     "sigma-8": {"scoring": {"smoothing_sigma": 8.0}},
     "shift-2": {"scoring": {"shift_pixels": 2}},
+    "unnormalised": {"scoring": {"normalise_positions": False}},
+    "normalise-20%": {"scoring": {"normalisation_fraction": 0.2}},
+    "normalise-prior-0": {"scoring": {"normalisation_prior_images": 0}},
+    "aggregate-1-size-256": {"model": {"aggregation_kernel": 1, "image_size": 256}},
+    "aggregate-1-layers-2-3-4": {"model": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4"]}},
 }
-STRENGTHS = {"standard": 1.0, "subtle": 0.4}
+# name -> (contrast strength, defects anywhere incl. borders)
+VALIDATION_SETS = {"standard": (1.0, False), "subtle": (0.4, False), "anywhere": (0.4, True)}
 
 
 def validation_set(
-    paths: list[Path], seed: int = 0, strength: float = 1.0
+    paths: list[Path], seed: int = 0, strength: float = 1.0, anywhere: bool = False
 ) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
     rng = np.random.default_rng(seed)
     images, labels, masks = [], [], []
@@ -73,7 +79,7 @@ def validation_set(
         images.append(good)
         labels.append(0)
         masks.append(np.zeros(good.shape[:2], bool))
-        defective, mask = add_synthetic_defect(good, rng, strength=strength)
+        defective, mask = add_synthetic_defect(good, rng, strength=strength, anywhere=anywhere)
         images.append(defective)
         labels.append(1)
         masks.append(mask)
@@ -116,7 +122,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="append results as JSON lines to this file")
     args = parser.parse_args()
     fit_paths, validation_paths = holdout_split(good_images(args.data), 0.2)
-    sets = {name: validation_set(validation_paths, strength=strength) for name, strength in STRENGTHS.items()}
+    sets = {name: validation_set(validation_paths, 0, *how) for name, how in VALIDATION_SETS.items()}
     print(f"fit on {len(fit_paths)} training images; validate on {len(validation_paths)} good + "
           f"{len(validation_paths)} synthetic-defect images per set (all from the training split)")  # fmt: skip
     columns = [f"{set_name[:4]} {level}" for set_name in sets for level in ("img", "px")]

@@ -9,6 +9,7 @@
       ...             the method's own files (``models.methods``), e.g. PatchCore's ``bank.npy`` (numpy format,
                       loaded with allow_pickle=False) and ``index.faiss`` (written from the CPU); torch weights are
                       state dicts read back with ``weights_only=True``
+      position_stats.npz  per-pixel mean and std of held-out good maps (``models.normalisation``), when fitted
 
 ``load_scorer`` checks the format version, every file's sha256 and the content hash, then lets the method check
 its own files against the manifest (PatchCore: the backbone really produces features of the recorded shape);
@@ -32,6 +33,7 @@ import torch
 
 from models.errors import ArtifactError
 from models.methods import method_class
+from models.normalisation import STATS_FILE, PositionStats
 from models.scorer import Scorer, Threshold, TrainingSummary, resolve_device
 from pipeline.config import ModelSettings, ScoringSettings
 
@@ -80,13 +82,17 @@ def save_scorer(scorer: Scorer, model_dir: Path) -> str:
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     section = scorer.method.save(model_dir)
-    files = section.pop("files")
+    files = list(section.pop("files"))
+    stats = scorer.position_stats
+    if stats is not None:
+        files.append(stats.save(model_dir))
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "model": scorer.model_settings.model_dump(mode="json"),
         "method": {"name": scorer.method.name} | section,
         "scoring": scorer.scoring.model_dump(mode="json"),
         "threshold": asdict(scorer.threshold) if scorer.threshold else None,
+        "position_stats": {"images": stats.images} if stats is not None else None,
         "training": asdict(scorer.training),
         "libraries": library_versions(),
         "files": {name: _sha256(model_dir / name) for name in files},
@@ -134,11 +140,17 @@ def load_scorer(model_dir: Path, device: str = "auto") -> Scorer:
         scoring = ScoringSettings.model_validate(manifest["scoring"])
         threshold = Threshold(**manifest["threshold"]) if manifest.get("threshold") else None
         training = TrainingSummary(**manifest["training"])
+        stats_entry = manifest.get("position_stats")
+        stats_images = int(stats_entry["images"]) if stats_entry is not None else 0
     except (KeyError, TypeError, ValueError) as error:
         msg = f"{model_dir}/{MANIFEST} has invalid or missing settings: {error}"
         raise ArtifactError(msg) from None
+    if stats_entry is not None and STATS_FILE not in manifest.get("files", {}):
+        msg = f"{model_dir}/{MANIFEST} records position statistics but does not list {STATS_FILE}"
+        raise ArtifactError(msg)
+    stats = PositionStats.load(model_dir, stats_images, model_settings.image_size) if stats_entry else None
     method = cls.load(model_dir, section, model_settings, resolve_device(device))
-    return Scorer(method, model_settings, scoring, training, threshold, model_id=str(manifest["model_id"]))
+    return Scorer(method, model_settings, scoring, training, threshold, str(manifest["model_id"]), stats)
 
 
 def update_threshold(model_dir: Path, threshold: Threshold) -> str:

@@ -1,8 +1,10 @@
 """Fitting a Scorer on good images: embed in batches, build the bank, index it, calibrate a first threshold.
 
-A deterministic slice of the good images (``holdout_fraction``, chosen by a hash of the file name) is kept out
-of the bank and used to set the initial pass/fail threshold at the configured false-reject rate, so a freshly
-fitted model can make verdicts at once; ``lineinspect calibrate`` refines it on more good images.
+Two deterministic slices of the good images (chosen by hashes of the file name) are kept out of the method's
+training: with ``scoring.normalise_positions``, ``scoring.normalisation_fraction`` of them give the per-pixel
+statistics of good maps (``models.normalisation``); then ``holdout_fraction`` of them, scored with those
+statistics, set the initial pass/fail threshold at the configured false-reject rate, so a freshly fitted model can
+make verdicts at once; ``lineinspect calibrate`` refines it on more good images.
 Unreadable images are skipped with a warning; fitting fails only when no valid image is left.
 """
 
@@ -22,6 +24,7 @@ from tqdm import tqdm
 
 from models.images import ImageError, read_image
 from models.methods import method_class
+from models.normalisation import PositionStats
 from models.scorer import Scorer, TrainingSummary, preprocess, resolve_device
 from models.threshold import false_reject_threshold
 from pipeline.config import Config
@@ -29,12 +32,13 @@ from pipeline.config import Config
 log = logging.getLogger(__name__)
 
 
-def holdout_split(paths: Sequence[Path], fraction: float) -> tuple[list[Path], list[Path]]:
-    """``(fit, holdout)``: a file goes to holdout when the sha1 of its name falls in the first ``fraction``."""
+def holdout_split(paths: Sequence[Path], fraction: float, salt: str = "") -> tuple[list[Path], list[Path]]:
+    """``(fit, holdout)``: a file goes to holdout when the sha1 of ``salt`` + its name falls in the first
+    ``fraction`` (different salts give independent slices)."""
     fit: list[Path] = []
     holdout: list[Path] = []
     for path in paths:
-        bucket = int(hashlib.sha1(path.name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        bucket = int(hashlib.sha1((salt + path.name).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         (holdout if bucket < fraction else fit).append(path)
     if not fit:
         fit, holdout = list(holdout), []
@@ -115,12 +119,22 @@ def fit_scorer(
         msg = "no training images given"
         raise ValueError(msg)
     fit_paths, holdout_paths = holdout_split(image_paths, holdout_fraction)
-    images = TrainingImages(fit_paths, config.model.image_size, config.scoring.batch_size)
+    scoring = config.scoring
+    normalisation_fraction = scoring.normalisation_fraction if scoring.normalise_positions else 0.0
+    fit_paths, normalisation_paths = holdout_split(fit_paths, normalisation_fraction, salt="position-stats:")
+    images = TrainingImages(fit_paths, config.model.image_size, scoring.batch_size)
     images.require_one()
     method = method_class(config.model.method).fit(images, config, resolve_device(config.model.device), progress)
     training = TrainingSummary(images=images.images, skipped=images.skipped, source=source)
-    scorer = Scorer(method, config.model, config.scoring, training)
+    scorer = Scorer(method, config.model, scoring, training)
     skipped = images.skipped
+    if normalisation_paths:
+        maps = [scorer.unnormalised_maps(batch) for batch in _progress_batches(
+            normalisation_paths, scoring.batch_size, progress, "fit: position statistics", skipped)]  # fmt: skip
+        if maps:
+            scorer.position_stats = PositionStats.from_maps(torch.cat(maps), scoring.normalisation_prior_images)
+    elif scoring.normalise_positions:
+        log.warning("too few good images to keep some out for position statistics: maps stay unnormalised")
     if holdout_paths:
         good_scores = score_paths(scorer, holdout_paths, config.scoring.batch_size, progress,
                                   "fit: calibrating on held-out good", skipped)  # fmt: skip
@@ -142,11 +156,15 @@ def score_paths(
     skipped: list[str] | None = None,
 ) -> np.ndarray:
     """Image scores ``(readable images,)`` of image files; unreadable ones are warned about and added to ``skipped``."""
-    scores: list[np.ndarray] = []
     skipped = [] if skipped is None else skipped
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
-    for batch in _readable_batches(paths, batch_size, skipped):
-        scores.append(scorer.score(batch).scores)
-        bar.update(len(batch))
-    bar.close()
+    scores = [scorer.score(batch).scores for batch in _progress_batches(paths, batch_size, progress, desc, skipped)]
     return np.concatenate(scores) if scores else np.empty(0, dtype=np.float32)
+
+
+def _progress_batches(
+    paths: Sequence[Path], batch_size: int, progress: bool, desc: str, skipped: list[str]
+) -> Iterator[list[np.ndarray]]:
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
+        for batch in _readable_batches(paths, batch_size, skipped):
+            yield batch
+            bar.update(len(batch))

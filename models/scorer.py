@@ -7,7 +7,8 @@
 2. N-pad shifting: ``(N * V, 3, S, S)``, V views per frame (V = 1 when shifting is off).
 3. The method (``models.methods``; PatchCore by default: one backbone call, one index search for the whole batch)
    -> patch maps ``(N * V, h, w)`` and, for methods with their own image score, view scores ``(N * V,)``.
-4. Maps upsampled to ``(S, S)``, shifted views aligned back and aggregated per pixel -> ``(N, S, S)``,
+4. Maps upsampled to ``(S, S)``, shifted views aligned back and aggregated per pixel -> ``(N, S, S)``; with
+   position statistics (``models.normalisation``, fitted on held-out good images) turned into per-pixel z-scores;
    Gaussian-smoothed (sigma 4).
 5. Image score ``(N,)``: the method's own (aggregated over views like the maps), else the mean of the ``top_k``
    highest patch scores (default; chosen on a validation split of MTD training images with synthetic defects, where
@@ -30,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from models.images import to_rgb_uint8
-from models.methods.base import AnomalyMethod
+from models.methods.base import AnomalyMethod, MethodOutput
+from models.normalisation import PositionStats
 from models.shifting import align_and_aggregate, shift_offsets, shifted_views
 from pipeline.config import ModelSettings, ScoringSettings
 
@@ -121,8 +123,13 @@ class Scorer:
         training: TrainingSummary,
         threshold: Threshold | None = None,
         model_id: str = "unsaved",
+        position_stats: PositionStats | None = None,
     ) -> None:
+        if position_stats is not None and position_stats.image_size != model_settings.image_size:
+            msg = f"position statistics of {position_stats.image_size} px for a {model_settings.image_size} px model"
+            raise ValueError(msg)
         self.method = method
+        self.position_stats = position_stats
         self.model_settings = model_settings
         self.scoring = scoring
         self.training = training
@@ -136,10 +143,11 @@ class Scorer:
 
     def with_scoring(self, scoring: ScoringSettings) -> Scorer:
         """The same fitted model scored with other settings (e.g. shifting on), sharing its fitted state."""
-        return Scorer(self.method, self.model_settings, scoring, self.training, self.threshold, self.model_id)
+        return Scorer(self.method, self.model_settings, scoring, self.training, self.threshold, self.model_id,
+                      self.position_stats)  # fmt: skip
 
-    @torch.inference_mode()
-    def score(self, images: Sequence[np.ndarray]) -> ScoreBatch:
+    def _raw_maps(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, MethodOutput, float]:
+        """``(N, S, S)`` maps before normalisation and smoothing, the method output, and when post-processing began."""
         if len(images) == 0:
             msg = "score() needs at least one image"
             raise ValueError(msg)
@@ -147,13 +155,24 @@ class Scorer:
         views = shifted_views(preprocess(images, size), self.offsets)
         output = self.method.score_views(views, self.scoring)
         started_post = time.perf_counter()
-        view_count, grid_h, grid_w = output.patch_maps.shape
-        if view_count != views.shape[0]:
-            msg = f"{self.method.name} returned {view_count} maps for {views.shape[0]} views"
+        if output.patch_maps.shape[0] != views.shape[0]:
+            msg = f"{self.method.name} returned {output.patch_maps.shape[0]} maps for {views.shape[0]} views"
             raise RuntimeError(msg)
         patch_maps = output.patch_maps[:, None].float()
         view_maps = F.interpolate(patch_maps, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-        aggregated = align_and_aggregate(view_maps, self.offsets, self.scoring.shift_aggregate)
+        return align_and_aggregate(view_maps, self.offsets, self.scoring.shift_aggregate), output, started_post
+
+    @torch.inference_mode()
+    def unnormalised_maps(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """``(N, S, S)`` maps before position normalisation and smoothing: what ``PositionStats`` are fitted on."""
+        return self._raw_maps(images)[0]
+
+    @torch.inference_mode()
+    def score(self, images: Sequence[np.ndarray]) -> ScoreBatch:
+        aggregated, output, started_post = self._raw_maps(images)
+        _, grid_h, grid_w = output.patch_maps.shape
+        if self.position_stats is not None and self.scoring.normalise_positions:
+            aggregated = self.position_stats.apply(aggregated)
         maps = gaussian_blur(aggregated, self.scoring.smoothing_sigma)
         if output.view_scores is not None:
             view_scores = output.view_scores.float().view(-1, 1, 1)

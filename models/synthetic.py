@@ -20,10 +20,10 @@ import numpy as np
 DEFECT_KINDS = ("scratch", "blob", "cutpaste", "noise")
 
 
-def _scratch(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _scratch(image: np.ndarray, rng: np.random.Generator, margin: float) -> np.ndarray:
     height, width = image.shape[:2]
     mask = np.zeros((height, width), np.uint8)
-    points = [rng.uniform([0.15 * width, 0.15 * height], [0.85 * width, 0.85 * height])]
+    points = [rng.uniform([margin * width, margin * height], [(1 - margin) * width, (1 - margin) * height])]
     length = rng.uniform(0.15, 0.4) * min(height, width)
     angle = rng.uniform(0, np.pi)
     for _ in range(4):
@@ -35,44 +35,46 @@ def _scratch(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return mask.astype(bool)
 
 
-def _ellipse(image: np.ndarray, rng: np.random.Generator, scale: tuple[float, float]) -> np.ndarray:
+def _ellipse(image: np.ndarray, rng: np.random.Generator, scale: tuple[float, float], margin: float) -> np.ndarray:
     height, width = image.shape[:2]
     mask = np.zeros((height, width), np.uint8)
-    centre = (int(rng.uniform(0.2, 0.8) * width), int(rng.uniform(0.2, 0.8) * height))
+    centre = (int(rng.uniform(margin, 1 - margin) * width), int(rng.uniform(margin, 1 - margin) * height))
     axes = tuple(max(2, int(rng.uniform(*scale) * min(height, width))) for _ in range(2))
     cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
     return mask.astype(bool)
 
 
 def add_synthetic_defect(
-    image: np.ndarray, rng: np.random.Generator, kind: str | None = None, strength: float = 1.0
+    image: np.ndarray, rng: np.random.Generator, kind: str | None = None, strength: float = 1.0, anywhere: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """RGB uint8 ``(H, W, 3)`` -> ``(image with one defect, mask (H, W) bool)``."""
+    """RGB uint8 ``(H, W, 3)`` -> ``(image with one defect, mask (H, W) bool)``; the defect starts in the central
+    region unless ``anywhere`` (then also on the borders, where real edge defects such as breaks sit)."""
     if not 0.0 < strength <= 1.0:
         msg = f"strength must be in (0, 1], got {strength}"
         raise ValueError(msg)
     kind = kind or DEFECT_KINDS[int(rng.integers(len(DEFECT_KINDS)))]
+    margin = 0.0 if anywhere else 0.2
     out = image.astype(np.float32)
     height, width = image.shape[:2]
     if kind == "scratch":
-        mask = _scratch(image, rng)
+        mask = _scratch(image, rng, 0.0 if anywhere else 0.15)
         shade = strength * rng.choice([-1.0, 1.0]) * rng.uniform(60, 110)
         out[mask] = np.clip(out[mask] + shade, 0, 255)
     elif kind == "blob":
-        mask = _ellipse(image, rng, (0.03, 0.09))
+        mask = _ellipse(image, rng, (0.03, 0.09), margin)
         soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), max(1.0, 0.01 * min(height, width)))
         shade = strength * rng.choice([-1.0, 1.0]) * rng.uniform(50, 100)
         out = np.clip(out + soft[:, :, None] * shade, 0, 255)
         mask = soft > 0.5
     elif kind == "cutpaste":
-        mask = _ellipse(image, rng, (0.05, 0.12))
+        mask = _ellipse(image, rng, (0.05, 0.12), margin)
         source_angle = float(rng.uniform(30, 150))
         rotation = cv2.getRotationMatrix2D((width / 2, height / 2), source_angle, 1.0)
         rotation[:, 2] += rng.uniform(-0.3, 0.3, size=2) * np.array([width, height])
         moved = cv2.warpAffine(image, rotation, (width, height), borderMode=cv2.BORDER_REFLECT)
         out[mask] = strength * moved[mask] + (1.0 - strength) * out[mask]
     elif kind == "noise":
-        mask = _ellipse(image, rng, (0.04, 0.1))
+        mask = _ellipse(image, rng, (0.04, 0.1), margin)
         noise = rng.normal(0, 45 * strength, size=image.shape).astype(np.float32)
         out[mask] = np.clip(out[mask] + noise[mask], 0, 255)
     else:

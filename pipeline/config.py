@@ -111,6 +111,15 @@ class ScoringSettings(_Section):
     shift_pattern: Literal["cross", "grid"] = "cross"
     shift_aggregate: Literal["min", "mean"] = "min"
     batch_size: int = Field(default=8, ge=1, le=512)
+    normalise_positions: bool = Field(
+        default=True, description="Report per-pixel z-scores against held-out good images (models.normalisation)."
+    )
+    normalisation_fraction: float = Field(
+        default=0.1, ge=0, lt=0.5, description="Share of the good images fit keeps out for the position statistics."
+    )
+    normalisation_prior_images: float = Field(
+        default=8.0, ge=0, description="Shrinks per-pixel statistics towards the image-wide ones (pseudo-images)."
+    )
 
     @model_validator(mode="after")
     def _softmin_needs_neighbours(self) -> ScoringSettings:

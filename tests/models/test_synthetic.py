@@ -38,3 +38,17 @@ def test_lower_strength_gives_the_same_region_with_less_contrast(part: np.ndarra
 def test_strength_outside_zero_to_one_is_refused(part: np.ndarray) -> None:
     with pytest.raises(ValueError, match="strength"):
         add_synthetic_defect(part, np.random.default_rng(0), strength=1.5)
+
+
+def _touches_border_band(mask: np.ndarray, band: float = 0.1) -> bool:
+    height, width = mask.shape
+    rows, cols = round(band * height), round(band * width)
+    return bool(mask[:rows].any() or mask[-rows:].any() or mask[:, :cols].any() or mask[:, -cols:].any())
+
+
+def test_anywhere_also_puts_defects_on_the_borders(part: np.ndarray) -> None:
+    rng_centre, rng_anywhere = np.random.default_rng(7), np.random.default_rng(7)
+    centre = [add_synthetic_defect(part, rng_centre, kind="blob")[1] for _ in range(30)]
+    anywhere = [add_synthetic_defect(part, rng_anywhere, kind="blob", anywhere=True)[1] for _ in range(30)]
+    assert not any(_touches_border_band(mask) for mask in centre)
+    assert sum(_touches_border_band(mask) for mask in anywhere) >= 5

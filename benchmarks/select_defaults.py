@@ -64,6 +64,12 @@ VARIANTS: dict[str, dict] = {
     "normalise-prior-0": {"scoring": {"normalisation_prior_images": 0}},
     "aggregate-1-size-256": {"model": {"aggregation_kernel": 1, "image_size": 256}},
     "aggregate-1-layers-2-3-4": {"model": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4"]}},
+    "aggregate-1-top3": {"model": {"aggregation_kernel": 1}, "scoring": {"top_k": 3}},
+    "aggregate-1-top30": {"model": {"aggregation_kernel": 1}, "scoring": {"top_k": 30}},
+    "aggregate-1-max": {"model": {"aggregation_kernel": 1}, "scoring": {"image_score": "max"}},
+    "aggregate-1-sigma-2": {"model": {"aggregation_kernel": 1}, "scoring": {"smoothing_sigma": 2.0}},
+    "aggregate-1-ratio-16": {"model": {"aggregation_kernel": 1}, "bank": {"compression_ratio": 16}},
+    "aggregate-1-normalise-20%": {"model": {"aggregation_kernel": 1}, "scoring": {"normalisation_fraction": 0.2}},
 }
 # name -> (contrast strength, defects anywhere incl. borders)
 VALIDATION_SETS = {"standard": (1.0, False), "subtle": (0.4, False), "anywhere": (0.4, True)}

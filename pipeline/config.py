@@ -49,7 +49,9 @@ class ModelSettings(_Section):
     feature_dim: int | None = Field(
         default=None, ge=8, description="Reduce patch features to this many channels; None keeps all of them."
     )
-    aggregation_kernel: int = Field(default=3, ge=1, le=7, description="Local neighbourhood averaged per patch.")
+    aggregation_kernel: int = Field(
+        default=3, ge=1, le=7, description="Local neighbourhood averaged per patch (PatchCore's 3; 1 = raw features)."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("aggregation_kernel")
@@ -258,6 +260,10 @@ class NpadSettings(_Section):
         description="Neighbours whose Gaussians are mixed into a position's (0: PaDiM). The paper's 3 cells of its "
         "stride-4 grid (12 px) is 1.5 of ours; 2 rounds up.",
     )  # fmt: skip
+    averaging_kernel: int = Field(
+        default=3, ge=1, le=7,
+        description="Branch 2: features averaged over this k x k neighbourhood (the paper's 3x3); odd.",
+    )  # fmt: skip
     inference_radius: int = Field(
         default=1, ge=0, le=4,
         description="Mahalanobis distance to the nearest of these neighbours' Gaussians (paper: 2 stride-4 cells).",
@@ -288,6 +294,14 @@ class NpadSettings(_Section):
         default="float32", description="Storage of the (P, C, C) whitening matrices (computed in float32)."
     )
     seed: int = 0
+
+    @field_validator("averaging_kernel")
+    @classmethod
+    def _odd_kernel(cls, value: int) -> int:
+        if value % 2 == 0:
+            msg = f"npad.averaging_kernel must be odd so averages stay centred, got {value}"
+            raise ValueError(msg)
+        return value
 
 
 class ThresholdSettings(_Section):

@@ -14,7 +14,7 @@ Fit (one pass over the good images with running sums; a second pass only when al
    Bhattacharyya similarity ``exp(-D_B / similarity_temperature)`` (itself weight 1). Mahalanobis distances use
    its whitening matrix ``A_p = chol(Sigma_p + ridge)^-1`` (lower triangular; ``A_p^T A_p`` is the inverse
    covariance), stored ``(P, C, C)``.
-2. Branch 2, neighbourhood-averaged features (``model.aggregation_kernel`` x k mean): their per-position Gaussians
+2. Branch 2, neighbourhood-averaged features (``npad.averaging_kernel`` x k mean): their per-position Gaussians
    (whitening ``(P, C, C)``, optional) and, for ``score = "geometric_mean"``, ``centroid_ratio`` x a bounded random
    sample of them clustered by faiss k-means into centroids ``(K, C)``.
 
@@ -468,7 +468,7 @@ class NpadMethod(AnomalyMethod):
     def score_views(self, views: torch.Tensor, scoring: ScoringSettings) -> MethodOutput:
         started = time.perf_counter()
         features = embed_on_device(self.extractor, views).index_select(1, self.channel_index)
-        averaged = neighbourhood_average(features, self.model.aggregation_kernel)
+        averaged = neighbourhood_average(features, self.settings.averaging_kernel)
         embedded = time.perf_counter()
         radius = self.settings.inference_radius
         mahalanobis = self.pixel.distances(features, radius)
@@ -595,7 +595,7 @@ def _collect_statistics(
     all-channel sums fit ``ALL_CHANNEL_SUMS_BUDGET`` (channels chosen afterwards), else in two."""
     settings = config.npad
     positions = grid[0] * grid[1]
-    kernel = config.model.aggregation_kernel
+    kernel = settings.averaging_kernel
     sample_rows = settings.kmeans_sample if settings.score == "geometric_mean" else 0
     per_image = math.ceil(sample_rows / max(1, batches.images))
     generator = torch.Generator().manual_seed(settings.seed)

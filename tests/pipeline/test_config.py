@@ -24,6 +24,10 @@ def test_misspelled_key_and_bad_value_name_the_key(tmp_path: Path) -> None:
         load_config(tmp_path / "c.toml", environ={})
     with pytest.raises(ConfigError, match=r"model\.aggregation_kernel"):
         load_config(None, environ={"LINEINSPECT__MODEL__AGGREGATION_KERNEL": "4"})
+    with pytest.raises(ConfigError, match=r"npad\.averaging_kernel must be odd"):
+        load_config(None, environ={"LINEINSPECT__NPAD__AVERAGING_KERNEL": "2"})
+    with pytest.raises(ConfigError, match=r"scoring\.normalisation_fraction"):
+        load_config(None, environ={"LINEINSPECT__SCORING__NORMALISATION_FRACTION": "0.7"})
     with pytest.raises(ConfigError, match="softmin"):
         load_config(None, environ={"LINEINSPECT__SCORING__IMAGE_SCORE": "softmin"})
 

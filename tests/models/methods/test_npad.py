@@ -263,3 +263,20 @@ def test_mahalanobis_score_skips_the_centroids_and_reloads(demo_line: DemoLine, 
     batch = scorer.score(images)
     np.testing.assert_array_equal(load_scorer(tmp_path / "model", device="cpu").score(images).scores, batch.scores)
     assert "no centroids" in scorer.method.describe()
+
+
+def test_branch_two_averages_over_its_own_kernel_whatever_the_model_aggregation(demo_line: DemoLine) -> None:
+    paths = sorted(demo_line.train_dir.iterdir())
+    images = [read_image(path) for path in demo_line.test_images[:3]]
+
+    def scores(model_kernel: int, averaging_kernel: int) -> np.ndarray:
+        config = config_from_mapping(TINY | {
+            "model": {"image_size": 96, "method": "npad", "aggregation_kernel": model_kernel},
+            "npad": FAST_NPAD | {"averaging_kernel": averaging_kernel},
+            "scoring": TINY["scoring"] | {"normalise_positions": False},
+        })  # fmt: skip
+        return fit_scorer(paths, config, progress=False, holdout_fraction=0.0).score(images).scores
+
+    reference = scores(model_kernel=3, averaging_kernel=3)
+    np.testing.assert_array_equal(scores(model_kernel=1, averaging_kernel=3), reference)
+    assert not np.allclose(scores(model_kernel=3, averaging_kernel=1), reference)

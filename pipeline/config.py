@@ -319,6 +319,9 @@ class StreamSettings(_Section):
     maxlen: int = Field(default=2_000, ge=10, description="Approximate MAXLEN per stream, keeps Redis memory bounded.")
     block_ms: int = Field(default=200, ge=1)
     claim_idle_ms: int = Field(default=30_000, ge=100, description="Pending entries idle this long are claimed.")
+    forget_consumers_after_ms: int = Field(
+        default=600_000, ge=0, description="Consumers idle this long with nothing pending are deleted (0: never)."
+    )
     max_deliveries: int = Field(default=3, ge=1, description="Deliveries before an entry is dead-lettered.")
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     published_ttl_s: int = Field(

@@ -43,6 +43,23 @@ end
 return false
 """
 
+# Forget consumers of a group that hold nothing and have been idle long enough (pods that went away). Atomic, so a
+# consumer cannot read an entry between the check and the deletion (deleting it would drop that entry's pending
+# record). A live worker that is merely idle is recreated by its next read.
+_FORGET_IDLE_CONSUMERS = """
+local forgotten = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local fields = {}
+  for index = 1, #consumer, 2 do fields[consumer[index]] = consumer[index + 1] end
+  local idle_enough = tonumber(fields['idle']) >= tonumber(ARGV[2])
+  if fields['name'] ~= ARGV[3] and tonumber(fields['pending']) == 0 and idle_enough then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], fields['name'])
+    table.insert(forgotten, fields['name'])
+  end
+end
+return forgotten
+"""
+
 
 class StreamsUnavailable(ConnectionError):
     """Redis stayed unreachable past the retry deadline."""
@@ -148,6 +165,7 @@ class StreamClient:
             health_check_interval=30,
         )
         self._publish_once = self.redis.register_script(_PUBLISH_ONCE)
+        self._forget_idle_consumers = self.redis.register_script(_FORGET_IDLE_CONSUMERS)
 
     def close(self) -> None:
         self.redis.close()
@@ -254,6 +272,22 @@ class StreamClient:
         )
         claimed = [StreamEntry(_text(entry_id), (fields or {}).get(PAYLOAD.encode())) for entry_id, fields in reply[1]]
         return self._with_deliveries(stream, group, claimed)
+
+    def forget_idle_consumers(self, stream: str, group: str, min_idle_ms: int, keep: str) -> list[str]:
+        """Delete consumers (other than ``keep``) with no pending entries, idle at least ``min_idle_ms`` (0: none);
+        returns their names.
+
+        Autoscaled or restarted workers leave their consumer names behind; without this XINFO CONSUMERS, and the
+        group's memory, grow with every pod that ever ran."""
+        if min_idle_ms <= 0:
+            return []
+        reply = self._call(
+            lambda: self._forget_idle_consumers(keys=[stream], args=[group, min_idle_ms, keep]), "forget_idle_consumers"
+        )
+        forgotten = [_text(name) for name in reply or []]
+        if forgotten:
+            logger.info("forgot idle consumers", extra={"stream": stream, "group": group, "consumers": forgotten})
+        return forgotten
 
     def commit(self, stream: str, group: str, commit: Commit, deadletter_stream: str) -> None:
         """Append results and dead letters, then acknowledge, atomically (MULTI/EXEC)."""

@@ -195,6 +195,8 @@ class ScoreWorker:
         self._next_claim = now + settings.claim_idle_ms / 2000.0
         count = self.config.worker.max_batch
         claimed = client.claim_stale(self.keys.frames, SCORER_GROUP, self.runtime.name, settings.claim_idle_ms, count)
+        name, forget_after_ms = self.runtime.name, settings.forget_consumers_after_ms
+        client.forget_idle_consumers(self.keys.frames, SCORER_GROUP, forget_after_ms, name)
         if len(claimed) == count:
             self._next_claim = 0.0  # a full page: there may be more to take over
         if claimed:

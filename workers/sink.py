@@ -262,6 +262,7 @@ class SinkWorker:
             if time.monotonic() >= self._next_claim:
                 self._next_claim = time.monotonic() + streams.claim_idle_ms / 2000.0
                 self.handle(client.claim_stale(self.keys.results, SINK_GROUP, name, streams.claim_idle_ms, READ_COUNT))
+                client.forget_idle_consumers(self.keys.results, SINK_GROUP, streams.forget_consumers_after_ms, name)
             self.handle(client.read_new(self.keys.results, SINK_GROUP, name, READ_COUNT, streams.block_ms))
             self._housekeeping()
         self.runtime.heartbeat.beat("draining", force=True)

@@ -154,3 +154,23 @@ def test_model_key_first_writer_wins_only_if_absent(client: StreamClient, keys: 
     assert client.get_model_dir(keys) == "/models/a"
     client.set_model_dir(keys, "/models/c")
     assert client.get_model_dir(keys) == "/models/c"
+
+
+def test_idle_consumers_with_nothing_pending_are_forgotten(client: StreamClient, keys: LineKeys) -> None:
+    import time
+
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = publish_many(client, keys, 3)
+    client.read_new(keys.frames, SCORER_GROUP, "departed", count=1, block_ms=None)
+    client.ack(keys.frames, SCORER_GROUP, ids[:1])
+    client.read_new(keys.frames, SCORER_GROUP, "crashed", count=1, block_ms=None)  # still holds ids[1]
+    client.read_new(keys.frames, SCORER_GROUP, "me", count=1, block_ms=None)
+    client.ack(keys.frames, SCORER_GROUP, ids[2:])
+    assert client.forget_idle_consumers(keys.frames, SCORER_GROUP, min_idle_ms=60_000, keep="me") == []
+    assert client.forget_idle_consumers(keys.frames, SCORER_GROUP, min_idle_ms=0, keep="me") == []  # 0: never
+    time.sleep(0.05)
+    assert client.forget_idle_consumers(keys.frames, SCORER_GROUP, min_idle_ms=20, keep="me") == ["departed"]
+    remaining = {row["name"].decode() for row in client.redis.xinfo_consumers(keys.frames, SCORER_GROUP)}
+    assert remaining == {"crashed", "me"}  # a consumer with a pending entry is never dropped (claims recover it)
+    claimed = client.claim_stale(keys.frames, SCORER_GROUP, "me", min_idle_ms=0, count=10)
+    assert [entry.entry_id for entry in claimed] == [ids[1]]

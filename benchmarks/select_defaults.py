@@ -70,6 +70,17 @@ VARIANTS: dict[str, dict] = {
     "aggregate-1-sigma-2": {"model": {"aggregation_kernel": 1}, "scoring": {"smoothing_sigma": 2.0}},
     "aggregate-1-ratio-16": {"model": {"aggregation_kernel": 1}, "bank": {"compression_ratio": 16}},
     "aggregate-1-normalise-20%": {"model": {"aggregation_kernel": 1}, "scoring": {"normalisation_fraction": 0.2}},
+    # position normalisation for the other methods (their RESULTS section 6 settings)
+    **{
+        f"{method}{suffix}": {**settings, "scoring": {**settings.get("scoring", {}), **scoring}}
+        for method, settings in {
+            "npad": {"model": {"method": "npad"}},
+            "padim": {"model": {"method": "padim", "aggregation_kernel": 1}, "scoring": {"image_score": "max"}},
+            "gaussian": {"model": {"method": "gaussian"}},
+            "cfa": {"model": {"method": "cfa"}},
+        }.items()
+        for suffix, scoring in {"": {}, "-unnormalised": {"normalise_positions": False}}.items()
+    },
 }
 # name -> (contrast strength, defects anywhere incl. borders)
 VALIDATION_SETS = {"standard": (1.0, False), "subtle": (0.4, False), "anywhere": (0.4, True)}

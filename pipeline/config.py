@@ -28,6 +28,14 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be used; the message says which key and why."""
 
 
+def _odd(key: str, value: int) -> int:
+    """Neighbourhood kernels must be odd so the averaged patch stays centred on its own position."""
+    if value % 2 == 0:
+        msg = f"{key} must be odd so averages stay centred on their patch, got {value}"
+        raise ValueError(msg)
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -57,10 +65,7 @@ class ModelSettings(_Section):
     @field_validator("aggregation_kernel")
     @classmethod
     def _odd_kernel(cls, value: int) -> int:
-        if value % 2 == 0:
-            msg = f"model.aggregation_kernel must be odd so patches stay centred, got {value}"
-            raise ValueError(msg)
-        return value
+        return _odd("model.aggregation_kernel", value)
 
 
 class BankSettings(_Section):
@@ -298,10 +303,7 @@ class NpadSettings(_Section):
     @field_validator("averaging_kernel")
     @classmethod
     def _odd_kernel(cls, value: int) -> int:
-        if value % 2 == 0:
-            msg = f"npad.averaging_kernel must be odd so averages stay centred, got {value}"
-            raise ValueError(msg)
-        return value
+        return _odd("npad.averaging_kernel", value)
 
 
 class ThresholdSettings(_Section):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from models.images import ImageError, read_image
 from models.methods import method_class
-from models.normalisation import PositionStats
+from models.normalisation import PositionStatsBuilder
 from models.scorer import Scorer, TrainingSummary, preprocess, resolve_device
 from models.threshold import false_reject_threshold
 from pipeline.config import Config
@@ -129,10 +129,12 @@ def fit_scorer(
     scorer = Scorer(method, config.model, scoring, training)
     skipped = images.skipped
     if normalisation_paths:
-        maps = [scorer.unnormalised_maps(batch) for batch in _progress_batches(
-            normalisation_paths, scoring.batch_size, progress, "fit: position statistics", skipped)]  # fmt: skip
-        if maps:
-            scorer.position_stats = PositionStats.from_maps(torch.cat(maps), scoring.normalisation_prior_images)
+        builder = PositionStatsBuilder()
+        for batch in _progress_batches(normalisation_paths, scoring.batch_size, progress, "fit: position statistics",
+                                       skipped):  # fmt: skip
+            builder.add(scorer.unnormalised_maps(batch))
+        if builder.count:
+            scorer.position_stats = builder.finish(scoring.normalisation_prior_images)
     elif scoring.normalise_positions:
         log.warning("too few good images to keep some out for position statistics: maps stay unnormalised")
     if holdout_paths:

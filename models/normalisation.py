@@ -11,7 +11,8 @@ so every position is measured against its own spread among good parts. With few 
 estimates are shrunk towards the image-wide ones (``prior_images`` pseudo-images of the global mean/variance):
 on a line of unaligned parts (textures) the statistics come out flat and z is a global rescaling.
 
-Shapes: maps ``(N, S, S)`` at the model's image size; ``mean`` and ``std`` ``(S, S)`` float32.
+Shapes: maps ``(N, S, S)`` at the model's image size; ``mean`` and ``std`` ``(S, S)`` float32. Fitting keeps only
+running float64 sums ``(S, S)`` (``PositionStatsBuilder``), so its memory does not grow with the slice.
 Saved as ``position_stats.npz`` (two arrays, read back with ``allow_pickle=False``).
 """
 
@@ -37,21 +38,10 @@ class PositionStats:
 
     @classmethod
     def from_maps(cls, maps: torch.Tensor, prior_images: float) -> PositionStats:
-        """Statistics of good images' raw maps ``(N, S, S)``, shrunk towards the image-wide mean and variance."""
-        if maps.ndim != 3 or maps.shape[0] < 1:
-            msg = f"position statistics need maps (N >= 1, S, S), got shape {tuple(maps.shape)}"
-            raise ValueError(msg)
-        maps = maps.double()
-        count = maps.shape[0]
-        mean = maps.mean(dim=0)
-        variance = maps.var(dim=0, correction=0)
-        global_mean, global_variance = maps.mean(), maps.var(correction=0)
-        weight = count / (count + prior_images)
-        mean = weight * mean + (1 - weight) * global_mean
-        variance = weight * variance + (1 - weight) * global_variance
-        floor = MIN_STD_FRACTION * float(global_variance.sqrt()) + 1e-12
-        std = variance.sqrt().clamp_min(floor)
-        return cls(mean.float(), std.float(), count)
+        """Statistics of good images' raw maps ``(N, S, S)`` (all in memory; fitting streams them instead)."""
+        builder = PositionStatsBuilder()
+        builder.add(maps)
+        return builder.finish(prior_images)
 
     @property
     def image_size(self) -> int:
@@ -82,3 +72,42 @@ class PositionStats:
             msg = f"{path}: position statistics must be finite {expected} maps with std > 0, got {mean.shape}"
             raise ArtifactError(msg)
         return cls(torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32)), images)
+
+
+class PositionStatsBuilder:
+    """Running per-pixel sums of good maps; ``finish`` shrinks the per-pixel mean and variance towards the
+    image-wide ones with a weight of ``prior_images`` pseudo-images."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sum: torch.Tensor | None = None
+        self._sum_squares: torch.Tensor | None = None
+
+    def add(self, maps: torch.Tensor) -> None:
+        if maps.ndim != 3 or maps.shape[0] < 1:
+            msg = f"position statistics need maps (N >= 1, S, S), got shape {tuple(maps.shape)}"
+            raise ValueError(msg)
+        maps = maps.detach().to("cpu", torch.float64)
+        if self._sum is None or self._sum_squares is None:
+            self._sum, self._sum_squares = maps.sum(dim=0), maps.square().sum(dim=0)
+        elif maps.shape[1:] != self._sum.shape:
+            msg = f"maps of size {tuple(maps.shape[1:])} after maps of size {tuple(self._sum.shape)}"
+            raise ValueError(msg)
+        else:
+            self._sum += maps.sum(dim=0)
+            self._sum_squares += maps.square().sum(dim=0)
+        self.count += maps.shape[0]
+
+    def finish(self, prior_images: float) -> PositionStats:
+        if self._sum is None or self._sum_squares is None:
+            msg = "no maps were added"
+            raise ValueError(msg)
+        mean = self._sum / self.count
+        variance = (self._sum_squares / self.count - mean.square()).clamp_min(0.0)
+        global_mean = mean.mean()
+        global_variance = (self._sum_squares.mean() / self.count - global_mean.square()).clamp_min(0.0)
+        weight = self.count / (self.count + prior_images)
+        mean = weight * mean + (1 - weight) * global_mean
+        variance = weight * variance + (1 - weight) * global_variance
+        floor = MIN_STD_FRACTION * float(global_variance.sqrt()) + 1e-12
+        return PositionStats(mean.float(), variance.sqrt().clamp_min(floor).float(), self.count)

@@ -12,7 +12,7 @@ from models.artifact import load_scorer
 from models.errors import ArtifactError
 from models.fit import fit_scorer, holdout_split
 from models.images import read_image
-from models.normalisation import STATS_FILE, PositionStats
+from models.normalisation import STATS_FILE, PositionStats, PositionStatsBuilder
 from models.synthetic import DemoLine
 from pipeline.config import config_from_mapping
 from tests.models.conftest import TINY
@@ -32,6 +32,20 @@ def test_without_prior_the_statistics_are_the_per_pixel_mean_and_std() -> None:
     assert torch.allclose(stats.mean, maps.mean(0), atol=1e-5)
     assert torch.allclose(stats.std, maps.std(0, correction=0), atol=1e-5)
     assert stats.images == 50 and stats.image_size == 16
+
+
+def test_statistics_streamed_in_batches_equal_those_of_all_maps_at_once() -> None:
+    maps = _noisy_border_maps(30)
+    builder = PositionStatsBuilder()
+    for start in range(0, 30, 8):
+        builder.add(maps[start : start + 8])
+    streamed, at_once = builder.finish(prior_images=8), PositionStats.from_maps(maps, prior_images=8)
+    assert builder.count == 30
+    assert torch.allclose(streamed.mean, at_once.mean) and torch.allclose(streamed.std, at_once.std)
+    with pytest.raises(ValueError, match="after maps of size"):
+        builder.add(torch.zeros(2, 8, 8))
+    with pytest.raises(ValueError, match="no maps"):
+        PositionStatsBuilder().finish(prior_images=8)
 
 
 def test_prior_shrinks_few_images_towards_the_image_wide_statistics() -> None:

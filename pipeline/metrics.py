@@ -1,7 +1,9 @@
 """Prometheus metrics: one ``Metrics`` object owns its ``CollectorRegistry`` (no metric globals).
 
 Each worker process builds one and records what it sees; ``render()`` is what ``/metrics`` serves. Latency buckets
-run from 5 ms to 10 s, suited to tens of milliseconds up to seconds.
+run from 5 ms to 10 s, suited to tens of milliseconds up to seconds. Scores are recorded relative to the line's
+threshold (1 = the pass/fail boundary), so their distribution is comparable across models and shows drift (light,
+camera, material) before the fail rate moves.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pipeline.streams import GroupStats
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+SCORE_RATIO_BUCKETS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
 STAGES = ("queue_wait", "decode", "backbone", "search", "postprocess", "publish")
 
 
@@ -34,6 +37,13 @@ class Metrics:
             "Time per pipeline stage, per frame.",
             ["line", "stage"],
             buckets=LATENCY_BUCKETS_S,
+            registry=reg,
+        )
+        self.score_ratio = Histogram(
+            "lineinspect_score_threshold_ratio",
+            "Image score divided by the line's threshold (above 1 fails); watch its quantiles for drift.",
+            ["line"],
+            buckets=SCORE_RATIO_BUCKETS,
             registry=reg,
         )
         self.batch_size = Histogram(
@@ -94,6 +104,8 @@ class Metrics:
             seconds = getattr(decision.timings, f"{stage}_s")
             if seconds > 0:
                 self.stage_latency.labels(line, stage).observe(seconds)
+        if decision.score is not None and decision.threshold is not None and decision.threshold > 0:
+            self.score_ratio.labels(line).observe(decision.score / decision.threshold)
         latency_s = (published_at_ns - decision.captured_at_ns) / 1e9
         if latency_s >= 0:
             self.end_to_end_latency.labels(line).observe(latency_s)

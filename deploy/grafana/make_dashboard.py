@@ -80,6 +80,25 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
         ),
     ),
     (
+        "Score drift",
+        (
+            Panel(
+                "Image score / threshold (1 = pass/fail boundary)",
+                tuple(
+                    Query(
+                        f"histogram_quantile({quantile}, sum by (le) "
+                        f"(rate(lineinspect_score_threshold_ratio_bucket{{{LINE}}}[$__rate_interval])))",
+                        name,
+                    )
+                    for quantile, name in (("0.5", "median"), ("0.9", "p90"), ("0.99", "p99"))
+                ),
+                description="Scores relative to the threshold. A median or p90 creeping towards 1 (light, camera, "
+                "material drift) shows before the fail share rises: recalibrate or re-fit then.",
+                width=24,
+            ),
+        ),
+    ),
+    (
         "Latency",
         (
             Panel(

@@ -37,6 +37,8 @@ def exported() -> tuple[set[str], set[str]]:
             camera_id="cam0",
             verdict=verdict,  # type: ignore[arg-type]
             error_reason=reason,
+            score=None if reason else 2.0,
+            threshold=None if reason else 4.0,
             timings=timings,
             captured_at_ns=1_000_000_000,
         )

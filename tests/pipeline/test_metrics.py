@@ -7,8 +7,10 @@ from pipeline.metrics import Metrics
 from pipeline.streams import GroupStats
 
 
-def decision(verdict: Verdict, reason: str | None = None) -> Decision:
+def decision(verdict: Verdict, reason: str | None = None, score: float | None = None) -> Decision:
     return Decision(
+        score=score,
+        threshold=None if score is None else 4.0,
         frame_id="f",
         line_id="line-1",
         camera_id="cam0",
@@ -32,6 +34,18 @@ def test_decisions_feed_verdict_error_stage_and_latency_metrics() -> None:
     assert value("lineinspect_end_to_end_latency_seconds_bucket", {"line": "line-1", "le": "0.05"}) == 1
     assert value("lineinspect_stage_latency_seconds_count", {"line": "line-1", "stage": "backbone"}) == 3
     assert value("lineinspect_stage_latency_seconds_count", {"line": "line-1", "stage": "search"}) is None
+
+
+def test_scores_are_recorded_relative_to_the_threshold() -> None:
+    metrics = Metrics()
+    for verdict, score in [("pass", 1.0), ("pass", 3.0), ("fail", 6.0), ("pass", -0.5)]:
+        metrics.observe_decision(decision(verdict, score=score), published_at_ns=1_050_000_000)
+    metrics.observe_decision(decision("error", "stale"), published_at_ns=1_050_000_000)  # no score: not recorded
+    value = metrics.registry.get_sample_value
+    assert value("lineinspect_score_threshold_ratio_count", {"line": "line-1"}) == 4
+    assert value("lineinspect_score_threshold_ratio_bucket", {"line": "line-1", "le": "0.25"}) == 2  # 0.25, -0.125
+    assert value("lineinspect_score_threshold_ratio_bucket", {"line": "line-1", "le": "1.0"}) == 3  # + 0.75
+    assert value("lineinspect_score_threshold_ratio_sum", {"line": "line-1"}) == 0.25 + 0.75 + 1.5 - 0.125
 
 
 def test_model_info_keeps_one_version_per_line() -> None:

@@ -10,12 +10,13 @@ import logging
 import signal
 import socket
 import threading
+from collections.abc import Sequence
 from types import FrameType, TracebackType
 
 from pipeline.config import Config
 from pipeline.health import HealthServer, Heartbeat
 from pipeline.metrics import Metrics
-from pipeline.streams import StreamClient
+from pipeline.streams import DeadLetter, StreamClient
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,14 @@ class WorkerRuntime:
         self.metrics = Metrics()
         self.heartbeat = Heartbeat(self.client, config.streams.prefix, role, name)
         self.server = HealthServer(self.heartbeat, self.metrics, port)
+
+    def report_dead_letters(self, line_id: str, letters: Sequence[DeadLetter]) -> None:
+        """Count and log entries a worker has just committed to the dead-letter stream."""
+        for letter in letters:
+            self.metrics.dead_letters.labels(line_id, letter.reason).inc()
+            logger.warning(
+                "dead-lettered", extra={"entry_id": letter.entry_id, "reason": letter.reason, "detail": letter.detail}
+            )
 
     def __enter__(self) -> WorkerRuntime:
         self.server.start()

@@ -330,11 +330,7 @@ class ScoreWorker:
             acks=[item.entry.entry_id for item in batch],
         )
         self.runtime.client.commit(self.keys.frames, SCORER_GROUP, commit, self.keys.deadletter)
-        for letter in outcome.dead_letters:
-            self.runtime.metrics.dead_letters.labels(self.keys.line_id, letter.reason).inc()
-            logger.warning(
-                "dead-lettered", extra={"entry_id": letter.entry_id, "reason": letter.reason, "detail": letter.detail}
-            )
+        self.runtime.report_dead_letters(self.keys.line_id, outcome.dead_letters)
 
     # -- loop --------------------------------------------------------------------------------------------------
     def run(self) -> None:

@@ -231,11 +231,7 @@ class SinkWorker:
         # results carry anomaly maps and are read by nobody else: delete them once acknowledged to bound memory
         commit = Commit(dead_letters=letters, acks=acks, delete_acked=True)
         self.runtime.client.commit(self.keys.results, SINK_GROUP, commit, self.keys.deadletter)
-        for letter in letters:
-            self.runtime.metrics.dead_letters.labels(self.keys.line_id, letter.reason).inc()
-            logger.warning(
-                "dead-lettered", extra={"entry_id": letter.entry_id, "reason": letter.reason, "detail": letter.detail}
-            )
+        self.runtime.report_dead_letters(self.keys.line_id, letters)
         for job in jobs:
             self.writer.submit(job)
         return published

@@ -68,6 +68,7 @@ class TrainingImages:
     paths: Sequence[Path]
     image_size: int
     batch_size: int
+    resize: str = "stretch"
     skipped: list[str] = field(default_factory=list)
     _unreadable: set[Path] = field(default_factory=set)
 
@@ -100,10 +101,10 @@ class TrainingImages:
                 continue
             batch.append(image)
             if len(batch) == self.batch_size:
-                yield preprocess(batch, self.image_size)
+                yield preprocess(batch, self.image_size, self.resize)
                 batch = []
         if batch:
-            yield preprocess(batch, self.image_size)
+            yield preprocess(batch, self.image_size, self.resize)
 
 
 def fit_scorer(
@@ -122,7 +123,7 @@ def fit_scorer(
     scoring = config.scoring
     normalisation_fraction = scoring.normalisation_fraction if scoring.normalise_positions else 0.0
     fit_paths, normalisation_paths = holdout_split(fit_paths, normalisation_fraction, salt="position-stats:")
-    images = TrainingImages(fit_paths, config.model.image_size, scoring.batch_size)
+    images = TrainingImages(fit_paths, config.model.image_size, scoring.batch_size, config.model.resize)
     images.require_one()
     method = method_class(config.model.method).fit(images, config, resolve_device(config.model.device), progress)
     training = TrainingSummary(images=images.images, skipped=images.skipped, source=source)

@@ -2,12 +2,13 @@
 
 ``Scorer.score(images)`` reads top to bottom:
 
-1. ``preprocess``: each frame (any size, grayscale/RGB/RGBA, 8/16-bit) -> RGB, resized to ``(S, S)``;
-   batch ``(N, 3, S, S)`` floats in [0, 1].
+1. ``preprocess``: each frame (any size, grayscale/RGB/RGBA, 8/16-bit) -> RGB, resized to ``(S, S)`` (stretched,
+   or with ``[model] resize = "pad"`` scaled keeping its aspect and padded); batch ``(N, 3, S, S)`` floats in [0, 1].
 2. N-pad shifting: ``(N * V, 3, S, S)``, V views per frame (V = 1 when shifting is off).
 3. The method (``models.methods``; PatchCore by default: one backbone call, one index search for the whole batch)
    -> patch maps ``(N * V, h, w)`` and, for methods with their own image score, view scores ``(N * V,)``.
-4. Maps upsampled to ``(S, S)``, shifted views aligned back and aggregated per pixel -> ``(N, S, S)``; with
+4. Maps upsampled to ``(S, S)``, shifted views aligned back and aggregated per pixel, padding cropped off (each map
+   covers its whole frame, stretched to the square, whatever the resize mode) -> ``(N, S, S)``; with
    position statistics (``models.normalisation``, fitted on held-out good images) turned into per-pixel z-scores;
    Gaussian-smoothed (sigma 4).
 5. Image score ``(N,)``: the method's own (aggregated over views like the maps), else the mean of the ``top_k``
@@ -100,16 +101,44 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
-def preprocess(images: Sequence[np.ndarray], image_size: int) -> torch.Tensor:
-    """Frames -> ``(N, 3, S, S)`` float32 in [0, 1]."""
+def content_box(height: int, width: int, image_size: int, resize: str = "stretch") -> tuple[int, int, int, int]:
+    """Where a ``height x width`` frame lands in the ``(S, S)`` input: ``(top, left, box height, box width)``."""
+    if resize == "stretch":
+        return 0, 0, image_size, image_size
+    scale = image_size / max(height, width)
+    box_h, box_w = max(1, min(image_size, round(height * scale))), max(1, min(image_size, round(width * scale)))
+    return (image_size - box_h) // 2, (image_size - box_w) // 2, box_h, box_w
+
+
+def preprocess(images: Sequence[np.ndarray], image_size: int, resize: str = "stretch") -> torch.Tensor:
+    """Frames -> ``(N, 3, S, S)`` float32 in [0, 1]; ``resize="pad"`` keeps each frame's aspect (``content_box``)."""
     resized = []
     for position, image in enumerate(images):
         rgb = to_rgb_uint8(image, f"image {position}")
-        shrinking = rgb.shape[0] > image_size or rgb.shape[1] > image_size
-        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-        resized.append(cv2.resize(rgb, (image_size, image_size), interpolation=interpolation))
+        top, left, box_h, box_w = content_box(rgb.shape[0], rgb.shape[1], image_size, resize)
+        interpolation = cv2.INTER_AREA if rgb.shape[0] > box_h or rgb.shape[1] > box_w else cv2.INTER_LINEAR
+        scaled = cv2.resize(rgb, (box_w, box_h), interpolation=interpolation)
+        if (box_h, box_w) != (image_size, image_size):
+            canvas = np.empty((image_size, image_size, 3), np.uint8)
+            canvas[:] = scaled.reshape(-1, 3).mean(axis=0).round().astype(np.uint8)
+            canvas[top : top + box_h, left : left + box_w] = scaled
+            scaled = canvas
+        resized.append(scaled)
     batch = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
     return batch.float().div_(255.0)
+
+
+def crop_to_frames(maps: torch.Tensor, shapes: Sequence[tuple[int, int]], resize: str) -> torch.Tensor:
+    """``(N, S, S)`` maps over the padded input -> ``(N, S, S)`` over each frame (its content box stretched)."""
+    if resize == "stretch":
+        return maps
+    size = maps.shape[-1]
+    cropped = []
+    for frame_map, (height, width) in zip(maps, shapes, strict=True):
+        top, left, box_h, box_w = content_box(height, width, size, resize)
+        box = frame_map[None, None, top : top + box_h, left : left + box_w]
+        cropped.append(F.interpolate(box, size=(size, size), mode="bilinear", align_corners=False)[0, 0])
+    return torch.stack(cropped)
 
 
 class Scorer:
@@ -152,7 +181,8 @@ class Scorer:
             msg = "score() needs at least one image"
             raise ValueError(msg)
         size = self.image_size
-        views = shifted_views(preprocess(images, size), self.offsets)
+        resize = self.model_settings.resize
+        views = shifted_views(preprocess(images, size, resize), self.offsets)
         output = self.method.score_views(views, self.scoring)
         started_post = time.perf_counter()
         if output.patch_maps.shape[0] != views.shape[0]:
@@ -160,7 +190,9 @@ class Scorer:
             raise RuntimeError(msg)
         patch_maps = output.patch_maps[:, None].float()
         view_maps = F.interpolate(patch_maps, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-        return align_and_aggregate(view_maps, self.offsets, self.scoring.shift_aggregate), output, started_post
+        aggregated = align_and_aggregate(view_maps, self.offsets, self.scoring.shift_aggregate)
+        shapes = [(image.shape[0], image.shape[1]) for image in images]
+        return crop_to_frames(aggregated, shapes, resize), output, started_post
 
     @torch.inference_mode()
     def unnormalised_maps(self, images: Sequence[np.ndarray]) -> torch.Tensor:

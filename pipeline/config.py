@@ -54,6 +54,11 @@ class ModelSettings(_Section):
         default=None, description="Local weights file for torchvision backbones (the default backbone ships its own)."
     )
     image_size: int = Field(default=224, ge=32, le=2048, description="Frames are resized to image_size x image_size.")
+    resize: Literal["stretch", "pad"] = Field(
+        default="stretch",
+        description="stretch: each frame is scaled to the square on its own (aspect changes); pad: scaled keeping its "
+        "aspect and padded with its mean colour (maps are cropped back to the frame).",
+    )
     feature_dim: int | None = Field(
         default=None, ge=8, description="Reduce patch features to this many channels; None keeps all of them."
     )

@@ -82,3 +82,16 @@ def test_new_threshold_makes_a_new_model_version(saved_model: Path, tmp_path: Pa
     before = read_manifest(model)["model_id"]
     after = update_threshold(model, Threshold(value=1.5, method="manual"))
     assert after != before and load_scorer(model).threshold == Threshold(value=1.5, method="manual")
+
+
+def test_the_resize_mode_travels_with_the_model(fitted_scorer: Scorer, demo_line: DemoLine, tmp_path: Path) -> None:
+    settings = fitted_scorer.model_settings.model_copy(update={"resize": "pad"})
+    padded = Scorer(fitted_scorer.method, settings, fitted_scorer.scoring, fitted_scorer.training,
+                    fitted_scorer.threshold, position_stats=fitted_scorer.position_stats)  # fmt: skip
+    padded.save(tmp_path / "model")
+    reloaded = load_scorer(tmp_path / "model", device="cpu")
+    assert reloaded.model_settings.resize == "pad"
+    part = read_image(demo_line.test_images[0])
+    wide = np.concatenate([part, part], axis=1)
+    np.testing.assert_allclose(reloaded.score([wide]).maps, padded.score([wide]).maps, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(reloaded.score([wide]).maps, fitted_scorer.score([wide]).maps, atol=1e-3)

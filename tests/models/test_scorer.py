@@ -102,3 +102,35 @@ def test_gaussian_blur_preserves_mass_and_spreads_peaks() -> None:
     blurred = gaussian_blur(maps, 4.0)
     assert abs(float(blurred.sum()) - 1.0) < 1e-4
     assert float(blurred.max()) < 0.02 and int(blurred.argmax()) == 20 * 41 + 20
+
+
+def test_pad_keeps_the_aspect_and_fills_with_the_mean_colour() -> None:
+    from models.scorer import content_box, preprocess
+
+    assert content_box(100, 300, 96, "pad") == (32, 0, 32, 96)
+    assert content_box(300, 100, 96, "pad") == (0, 32, 96, 32)
+    assert content_box(100, 300, 96, "stretch") == (0, 0, 96, 96)
+    wide = np.zeros((100, 300, 3), np.uint8)
+    wide[:, :150] = 200  # left half bright, right half dark: mean 100
+    batch = preprocess([wide], 96, "pad")[0]
+    assert batch.shape == (3, 96, 96)
+    assert np.allclose(batch[:, :32].numpy(), 100 / 255, atol=1 / 255)  # padding above
+    assert np.allclose(batch[:, 32:64, :40].numpy(), 200 / 255, atol=1 / 255)  # content keeps its layout
+    assert np.allclose(batch[:, 32:64, 56:].numpy(), 0.0, atol=1 / 255)
+
+
+def test_pad_maps_cover_the_frame_and_peak_on_its_defect(fitted_scorer: Scorer, demo_line: DemoLine) -> None:
+    import cv2
+
+    from models.synthetic import add_synthetic_defect
+
+    settings = fitted_scorer.model_settings.model_copy(update={"resize": "pad"})
+    padded = Scorer(fitted_scorer.method, settings, fitted_scorer.scoring, fitted_scorer.training)
+    part = read_image(demo_line.train_dir / "part_0000.png")
+    wide = np.concatenate([part, part[:, ::-1]], axis=1)  # 160 x 320: stretching would halve its width
+    defective, mask = add_synthetic_defect(wide, np.random.default_rng(0), kind="blob")
+    batch = padded.score([wide, defective])
+    assert batch.maps.shape == (2, 96, 96)
+    small_mask = cv2.resize(mask.astype(np.uint8), (96, 96), interpolation=cv2.INTER_NEAREST) > 0
+    difference = batch.maps[1] - batch.maps[0]
+    assert difference[small_mask].mean() > 3 * max(difference[~small_mask].mean(), 1e-6)

@@ -84,7 +84,7 @@ def main() -> None:
     size = config.model.image_size
     args.cache.mkdir(parents=True, exist_ok=True)
     fit_paths, validation_paths = holdout_split(good_images(args.data), 0.2)
-    images, labels, raw_masks = validation_set(validation_paths)
+    images, labels, raw_masks, _ = validation_set(validation_paths)
     masks = np.stack([cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
                       for m in raw_masks])  # fmt: skip
     extractor = build_extractor(config.model, torch.device("cpu"))

@@ -1,10 +1,11 @@
 """Choose scoring defaults on a validation split carved from the TRAINING images only.
 
 The MTD training list (split.json "train", all good) is split by file-name hash into fit (80%) and validation
-(20%). Validation defects are synthetic (models.synthetic: scratches, blobs, cut-paste, noise) pasted on the
-validation good images, so no test image is ever seen here. Each variant is fitted on the fit part and scored
-on validation good + validation synthetic-defect images, twice: with defects at full contrast ("standard") and at
-40% contrast ("subtle", closer to real defects and far from saturated); image and pixel AUROC of both are printed.
+(20%). Validation defects are synthetic (models.synthetic) pasted on the validation good images, so no test image
+is ever seen here. Each variant is fitted on the fit part and scored on validation good + validation
+synthetic-defect images, four times: scratches, blobs, cut-paste and noise at full contrast ("standard"), at 40%
+contrast ("subtle", far from saturated) and at 40% also on borders ("anywhere"); and surface defects (thin jagged
+cracks, holes, edge chips, stains) at 70% contrast, anywhere ("surface"). Image and pixel AUROC of each are printed.
 Variants override the current defaults of config.toml ("default" = no override).
 
     python benchmarks/select_defaults.py --data ../shared/datasets/mtd [--variants NAME ...]
@@ -16,6 +17,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,7 +25,7 @@ from models.datasets import good_images
 from models.evaluation import image_auroc, pixel_auroc
 from models.fit import fit_scorer, holdout_split
 from models.images import read_image
-from models.synthetic import add_synthetic_defect
+from models.synthetic import DEFECT_KINDS, SURFACE_KINDS, add_synthetic_defect
 from pipeline.config import config_from_mapping
 
 COMPRESSED = {"kind": "compressed", "compression_ratio": 8}
@@ -60,6 +62,16 @@ VARIANTS: dict[str, dict] = {
     "sigma-8": {"scoring": {"smoothing_sigma": 8.0}},
     "shift-2": {"scoring": {"shift_pixels": 2}},
     "unnormalised": {"scoring": {"normalise_positions": False}},
+    # session 4: keeping each frame's aspect (MTD's tiles are 0.36:1 to 2.6:1)
+    "pad": {"model": {"resize": "pad"}},
+    "pad-size-288": {"model": {"resize": "pad", "image_size": 288}},
+    "pad-size-320": {"model": {"resize": "pad", "image_size": 320}},
+    # session 4: the stages' activated expansions (after the depthwise conv + ReLU6; 240 and 672 channels) instead of
+    # their linear-bottleneck outputs (40 and 112)
+    "expanded": {"model": {"layers": ["blocks.2.1.bn2", "blocks.4.2.bn2"]}},
+    "expanded-dim-304": {"model": {"layers": ["blocks.2.1.bn2", "blocks.4.2.bn2"], "feature_dim": 304}},
+    "expanded-2-outputs-4": {"model": {"layers": ["blocks.2.1.bn2", "blocks.4"]}},
+    "sigma-6": {"scoring": {"smoothing_sigma": 6.0}},
     "normalise-20%": {"scoring": {"normalisation_fraction": 0.2}},
     "normalise-prior-0": {"scoring": {"normalisation_prior_images": 0}},
     "aggregate-1-size-256": {"model": {"aggregation_kernel": 1, "image_size": 256}},
@@ -82,28 +94,38 @@ VARIANTS: dict[str, dict] = {
         for suffix, scoring in {"": {}, "-unnormalised": {"normalise_positions": False}}.items()
     },
 }
-# name -> (contrast strength, defects anywhere incl. borders)
-VALIDATION_SETS = {"standard": (1.0, False), "subtle": (0.4, False), "anywhere": (0.4, True)}
+# name -> (contrast strength, defects anywhere incl. borders, kinds)
+VALIDATION_SETS = {
+    "standard": (1.0, False, DEFECT_KINDS),
+    "subtle": (0.4, False, DEFECT_KINDS),
+    "anywhere": (0.4, True, DEFECT_KINDS),
+    "surface": (0.7, True, SURFACE_KINDS),
+}
+
+
+class ValidationSet(NamedTuple):
+    images: list[np.ndarray]
+    labels: np.ndarray  # (N,) 1 = synthetic defect
+    masks: list[np.ndarray]
+    kinds: list[str]  # "good" or the defect kind
 
 
 def validation_set(
-    paths: list[Path], seed: int = 0, strength: float = 1.0, anywhere: bool = False
-) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
+    paths: list[Path], seed: int = 0, strength: float = 1.0, anywhere: bool = False,
+    kinds: tuple[str, ...] = DEFECT_KINDS,
+) -> ValidationSet:  # fmt: skip
+    """Each good image, then a copy of it with one defect (kind drawn from ``kinds``)."""
     rng = np.random.default_rng(seed)
-    images, labels, masks = [], [], []
+    result = ValidationSet([], np.zeros(2 * len(paths), int), [], [])
     for path in paths:
         good = read_image(path)
-        images.append(good)
-        labels.append(0)
-        masks.append(np.zeros(good.shape[:2], bool))
-        defective, mask = add_synthetic_defect(good, rng, strength=strength, anywhere=anywhere)
-        images.append(defective)
-        labels.append(1)
-        masks.append(mask)
-    return images, np.array(labels), masks
-
-
-ValidationSet = tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]
+        kind = kinds[int(rng.integers(len(kinds)))]
+        defective, mask = add_synthetic_defect(good, rng, kind, strength=strength, anywhere=anywhere)
+        result.labels[len(result.images) + 1] = 1
+        result.images.extend([good, defective])
+        result.masks.extend([np.zeros(good.shape[:2], bool), mask])
+        result.kinds.extend(["good", kind])
+    return result
 
 
 def run_variant(name: str, overrides: dict, fit_paths: list[Path], sets: dict[str, ValidationSet]) -> dict:
@@ -115,7 +137,7 @@ def run_variant(name: str, overrides: dict, fit_paths: list[Path], sets: dict[st
     result: dict = {"variant": name, "model": scorer.method.describe(), "fit_s": time.perf_counter() - started}
     size = scorer.image_size
     scored, score_seconds = 0, 0.0
-    for set_name, (images, labels, masks) in sets.items():
+    for set_name, (images, labels, masks, kinds) in sets.items():
         scores, maps = [], []
         started = time.perf_counter()
         for start in range(0, len(images), 8):
@@ -128,6 +150,10 @@ def run_variant(name: str, overrides: dict, fit_paths: list[Path], sets: dict[st
                             for m in masks])  # fmt: skip
         result[f"{set_name}_image_auroc"] = image_auroc(labels, np.concatenate(scores))
         result[f"{set_name}_pixel_auroc"] = pixel_auroc(resized, np.concatenate(maps))
+        all_scores, is_good = np.concatenate(scores), np.array(kinds) == "good"
+        for kind in sorted(set(kinds) - {"good"}):  # per kind: its defects against all good images
+            chosen = is_good | (np.array(kinds) == kind)
+            result[f"{set_name}_{kind}_image_auroc"] = image_auroc(labels[chosen], all_scores[chosen])
     result["images_per_s"] = scored / score_seconds
     return result
 
@@ -149,6 +175,10 @@ def main() -> None:
         values = [result[f"{set_name}_{level}_auroc"] for set_name in sets for level in ("image", "pixel")]
         print(f"{name:<18} " + " ".join(f"{100 * v:9.1f}" for v in values)
               + f" {result['model']:>32} {result['fit_s']:6.1f} {result['images_per_s']:6.1f}", flush=True)  # fmt: skip
+        kinds = [key.removeprefix("surface_").removesuffix("_image_auroc") for key in result
+                 if key.startswith("surface_") and key.count("_") == 3]  # fmt: skip
+        by_kind = ", ".join(f"{kind} {100 * result[f'surface_{kind}_image_auroc']:.1f}" for kind in kinds)
+        print(f"{'':<18} surface image AUROC by kind: {by_kind}", flush=True)
         if args.out:
             with args.out.open("a") as stream:
                 stream.write(json.dumps(result) + "\n")

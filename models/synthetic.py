@@ -2,8 +2,9 @@
 
 - ``add_synthetic_defect(image, rng, strength=1.0)`` -> ``(defective image, bool mask)``: one of a scratch (a
   thin curved line), a blob (a soft dark or bright ellipse), a cut-paste patch (a piece of the same image moved
-  and rotated) or a texture patch (noise). Works on RGB uint8 ``(H, W, 3)`` of any size. ``strength`` scales the
-  contrast (shade, noise amplitude, cut-paste opacity): below 1 gives subtle defects, closer to real ones.
+  and rotated) or a texture patch (noise); or, with ``kinds=SURFACE_KINDS``, a crack (jagged, 1-2 px), a hole,
+  a chip off an edge or a stain (large, soft, low contrast). Works on RGB uint8 ``(H, W, 3)`` of any size.
+  ``strength`` scales the contrast (shade, noise amplitude, cut-paste opacity): below 1 gives subtle defects.
 - ``make_part(texture, rng, size, max_shift, max_rotation)``: a "good part", a crop of a scikit-image texture
   with a small random translation and rotation, as parts arrive on a real line.
 - ``make_demo_line(out_dir, ...)`` writes a small MVTec-layout dataset from scikit-image's ``brick`` texture.
@@ -18,6 +19,9 @@ import cv2
 import numpy as np
 
 DEFECT_KINDS = ("scratch", "blob", "cutpaste", "noise")
+# Shaped after defects common on machined and sintered parts (and named in public defect datasets): a thin dark
+# jagged crack, a small dark hole, a chip broken off an edge (background shows), a large soft uneven patch.
+SURFACE_KINDS = ("crack", "hole", "chip", "stain")
 
 
 def _scratch(image: np.ndarray, rng: np.random.Generator, margin: float) -> np.ndarray:
@@ -44,15 +48,62 @@ def _ellipse(image: np.ndarray, rng: np.random.Generator, scale: tuple[float, fl
     return mask.astype(bool)
 
 
+def _crack(image: np.ndarray, rng: np.random.Generator, margin: float) -> np.ndarray:
+    """A jagged random walk of short segments, 1-2 px wide whatever the image size (real cracks do not scale)."""
+    height, width = image.shape[:2]
+    mask = np.zeros((height, width), np.uint8)
+    point = rng.uniform([margin * width, margin * height], [(1 - margin) * width, (1 - margin) * height])
+    points = [point]
+    angle = rng.uniform(0, 2 * np.pi)
+    steps = int(rng.integers(8, 20))
+    step = rng.uniform(0.2, 0.5) * min(height, width) / steps
+    for _ in range(steps):
+        angle += rng.normal(0, 0.6)
+        points.append(points[-1] + step * np.array([np.cos(angle), np.sin(angle)]))
+    cv2.polylines(mask, [np.array(points, np.int32)], False, 1, int(rng.integers(1, 3)))
+    return mask.astype(bool)
+
+
+def _chip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A piece missing from one edge: an irregular polygon whose base lies on the image border."""
+    height, width = image.shape[:2]
+    side = int(rng.integers(4))
+    along, span = (width, height) if side in (0, 1) else (height, width)
+    centre = rng.uniform(0.1, 0.9) * along
+    half = rng.uniform(0.05, 0.15) * along
+    depth = rng.uniform(0.05, 0.15) * span
+    xs = np.linspace(centre - half, centre + half, 7)
+    ys = np.concatenate([[0.0], rng.uniform(0.4, 1.0, 5) * depth, [0.0]])
+    ys = np.concatenate([[-1.0], ys, [-1.0]])
+    xs = np.concatenate([[xs[0]], xs, [xs[-1]]])
+    if side == 0:  # top
+        polygon = np.stack([xs, ys], 1)
+    elif side == 1:  # bottom
+        polygon = np.stack([xs, height - 1 - ys], 1)
+    elif side == 2:  # left
+        polygon = np.stack([ys, xs], 1)
+    else:  # right
+        polygon = np.stack([width - 1 - ys, xs], 1)
+    mask = np.zeros((height, width), np.uint8)
+    cv2.fillPoly(mask, [polygon.round().astype(np.int32)], 1)
+    return mask.astype(bool)
+
+
 def add_synthetic_defect(
-    image: np.ndarray, rng: np.random.Generator, kind: str | None = None, strength: float = 1.0, anywhere: bool = False
+    image: np.ndarray,
+    rng: np.random.Generator,
+    kind: str | None = None,
+    strength: float = 1.0,
+    anywhere: bool = False,
+    kinds: tuple[str, ...] = DEFECT_KINDS,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """RGB uint8 ``(H, W, 3)`` -> ``(image with one defect, mask (H, W) bool)``; the defect starts in the central
-    region unless ``anywhere`` (then also on the borders, where real edge defects such as breaks sit)."""
+    """RGB uint8 ``(H, W, 3)`` -> ``(image with one defect, mask (H, W) bool)``; ``kind`` (default: one drawn from
+    ``kinds``, see DEFECT_KINDS and SURFACE_KINDS) starts in the central region unless ``anywhere`` (then also on the
+    borders, where real edge defects such as breaks sit); a chip always sits on an edge."""
     if not 0.0 < strength <= 1.0:
         msg = f"strength must be in (0, 1], got {strength}"
         raise ValueError(msg)
-    kind = kind or DEFECT_KINDS[int(rng.integers(len(DEFECT_KINDS)))]
+    kind = kind or kinds[int(rng.integers(len(kinds)))]
     margin = 0.0 if anywhere else 0.2
     out = image.astype(np.float32)
     height, width = image.shape[:2]
@@ -77,8 +128,25 @@ def add_synthetic_defect(
         mask = _ellipse(image, rng, (0.04, 0.1), margin)
         noise = rng.normal(0, 45 * strength, size=image.shape).astype(np.float32)
         out[mask] = np.clip(out[mask] + noise[mask], 0, 255)
+    elif kind == "crack":
+        mask = _crack(image, rng, 0.0 if anywhere else 0.15)
+        out[mask] = np.clip(out[mask] - strength * rng.uniform(50, 100), 0, 255)
+    elif kind == "hole":
+        mask = _ellipse(image, rng, (0.015, 0.04), margin)
+        core = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 1.0)
+        out = np.clip(out - core[:, :, None] * strength * rng.uniform(60, 120), 0, 255)
+    elif kind == "chip":
+        mask = _chip(image, rng)
+        background = rng.uniform(5, 35)
+        out[mask] = strength * background + (1.0 - strength) * out[mask]
+    elif kind == "stain":
+        mask = _ellipse(image, rng, (0.12, 0.3), margin)
+        soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), max(2.0, 0.05 * min(height, width)))
+        shade = strength * rng.choice([-1.0, 1.0]) * rng.uniform(25, 50)
+        out = np.clip(out + soft[:, :, None] * shade, 0, 255)
+        mask = soft > 0.5
     else:
-        msg = f"unknown defect kind {kind!r}; choose one of {DEFECT_KINDS}"
+        msg = f"unknown defect kind {kind!r}; choose one of {DEFECT_KINDS + SURFACE_KINDS}"
         raise ValueError(msg)
     return out.astype(np.uint8), mask
 

@@ -46,7 +46,8 @@ def throughput(scorer: Scorer, images: list[np.ndarray], batch: int, rounds: int
 
 def misaligned(image: np.ndarray, rng: np.random.Generator, pixels: float, degrees: float) -> np.ndarray:
     height, width = image.shape[:2]
-    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), float(rng.uniform(-degrees, degrees)), 1.0)
+    matrix = np.asarray(cv2.getRotationMatrix2D((width / 2, height / 2), float(rng.uniform(-degrees, degrees)), 1.0),
+                        dtype=np.float64)  # fmt: skip
     matrix[:, 2] += rng.uniform(-pixels, pixels, size=2)
     return cv2.warpAffine(image, matrix, (width, height), borderMode=cv2.BORDER_REFLECT)
 

@@ -17,7 +17,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -85,12 +85,12 @@ VARIANTS: dict[str, dict] = {
     # position normalisation for the other methods (their RESULTS section 6 settings)
     **{
         f"{method}{suffix}": {**settings, "scoring": {**settings.get("scoring", {}), **scoring}}
-        for method, settings in {
+        for method, settings in dict[str, dict[str, dict[str, Any]]]({
             "npad": {"model": {"method": "npad"}},
             "padim": {"model": {"method": "padim", "aggregation_kernel": 1}, "scoring": {"image_score": "max"}},
             "gaussian": {"model": {"method": "gaussian"}},
             "cfa": {"model": {"method": "cfa"}},
-        }.items()
+        }).items()
         for suffix, scoring in {"": {}, "-unnormalised": {"normalise_positions": False}}.items()
     },
 }

@@ -241,13 +241,16 @@ def coreset_select(
     if projection_dim < points.shape[1]:
         projection = torch.randn(points.shape[1], projection_dim, generator=generator) / math.sqrt(projection_dim)
         points = points @ projection
+    # Column-major (each channel contiguous): MKL's matrix-vector product is ~3.5x faster over it than over the
+    # row-major layout on our 2-core CPU (4.9 vs 18 ms for 200,000 x 128), and that product is the whole step.
+    points = points.T.contiguous().T
     squared_norms = (points * points).sum(dim=1)
     selected = np.empty(keep, dtype=np.int64)
     current = int(torch.randint(total, (1,), generator=generator))
     min_distance = torch.full((total,), float("inf"))
     for step in range(keep):
         selected[step] = current
-        centre = points[current]
+        centre = points[current].contiguous()  # a strided row would slow the product by a quarter
         # |p - c|^2 = |p|^2 - 2 p.c + |c|^2; the constant |c|^2 does not change which point is farthest,
         # but it is kept so min_distance holds true squared distances. One fused pass over the points per step.
         distance = torch.addmv(squared_norms, points, centre, alpha=-2.0).add_(centre.dot(centre))

@@ -47,6 +47,7 @@ def test_every_requested_alert_and_recording_rule_exists(deploy_dir: Path) -> No
         "LineinspectStreamLagGrowing",
         "LineinspectDeadLetters",
         "LineinspectFailRateJump",
+        "LineinspectScoreDrift",
         "LineinspectWorkerDown",
         "LineinspectCameraSilent",
         "LineinspectModelMismatch",

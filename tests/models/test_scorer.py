@@ -134,3 +134,15 @@ def test_pad_maps_cover_the_frame_and_peak_on_its_defect(fitted_scorer: Scorer, 
     small_mask = cv2.resize(mask.astype(np.uint8), (96, 96), interpolation=cv2.INTER_NEAREST) > 0
     difference = batch.maps[1] - batch.maps[0]
     assert difference[small_mask].mean() > 3 * max(difference[~small_mask].mean(), 1e-6)
+
+
+def test_pad_batches_of_mixed_shapes_score_as_one_by_one(fitted_scorer: Scorer, demo_line: DemoLine) -> None:
+    settings = fitted_scorer.model_settings.model_copy(update={"resize": "pad"})
+    padded = Scorer(fitted_scorer.method, settings, fitted_scorer.scoring, fitted_scorer.training)
+    part = read_image(demo_line.test_images[0])
+    frames = [part[:, :60], part, np.concatenate([part, part], axis=1)]  # tall, square, wide
+    together = padded.score(frames)
+    for position, frame in enumerate(frames):
+        alone = padded.score([frame])
+        np.testing.assert_allclose(together.maps[position], alone.maps[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(together.scores[position], alone.scores[0], rtol=1e-4)

@@ -6,9 +6,10 @@ is ever seen here. Each variant is fitted on the fit part and scored on validati
 synthetic-defect images, four times: scratches, blobs, cut-paste and noise at full contrast ("standard"), at 40%
 contrast ("subtle", far from saturated) and at 40% also on borders ("anywhere"); and surface defects (thin jagged
 cracks, holes, edge chips, stains) at 70% contrast, anywhere ("surface"). Image and pixel AUROC of each are printed.
-Variants override the current defaults of config.toml ("default" = no override).
+Variants override the current defaults of config.toml ("default" = no override); "a+b" scores the mean of two
+variants' scores and maps (a fusion; both are z-scores when positions are normalised).
 
-    python benchmarks/select_defaults.py --data ../shared/datasets/mtd [--variants NAME ...]
+    python benchmarks/select_defaults.py --data ../shared/datasets/mtd [--variants NAME ... default+padim]
 """
 
 from __future__ import annotations
@@ -128,40 +129,55 @@ def validation_set(
     return result
 
 
-def run_variant(name: str, overrides: dict, fit_paths: list[Path], sets: dict[str, ValidationSet]) -> dict:
-    import cv2
+SetOutputs = dict[str, tuple[np.ndarray, np.ndarray]]  # set name -> (image scores (N,), maps (N, S, S))
 
+
+def fit_and_score(overrides: dict, fit_paths: list[Path], sets: dict[str, ValidationSet]) -> tuple[dict, SetOutputs]:
+    """Fit one variant on the fit part and score every validation set; returns its description and outputs."""
     config = config_from_mapping(overrides)
     started = time.perf_counter()
     scorer = fit_scorer(fit_paths, config, progress=False, holdout_fraction=0.0)
-    result: dict = {"variant": name, "model": scorer.method.describe(), "fit_s": time.perf_counter() - started}
-    size = scorer.image_size
-    scored, score_seconds = 0, 0.0
-    for set_name, (images, labels, masks, kinds) in sets.items():
-        scores, maps = [], []
-        started = time.perf_counter()
-        for start in range(0, len(images), 8):
-            batch = scorer.score(images[start : start + 8])
-            scores.append(batch.scores)
-            maps.append(batch.maps)
-        score_seconds += time.perf_counter() - started
-        scored += len(images)
+    info: dict = {"model": scorer.method.describe(), "fit_s": time.perf_counter() - started}
+    outputs: SetOutputs = {}
+    scored, started = 0, time.perf_counter()
+    for set_name, validation in sets.items():
+        batches = [scorer.score(validation.images[start : start + 8]) for start in range(0, len(validation.images), 8)]
+        outputs[set_name] = (np.concatenate([b.scores for b in batches]), np.concatenate([b.maps for b in batches]))
+        scored += len(validation.images)
+    info["images_per_s"] = scored / (time.perf_counter() - started)
+    return info, outputs
+
+
+def fused(members: list[SetOutputs]) -> SetOutputs:
+    """Average of several variants' scores and maps (all in z units when positions are normalised)."""
+    return {name: (np.mean([m[name][0] for m in members], axis=0), np.mean([m[name][1] for m in members], axis=0))
+            for name in members[0]}  # fmt: skip
+
+
+def metrics(outputs: SetOutputs, sets: dict[str, ValidationSet]) -> dict:
+    """Image and pixel AUROC per set, and image AUROC per defect kind (its defects against all good images)."""
+    import cv2
+
+    result: dict = {}
+    for set_name, (_, labels, masks, kinds) in sets.items():
+        scores, maps = outputs[set_name]
+        size = maps.shape[-1]
         resized = np.stack([cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
                             for m in masks])  # fmt: skip
-        result[f"{set_name}_image_auroc"] = image_auroc(labels, np.concatenate(scores))
-        result[f"{set_name}_pixel_auroc"] = pixel_auroc(resized, np.concatenate(maps))
-        all_scores, is_good = np.concatenate(scores), np.array(kinds) == "good"
-        for kind in sorted(set(kinds) - {"good"}):  # per kind: its defects against all good images
+        result[f"{set_name}_image_auroc"] = image_auroc(labels, scores)
+        result[f"{set_name}_pixel_auroc"] = pixel_auroc(resized, maps)
+        is_good = np.array(kinds) == "good"
+        for kind in sorted(set(kinds) - {"good"}):
             chosen = is_good | (np.array(kinds) == kind)
-            result[f"{set_name}_{kind}_image_auroc"] = image_auroc(labels[chosen], all_scores[chosen])
-    result["images_per_s"] = scored / score_seconds
+            result[f"{set_name}_{kind}_image_auroc"] = image_auroc(labels[chosen], scores[chosen])
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/mtd"))
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS),
+                        help="names from VARIANTS; 'a+b' scores the mean of a's and b's scores and maps")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="append results as JSON lines to this file")
     args = parser.parse_args()
     fit_paths, validation_paths = holdout_split(good_images(args.data), 0.2)
@@ -170,8 +186,18 @@ def main() -> None:
           f"{len(validation_paths)} synthetic-defect images per set (all from the training split)")  # fmt: skip
     columns = [f"{set_name[:4]} {level}" for set_name in sets for level in ("img", "px")]
     print(f"{'variant':<18} " + " ".join(f"{c:>9}" for c in columns) + f" {'model':>32} {'fit s':>6} {'img/s':>6}")
+    infos: dict[str, dict] = {}
+    outputs: dict[str, SetOutputs] = {}  # kept for fusions ("a+b") of variants run earlier in this call
     for name in args.variants:
-        result = run_variant(name, VARIANTS[name], fit_paths, sets)
+        members = name.split("+")
+        for member in members:
+            if member not in outputs:
+                infos[member], outputs[member] = fit_and_score(VARIANTS[member], fit_paths, sets)
+        if len(members) == 1:
+            result = {"variant": name, **infos[name], **metrics(outputs[name], sets)}
+        else:
+            result = {"variant": name, "model": "mean of " + ", ".join(members), "fit_s": float("nan"),
+                      "images_per_s": float("nan"), **metrics(fused([outputs[m] for m in members]), sets)}  # fmt: skip
         values = [result[f"{set_name}_{level}_auroc"] for set_name in sets for level in ("image", "pixel")]
         print(f"{name:<18} " + " ".join(f"{100 * v:9.1f}" for v in values)
               + f" {result['model']:>32} {result['fit_s']:6.1f} {result['images_per_s']:6.1f}", flush=True)  # fmt: skip

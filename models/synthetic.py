@@ -89,6 +89,19 @@ def _chip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return mask.astype(bool)
 
 
+def _shaded_ellipse(
+    out: np.ndarray, rng: np.random.Generator, scale: tuple[float, float], margin: float,
+    blur: tuple[float, float], shades: tuple[float, float], strength: float,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """A soft dark or bright ellipse on float ``out``; ``blur`` = (minimum sigma, sigma per pixel of the short
+    side). Returns the shaded image and where the shading reaches half strength."""
+    height, width = out.shape[:2]
+    mask = _ellipse(out, rng, scale, margin)
+    soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), max(blur[0], blur[1] * min(height, width)))
+    shade = strength * rng.choice([-1.0, 1.0]) * rng.uniform(*shades)
+    return np.clip(out + soft[:, :, None] * shade, 0, 255), soft > 0.5
+
+
 def add_synthetic_defect(
     image: np.ndarray,
     rng: np.random.Generator,
@@ -112,11 +125,7 @@ def add_synthetic_defect(
         shade = strength * rng.choice([-1.0, 1.0]) * rng.uniform(60, 110)
         out[mask] = np.clip(out[mask] + shade, 0, 255)
     elif kind == "blob":
-        mask = _ellipse(image, rng, (0.03, 0.09), margin)
-        soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), max(1.0, 0.01 * min(height, width)))
-        shade = strength * rng.choice([-1.0, 1.0]) * rng.uniform(50, 100)
-        out = np.clip(out + soft[:, :, None] * shade, 0, 255)
-        mask = soft > 0.5
+        out, mask = _shaded_ellipse(out, rng, (0.03, 0.09), margin, (1.0, 0.01), (50, 100), strength)
     elif kind == "cutpaste":
         mask = _ellipse(image, rng, (0.05, 0.12), margin)
         source_angle = float(rng.uniform(30, 150))
@@ -140,11 +149,7 @@ def add_synthetic_defect(
         background = rng.uniform(5, 35)
         out[mask] = strength * background + (1.0 - strength) * out[mask]
     elif kind == "stain":
-        mask = _ellipse(image, rng, (0.12, 0.3), margin)
-        soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), max(2.0, 0.05 * min(height, width)))
-        shade = strength * rng.choice([-1.0, 1.0]) * rng.uniform(25, 50)
-        out = np.clip(out + soft[:, :, None] * shade, 0, 255)
-        mask = soft > 0.5
+        out, mask = _shaded_ellipse(out, rng, (0.12, 0.3), margin, (2.0, 0.05), (25, 50), strength)
     else:
         msg = f"unknown defect kind {kind!r}; choose one of {DEFECT_KINDS + SURFACE_KINDS}"
         raise ValueError(msg)

@@ -160,7 +160,9 @@ class Backbone(nn.Module):
             children = list(dict(network.named_children()))
             msg = f"unknown backbone layers {unknown or '(none given)'}; top-level modules: {children}"
             raise BackboneError(msg)
-        self.network = network.eval().requires_grad_(False)
+        # Channels-last weights let oneDNN run its NHWC convolutions: the Lite0 backbone takes half the time on our
+        # 2-core CPU (12.2 vs 25.2 ms per image at batch 8), same features to float rounding.
+        self.network = network.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.layers = layers
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))

@@ -20,6 +20,23 @@ def test_shipped_lite0_weights_classify_chelsea_as_a_cat() -> None:
     assert 281 <= top <= 285, f"predicted ImageNet class {top}, expected a cat (281-285)"
 
 
+def test_tapped_maps_equal_the_plain_layout_network() -> None:
+    """The backbone runs channels-last for speed; its features must be those of the network as built (NCHW)."""
+    backbone = load_backbone("efficientnet_lite0")
+    plain = build_efficientnet_lite0().eval()
+    captured: dict[str, torch.Tensor] = {}
+    modules = dict(plain.named_modules())
+    for layer in backbone.layers:
+        modules[layer].register_forward_hook(lambda _m, _i, out, layer=layer: captured.__setitem__(layer, out))
+    images = torch.rand(2, 3, 96, 96)
+    with torch.inference_mode():
+        fast = backbone(images)
+        plain(backbone.normalise(images))
+    assert fast[0].is_contiguous(memory_format=torch.channels_last)
+    for layer, features in zip(backbone.layers, fast, strict=True):
+        torch.testing.assert_close(features, captured[layer], rtol=1e-4, atol=1e-4)
+
+
 def test_key_map_places_flat_blocks_into_stages() -> None:
     assert lite0_key_map("_blocks.0._depthwise_conv.weight") == "blocks.0.0.conv_dw.weight"
     assert lite0_key_map("_blocks.3._expand_conv.weight") == "blocks.2.0.conv_pw.weight"

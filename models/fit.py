@@ -27,7 +27,7 @@ from models.methods import method_class
 from models.normalisation import PositionStatsBuilder
 from models.scorer import Scorer, TrainingSummary, preprocess, resolve_device
 from models.threshold import false_reject_threshold
-from pipeline.config import Config
+from pipeline.config import Config, Resize
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class TrainingImages:
     paths: Sequence[Path]
     image_size: int
     batch_size: int
-    resize: str = "stretch"
+    resize: Resize = "stretch"
     skipped: list[str] = field(default_factory=list)
     _unreadable: set[Path] = field(default_factory=set)
 

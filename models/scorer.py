@@ -35,7 +35,7 @@ from models.images import to_rgb_uint8
 from models.methods.base import AnomalyMethod, MethodOutput
 from models.normalisation import PositionStats
 from models.shifting import align_and_aggregate, shift_offsets, shifted_views
-from pipeline.config import ModelSettings, ScoringSettings
+from pipeline.config import ModelSettings, Resize, ScoringSettings
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
-def content_box(height: int, width: int, image_size: int, resize: str = "stretch") -> tuple[int, int, int, int]:
+def content_box(height: int, width: int, image_size: int, resize: Resize = "stretch") -> tuple[int, int, int, int]:
     """Where a ``height x width`` frame lands in the ``(S, S)`` input: ``(top, left, box height, box width)``."""
     if resize == "stretch":
         return 0, 0, image_size, image_size
@@ -110,7 +110,7 @@ def content_box(height: int, width: int, image_size: int, resize: str = "stretch
     return (image_size - box_h) // 2, (image_size - box_w) // 2, box_h, box_w
 
 
-def preprocess(images: Sequence[np.ndarray], image_size: int, resize: str = "stretch") -> torch.Tensor:
+def preprocess(images: Sequence[np.ndarray], image_size: int, resize: Resize = "stretch") -> torch.Tensor:
     """Frames -> ``(N, 3, S, S)`` float32 in [0, 1]; ``resize="pad"`` keeps each frame's aspect (``content_box``)."""
     resized = []
     for position, image in enumerate(images):
@@ -128,7 +128,7 @@ def preprocess(images: Sequence[np.ndarray], image_size: int, resize: str = "str
     return batch.float().div_(255.0)
 
 
-def crop_to_frames(maps: torch.Tensor, shapes: Sequence[tuple[int, int]], resize: str) -> torch.Tensor:
+def crop_to_frames(maps: torch.Tensor, shapes: Sequence[tuple[int, int]], resize: Resize) -> torch.Tensor:
     """``(N, S, S)`` maps over the padded input -> ``(N, S, S)`` over each frame (its content box stretched)."""
     if resize == "stretch":
         return maps

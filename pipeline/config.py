@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "LINEINSPECT__"
+Resize = Literal["stretch", "pad"]  # how frames reach the model's square input (ModelSettings.resize)
 
 
 class ConfigError(ValueError):
@@ -54,7 +55,7 @@ class ModelSettings(_Section):
         default=None, description="Local weights file for torchvision backbones (the default backbone ships its own)."
     )
     image_size: int = Field(default=224, ge=32, le=2048, description="Frames are resized to image_size x image_size.")
-    resize: Literal["stretch", "pad"] = Field(
+    resize: Resize = Field(
         default="stretch",
         description="stretch: each frame is scaled to the square on its own (aspect changes); pad: scaled keeping its "
         "aspect and padded with its mean colour (maps are cropped back to the frame).",

@@ -10,6 +10,8 @@
                       loaded with allow_pickle=False) and ``index.faiss`` (written from the CPU); torch weights are
                       state dicts read back with ``weights_only=True``
       position_stats.npz  per-pixel mean and std of held-out good maps (``models.normalisation``), when fitted
+      fusion-1-padim/ ... one complete artifact per ``[fusion]`` member (no threshold of its own), recorded in the
+                      manifest by directory and content hash
 
 ``load_scorer`` checks the format version, every file's sha256 and the content hash, then lets the method check
 its own files against the manifest (PatchCore: the backbone really produces features of the recorded shape);
@@ -86,6 +88,11 @@ def save_scorer(scorer: Scorer, model_dir: Path) -> str:
     stats = scorer.position_stats
     if stats is not None:
         files.append(stats.save(model_dir))
+    fusion = []
+    for position, companion in enumerate(scorer.companions, start=1):
+        name = f"fusion-{position}-{companion.method.name}"
+        save_scorer(companion, model_dir / name)
+        fusion.append({"dir": name, "content_hash": read_manifest(model_dir / name)["content_hash"]})
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "model": scorer.model_settings.model_dump(mode="json"),
@@ -93,6 +100,7 @@ def save_scorer(scorer: Scorer, model_dir: Path) -> str:
         "scoring": scorer.scoring.model_dump(mode="json"),
         "threshold": asdict(scorer.threshold) if scorer.threshold else None,
         "position_stats": {"images": stats.images} if stats is not None else None,
+        "fusion": fusion,
         "training": asdict(scorer.training),
         "libraries": library_versions(),
         "files": {name: _sha256(model_dir / name) for name in files},
@@ -142,6 +150,7 @@ def load_scorer(model_dir: Path, device: str = "auto") -> Scorer:
         training = TrainingSummary(**manifest["training"])
         stats_entry = manifest.get("position_stats")
         stats_images = int(stats_entry["images"]) if stats_entry is not None else 0
+        fusion = [(str(entry["dir"]), str(entry["content_hash"])) for entry in manifest.get("fusion", [])]
     except (KeyError, TypeError, ValueError) as error:
         msg = f"{model_dir}/{MANIFEST} has invalid or missing settings: {error}"
         raise ArtifactError(msg) from None
@@ -150,7 +159,21 @@ def load_scorer(model_dir: Path, device: str = "auto") -> Scorer:
         raise ArtifactError(msg)
     stats = PositionStats.load(model_dir, stats_images, model_settings.image_size) if stats_entry else None
     method = cls.load(model_dir, section, model_settings, resolve_device(device))
-    return Scorer(method, model_settings, scoring, training, threshold, str(manifest["model_id"]), stats)
+    companions = []
+    for name, content_hash in fusion:
+        if Path(name).name != name or not (model_dir / name).is_dir():
+            msg = f"{model_dir}: fusion member directory {name!r} is missing"
+            raise ArtifactError(msg)
+        if read_manifest(model_dir / name)["content_hash"] != content_hash:
+            msg = f"{model_dir}/{name} is not the fusion member this model was saved with (content hash differs)"
+            raise ArtifactError(msg)
+        companions.append(load_scorer(model_dir / name, device))
+    try:
+        return Scorer(method, model_settings, scoring, training, threshold, str(manifest["model_id"]), stats,
+                      companions)  # fmt: skip
+    except ValueError as error:
+        msg = f"{model_dir}: {error}"
+        raise ArtifactError(msg) from None
 
 
 def update_threshold(model_dir: Path, threshold: Threshold) -> str:

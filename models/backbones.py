@@ -14,9 +14,10 @@ normalised batch ``(batch, 3, height, width)`` and returns the tapped feature ma
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,7 +153,9 @@ BACKBONES: dict[str, BackboneSpec] = {
 class Backbone(nn.Module):
     """Runs the network up to its deepest tapped layer and returns the tapped maps, shallow to deep."""
 
-    def __init__(self, network: nn.Module, layers: tuple[str, ...], spec: BackboneSpec) -> None:
+    def __init__(self, network: nn.Module, layers: tuple[str, ...], spec: BackboneSpec, weights: str = "") -> None:
+        """``weights`` names where the network's weights came from (name + file): backbones with equal ``weights``
+        and ``layers`` compute the same maps, so ``shared_backbone_pass`` lets them share one forward pass."""
         super().__init__()
         names = dict(network.named_modules())
         unknown = [layer for layer in layers if layer not in names]
@@ -164,6 +167,7 @@ class Backbone(nn.Module):
         # 2-core CPU (12.2 vs 25.2 ms per image at batch 8), same features to float rounding.
         self.network = network.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.layers = layers
+        self.identity = (weights, layers)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
         self._captured: dict[str, torch.Tensor] = {}
@@ -186,10 +190,36 @@ class Backbone(nn.Module):
         return (images - mean) / std
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        shared = _SHARED_PASS.get()
+        if shared is None or not self.identity[0]:
+            return self._run(images)
+        key = (self.identity, id(images), str(images.device), torch.is_autocast_enabled())
+        if key not in shared or shared[key][0] is not images:
+            shared[key] = (images, self._run(images))  # holding ``images`` keeps its id from being reused
+        return shared[key][1]
+
+    def _run(self, images: torch.Tensor) -> list[torch.Tensor]:
         self._captured = {}
         with contextlib.suppress(_StopForward):
             self.network(self.normalise(images))
         return [self._captured[layer] for layer in self.layers]
+
+
+_SHARED_PASS: contextvars.ContextVar[dict[tuple[object, ...], tuple[torch.Tensor, list[torch.Tensor]]] | None] = (
+    contextvars.ContextVar("shared_backbone_pass", default=None)
+)
+
+
+@contextlib.contextmanager
+def shared_backbone_pass() -> Iterator[None]:
+    """Inside this block, backbones with the same weights and layers run once per input tensor: the second one given
+    the very same tensor object returns the first one's maps. Fused methods use it to share one backbone pass; the
+    block must not modify an input in place between the calls (inference tensors keep no version counter to check)."""
+    token = _SHARED_PASS.set({})
+    try:
+        yield
+    finally:
+        _SHARED_PASS.reset(token)
 
 
 class _StopForward(Exception):
@@ -203,4 +233,5 @@ def load_backbone(name: str, layers: tuple[str, ...] | None = None, weights_path
     spec = BACKBONES[name]
     if weights_path is not None:
         weights_path = Path(os.path.expanduser(weights_path))
-    return Backbone(spec.build(weights_path), tuple(layers or spec.default_layers), spec)
+    weights = f"{name}:{weights_path.resolve() if weights_path is not None else 'default'}"
+    return Backbone(spec.build(weights_path), tuple(layers or spec.default_layers), spec, weights)

@@ -4,7 +4,8 @@ Two deterministic slices of the good images (chosen by hashes of the file name) 
 training: with ``scoring.normalise_positions``, ``scoring.normalisation_fraction`` of them give the per-pixel
 statistics of good maps (``models.normalisation``); then ``holdout_fraction`` of them, scored with those
 statistics, set the initial pass/fail threshold at the configured false-reject rate, so a freshly fitted model can
-make verdicts at once; ``lineinspect calibrate`` refines it on more good images.
+make verdicts at once; ``lineinspect calibrate`` refines it on more good images. Each ``[fusion]`` member is fitted
+the same way on the same slices, with its own position statistics; the threshold is set on the fused scores.
 Unreadable images are skipped with a warning; fitting fails only when no valid image is left.
 """
 
@@ -114,7 +115,8 @@ def fit_scorer(
     holdout_fraction: float = 0.1,
     source: str = "",
 ) -> Scorer:
-    """Fit ``config.model.method`` on good images; returns a Scorer with a threshold from the held-out slice."""
+    """Fit ``config.model.method`` (and its ``[fusion]`` members) on good images; returns a Scorer with a threshold
+    from the held-out slice."""
     started = time.perf_counter()
     if not image_paths:
         msg = "no training images given"
@@ -123,30 +125,51 @@ def fit_scorer(
     scoring = config.scoring
     normalisation_fraction = scoring.normalisation_fraction if scoring.normalise_positions else 0.0
     fit_paths, normalisation_paths = holdout_split(fit_paths, normalisation_fraction, salt="position-stats:")
-    images = TrainingImages(fit_paths, config.model.image_size, scoring.batch_size, config.model.resize)
-    images.require_one()
-    method = method_class(config.model.method).fit(images, config, resolve_device(config.model.device), progress)
-    training = TrainingSummary(images=images.images, skipped=images.skipped, source=source)
-    scorer = Scorer(method, config.model, scoring, training)
-    skipped = images.skipped
-    if normalisation_paths:
-        builder = PositionStatsBuilder()
-        for batch in _progress_batches(normalisation_paths, scoring.batch_size, progress, "fit: position statistics",
-                                       skipped):  # fmt: skip
-            builder.add(scorer.unnormalised_maps(batch))
-        if builder.count:
-            scorer.position_stats = builder.finish(scoring.normalisation_prior_images)
-    elif scoring.normalise_positions:
-        log.warning("too few good images to keep some out for position statistics: maps stay unnormalised")
+    skipped: list[str] = []
+    scorer = _fit_one(config, fit_paths, normalisation_paths, progress, skipped, source)
+    if config.fusion_members and scorer.position_stats is None:
+        log.warning("fusion averages per-pixel z-scores and these good images are too few for position statistics: "
+                    "fitted %s alone", config.model.method)  # fmt: skip
+    elif config.fusion_members:
+        companions = [_fit_one(config.member_config(member), fit_paths, normalisation_paths, progress, [], source)
+                      for member in config.fusion_members]  # fmt: skip
+        scorer = Scorer(scorer.method, scorer.model_settings, scoring, scorer.training,
+                        position_stats=scorer.position_stats, companions=companions)  # fmt: skip
     if holdout_paths:
         good_scores = score_paths(scorer, holdout_paths, config.scoring.batch_size, progress,
                                   "fit: calibrating on held-out good", skipped)  # fmt: skip
         if good_scores.size:
             scorer.threshold = false_reject_threshold(good_scores, config.threshold.false_reject_rate)
     fit_seconds = round(time.perf_counter() - started, 3)
-    scorer.training = dataclasses.replace(training, skipped=skipped, fit_seconds=fit_seconds)
-    log.info("fitted %s (%s) from %d images in %.1f s", method.name, method.describe(), images.images,
-             time.perf_counter() - started)  # fmt: skip
+    scorer.training = dataclasses.replace(scorer.training, skipped=skipped, fit_seconds=fit_seconds)
+    log.info("fitted %s from %d images in %.1f s", scorer.describe(), scorer.training.images, fit_seconds)
+    return scorer
+
+
+def _fit_one(
+    config: Config,
+    fit_paths: Sequence[Path],
+    normalisation_paths: Sequence[Path],
+    progress: bool,
+    skipped: list[str],
+    source: str,
+) -> Scorer:
+    """``config.model.method`` fitted on ``fit_paths``, position statistics from ``normalisation_paths``; files that
+    cannot be read are added to ``skipped``."""
+    scoring = config.scoring
+    images = TrainingImages(fit_paths, config.model.image_size, scoring.batch_size, config.model.resize, skipped)
+    images.require_one()
+    method = method_class(config.model.method).fit(images, config, resolve_device(config.model.device), progress)
+    scorer = Scorer(method, config.model, scoring, TrainingSummary(images=images.images, source=source))
+    if normalisation_paths:
+        builder = PositionStatsBuilder()
+        desc = f"fit: position statistics ({method.name})"
+        for batch in _progress_batches(normalisation_paths, scoring.batch_size, progress, desc, skipped):
+            builder.add(scorer.unnormalised_maps(batch))
+        if builder.count:
+            scorer.position_stats = builder.finish(scoring.normalisation_prior_images)
+    elif scoring.normalise_positions:
+        log.warning("too few good images to keep some out for position statistics: maps stay unnormalised")
     return scorer
 
 

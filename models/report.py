@@ -127,6 +127,7 @@ def evaluate(
     labels = np.array([item.label for item in kept])
     metrics: dict[str, Any] = {
         "model_id": scorer.model_id,
+        "model": scorer.describe(),
         "images": len(kept),
         "defective_images": int(labels.sum()),
         "image_auroc": image_auroc(labels, scores),

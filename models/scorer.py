@@ -14,6 +14,10 @@
 5. Image score ``(N,)``: the method's own (aggregated over views like the maps), else the mean of the ``top_k``
    highest patch scores (default; chosen on a validation split of MTD training images with synthetic defects, where
    it beat the map's maximum: 0.913 vs 0.859 image AUROC) or the smoothed map's maximum.
+6. Fusion (``[fusion] members``): companion Scorers, each a fitted method with its own settings and position
+   statistics, score the same views (steps 3-5; backbones with the same weights and layers run once, see
+   ``models.backbones.shared_backbone_pass``); scores and maps are the mean over this Scorer and its companions,
+   all in z units. The threshold applies to the fused score.
 
 Returns a typed ``ScoreBatch(scores, maps, timings)``. Models never do I/O here; see ``models.artifact``.
 """
@@ -31,11 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.backbones import shared_backbone_pass
 from models.images import to_rgb_uint8
 from models.methods.base import AnomalyMethod, MethodOutput
 from models.normalisation import PositionStats
 from models.shifting import align_and_aggregate, shift_offsets, shifted_views
-from pipeline.config import ModelSettings, Resize, ScoringSettings
+from pipeline.config import SHARED_SCORING_KEYS, ModelSettings, Resize, ScoringSettings
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,11 @@ def crop_to_frames(maps: torch.Tensor, shapes: Sequence[tuple[int, int]], resize
     return torch.stack(cropped)
 
 
+def _shared_settings(model: ModelSettings, scoring: ScoringSettings) -> tuple[object, ...]:
+    """What fused Scorers must agree on: they score the same views and average maps pixel by pixel."""
+    return model.image_size, model.resize, *(getattr(scoring, key) for key in SHARED_SCORING_KEYS)
+
+
 class Scorer:
     """A fitted method plus everything shared around it: preprocessing, shifting, maps, image scores, threshold."""
 
@@ -153,6 +163,7 @@ class Scorer:
         threshold: Threshold | None = None,
         model_id: str = "unsaved",
         position_stats: PositionStats | None = None,
+        companions: Sequence[Scorer] = (),
     ) -> None:
         if position_stats is not None and position_stats.image_size != model_settings.image_size:
             msg = f"position statistics of {position_stats.image_size} px for a {model_settings.image_size} px model"
@@ -165,24 +176,44 @@ class Scorer:
         self.threshold = threshold
         self.model_id = model_id
         self.offsets = shift_offsets(scoring.shift_pixels, scoring.shift_pattern)
+        self.companions: tuple[Scorer, ...] = tuple(companions)
+        ours = _shared_settings(model_settings, scoring)
+        for companion in companions:
+            theirs = _shared_settings(companion.model_settings, companion.scoring)
+            if ours != theirs or companion.companions:
+                msg = (
+                    f"cannot fuse {companion.method.name} with {method.name}: image size, resize and "
+                    f"{', '.join(SHARED_SCORING_KEYS)} must match ({theirs} vs {ours}), and companions have none"
+                )
+                raise ValueError(msg)
 
     @property
     def image_size(self) -> int:
         return self.model_settings.image_size
 
-    def with_scoring(self, scoring: ScoringSettings) -> Scorer:
-        """The same fitted model scored with other settings (e.g. shifting on), sharing its fitted state."""
-        return Scorer(self.method, self.model_settings, scoring, self.training, self.threshold, self.model_id,
-                      self.position_stats)  # fmt: skip
+    def describe(self) -> str:
+        """One line for people: the method(s) and what was fitted."""
+        return " + ".join(f"{s.method.name} ({s.method.describe()})" for s in (self, *self.companions))
 
-    def _raw_maps(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, MethodOutput, float]:
-        """``(N, S, S)`` maps before normalisation and smoothing, the method output, and when post-processing began."""
+    def with_scoring(self, scoring: ScoringSettings) -> Scorer:
+        """The same fitted model scored with other settings (e.g. shifting on), sharing its fitted state; companions
+        take over the settings fused members share (shifting, batch size)."""
+        shared = {key: getattr(scoring, key) for key in SHARED_SCORING_KEYS}
+        companions = [c.with_scoring(c.scoring.model_copy(update=shared)) for c in self.companions]
+        return Scorer(self.method, self.model_settings, scoring, self.training, self.threshold, self.model_id,
+                      self.position_stats, companions)  # fmt: skip
+
+    def _views(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Preprocessed, shifted views ``(N * V, 3, S, S)`` and the frames' ``(height, width)``."""
         if len(images) == 0:
             msg = "score() needs at least one image"
             raise ValueError(msg)
+        views = shifted_views(preprocess(images, self.image_size, self.model_settings.resize), self.offsets)
+        return views, [(image.shape[0], image.shape[1]) for image in images]
+
+    def _raw_maps(self, views: torch.Tensor, shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, MethodOutput, float]:
+        """``(N, S, S)`` maps before normalisation and smoothing, the method output, and when post-processing began."""
         size = self.image_size
-        resize = self.model_settings.resize
-        views = shifted_views(preprocess(images, size, resize), self.offsets)
         output = self.method.score_views(views, self.scoring)
         started_post = time.perf_counter()
         if output.patch_maps.shape[0] != views.shape[0]:
@@ -191,17 +222,32 @@ class Scorer:
         patch_maps = output.patch_maps[:, None].float()
         view_maps = F.interpolate(patch_maps, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         aggregated = align_and_aggregate(view_maps, self.offsets, self.scoring.shift_aggregate)
-        shapes = [(image.shape[0], image.shape[1]) for image in images]
-        return crop_to_frames(aggregated, shapes, resize), output, started_post
+        return crop_to_frames(aggregated, shapes, self.model_settings.resize), output, started_post
 
     @torch.inference_mode()
     def unnormalised_maps(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """``(N, S, S)`` maps before position normalisation and smoothing: what ``PositionStats`` are fitted on."""
-        return self._raw_maps(images)[0]
+        """``(N, S, S)`` maps of this Scorer's own method (not its companions') before position normalisation and
+        smoothing: what its ``PositionStats`` are fitted on."""
+        return self._raw_maps(*self._views(images))[0]
 
     @torch.inference_mode()
     def score(self, images: Sequence[np.ndarray]) -> ScoreBatch:
-        aggregated, output, started_post = self._raw_maps(images)
+        views, shapes = self._views(images)
+        if not self.companions:
+            return self._score_views(views, shapes)
+        with shared_backbone_pass():
+            members = [self._score_views(views, shapes)] + [c._score_views(views, shapes) for c in self.companions]
+        started_fusion = time.perf_counter()
+        scores = np.stack([member.scores for member in members]).mean(axis=0, dtype=np.float32)
+        maps = np.stack([member.maps for member in members]).mean(axis=0, dtype=np.float32)
+        fusion_s = time.perf_counter() - started_fusion
+        timings = StageTimings(sum(m.timings.backbone_s for m in members), sum(m.timings.search_s for m in members),
+                               sum(m.timings.postprocess_s for m in members) + fusion_s)  # fmt: skip
+        return ScoreBatch(scores, maps, timings)
+
+    def _score_views(self, views: torch.Tensor, shapes: list[tuple[int, int]]) -> ScoreBatch:
+        """This Scorer's own method on prepared views: normalised, smoothed maps and image scores of the N frames."""
+        aggregated, output, started_post = self._raw_maps(views, shapes)
         _, grid_h, grid_w = output.patch_maps.shape
         if self.position_stats is not None and self.scoring.normalise_positions:
             aggregated = self.position_stats.apply(aggregated)
@@ -215,8 +261,8 @@ class Scorer:
             grid_scores = F.adaptive_avg_pool2d(aggregated[:, None], (grid_h, grid_w)).flatten(1)
             scores = grid_scores.topk(min(self.scoring.top_k, grid_scores.shape[1]), dim=1).values.mean(dim=1)
         finished = time.perf_counter()
-        if scores.shape[0] != len(images) or maps.shape[0] != len(images):
-            msg = f"scorer produced {scores.shape[0]} scores for {len(images)} images"
+        if scores.shape[0] != len(shapes) or maps.shape[0] != len(shapes):
+            msg = f"scorer produced {scores.shape[0]} scores for {len(shapes)} images"
             raise RuntimeError(msg)
         timings = StageTimings(output.embed_s, output.search_s, finished - started_post)
         return ScoreBatch(scores.numpy().astype(np.float32), maps.numpy().astype(np.float32), timings)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ENV_PREFIX = "LINEINSPECT__"
 Resize = Literal["stretch", "pad"]  # how frames reach the model's square input (ModelSettings.resize)
+MethodName = Literal["patchcore", "gaussian", "padim", "patchsvdd", "cfa", "npad"]  # models/methods/
 
 
 class ConfigError(ValueError):
@@ -44,7 +45,7 @@ class _Section(BaseModel):
 class ModelSettings(_Section):
     """Method, backbone and patch features."""
 
-    method: Literal["patchcore", "gaussian", "padim", "patchsvdd", "cfa", "npad"] = Field(
+    method: MethodName = Field(
         default="patchcore", description="Anomaly-detection method (models/methods/); each has its own section."
     )
     backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"] = "efficientnet_lite0"
@@ -312,6 +313,50 @@ class NpadSettings(_Section):
         return _odd("npad.averaging_kernel", value)
 
 
+# Fused methods score the same preprocessed, shifted views and their maps are averaged pixel by pixel: these must
+# be the same for every member, so a member may not override them.
+SHARED_MODEL_KEYS = ("method", "image_size", "resize", "device")
+SHARED_SCORING_KEYS = (
+    "shift_pixels", "shift_pattern", "shift_aggregate", "batch_size", "normalise_positions", "normalisation_fraction"
+)
+
+
+class FusionMember(_Section):
+    """A method fused with ``[model] method``: fitted on the same good images with its own section's settings,
+    [model] and [scoring] as overridden here, and its own position statistics."""
+
+    method: MethodName
+    model: dict[str, Any] = Field(default_factory=dict, description="Keys of [model] that differ for this member.")
+    scoring: dict[str, Any] = Field(default_factory=dict, description="Keys of [scoring] that differ for it.")
+
+    @model_validator(mode="after")
+    def _only_member_keys(self) -> FusionMember:
+        shared = [f"model.{key}" for key in SHARED_MODEL_KEYS if key in self.model]
+        shared += [f"scoring.{key}" for key in SHARED_SCORING_KEYS if key in self.scoring]
+        if shared:
+            msg = f"fusion member {self.method!r} cannot override {', '.join(shared)}: fused members share them"
+            raise ValueError(msg)
+        return self
+
+
+class FusionSettings(_Section):
+    """Fusion: the image score and map are the mean of [model] method's and each member's, all in per-pixel
+    z-scores against held-out good images (so [scoring] normalise_positions must stay on)."""
+
+    members: tuple[FusionMember, ...] | None = Field(
+        default=None,
+        description="Methods fused with [model] method; None: the method's recommended companions (RECOMMENDED_"
+        "COMPANIONS) when positions are normalised, [] turns fusion off.",
+    )
+
+
+# Chosen on the validation split of MTD training images with synthetic defects (benchmarks/select_defaults.py,
+# RESULTS section 4): PatchCore and PaDiM fail on different defects, and their mean beat either alone.
+RECOMMENDED_COMPANIONS: dict[str, tuple[FusionMember, ...]] = {
+    "patchcore": (FusionMember(method="padim", model={"aggregation_kernel": 1}, scoring={"image_score": "max"}),),
+}
+
+
 class ThresholdSettings(_Section):
     false_reject_rate: float = Field(default=0.005, gt=0, lt=0.5)
 
@@ -372,12 +417,41 @@ class Config(_Section):
     padim: PadimSettings = PadimSettings()
     patchsvdd: PatchSVDDSettings = PatchSVDDSettings()
     npad: NpadSettings = NpadSettings()
+    fusion: FusionSettings = FusionSettings()
     threshold: ThresholdSettings = ThresholdSettings()
     redis: RedisSettings = RedisSettings()
     streams: StreamSettings = StreamSettings()
     worker: WorkerSettings = WorkerSettings()
     ingest: IngestSettings = IngestSettings()
     sink: SinkSettings = SinkSettings()
+
+    @model_validator(mode="after")
+    def _members_fit(self) -> Config:
+        if self.fusion.members and not self.scoring.normalise_positions:
+            msg = "fusion averages per-pixel z-scores: it needs scoring.normalise_positions = true"
+            raise ValueError(msg)
+        for member in self.fusion_members:
+            self.member_config(member)
+        return self
+
+    @property
+    def fusion_members(self) -> tuple[FusionMember, ...]:
+        """The methods fitted and scored beside ``model.method`` (``fusion.members``, else the recommended ones)."""
+        if self.fusion.members is not None:
+            return self.fusion.members
+        return RECOMMENDED_COMPANIONS.get(self.model.method, ()) if self.scoring.normalise_positions else ()
+
+    def member_config(self, member: FusionMember) -> Config:
+        """The configuration ``member`` is fitted and scored with: this one with its overrides, without fusion."""
+        sections: dict[str, BaseModel] = {}
+        for name, base, overrides in (("model", self.model, member.model | {"method": member.method}),
+                                      ("scoring", self.scoring, member.scoring)):  # fmt: skip
+            try:
+                sections[name] = type(base).model_validate(base.model_dump() | overrides)
+            except ValidationError as error:
+                msg = f"fusion member {member.method!r}: {_problems(error, prefix=name)}"
+                raise ValueError(msg) from None
+        return self.model_copy(update=sections | {"fusion": FusionSettings(members=())})
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -408,11 +482,18 @@ def config_from_mapping(data: dict[str, Any], source: str = "<mapping>") -> Conf
     try:
         return Config.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in issue['loc'])}: {issue['msg']}" for issue in error.errors()
-        )
-        msg = f"invalid configuration in {source}: {problems}"
+        msg = f"invalid configuration in {source}: {_problems(error)}"
         raise ConfigError(msg) from None
+
+
+def _problems(error: ValidationError, prefix: str = "") -> str:
+    """``section.key: message; ...`` for each problem pydantic found (whole-config checks without a location)."""
+    problems = []
+    for issue in error.errors():
+        location = ".".join(str(part) for part in (prefix, *issue["loc"]) if part != "")
+        message = issue["msg"].removeprefix("Value error, ")
+        problems.append(f"{location}: {message}" if location else message)
+    return "; ".join(problems)
 
 
 def load_config(path: Path | str | None = None, environ: dict[str, str] | None = None) -> Config:

@@ -38,7 +38,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     scorer = fit_scorer(paths, config, progress=not args.quiet, holdout_fraction=args.holdout, source=str(args.good))
     model_id = scorer.save(args.out)
     threshold = f"{scorer.threshold.value:.4f}" if scorer.threshold else "none (run calibrate)"
-    print(f"model {model_id} written to {args.out}: {scorer.method.name} ({scorer.method.describe()}) "
+    print(f"model {model_id} written to {args.out}: {scorer.describe()} "
           f"from {scorer.training.images} images in {scorer.training.fit_seconds:.1f} s; "
           f"threshold {threshold}")  # fmt: skip
     return 0

@@ -38,3 +38,47 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text("[model\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(tmp_path / "bad.toml", environ={})
+
+
+PADIM_MEMBER = {"method": "padim", "model": {"aggregation_kernel": 1}, "scoring": {"image_score": "max"}}
+
+
+def test_fusion_member_config_is_the_base_with_its_overrides(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(
+        "[model]\nimage_size = 128\n[scoring]\nshift_pixels = 2\ntop_k = 5\n"
+        '[[fusion.members]]\nmethod = "padim"\nmodel = { aggregation_kernel = 1 }\nscoring = { image_score = "max" }\n'
+    )
+    config = load_config(tmp_path / "c.toml", environ={})
+    member = config.member_config(config.fusion_members[0])
+    assert (member.model.method, member.model.aggregation_kernel, member.model.image_size) == ("padim", 1, 128)
+    assert (member.scoring.image_score, member.scoring.shift_pixels, member.scoring.top_k) == ("max", 2, 5)
+    assert member.fusion_members == () and config.model.method == "patchcore" and config.model.aggregation_kernel == 3
+    assert load_config(tmp_path / "c.toml", environ={"LINEINSPECT__FUSION__MEMBERS": "[]"}).fusion_members == ()
+
+
+def test_recommended_companions_apply_only_where_they_were_chosen() -> None:
+    from pipeline.config import RECOMMENDED_COMPANIONS, config_from_mapping
+
+    assert config_from_mapping({}).fusion_members == RECOMMENDED_COMPANIONS["patchcore"]
+    assert RECOMMENDED_COMPANIONS["patchcore"][0].method == "padim"
+    assert config_from_mapping({"model": {"method": "npad"}}).fusion_members == ()
+    assert config_from_mapping({"scoring": {"normalise_positions": False}}).fusion_members == ()
+    assert config_from_mapping({"fusion": {"members": []}}).fusion_members == ()
+
+
+@pytest.mark.parametrize(
+    ("fusion", "scoring", "message"),
+    [
+        ({"members": [PADIM_MEMBER | {"model": {"image_size": 256}}]}, {}, r"cannot override model\.image_size"),
+        ({"members": [PADIM_MEMBER | {"scoring": {"shift_pixels": 2}}]}, {}, r"cannot override scoring\.shift_pixels"),
+        ({"members": [PADIM_MEMBER | {"model": {"aggregation_kernel": 2}}]}, {}, r"'padim': model\.aggregation_kernel"),
+        ({"members": [PADIM_MEMBER | {"scoring": {"top_kk": 3}}]}, {}, r"'padim': scoring\.top_kk: Extra inputs"),
+        ({"members": [{"method": "padimm"}]}, {}, r"fusion\.members\.0\.method"),
+        ({"members": [PADIM_MEMBER]}, {"normalise_positions": False}, r"needs scoring\.normalise_positions = true"),
+    ],
+)
+def test_bad_fusion_members_are_named(fusion: dict, scoring: dict, message: str) -> None:
+    from pipeline.config import config_from_mapping
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_mapping({"fusion": fusion, "scoring": scoring})

@@ -1,4 +1,4 @@
-"""Every registered method runs in the streaming scoring worker and gives the offline scores (no drift)."""
+"""Every registered method, and a fusion, runs in the streaming scoring worker and gives the offline scores."""
 
 from __future__ import annotations
 
@@ -26,7 +26,12 @@ def method_line(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Pa
     return demo.train_dir, list(demo.test_images)
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_CLASSES))
+# patchcore fused with padim; a third of the fit images kept out so this small line has position statistics
+FUSION = {"scoring": {"normalisation_fraction": 0.3},
+          "fusion": {"members": [{"method": "padim", "model": {"aggregation_kernel": 1}}]}}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", [*sorted(METHOD_CLASSES), "fusion"])
 def test_streamed_scores_equal_offline_scores_for_every_method(
     method: str, method_line: tuple[Path, list[Path]], make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
 ) -> None:
@@ -36,13 +41,13 @@ def test_streamed_scores_equal_offline_scores_for_every_method(
 
     train_dir, test_images = method_line
     settings = {section: dict(values) for section, values in TINY.items()}
-    settings["model"].update({"method": method, "device": "cpu"})
-    for section, values in FAST[method].items():
+    settings["model"].update({"method": "patchcore" if method == "fusion" else method, "device": "cpu"})
+    for section, values in (FUSION if method == "fusion" else FAST[method]).items():
         settings.setdefault(section, {}).update(values)
     model_dir = tmp_path / "model"
-    fit_scorer(list_images(train_dir), config_from_mapping(settings), progress=False, holdout_fraction=0.25).save(
-        model_dir
-    )
+    scorer = fit_scorer(list_images(train_dir), config_from_mapping(settings), progress=False, holdout_fraction=0.25)
+    assert len(scorer.companions) == (1 if method == "fusion" else 0)
+    scorer.save(model_dir)
 
     runtime = make_runtime("score", f"w-{method}")
     worker = start_worker(runtime, model_dir)

@@ -95,6 +95,10 @@ VARIANTS: dict[str, dict] = {
         for method, settings in dict[str, dict[str, dict[str, Any]]]({
             "npad": {"model": {"method": "npad"}},
             "padim": {"model": {"method": "padim", "aggregation_kernel": 1}, "scoring": {"image_score": "max"}},
+            # session 5: settings of the fusion's PaDiM member (all 152 Lite0 channels; PatchCore's 3x3 average)
+            "padim-channels-152": {"model": {"method": "padim", "aggregation_kernel": 1}, "padim": {"channels": 152},
+                                   "scoring": {"image_score": "max"}},
+            "padim-aggregate-3": {"model": {"method": "padim"}, "scoring": {"image_score": "max"}},
             "gaussian": {"model": {"method": "gaussian"}},
             "cfa": {"model": {"method": "cfa"}},
         }).items()

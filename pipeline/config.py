@@ -165,8 +165,10 @@ class PadimSettings(_Section):
     Mahalanobis distance map; image score from the map ([scoring] image_score). Paper defaults."""
 
     channels: int = Field(
-        default=100, ge=1, le=4096, description="Random channels kept (paper: 100 of ResNet-18's 448; 550 for WRN-50)."
-    )
+        default=152, ge=1, le=4096,
+        description="At most this many random channels (all when the layers have fewer); 152 = all of Lite0's "
+        "blocks.2 + blocks.4 (paper: 100 of ResNet-18's 448; 550 for WRN-50). Memory: grid positions x channels^2.",
+    )  # fmt: skip
     regularisation: float = Field(default=0.01, gt=0, description="Added to each covariance's diagonal (epsilon I).")
     seed: int = Field(default=0, description="Seed of the random channel subset (saved with the model).")
 

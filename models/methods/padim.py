@@ -5,7 +5,8 @@ Fit, one pass over the good images (statistics in ``models.methods.gaussian_stat
 1. Patch embeddings ``(B, C, h, w)``: the tapped backbone maps, deeper ones bilinearly upsampled to the shallowest
    grid (stride 8 for the default EfficientNet-Lite0 blocks.2 + blocks.4) and concatenated
    (``models.features.PatchFeatureExtractor``; the paper uses raw maps, ``model.aggregation_kernel = 1``).
-2. A random subset of ``channels`` of the C channels (fixed ``seed``; the indices are saved with the model).
+2. A random subset of at most ``channels`` of the C channels (fixed ``seed``; the indices are saved with the
+   model); the default 152 keeps all of EfficientNet-Lite0's blocks.2 + blocks.4.
 3. Running sums per position -> mean ``(h * w, d)`` and covariance ``(h * w, d, d)`` + ``regularisation`` x I;
    the inverse covariances are computed once here.
 
@@ -38,11 +39,11 @@ STATE_FILE = "padim.npz"
 
 
 def random_channels(total: int, keep: int, seed: int) -> torch.Tensor:
-    """``keep`` distinct channel indices out of ``total``, sorted, reproducible from ``seed``."""
-    if not 0 < keep <= total:
-        msg = f"padim.channels must be between 1 and the {total} feature channels, got {keep}"
+    """``min(keep, total)`` distinct channel indices out of ``total``, sorted, reproducible from ``seed``."""
+    if keep < 1:
+        msg = f"padim.channels must be at least 1, got {keep}"
         raise ValueError(msg)
-    chosen = np.random.default_rng(seed).choice(total, size=keep, replace=False)
+    chosen = np.random.default_rng(seed).choice(total, size=min(keep, total), replace=False)
     return torch.from_numpy(np.sort(chosen).astype(np.int64))
 
 
@@ -103,14 +104,14 @@ class PadimMethod(AnomalyMethod):
         for batch in batches:
             patches = embed(extractor, batch, channel_indices).cpu()
             if moments is None:  # sums around the first batch's mean keep float64 sums exact
-                moments = GaussianMoments(grid_h * grid_w, settings.channels, patches.mean(dim=0))
+                moments = GaussianMoments(grid_h * grid_w, channel_indices.numel(), patches.mean(dim=0))
             moments.add(patches)
             bar.update(batch.shape[0])
         bar.close()
         if moments is None or moments.count < 2:
             msg = "PaDiM needs at least 2 good images to estimate covariances"
             raise ValueError(msg)
-        identity = torch.eye(settings.channels, dtype=torch.float64)
+        identity = torch.eye(channel_indices.numel(), dtype=torch.float64)
         covariance = moments.covariance(unbiased=True) + settings.regularisation * identity
         return cls(extractor, channel_indices, moments.mean().float(), precision_matrix(covariance).float(),
                    (grid_h, grid_w), settings, config.model.image_size)  # fmt: skip

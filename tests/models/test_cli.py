@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from models.artifact import load_scorer
 from models.synthetic import DemoLine
 from workers.cli import main
 
@@ -72,6 +73,7 @@ def test_evaluate_writes_metrics_curves_and_overlays(cli_model: Path, demo_line:
     for key in ("image_auroc", "pixel_auroc", "pro", "f1_max", "images_per_second"):
         assert metrics[key] is not None
     assert metrics["image_auroc"] > 0.8 and metrics["pixel_auroc"] > 0.8
+    assert metrics["model"].startswith("patchcore (") and metrics["model_id"] == load_scorer(cli_model).model_id
     assert (tmp_path / "roc.png").stat().st_size > 1000 and (tmp_path / "pro.png").stat().st_size > 1000
     assert len(list((tmp_path / "overlays").glob("*.png"))) >= 4
 

@@ -45,8 +45,9 @@ def test_the_random_channel_subset_is_reproducible_distinct_and_sorted() -> None
     )
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert first.unique().numel() == 100 and bool((first[1:] > first[:-1]).all()) and int(first.max()) < 152
-    with pytest.raises(ValueError, match="between 1 and the 40 feature channels"):
-        random_channels(40, 100, seed=0)
+    assert torch.equal(random_channels(40, 100, seed=0), torch.arange(40))  # fewer channels than asked: all of them
+    with pytest.raises(ValueError, match="at least 1"):
+        random_channels(40, 0, seed=0)
 
 
 def test_streamed_gaussians_equal_the_ones_from_all_embeddings_at_once() -> None:

@@ -179,7 +179,7 @@ class DemoLine:
 
 
 def make_demo_line(
-    out_dir: Path, n_train: int = 40, n_test_good: int = 20, n_test_defect: int = 20, image_size: int = 256,
+    out_dir: Path, n_train: int = 64, n_test_good: int = 20, n_test_defect: int = 20, image_size: int = 256,
     seed: int = 0,
 ) -> DemoLine:  # fmt: skip
     """Write a demo dataset (MVTec layout) made from scikit-image's ``brick`` texture."""

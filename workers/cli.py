@@ -128,7 +128,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.config import config_from_mapping
 
     out = args.out or Path(tempfile.mkdtemp(prefix="lineinspect-demo-"))
-    demo = make_demo_line(out / "data", n_train=40, n_test_good=20, n_test_defect=20)
+    demo = make_demo_line(out / "data")
     print(f"demo line written to {demo.root}")
     scorer = fit_scorer(sorted(demo.train_dir.iterdir()), config_from_mapping({}), progress=True,
                         source="demo")  # fmt: skip

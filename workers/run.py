@@ -76,7 +76,7 @@ def _prepare_model(args: argparse.Namespace, config: Config, out: Path) -> tuple
     from models.synthetic import make_demo_line
 
     print(f"making the demo line in {out / 'demo'} ...", flush=True)
-    demo = make_demo_line(out / "demo", n_train=40, n_test_good=20, n_test_defect=20, seed=0)
+    demo = make_demo_line(out / "demo", seed=0)
     if args.model is not None:
         return Path(args.model).resolve(), demo
     print("fitting a model on the demo's good parts ...", flush=True)

@@ -125,3 +125,15 @@ def test_turned_off_nothing_is_kept_out_or_saved(demo_line: DemoLine, tmp_path: 
     scorer.save(tmp_path / "model")
     assert not (tmp_path / "model" / STATS_FILE).exists()
     assert load_scorer(tmp_path / "model").position_stats is None
+
+
+def test_holdout_slices_depend_on_each_name_alone_but_small_sets_still_get_one() -> None:
+    many = [Path(f"frame_{n:05d}.png") for n in range(2000)]
+    fit, held = holdout_split(many, 0.1, salt="position-stats:")
+    assert 150 < len(held) < 250 and set(fit).isdisjoint(held) and len(fit) + len(held) == 2000
+    assert holdout_split([*many, Path("new.png")], 0.1, salt="position-stats:")[1][: len(held)] == held
+    # 64 names whose hashes put none below 10% after the first slice (the demo line's): the lowest 6 are taken
+    names = holdout_split([Path(f"part_{n:04d}.png") for n in range(64)], 0.1)[0]
+    fit, held = holdout_split(names, 0.1, salt="position-stats:")
+    assert len(held) == round(0.1 * len(names)) == 6 and len(fit) == len(names) - 6
+    assert holdout_split(names[:12], 0.1, salt="position-stats:")[1] == []  # 1 expected: too few to force

@@ -99,6 +99,10 @@ VARIANTS: dict[str, dict] = {
             "padim-channels-152": {"model": {"method": "padim", "aggregation_kernel": 1}, "padim": {"channels": 152},
                                    "scoring": {"image_score": "max"}},
             "padim-aggregate-3": {"model": {"method": "padim"}, "scoring": {"image_score": "max"}},
+            "padim-topk": {"model": {"method": "padim", "aggregation_kernel": 1}, "scoring": {"image_score": "topk"}},
+            "padim-layers-2-3-4": {"model": {"method": "padim", "aggregation_kernel": 1,
+                                             "layers": ["blocks.2", "blocks.3", "blocks.4"]},
+                                   "padim": {"channels": 232}, "scoring": {"image_score": "max"}},
             "gaussian": {"model": {"method": "gaussian"}},
             "cfa": {"model": {"method": "cfa"}},
         }).items()

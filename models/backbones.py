@@ -33,6 +33,7 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     build: Callable[[Path | None], nn.Module]
+    stages: tuple[str, ...]  # stage outputs a shared pass keeps for other backbones (shared_backbone_pass)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -134,20 +135,21 @@ def _torchvision_builder(arch: str, hub_filename: str) -> Callable[[Path | None]
     return build
 
 
+_RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec(
-        ("blocks.2", "blocks.4"), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), build_efficientnet_lite0
+        ("blocks.2", "blocks.4"), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), build_efficientnet_lite0,
+        tuple(f"blocks.{stage}" for stage in range(7)),
     ),
     "resnet18": BackboneSpec(
-        ("layer2", "layer3"), IMAGENET_MEAN, IMAGENET_STD, _torchvision_builder("resnet18", "resnet18-f37072fd.pth")
+        ("layer2", "layer3"), IMAGENET_MEAN, IMAGENET_STD, _torchvision_builder("resnet18", "resnet18-f37072fd.pth"),
+        _RESNET_STAGES,
     ),
     "wide_resnet50_2": BackboneSpec(
-        ("layer2", "layer3"),
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        _torchvision_builder("wide_resnet50_2", "wide_resnet50_2-32ee1156.pth"),
+        ("layer2", "layer3"), IMAGENET_MEAN, IMAGENET_STD,
+        _torchvision_builder("wide_resnet50_2", "wide_resnet50_2-32ee1156.pth"), _RESNET_STAGES,
     ),
-}
+}  # fmt: skip
 
 
 class Backbone(nn.Module):
@@ -155,7 +157,7 @@ class Backbone(nn.Module):
 
     def __init__(self, network: nn.Module, layers: tuple[str, ...], spec: BackboneSpec, weights: str = "") -> None:
         """``weights`` names where the network's weights came from (name + file): backbones with equal ``weights``
-        and ``layers`` compute the same maps, so ``shared_backbone_pass`` lets them share one forward pass."""
+        compute the same maps, so ``shared_backbone_pass`` lets them share one forward pass."""
         super().__init__()
         names = dict(network.named_modules())
         unknown = [layer for layer in layers if layer not in names]
@@ -167,17 +169,20 @@ class Backbone(nn.Module):
         # 2-core CPU (12.2 vs 25.2 ms per image at batch 8), same features to float rounding.
         self.network = network.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.layers = layers
-        self.identity = (weights, layers)
+        self.weights = weights
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
         self._captured: dict[str, torch.Tensor] = {}
-        for layer in layers:
-            names[layer].register_forward_hook(self._capture(layer))
+        for layer in dict.fromkeys((*layers, *(stage for stage in spec.stages if stage in names))):
+            names[layer].register_forward_hook(self._capture(layer, own=layer in layers))
         self._stop_after = layers[-1]
 
-    def _capture(self, layer: str) -> Callable[..., None]:
+    def _capture(self, layer: str, own: bool) -> Callable[..., None]:
+        """Keeps the output of one of ``layers`` (``own``), or of a stage while a shared pass is open."""
+
         def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-            self._captured[layer] = output
+            if own or _SHARED_PASS.get() is not None:
+                self._captured[layer] = output
             if layer == self._stop_after:
                 raise _StopForward
 
@@ -191,12 +196,16 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         shared = _SHARED_PASS.get()
-        if shared is None or not self.identity[0]:
+        if shared is None or not self.weights:
             return self._run(images)
-        key = (self.identity, id(images), str(images.device), torch.is_autocast_enabled())
-        if key not in shared or shared[key][0] is not images:
-            shared[key] = (images, self._run(images))  # holding ``images`` keeps its id from being reused
-        return shared[key][1]
+        key = (self.weights, id(images), str(images.device), torch.is_autocast_enabled())
+        entry = shared.get(key)
+        if entry is None or entry[0] is not images:  # holding ``images`` keeps its id from being reused
+            entry = shared[key] = (images, {})
+        if not all(layer in entry[1] for layer in self.layers):
+            self._run(images)
+            entry[1].update(self._captured)  # own layers and every stage up to the deepest of them
+        return [entry[1][layer] for layer in self.layers]
 
     def _run(self, images: torch.Tensor) -> list[torch.Tensor]:
         self._captured = {}
@@ -205,16 +214,18 @@ class Backbone(nn.Module):
         return [self._captured[layer] for layer in self.layers]
 
 
-_SHARED_PASS: contextvars.ContextVar[dict[tuple[object, ...], tuple[torch.Tensor, list[torch.Tensor]]] | None] = (
+_SHARED_PASS: contextvars.ContextVar[dict[tuple[object, ...], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None] = (
     contextvars.ContextVar("shared_backbone_pass", default=None)
 )
 
 
 @contextlib.contextmanager
 def shared_backbone_pass() -> Iterator[None]:
-    """Inside this block, backbones with the same weights and layers run once per input tensor: the second one given
-    the very same tensor object returns the first one's maps. Fused methods use it to share one backbone pass; the
-    block must not modify an input in place between the calls (inference tensors keep no version counter to check)."""
+    """Inside this block, backbones with the same weights run once per input tensor: a pass keeps its tapped layers
+    and every stage output up to its deepest layer, and a later backbone given the very same tensor object whose
+    layers are all among them reuses them (e.g. PaDiM's blocks.2-4 after PatchCore's blocks.2 + blocks.4). Fused
+    methods use it to share one backbone pass; the block must not modify an input in place between the calls
+    (inference tensors keep no version counter to check)."""
     token = _SHARED_PASS.set({})
     try:
         yield

@@ -15,9 +15,9 @@
    highest patch scores (default; chosen on a validation split of MTD training images with synthetic defects, where
    it beat the map's maximum: 0.913 vs 0.859 image AUROC) or the smoothed map's maximum.
 6. Fusion (``[fusion] members``): companion Scorers, each a fitted method with its own settings and position
-   statistics, score the same views (steps 3-5; backbones with the same weights and layers run once, see
-   ``models.backbones.shared_backbone_pass``); scores and maps are the mean over this Scorer and its companions,
-   all in z units. The threshold applies to the fused score.
+   statistics, score the same views (steps 3-5; backbones with the same weights run once when one's layers lie
+   within the other's pass, see ``models.backbones.shared_backbone_pass``); scores and maps are the mean over this
+   Scorer and its companions, all in z units. The threshold applies to the fused score.
 
 Returns a typed ``ScoreBatch(scores, maps, timings)``. Models never do I/O here; see ``models.artifact``.
 """

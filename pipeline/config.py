@@ -165,9 +165,10 @@ class PadimSettings(_Section):
     Mahalanobis distance map; image score from the map ([scoring] image_score). Paper defaults."""
 
     channels: int = Field(
-        default=152, ge=1, le=4096,
-        description="At most this many random channels (all when the layers have fewer); 152 = all of Lite0's "
-        "blocks.2 + blocks.4 (paper: 100 of ResNet-18's 448; 550 for WRN-50). Memory: grid positions x channels^2.",
+        default=232, ge=1, le=4096,
+        description="At most this many random channels (all when the layers have fewer): all of Lite0's blocks.2 + "
+        "blocks.4 (152) or blocks.2-4 (232) (paper: 100 of ResNet-18's 448; 550 for WRN-50). Memory: grid "
+        "positions x channels^2 x 4 B (169 MB for 784 positions x 232).",
     )  # fmt: skip
     regularisation: float = Field(default=0.01, gt=0, description="Added to each covariance's diagonal (epsilon I).")
     seed: int = Field(default=0, description="Seed of the random channel subset (saved with the model).")
@@ -347,16 +348,22 @@ class FusionSettings(_Section):
 
     members: tuple[FusionMember, ...] | None = Field(
         default=None,
-        description="Methods fused with [model] method; None: the method's recommended companions (RECOMMENDED_"
-        "COMPANIONS) when positions are normalised, [] turns fusion off.",
+        description="Methods fused with [model] method; None: the method's recommended companions "
+        "(recommended_companions) when positions are normalised, [] turns fusion off.",
     )
 
 
-# Chosen on the validation split of MTD training images with synthetic defects (benchmarks/select_defaults.py,
-# RESULTS section 4): PatchCore and PaDiM fail on different defects, and their mean beat either alone.
-RECOMMENDED_COMPANIONS: dict[str, tuple[FusionMember, ...]] = {
-    "patchcore": (FusionMember(method="padim", model={"aggregation_kernel": 1}, scoring={"image_score": "max"}),),
-}
+def recommended_companions(model: ModelSettings) -> tuple[FusionMember, ...]:
+    """PatchCore's: PaDiM on raw features with the map maximum as image score, over blocks.2-4 with the default
+    EfficientNet-Lite0 (PatchCore's two blocks and the one between; one shared backbone pass). Chosen on the
+    validation split of MTD training images with synthetic defects (benchmarks/select_defaults.py, RESULTS section
+    4): the two fail on different defects and their mean beat either alone. Other methods: none."""
+    if model.method != "patchcore":
+        return ()
+    padim_model: dict[str, Any] = {"aggregation_kernel": 1}
+    if model.backbone == "efficientnet_lite0" and model.layers is None:
+        padim_model["layers"] = ["blocks.2", "blocks.3", "blocks.4"]
+    return (FusionMember(method="padim", model=padim_model, scoring={"image_score": "max"}),)
 
 
 class ThresholdSettings(_Section):
@@ -441,7 +448,7 @@ class Config(_Section):
         """The methods fitted and scored beside ``model.method`` (``fusion.members``, else the recommended ones)."""
         if self.fusion.members is not None:
             return self.fusion.members
-        return RECOMMENDED_COMPANIONS.get(self.model.method, ()) if self.scoring.normalise_positions else ()
+        return recommended_companions(self.model) if self.scoring.normalise_positions else ()
 
     def member_config(self, member: FusionMember) -> Config:
         """The configuration ``member`` is fitted and scored with: this one with its overrides, without fusion."""

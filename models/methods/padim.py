@@ -6,7 +6,7 @@ Fit, one pass over the good images (statistics in ``models.methods.gaussian_stat
    grid (stride 8 for the default EfficientNet-Lite0 blocks.2 + blocks.4) and concatenated
    (``models.features.PatchFeatureExtractor``; the paper uses raw maps, ``model.aggregation_kernel = 1``).
 2. A random subset of at most ``channels`` of the C channels (fixed ``seed``; the indices are saved with the
-   model); the default 152 keeps all of EfficientNet-Lite0's blocks.2 + blocks.4.
+   model); the default 232 keeps all of EfficientNet-Lite0's blocks.2 + blocks.4 (152) or blocks.2-4 (232).
 3. Running sums per position -> mean ``(h * w, d)`` and covariance ``(h * w, d, d)`` + ``regularisation`` x I;
    the inverse covariances are computed once here.
 

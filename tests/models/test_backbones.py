@@ -80,20 +80,25 @@ def test_unknown_backbone_and_layer_are_reported() -> None:
 def test_shared_pass_runs_equal_backbones_once_per_input() -> None:
     from models.backbones import shared_backbone_pass
 
-    first, second, deeper = (load_backbone("efficientnet_lite0"), load_backbone("efficientnet_lite0"),
-                             load_backbone("efficientnet_lite0", ("blocks.2", "blocks.5")))  # fmt: skip
+    first, second, between, deeper = (
+        load_backbone("efficientnet_lite0"), load_backbone("efficientnet_lite0"),
+        load_backbone("efficientnet_lite0", ("blocks.2", "blocks.3", "blocks.4")),
+        load_backbone("efficientnet_lite0", ("blocks.2", "blocks.5")),
+    )  # fmt: skip
     runs: list[str] = []
-    for name, backbone in (("first", first), ("second", second), ("deeper", deeper)):
+    for name, backbone in (("first", first), ("second", second), ("between", between), ("deeper", deeper)):
         backbone.network.register_forward_pre_hook(lambda *_, name=name: runs.append(name))
     images, other = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
-        alone = second(images)
+        alone, alone_between = second(images), between(images)
         runs.clear()
         with shared_backbone_pass():
-            shared = [first(images), second(images), deeper(images), second(other), first(other)]
-        assert runs == ["first", "deeper", "second"]  # same weights, layers and tensor: one pass; else its own
+            shared = [first(images), second(images), between(images), deeper(images), second(other), first(other)]
+            # same weights and tensor: one pass, reused by a backbone whose layers all lie within it (blocks.3 is a
+            # stage the first pass kept); blocks.5 lies beyond it, and another tensor is another pass
+            assert runs == ["first", "deeper", "second"]
         after = second(images)
-    for mine, reference in zip(shared[1], alone, strict=True):
+    for mine, reference in zip([*shared[1], *shared[2]], [*alone, *alone_between], strict=True):
         torch.testing.assert_close(mine, reference, rtol=0, atol=0)
-    assert shared[0] is shared[1] and shared[3] is shared[4] and shared[2] is not shared[0]
-    assert after is not shared[1] and runs[-1] == "second"  # outside the block nothing is shared
+    assert shared[0][0] is shared[1][0] is shared[2][0] and shared[4][1] is shared[5][1]
+    assert after[0] is not shared[1][0] and runs[-1] == "second"  # outside the block nothing is shared

@@ -18,7 +18,9 @@ from models.threshold import false_reject_threshold
 from pipeline.config import Config, config_from_mapping
 from tests.models.conftest import TINY
 
-PADIM = {"method": "padim", "model": {"aggregation_kernel": 1}, "scoring": {"image_score": "max"}}
+# the recommended member: PaDiM over PatchCore's two blocks and the one between them
+PADIM = {"method": "padim", "model": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4"]},
+         "scoring": {"image_score": "max"}}  # fmt: skip
 # a third of the fit images kept out, so the 14-image demo line leaves a few for position statistics
 FUSED = TINY | {"scoring": TINY["scoring"] | {"normalisation_fraction": 0.3}, "fusion": {"members": [PADIM]}}
 
@@ -42,6 +44,7 @@ def test_fit_gives_each_member_its_own_settings_and_statistics(fused: Scorer) ->
     (padim,) = fused.companions
     assert fused.method.name == "patchcore" and padim.method.name == "padim"
     assert padim.model_settings.aggregation_kernel == 1 and padim.scoring.image_score == "max"
+    assert padim.method.extractor.backbone.layers == ("blocks.2", "blocks.3", "blocks.4")  # type: ignore[attr-defined]
     assert fused.scoring.image_score == "topk" and fused.model_settings.aggregation_kernel == 3
     assert fused.position_stats is not None and padim.position_stats is not None
     assert not np.array_equal(fused.position_stats.mean, padim.position_stats.mean)

@@ -57,10 +57,13 @@ def test_fusion_member_config_is_the_base_with_its_overrides(tmp_path: Path) -> 
 
 
 def test_recommended_companions_apply_only_where_they_were_chosen() -> None:
-    from pipeline.config import RECOMMENDED_COMPANIONS, config_from_mapping
+    from pipeline.config import config_from_mapping
 
-    assert config_from_mapping({}).fusion_members == RECOMMENDED_COMPANIONS["patchcore"]
-    assert RECOMMENDED_COMPANIONS["patchcore"][0].method == "padim"
+    (padim,) = config_from_mapping({}).fusion_members
+    assert padim.method == "padim" and padim.model == {"aggregation_kernel": 1,
+                                                       "layers": ["blocks.2", "blocks.3", "blocks.4"]}  # fmt: skip
+    for model in ({"backbone": "resnet18"}, {"layers": ["blocks.1", "blocks.4"]}):  # layers only for the default
+        assert config_from_mapping({"model": model}).fusion_members[0].model == {"aggregation_kernel": 1}
     assert config_from_mapping({"model": {"method": "npad"}}).fusion_members == ()
     assert config_from_mapping({"scoring": {"normalise_positions": False}}).fusion_members == ()
     assert config_from_mapping({"fusion": {"members": []}}).fusion_members == ()

@@ -171,6 +171,11 @@ class PadimSettings(_Section):
         "positions x channels^2 x 4 B (169 MB for 784 positions x 232).",
     )  # fmt: skip
     regularisation: float = Field(default=0.01, gt=0, description="Added to each covariance's diagonal (epsilon I).")
+    pool_radius: int = Field(
+        default=0, ge=0, le=3,
+        description="Each position's Gaussian also covers the patches within this many grid cells (moment-matched "
+        "mixture); 0: its own patches only (the paper).",
+    )  # fmt: skip
     seed: int = Field(default=0, description="Seed of the random channel subset (saved with the model).")
 
 

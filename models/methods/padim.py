@@ -32,7 +32,7 @@ from models.backbones import load_backbone
 from models.errors import ArtifactError, BackboneError
 from models.features import PatchFeatureExtractor
 from models.methods.base import AnomalyMethod, ImageBatches, MethodOutput
-from models.methods.gaussian_stats import GaussianMoments, mahalanobis, precision_matrix
+from models.methods.gaussian_stats import GaussianMoments, mahalanobis, pool_neighbours, precision_matrix
 from pipeline.config import Config, ModelSettings, PadimSettings, ScoringSettings
 
 STATE_FILE = "padim.npz"
@@ -111,9 +111,11 @@ class PadimMethod(AnomalyMethod):
         if moments is None or moments.count < 2:
             msg = "PaDiM needs at least 2 good images to estimate covariances"
             raise ValueError(msg)
-        identity = torch.eye(channel_indices.numel(), dtype=torch.float64)
-        covariance = moments.covariance(unbiased=True) + settings.regularisation * identity
-        return cls(extractor, channel_indices, moments.mean().float(), precision_matrix(covariance).float(),
+        mean, covariance = pool_neighbours(
+            moments.mean(), moments.covariance(unbiased=True), (grid_h, grid_w), settings.pool_radius
+        )
+        covariance += settings.regularisation * torch.eye(channel_indices.numel(), dtype=torch.float64)
+        return cls(extractor, channel_indices, mean.float(), precision_matrix(covariance).float(),
                    (grid_h, grid_w), settings, config.model.image_size)  # fmt: skip
 
     @torch.inference_mode()

@@ -77,3 +77,25 @@ def test_the_map_peaks_where_the_part_differs() -> None:
     row, column = divmod(peak, 12)
     assert 6 <= row <= 9 and 1 <= column <= 4  # the square covers grid cells 7-8 x 2-3
     assert float(maps[1].max()) > 2 * float(maps[0].max())
+
+
+def test_pooled_gaussians_are_those_of_the_neighbours_samples_together() -> None:
+    from models.methods.gaussian_stats import pool_neighbours
+
+    grid, samples = (4, 5), torch.randn(50, 20, 3, dtype=torch.float64)  # 50 samples at each of 20 positions
+    samples += torch.arange(20, dtype=torch.float64)[None, :, None]  # every position its own mean
+    mean = samples.mean(dim=0)
+    centred = samples - mean
+    covariance = torch.einsum("npi,npj->pij", centred, centred) / 50  # biased: the mixture identity is then exact
+    pooled_mean, pooled = pool_neighbours(mean, covariance, grid, radius=1)
+    for position in (0, 7, 19):  # a corner (4 neighbours incl. itself), an inner one (9), the last corner
+        row, column = divmod(position, grid[1])
+        neighbours = [r * grid[1] + c for r in range(row - 1, row + 2) for c in range(column - 1, column + 2)
+                      if 0 <= r < grid[0] and 0 <= c < grid[1]]  # fmt: skip
+        together = samples[:, neighbours].reshape(-1, 3)
+        expected = torch.cov(together.T, correction=0)
+        assert torch.allclose(pooled_mean[position], together.mean(dim=0))
+        assert torch.allclose(pooled[position], expected, atol=1e-10)
+    assert float(pooled[7].trace()) > float(covariance[7].trace()) + 1.0  # the neighbours' means add spread
+    same_mean, same_covariance = pool_neighbours(mean, covariance, grid, radius=0)
+    assert same_mean is mean and same_covariance is covariance

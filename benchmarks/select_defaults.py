@@ -79,6 +79,19 @@ VARIANTS: dict[str, dict] = {
     "patchcore": {"fusion": {"members": []}},
     "fusion-padim": {"fusion": {"members": [{"method": "padim", "model": {"aggregation_kernel": 1},
                                              "scoring": {"image_score": "max"}}]}},
+    # session 6: the PaDiM member over blocks.2-5 (Lite0's stride-32 blocks.5 adds 192 channels of wider context)
+    "fusion-padim-2-5": {"padim": {"channels": 424}, "fusion": {"members": [{"method": "padim", "model": {
+        "aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4", "blocks.5"]},
+        "scoring": {"image_score": "max"}}]}},
+    # session 6: each frame's brightness and contrast standardised before the backbone (MTD's exposures vary)
+    "standardise": {"model": {"intensity": "standardise"}},
+    # (the default since; "raw" is the session-5 default, "robust" used the median and interquartile range instead of
+    # the mean and standard deviation: a tie on validation, so the simpler one was kept and the option removed)
+    "raw": {"model": {"intensity": "raw"}},
+    # session 6: the PaDiM member's covariance regularisation (epsilon I; the paper's 0.01)
+    **{f"padim-reg-{eps:g}": {"padim": {"regularisation": eps}} for eps in (0.001, 0.1, 1.0)},
+    # session 6: the PaDiM member's Gaussians pooled over neighbouring positions (more samples, misalignment)
+    **{f"padim-pool-{radius}": {"padim": {"pool_radius": radius}} for radius in (1, 2)},
     "normalise-20%": {"scoring": {"normalisation_fraction": 0.2}},
     "normalise-prior-0": {"scoring": {"normalisation_prior_images": 0}},
     "aggregate-1-size-256": {"model": {"aggregation_kernel": 1, "image_size": 256}},

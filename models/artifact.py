@@ -137,12 +137,16 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
     return dict(manifest)
 
 
+# [model] settings added after models were first written, with the value that reproduces a model written before them
+OLDER_MODEL_SETTINGS = {"intensity": "raw"}
+
+
 def load_scorer(model_dir: Path, device: str = "auto") -> Scorer:
     """Load and verify a model directory into a new ``Scorer``."""
     manifest = read_manifest(model_dir)
     model_dir = Path(model_dir)
     try:
-        model_settings = ModelSettings.model_validate(manifest["model"] | {"device": device})
+        model_settings = ModelSettings.model_validate(OLDER_MODEL_SETTINGS | manifest["model"] | {"device": device})
         section = dict(manifest["method"])
         cls = method_class(section.pop("name"))
         scoring = ScoringSettings.model_validate(manifest["scoring"])

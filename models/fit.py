@@ -28,7 +28,7 @@ from models.methods import method_class
 from models.normalisation import PositionStatsBuilder
 from models.scorer import Scorer, TrainingSummary, preprocess, resolve_device
 from models.threshold import false_reject_threshold
-from pipeline.config import Config, Resize
+from pipeline.config import Config, Intensity, Resize
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class TrainingImages:
     image_size: int
     batch_size: int
     resize: Resize = "stretch"
+    intensity: Intensity = "raw"
     skipped: list[str] = field(default_factory=list)
     _unreadable: set[Path] = field(default_factory=set)
 
@@ -106,10 +107,10 @@ class TrainingImages:
                 continue
             batch.append(image)
             if len(batch) == self.batch_size:
-                yield preprocess(batch, self.image_size, self.resize)
+                yield preprocess(batch, self.image_size, self.resize, self.intensity)
                 batch = []
         if batch:
-            yield preprocess(batch, self.image_size, self.resize)
+            yield preprocess(batch, self.image_size, self.resize, self.intensity)
 
 
 def fit_scorer(
@@ -161,7 +162,8 @@ def _fit_one(
     """``config.model.method`` fitted on ``fit_paths``, position statistics from ``normalisation_paths``; files that
     cannot be read are added to ``skipped``."""
     scoring = config.scoring
-    images = TrainingImages(fit_paths, config.model.image_size, scoring.batch_size, config.model.resize, skipped)
+    model = config.model
+    images = TrainingImages(fit_paths, model.image_size, scoring.batch_size, model.resize, model.intensity, skipped)
     images.require_one()
     method = method_class(config.model.method).fit(images, config, resolve_device(config.model.device), progress)
     scorer = Scorer(method, config.model, scoring, TrainingSummary(images=images.images, source=source))

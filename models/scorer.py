@@ -40,7 +40,7 @@ from models.images import to_rgb_uint8
 from models.methods.base import AnomalyMethod, MethodOutput
 from models.normalisation import PositionStats
 from models.shifting import align_and_aggregate, shift_offsets, shifted_views
-from pipeline.config import SHARED_SCORING_KEYS, ModelSettings, Resize, ScoringSettings
+from pipeline.config import SHARED_SCORING_KEYS, Intensity, ModelSettings, Resize, ScoringSettings
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,20 @@ def content_box(height: int, width: int, image_size: int, resize: Resize = "stre
     return (image_size - box_h) // 2, (image_size - box_w) // 2, box_h, box_w
 
 
-def preprocess(images: Sequence[np.ndarray], image_size: int, resize: Resize = "stretch") -> torch.Tensor:
-    """Frames -> ``(N, 3, S, S)`` float32 in [0, 1]; ``resize="pad"`` keeps each frame's aspect (``content_box``)."""
+STANDARD_MEAN, STANDARD_STD = 0.449, 0.226  # ImageNet's pixel mean and standard deviation, averaged over channels
+
+
+def preprocess(
+    images: Sequence[np.ndarray], image_size: int, resize: Resize = "stretch", intensity: Intensity = "raw"
+) -> torch.Tensor:
+    """Frames -> ``(N, 3, S, S)`` float32, in [0, 1] when ``intensity="raw"``.
+
+    ``resize="pad"`` keeps each frame's aspect (``content_box``). ``intensity="standardise"`` shifts and scales each
+    frame (all channels alike, so colours keep their balance) to mean ``STANDARD_MEAN`` and standard deviation
+    ``STANDARD_STD`` over its content box: exposure and gain differences between frames no longer reach the features.
+    """
     resized = []
+    boxes = []
     for position, image in enumerate(images):
         rgb = to_rgb_uint8(image, f"image {position}")
         top, left, box_h, box_w = content_box(rgb.shape[0], rgb.shape[1], image_size, resize)
@@ -129,8 +140,14 @@ def preprocess(images: Sequence[np.ndarray], image_size: int, resize: Resize = "
             canvas[top : top + box_h, left : left + box_w] = scaled
             scaled = canvas
         resized.append(scaled)
-    batch = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
-    return batch.float().div_(255.0)
+        boxes.append((top, left, box_h, box_w))
+    batch = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float().div_(255.0)
+    if intensity == "standardise":
+        for frame, (top, left, box_h, box_w) in zip(batch, boxes, strict=True):
+            content = frame[:, top : top + box_h, left : left + box_w]
+            mean, std = content.mean(), content.std().clamp_min(1.0 / 255.0)
+            frame.sub_(mean).mul_(STANDARD_STD / std).add_(STANDARD_MEAN)
+    return batch
 
 
 def crop_to_frames(maps: torch.Tensor, shapes: Sequence[tuple[int, int]], resize: Resize) -> torch.Tensor:
@@ -208,7 +225,8 @@ class Scorer:
         if len(images) == 0:
             msg = "score() needs at least one image"
             raise ValueError(msg)
-        views = shifted_views(preprocess(images, self.image_size, self.model_settings.resize), self.offsets)
+        model = self.model_settings
+        views = shifted_views(preprocess(images, self.image_size, model.resize, model.intensity), self.offsets)
         return views, [(image.shape[0], image.shape[1]) for image in images]
 
     def _raw_maps(self, views: torch.Tensor, shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, MethodOutput, float]:

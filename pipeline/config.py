@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ENV_PREFIX = "LINEINSPECT__"
 Resize = Literal["stretch", "pad"]  # how frames reach the model's square input (ModelSettings.resize)
+Intensity = Literal["raw", "standardise"]  # photometric normalisation of each frame (ModelSettings.intensity)
 MethodName = Literal["patchcore", "gaussian", "padim", "patchsvdd", "cfa", "npad"]  # models/methods/
 
 
@@ -60,6 +61,12 @@ class ModelSettings(_Section):
         default="stretch",
         description="stretch: each frame is scaled to the square on its own (aspect changes); pad: scaled keeping its "
         "aspect and padded with its mean colour (maps are cropped back to the frame).",
+    )
+    intensity: Intensity = Field(
+        default="standardise",
+        description="standardise: each frame's brightness and contrast (mean and standard deviation over its pixels) "
+        "set to the same values before the backbone, so exposure and gain drift do not read as defects; raw: pixel "
+        "values as captured (a uniform change of the whole frame's brightness then counts).",
     )
     feature_dim: int | None = Field(
         default=None, ge=8, description="Reduce patch features to this many channels; None keeps all of them."
@@ -323,7 +330,7 @@ class NpadSettings(_Section):
 
 # Fused methods score the same preprocessed, shifted views and their maps are averaged pixel by pixel: these must
 # be the same for every member, so a member may not override them.
-SHARED_MODEL_KEYS = ("method", "image_size", "resize", "device")
+SHARED_MODEL_KEYS = ("method", "image_size", "resize", "intensity", "device")
 SHARED_SCORING_KEYS = (
     "shift_pixels", "shift_pattern", "shift_aggregate", "batch_size", "normalise_positions", "normalisation_fraction"
 )

@@ -95,3 +95,17 @@ def test_the_resize_mode_travels_with_the_model(fitted_scorer: Scorer, demo_line
     wide = np.concatenate([part, part], axis=1)
     np.testing.assert_allclose(reloaded.score([wide]).maps, padded.score([wide]).maps, rtol=1e-5, atol=1e-5)
     assert not np.allclose(reloaded.score([wide]).maps, fitted_scorer.score([wide]).maps, atol=1e-3)
+
+
+def test_the_intensity_mode_travels_with_the_model_and_older_models_stay_raw(saved_model: Path, tmp_path: Path) -> None:
+    from models.artifact import _write_manifest
+
+    assert load_scorer(saved_model, device="cpu").model_settings.intensity == "standardise"  # the default
+    model = _copy(saved_model, tmp_path)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["model"]["intensity"] = "raw"
+    _write_manifest(model, manifest)
+    assert load_scorer(model, device="cpu").model_settings.intensity == "raw"
+    del manifest["model"]["intensity"]  # written before the setting existed: fitted on raw pixels
+    _write_manifest(model, manifest)
+    assert load_scorer(model, device="cpu").model_settings.intensity == "raw"

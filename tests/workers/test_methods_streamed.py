@@ -63,4 +63,5 @@ def test_streamed_scores_equal_offline_scores_for_every_method(
     assert {d.model_id for d in decisions.values()} == {load_scorer(model_dir, device="cpu").model_id}
     assert all(decisions[frame.frame_id].verdict in ("pass", "fail") for frame in frames)
     streamed = np.array([decisions[frame.frame_id].score for frame in frames], dtype=np.float64)
-    np.testing.assert_allclose(streamed, offline, rtol=1e-5, atol=1e-5)
+    # float32 sums over differently composed batches: equal to ~1e-5 relative (CFA's scores run into the hundreds)
+    np.testing.assert_allclose(streamed, offline, rtol=1e-4, atol=1e-5)

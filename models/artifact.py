@@ -137,8 +137,9 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
     return dict(manifest)
 
 
-# [model] settings added after models were first written, with the value that reproduces a model written before them
+# Settings added after models were first written, with the value that reproduces a model written before them
 OLDER_MODEL_SETTINGS = {"intensity": "raw"}
+OLDER_SCORING_SETTINGS = {"map_baseline": "none"}
 
 
 def load_scorer(model_dir: Path, device: str = "auto") -> Scorer:
@@ -149,7 +150,7 @@ def load_scorer(model_dir: Path, device: str = "auto") -> Scorer:
         model_settings = ModelSettings.model_validate(OLDER_MODEL_SETTINGS | manifest["model"] | {"device": device})
         section = dict(manifest["method"])
         cls = method_class(section.pop("name"))
-        scoring = ScoringSettings.model_validate(manifest["scoring"])
+        scoring = ScoringSettings.model_validate(OLDER_SCORING_SETTINGS | manifest["scoring"])
         threshold = Threshold(**manifest["threshold"]) if manifest.get("threshold") else None
         training = TrainingSummary(**manifest["training"])
         stats_entry = manifest.get("position_stats")

@@ -3,7 +3,8 @@
 ``Scorer.score(images)`` reads top to bottom:
 
 1. ``preprocess``: each frame (any size, grayscale/RGB/RGBA, 8/16-bit) -> RGB, resized to ``(S, S)`` (stretched,
-   or with ``[model] resize = "pad"`` scaled keeping its aspect and padded); batch ``(N, 3, S, S)`` floats in [0, 1].
+   or with ``[model] resize = "pad"`` scaled keeping its aspect and padded), by default with its brightness and
+   contrast standardised (``[model] intensity``); batch ``(N, 3, S, S)`` floats.
 2. N-pad shifting: ``(N * V, 3, S, S)``, V views per frame (V = 1 when shifting is off).
 3. The method (``models.methods``; PatchCore by default: one backbone call, one index search for the whole batch)
    -> patch maps ``(N * V, h, w)`` and, for methods with their own image score, view scores ``(N * V,)``.
@@ -18,6 +19,9 @@
    statistics, score the same views (steps 3-5; backbones with the same weights run once when one's layers lie
    within the other's pass, see ``models.backbones.shared_backbone_pass``); scores and maps are the mean over this
    Scorer and its companions, all in z units. The threshold applies to the fused score.
+7. Optionally (``[scoring] map_baseline = "median"``, off by default) heatmaps relative to their frame: each map
+   less its own median, so a frame whose whole map sits higher does not outrank other frames' defect-free pixels;
+   it flattens defects covering much of the frame. Scores and verdicts come from steps 5-6, unaffected.
 
 Returns a typed ``ScoreBatch(scores, maps, timings)``. Models never do I/O here; see ``models.artifact``.
 """
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -250,7 +254,18 @@ class Scorer:
 
     @torch.inference_mode()
     def score(self, images: Sequence[np.ndarray]) -> ScoreBatch:
-        views, shapes = self._views(images)
+        """Image scores ``(N,)`` and heatmaps ``(N, S, S)`` of the frames (``map_baseline``: maps less their median)."""
+        batch = self._fused(*self._views(images))
+        if self.scoring.map_baseline == "median":
+            started = time.perf_counter()
+            maps = batch.maps - np.median(batch.maps.reshape(len(batch.maps), -1), axis=1)[:, None, None]
+            postprocess_s = batch.timings.postprocess_s + time.perf_counter() - started
+            timings = replace(batch.timings, postprocess_s=postprocess_s)
+            batch = ScoreBatch(batch.scores, maps.astype(np.float32), timings)
+        return batch
+
+    def _fused(self, views: torch.Tensor, shapes: list[tuple[int, int]]) -> ScoreBatch:
+        """This Scorer's and its companions' scores and maps, averaged (one shared backbone pass)."""
         if not self.companions:
             return self._score_views(views, shapes)
         with shared_backbone_pass():

@@ -97,15 +97,18 @@ def test_the_resize_mode_travels_with_the_model(fitted_scorer: Scorer, demo_line
     assert not np.allclose(reloaded.score([wide]).maps, fitted_scorer.score([wide]).maps, atol=1e-3)
 
 
-def test_the_intensity_mode_travels_with_the_model_and_older_models_stay_raw(saved_model: Path, tmp_path: Path) -> None:
+def test_settings_travel_with_the_model_and_older_models_behave_as_before(saved_model: Path, tmp_path: Path) -> None:
     from models.artifact import _write_manifest
 
-    assert load_scorer(saved_model, device="cpu").model_settings.intensity == "standardise"  # the default
+    scorer = load_scorer(saved_model, device="cpu")
+    assert (scorer.model_settings.intensity, scorer.scoring.map_baseline) == ("standardise", "none")  # defaults
     model = _copy(saved_model, tmp_path)
     manifest = json.loads((model / "manifest.json").read_text())
-    manifest["model"]["intensity"] = "raw"
+    manifest["model"]["intensity"], manifest["scoring"]["map_baseline"] = "raw", "median"
     _write_manifest(model, manifest)
-    assert load_scorer(model, device="cpu").model_settings.intensity == "raw"
-    del manifest["model"]["intensity"]  # written before the setting existed: fitted on raw pixels
+    scorer = load_scorer(model, device="cpu")
+    assert (scorer.model_settings.intensity, scorer.scoring.map_baseline) == ("raw", "median")
+    del manifest["model"]["intensity"], manifest["scoring"]["map_baseline"]  # written before these settings existed
     _write_manifest(model, manifest)
-    assert load_scorer(model, device="cpu").model_settings.intensity == "raw"
+    scorer = load_scorer(model, device="cpu")
+    assert (scorer.model_settings.intensity, scorer.scoring.map_baseline) == ("raw", "none")

@@ -57,6 +57,10 @@ def test_fused_scores_and_maps_are_the_members_mean(fused: Scorer, demo_line: De
     np.testing.assert_allclose(batch.scores, (own.scores + padim.scores) / 2, rtol=1e-6)
     np.testing.assert_allclose(batch.maps, (own.maps + padim.maps) / 2, rtol=1e-6, atol=1e-6)
     assert not np.allclose(own.scores, padim.scores)  # two different opinions were averaged
+    relative = fused.with_scoring(fused.scoring.model_copy(update={"map_baseline": "median"})).score(images)
+    np.testing.assert_allclose(relative.scores, batch.scores, rtol=1e-6)
+    medians = np.median(batch.maps.reshape(len(images), -1), axis=1)
+    np.testing.assert_allclose(relative.maps, batch.maps - medians[:, None, None], rtol=1e-5, atol=1e-5)
 
 
 def test_members_share_one_backbone_pass(fused: Scorer, demo_line: DemoLine) -> None:

@@ -119,6 +119,23 @@ def test_pad_keeps_the_aspect_and_fills_with_the_mean_colour() -> None:
     assert np.allclose(batch[:, 32:64, 56:].numpy(), 0.0, atol=1 / 255)
 
 
+def test_heatmaps_are_relative_to_their_frame_and_scores_are_not(fitted_scorer: Scorer, demo_line: DemoLine) -> None:
+    images, _ = _images(demo_line)
+    assert fitted_scorer.scoring.map_baseline == "none"  # the default
+    absolute = fitted_scorer
+    relative = fitted_scorer.with_scoring(fitted_scorer.scoring.model_copy(update={"map_baseline": "median"}))
+    relative_batch, absolute_batch = relative.score(images), absolute.score(images)
+    np.testing.assert_array_equal(relative_batch.scores, absolute_batch.scores)
+    medians = np.median(relative_batch.maps.reshape(len(images), -1), axis=1)
+    assert np.abs(medians).max() < 1e-5  # every heatmap's background sits at 0
+    assert not np.allclose(np.median(absolute_batch.maps.reshape(len(images), -1), axis=1), 0.0, atol=1e-2)
+    # a frame of another texture altogether: its heatmap is flattened to its own background, its score is not
+    other = np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8)  # white noise
+    batch = relative.score([other, *images])
+    assert batch.scores[0] > batch.scores[1:].max()
+    assert fitted_scorer.threshold is not None and batch.scores[0] > fitted_scorer.threshold.value  # still fails
+
+
 def test_standardise_removes_exposure_but_keeps_the_pattern() -> None:
     import torch
 

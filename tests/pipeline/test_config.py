@@ -75,6 +75,7 @@ def test_recommended_companions_apply_only_where_they_were_chosen() -> None:
         ({"members": [PADIM_MEMBER | {"model": {"image_size": 256}}]}, {}, r"cannot override model\.image_size"),
         ({"members": [PADIM_MEMBER | {"scoring": {"shift_pixels": 2}}]}, {}, r"cannot override scoring\.shift_pixels"),
         ({"members": [PADIM_MEMBER | {"model": {"intensity": "raw"}}]}, {}, r"cannot override model\.intensity"),
+        ({"members": [PADIM_MEMBER | {"scoring": {"map_baseline": "none"}}]}, {}, r"cannot override scoring\.map_b"),
         ({"members": [PADIM_MEMBER | {"model": {"aggregation_kernel": 2}}]}, {}, r"'padim': model\.aggregation_kernel"),
         ({"members": [PADIM_MEMBER | {"scoring": {"top_kk": 3}}]}, {}, r"'padim': scoring\.top_kk: Extra inputs"),
         ({"members": [{"method": "padimm"}]}, {}, r"fusion\.members\.0\.method"),

@@ -3,7 +3,8 @@
 - ``add_synthetic_defect(image, rng, strength=1.0)`` -> ``(defective image, bool mask)``: one of a scratch (a
   thin curved line), a blob (a soft dark or bright ellipse), a cut-paste patch (a piece of the same image moved
   and rotated) or a texture patch (noise); or, with ``kinds=SURFACE_KINDS``, a crack (jagged, 1-2 px), a hole,
-  a chip off an edge or a stain (large, soft, low contrast). Works on RGB uint8 ``(H, W, 3)`` of any size.
+  a chip off an edge or a stain (large, soft, low contrast); or, with ``kinds=LARGE_KINDS``, defects covering
+  10-50% of the frame (a large stain, a worn smoothed patch, a shaded band). Works on RGB uint8 ``(H, W, 3)``.
   ``strength`` scales the contrast (shade, noise amplitude, cut-paste opacity): below 1 gives subtle defects.
 - ``make_part(texture, rng, size, max_shift, max_rotation)``: a "good part", a crop of a scikit-image texture
   with a small random translation and rotation, as parts arrive on a real line.
@@ -22,6 +23,9 @@ DEFECT_KINDS = ("scratch", "blob", "cutpaste", "noise")
 # Shaped after defects common on machined and sintered parts (and named in public defect datasets): a thin dark
 # jagged crack, a small dark hole, a chip broken off an edge (background shows), a large soft uneven patch.
 SURFACE_KINDS = ("crack", "hole", "chip", "stain")
+# Defects covering a large share of the frame (roughly 10-50%), as when frames are crops around a part's surface:
+# a large soft discoloured area, a worn patch whose texture is smoothed away, a shaded band across the frame.
+LARGE_KINDS = ("large_stain", "worn", "band")
 
 
 def _scratch(image: np.ndarray, rng: np.random.Generator, margin: float) -> np.ndarray:
@@ -150,8 +154,24 @@ def add_synthetic_defect(
         out[mask] = strength * background + (1.0 - strength) * out[mask]
     elif kind == "stain":
         out, mask = _shaded_ellipse(out, rng, (0.12, 0.3), margin, (2.0, 0.05), (25, 50), strength)
+    elif kind == "large_stain":
+        out, mask = _shaded_ellipse(out, rng, (0.25, 0.45), margin, (2.0, 0.05), (30, 60), strength)
+    elif kind == "worn":
+        mask = _ellipse(image, rng, (0.25, 0.45), margin)
+        smoothed = cv2.GaussianBlur(out, (0, 0), max(2.0, 0.02 * min(height, width)))
+        out[mask] = strength * smoothed[mask] + (1.0 - strength) * out[mask]
+    elif kind == "band":
+        mask = np.zeros((height, width), bool)
+        thickness = rng.uniform(0.2, 0.5)
+        if rng.random() < 0.5:
+            start = int(rng.uniform(0, 1 - thickness) * height)
+            mask[start : start + int(thickness * height)] = True
+        else:
+            start = int(rng.uniform(0, 1 - thickness) * width)
+            mask[:, start : start + int(thickness * width)] = True
+        out[mask] = np.clip(out[mask] + strength * rng.choice([-1.0, 1.0]) * rng.uniform(30, 60), 0, 255)
     else:
-        msg = f"unknown defect kind {kind!r}; choose one of {DEFECT_KINDS + SURFACE_KINDS}"
+        msg = f"unknown defect kind {kind!r}; choose one of {DEFECT_KINDS + SURFACE_KINDS + LARGE_KINDS}"
         raise ValueError(msg)
     return out.astype(np.uint8), mask
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from models.synthetic import DEFECT_KINDS, SURFACE_KINDS, add_synthetic_defect
+from models.synthetic import DEFECT_KINDS, LARGE_KINDS, SURFACE_KINDS, add_synthetic_defect
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,19 @@ def test_each_kind_changes_the_image_inside_its_mask(part: np.ndarray, kind: str
         assert change[~mask].max() == 0
 
 
-@pytest.mark.parametrize("kind", DEFECT_KINDS + SURFACE_KINDS)
+@pytest.mark.parametrize("kind", LARGE_KINDS)
+def test_large_kinds_cover_a_large_share_of_the_frame_and_change_it(part: np.ndarray, kind: str) -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        defective, mask = add_synthetic_defect(part, rng, kind=kind, anywhere=True)
+        assert 0.05 < mask.mean() < 0.6
+        change = np.abs(defective.astype(int) - part.astype(int)).sum(axis=2)
+        assert change[mask].mean() > 10
+        if kind != "large_stain":  # soft edges reach just past the half-strength mask
+            assert change[~mask].max() == 0
+
+
+@pytest.mark.parametrize("kind", DEFECT_KINDS + SURFACE_KINDS + LARGE_KINDS)
 def test_lower_strength_gives_the_same_region_with_less_contrast(part: np.ndarray, kind: str) -> None:
     strong, strong_mask = add_synthetic_defect(part, np.random.default_rng(5), kind=kind)
     subtle, subtle_mask = add_synthetic_defect(part, np.random.default_rng(5), kind=kind, strength=0.4)

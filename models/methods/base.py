@@ -1,6 +1,7 @@
 """The contract every anomaly-detection method fulfils, so one Scorer, artifact, CLI and worker serve them all.
 
-A method turns a batch of preprocessed views ``(V, 3, S, S)`` (floats in [0, 1], V = frames x shifted views) into
+A method turns a batch of preprocessed views ``(V, 3, S, S)`` (floats, V = frames x shifted views; in [0, 1] for raw
+frames, mean 0.449 and standard deviation 0.226 per frame when standardised, ``[model] intensity``) into
 patch anomaly maps ``(V, h, w)`` on its own grid, and optionally its own image-level scores ``(V,)``. Everything
 around that is shared and lives in ``models.scorer``: resizing, N-pad shifted views and their alignment, upsampling
 to ``(S, S)``, Gaussian smoothing, image scores from the map (top-k mean or max) when the method has none of its
@@ -31,7 +32,7 @@ class MethodOutput(NamedTuple):
 
 
 class ImageBatches(Protocol):
-    """Good training images, re-iterable: each pass yields ``(B, 3, S, S)`` float batches in [0, 1]."""
+    """Good training images, re-iterable: each pass yields ``(B, 3, S, S)`` float batches, preprocessed as views are."""
 
     @property
     def images(self) -> int:

@@ -305,9 +305,10 @@ class PatchSVDDMethod(AnomalyMethod):
 
     @torch.inference_mode()
     def embed(self, views: torch.Tensor) -> list[torch.Tensor]:
-        """Views ``(V, 3, S, S)`` in [0, 1] -> per scale, patches at the scoring stride ``(V, D, P, P)`` on the CPU."""
+        """Views ``(V, 3, S, S)``, clamped to [0, 1] as the training images were -> per scale, patches at the scoring
+        stride ``(V, D, P, P)`` on the CPU."""
         device = self.encoders.channel_mean.device
-        dense = self.encoders.dense(self.encoders.standardise(views.to(device)))
+        dense = self.encoders.dense(self.encoders.standardise(views.to(device).clamp(0.0, 1.0)))
         patches = [strided_patches(m, self.settings.stride).float().cpu() for m in dense]
         return [F.normalize(p, dim=1) for p in patches] if self.normalised else patches
 
@@ -388,11 +389,12 @@ def check_geometry(settings: PatchSVDDSettings, image_size: int) -> None:
 
 
 def _load_uint8(batches: ImageBatches, progress: bool) -> torch.Tensor:
-    """All good images as uint8 ``(N, 3, S, S)`` (a quarter of the float memory)."""
+    """All good images as uint8 ``(N, 3, S, S)`` (a quarter of the float memory), clamped to [0, 1] first like the
+    views at scoring (standardised frames reach beyond it in their tails; uint8 would wrap them around)."""
     loaded = []
     bar = tqdm(total=batches.images, desc="fit: reading good images", unit="img", disable=not progress)
     for batch in batches:
-        loaded.append(batch.mul(255.0).round_().to(torch.uint8))
+        loaded.append(batch.clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8))
         bar.update(batch.shape[0])
     bar.close()
     return torch.cat(loaded)

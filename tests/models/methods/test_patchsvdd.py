@@ -3,6 +3,8 @@ whose dense pass equals per-patch encoding, training that lowers the loss, and a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +150,16 @@ def test_load_rejects_a_model_fitted_at_another_image_size(untrained, tmp_path) 
     torch.save({"unexpected": torch.zeros(1)}, tmp_path / "encoders.pt")
     with pytest.raises(ArtifactError, match="cannot rebuild"):
         PatchSVDDMethod.load(tmp_path, section, same, torch.device("cpu"))
+
+
+def test_standardised_tails_are_clamped_not_wrapped_in_the_uint8_training_copy() -> None:
+    from models.methods.patchsvdd import _load_uint8
+
+    class Batches:
+        images = 1
+
+        def __iter__(self) -> Iterator[torch.Tensor]:
+            yield torch.tensor([-0.2, 0.5, 1.3]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+
+    loaded = _load_uint8(Batches(), progress=False)
+    assert loaded.dtype == torch.uint8 and loaded[0, :, 0, 0].tolist() == [0, 128, 255]

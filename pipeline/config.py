@@ -416,6 +416,12 @@ class WorkerSettings(_Section):
     max_batch: int = Field(default=8, ge=1, le=512)
     max_wait_ms: int = Field(default=20, ge=0)
     decode_threads: int = Field(default=2, ge=1, le=64)
+    torch_threads: int = Field(
+        default=0, ge=0, le=256,
+        description="Threads for the scorer's torch work; 0: torch's default (one per core of the host). With several "
+        "scorers on one host keep scorers x threads <= cores: oversubscribed OpenMP threads spin against each other "
+        "(two scorers of 2 threads on 2 cores ran 10-20x slower). `lineinspect run` sets cores / workers.",
+    )  # fmt: skip
     stale_after_ms: int | None = Field(default=None, ge=1, description="Skip frames older than this; None scores all.")
     drain_timeout_s: float = Field(default=25.0, gt=0)
     health_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")

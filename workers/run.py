@@ -117,6 +117,13 @@ def _child_env(url: str, out: Path, metrics_port: int, backlog: int) -> dict[str
     return env
 
 
+def scorer_threads(config: Config, workers: int, cores: int | None = None) -> int:
+    """Torch threads per scoring worker: the configured number, else this host's cores shared among the workers."""
+    if config.worker.torch_threads:
+        return config.worker.torch_threads
+    return max(1, (cores or os.cpu_count() or 1) // workers)
+
+
 def _start(
     role: str, extra: list[str], args: argparse.Namespace, env: dict[str, str], logs: Path
 ) -> subprocess.Popen[bytes]:
@@ -197,7 +204,9 @@ def run_demo(args: argparse.Namespace) -> int:
         frames = ["--frames", str(args.frames)] if args.frames else []
         fps = ["--max-fps", str(args.fps)] if args.fps else []
         sink = _start("sink", ["--name", "run-sink"], args, env, logs)
-        scorers = [_start("score-worker", ["--name", f"run-score-{i}"], args, env, logs) for i in range(args.workers)]
+        scorer_env = env | {"LINEINSPECT__WORKER__TORCH_THREADS": str(scorer_threads(config, args.workers))}
+        scorers = [_start("score-worker", ["--name", f"run-score-{i}"], args, scorer_env, logs)
+                   for i in range(args.workers)]  # fmt: skip
         print("waiting for the workers to load the model ...", flush=True)
         failed = _wait_ready(
             client, config.streams.prefix, args.line, {"score": args.workers, "sink": 1}, [sink, *scorers], stop

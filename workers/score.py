@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -62,6 +64,17 @@ ModelLoader = Callable[[Path], ScorerLike]
 
 
 UNCALIBRATED = "the model has no pass/fail threshold: run `lineinspect calibrate --model DIR --good DIR`"
+
+
+def limit_threads(threads: int) -> None:
+    """Cap torch's (OpenMP's) threads at ``threads`` (0: leave the default). Call before torch is imported, so the
+    OpenMP runtime starts with that many; ``torch.set_num_threads`` alone does not reach threads started before."""
+    if threads <= 0:
+        return
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 def load_model(device: str) -> ModelLoader:

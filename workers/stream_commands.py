@@ -55,9 +55,10 @@ def _log_level(args: argparse.Namespace) -> str:
 
 
 def cmd_score_worker(args: argparse.Namespace) -> int:
-    from workers.score import ModelSlot, ScoreWorker, load_model
+    from workers.score import ModelSlot, ScoreWorker, limit_threads, load_model
 
     config = _config(args)
+    limit_threads(config.worker.torch_threads)  # before the model loader imports torch
     name = args.name or default_worker_name("score")
     setup_logging("score", _log_level(args), worker=name)
     line_id = _line(args, config)

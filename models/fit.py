@@ -28,6 +28,7 @@ from models.methods import method_class
 from models.normalisation import PositionStatsBuilder
 from models.scorer import Scorer, TrainingSummary, preprocess, resolve_device
 from models.threshold import false_reject_threshold
+from models.tiling import tile_count
 from pipeline.config import Config, Intensity, Resize
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def _readable_batches(paths: Sequence[Path], batch_size: int, skipped: list[str]
 
 @dataclass
 class TrainingImages:
-    """Good image files as re-iterable batches ``(B, 3, S, S)``; unreadable files are skipped (once) with a warning."""
+    """Good image files as re-iterable batches ``(B, 3, S, S)``; unreadable files are skipped (once) with a warning.
+    With ``resize = "tile"`` a batch holds its frames' pieces (``models.tiling``), so B varies."""
 
     paths: Sequence[Path]
     image_size: int
@@ -77,10 +79,22 @@ class TrainingImages:
     intensity: Intensity = "raw"
     skipped: list[str] = field(default_factory=list)
     _unreadable: set[Path] = field(default_factory=set)
+    _pieces: dict[Path, int] = field(default_factory=dict)
+
+    @property
+    def frames(self) -> int:
+        """Readable image files (as far as known: unreadable ones are found when read)."""
+        return len(self.paths) - len(self._unreadable)
 
     @property
     def images(self) -> int:
-        return len(self.paths) - len(self._unreadable)
+        """Rows one pass yields (progress bars): the frames, or when tiling their pieces (reads each file once)."""
+        if self.resize != "tile":
+            return self.frames
+        for path in self.paths:
+            if path not in self._pieces and (image := self._read(path)) is not None:
+                self._pieces[path] = tile_count(image.shape[0], image.shape[1])
+        return sum(self._pieces.values())
 
     def _read(self, path: Path) -> np.ndarray | None:
         if path in self._unreadable:
@@ -106,6 +120,7 @@ class TrainingImages:
             if image is None:
                 continue
             batch.append(image)
+            self._pieces[path] = tile_count(image.shape[0], image.shape[1])
             if len(batch) == self.batch_size:
                 yield preprocess(batch, self.image_size, self.resize, self.intensity)
                 batch = []
@@ -166,7 +181,7 @@ def _fit_one(
     images = TrainingImages(fit_paths, model.image_size, scoring.batch_size, model.resize, model.intensity, skipped)
     images.require_one()
     method = method_class(config.model.method).fit(images, config, resolve_device(config.model.device), progress)
-    scorer = Scorer(method, config.model, scoring, TrainingSummary(images=images.images, source=source))
+    scorer = Scorer(method, config.model, scoring, TrainingSummary(images=images.frames, source=source))
     if normalisation_paths:
         builder = PositionStatsBuilder()
         desc = f"fit: position statistics ({method.name})"

@@ -3,15 +3,16 @@
 ``Scorer.score(images)`` reads top to bottom:
 
 1. ``preprocess``: each frame (any size, grayscale/RGB/RGBA, 8/16-bit) -> RGB, resized to ``(S, S)`` (stretched,
-   or with ``[model] resize = "pad"`` scaled keeping its aspect and padded), by default with its brightness and
-   contrast standardised (``[model] intensity``); batch ``(N, 3, S, S)`` floats.
+   or with ``[model] resize = "pad"`` scaled keeping its aspect and padded, or with ``"tile"`` cut into
+   near-square pieces each stretched, ``models.tiling``), by default with its brightness and contrast
+   standardised (``[model] intensity``); batch ``(N, 3, S, S)`` floats (``(T, 3, S, S)``, T pieces, when tiling).
 2. N-pad shifting: ``(N * V, 3, S, S)``, V views per frame (V = 1 when shifting is off).
 3. The method (``models.methods``; PatchCore by default: one backbone call, one index search for the whole batch)
    -> patch maps ``(N * V, h, w)`` and, for methods with their own image score, view scores ``(N * V,)``.
 4. Maps upsampled to ``(S, S)``, shifted views aligned back and aggregated per pixel, padding cropped off (each map
    covers its whole frame, stretched to the square, whatever the resize mode) -> ``(N, S, S)``; with
    position statistics (``models.normalisation``, fitted on held-out good images) turned into per-pixel z-scores;
-   Gaussian-smoothed (sigma 4).
+   when tiling, pieces stitched into their frames; Gaussian-smoothed (sigma 4).
 5. Image score ``(N,)``: the method's own (aggregated over views like the maps), else the mean of the ``top_k``
    highest patch scores (default; chosen on a validation split of MTD training images with synthetic defects, where
    it beat the map's maximum: 0.913 vs 0.859 image AUROC) or the smoothed map's maximum.
@@ -44,6 +45,7 @@ from models.images import to_rgb_uint8
 from models.methods.base import AnomalyMethod, MethodOutput
 from models.normalisation import PositionStats
 from models.shifting import align_and_aggregate, shift_offsets, shifted_views
+from models.tiling import frame_tiles, split_by_frame, stitch_tiles
 from pipeline.config import SHARED_SCORING_KEYS, Intensity, ModelSettings, Resize, ScoringSettings
 
 
@@ -112,7 +114,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def content_box(height: int, width: int, image_size: int, resize: Resize = "stretch") -> tuple[int, int, int, int]:
     """Where a ``height x width`` frame lands in the ``(S, S)`` input: ``(top, left, box height, box width)``."""
-    if resize == "stretch":
+    if resize != "pad":
         return 0, 0, image_size, image_size
     scale = image_size / max(height, width)
     box_h, box_w = max(1, min(image_size, round(height * scale))), max(1, min(image_size, round(width * scale)))
@@ -125,38 +127,47 @@ STANDARD_MEAN, STANDARD_STD = 0.449, 0.226  # ImageNet's pixel mean and standard
 def preprocess(
     images: Sequence[np.ndarray], image_size: int, resize: Resize = "stretch", intensity: Intensity = "raw"
 ) -> torch.Tensor:
-    """Frames -> ``(N, 3, S, S)`` float32, in [0, 1] when ``intensity="raw"``.
+    """Frames -> ``(T, 3, S, S)`` float32, in [0, 1] when ``intensity="raw"``; ``T = N`` unless ``resize="tile"``,
+    then the frames' pieces in order (``models.tiling``).
 
     ``resize="pad"`` keeps each frame's aspect (``content_box``). ``intensity="standardise"`` shifts and scales each
-    frame (all channels alike, so colours keep their balance) to mean ``STANDARD_MEAN`` and standard deviation
-    ``STANDARD_STD`` over its content box: exposure and gain differences between frames no longer reach the features.
+    frame (all channels alike, so colours keep their balance; all of a frame's pieces alike) to mean
+    ``STANDARD_MEAN`` and standard deviation ``STANDARD_STD`` over its content: exposure and gain differences
+    between frames no longer reach the features.
     """
-    resized = []
-    boxes = []
+    resized: list[np.ndarray] = []
+    boxes: list[tuple[int, int, int, int]] = []
+    frame_rows: list[list[int]] = []
     for position, image in enumerate(images):
         rgb = to_rgb_uint8(image, f"image {position}")
-        top, left, box_h, box_w = content_box(rgb.shape[0], rgb.shape[1], image_size, resize)
-        interpolation = cv2.INTER_AREA if rgb.shape[0] > box_h or rgb.shape[1] > box_w else cv2.INTER_LINEAR
-        scaled = cv2.resize(rgb, (box_w, box_h), interpolation=interpolation)
-        if (box_h, box_w) != (image_size, image_size):
-            canvas = np.empty((image_size, image_size, 3), np.uint8)
-            canvas[:] = scaled.reshape(-1, 3).mean(axis=0).round().astype(np.uint8)
-            canvas[top : top + box_h, left : left + box_w] = scaled
-            scaled = canvas
-        resized.append(scaled)
-        boxes.append((top, left, box_h, box_w))
+        frame_rows.append([])
+        for piece in frame_tiles(rgb) if resize == "tile" else [rgb]:
+            top, left, box_h, box_w = content_box(piece.shape[0], piece.shape[1], image_size, resize)
+            interpolation = cv2.INTER_AREA if piece.shape[0] > box_h or piece.shape[1] > box_w else cv2.INTER_LINEAR
+            scaled = cv2.resize(piece, (box_w, box_h), interpolation=interpolation)
+            if (box_h, box_w) != (image_size, image_size):
+                canvas = np.empty((image_size, image_size, 3), np.uint8)
+                canvas[:] = scaled.reshape(-1, 3).mean(axis=0).round().astype(np.uint8)
+                canvas[top : top + box_h, left : left + box_w] = scaled
+                scaled = canvas
+            frame_rows[-1].append(len(resized))
+            resized.append(scaled)
+            boxes.append((top, left, box_h, box_w))
     batch = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float().div_(255.0)
     if intensity == "standardise":
-        for frame, (top, left, box_h, box_w) in zip(batch, boxes, strict=True):
-            content = frame[:, top : top + box_h, left : left + box_w]
+        for rows in frame_rows:
+            content = torch.cat([batch[row, :, top : top + h, left : left + w].reshape(-1)
+                                 for row, (top, left, h, w) in ((row, boxes[row]) for row in rows)])  # fmt: skip
             mean, std = content.mean(), content.std().clamp_min(1.0 / 255.0)
-            frame.sub_(mean).mul_(STANDARD_STD / std).add_(STANDARD_MEAN)
+            for row in rows:
+                batch[row].sub_(mean).mul_(STANDARD_STD / std).add_(STANDARD_MEAN)
     return batch
 
 
 def crop_to_frames(maps: torch.Tensor, shapes: Sequence[tuple[int, int]], resize: Resize) -> torch.Tensor:
-    """``(N, S, S)`` maps over the padded input -> ``(N, S, S)`` over each frame (its content box stretched)."""
-    if resize == "stretch":
+    """``(N, S, S)`` maps over the padded input -> ``(N, S, S)`` over each frame (its content box stretched); other
+    resize modes' maps are returned as they are (tiles are stitched after position normalisation)."""
+    if resize != "pad":
         return maps
     size = maps.shape[-1]
     cropped = []
@@ -234,7 +245,8 @@ class Scorer:
         return views, [(image.shape[0], image.shape[1]) for image in images]
 
     def _raw_maps(self, views: torch.Tensor, shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, MethodOutput, float]:
-        """``(N, S, S)`` maps before normalisation and smoothing, the method output, and when post-processing began."""
+        """``(T, S, S)`` maps before normalisation and smoothing (``T = N`` frames, or their pieces when tiling), the
+        method output, and when post-processing began."""
         size = self.image_size
         output = self.method.score_views(views, self.scoring)
         started_post = time.perf_counter()
@@ -248,8 +260,8 @@ class Scorer:
 
     @torch.inference_mode()
     def unnormalised_maps(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """``(N, S, S)`` maps of this Scorer's own method (not its companions') before position normalisation and
-        smoothing: what its ``PositionStats`` are fitted on."""
+        """``(T, S, S)`` maps of this Scorer's own method (not its companions') before position normalisation and
+        smoothing, one per frame or, when tiling, per piece: what its ``PositionStats`` are fitted on."""
         return self._raw_maps(*self._views(images))[0]
 
     @torch.inference_mode()
@@ -284,15 +296,20 @@ class Scorer:
         _, grid_h, grid_w = output.patch_maps.shape
         if self.position_stats is not None and self.scoring.normalise_positions:
             aggregated = self.position_stats.apply(aggregated)
-        maps = gaussian_blur(aggregated, self.scoring.smoothing_sigma)
+        tiled = self.model_settings.resize == "tile"
+        maps = gaussian_blur(stitch_tiles(aggregated, shapes) if tiled else aggregated, self.scoring.smoothing_sigma)
         if output.view_scores is not None:
             view_scores = output.view_scores.float().view(-1, 1, 1)
             scores = align_and_aggregate(view_scores, self.offsets, self.scoring.shift_aggregate).view(-1)
+            if tiled:  # a frame scores as its worst piece
+                scores = torch.stack([pieces.amax() for pieces in split_by_frame(scores, shapes)])
         elif self.scoring.image_score == "max":
             scores = maps.flatten(1).amax(dim=1)
-        else:
+        else:  # mean of the top_k patch scores among all of the frame's patches (all its pieces' when tiling)
             grid_scores = F.adaptive_avg_pool2d(aggregated[:, None], (grid_h, grid_w)).flatten(1)
-            scores = grid_scores.topk(min(self.scoring.top_k, grid_scores.shape[1]), dim=1).values.mean(dim=1)
+            frames = split_by_frame(grid_scores, shapes) if tiled else grid_scores[:, None]
+            scores = torch.stack([cells.flatten().topk(min(self.scoring.top_k, cells.numel())).values.mean()
+                                  for cells in frames])  # fmt: skip
         finished = time.perf_counter()
         if scores.shape[0] != len(shapes) or maps.shape[0] != len(shapes):
             msg = f"scorer produced {scores.shape[0]} scores for {len(shapes)} images"

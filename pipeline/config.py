@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "LINEINSPECT__"
-Resize = Literal["stretch", "pad"]  # how frames reach the model's square input (ModelSettings.resize)
+Resize = Literal["stretch", "pad", "tile"]  # how frames reach the model's square input (ModelSettings.resize)
 Intensity = Literal["raw", "standardise"]  # photometric normalisation of each frame (ModelSettings.intensity)
 MethodName = Literal["patchcore", "gaussian", "padim", "patchsvdd", "cfa", "npad"]  # models/methods/
 
@@ -60,7 +60,8 @@ class ModelSettings(_Section):
     resize: Resize = Field(
         default="stretch",
         description="stretch: each frame is scaled to the square on its own (aspect changes); pad: scaled keeping its "
-        "aspect and padded with its mean colour (maps are cropped back to the frame).",
+        "aspect and padded with its mean colour (maps are cropped back to the frame); tile: a frame far from square "
+        "is cut along its long side into round(aspect) pieces, each stretched to the square (maps stitched back).",
     )
     intensity: Intensity = Field(
         default="standardise",

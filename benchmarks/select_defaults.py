@@ -12,12 +12,17 @@ session 5; "patchcore" = PatchCore alone); "a+b" scores the mean of two variants
 built into the product since session 5 was chosen this way, as "patchcore+padim" before it was the default).
 
     python benchmarks/select_defaults.py --data ../shared/datasets/mtd [--variants NAME ... patchcore+padim]
+
+``--join K`` (since session 7) asks what happens on lines whose frames are long strips: every K consecutive
+images (fit and validation parts alike, each scaled to the first one's height) are joined side by side into one
+frame before anything else, so MTD's 0.4-2.7:1 tiles become 1-8:1 strips.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -67,6 +72,7 @@ VARIANTS: dict[str, dict] = {
     "unnormalised": {"scoring": {"normalise_positions": False}},
     # session 4: keeping each frame's aspect (MTD's tiles are 0.36:1 to 2.6:1)
     "pad": {"model": {"resize": "pad"}},
+    "tile": {"model": {"resize": "tile"}},  # session 7: wide frames cut into near-square pieces
     "pad-size-288": {"model": {"resize": "pad", "image_size": 288}},
     "pad-size-320": {"model": {"resize": "pad", "image_size": 320}},
     # session 4: the stages' activated expansions (after the depthwise conv + ReLU6; 240 and 672 channels) instead of
@@ -160,6 +166,25 @@ def validation_set(
     return result
 
 
+def joined_frames(paths: list[Path], join: int, out_dir: Path) -> list[Path]:
+    """Every ``join`` consecutive images side by side (scaled to the first one's height), written as PNG files."""
+    import cv2
+
+    if join == 1:
+        return paths
+    out_dir.mkdir(parents=True, exist_ok=True)
+    joined = []
+    for start in range(0, len(paths) - join + 1, join):
+        images = [read_image(path) for path in paths[start : start + join]]
+        height = images[0].shape[0]
+        scaled = [cv2.resize(image, (max(1, round(image.shape[1] * height / image.shape[0])), height),
+                             interpolation=cv2.INTER_AREA) for image in images]  # fmt: skip
+        path = out_dir / f"joined_{start:05d}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(scaled, axis=1), cv2.COLOR_RGB2BGR))
+        joined.append(path)
+    return joined
+
+
 SetOutputs = dict[str, tuple[np.ndarray, np.ndarray]]  # set name -> (image scores (N,), maps (N, S, S))
 
 
@@ -210,8 +235,13 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS),
                         help="names from VARIANTS; 'a+b' scores the mean of a's and b's scores and maps")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="append results as JSON lines to this file")
+    parser.add_argument("--join", type=int, default=1, help="join every JOIN images side by side into one long frame")
     args = parser.parse_args()
     fit_paths, validation_paths = holdout_split(good_images(args.data), 0.2)
+    if args.join > 1:
+        joined_dir = Path(tempfile.mkdtemp(prefix="select-defaults-joined-"))
+        fit_paths = joined_frames(fit_paths, args.join, joined_dir / "fit")
+        validation_paths = joined_frames(validation_paths, args.join, joined_dir / "validation")
     sets = {name: validation_set(validation_paths, 0, *how) for name, how in VALIDATION_SETS.items()}
     print(f"fit on {len(fit_paths)} training images; validate on {len(validation_paths)} good + "
           f"{len(validation_paths)} synthetic-defect images per set (all from the training split)")  # fmt: skip
@@ -225,7 +255,7 @@ def main() -> None:
             if member not in outputs:
                 infos[member], outputs[member] = fit_and_score(VARIANTS[member], fit_paths, sets)
         if len(members) == 1:
-            result = {"variant": name, **infos[name], **metrics(outputs[name], sets)}
+            result = {"variant": name, "join": args.join, **infos[name], **metrics(outputs[name], sets)}
         else:
             result = {"variant": name, "model": "mean of " + ", ".join(members), "fit_s": float("nan"),
                       "images_per_s": float("nan"), **metrics(fused([outputs[m] for m in members]), sets)}  # fmt: skip

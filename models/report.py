@@ -35,7 +35,7 @@ from models.scorer import Scorer
 OVERLAYS_PER_GROUP = 4
 
 
-def _score_items(
+def score_items(
     scorer: Scorer, items: Sequence[TestItem], batch_size: int, progress: bool
 ) -> tuple[list[TestItem], np.ndarray, np.ndarray, np.ndarray, float]:
     size = scorer.image_size
@@ -123,7 +123,7 @@ def evaluate(
 ) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kept, scores, maps, masks, seconds = _score_items(scorer, items, batch_size, progress)
+    kept, scores, maps, masks, seconds = score_items(scorer, items, batch_size, progress)
     labels = np.array([item.label for item in kept])
     metrics: dict[str, Any] = {
         "model_id": scorer.model_id,

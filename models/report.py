@@ -4,7 +4,7 @@
 map size ``(S, S)``, and writes to ``out_dir``:
 
 - ``metrics.json``: image_auroc, pixel_auroc, pro (FPR <= 0.3, normalised), f1_max, images_per_second,
-  per-defect-type image AUROC, score summaries, and the model's threshold with its false-reject / detection rates;
+  per-defect-type image and pixel AUROC (each type's images with the good ones), score summaries, and the model's threshold with its false-reject / detection rates;
 - ``roc.png`` (image and pixel ROC) and ``pro.png`` (PRO curve);
 - ``overlays/``: heatmap overlays of the highest-scoring defects, the lowest-scoring defects (misses) and the
   highest-scoring good images (false alarms).
@@ -143,11 +143,14 @@ def evaluate(
         metrics["pro"] = pro_auc_from_curve(pro_fpr, pro)
     else:
         metrics["pixel_auroc"] = metrics["pro"] = None
-    per_type = {}
-    for defect_type in sorted({item.defect_type for item in kept} - {"good"}):
+    per_type, pixel_per_type = {}, {}
+    for defect_type in sorted({item.defect_type for item in kept} - {"good"}):  # the type's images + the good ones
         chosen = np.array([item.defect_type in ("good", defect_type) for item in kept])
         per_type[defect_type] = image_auroc(labels[chosen], scores[chosen])
+        if masks[chosen].any():
+            pixel_per_type[defect_type] = pixel_auroc(masks[chosen], maps[chosen])
     metrics["image_auroc_by_type"] = per_type
+    metrics["pixel_auroc_by_type"] = pixel_per_type
     if scorer.threshold is not None:
         failed = np.array(scorer.verdicts(scores))
         metrics["threshold"] = scorer.threshold.value

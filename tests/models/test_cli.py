@@ -73,6 +73,9 @@ def test_evaluate_writes_metrics_curves_and_overlays(cli_model: Path, demo_line:
     for key in ("image_auroc", "pixel_auroc", "pro", "f1_max", "images_per_second"):
         assert metrics[key] is not None
     assert metrics["image_auroc"] > 0.8 and metrics["pixel_auroc"] > 0.8
+    # one defect type: its images with the good ones are the whole test set
+    assert metrics["image_auroc_by_type"] == {"defect": metrics["image_auroc"]}
+    assert metrics["pixel_auroc_by_type"] == {"defect": metrics["pixel_auroc"]}
     assert metrics["model"].startswith("patchcore (") and metrics["model_id"] == load_scorer(cli_model).model_id
     assert (tmp_path / "roc.png").stat().st_size > 1000 and (tmp_path / "pro.png").stat().st_size > 1000
     assert len(list((tmp_path / "overlays").glob("*.png"))) >= 4

@@ -101,3 +101,29 @@ def test_training_batches_count_pieces_for_progress_and_frames_for_the_summary(t
     assert sum(batch.shape[0] for batch in images) == images.images
     assert images.frames == 4 and len(images.skipped) == 1
     assert TrainingImages(paths, 32, 3).images == 4
+
+
+def test_a_method_with_its_own_image_score_scores_a_tiled_frame_as_its_worst_piece(
+    demo_line: DemoLine, tmp_path: Path
+) -> None:
+    import cv2
+
+    from models.fit import fit_scorer
+    from pipeline.config import config_from_mapping
+    from tests.models.conftest import TINY
+
+    train = [read_image(path) for path in sorted(demo_line.train_dir.iterdir())]
+    paths = []
+    for position in range(len(train) - 1):
+        paths.append(tmp_path / f"wide_{position}.png")
+        cv2.imwrite(str(paths[-1]), np.concatenate([train[position], train[position + 1]], axis=1))
+    # raw intensities: a piece scored alone is then preprocessed exactly as inside its frame
+    overrides = {"model": {**TINY["model"], "method": "gaussian", "resize": "tile", "intensity": "raw"},
+                 "scoring": TINY["scoring"], "fusion": {"members": []}}  # fmt: skip
+    scorer = fit_scorer(paths, config_from_mapping(overrides), progress=False, holdout_fraction=0.0)
+    good = read_image(demo_line.test_images[demo_line.test_labels.index(0)])
+    defect = read_image(demo_line.test_images[demo_line.test_labels.index(1)])
+    frame_scores = scorer.score([np.concatenate([good, defect], axis=1), np.concatenate([defect, good], axis=1)])
+    piece_scores = scorer.score([good, defect]).scores
+    np.testing.assert_allclose(frame_scores.scores, [piece_scores.max()] * 2, rtol=1e-5)
+    assert frame_scores.maps[0][:, 48:].max() > frame_scores.maps[0][:, :48].max()  # the defect's half is hotter

@@ -2,9 +2,11 @@
 
 Stretching a 600 x 230 frame to the model's ``S x S`` square squeezes it 2.7x along its long side, so a 2 px crack
 across that side shrinks below one pixel and the texture's scale differs from frame to frame. With tiling, a frame
-of aspect ``a`` (long side / short side) is cut along its long side into ``k = round(a)`` (at least 1) equal,
-adjacent pieces of aspect ``a / k`` (between 0.67 and 1.5), and each piece is stretched to the square on its own:
-the model sees every frame at close to one scale. Near-square frames (``a < 1.5``) are one piece, as with stretching.
+of aspect ``a`` (long side / short side) is cut along its long side into ``k = round(a)`` (at least 1, at most
+``MAX_TILES``) equal, adjacent pieces of aspect ``a / k`` (between 0.67 and 1.5 up to 8:1), and each piece is
+stretched to the square on its own: the model sees every frame at close to one scale. Near-square frames
+(``a < 1.5``) are one piece, as with stretching. The cap keeps a degenerate frame (a 1 x 5000 px line) from
+costing thousands of backbone passes; frames beyond 8:1 get 8 longer pieces.
 
 - ``tile_count(height, width)`` -> ``k``; ``frame_tiles(frame)`` -> the ``k`` pieces of an ``(H, W, C)`` frame.
 - ``stitch_tiles(maps, shapes, size)``: ``(T, S, S)`` maps of the pieces (``T = sum k``, frames in order) ->
@@ -24,10 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+MAX_TILES = 8
+
 
 def tile_count(height: int, width: int) -> int:
-    """Pieces a ``height x width`` frame is cut into: its aspect (long / short side) rounded, at least 1."""
-    return max(1, round(max(height, width) / max(1, min(height, width))))
+    """Pieces a ``height x width`` frame is cut into: its aspect (long / short side) rounded, 1 to ``MAX_TILES``."""
+    return min(MAX_TILES, max(1, round(max(height, width) / max(1, min(height, width)))))
 
 
 def _bounds(length: int, count: int) -> list[tuple[int, int]]:

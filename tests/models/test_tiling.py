@@ -7,13 +7,13 @@ import torch
 from models.images import read_image, read_mask
 from models.scorer import Scorer, preprocess
 from models.synthetic import DemoLine
-from models.tiling import frame_tiles, split_by_frame, stitch_tiles, tile_count
+from models.tiling import MAX_TILES, frame_tiles, split_by_frame, stitch_tiles, tile_count
 from pipeline.config import Config
 
 
 def test_frames_are_cut_into_near_square_pieces_that_cover_them() -> None:
-    assert [tile_count(h, w) for h, w in [(100, 100), (100, 149), (100, 150), (100, 260), (300, 100), (1, 0)]] == [
-        1, 1, 2, 3, 3, 1]  # fmt: skip
+    shapes = [(100, 100), (100, 149), (100, 150), (100, 260), (300, 100), (1, 0), (1, 5000)]
+    assert [tile_count(h, w) for h, w in shapes] == [1, 1, 2, 3, 3, 1, MAX_TILES]
     wide = np.arange(100 * 260 * 3, dtype=np.int64).reshape(100, 260, 3)
     pieces = frame_tiles(wide)
     assert len(pieces) == 3 and all(0.67 <= p.shape[1] / p.shape[0] <= 1.5 for p in pieces)

@@ -9,7 +9,7 @@ stretched to the square on its own: the model sees every frame at close to one s
 costing thousands of backbone passes; frames beyond 8:1 get 8 longer pieces.
 
 - ``tile_count(height, width)`` -> ``k``; ``frame_tiles(frame)`` -> the ``k`` pieces of an ``(H, W, C)`` frame.
-- ``stitch_tiles(maps, shapes, size)``: ``(T, S, S)`` maps of the pieces (``T = sum k``, frames in order) ->
+- ``stitch_tiles(maps, shapes)``: ``(T, S, S)`` maps of the pieces (``T = sum k``, frames in order) ->
   ``(N, S, S)`` maps of the frames, each stretched to the square as with ``resize = "stretch"`` (piece ``j`` of ``k``
   fills the ``j``-th ``1/k`` of the long side), so heatmaps and masks keep their geometry whatever the mode.
 - ``split_by_frame(values, shapes)``: the ``(T, ...)`` rows of each frame's pieces.

@@ -4,7 +4,8 @@
 map size ``(S, S)``, and writes to ``out_dir``:
 
 - ``metrics.json``: image_auroc, pixel_auroc, pro (FPR <= 0.3, normalised), f1_max, images_per_second,
-  per-defect-type image and pixel AUROC (each type's images with the good ones), score summaries, and the model's threshold with its false-reject / detection rates;
+  per-defect-type image and pixel AUROC (each type's images with the good ones), score summaries, and the model's
+  threshold with its false-reject / detection rates;
 - ``roc.png`` (image and pixel ROC) and ``pro.png`` (PRO curve);
 - ``overlays/``: heatmap overlays of the highest-scoring defects, the lowest-scoring defects (misses) and the
   highest-scoring good images (false alarms).

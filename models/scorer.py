@@ -18,8 +18,10 @@
    it beat the map's maximum: 0.913 vs 0.859 image AUROC) or the smoothed map's maximum.
 6. Fusion (``[fusion] members``): companion Scorers, each a fitted method with its own settings and position
    statistics, score the same views (steps 3-5; backbones with the same weights run once when one's layers lie
-   within the other's pass, see ``models.backbones.shared_backbone_pass``); scores and maps are the mean over this
-   Scorer and its companions, all in z units. The threshold applies to the fused score.
+   within the other's pass, see ``models.backbones.shared_backbone_pass``), or, for a companion with its own
+   ``image_size`` (the default's coarser pair, ``pipeline.config.recommended_companions``), views of the frames
+   at that size, its maps ``(N, s, s)`` resized to ``(N, S, S)``; scores and maps are the mean over this Scorer
+   and its companions, all in z units. The threshold applies to the fused score.
 7. Optionally (``[scoring] map_baseline = "median"``, off by default) heatmaps relative to their frame: each map
    less its own median, so a frame whose whole map sits higher does not outrank other frames' defect-free pixels;
    it flattens defects covering much of the frame. Scores and verdicts come from steps 5-6, unaffected.
@@ -178,9 +180,18 @@ def crop_to_frames(maps: torch.Tensor, shapes: Sequence[tuple[int, int]], resize
     return torch.stack(cropped)
 
 
+def resize_maps(maps: np.ndarray, size: int) -> np.ndarray:
+    """``(N, s, s)`` maps -> ``(N, size, size)`` (bilinear; unchanged when ``s == size``)."""
+    if maps.shape[-1] == size:
+        return maps
+    resized = F.interpolate(torch.from_numpy(maps)[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    return resized[:, 0].numpy()
+
+
 def _shared_settings(model: ModelSettings, scoring: ScoringSettings) -> tuple[object, ...]:
-    """What fused Scorers must agree on: they score the same views and average maps pixel by pixel."""
-    return model.image_size, model.resize, *(getattr(scoring, key) for key in SHARED_SCORING_KEYS)
+    """What fused Scorers must agree on: they see the frames alike (each at its own input size) and average maps
+    pixel by pixel."""
+    return model.resize, model.intensity, *(getattr(scoring, key) for key in SHARED_SCORING_KEYS)
 
 
 class Scorer:
@@ -214,7 +225,7 @@ class Scorer:
             theirs = _shared_settings(companion.model_settings, companion.scoring)
             if ours != theirs or companion.companions:
                 msg = (
-                    f"cannot fuse {companion.method.name} with {method.name}: image size, resize and "
+                    f"cannot fuse {companion.method.name} with {method.name}: resize, intensity and "
                     f"{', '.join(SHARED_SCORING_KEYS)} must match ({theirs} vs {ours}), and companions have none"
                 )
                 raise ValueError(msg)
@@ -224,8 +235,12 @@ class Scorer:
         return self.model_settings.image_size
 
     def describe(self) -> str:
-        """One line for people: the method(s) and what was fitted."""
-        return " + ".join(f"{s.method.name} ({s.method.describe()})" for s in (self, *self.companions))
+        """One line for people: the method(s), their input size where it differs, and what was fitted."""
+        parts = []
+        for member in (self, *self.companions):
+            size = "" if member.image_size == self.image_size else f" at {member.image_size} px"
+            parts.append(f"{member.method.name}{size} ({member.method.describe()})")
+        return " + ".join(parts)
 
     def with_scoring(self, scoring: ScoringSettings) -> Scorer:
         """The same fitted model scored with other settings (e.g. shifting on), sharing its fitted state; companions
@@ -267,7 +282,7 @@ class Scorer:
     @torch.inference_mode()
     def score(self, images: Sequence[np.ndarray]) -> ScoreBatch:
         """Image scores ``(N,)`` and heatmaps ``(N, S, S)`` of the frames (``map_baseline``: maps less their median)."""
-        batch = self._fused(*self._views(images))
+        batch = self._fused(images)
         if self.scoring.map_baseline == "median":
             started = time.perf_counter()
             maps = batch.maps - np.median(batch.maps.reshape(len(batch.maps), -1), axis=1)[:, None, None]
@@ -276,15 +291,22 @@ class Scorer:
             batch = ScoreBatch(batch.scores, maps.astype(np.float32), timings)
         return batch
 
-    def _fused(self, views: torch.Tensor, shapes: list[tuple[int, int]]) -> ScoreBatch:
-        """This Scorer's and its companions' scores and maps, averaged (one shared backbone pass)."""
+    def _fused(self, images: Sequence[np.ndarray]) -> ScoreBatch:
+        """This Scorer's and its companions' scores and maps, averaged: one shared backbone pass per input size,
+        a companion's maps of another size resized to this Scorer's before the mean."""
+        views, shapes = self._views(images)
         if not self.companions:
             return self._score_views(views, shapes)
+        views_by_size = {self.image_size: views}
         with shared_backbone_pass():
-            members = [self._score_views(views, shapes)] + [c._score_views(views, shapes) for c in self.companions]
+            members = [self._score_views(views, shapes)]
+            for companion in self.companions:  # same-size companions get the very same views: their pass is shared
+                if companion.image_size not in views_by_size:
+                    views_by_size[companion.image_size] = companion._views(images)[0]
+                members.append(companion._score_views(views_by_size[companion.image_size], shapes))
         started_fusion = time.perf_counter()
         scores = np.stack([member.scores for member in members]).mean(axis=0, dtype=np.float32)
-        maps = np.stack([member.maps for member in members]).mean(axis=0, dtype=np.float32)
+        maps = np.stack([resize_maps(m.maps, self.image_size) for m in members]).mean(axis=0, dtype=np.float32)
         fusion_s = time.perf_counter() - started_fusion
         timings = StageTimings(sum(m.timings.backbone_s for m in members), sum(m.timings.search_s for m in members),
                                sum(m.timings.postprocess_s for m in members) + fusion_s)  # fmt: skip

@@ -335,9 +335,10 @@ class NpadSettings(_Section):
         return _odd("npad.averaging_kernel", value)
 
 
-# Fused methods score the same preprocessed, shifted views and their maps are averaged pixel by pixel: these must
-# be the same for every member, so a member may not override them.
-SHARED_MODEL_KEYS = ("method", "image_size", "resize", "intensity", "device")
+# Fused methods see the frames preprocessed and shifted alike and their maps are averaged pixel by pixel: these
+# must be the same for every member, so a member may not override them. A member may have its own image_size (its
+# maps are resized to [model] image_size before the mean).
+SHARED_MODEL_KEYS = ("method", "resize", "intensity", "device")
 SHARED_SCORING_KEYS = (
     "shift_pixels", "shift_pattern", "shift_aggregate", "batch_size", "normalise_positions", "normalisation_fraction",
     "map_baseline",
@@ -373,17 +374,30 @@ class FusionSettings(_Section):
     )
 
 
+def coarse_image_size(image_size: int) -> int:
+    """Input size of the default's coarser pair: 5/7 of ``image_size`` (160 px for 224) in steps of 16, >= 64."""
+    return max(64, 16 * round(image_size * 5 / 7 / 16))
+
+
 def recommended_companions(model: ModelSettings) -> tuple[FusionMember, ...]:
     """PatchCore's: PaDiM on raw features with the map maximum as image score, over blocks.2-4 with the default
-    EfficientNet-Lite0 (PatchCore's two blocks and the one between; one shared backbone pass). Chosen on the
-    validation split of MTD training images with synthetic defects (benchmarks/select_defaults.py, RESULTS section
-    4): the two fail on different defects and their mean beat either alone. Other methods: none."""
+    EfficientNet-Lite0 (PatchCore's two blocks and the one between; one shared backbone pass); then the same pair
+    again on the frames at a coarser input (``coarse_image_size``: 160 px for 224), which sees large, low-contrast
+    defects as local ones. Chosen on the validation split of MTD training images with synthetic defects
+    (benchmarks/select_defaults.py, RESULTS section 4): PatchCore and PaDiM fail on different defects and their
+    mean beat either alone (session 5); the coarse pair added +2.5 / +2.8 pixel AUROC on surface-like and large
+    defects at under 0.2 points elsewhere (session 7). Other methods: none."""
     if model.method != "patchcore":
         return ()
     padim_model: dict[str, Any] = {"aggregation_kernel": 1}
     if model.backbone == "efficientnet_lite0" and model.layers is None:
         padim_model["layers"] = ["blocks.2", "blocks.3", "blocks.4"]
-    return (FusionMember(method="padim", model=padim_model, scoring={"image_score": "max"}),)
+    padim = FusionMember(method="padim", model=padim_model, scoring={"image_score": "max"})
+    coarse = {"image_size": coarse_image_size(model.image_size)}
+    if coarse["image_size"] >= model.image_size:
+        return (padim,)
+    return (padim, FusionMember(method="patchcore", model=coarse),
+            FusionMember(method="padim", model=padim_model | coarse, scoring={"image_score": "max"}))  # fmt: skip
 
 
 class ThresholdSettings(_Section):

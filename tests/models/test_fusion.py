@@ -137,3 +137,52 @@ def test_too_few_images_for_statistics_fit_the_main_method_alone(
         scorer = fit_scorer(sorted(demo_line.train_dir.iterdir()), config, progress=False, holdout_fraction=0.2)
     assert scorer.companions == () and scorer.position_stats is None
     assert "fitted patchcore alone" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def default_fusion(demo_line: DemoLine) -> Scorer:
+    """The default members (no [fusion] section) on the 96 px demo model."""
+    config = config_from_mapping(TINY | {"scoring": FUSED["scoring"]})
+    return fit_scorer(sorted(demo_line.train_dir.iterdir()), config, progress=False, holdout_fraction=0.2)
+
+
+def test_default_adds_a_coarser_pair_whose_maps_are_resized_before_the_mean(
+    default_fusion: Scorer, demo_line: DemoLine
+) -> None:
+    from models.scorer import resize_maps
+
+    fitted_scorer = default_fusion  # PaDiM at 96 px, then PatchCore and PaDiM at 64 px
+    assert [(c.method.name, c.image_size) for c in fitted_scorer.companions] == [
+        ("padim", 96), ("patchcore", 64), ("padim", 64)]  # fmt: skip
+    assert " + patchcore at 64 px (" in fitted_scorer.describe()
+    images = [read_image(p) for p in demo_line.test_images]
+    batch = fitted_scorer.score(images)
+    members = [_alone(fitted_scorer).score(images)] + [c.score(images) for c in fitted_scorer.companions]
+    assert members[2].maps.shape == (len(images), 64, 64) and batch.maps.shape == (len(images), 96, 96)
+    np.testing.assert_allclose(batch.scores, np.mean([m.scores for m in members], axis=0), rtol=1e-5)
+    expected = np.mean([resize_maps(m.maps, 96) for m in members], axis=0)
+    np.testing.assert_allclose(batch.maps, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_backbone_pass_per_input_size(default_fusion: Scorer, demo_line: DemoLine) -> None:
+    fitted_scorer = default_fusion
+    images = [read_image(p) for p in demo_line.test_images[:4]]
+    sizes: list[int] = []
+    members = (fitted_scorer, *fitted_scorer.companions)
+    hooks = [m.method.extractor.backbone.network.register_forward_pre_hook(  # type: ignore[attr-defined]
+        lambda _module, inputs: sizes.append(inputs[0].shape[-1])) for m in members]  # fmt: skip
+    try:
+        fitted_scorer.score(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sizes == [96, 64]
+
+
+def test_saved_coarser_members_reload_with_their_own_size(default_fusion: Scorer, demo_line: DemoLine,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    default_fusion.save(tmp_path / "model")
+    reloaded = load_scorer(tmp_path / "model")
+    assert [c.image_size for c in reloaded.companions] == [96, 64, 64]
+    images = [read_image(p) for p in demo_line.test_images[:4]]
+    np.testing.assert_array_equal(reloaded.score(images).scores, default_fusion.score(images).scores)

@@ -53,15 +53,25 @@ def test_fusion_member_config_is_the_base_with_its_overrides(tmp_path: Path) -> 
     assert (member.model.method, member.model.aggregation_kernel, member.model.image_size) == ("padim", 1, 128)
     assert (member.scoring.image_score, member.scoring.shift_pixels, member.scoring.top_k) == ("max", 2, 5)
     assert member.fusion_members == () and config.model.method == "patchcore" and config.model.aggregation_kernel == 3
+    coarse = config.member_config(config.fusion_members[0].model_copy(update={"model": {"image_size": 96}}))
+    assert coarse.model.image_size == 96 and config.model.image_size == 128  # a member may see the frames smaller
     assert load_config(tmp_path / "c.toml", environ={"LINEINSPECT__FUSION__MEMBERS": "[]"}).fusion_members == ()
 
 
 def test_recommended_companions_apply_only_where_they_were_chosen() -> None:
     from pipeline.config import config_from_mapping
 
-    (padim,) = config_from_mapping({}).fusion_members
-    assert padim.method == "padim" and padim.model == {"aggregation_kernel": 1,
-                                                       "layers": ["blocks.2", "blocks.3", "blocks.4"]}  # fmt: skip
+    padim, coarse_patchcore, coarse_padim = config_from_mapping({}).fusion_members
+    layers = ["blocks.2", "blocks.3", "blocks.4"]
+    assert padim.method == "padim" and padim.model == {"aggregation_kernel": 1, "layers": layers}
+    # the same pair again on the frames at 5/7 of the input size
+    assert coarse_patchcore.method == "patchcore" and coarse_patchcore.model == {"image_size": 160}
+    assert coarse_padim.method == "padim" and coarse_padim.model == {"aggregation_kernel": 1, "layers": layers,
+                                                                     "image_size": 160}  # fmt: skip
+    assert coarse_padim.scoring == padim.scoring == {"image_score": "max"}
+    sizes = {size: config_from_mapping({"model": {"image_size": size}}).fusion_members[-1].model.get("image_size")
+             for size in (64, 96, 256, 320)}  # fmt: skip
+    assert sizes == {64: None, 96: 64, 256: 176, 320: 224}  # no coarse pair below 64 px
     for model in ({"backbone": "resnet18"}, {"layers": ["blocks.1", "blocks.4"]}):  # layers only for the default
         assert config_from_mapping({"model": model}).fusion_members[0].model == {"aggregation_kernel": 1}
     assert config_from_mapping({"model": {"method": "npad"}}).fusion_members == ()
@@ -72,7 +82,7 @@ def test_recommended_companions_apply_only_where_they_were_chosen() -> None:
 @pytest.mark.parametrize(
     ("fusion", "scoring", "message"),
     [
-        ({"members": [PADIM_MEMBER | {"model": {"image_size": 256}}]}, {}, r"cannot override model\.image_size"),
+        ({"members": [PADIM_MEMBER | {"model": {"resize": "pad"}}]}, {}, r"cannot override model\.resize"),
         ({"members": [PADIM_MEMBER | {"scoring": {"shift_pixels": 2}}]}, {}, r"cannot override scoring\.shift_pixels"),
         ({"members": [PADIM_MEMBER | {"model": {"intensity": "raw"}}]}, {}, r"cannot override model\.intensity"),
         ({"members": [PADIM_MEMBER | {"scoring": {"map_baseline": "none"}}]}, {}, r"cannot override scoring\.map_b"),

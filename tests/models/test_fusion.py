@@ -151,10 +151,9 @@ def test_default_adds_a_coarser_pair_whose_maps_are_resized_before_the_mean(
 ) -> None:
     from models.scorer import resize_maps
 
-    fitted_scorer = default_fusion  # PaDiM at 96 px, then PatchCore and PaDiM at 64 px
-    assert [(c.method.name, c.image_size) for c in fitted_scorer.companions] == [
-        ("padim", 96), ("patchcore", 64), ("padim", 64)]  # fmt: skip
-    assert " + patchcore at 64 px (" in fitted_scorer.describe()
+    fitted_scorer = default_fusion  # PaDiM at 96 px, then PaDiM at 64 px
+    assert [(c.method.name, c.image_size) for c in fitted_scorer.companions] == [("padim", 96), ("padim", 64)]
+    assert " + padim at 64 px (" in fitted_scorer.describe()
     images = [read_image(p) for p in demo_line.test_images]
     batch = fitted_scorer.score(images)
     members = [_alone(fitted_scorer).score(images)] + [c.score(images) for c in fitted_scorer.companions]
@@ -183,6 +182,6 @@ def test_saved_coarser_members_reload_with_their_own_size(default_fusion: Scorer
                                                           tmp_path: Path) -> None:  # fmt: skip
     default_fusion.save(tmp_path / "model")
     reloaded = load_scorer(tmp_path / "model")
-    assert [c.image_size for c in reloaded.companions] == [96, 64, 64]
+    assert [c.image_size for c in reloaded.companions] == [96, 64]
     images = [read_image(p) for p in demo_line.test_images[:4]]
     np.testing.assert_array_equal(reloaded.score(images).scores, default_fusion.score(images).scores)

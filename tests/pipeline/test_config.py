@@ -61,11 +61,10 @@ def test_fusion_member_config_is_the_base_with_its_overrides(tmp_path: Path) -> 
 def test_recommended_companions_apply_only_where_they_were_chosen() -> None:
     from pipeline.config import config_from_mapping
 
-    padim, coarse_patchcore, coarse_padim = config_from_mapping({}).fusion_members
+    padim, coarse_padim = config_from_mapping({}).fusion_members
     layers = ["blocks.2", "blocks.3", "blocks.4"]
     assert padim.method == "padim" and padim.model == {"aggregation_kernel": 1, "layers": layers}
-    # the same pair again on the frames at 5/7 of the input size
-    assert coarse_patchcore.method == "patchcore" and coarse_patchcore.model == {"image_size": 160}
+    # the same PaDiM again on the frames at 5/7 of the input size
     assert coarse_padim.method == "padim" and coarse_padim.model == {"aggregation_kernel": 1, "layers": layers,
                                                                      "image_size": 160}  # fmt: skip
     assert coarse_padim.scoring == padim.scoring == {"image_score": "max"}

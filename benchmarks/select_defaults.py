@@ -8,8 +8,9 @@ contrast ("subtle", far from saturated) and at 40% also on borders ("anywhere");
 cracks, holes, edge chips, stains) at 70% contrast, anywhere ("surface"); since session 6 also defects covering
 10-50% of the frame (large stains, worn patches, bands) at 70% ("large"). Image and pixel AUROC of each are printed.
 Variants override the current defaults of config.toml ("default" = no override: PatchCore fused with PaDiM since
-session 5; "patchcore" = PatchCore alone); "a+b" scores the mean of two variants' scores and maps (the fusion
-built into the product since session 5 was chosen this way, as "patchcore+padim" before it was the default).
+session 5, and with PaDiM on a 160 px view since session 7; "patchcore" = PatchCore alone); "a+b" scores the mean
+of two variants' scores and maps, resized to the larger (the fusion built into the product since session 5 was
+chosen this way, as "patchcore+padim" before it was the default).
 
     python benchmarks/select_defaults.py --data ../shared/datasets/mtd [--variants NAME ... patchcore+padim]
 
@@ -33,10 +34,17 @@ from models.datasets import good_images
 from models.evaluation import image_auroc, pixel_auroc
 from models.fit import fit_scorer, holdout_split
 from models.images import read_image
+from models.scorer import resize_maps
 from models.synthetic import DEFECT_KINDS, LARGE_KINDS, SURFACE_KINDS, add_synthetic_defect
 from pipeline.config import config_from_mapping
 
 COMPRESSED = {"kind": "compressed", "compression_ratio": 8}
+SESSION6_PADIM = {"method": "padim", "scoring": {"image_score": "max"},
+                  "model": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4"]}}  # fmt: skip
+COARSE_EXTRA: dict[str, dict[str, Any]] = {  # a coarse member's [model] keys besides image_size
+    "patchcore": {},
+    "padim": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4"]},
+}
 VARIANTS: dict[str, dict] = {
     "default": {},
     # session 1: the compressed bank and its options (RESULTS.md section 4)
@@ -86,6 +94,16 @@ VARIANTS: dict[str, dict] = {
     "patchcore": {"fusion": {"members": []}},
     "fusion-padim": {"fusion": {"members": [{"method": "padim", "model": {"aggregation_kernel": 1},
                                              "scoring": {"image_score": "max"}}]}},
+    # session 7: the session-6 default, without the coarser (160 px) PaDiM the default fusion has since; the same
+    # PatchCore + PaDiM pair on smaller inputs, to be fused with it ("fusion-224+pair-160": maps resized to 224)
+    "fusion-224": {"fusion": {"members": [SESSION6_PADIM]}},
+    **{f"pair-{size}": {"model": {"image_size": size}, "fusion": {"members": [SESSION6_PADIM]}} for size in (112, 160)},
+    # session 7: only one method of the coarser pair (cheaper: PaDiM at 160 px has no index search)
+    **{f"coarse-{method}-only": {"fusion": {"members": [
+        {"method": "padim", "scoring": {"image_score": "max"},
+         "model": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4"]}},
+        {"method": method, "model": {"image_size": 160} | COARSE_EXTRA[method],
+         "scoring": {"image_score": "max"} if method == "padim" else {}}]}} for method in ("patchcore", "padim")},
     # session 6: the PaDiM member over blocks.2-5 (Lite0's stride-32 blocks.5 adds 192 channels of wider context)
     "fusion-padim-2-5": {"padim": {"channels": 424}, "fusion": {"members": [{"method": "padim", "model": {
         "aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4", "blocks.5"]},
@@ -205,8 +223,11 @@ def fit_and_score(overrides: dict, fit_paths: list[Path], sets: dict[str, Valida
 
 
 def fused(members: list[SetOutputs]) -> SetOutputs:
-    """Average of several variants' scores and maps (all in z units when positions are normalised)."""
-    return {name: (np.mean([m[name][0] for m in members], axis=0), np.mean([m[name][1] for m in members], axis=0))
+    """Average of several variants' scores and maps (all in z units when positions are normalised); maps of
+    smaller inputs are resized to the largest first, as the product does for members of their own image_size."""
+    size = max(m[name][1].shape[-1] for m in members for name in m)
+    return {name: (np.mean([m[name][0] for m in members], axis=0),
+                   np.mean([resize_maps(m[name][1], size) for m in members], axis=0))
             for name in members[0]}  # fmt: skip
 
 

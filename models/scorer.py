@@ -19,7 +19,7 @@
 6. Fusion (``[fusion] members``): companion Scorers, each a fitted method with its own settings and position
    statistics, score the same views (steps 3-5; backbones with the same weights run once when one's layers lie
    within the other's pass, see ``models.backbones.shared_backbone_pass``), or, for a companion with its own
-   ``image_size`` (the default's coarser pair, ``pipeline.config.recommended_companions``), views of the frames
+   ``image_size`` (the default's coarser PaDiM, ``pipeline.config.recommended_companions``), views of the frames
    at that size, its maps ``(N, s, s)`` resized to ``(N, S, S)``; scores and maps are the mean over this Scorer
    and its companions, all in z units. The threshold applies to the fused score.
 7. Optionally (``[scoring] map_baseline = "median"``, off by default) heatmaps relative to their frame: each map

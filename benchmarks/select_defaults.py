@@ -39,12 +39,8 @@ from models.synthetic import DEFECT_KINDS, LARGE_KINDS, SURFACE_KINDS, add_synth
 from pipeline.config import config_from_mapping
 
 COMPRESSED = {"kind": "compressed", "compression_ratio": 8}
-SESSION6_PADIM = {"method": "padim", "scoring": {"image_score": "max"},
+SESSION6_PADIM: dict[str, Any] = {"method": "padim", "scoring": {"image_score": "max"},
                   "model": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4"]}}  # fmt: skip
-COARSE_EXTRA: dict[str, dict[str, Any]] = {  # a coarse member's [model] keys besides image_size
-    "patchcore": {},
-    "padim": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4"]},
-}
 VARIANTS: dict[str, dict] = {
     "default": {},
     # session 1: the compressed bank and its options (RESULTS.md section 4)
@@ -99,11 +95,10 @@ VARIANTS: dict[str, dict] = {
     "fusion-224": {"fusion": {"members": [SESSION6_PADIM]}},
     **{f"pair-{size}": {"model": {"image_size": size}, "fusion": {"members": [SESSION6_PADIM]}} for size in (112, 160)},
     # session 7: only one method of the coarser pair (cheaper: PaDiM at 160 px has no index search)
-    **{f"coarse-{method}-only": {"fusion": {"members": [
-        {"method": "padim", "scoring": {"image_score": "max"},
-         "model": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4"]}},
-        {"method": method, "model": {"image_size": 160} | COARSE_EXTRA[method],
-         "scoring": {"image_score": "max"} if method == "padim" else {}}]}} for method in ("patchcore", "padim")},
+    "coarse-padim-only": {"fusion": {"members": [
+        SESSION6_PADIM, SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"image_size": 160}}]}},
+    "coarse-patchcore-only": {"fusion": {"members": [
+        SESSION6_PADIM, {"method": "patchcore", "model": {"image_size": 160}, "scoring": {}}]}},
     # session 6: the PaDiM member over blocks.2-5 (Lite0's stride-32 blocks.5 adds 192 channels of wider context)
     "fusion-padim-2-5": {"padim": {"channels": 424}, "fusion": {"members": [{"method": "padim", "model": {
         "aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4", "blocks.5"]},

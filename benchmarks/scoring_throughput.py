@@ -44,12 +44,19 @@ def throughput(scorer: Scorer, images: list[np.ndarray], batch: int, rounds: int
     return {"images_per_s": count / elapsed} | {f"{k}_ms": 1000 * v / count for k, v in totals.items()}
 
 
-def misaligned(image: np.ndarray, rng: np.random.Generator, pixels: float, degrees: float) -> np.ndarray:
-    height, width = image.shape[:2]
-    matrix = np.asarray(cv2.getRotationMatrix2D((width / 2, height / 2), float(rng.uniform(-degrees, degrees)), 1.0),
-                        dtype=np.float64)  # fmt: skip
+def misalignment(size: int, rng: np.random.Generator, pixels: float, degrees: float) -> np.ndarray:
+    """A random ``(2, 3)`` affine map of a ``size`` x ``size`` image: rotation by up to ``degrees`` about its
+    centre, then translation by up to ``pixels`` along each axis."""
+    angle = float(rng.uniform(-degrees, degrees))
+    matrix = np.asarray(cv2.getRotationMatrix2D((size / 2, size / 2), angle, 1.0), dtype=np.float64)
     matrix[:, 2] += rng.uniform(-pixels, pixels, size=2)
-    return cv2.warpAffine(image, matrix, (width, height), borderMode=cv2.BORDER_REFLECT)
+    return matrix
+
+
+def misaligned(image: np.ndarray, matrix: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """``image`` moved by ``matrix`` (``misalignment``); borders reflected."""
+    height, width = image.shape[:2]
+    return cv2.warpAffine(image, matrix, (width, height), flags=interpolation, borderMode=cv2.BORDER_REFLECT)
 
 
 def main() -> None:
@@ -77,7 +84,7 @@ def main() -> None:
         moved = []
         for image in images:
             resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-            moved.append(misaligned(resized, rng, args.misalign, args.rotate))
+            moved.append(misaligned(resized, misalignment(size, rng, args.misalign, args.rotate)))
         for shift in args.shifts:
             scorer = base.with_scoring(base.scoring.model_copy(update={"shift_pixels": shift}))
             aligned_scores = np.concatenate([scorer.score(images[i : i + 8]).scores for i in range(0, len(images), 8)])

@@ -17,6 +17,11 @@ chosen this way, as "patchcore+padim" before it was the default).
 ``--join K`` (since session 7) asks what happens on lines whose frames are long strips: every K consecutive
 images (fit and validation parts alike, each scaled to the first one's height) are joined side by side into one
 frame before anything else, so MTD's 0.4-2.7:1 tiles become 1-8:1 strips.
+
+``--misalign PX --rotate DEG`` (since session 8) adds a sixth set, "moved": the surface set's images (good and
+defective alike) scaled to 224 x 224 and each moved by a random rotation of up to DEG degrees and translation of up
+to PX pixels (the test-split benchmark's ``scoring_throughput.misalignment``), masks moved with them: how a variant
+copes with parts that sit differently from the fit images.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from scoring_throughput import misaligned, misalignment
 
 from models.datasets import good_images
 from models.evaluation import image_auroc, pixel_auroc
@@ -97,12 +103,20 @@ VARIANTS: dict[str, dict] = {
     # session 7: only one method of the coarser pair (cheaper: PaDiM at 160 px has no index search)
     "coarse-padim-only": {"fusion": {"members": [
         SESSION6_PADIM, SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"image_size": 160}}]}},
+    # session 8: the coarser PaDiM's input size (default 160 = 5/7 of 224)
+    **{f"coarse-{size}": {"fusion": {"members": [
+        SESSION6_PADIM, SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"image_size": size}}]}}
+       for size in (128, 144, 176, 192)},
     "coarse-patchcore-only": {"fusion": {"members": [
         SESSION6_PADIM, {"method": "patchcore", "model": {"image_size": 160}, "scoring": {}}]}},
     # session 6: the PaDiM member over blocks.2-5 (Lite0's stride-32 blocks.5 adds 192 channels of wider context)
     "fusion-padim-2-5": {"padim": {"channels": 424}, "fusion": {"members": [{"method": "padim", "model": {
         "aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4", "blocks.5"]},
         "scoring": {"image_score": "max"}}]}},
+    # session 8: N-pad's inference neighbourhood for the PaDiM members: each patch scored against the nearest of the
+    # Gaussians within 1 (2) grid cells, so parts displaced by up to 8 (16) px at stride 8 stay normal
+    "padim-radius-1": {"padim": {"inference_radius": 1}},
+    "padim-radius-2": {"padim": {"inference_radius": 2}},
     # session 6: each frame's brightness and contrast standardised before the backbone (MTD's exposures vary)
     "standardise": {"model": {"intensity": "standardise"}},
     # (the default since; "raw" is the session-5 default, "robust" used the median and interquartile range instead of
@@ -179,6 +193,23 @@ def validation_set(
     return result
 
 
+def moved_set(
+    validation: ValidationSet, pixels: float, degrees: float, size: int = 224, seed: int = 0
+) -> ValidationSet:
+    """Every image of ``validation`` scaled to ``size`` x ``size`` and moved by its own random ``misalignment``."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    result = ValidationSet([], validation.labels.copy(), [], list(validation.kinds))
+    for image, mask in zip(validation.images, validation.masks, strict=True):
+        matrix = misalignment(size, rng, pixels, degrees)
+        scaled = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        scaled_mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+        result.images.append(misaligned(scaled, matrix))
+        result.masks.append(misaligned(scaled_mask, matrix, cv2.INTER_NEAREST) > 0)
+    return result
+
+
 def joined_frames(paths: list[Path], join: int, out_dir: Path) -> list[Path]:
     """Every ``join`` consecutive images side by side (scaled to the first one's height), written as PNG files."""
     import cv2
@@ -252,6 +283,8 @@ def main() -> None:
                         help="names from VARIANTS; 'a+b' scores the mean of a's and b's scores and maps")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="append results as JSON lines to this file")
     parser.add_argument("--join", type=int, default=1, help="join every JOIN images side by side into one long frame")
+    parser.add_argument("--misalign", type=float, default=0.0, help="add the 'moved' set: max translation, pixels")
+    parser.add_argument("--rotate", type=float, default=0.0, help="'moved' set: max rotation, degrees")
     args = parser.parse_args()
     fit_paths, validation_paths = holdout_split(good_images(args.data), 0.2)
     if args.join > 1:
@@ -259,6 +292,8 @@ def main() -> None:
         fit_paths = joined_frames(fit_paths, args.join, joined_dir / "fit")
         validation_paths = joined_frames(validation_paths, args.join, joined_dir / "validation")
     sets = {name: validation_set(validation_paths, 0, *how) for name, how in VALIDATION_SETS.items()}
+    if args.misalign or args.rotate:
+        sets["moved"] = moved_set(sets["surface"], args.misalign, args.rotate)
     print(f"fit on {len(fit_paths)} training images; validate on {len(validation_paths)} good + "
           f"{len(validation_paths)} synthetic-defect images per set (all from the training split)")  # fmt: skip
     columns = [f"{set_name[:4]} {level}" for set_name in sets for level in ("img", "px")]

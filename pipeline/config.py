@@ -190,6 +190,12 @@ class PadimSettings(_Section):
         description="Each position's Gaussian also covers the patches within this many grid cells (moment-matched "
         "mixture); 0: its own patches only (the paper).",
     )  # fmt: skip
+    inference_radius: int = Field(
+        default=0, ge=0, le=2,
+        description="Scoring: each patch's distance is the smallest to the Gaussians within this many grid cells "
+        "(N-pad's inference neighbourhood: a part displaced by up to radius x stride pixels stays normal); 0: its own "
+        "position's Gaussian only (the paper). Cost: (2 radius + 1)^2 x the Mahalanobis products.",
+    )  # fmt: skip
     seed: int = Field(default=0, description="Seed of the random channel subset (saved with the model).")
 
 

@@ -11,7 +11,9 @@ Fit, one pass over the good images (statistics in ``models.methods.gaussian_stat
    the inverse covariances are computed once here.
 
 Score: views ``(V, 3, S, S)`` -> embeddings -> the same channels -> Mahalanobis distance of every position to its
-own Gaussian -> maps ``(V, h, w)``. No image score of its own: the Scorer takes it from the map
+own Gaussian -> maps ``(V, h, w)``; with ``inference_radius`` r > 0 (N-pad's inference neighbourhood), the smallest
+distance to the Gaussians of the ``(2r + 1)^2`` positions around it (``models.methods.npad.min_neighbour_mahalanobis``,
+whitening ``A = chol(precision)^T`` computed at load). No image score of its own: the Scorer takes it from the map
 (``scoring.image_score``: the paper's is the map maximum, ``"max"``).
 
 Files: ``padim.npz`` (plain numpy arrays, read with ``allow_pickle=False``): ``channel_indices (d,)``,
@@ -33,6 +35,7 @@ from models.errors import ArtifactError, BackboneError
 from models.features import PatchFeatureExtractor
 from models.methods.base import AnomalyMethod, ImageBatches, MethodOutput
 from models.methods.gaussian_stats import GaussianMoments, mahalanobis, pool_neighbours, precision_matrix
+from models.methods.npad import VIEW_CHUNK, min_neighbour_mahalanobis
 from pipeline.config import Config, ModelSettings, PadimSettings, ScoringSettings
 
 STATE_FILE = "padim.npz"
@@ -89,6 +92,9 @@ class PadimMethod(AnomalyMethod):
         self.channel_indices = channel_indices.to(device)
         self.mean = mean.float().to(device).contiguous()
         self.precision = precision.float().to(device).contiguous()
+        # A with A^T A = precision (A = L^T for precision = L L^T): distances to neighbours' Gaussians as ||A (x - mu)||
+        radius = settings.inference_radius
+        self.whitening = torch.linalg.cholesky(self.precision.double()).mT.float().contiguous() if radius else None
         self.grid = grid
         self.settings = settings
         self.image_size = image_size
@@ -123,8 +129,14 @@ class PadimMethod(AnomalyMethod):
         started = time.perf_counter()
         patches = embed(self.extractor, views, self.channel_indices)
         embedded = time.perf_counter()
-        distances = mahalanobis(patches, self.mean, self.precision)  # (V, h * w)
-        maps = distances.view(views.shape[0], *self.grid).float().cpu()
+        if self.whitening is None:
+            maps = mahalanobis(patches, self.mean, self.precision).view(views.shape[0], *self.grid)  # (V, h, w)
+        else:
+            grid_features = patches.transpose(1, 2).reshape(views.shape[0], -1, *self.grid)  # (V, d, h, w)
+            radius = self.settings.inference_radius
+            maps = torch.cat([min_neighbour_mahalanobis(chunk, self.mean, self.whitening, radius)
+                              for chunk in grid_features.split(VIEW_CHUNK)])  # fmt: skip
+        maps = maps.float().cpu()
         searched = time.perf_counter()
         return MethodOutput(maps, None, embedded - started, searched - embedded)
 
@@ -178,4 +190,7 @@ class PadimMethod(AnomalyMethod):
 
     def describe(self) -> str:
         positions, dim = self.mean.shape
-        return f"PaDiM Gaussians at {positions} positions ({self.grid[0]}x{self.grid[1]}) over {dim} random channels"
+        radius = self.settings.inference_radius
+        nearest = f", nearest within {radius} cell{'s' if radius > 1 else ''}" if radius else ""
+        grid = f"{self.grid[0]}x{self.grid[1]}"
+        return f"PaDiM Gaussians at {positions} positions ({grid}) over {dim} random channels{nearest}"

@@ -99,3 +99,41 @@ def test_pooled_gaussians_are_those_of_the_neighbours_samples_together() -> None
     assert float(pooled[7].trace()) > float(covariance[7].trace()) + 1.0  # the neighbours' means add spread
     same_mean, same_covariance = pool_neighbours(mean, covariance, grid, radius=0)
     assert same_mean is mean and same_covariance is covariance
+
+
+
+def _pattern(count: int, size: int, seed: int) -> torch.Tensor:
+    """Good parts: one fixed smooth 2-D pattern plus a little noise, ``(count, 3, size, size)`` in [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.arange(size, dtype=torch.float32)[:, None]
+    columns = torch.arange(size, dtype=torch.float32)[None, :]
+    pattern = 0.5 + 0.25 * torch.sin(rows * 0.11 + columns * 0.05) * torch.cos(columns * 0.07)
+    noisy = (pattern + 0.02 * torch.randn(count, size, size, generator=generator)).clamp(0, 1)
+    return noisy[:, None].expand(count, 3, size, size).contiguous()
+
+
+def test_an_inference_radius_forgives_a_part_displaced_by_one_cell() -> None:
+    config = config_from_mapping({"model": {"method": "padim", "image_size": 96, "aggregation_kernel": 1},
+                                  "padim": {"channels": 16}})  # fmt: skip
+    fitted = PadimMethod.fit(_Batches(_pattern(24, 96, seed=1), 8), config, torch.device("cpu"), progress=False)
+    settings = fitted.settings.model_copy(update={"inference_radius": 1})
+    tolerant = PadimMethod(fitted.extractor, fitted.channel_indices, fitted.mean, fitted.precision, fitted.grid,
+                           settings, fitted.image_size)  # fmt: skip
+    inner = (slice(2, -2), slice(2, -2))  # away from the wrapped rows and the zero padding at the borders
+    in_place = _pattern(1, 96, seed=2)
+    displaced = in_place.roll(8, dims=2)  # down by one stride-8 grid cell
+    strict_in_place = float(fitted.score_views(in_place, config.scoring).patch_maps[0][inner].mean())
+    strict_map = fitted.score_views(displaced, config.scoring).patch_maps[0]
+    tolerant_map = tolerant.score_views(displaced, config.scoring).patch_maps[0]
+    strict_displaced, tolerant_displaced = float(strict_map[inner].mean()), float(tolerant_map[inner].mean())
+    assert strict_displaced - tolerant_displaced > 0.5 * (strict_displaced - strict_in_place)
+    assert bool((tolerant_map <= strict_map + 1e-4).all())  # its own Gaussian is among the candidates
+    # each cell's distance is the smallest to the Gaussians of the cells around it
+    patches = embed(fitted.extractor, displaced, fitted.channel_indices)[0].double()  # (144, 16)
+    row, column = 6, 5
+    candidates = []
+    for r in range(row - 1, row + 2):
+        for c in range(column - 1, column + 2):
+            centred = patches[row * 12 + column] - fitted.mean[r * 12 + c].double()
+            candidates.append(float(centred @ fitted.precision[r * 12 + c].double() @ centred) ** 0.5)
+    assert float(tolerant_map[row, column]) == pytest.approx(min(candidates), rel=1e-4)

@@ -5,10 +5,15 @@ milliseconds per image for backbone, search and post-processing, for each shift 
 
 Shift robustness (``--misalign``): every test image is translated by up to ``--misalign`` pixels and rotated by up
 to ``--rotate`` degrees (seeded), then image AUROC is measured with each shift size: how much of the accuracy lost
-to misalignment shifting recovers.
+to misalignment shifting recovers; with the model's threshold also the verdicts: good frames rejected, defective
+ones caught.
+
+Since session 8 shifting re-scores only the frames that fail unshifted (``[scoring] shift_only_failing``), so its
+cost depends on how many fail: ``--frames good`` times the test split's good frames only (a line where nearly every
+part passes), ``all`` its mix (two thirds defective on MTD). ``--shift-every-frame`` shifts every frame instead.
 
     python benchmarks/scoring_throughput.py --model MODEL --data ../shared/datasets/mtd --shifts 0 2 4 \
-        [--misalign 8 --rotate 3]
+        [--frames good] [--shift-every-frame] [--misalign 8 --rotate 3]
 """
 
 from __future__ import annotations
@@ -68,16 +73,28 @@ def main() -> None:
     parser.add_argument("--shifts", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--misalign", type=float, default=0.0, help="max translation in pixels (of the scored size)")
     parser.add_argument("--rotate", type=float, default=0.0, help="max rotation in degrees")
+    parser.add_argument("--frames", choices=["all", "good"], default="all", help="test frames timed")
+    parser.add_argument("--shift-every-frame", action="store_true", help="shift frames that pass unshifted too")
     args = parser.parse_args()
     print(f"torch threads {torch.get_num_threads()}")
     base = load_scorer(args.model, device="cpu")
     items = test_items(args.data)
     images = [read_image(item.image) for item in items]
     labels = np.array([item.label for item in items])
+
+    def shifting(shift: int) -> Scorer:
+        update = {"shift_pixels": shift, "shift_only_failing": not args.shift_every_frame}
+        return base.with_scoring(base.scoring.model_copy(update=update))
+
+    good = [image for image, label in zip(images, labels, strict=True) if label == 0]
+    # a seeded shuffle: the rounds' batches then mix good and defective frames as the chosen set does (the test list
+    # is ordered good first; with shifting only failing frames are shifted, so the mix sets the cost)
+    chosen = images if args.frames == "all" else good
+    timed = [chosen[index] for index in np.random.default_rng(0).permutation(len(chosen))]
     for shift in args.shifts:
-        scorer = base.with_scoring(base.scoring.model_copy(update={"shift_pixels": shift}))
-        speed = throughput(scorer, images, args.batch, args.rounds)
-        print(f"shift {shift}: " + ", ".join(f"{k} {v:.1f}" for k, v in speed.items()), flush=True)
+        speed = throughput(shifting(shift), timed, args.batch, args.rounds)
+        print(f"shift {shift} ({args.frames} frames): " + ", ".join(f"{k} {v:.1f}" for k, v in speed.items()),
+              flush=True)  # fmt: skip
     if args.misalign or args.rotate:
         rng = np.random.default_rng(0)
         size = base.image_size
@@ -86,12 +103,18 @@ def main() -> None:
             resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
             moved.append(misaligned(resized, misalignment(size, rng, args.misalign, args.rotate)))
         for shift in args.shifts:
-            scorer = base.with_scoring(base.scoring.model_copy(update={"shift_pixels": shift}))
+            scorer = shifting(shift)
             aligned_scores = np.concatenate([scorer.score(images[i : i + 8]).scores for i in range(0, len(images), 8)])
             moved_scores = np.concatenate([scorer.score(moved[i : i + 8]).scores for i in range(0, len(moved), 8)])
             print(f"shift {shift}: image AUROC as captured {image_auroc(labels, aligned_scores):.4f}, "
                   f"misaligned (<= {args.misalign} px, <= {args.rotate} deg) {image_auroc(labels, moved_scores):.4f}",
                   flush=True)  # fmt: skip
+            if base.threshold is not None:
+                for name, scores in (("as captured", aligned_scores), ("misaligned", moved_scores)):
+                    failed = scores > base.threshold.value
+                    print(f"  {name} at threshold {base.threshold.value:.3f}: good rejected "
+                          f"{100 * failed[labels == 0].mean():.2f}%, defective caught "
+                          f"{100 * failed[labels == 1].mean():.1f}%", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -202,9 +202,11 @@ def score_paths(
     desc: str = "scoring",
     skipped: list[str] | None = None,
 ) -> np.ndarray:
-    """Image scores ``(readable images,)`` of image files; unreadable ones are warned about and added to ``skipped``."""
+    """Image scores ``(readable images,)`` of image files, every frame shifted when shifting is on (thresholds are
+    chosen from these); unreadable ones are warned about and added to ``skipped``."""
     skipped = [] if skipped is None else skipped
-    scores = [scorer.score(batch).scores for batch in _progress_batches(paths, batch_size, progress, desc, skipped)]
+    batches = _progress_batches(paths, batch_size, progress, desc, skipped)
+    scores = [scorer.score(batch, shift_every_frame=True).scores for batch in batches]
     return np.concatenate(scores) if scores else np.empty(0, dtype=np.float32)
 
 

@@ -6,7 +6,8 @@
    or with ``[model] resize = "pad"`` scaled keeping its aspect and padded, or with ``"tile"`` cut into
    near-square pieces each stretched, ``models.tiling``), by default with its brightness and contrast
    standardised (``[model] intensity``); batch ``(N, 3, S, S)`` floats (``(T, 3, S, S)``, T pieces, when tiling).
-2. N-pad shifting: ``(N * V, 3, S, S)``, V views per frame (V = 1 when shifting is off).
+2. N-pad shifting: ``(N * V, 3, S, S)``, V views per frame (V = 1 when shifting is off). With a threshold, only
+   the frames that fail unshifted are shifted (``[scoring] shift_only_failing``, ``Scorer.score``).
 3. The method (``models.methods``; PatchCore by default: one backbone call, one index search for the whole batch)
    -> patch maps ``(N * V, h, w)`` and, for methods with their own image score, view scores ``(N * V,)``.
 4. Maps upsampled to ``(S, S)``, shifted views aligned back and aggregated per pixel, padding cropped off (each map
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -280,9 +281,19 @@ class Scorer:
         return self._raw_maps(*self._views(images))[0]
 
     @torch.inference_mode()
-    def score(self, images: Sequence[np.ndarray]) -> ScoreBatch:
-        """Image scores ``(N,)`` and heatmaps ``(N, S, S)`` of the frames (``map_baseline``: maps less their median)."""
-        batch = self._fused(images)
+    def score(self, images: Sequence[np.ndarray], shift_every_frame: bool = False) -> ScoreBatch:
+        """Image scores ``(N,)`` and heatmaps ``(N, S, S)`` of the frames (``map_baseline``: maps less their median).
+
+        With shifting on, a threshold and the per-pixel minimum over views, frames are scored unshifted first and
+        only failing ones again with shifts (``scoring.shift_only_failing``: the same verdicts as shifting every
+        frame); ``shift_every_frame`` shifts them all, as calibrating a threshold needs.
+        """
+        scoring = self.scoring
+        only_failing = scoring.shift_only_failing and scoring.shift_aggregate == "min" and len(self.offsets) > 1
+        if only_failing and self.threshold is not None and not shift_every_frame:
+            batch = self._shifting_failing(images, self.threshold.value)
+        else:
+            batch = self._fused(images)
         if self.scoring.map_baseline == "median":
             started = time.perf_counter()
             maps = batch.maps - np.median(batch.maps.reshape(len(batch.maps), -1), axis=1)[:, None, None]
@@ -290,6 +301,23 @@ class Scorer:
             timings = replace(batch.timings, postprocess_s=postprocess_s)
             batch = ScoreBatch(batch.scores, maps.astype(np.float32), timings)
         return batch
+
+    def _shifting_failing(self, images: Sequence[np.ndarray], threshold: float) -> ScoreBatch:
+        """Unshifted scores and maps, those of frames scoring above ``threshold`` replaced by their shifted ones.
+
+        Exact for verdicts: the shifted map is the per-pixel minimum over views that include the unshifted one, and
+        normalisation, smoothing, image scores and fusion never decrease when a map decreases, so a shifted score
+        is at most the unshifted one.
+        """
+        first = self.with_scoring(self.scoring.model_copy(update={"shift_pixels": 0}))._fused(images)
+        failing = np.flatnonzero(first.scores > threshold)
+        if failing.size == 0:
+            return first
+        shifted = self._fused([images[int(index)] for index in failing])
+        scores, maps = first.scores.copy(), first.maps.copy()
+        scores[failing], maps[failing] = shifted.scores, shifted.maps
+        timings = StageTimings(*(a + b for a, b in zip(astuple(first.timings), astuple(shifted.timings), strict=True)))
+        return ScoreBatch(scores, maps, timings)
 
     def _fused(self, images: Sequence[np.ndarray]) -> ScoreBatch:
         """This Scorer's and its companions' scores and maps, averaged: one shared backbone pass per input size,

@@ -138,6 +138,14 @@ class ScoringSettings(_Section):
     shift_pixels: int = Field(default=0, ge=0, le=32, description="N-pad shifting: offset in pixels; 0 turns it off.")
     shift_pattern: Literal["cross", "grid"] = "cross"
     shift_aggregate: Literal["min", "mean"] = "min"
+    shift_only_failing: bool = Field(
+        default=True,
+        description="With shifting on, a threshold and shift_aggregate = 'min': frames are scored unshifted first "
+        "and only those that fail are scored again with shifts. The per-pixel minimum over views includes the "
+        "unshifted view, so a frame that passes unshifted passes shifted: the verdicts are those of shifting every "
+        "frame, at shifting's cost only for failing frames; passing frames keep their unshifted score and heatmap "
+        "(upper bounds of the shifted ones). False: every frame shifted (thresholds are always calibrated so).",
+    )
     batch_size: int = Field(default=8, ge=1, le=512)
     normalise_positions: bool = Field(
         default=True, description="Report per-pixel z-scores against held-out good images (models.normalisation)."
@@ -346,8 +354,8 @@ class NpadSettings(_Section):
 # maps are resized to [model] image_size before the mean).
 SHARED_MODEL_KEYS = ("method", "resize", "intensity", "device")
 SHARED_SCORING_KEYS = (
-    "shift_pixels", "shift_pattern", "shift_aggregate", "batch_size", "normalise_positions", "normalisation_fraction",
-    "map_baseline",
+    "shift_pixels", "shift_pattern", "shift_aggregate", "shift_only_failing", "batch_size", "normalise_positions",
+    "normalisation_fraction", "map_baseline",
 )
 
 

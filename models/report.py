@@ -1,7 +1,8 @@
 """Evaluating a Scorer on a labelled dataset and writing the report a person looks at.
 
-``evaluate(scorer, items, out_dir)`` scores every test image in batches (progress bar), resizes masks to the
-map size ``(S, S)``, and writes to ``out_dir``:
+``evaluate(scorer, items, out_dir)`` scores every test image in batches (progress bar; with shifting on, every
+frame shifted unless ``shift_every_frame=False``), resizes masks to the map size ``(S, S)``, and writes to
+``out_dir``:
 
 - ``metrics.json``: image_auroc, pixel_auroc, pro (FPR <= 0.3, normalised), f1_max, images_per_second,
   per-defect-type image and pixel AUROC (each type's images with the good ones), score summaries, and the model's
@@ -37,8 +38,11 @@ OVERLAYS_PER_GROUP = 4
 
 
 def score_items(
-    scorer: Scorer, items: Sequence[TestItem], batch_size: int, progress: bool
+    scorer: Scorer, items: Sequence[TestItem], batch_size: int, progress: bool, shift_every_frame: bool = True
 ) -> tuple[list[TestItem], np.ndarray, np.ndarray, np.ndarray, float]:
+    """Kept items, scores ``(N,)``, maps ``(N, S, S)``, masks ``(N, S, S)`` and scoring seconds. With shifting on,
+    every frame is shifted by default (``Scorer.score``): threshold-free metrics then rank shifting's own scores,
+    not the unshifted ones of frames that pass (the verdicts are the same either way)."""
     size = scorer.image_size
     kept: list[TestItem] = []
     scores: list[np.ndarray] = []
@@ -62,7 +66,7 @@ def score_items(
                 masks.append(np.zeros((size, size), dtype=bool))
         if images:
             tic = time.perf_counter()
-            batch = scorer.score(images)
+            batch = scorer.score(images, shift_every_frame=shift_every_frame)
             scoring_seconds += time.perf_counter() - tic
             scores.append(batch.scores)
             maps.append(batch.maps)
@@ -120,11 +124,16 @@ def _write_overlays(out_dir: Path, scorer: Scorer, items: list[TestItem], scores
 
 
 def evaluate(
-    scorer: Scorer, items: Sequence[TestItem], out_dir: Path, batch_size: int = 8, progress: bool = True
+    scorer: Scorer,
+    items: Sequence[TestItem],
+    out_dir: Path,
+    batch_size: int = 8,
+    progress: bool = True,
+    shift_every_frame: bool = True,
 ) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kept, scores, maps, masks, seconds = score_items(scorer, items, batch_size, progress)
+    kept, scores, maps, masks, seconds = score_items(scorer, items, batch_size, progress, shift_every_frame)
     labels = np.array([item.label for item in kept])
     metrics: dict[str, Any] = {
         "model_id": scorer.model_id,
@@ -136,6 +145,7 @@ def evaluate(
         "images_per_second": len(kept) / seconds if seconds > 0 else None,
         "image_size": scorer.image_size,
         "shift_pixels": scorer.scoring.shift_pixels,
+        "shift_every_frame": shift_every_frame,
     }
     pro_fpr, pro = np.empty(0), np.empty(0)
     if masks.any():

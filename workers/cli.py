@@ -87,9 +87,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     scorer = load_scorer(args.model, args.device)
     if args.shift_pixels is not None:
         scorer = scorer.with_scoring(scorer.scoring.model_copy(update={"shift_pixels": args.shift_pixels}))
-    if args.shift_every_frame:
-        scorer = scorer.with_scoring(scorer.scoring.model_copy(update={"shift_only_failing": False}))
-    metrics = evaluate(scorer, test_items(args.data), args.out, batch_size=args.batch_size, progress=not args.quiet)
+    metrics = evaluate(scorer, test_items(args.data), args.out, batch_size=args.batch_size, progress=not args.quiet,
+                       shift_every_frame=not args.shift_only_failing)  # fmt: skip
     shown = {key: metrics[key] for key in ("image_auroc", "pixel_auroc", "pro", "f1_max", "images_per_second")}
     print(json.dumps(shown, indent=1))
     print(f"report written to {args.out} (metrics.json, roc.png, pro.png, overlays/)")
@@ -174,9 +173,9 @@ def _add_model_commands(subparsers: argparse._SubParsersAction) -> None:
             parser.add_argument("--out", type=Path, required=True, help="report directory")
             parser.add_argument("--batch-size", type=int, default=8)
             parser.add_argument("--shift-pixels", type=int, default=None, help="override the model's shift size")
-            parser.add_argument("--shift-every-frame", action="store_true",
-                                help="shift frames that pass unshifted too (same verdicts; their scores and "
-                                "maps become the shifted ones: threshold-free AUROC of shifting itself)")  # fmt: skip
+            parser.add_argument("--shift-only-failing", action="store_true",
+                                help="score as workers do: shift only frames failing unshifted (same verdicts; "
+                                "passing frames keep unshifted scores). Default: every frame shifted")  # fmt: skip
         else:
             parser.add_argument("--good", type=Path, required=True, help="held-out good images")
             parser.add_argument("--false-reject-rate", type=float, default=0.005)

@@ -12,13 +12,21 @@ Since session 8 shifting re-scores only the frames that fail unshifted (``[scori
 cost depends on how many fail: ``--frames good`` times the test split's good frames only (a line where nearly every
 part passes), ``all`` its mix (two thirds defective on MTD). ``--shift-every-frame`` shifts every frame instead.
 
+``--competitor busy`` (a pure-Python busy loop: one core taken) or ``matmul`` (numpy matrix products on its BLAS
+threads) runs another process beside the timed rounds: a host shared with other software. The scoring workers set
+GOMP_SPINCOUNT=10000 before torch loads (``workers.score.limit_threads``); this script does not, so set it in its
+environment to time what the workers do (unset: GNU OpenMP's default busy-wait).
+
     python benchmarks/scoring_throughput.py --model MODEL --data ../shared/datasets/mtd --shifts 0 2 4 \
-        [--frames good] [--shift-every-frame] [--misalign 8 --rotate 3]
+        [--frames good] [--shift-every-frame] [--misalign 8 --rotate 3] [--competitor busy]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -64,6 +72,13 @@ def misaligned(image: np.ndarray, matrix: np.ndarray, interpolation: int = cv2.I
     return cv2.warpAffine(image, matrix, (width, height), flags=interpolation, borderMode=cv2.BORDER_REFLECT)
 
 
+# Other software on the host: one core busy, or BLAS-threaded matrix products (numpy's own thread pool)
+COMPETITORS = {
+    "busy": "while True: pass",
+    "matmul": "import numpy as np\na = np.random.rand(800, 800).astype(np.float32)\nwhile True: a @ a",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True)
@@ -75,8 +90,9 @@ def main() -> None:
     parser.add_argument("--rotate", type=float, default=0.0, help="max rotation in degrees")
     parser.add_argument("--frames", choices=["all", "good"], default="all", help="test frames timed")
     parser.add_argument("--shift-every-frame", action="store_true", help="shift frames that pass unshifted too")
+    parser.add_argument("--competitor", choices=sorted(COMPETITORS), help="another process busy beside the rounds")
     args = parser.parse_args()
-    print(f"torch threads {torch.get_num_threads()}")
+    print(f"torch threads {torch.get_num_threads()}, GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}")
     base = load_scorer(args.model, device="cpu")
     items = test_items(args.data)
     images = [read_image(item.image) for item in items]
@@ -91,10 +107,19 @@ def main() -> None:
     # is ordered good first; with shifting only failing frames are shifted, so the mix sets the cost)
     chosen = images if args.frames == "all" else good
     timed = [chosen[index] for index in np.random.default_rng(0).permutation(len(chosen))]
-    for shift in args.shifts:
-        speed = throughput(shifting(shift), timed, args.batch, args.rounds)
-        print(f"shift {shift} ({args.frames} frames): " + ", ".join(f"{k} {v:.1f}" for k, v in speed.items()),
-              flush=True)  # fmt: skip
+    competitor = None
+    if args.competitor:
+        competitor = subprocess.Popen([sys.executable, "-c", COMPETITORS[args.competitor]])
+        time.sleep(1.0)  # let it start (numpy's import) before timing
+    try:
+        for shift in args.shifts:
+            speed = throughput(shifting(shift), timed, args.batch, args.rounds)
+            print(f"shift {shift} ({args.frames} frames{', beside ' + args.competitor if competitor else ''}): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in speed.items()), flush=True)  # fmt: skip
+    finally:
+        if competitor is not None:
+            competitor.kill()
+            competitor.wait()
     if args.misalign or args.rotate:
         rng = np.random.default_rng(0)
         size = base.image_size

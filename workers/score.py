@@ -45,6 +45,7 @@ class ScoredBatch(Protocol):
     scores: np.ndarray  # (N,)
     maps: np.ndarray  # (N, S, S)
     timings: BatchTimings
+    shifted: np.ndarray  # (N,) bool: scored again at shifted views
 
 
 class ThresholdLike(Protocol):
@@ -66,9 +67,20 @@ ModelLoader = Callable[[Path], ScorerLike]
 UNCALIBRATED = "the model has no pass/fail threshold: run `lineinspect calibrate --model DIR --good DIR`"
 
 
+# GNU OpenMP's default: a thread that finishes its share of a parallel region busy-waits ~300,000 spins for the next
+# one. When another process holds a core, the scorer's regions (every backbone layer, faiss's search) wait for their
+# descheduled thread while its sibling spins: one busy loop beside a 2-thread scorer on 2 cores cut it from 33 to
+# 5 images/s. 10,000 spins kept the quiet rate (within 5%) and gave 12 (benchmarks/RESULTS.md section 2, session 9).
+# torch and faiss each ship their own libgomp; both read this when they load.
+OPENMP_SPIN_COUNT = "10000"
+
+
 def limit_threads(threads: int) -> None:
-    """Cap torch's (OpenMP's) threads at ``threads`` (0: leave the default). Call before torch is imported, so the
-    OpenMP runtime starts with that many; ``torch.set_num_threads`` alone does not reach threads started before."""
+    """Cap torch's (OpenMP's) threads at ``threads`` (0: leave the default) and shorten OpenMP's busy-wait (unless
+    GOMP_SPINCOUNT is set) so a scorer sharing its host with busy processes does not stall. Call before torch and
+    faiss are imported: the OpenMP runtimes read both when they load (``torch.set_num_threads`` alone does not reach
+    threads started before)."""
+    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
     if threads <= 0:
         return
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -282,6 +294,7 @@ class ScoreWorker:
             result = scorer.score([image for _, image, _ in ready])
             check_one_to_one(len(ready), result.scores, "scores")
             check_one_to_one(len(ready), result.maps, "anomaly maps")
+            check_one_to_one(len(ready), result.shifted, "shift flags")
         except Exception as error:
             logger.exception("scoring failed for a batch", extra={"frames": len(ready)})
             return [
@@ -292,6 +305,7 @@ class ScoreWorker:
                 if item.frame is not None
             ]
         self.runtime.metrics.batch_size.labels(self.keys.line_id).observe(len(ready))
+        self.runtime.metrics.shifted_frames.labels(self.keys.line_id).inc(int(np.count_nonzero(result.shifted)))
         threshold = None if scorer.threshold is None else float(scorer.threshold.value)
         decided_at = now_ns()
         decisions = []

@@ -27,7 +27,7 @@
    less its own median, so a frame whose whole map sits higher does not outrank other frames' defect-free pixels;
    it flattens defects covering much of the frame. Scores and verdicts come from steps 5-6, unaffected.
 
-Returns a typed ``ScoreBatch(scores, maps, timings)``. Models never do I/O here; see ``models.artifact``.
+Returns a typed ``ScoreBatch(scores, maps, timings, shifted)``. Models never do I/O here; see ``models.artifact``.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class ScoreBatch(NamedTuple):
     scores: np.ndarray  # (N,) float32
     maps: np.ndarray  # (N, S, S) float32
     timings: StageTimings
+    shifted: np.ndarray  # (N,) bool: the frame's score and map are from shifted views (N-pad shifting)
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,7 @@ class Scorer:
             maps = batch.maps - np.median(batch.maps.reshape(len(batch.maps), -1), axis=1)[:, None, None]
             postprocess_s = batch.timings.postprocess_s + time.perf_counter() - started
             timings = replace(batch.timings, postprocess_s=postprocess_s)
-            batch = ScoreBatch(batch.scores, maps.astype(np.float32), timings)
+            batch = ScoreBatch(batch.scores, maps.astype(np.float32), timings, batch.shifted)
         return batch
 
     def _shifting_failing(self, images: Sequence[np.ndarray], threshold: float) -> ScoreBatch:
@@ -314,10 +315,10 @@ class Scorer:
         if failing.size == 0:
             return first
         shifted = self._fused([images[int(index)] for index in failing])
-        scores, maps = first.scores.copy(), first.maps.copy()
-        scores[failing], maps[failing] = shifted.scores, shifted.maps
+        scores, maps, flags = first.scores.copy(), first.maps.copy(), first.shifted.copy()
+        scores[failing], maps[failing], flags[failing] = shifted.scores, shifted.maps, shifted.shifted
         timings = StageTimings(*(a + b for a, b in zip(astuple(first.timings), astuple(shifted.timings), strict=True)))
-        return ScoreBatch(scores, maps, timings)
+        return ScoreBatch(scores, maps, timings, flags)
 
     def _fused(self, images: Sequence[np.ndarray]) -> ScoreBatch:
         """This Scorer's and its companions' scores and maps, averaged: one shared backbone pass per input size,
@@ -338,7 +339,7 @@ class Scorer:
         fusion_s = time.perf_counter() - started_fusion
         timings = StageTimings(sum(m.timings.backbone_s for m in members), sum(m.timings.search_s for m in members),
                                sum(m.timings.postprocess_s for m in members) + fusion_s)  # fmt: skip
-        return ScoreBatch(scores, maps, timings)
+        return ScoreBatch(scores, maps, timings, members[0].shifted)
 
     def _score_views(self, views: torch.Tensor, shapes: list[tuple[int, int]]) -> ScoreBatch:
         """This Scorer's own method on prepared views: normalised, smoothed maps and image scores of the N frames."""
@@ -365,7 +366,8 @@ class Scorer:
             msg = f"scorer produced {scores.shape[0]} scores for {len(shapes)} images"
             raise RuntimeError(msg)
         timings = StageTimings(output.embed_s, output.search_s, finished - started_post)
-        return ScoreBatch(scores.numpy().astype(np.float32), maps.numpy().astype(np.float32), timings)
+        shifted = np.full(len(shapes), len(self.offsets) > 1)
+        return ScoreBatch(scores.numpy().astype(np.float32), maps.numpy().astype(np.float32), timings, shifted)
 
     def verdicts(self, scores: np.ndarray) -> list[bool]:
         """True = fail (anomalous). Raises when the model has no threshold yet."""

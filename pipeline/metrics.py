@@ -49,6 +49,12 @@ class Metrics:
         self.batch_size = Histogram(
             "lineinspect_batch_size", "Frames per scored batch.", ["line"], buckets=BATCH_SIZE_BUCKETS, registry=reg
         )
+        self.shifted_frames = Counter(
+            "lineinspect_shifted_frames_total",
+            "Frames scored again at N-pad's shifted views (those failing unshifted; all if shift_only_failing is off).",
+            ["line"],
+            registry=reg,
+        )
         self.frames = Counter(
             "lineinspect_frames_total", "Published decisions by verdict.", ["line", "verdict"], registry=reg
         )

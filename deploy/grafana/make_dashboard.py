@@ -140,17 +140,34 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                     ),
                 ),
                 description="Frames per scored batch (up to worker.max_batch).",
+                width=6,
+            ),
+            Panel(
+                "Frames scored again with shifts",
+                (
+                    Query(
+                        f"sum(rate(lineinspect_shifted_frames_total{{{LINE}}}[$__rate_interval]))"
+                        f" / sum(rate(lineinspect_batch_size_sum{{{LINE}}}[$__rate_interval]))",
+                        "share of scored frames",
+                    ),
+                ),
+                unit="percentunit",
+                description="Frames that failed unshifted and were scored again at N-pad's shifted views (each costs "
+                "about five frames of scoring): when this share rises, so does the scorers' load.",
+                width=6,
             ),
             Panel(
                 "Stream lag (not yet delivered)",
                 (Query(f"line_stream_group:lineinspect_stream_lag:max{{{LINE}}}", "{{group}}"),),
                 description="scorers: frames waiting for a scoring worker (ingest holds back at live_queue_limit); "
                 "sinks: results waiting for the sink. KEDA scales scorers on the first.",
+                width=6,
             ),
             Panel(
                 "Stream pending (delivered, not acknowledged)",
                 (Query(f"line_stream_group:lineinspect_stream_pending:max{{{LINE}}}", "{{group}}"),),
                 description="Frames in workers' hands; stuck entries are claimed after streams.claim_idle_ms.",
+                width=6,
             ),
         ),
     ),

@@ -75,6 +75,7 @@ def test_only_frames_failing_unshifted_are_shifted_and_the_verdicts_are_those_of
     failing = plain.scores > threshold
     assert 0 < failing.sum() < len(parts)
     assert calls_cascaded == [len(parts), 5 * int(failing.sum())]  # all unshifted, then 5 views of failing ones
+    assert (cascaded.shifted == failing).all() and every.shifted.all() and not plain.shifted.any()
     assert ((cascaded.scores > threshold) == (every.scores > threshold)).all()
     np.testing.assert_allclose(cascaded.scores[failing], every.scores[failing], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cascaded.maps[failing], every.maps[failing], rtol=1e-4, atol=1e-4)

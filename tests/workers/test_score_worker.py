@@ -236,7 +236,8 @@ class MiscountingScorer:
 
     def score(self, images: Sequence[np.ndarray]) -> SimpleNamespace:
         timings = SimpleNamespace(backbone_s=0.0, search_s=0.0, postprocess_s=0.0)
-        return SimpleNamespace(scores=np.zeros(1, np.float32), maps=np.zeros((1, 8, 8), np.float32), timings=timings)
+        return SimpleNamespace(scores=np.zeros(1, np.float32), maps=np.zeros((1, 8, 8), np.float32), timings=timings,
+                               shifted=np.zeros(1, bool))  # fmt: skip
 
 
 def test_a_model_returning_the_wrong_number_of_outputs_errors_every_frame_of_the_batch(
@@ -273,7 +274,10 @@ class UncalibratedScorer:
         timings = SimpleNamespace(backbone_s=0.0, search_s=0.0, postprocess_s=0.0)
         count = len(images)
         return SimpleNamespace(
-            scores=np.full(count, 2.5, np.float32), maps=np.zeros((count, 8, 8), np.float32), timings=timings
+            scores=np.full(count, 2.5, np.float32),
+            maps=np.zeros((count, 8, 8), np.float32),
+            timings=timings,
+            shifted=np.zeros(count, bool),
         )
 
 
@@ -286,3 +290,29 @@ def test_an_uncalibrated_model_gives_error_decisions_that_keep_the_score(
     [decision] = worker.score(worker.prepare([StreamEntry("1-0", encode_frame(frame))])).decisions
     assert (decision.verdict, decision.error_reason, decision.score) == ("error", "uncalibrated", 2.5)
     assert "lineinspect calibrate" in (decision.error_detail or "")
+
+
+class HalfShiftingScorer:
+    """Stand-in for a model with shifting on: every other frame failed unshifted and was scored again shifted."""
+
+    model_id = "shifting"
+    threshold = SimpleNamespace(value=1.0)
+
+    def score(self, images: Sequence[np.ndarray]) -> SimpleNamespace:
+        timings = SimpleNamespace(backbone_s=0.0, search_s=0.0, postprocess_s=0.0)
+        shifted = np.arange(len(images)) % 2 == 0
+        return SimpleNamespace(scores=np.where(shifted, 2.0, 0.5).astype(np.float32), timings=timings,
+                               maps=np.zeros((len(images), 8, 8), np.float32), shifted=shifted)  # fmt: skip
+
+
+def test_frames_scored_again_with_shifts_are_counted(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime]
+) -> None:
+    runtime = make_runtime("score", "w1")
+    worker = ScoreWorker(runtime, "line-1", SimpleNamespace(scorer=HalfShiftingScorer()))  # type: ignore[arg-type]
+    frames = [frame_from_file(path) for path in tiny_line.good_images[:3]]
+    entries = [StreamEntry(f"{i + 1}-0", encode_frame(frame)) for i, frame in enumerate(frames)]
+    decisions = worker.score(worker.prepare(entries)).decisions
+    assert [d.verdict for d in decisions] == ["fail", "pass", "fail"]
+    counted = runtime.metrics.registry.get_sample_value("lineinspect_shifted_frames_total", {"line": "line-1"})
+    assert counted == 2.0

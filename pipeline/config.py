@@ -454,7 +454,8 @@ class WorkerSettings(_Section):
         default=0, ge=0, le=256,
         description="Threads for the scorer's torch work; 0: torch's default (one per core of the host). With several "
         "scorers on one host keep scorers x threads <= cores: oversubscribed OpenMP threads spin against each other "
-        "(two scorers of 2 threads on 2 cores ran 10-20x slower). `lineinspect run` sets cores / workers.",
+        "(two scorers of 2 threads on 2 cores ran 10-20x slower). `lineinspect run` sets cores / workers. On a host "
+        "shared with other busy software use 1: one thread keeps its rate, two lose most of theirs.",
     )  # fmt: skip
     stale_after_ms: int | None = Field(default=None, ge=1, description="Skip frames older than this; None scores all.")
     drain_timeout_s: float = Field(default=25.0, gt=0)

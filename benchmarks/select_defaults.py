@@ -79,6 +79,9 @@ VARIANTS: dict[str, dict] = {
     "sigma-2": {"scoring": {"smoothing_sigma": 2.0}},
     "sigma-8": {"scoring": {"smoothing_sigma": 8.0}},
     "shift-2": {"scoring": {"shift_pixels": 2}},
+    # session 9, with 2 px cross shifting the default: farther shifts, and all 8 neighbours (9 views a frame)
+    "shift-4": {"scoring": {"shift_pixels": 4}},
+    "shift-2-grid": {"scoring": {"shift_pattern": "grid"}},
     "unnormalised": {"scoring": {"normalise_positions": False}},
     # session 4: keeping each frame's aspect (MTD's tiles are 0.36:1 to 2.6:1)
     "pad": {"model": {"resize": "pad"}},
@@ -107,6 +110,10 @@ VARIANTS: dict[str, dict] = {
     **{f"coarse-{size}": {"fusion": {"members": [
         SESSION6_PADIM, SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"image_size": size}}]}}
        for size in (128, 144, 176, 192)},
+    # session 9: a third, coarser PaDiM view beside the 160 px one (112 px had helped large and surface defects most
+    # in session 7 but cost fine ones as a pair replacing 160 px; here it only adds a member)
+    "coarse-160-112": {"fusion": {"members": [SESSION6_PADIM] + [
+        SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"image_size": size}} for size in (160, 112)]}},
     "coarse-patchcore-only": {"fusion": {"members": [
         SESSION6_PADIM, {"method": "patchcore", "model": {"image_size": 160}, "scoring": {}}]}},
     # session 6: the PaDiM member over blocks.2-5 (Lite0's stride-32 blocks.5 adds 192 channels of wider context)

@@ -228,6 +228,16 @@ def test_a_flipped_model_symlink_under_the_same_announced_path_is_reloaded(
     assert slot.model_dir == str(current)
 
 
+def scored(scores: np.ndarray, shifted: np.ndarray | None = None) -> SimpleNamespace:
+    """What a stand-in model returns for these image scores: blank 8 x 8 maps, zero timings, shift flags."""
+    return SimpleNamespace(
+        scores=scores.astype(np.float32),
+        maps=np.zeros((len(scores), 8, 8), np.float32),
+        timings=SimpleNamespace(backbone_s=0.0, search_s=0.0, postprocess_s=0.0),
+        shifted=np.zeros(len(scores), bool) if shifted is None else shifted,
+    )
+
+
 class MiscountingScorer:
     """Stand-in for a broken model: returns one score whatever the batch size."""
 
@@ -235,9 +245,7 @@ class MiscountingScorer:
     threshold = SimpleNamespace(value=1.0)
 
     def score(self, images: Sequence[np.ndarray]) -> SimpleNamespace:
-        timings = SimpleNamespace(backbone_s=0.0, search_s=0.0, postprocess_s=0.0)
-        return SimpleNamespace(scores=np.zeros(1, np.float32), maps=np.zeros((1, 8, 8), np.float32), timings=timings,
-                               shifted=np.zeros(1, bool))  # fmt: skip
+        return scored(np.zeros(1))
 
 
 def test_a_model_returning_the_wrong_number_of_outputs_errors_every_frame_of_the_batch(
@@ -271,14 +279,7 @@ class UncalibratedScorer:
     threshold = None
 
     def score(self, images: Sequence[np.ndarray]) -> SimpleNamespace:
-        timings = SimpleNamespace(backbone_s=0.0, search_s=0.0, postprocess_s=0.0)
-        count = len(images)
-        return SimpleNamespace(
-            scores=np.full(count, 2.5, np.float32),
-            maps=np.zeros((count, 8, 8), np.float32),
-            timings=timings,
-            shifted=np.zeros(count, bool),
-        )
+        return scored(np.full(len(images), 2.5))
 
 
 def test_an_uncalibrated_model_gives_error_decisions_that_keep_the_score(
@@ -299,10 +300,8 @@ class HalfShiftingScorer:
     threshold = SimpleNamespace(value=1.0)
 
     def score(self, images: Sequence[np.ndarray]) -> SimpleNamespace:
-        timings = SimpleNamespace(backbone_s=0.0, search_s=0.0, postprocess_s=0.0)
         shifted = np.arange(len(images)) % 2 == 0
-        return SimpleNamespace(scores=np.where(shifted, 2.0, 0.5).astype(np.float32), timings=timings,
-                               maps=np.zeros((len(images), 8, 8), np.float32), shifted=shifted)  # fmt: skip
+        return scored(np.where(shifted, 2.0, 0.5), shifted)
 
 
 def test_frames_scored_again_with_shifts_are_counted(

@@ -70,7 +70,7 @@ UNCALIBRATED = "the model has no pass/fail threshold: run `lineinspect calibrate
 # GNU OpenMP's default: a thread that finishes its share of a parallel region busy-waits ~300,000 spins for the next
 # one. When another process holds a core, the scorer's regions (every backbone layer, faiss's search) wait for their
 # descheduled thread while its sibling spins: one busy loop beside a 2-thread scorer on 2 cores cut it from 33 to
-# 5 images/s. 10,000 spins kept the quiet rate (within 5%) and gave 12 (benchmarks/RESULTS.md section 2, session 9).
+# 5 images/s; with 10,000 spins it kept 12, and lost about 7% when quiet (benchmarks/RESULTS.md 2, session 9).
 # torch and faiss each ship their own libgomp; both read this when they load.
 OPENMP_SPIN_COUNT = "10000"
 

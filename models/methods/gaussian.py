@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.backbones import Backbone, load_backbone
+from models.backbones import LITE_VARIANTS, Backbone, load_backbone
 from models.errors import ArtifactError, BackboneError
 from models.methods.base import AnomalyMethod, ImageBatches, MethodOutput
 from models.methods.gaussian_stats import GaussianMoments, least_variance_components, mahalanobis, precision_matrix
@@ -40,7 +40,10 @@ from pipeline.config import Config, GaussianSettings, ModelSettings, ScoringSett
 
 STATE_FILE = "gaussian.npz"
 DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
-    "efficientnet_lite0": ("blocks.1", "blocks.2", "blocks.3", "blocks.4", "blocks.5", "blocks.6"),
+    **{
+        f"efficientnet_lite{variant}": ("blocks.1", "blocks.2", "blocks.3", "blocks.4", "blocks.5", "blocks.6")
+        for variant in LITE_VARIANTS
+    },
     "resnet18": ("layer1", "layer2", "layer3", "layer4"),
     "wide_resnet50_2": ("layer1", "layer2", "layer3", "layer4"),
 }

@@ -7,12 +7,13 @@ import skimage.data
 import torch
 import torchvision
 
-from models.backbones import BACKBONES, build_efficientnet_lite0, lite0_key_map, load_backbone
+from models.backbones import BACKBONES, LITE_VARIANTS, build_efficientnet_lite, lite_key_map, load_backbone
 from models.errors import BackboneError
 
 
-def test_shipped_lite0_weights_classify_chelsea_as_a_cat() -> None:
-    model = build_efficientnet_lite0().eval()
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_shipped_lite_weights_classify_chelsea_as_a_cat(variant: int) -> None:
+    model = build_efficientnet_lite(variant).eval()
     image = cv2.resize(skimage.data.chelsea(), (224, 224)).astype(np.float32) / 255.0
     batch = (torch.from_numpy(image).permute(2, 0, 1)[None] - 0.5) / 0.5
     with torch.inference_mode():
@@ -23,7 +24,7 @@ def test_shipped_lite0_weights_classify_chelsea_as_a_cat() -> None:
 def test_tapped_maps_equal_the_plain_layout_network() -> None:
     """The backbone runs channels-last for speed; its features must be those of the network as built (NCHW)."""
     backbone = load_backbone("efficientnet_lite0")
-    plain = build_efficientnet_lite0().eval()
+    plain = build_efficientnet_lite(0).eval()
     captured: dict[str, torch.Tensor] = {}
     modules = dict(plain.named_modules())
     for layer in backbone.layers:
@@ -38,10 +39,28 @@ def test_tapped_maps_equal_the_plain_layout_network() -> None:
 
 
 def test_key_map_places_flat_blocks_into_stages() -> None:
-    assert lite0_key_map("_blocks.0._depthwise_conv.weight") == "blocks.0.0.conv_dw.weight"
-    assert lite0_key_map("_blocks.3._expand_conv.weight") == "blocks.2.0.conv_pw.weight"
-    assert lite0_key_map("_blocks.15._project_conv.weight") == "blocks.6.0.conv_pwl.weight"
-    assert lite0_key_map("_fc.bias") == "classifier.bias"
+    lite0, lite2 = (1, 2, 2, 3, 3, 4, 1), (1, 3, 3, 4, 4, 5, 1)
+    assert lite_key_map("_blocks.0._depthwise_conv.weight", lite0) == "blocks.0.0.conv_dw.weight"
+    assert lite_key_map("_blocks.3._expand_conv.weight", lite0) == "blocks.2.0.conv_pw.weight"
+    assert lite_key_map("_blocks.3._expand_conv.weight", lite2) == "blocks.1.2.conv_pw.weight"
+    assert lite_key_map("_blocks.15._project_conv.weight", lite0) == "blocks.6.0.conv_pwl.weight"
+    assert lite_key_map("_blocks.20._project_conv.weight", lite2) == "blocks.6.0.conv_pwl.weight"
+    assert lite_key_map("_fc.bias", lite0) == "classifier.bias"
+
+
+def test_weights_of_another_layout_are_refused_with_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "renamed.pth"
+    torch.save({"features.0.weight": torch.zeros(1)}, path)
+    with pytest.raises(BackboneError, match=f"{path}.*not in the shipped layout"):
+        build_efficientnet_lite(1, path)
+
+
+@pytest.mark.parametrize(("variant", "channels"), [(1, [40, 112]), (2, [48, 120])])
+def test_deeper_lites_tap_the_same_strides(variant: int, channels: list[int]) -> None:
+    backbone = load_backbone(f"efficientnet_lite{variant}")
+    with torch.inference_mode():
+        maps = backbone(torch.rand(1, 3, 64, 64))
+    assert [tuple(m.shape[1:]) for m in maps] == [(channels[0], 8, 8), (channels[1], 4, 4)]
 
 
 def test_default_backbone_taps_stride_8_and_16() -> None:
@@ -74,7 +93,8 @@ def test_unknown_backbone_and_layer_are_reported() -> None:
         load_backbone("vgg99")
     with pytest.raises(BackboneError, match="unknown backbone layers"):
         load_backbone("efficientnet_lite0", layers=("blocks.99",))
-    assert set(BACKBONES) == {"efficientnet_lite0", "resnet18", "wide_resnet50_2"}
+    assert set(BACKBONES) == {
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "wide_resnet50_2"}
 
 
 def test_shared_pass_runs_equal_backbones_once_per_input() -> None:

@@ -36,11 +36,9 @@ Files: ``channels.npy (C,)``, ``pixel_mean.npy (P, C)``, ``pixel_whitening.npy (
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -55,6 +53,15 @@ from models.errors import ArtifactError, BackboneError
 from models.features import PatchFeatureExtractor, embed_on_device
 from models.index import IndexError_, NearestNeighbourIndex
 from models.methods.base import AnomalyMethod, ImageBatches, MethodOutput
+from models.methods.position_grid import (
+    VIEW_CHUNK,
+    min_neighbour_mahalanobis,
+    neighbour_offsets,
+    per_position,
+    single_threaded_kernels,
+    valid_slices,
+    whitening_matrices,
+)
 from pipeline.config import Config, ModelSettings, NpadSettings, ScoringSettings
 
 CHANNELS_FILE = "channels.npy"
@@ -65,42 +72,8 @@ AVERAGED_WHITENING_FILE = "averaged_whitening.npy"
 CENTROIDS_FILE = "centroids.npy"
 ALL_CHANNEL_SUMS_BUDGET = 1 << 30  # bytes: above this, count channel sparsity in a first pass, sum in a second
 FIT_MEMORY_LIMIT = 4 << 30  # bytes of per-position sums + covariances: refuse settings that need more
-VIEW_CHUNK = 8  # views whose neighbourhoods are whitened in one batched matmul (bounds scoring memory)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Many small matrices at once
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def single_threaded_kernels() -> Iterator[int]:
-    """Run torch single-threaded inside; yields the previous thread count.
-
-    Batched small-matrix kernels (one Cholesky or matmul per grid position) open one parallel region per matrix.
-    On a CPU shared with other processes each region waits for its descheduled partner thread: measured here at a
-    load of 12 on 2 cores, 784 Choleskys of 152 x 152 took 70 s with 2 threads and 1.5 s with 1, and the scoring
-    matmul 8.9 s against 0.7 s. Parallelise over positions ourselves instead (``per_position``).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(threads)
-
-
-def per_position(function: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
-    """``function(*chunks)`` over chunks of the leading (position) dimension, one single-threaded chunk per core,
-    concatenated. CUDA tensors go through in one call."""
-    if tensors[0].device.type != "cpu":
-        return function(*tensors)
-    with single_threaded_kernels() as threads:
-        if threads <= 1 or tensors[0].shape[0] < 2 * threads:
-            return function(*tensors)
-        chunks = zip(*(tensor.chunk(threads) for tensor in tensors), strict=True)
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            return torch.cat(list(pool.map(lambda parts: function(*parts), chunks)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,21 +118,6 @@ def bhattacharyya_distance(
     return mean_term + (log_det - (log_det_a + log_det_b) / 2) / 2
 
 
-def neighbour_offsets(radius: int) -> list[tuple[int, int]]:
-    """``(dy, dx)`` of the ``(2r + 1)^2`` positions within Chebyshev distance ``radius``, row-major."""
-    return [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
-
-
-def _valid_slices(grid: tuple[int, int], dy: int, dx: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
-    """Slices of positions ``p`` and of ``q = p + (dy, dx)`` on a ``(h, w)`` grid, where both lie on the grid."""
-    height, width = grid
-    rows_p = slice(max(0, -dy), height - max(0, dy))
-    cols_p = slice(max(0, -dx), width - max(0, dx))
-    rows_q = slice(max(0, dy), height - max(0, -dy))
-    cols_q = slice(max(0, dx), width - max(0, -dx))
-    return (rows_p, cols_p), (rows_q, cols_q)
-
-
 def neighbour_weights(
     means: torch.Tensor, covariances: torch.Tensor, grid: tuple[int, int], radius: int, temperature: float
 ) -> torch.Tensor:
@@ -181,7 +139,7 @@ def neighbour_weights(
             weights[position] = 1.0
         if dy < 0 or (dy == 0 and dx <= 0):
             continue  # D_B is symmetric: each unordered pair is computed once, from its first position
-        at_p, at_q = _valid_slices(grid, dy, dx)
+        at_p, at_q = valid_slices(grid, dy, dx)
         pairs = [grid_[at_p].flatten(0, 1) for grid_ in (mean_grid, cov_grid)]
         pairs += [grid_[at_q].flatten(0, 1) for grid_ in (mean_grid, cov_grid)]
         pairs += [log_det_grid[at_p].flatten(), log_det_grid[at_q].flatten()]
@@ -206,7 +164,7 @@ def weighted_gaussians(
     mixed_mean = torch.zeros_like(mean_grid)
     mixed_second = torch.zeros_like(second_grid)
     for position, (dy, dx) in enumerate(neighbour_offsets(radius)):
-        at_p, at_q = _valid_slices(grid, dy, dx)
+        at_p, at_q = valid_slices(grid, dy, dx)
         weight = weights[position][at_p]
         mixed_mean[at_p] += weight[..., None] * mean_grid[at_q]
         mixed_second[at_p] += weight[..., None, None] * second_grid[at_q]
@@ -223,42 +181,6 @@ def regularise(covariances: torch.Tensor, amount: float) -> torch.Tensor:
     identity = torch.eye(covariances.shape[-1], dtype=covariances.dtype, device=covariances.device)
     mean_variance = torch.diagonal(covariances, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
     return covariances + (amount * mean_variance)[:, None, None] * identity
-
-
-def whitening_matrices(covariances: torch.Tensor) -> torch.Tensor:
-    """``(P, C, C)`` -> lower-triangular ``A = chol(Sigma)^-1``: ``A^T A`` is the inverse covariance and the
-    Mahalanobis distance is ``||A (x - mu)||`` (a sum of squares, never negative through rounding)."""
-    factor = torch.linalg.cholesky(covariances)
-    identity = torch.eye(covariances.shape[-1], dtype=covariances.dtype, device=covariances.device)
-    return torch.linalg.solve_triangular(factor, identity.expand_as(factor), upper=False)
-
-
-def min_neighbour_mahalanobis(
-    features: torch.Tensor, means: torch.Tensor, whitening: torch.Tensor, radius: int
-) -> torch.Tensor:
-    """``(V, C, h, w)`` -> ``(V, h, w)``: min over positions q within ``radius`` of p of ``||A_q (x_p - mu_q)||``.
-
-    For each q the features of its ``(2r + 1)^2`` neighbours (all views) are whitened in one batched matmul, so
-    each whitening matrix is read once per chunk of views.
-    """
-    views, channels, height, width = features.shape
-    kernel = 2 * radius + 1
-    positions = height * width
-    # at each q, x at q + offset for every offset (zeros off the grid, never used below); slicing a padded copy is
-    # ~20x faster than F.unfold on the CPU here
-    padded = F.pad(features, (radius, radius, radius, radius))
-    shifted = [padded[:, :, radius + dy : radius + dy + height, radius + dx : radius + dx + width]
-               for dy, dx in neighbour_offsets(radius)]  # fmt: skip
-    stacked = torch.stack(shifted).permute(3, 4, 0, 1, 2).reshape(positions, kernel * kernel * views, channels)
-    whitened = per_position(torch.bmm, stacked - means[:, None, :], whitening.transpose(1, 2))
-    distances = whitened.square().sum(-1).sqrt().view(height, width, kernel * kernel, views)
-    # distances[q, o] = d(x_{q + o}, G_q): move each offset's map to p = q + o and take the minimum
-    best = torch.full((views, height, width), torch.inf, dtype=features.dtype, device=features.device)
-    for position, (dy, dx) in enumerate(neighbour_offsets(radius)):
-        at_q, at_p = _valid_slices((height, width), dy, dx)
-        candidate = distances[at_q[0], at_q[1], position].permute(2, 0, 1)
-        best[:, at_p[0], at_p[1]] = torch.minimum(best[:, at_p[0], at_p[1]], candidate)
-    return best
 
 
 def neighbourhood_average(features: torch.Tensor, kernel: int) -> torch.Tensor:

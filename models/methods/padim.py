@@ -12,9 +12,10 @@ Fit, one pass over the good images (statistics in ``models.methods.gaussian_stat
 
 Score: views ``(V, 3, S, S)`` -> embeddings -> the same channels -> Mahalanobis distance of every position to its
 own Gaussian -> maps ``(V, h, w)``; with ``inference_radius`` r > 0 (N-pad's inference neighbourhood), the smallest
-distance to the Gaussians of the ``(2r + 1)^2`` positions around it (``models.methods.npad.min_neighbour_mahalanobis``,
-whitening ``A = chol(precision)^T`` computed at load). No image score of its own: the Scorer takes it from the map
-(``scoring.image_score``: the paper's is the map maximum, ``"max"``).
+distance to the Gaussians of the ``(2r + 1)^2`` positions around it
+(``models.methods.position_grid.min_neighbour_mahalanobis``, whitening ``A = chol(precision)^T`` computed at load).
+No image score of its own: the Scorer takes it from the map (``scoring.image_score``: the paper's is the map
+maximum, ``"max"``).
 
 Files: ``padim.npz`` (plain numpy arrays, read with ``allow_pickle=False``): ``channel_indices (d,)``,
 ``mean (h * w, d)``, ``precision (h * w, d, d)``.
@@ -35,7 +36,7 @@ from models.errors import ArtifactError, BackboneError
 from models.features import PatchFeatureExtractor
 from models.methods.base import AnomalyMethod, ImageBatches, MethodOutput
 from models.methods.gaussian_stats import GaussianMoments, mahalanobis, pool_neighbours, precision_matrix
-from models.methods.npad import VIEW_CHUNK, min_neighbour_mahalanobis
+from models.methods.position_grid import VIEW_CHUNK, min_neighbour_mahalanobis
 from pipeline.config import Config, ModelSettings, PadimSettings, ScoringSettings
 
 STATE_FILE = "padim.npz"

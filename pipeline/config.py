@@ -25,9 +25,7 @@ ENV_PREFIX = "LINEINSPECT__"
 Resize = Literal["stretch", "pad", "tile"]  # how frames reach the model's square input (ModelSettings.resize)
 Intensity = Literal["raw", "standardise"]  # photometric normalisation of each frame (ModelSettings.intensity)
 MethodName = Literal["patchcore", "gaussian", "padim", "patchsvdd", "cfa", "npad"]  # models/methods/
-BackboneName = Literal[
-    "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "pixel_statistics", "resnet18", "wide_resnet50_2"
-]
+BackboneName = Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "wide_resnet50_2"]
 
 
 class ConfigError(ValueError):

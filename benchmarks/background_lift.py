@@ -7,7 +7,10 @@ the test split: each variant is fitted on the fit part and scores the standard, 
 
 Printed per set: the mean map (z units when positions are normalised) of good frames; of defective frames' pixels
 more than ``--margin`` px (at the scored size) from their defect; and the AUROC of defect pixels against good
-frames' pixels and against defective frames' defect-free pixels.
+frames' pixels and against defective frames' defect-free pixels. Then, since each defective frame is a copy of the
+good frame before it with only the defect's pixels changed, the paired lift: the defective frame's map less its
+good twin's, averaged over rings at growing distance from the defect (``DISTANCE_RINGS``, px at the scored size):
+how far a defect's influence on the map reaches.
 
     python benchmarks/background_lift.py --data ../shared/datasets/mtd --variants default raw patchcore
 """
@@ -15,6 +18,7 @@ frames' pixels and against defective frames' defect-free pixels.
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 import cv2
@@ -24,6 +28,7 @@ from select_defaults import VALIDATION_SETS, VARIANTS, fit_and_score, good_image
 from models.evaluation import auroc
 
 SETS = ("standard", "surface", "large")
+DISTANCE_RINGS = (0, 5, 10, 20, 40, 80, 10_000)
 
 
 def lift(maps: np.ndarray, masks: list[np.ndarray], good: np.ndarray, margin: float) -> dict[str, float]:
@@ -45,6 +50,23 @@ def lift(maps: np.ndarray, masks: list[np.ndarray], good: np.ndarray, margin: fl
             "vs_good": against(good_pixels), "vs_background": against(background)}  # fmt: skip
 
 
+def paired_lift(maps: np.ndarray, masks: list[np.ndarray]) -> list[float]:
+    """``maps (2P, S, S)`` of good / defective twins in turn -> mean of defective less good per distance ring."""
+    size = maps.shape[-1]
+    sums, counts = np.zeros(len(DISTANCE_RINGS) - 1), np.zeros(len(DISTANCE_RINGS) - 1)
+    for good_map, defective_map, mask in zip(maps[0::2], maps[1::2], masks[1::2], strict=True):
+        resized = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+        if not resized.any():
+            continue
+        distance = cv2.distanceTransform((~resized).astype(np.uint8), cv2.DIST_L2, 5)
+        for ring, (near, far) in enumerate(itertools.pairwise(DISTANCE_RINGS)):
+            inside = (distance > near) & (distance <= far)
+            if inside.any():
+                sums[ring] += float((defective_map - good_map)[inside].mean())
+                counts[ring] += 1
+    return list(sums / np.maximum(counts, 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/mtd"))
@@ -54,6 +76,9 @@ def main() -> None:
     fit_paths, validation_paths = holdout_split(good_images(args.data), 0.2)
     sets = {name: validation_set(validation_paths, 0, *VALIDATION_SETS[name]) for name in SETS}
     print(f"{'variant':<28} {'set':<9} {'good mean':>9} {'bg mean':>8} {'vs good':>8} {'vs bg':>7}")
+    rings = [f"{near}-{far}" if far < DISTANCE_RINGS[-1] else f">{near}"
+             for near, far in itertools.pairwise(DISTANCE_RINGS)]  # fmt: skip
+    profiles = []
     for variant in args.variants:
         _, outputs = fit_and_score(VARIANTS[variant], fit_paths, sets)
         for name, validation in sets.items():
@@ -61,6 +86,11 @@ def main() -> None:
             row = lift(outputs[name][1], validation.masks, good, args.margin)
             print(f"{variant:<28} {name:<9} {row['good_mean']:9.2f} {row['background_mean']:8.2f} "
                   f"{100 * row['vs_good']:8.1f} {100 * row['vs_background']:7.1f}", flush=True)
+            profiles.append((variant, name, paired_lift(outputs[name][1], validation.masks)))
+    print("\npaired lift (defective frame's map less its good twin's) by distance from the defect, px")
+    print(f"{'variant':<28} {'set':<9} " + " ".join(f"{ring:>7}" for ring in rings))
+    for variant, name, profile in profiles:
+        print(f"{variant:<28} {name:<9} " + " ".join(f"{value:7.2f}" for value in profile))
 
 
 if __name__ == "__main__":

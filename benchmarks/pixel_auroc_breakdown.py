@@ -6,7 +6,10 @@ good images **and** of defective images. This prints, for a saved model on an MV
 - pixel AUROC with positives from one defect type (rows) against negatives from one source (columns: each defect
   type's defect-free pixels, the good images, all), and each type's share of the defect pixels;
 - per source, the mean heatmap value of defect-free pixels far from any defect (beyond a 20 px margin at the map's
-  size) and the share of frames whose map median exceeds 1 (a frame scoring above the good frames everywhere).
+  size) and the share of frames whose map median exceeds 1 (a frame scoring above the good frames everywhere);
+- per defect type, the mean heatmap value in rings at growing distance from the defect (``background_lift``'s
+  rings, px at the map's size): a lift that fades with distance is the defect's reach through the features'
+  receptive fields; one that stays up far from it is the defective frames differing from good ones everywhere.
 
 A model whose defect pixels rank well above good images' pixels but not above defective images' own backgrounds
 is limited by how the defective frames differ from good ones away from the defect, not by its localisation.
@@ -17,10 +20,12 @@ is limited by how the defective frames differ from good ones away from the defec
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 import cv2
 import numpy as np
+from background_lift import DISTANCE_RINGS
 
 from models.artifact import load_scorer
 from models.datasets import test_items
@@ -65,6 +70,22 @@ def main() -> None:
         medians = np.median(maps[chosen].reshape(len(chosen), -1), axis=1)
         mean_far = np.mean([values.mean() for values in far if values.size])
         print(f"{name[-22:]:<22}{mean_far:8.2f}{100 * np.mean(medians > 1):8.0f}%  ({len(chosen)} frames)")
+    rings = list(itertools.pairwise(DISTANCE_RINGS))
+    labels = [f"{inner}-{outer}" if outer < DISTANCE_RINGS[-1] else f">{inner}" for inner, outer in rings]
+    print(f"\nmean heatmap value by distance from the defect, px (good frames: {maps[types == 'good'].mean():.2f})")
+    print(f"{'type':<22}{'defect':>8}" + "".join(f"{label:>8}" for label in labels))
+    for name in names:
+        by_ring: list[list[float]] = [[] for _ in range(len(rings) + 1)]
+        for i in np.flatnonzero(types == name):
+            if not masks[i].any():
+                continue
+            distance = cv2.distanceTransform((~masks[i]).astype(np.uint8), cv2.DIST_L2, 5)
+            by_ring[0].append(float(maps[i][masks[i]].mean()))
+            for ring, (inner, outer) in enumerate(rings, start=1):
+                inside = (distance > inner) & (distance <= outer)
+                if inside.any():
+                    by_ring[ring].append(float(maps[i][inside].mean()))
+        print(f"{name[-22:]:<22}" + "".join(f"{np.mean(v) if v else float('nan'):8.2f}" for v in by_ring))
 
 
 if __name__ == "__main__":

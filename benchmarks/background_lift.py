@@ -50,21 +50,29 @@ def lift(maps: np.ndarray, masks: list[np.ndarray], good: np.ndarray, margin: fl
             "vs_good": against(good_pixels), "vs_background": against(background)}  # fmt: skip
 
 
+RING_LABELS = [f"{inner}-{outer}" if outer < DISTANCE_RINGS[-1] else f">{inner}"
+               for inner, outer in itertools.pairwise(DISTANCE_RINGS)]  # fmt: skip
+
+
+def ring_means(values: np.ndarray, mask: np.ndarray) -> list[float | None]:
+    """``values (S, S)``, defect ``mask (S, S)`` bool, not empty -> mean of ``values`` in each ring of
+    ``DISTANCE_RINGS`` around the defect (None where a ring holds no pixel)."""
+    distance = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, 5)
+    rings = [(distance > inner) & (distance <= outer) for inner, outer in itertools.pairwise(DISTANCE_RINGS)]
+    return [float(values[ring].mean()) if ring.any() else None for ring in rings]
+
+
 def paired_lift(maps: np.ndarray, masks: list[np.ndarray]) -> list[float]:
     """``maps (2P, S, S)`` of good / defective twins in turn -> mean of defective less good per distance ring."""
     size = maps.shape[-1]
-    sums, counts = np.zeros(len(DISTANCE_RINGS) - 1), np.zeros(len(DISTANCE_RINGS) - 1)
+    per_ring: list[list[float]] = [[] for _ in RING_LABELS]
     for good_map, defective_map, mask in zip(maps[0::2], maps[1::2], masks[1::2], strict=True):
         resized = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
-        if not resized.any():
-            continue
-        distance = cv2.distanceTransform((~resized).astype(np.uint8), cv2.DIST_L2, 5)
-        for ring, (near, far) in enumerate(itertools.pairwise(DISTANCE_RINGS)):
-            inside = (distance > near) & (distance <= far)
-            if inside.any():
-                sums[ring] += float((defective_map - good_map)[inside].mean())
-                counts[ring] += 1
-    return list(sums / np.maximum(counts, 1))
+        if resized.any():
+            for ring, mean in enumerate(ring_means(defective_map - good_map, resized)):
+                if mean is not None:
+                    per_ring[ring].append(mean)
+    return [float(np.mean(values)) if values else float("nan") for values in per_ring]
 
 
 def main() -> None:
@@ -76,8 +84,6 @@ def main() -> None:
     fit_paths, validation_paths = holdout_split(good_images(args.data), 0.2)
     sets = {name: validation_set(validation_paths, 0, *VALIDATION_SETS[name]) for name in SETS}
     print(f"{'variant':<28} {'set':<9} {'good mean':>9} {'bg mean':>8} {'vs good':>8} {'vs bg':>7}")
-    rings = [f"{near}-{far}" if far < DISTANCE_RINGS[-1] else f">{near}"
-             for near, far in itertools.pairwise(DISTANCE_RINGS)]  # fmt: skip
     profiles = []
     for variant in args.variants:
         _, outputs = fit_and_score(VARIANTS[variant], fit_paths, sets)
@@ -88,7 +94,7 @@ def main() -> None:
                   f"{100 * row['vs_good']:8.1f} {100 * row['vs_background']:7.1f}", flush=True)
             profiles.append((variant, name, paired_lift(outputs[name][1], validation.masks)))
     print("\npaired lift (defective frame's map less its good twin's) by distance from the defect, px")
-    print(f"{'variant':<28} {'set':<9} " + " ".join(f"{ring:>7}" for ring in rings))
+    print(f"{'variant':<28} {'set':<9} " + " ".join(f"{ring:>7}" for ring in RING_LABELS))
     for variant, name, profile in profiles:
         print(f"{variant:<28} {name:<9} " + " ".join(f"{value:7.2f}" for value in profile))
 

@@ -20,12 +20,11 @@ is limited by how the defective frames differ from good ones away from the defec
 from __future__ import annotations
 
 import argparse
-import itertools
 from pathlib import Path
 
 import cv2
 import numpy as np
-from background_lift import DISTANCE_RINGS
+from background_lift import RING_LABELS, ring_means
 
 from models.artifact import load_scorer
 from models.datasets import test_items
@@ -70,23 +69,13 @@ def main() -> None:
         medians = np.median(maps[chosen].reshape(len(chosen), -1), axis=1)
         mean_far = np.mean([values.mean() for values in far if values.size])
         print(f"{name[-22:]:<22}{mean_far:8.2f}{100 * np.mean(medians > 1):8.0f}%  ({len(chosen)} frames)")
-    rings = list(itertools.pairwise(DISTANCE_RINGS))
-    labels = [f"{inner}-{outer}" if outer < DISTANCE_RINGS[-1] else f">{inner}" for inner, outer in rings]
     print(f"\nmean heatmap value by distance from the defect, px (good frames: {maps[types == 'good'].mean():.2f})")
-    print(f"{'type':<22}{'defect':>8}" + "".join(f"{label:>8}" for label in labels))
+    print(f"{'type':<22}{'defect':>8}" + "".join(f"{label:>8}" for label in RING_LABELS))
     for name in names:
-        by_ring: list[list[float]] = [[] for _ in range(len(rings) + 1)]
-        for i in np.flatnonzero(types == name):
-            if not masks[i].any():
-                continue
-            distance = cv2.distanceTransform((~masks[i]).astype(np.uint8), cv2.DIST_L2, 5)
-            by_ring[0].append(float(maps[i][masks[i]].mean()))
-            for ring, (inner, outer) in enumerate(rings, start=1):
-                inside = (distance > inner) & (distance <= outer)
-                if inside.any():
-                    by_ring[ring].append(float(maps[i][inside].mean()))
-        print(f"{name[-22:]:<22}" + "".join(f"{np.mean(v) if v else float('nan'):8.2f}" for v in by_ring))
-
+        framed = [i for i in np.flatnonzero(types == name) if masks[i].any()]
+        columns = zip(*[[float(maps[i][masks[i]].mean()), *ring_means(maps[i], masks[i])] for i in framed], strict=True)
+        means = [np.mean([v for v in column if v is not None]) for column in columns]
+        print(f"{name[-22:]:<22}" + "".join(f"{mean:8.2f}" for mean in means))
 
 if __name__ == "__main__":
     main()

@@ -45,6 +45,7 @@ class Progress:
     verdicts: dict[str, int] = field(default_factory=lambda: {"pass": 0, "fail": 0, "error": 0})
     latencies_s: list[float] = field(default_factory=list)
     scores_by_file: dict[str, float] = field(default_factory=dict)
+    verdicts_of_files: list[tuple[str, str]] = field(default_factory=list)  # (source file, verdict) per decision
 
     @property
     def count(self) -> int:
@@ -57,6 +58,7 @@ class Progress:
         source_file = decision.metadata.get("source_file")
         if decision.score is not None and isinstance(source_file, str):
             self.scores_by_file.setdefault(source_file, decision.score)
+            self.verdicts_of_files.append((source_file, decision.verdict))
 
     def latency_ms(self, quantile: float) -> float:
         return float(np.quantile(self.latencies_s, quantile) * 1000) if self.latencies_s else float("nan")
@@ -179,6 +181,17 @@ def _auroc(progress: Progress, demo: DemoLine) -> float | None:
     return float(image_auroc(labels, np.array([progress.scores_by_file[name] for name in names])))
 
 
+def _known_verdicts(progress: Progress, demo: DemoLine) -> str:
+    """How the decisions of frames with a known label went: good frames rejected, defective frames caught."""
+    labels_by_name = {path.name: label for path, label in zip(demo.test_images, demo.test_labels, strict=True)}
+    counts = {(label, verdict): 0 for label in (0, 1) for verdict in ("pass", "fail")}
+    for name, verdict in progress.verdicts_of_files:
+        if name in labels_by_name and verdict in ("pass", "fail"):
+            counts[labels_by_name[name], verdict] += 1
+    good, defective = counts[0, "pass"] + counts[0, "fail"], counts[1, "pass"] + counts[1, "fail"]
+    return f"{counts[0, 'fail']} of {good} good frames rejected, {counts[1, 'fail']} of {defective} defective caught"
+
+
 def run_demo(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.image_size:
@@ -265,6 +278,7 @@ def run_demo(args: argparse.Namespace) -> int:
     auroc_text = "n/a (needs good and defect frames)" if auroc is None else f"{auroc:.3f}"
     print(f"  latency p50 / p99  {p50:.0f} / {p99:.0f} ms (capture to published)")
     print(f"  image AUROC        {auroc_text} on the demo's known defects")
+    print(f"  verdicts           {_known_verdicts(progress, demo)}")
     print(f"  heatmaps           {(out / 'heatmaps').resolve()}")
     print(f"  model              {model_dir}")
     if failed:

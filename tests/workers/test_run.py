@@ -54,6 +54,12 @@ def test_run_fits_streams_and_summarises_the_demo_line(tmp_path: Path, redis_url
     assert re.search(r"frames decided\s+24\b", output), output[-3000:]
     auroc = re.search(r"image AUROC\s+([0-9.]+)", output)
     assert auroc is not None and 0.0 <= float(auroc.group(1)) <= 1.0
+    known = re.search(r"verdicts\s+(\d+) of (\d+) good frames rejected, (\d+) of (\d+) defective caught", output)
+    assert known is not None, output[-3000:]
+    rejected, good, caught, defective = (int(value) for value in known.groups())
+    decided = re.search(r"'pass': (\d+), 'fail': (\d+)", output)
+    assert decided is not None and good + defective == int(decided.group(1)) + int(decided.group(2))
+    assert rejected + caught == int(decided.group(2)) and rejected <= good and caught <= defective
     assert (tmp_path / "out" / "model" / "manifest.json").exists()
     assert sorted(path.name for path in (tmp_path / "out" / "logs").iterdir())
 

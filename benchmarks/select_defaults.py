@@ -47,6 +47,29 @@ from pipeline.config import config_from_mapping
 COMPRESSED = {"kind": "compressed", "compression_ratio": 8}
 SESSION6_PADIM: dict[str, Any] = {"method": "padim", "scoring": {"image_score": "max"},
                   "model": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4"]}}  # fmt: skip
+# Other methods alone, with and without position normalisation (their RESULTS section 6 settings)
+METHOD_VARIANTS: dict[str, dict] = {
+    f"{method}{suffix}": {**settings, "scoring": {**settings.get("scoring", {}), **scoring}}
+    for method, settings in dict[str, dict[str, dict[str, Any]]]({
+        "npad": {"model": {"method": "npad"}},
+        "padim": {"model": {"method": "padim", "aggregation_kernel": 1}, "scoring": {"image_score": "max"}},
+        # session 5: settings of the fusion's PaDiM member (all 152 Lite0 channels; PatchCore's 3x3 average)
+        "padim-channels-152": {"model": {"method": "padim", "aggregation_kernel": 1}, "padim": {"channels": 152},
+                               "scoring": {"image_score": "max"}},
+        "padim-aggregate-3": {"model": {"method": "padim"}, "scoring": {"image_score": "max"}},
+        "padim-topk": {"model": {"method": "padim", "aggregation_kernel": 1}, "scoring": {"image_score": "topk"}},
+        "padim-layers-2-3-4": {"model": {"method": "padim", "aggregation_kernel": 1,
+                                         "layers": ["blocks.2", "blocks.3", "blocks.4"]},
+                               "padim": {"channels": 232}, "scoring": {"image_score": "max"}},
+        # session 10: the default fusion's coarse member alone (background_lift.py)
+        "padim-layers-2-3-4-size-160": {"model": {"method": "padim", "aggregation_kernel": 1, "image_size": 160,
+                                                  "layers": ["blocks.2", "blocks.3", "blocks.4"]},
+                                        "padim": {"channels": 232}, "scoring": {"image_score": "max"}},
+        "gaussian": {"model": {"method": "gaussian"}},
+        "cfa": {"model": {"method": "cfa"}},
+    }).items()
+    for suffix, scoring in {"": {}, "-unnormalised": {"normalise_positions": False}}.items()
+}
 VARIANTS: dict[str, dict] = {
     "default": {},
     # session 1: the compressed bank and its options (RESULTS.md section 4)
@@ -165,30 +188,10 @@ VARIANTS: dict[str, dict] = {
     "aggregate-1-sigma-2": {"model": {"aggregation_kernel": 1}, "scoring": {"smoothing_sigma": 2.0}},
     "aggregate-1-ratio-16": {"model": {"aggregation_kernel": 1}, "bank": {"compression_ratio": 16}},
     "aggregate-1-normalise-20%": {"model": {"aggregation_kernel": 1}, "scoring": {"normalisation_fraction": 0.2}},
-    # position normalisation for the other methods (their RESULTS section 6 settings)
-    **{
-        f"{method}{suffix}": {**settings, "scoring": {**settings.get("scoring", {}), **scoring}}
-        for method, settings in dict[str, dict[str, dict[str, Any]]]({
-            "npad": {"model": {"method": "npad"}},
-            "padim": {"model": {"method": "padim", "aggregation_kernel": 1}, "scoring": {"image_score": "max"}},
-            # session 5: settings of the fusion's PaDiM member (all 152 Lite0 channels; PatchCore's 3x3 average)
-            "padim-channels-152": {"model": {"method": "padim", "aggregation_kernel": 1}, "padim": {"channels": 152},
-                                   "scoring": {"image_score": "max"}},
-            "padim-aggregate-3": {"model": {"method": "padim"}, "scoring": {"image_score": "max"}},
-            "padim-topk": {"model": {"method": "padim", "aggregation_kernel": 1}, "scoring": {"image_score": "topk"}},
-            "padim-layers-2-3-4": {"model": {"method": "padim", "aggregation_kernel": 1,
-                                             "layers": ["blocks.2", "blocks.3", "blocks.4"]},
-                                   "padim": {"channels": 232}, "scoring": {"image_score": "max"}},
-            # session 10: the default fusion's coarse member alone (background_lift.py)
-            "padim-layers-2-3-4-size-160": {"model": {"method": "padim", "aggregation_kernel": 1, "image_size": 160,
-                                                      "layers": ["blocks.2", "blocks.3", "blocks.4"]},
-                                            "padim": {"channels": 232}, "scoring": {"image_score": "max"}},
-            "gaussian": {"model": {"method": "gaussian"}},
-            "cfa": {"model": {"method": "cfa"}},
-        }).items()
-        for suffix, scoring in {"": {}, "-unnormalised": {"normalise_positions": False}}.items()
-    },
 }
+if _clashes := VARIANTS.keys() & METHOD_VARIANTS.keys():  # a repeated name would silently replace a variant
+    raise SystemExit(f"select_defaults: variant names used twice: {sorted(_clashes)}")
+VARIANTS |= METHOD_VARIANTS
 # name -> (contrast strength, defects anywhere incl. borders, kinds)
 VALIDATION_SETS = {
     "standard": (1.0, False, DEFECT_KINDS),

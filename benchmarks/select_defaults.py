@@ -157,6 +157,10 @@ VARIANTS: dict[str, dict] = {
     "padim-members-aggregate-3": {"fusion": {"members": [
         SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"aggregation_kernel": 3}},
         SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"aggregation_kernel": 3, "image_size": 160}}]}},
+    # session 11: only the coarse (160 px) member, the one there for large defects, over 3x3-averaged features
+    "coarse-aggregate-3": {"fusion": {"members": [
+        SESSION6_PADIM,
+        SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"aggregation_kernel": 3, "image_size": 160}}]}},
     "coarse-patchcore-only": {"fusion": {"members": [
         SESSION6_PADIM, {"method": "patchcore", "model": {"image_size": 160}, "scoring": {}}]}},
     # session 6: the PaDiM member over blocks.2-5 (Lite0's stride-32 blocks.5 adds 192 channels of wider context)

@@ -170,10 +170,15 @@ def _wait_ready(
     return None if stop.is_set() else f"workers not ready after {timeout_s:.0f} s"
 
 
+def _labels_by_name(demo: DemoLine) -> dict[str, int]:
+    """The demo's test frames by file name (what decisions carry as ``source_file``): 1 = defective."""
+    return {path.name: label for path, label in zip(demo.test_images, demo.test_labels, strict=True)}
+
+
 def _auroc(progress: Progress, demo: DemoLine) -> float | None:
     from models.evaluation import image_auroc
 
-    labels_by_name = {path.name: label for path, label in zip(demo.test_images, demo.test_labels, strict=True)}
+    labels_by_name = _labels_by_name(demo)
     names = [name for name in progress.scores_by_file if name in labels_by_name]
     labels = np.array([labels_by_name[name] for name in names])
     if len(set(labels.tolist())) < 2:
@@ -183,7 +188,7 @@ def _auroc(progress: Progress, demo: DemoLine) -> float | None:
 
 def _known_verdicts(progress: Progress, demo: DemoLine) -> str:
     """How the decisions of frames with a known label went: good frames rejected, defective frames caught."""
-    labels_by_name = {path.name: label for path, label in zip(demo.test_images, demo.test_labels, strict=True)}
+    labels_by_name = _labels_by_name(demo)
     counts = {(label, verdict): 0 for label in (0, 1) for verdict in ("pass", "fail")}
     for name, verdict in progress.verdicts_of_files:
         if name in labels_by_name and verdict in ("pass", "fail"):

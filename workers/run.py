@@ -44,8 +44,7 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     verdicts: dict[str, int] = field(default_factory=lambda: {"pass": 0, "fail": 0, "error": 0})
     latencies_s: list[float] = field(default_factory=list)
-    scores_by_file: dict[str, float] = field(default_factory=dict)
-    verdicts_of_files: list[tuple[str, str]] = field(default_factory=list)  # (source file, verdict) per decision
+    scored_files: list[tuple[str, float, str]] = field(default_factory=list)  # (source file, score, verdict)
 
     @property
     def count(self) -> int:
@@ -57,8 +56,7 @@ class Progress:
             self.latencies_s.append((decision.published_at_ns - decision.captured_at_ns) / 1e9)
         source_file = decision.metadata.get("source_file")
         if decision.score is not None and isinstance(source_file, str):
-            self.scores_by_file.setdefault(source_file, decision.score)
-            self.verdicts_of_files.append((source_file, decision.verdict))
+            self.scored_files.append((source_file, decision.score, decision.verdict))
 
     def latency_ms(self, quantile: float) -> float:
         return float(np.quantile(self.latencies_s, quantile) * 1000) if self.latencies_s else float("nan")
@@ -179,18 +177,21 @@ def _auroc(progress: Progress, demo: DemoLine) -> float | None:
     from models.evaluation import image_auroc
 
     labels_by_name = _labels_by_name(demo)
-    names = [name for name in progress.scores_by_file if name in labels_by_name]
+    scores_by_file: dict[str, float] = {}  # a looping source repeats files: each counts once, first score
+    for name, score, _ in progress.scored_files:
+        scores_by_file.setdefault(name, score)
+    names = [name for name in scores_by_file if name in labels_by_name]
     labels = np.array([labels_by_name[name] for name in names])
     if len(set(labels.tolist())) < 2:
         return None
-    return float(image_auroc(labels, np.array([progress.scores_by_file[name] for name in names])))
+    return float(image_auroc(labels, np.array([scores_by_file[name] for name in names])))
 
 
 def _known_verdicts(progress: Progress, demo: DemoLine) -> str:
     """How the decisions of frames with a known label went: good frames rejected, defective frames caught."""
     labels_by_name = _labels_by_name(demo)
     counts = {(label, verdict): 0 for label in (0, 1) for verdict in ("pass", "fail")}
-    for name, verdict in progress.verdicts_of_files:
+    for name, _, verdict in progress.scored_files:
         if name in labels_by_name and verdict in ("pass", "fail"):
             counts[labels_by_name[name], verdict] += 1
     good, defective = counts[0, "pass"] + counts[0, "fail"], counts[1, "pass"] + counts[1, "fail"]

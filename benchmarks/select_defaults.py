@@ -102,6 +102,7 @@ VARIANTS: dict[str, dict] = {
     "sigma-2": {"scoring": {"smoothing_sigma": 2.0}},
     "sigma-8": {"scoring": {"smoothing_sigma": 8.0}},
     "shift-2": {"scoring": {"shift_pixels": 2}},
+    "shift-0": {"scoring": {"shift_pixels": 0}},  # session 12: shifting off, on lines other than MTD (other_domains.py)
     # session 9, with 2 px cross shifting the default: farther shifts, and all 8 neighbours (9 views a frame)
     "shift-4": {"scoring": {"shift_pixels": 4}},
     "shift-2-grid": {"scoring": {"shift_pattern": "grid"}},

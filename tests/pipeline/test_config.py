@@ -63,18 +63,18 @@ def test_recommended_companions_apply_only_where_they_were_chosen() -> None:
 
     padim, coarse_padim = config_from_mapping({}).fusion_members
     layers = ["blocks.2", "blocks.3", "blocks.4"]
-    assert padim.method == "padim" and padim.model == {"aggregation_kernel": 1, "layers": layers}
+    assert padim.method == "padim" and padim.model == {"aggregation_kernel": 3, "layers": layers}
     # the same PaDiM again on the frames at 5/7 of the input size
-    assert coarse_padim.method == "padim" and coarse_padim.model == {"aggregation_kernel": 1, "layers": layers,
+    assert coarse_padim.method == "padim" and coarse_padim.model == {"aggregation_kernel": 3, "layers": layers,
                                                                      "image_size": 160}  # fmt: skip
     assert coarse_padim.scoring == padim.scoring == {"image_score": "max"}
     sizes = {size: config_from_mapping({"model": {"image_size": size}}).fusion_members[-1].model.get("image_size")
              for size in (64, 96, 256, 320)}  # fmt: skip
     assert sizes == {64: None, 96: 64, 256: 176, 320: 224}  # no coarse pair below 64 px
     lite2 = config_from_mapping({"model": {"backbone": "efficientnet_lite2"}}).fusion_members[0]
-    assert lite2.model == {"aggregation_kernel": 1, "layers": layers}  # the same blocks in every EfficientNet-Lite
+    assert lite2.model == {"aggregation_kernel": 3, "layers": layers}  # the same blocks in every EfficientNet-Lite
     for model in ({"backbone": "resnet18"}, {"layers": ["blocks.1", "blocks.4"]}):  # only the Lites, own layers unset
-        assert config_from_mapping({"model": model}).fusion_members[0].model == {"aggregation_kernel": 1}
+        assert config_from_mapping({"model": model}).fusion_members[0].model == {"aggregation_kernel": 3}
     assert config_from_mapping({"model": {"method": "npad"}}).fusion_members == ()
     assert config_from_mapping({"scoring": {"normalise_positions": False}}).fusion_members == ()
     assert config_from_mapping({"fusion": {"members": []}}).fusion_members == ()

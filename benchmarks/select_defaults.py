@@ -8,9 +8,9 @@ contrast ("subtle", far from saturated) and at 40% also on borders ("anywhere");
 cracks, holes, edge chips, stains) at 70% contrast, anywhere ("surface"); since session 6 also defects covering
 10-50% of the frame (large stains, worn patches, bands) at 70% ("large"). Image and pixel AUROC of each are printed.
 Variants override the current defaults of config.toml ("default" = no override: PatchCore fused with PaDiM since
-session 5, and with PaDiM on a 160 px view since session 7; "patchcore" = PatchCore alone); "a+b" scores the mean
-of two variants' scores and maps, resized to the larger (the fusion built into the product since session 5 was
-chosen this way, as "patchcore+padim" before it was the default).
+session 5, and with PaDiM on a 160 px view since session 7, both PaDiMs over averaged features since session 12;
+"patchcore" = PatchCore alone); "a+b" scores the mean of two variants' scores and maps, resized to the larger (the
+fusion built into the product since session 5 was chosen this way, as "patchcore+padim" before it was the default).
 
     python benchmarks/select_defaults.py --data ../shared/datasets/mtd [--variants NAME ... patchcore+padim]
 
@@ -154,7 +154,7 @@ VARIANTS: dict[str, dict] = {
     # session 11: a fourth member, PaDiM over local pixel statistics (cell means, deviations and gradient energy of
     # 8, 16 and 32 px cells), lost on every set and was removed: run it from commit 18bd092
     # session 11: both PaDiM members over 3x3-averaged features (PatchCore's local aggregation) instead of raw ones:
-    # steadier per-position Gaussians for large, low-contrast defects?
+    # steadier per-position Gaussians for large, low-contrast defects? (The default since session 12.)
     "padim-members-aggregate-3": {"fusion": {"members": [
         SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"aggregation_kernel": 3}},
         SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"aggregation_kernel": 3, "image_size": 160}}]}},

@@ -90,8 +90,11 @@ def main() -> None:
         for name, validation in sets.items():
             good = np.array(validation.kinds) == "good"
             row = lift(outputs[name][1], validation.masks, good, args.margin)
-            print(f"{variant:<28} {name:<9} {row['good_mean']:9.2f} {row['background_mean']:8.2f} "
-                  f"{100 * row['vs_good']:8.1f} {100 * row['vs_background']:7.1f}", flush=True)
+            print(
+                f"{variant:<28} {name:<9} {row['good_mean']:9.2f} {row['background_mean']:8.2f} "
+                f"{100 * row['vs_good']:8.1f} {100 * row['vs_background']:7.1f}",
+                flush=True,
+            )
             profiles.append((variant, name, paired_lift(outputs[name][1], validation.masks)))
     print("\npaired lift (defective frame's map less its good twin's) by distance from the defect, px")
     print(f"{'variant':<28} {'set':<9} " + " ".join(f"{ring:>7}" for ring in RING_LABELS))

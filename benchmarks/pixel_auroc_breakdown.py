@@ -77,5 +77,6 @@ def main() -> None:
         means = [np.mean([v for v in column if v is not None]) for column in columns]
         print(f"{name[-22:]:<22}" + "".join(f"{mean:8.2f}" for mean in means))
 
+
 if __name__ == "__main__":
     main()

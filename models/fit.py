@@ -6,7 +6,9 @@ statistics of good maps (``models.normalisation``); then ``holdout_fraction`` of
 statistics, set the initial pass/fail threshold at the configured false-reject rate, so a freshly fitted model can
 make verdicts at once; ``lineinspect calibrate`` refines it on more good images. Each ``[fusion]`` member is fitted
 the same way on the same slices, with its own position statistics; the threshold is set on the fused scores.
-Unreadable images are skipped with a warning; fitting fails only when no valid image is left.
+Unreadable images are skipped with a warning; fitting fails only when no valid image is left. With ``[model]
+intensity = "auto"`` the good images outside the threshold slice first choose standardised or raw frames
+(``models.intensity``); the model stores the choice and how it was made.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import torch
 from tqdm import tqdm
 
 from models.images import ImageError, read_image
+from models.intensity import choose_intensity
 from models.methods import method_class
 from models.normalisation import PositionStatsBuilder
 from models.scorer import Scorer, TrainingSummary, preprocess, resolve_device
 from models.threshold import false_reject_threshold
 from models.tiling import tile_count
-from pipeline.config import Config, Intensity, Resize
+from pipeline.config import Config, IntensitySetting, Resize
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ class TrainingImages:
     image_size: int
     batch_size: int
     resize: Resize = "stretch"
-    intensity: Intensity = "raw"
+    intensity: IntensitySetting = "raw"
     skipped: list[str] = field(default_factory=list)
     _unreadable: set[Path] = field(default_factory=set)
     _pieces: dict[Path, int] = field(default_factory=dict)
@@ -142,6 +145,12 @@ def fit_scorer(
         msg = "no training images given"
         raise ValueError(msg)
     fit_paths, holdout_paths = holdout_split(image_paths, holdout_fraction)
+    intensity_choice = ""
+    if config.model.intensity == "auto":
+        choice = choose_intensity(fit_paths)
+        intensity_choice = choice.describe()
+        log.info("intensity %s", intensity_choice)
+        config = config.model_copy(update={"model": config.model.model_copy(update={"intensity": choice.intensity})})
     scoring = config.scoring
     normalisation_fraction = scoring.normalisation_fraction if scoring.normalise_positions else 0.0
     fit_paths, normalisation_paths = holdout_split(fit_paths, normalisation_fraction, salt="position-stats:")
@@ -161,7 +170,8 @@ def fit_scorer(
         if good_scores.size:
             scorer.threshold = false_reject_threshold(good_scores, config.threshold.false_reject_rate)
     fit_seconds = round(time.perf_counter() - started, 3)
-    scorer.training = dataclasses.replace(scorer.training, skipped=skipped, fit_seconds=fit_seconds)
+    scorer.training = dataclasses.replace(scorer.training, skipped=skipped, fit_seconds=fit_seconds,
+                                          intensity_choice=intensity_choice)  # fmt: skip
     log.info("fitted %s from %d images in %.1f s", scorer.describe(), scorer.training.images, fit_seconds)
     return scorer
 

@@ -49,7 +49,7 @@ from models.methods.base import AnomalyMethod, MethodOutput
 from models.normalisation import PositionStats
 from models.shifting import align_and_aggregate, shift_offsets, shifted_views
 from models.tiling import frame_tiles, split_by_frame, stitch_tiles
-from pipeline.config import SHARED_SCORING_KEYS, Intensity, ModelSettings, Resize, ScoringSettings
+from pipeline.config import SHARED_SCORING_KEYS, IntensitySetting, ModelSettings, Resize, ScoringSettings
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ class TrainingSummary:
     skipped: list[str] = field(default_factory=list)
     source: str = ""
     fit_seconds: float = 0.0
+    intensity_choice: str = ""  # how [model] intensity = "auto" was resolved (models.intensity), else ""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -129,7 +130,7 @@ STANDARD_MEAN, STANDARD_STD = 0.449, 0.226  # ImageNet's pixel mean and standard
 
 
 def preprocess(
-    images: Sequence[np.ndarray], image_size: int, resize: Resize = "stretch", intensity: Intensity = "raw"
+    images: Sequence[np.ndarray], image_size: int, resize: Resize = "stretch", intensity: IntensitySetting = "raw"
 ) -> torch.Tensor:
     """Frames -> ``(T, 3, S, S)`` float32, in [0, 1] when ``intensity="raw"``; ``T = N`` unless ``resize="tile"``,
     then the frames' pieces in order (``models.tiling``).
@@ -137,8 +138,12 @@ def preprocess(
     ``resize="pad"`` keeps each frame's aspect (``content_box``). ``intensity="standardise"`` shifts and scales each
     frame (all channels alike, so colours keep their balance; all of a frame's pieces alike) to mean
     ``STANDARD_MEAN`` and standard deviation ``STANDARD_STD`` over its content: exposure and gain differences
-    between frames no longer reach the features.
+    between frames no longer reach the features. ``intensity="auto"`` is an error: fitting resolves it
+    (``models.intensity``) and models store the result.
     """
+    if intensity == "auto":
+        msg = "intensity 'auto' must be resolved to 'raw' or 'standardise' when fitting (models/intensity.py)"
+        raise ValueError(msg)
     resized: list[np.ndarray] = []
     boxes: list[tuple[int, int, int, int]] = []
     frame_rows: list[list[int]] = []

@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ENV_PREFIX = "LINEINSPECT__"
 Resize = Literal["stretch", "pad", "tile"]  # how frames reach the model's square input (ModelSettings.resize)
-Intensity = Literal["raw", "standardise"]  # photometric normalisation of each frame (ModelSettings.intensity)
+Intensity = Literal["raw", "standardise"]  # photometric normalisation of each frame (models.scorer.preprocess)
+IntensitySetting = Literal["auto", "raw", "standardise"]  # ModelSettings.intensity; fitting resolves "auto"
 MethodName = Literal["patchcore", "gaussian", "padim", "patchsvdd", "cfa", "npad"]  # models/methods/
 BackboneName = Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "wide_resnet50_2"]
 
@@ -66,11 +67,12 @@ class ModelSettings(_Section):
         "aspect and padded with its mean colour (maps are cropped back to the frame); tile: a frame far from square "
         "is cut along its long side into round(aspect) pieces, each stretched to the square (maps stitched back).",
     )
-    intensity: Intensity = Field(
-        default="standardise",
+    intensity: IntensitySetting = Field(
+        default="auto",
         description="standardise: each frame's brightness and contrast (mean and standard deviation over its pixels) "
         "set to the same values before the backbone, so exposure and gain drift do not read as defects; raw: pixel "
-        "values as captured (a uniform change of the whole frame's brightness then counts).",
+        "values as captured (a uniform change of the whole frame's brightness then counts); auto: chosen when "
+        "fitting from the good frames (models/intensity.py): raw where their content varies, else standardise.",
     )
     feature_dim: int | None = Field(
         default=None, ge=8, description="Reduce patch features to this many channels; None keeps all of them."

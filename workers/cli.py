@@ -41,6 +41,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(f"model {model_id} written to {args.out}: {scorer.describe()} "
           f"from {scorer.training.images} images in {scorer.training.fit_seconds:.1f} s; "
           f"threshold {threshold}")  # fmt: skip
+    if scorer.training.intensity_choice:
+        print(f"intensity {scorer.training.intensity_choice}")
     return 0
 
 

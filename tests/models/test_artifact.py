@@ -101,7 +101,8 @@ def test_settings_travel_with_the_model_and_older_models_behave_as_before(saved_
     from models.artifact import _write_manifest
 
     scorer = load_scorer(saved_model, device="cpu")
-    assert (scorer.model_settings.intensity, scorer.scoring.map_baseline) == ("standardise", "none")  # defaults
+    # the defaults ("auto" standardises this line)
+    assert (scorer.model_settings.intensity, scorer.scoring.map_baseline) == ("standardise", "none")
     model = _copy(saved_model, tmp_path)
     manifest = json.loads((model / "manifest.json").read_text())
     manifest["model"]["intensity"], manifest["scoring"]["map_baseline"] = "raw", "median"

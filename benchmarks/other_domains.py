@@ -11,6 +11,9 @@ then carves its fit / validation split from each and pastes the same synthetic d
 - ``cup``: a colour object photographed on a fixture: the centre 352 x 352 of ``coffee`` (400 x 600), moved by up
   to 4 px and 2 degrees (``models.synthetic.make_part``), with exposure drift (gain 0.9-1.1, offset +-8 grey
   levels) and sensor noise (sigma 3): aligned parts, as most inspection lines have.
+- ``gravel_drift``, ``tissue_drift``: the textures under exposure drift (gain 0.85-1.15, offset +-10 grey levels,
+  noise sigma 2), for the choice between standardised and raw frames (``[model] intensity``) where both content
+  and exposure vary.
 
 Frames are 224 x 224 (texture crops) or 352 x 352 (cup) PNG files. Crops of one texture overlap in content,
 though never pixel for pixel (each is rotated and scaled on its own); defaults are compared on equal terms.
@@ -46,11 +49,15 @@ def texture_frame(texture: np.ndarray, rng: np.random.Generator, size: int = TEX
     return cv2.warpAffine(texture, matrix, (size, size), flags=cv2.INTER_LINEAR)
 
 
+def drift(frame: np.ndarray, rng: np.random.Generator, gain: float, offset: float, noise: float) -> np.ndarray:
+    """Exposure drift (gain in ``1 +- gain``, offset in ``+-offset`` grey levels) and sensor noise (sigma ``noise``)."""
+    drifted = frame.astype(np.float32) * rng.uniform(1 - gain, 1 + gain) + rng.uniform(-offset, offset)
+    return np.clip(drifted + rng.normal(0, noise, frame.shape), 0, 255).astype(np.uint8)
+
+
 def part_frame(photo: np.ndarray, rng: np.random.Generator, size: int = PART_FRAME) -> np.ndarray:
     """The photo's centre on a fixture: a little moved, with exposure drift and sensor noise."""
-    part = make_part(photo, rng, size).astype(np.float32)
-    drifted = part * rng.uniform(0.9, 1.1) + rng.uniform(-8, 8) + rng.normal(0, 3, part.shape)
-    return np.clip(drifted, 0, 255).astype(np.uint8)
+    return drift(make_part(photo, rng, size), rng, gain=0.1, offset=8, noise=3)
 
 
 def domains() -> dict[str, Callable[[np.random.Generator], np.ndarray]]:
@@ -62,6 +69,8 @@ def domains() -> dict[str, Callable[[np.random.Generator], np.ndarray]]:
         "gravel": lambda rng: texture_frame(gravel, rng),
         "tissue": lambda rng: texture_frame(tissue, rng),
         "cup": lambda rng: part_frame(cup, rng),
+        "gravel_drift": lambda rng: drift(texture_frame(gravel, rng), rng, gain=0.15, offset=10, noise=2),
+        "tissue_drift": lambda rng: drift(texture_frame(tissue, rng), rng, gain=0.15, offset=10, noise=2),
     }
 
 

@@ -10,6 +10,7 @@
                       loaded with allow_pickle=False) and ``index.faiss`` (written from the CPU); torch weights are
                       state dicts read back with ``weights_only=True``
       position_stats.npz  per-pixel mean and std of held-out good maps (``models.normalisation``), when fitted
+      registration.npz    the good frames' reference pose (``models.registration``), when frames are registered
       fusion-1-padim/ ... one complete artifact per ``[fusion]`` member (no threshold of its own), recorded in the
                       manifest by directory and content hash
 
@@ -36,6 +37,8 @@ import torch
 from models.errors import ArtifactError
 from models.methods import method_class
 from models.normalisation import STATS_FILE, PositionStats
+from models.registration import FILE as REGISTRATION_FILE
+from models.registration import Registration
 from models.scorer import Scorer, Threshold, TrainingSummary, resolve_device
 from pipeline.config import ModelSettings, ScoringSettings
 
@@ -88,6 +91,8 @@ def save_scorer(scorer: Scorer, model_dir: Path) -> str:
     stats = scorer.position_stats
     if stats is not None:
         files.append(stats.save(model_dir))
+    if scorer.registration is not None:
+        files.append(scorer.registration.save(model_dir))
     fusion = []
     for position, companion in enumerate(scorer.companions, start=1):
         name = f"fusion-{position}-{companion.method.name}"
@@ -100,6 +105,7 @@ def save_scorer(scorer: Scorer, model_dir: Path) -> str:
         "scoring": scorer.scoring.model_dump(mode="json"),
         "threshold": asdict(scorer.threshold) if scorer.threshold else None,
         "position_stats": {"images": stats.images} if stats is not None else None,
+        "registration": {"fit_response": scorer.registration.fit_response} if scorer.registration else None,
         "fusion": fusion,
         "training": asdict(scorer.training),
         "libraries": library_versions(),
@@ -138,7 +144,7 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
 
 
 # Settings added after models were first written, with the value that reproduces a model written before them
-OLDER_MODEL_SETTINGS = {"intensity": "raw"}
+OLDER_MODEL_SETTINGS = {"intensity": "raw", "registration": "off"}
 OLDER_SCORING_SETTINGS = {"map_baseline": "none"}
 
 
@@ -163,6 +169,11 @@ def load_scorer(model_dir: Path, device: str = "auto") -> Scorer:
         msg = f"{model_dir}/{MANIFEST} records position statistics but does not list {STATS_FILE}"
         raise ArtifactError(msg)
     stats = PositionStats.load(model_dir, stats_images, model_settings.image_size) if stats_entry else None
+    registered = manifest.get("registration") is not None
+    if registered and REGISTRATION_FILE not in manifest.get("files", {}):
+        msg = f"{model_dir}/{MANIFEST} records a registration but does not list {REGISTRATION_FILE}"
+        raise ArtifactError(msg)
+    registration = Registration.load(model_dir) if registered else None
     method = cls.load(model_dir, section, model_settings, resolve_device(device))
     companions = []
     for name, content_hash in fusion:
@@ -175,7 +186,7 @@ def load_scorer(model_dir: Path, device: str = "auto") -> Scorer:
         companions.append(load_scorer(model_dir / name, device))
     try:
         return Scorer(method, model_settings, scoring, training, threshold, str(manifest["model_id"]), stats,
-                      companions)  # fmt: skip
+                      companions, registration)  # fmt: skip
     except ValueError as error:
         msg = f"{model_dir}: {error}"
         raise ArtifactError(msg) from None

@@ -8,7 +8,8 @@ make verdicts at once; ``lineinspect calibrate`` refines it on more good images.
 the same way on the same slices, with its own position statistics; the threshold is set on the fused scores.
 Unreadable images are skipped with a warning; fitting fails only when no valid image is left. With ``[model]
 intensity = "auto"`` the good images outside the threshold slice first choose standardised or raw frames
-(``models.intensity``); the model stores the choice and how it was made.
+(``models.intensity``) and, with ``registration`` on or "auto", a reference pose that every frame is moved into
+(``models.registration``); the model stores both choices and how they were made.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from models.images import ImageError, read_image
 from models.intensity import choose_intensity
 from models.methods import method_class
 from models.normalisation import PositionStatsBuilder
+from models.registration import Registration, choose_registration
 from models.scorer import Scorer, TrainingSummary, preprocess, resolve_device
 from models.threshold import false_reject_threshold
 from models.tiling import tile_count
@@ -73,7 +75,8 @@ def _readable_batches(paths: Sequence[Path], batch_size: int, skipped: list[str]
 @dataclass
 class TrainingImages:
     """Good image files as re-iterable batches ``(B, 3, S, S)``; unreadable files are skipped (once) with a warning.
-    With ``resize = "tile"`` a batch holds its frames' pieces (``models.tiling``), so B varies."""
+    With ``resize = "tile"`` a batch holds its frames' pieces (``models.tiling``), so B varies. With a
+    ``registration`` the frames are moved into its pose first."""
 
     paths: Sequence[Path]
     image_size: int
@@ -81,6 +84,7 @@ class TrainingImages:
     resize: Resize = "stretch"
     intensity: IntensitySetting = "raw"
     skipped: list[str] = field(default_factory=list)
+    registration: Registration | None = None  # frames moved into the good frames' pose first
     _unreadable: set[Path] = field(default_factory=set)
     _pieces: dict[Path, int] = field(default_factory=dict)
 
@@ -125,10 +129,15 @@ class TrainingImages:
             batch.append(image)
             self._pieces[path] = tile_count(image.shape[0], image.shape[1])
             if len(batch) == self.batch_size:
-                yield preprocess(batch, self.image_size, self.resize, self.intensity)
+                yield self._prepared(batch)
                 batch = []
         if batch:
-            yield preprocess(batch, self.image_size, self.resize, self.intensity)
+            yield self._prepared(batch)
+
+    def _prepared(self, batch: list[np.ndarray]) -> torch.Tensor:
+        if self.registration is not None:
+            batch = self.registration.align(batch)[0]
+        return preprocess(batch, self.image_size, self.resize, self.intensity)
 
 
 def fit_scorer(
@@ -151,19 +160,24 @@ def fit_scorer(
         intensity_choice = choice.describe()
         log.info("intensity %s", intensity_choice)
         config = config.model_copy(update={"model": config.model.model_copy(update={"intensity": choice.intensity})})
+    registration = choose_registration(fit_paths, config.model.registration)
+    if registration.description:
+        log.info("registration %s", registration.description)
     scoring = config.scoring
     normalisation_fraction = scoring.normalisation_fraction if scoring.normalise_positions else 0.0
     fit_paths, normalisation_paths = holdout_split(fit_paths, normalisation_fraction, salt="position-stats:")
     skipped: list[str] = []
-    scorer = _fit_one(config, fit_paths, normalisation_paths, progress, skipped, source)
+    registered = registration.registration
+    scorer = _fit_one(config, fit_paths, normalisation_paths, progress, skipped, source, registered)
     if config.fusion_members and scorer.position_stats is None:
         log.warning("fusion averages per-pixel z-scores and these good images are too few for position statistics: "
                     "fitted %s alone", config.model.method)  # fmt: skip
     elif config.fusion_members:
-        companions = [_fit_one(config.member_config(member), fit_paths, normalisation_paths, progress, [], source)
-                      for member in config.fusion_members]  # fmt: skip
+        companions = [_fit_one(config.member_config(member), fit_paths, normalisation_paths, progress, [], source,
+                               registered) for member in config.fusion_members]  # fmt: skip
         scorer = Scorer(scorer.method, scorer.model_settings, scoring, scorer.training,
-                        position_stats=scorer.position_stats, companions=companions)  # fmt: skip
+                        position_stats=scorer.position_stats, companions=companions,
+                        registration=registered)  # fmt: skip
     if holdout_paths:
         good_scores = score_paths(scorer, holdout_paths, config.scoring.batch_size, progress,
                                   "fit: calibrating on held-out good", skipped)  # fmt: skip
@@ -171,7 +185,8 @@ def fit_scorer(
             scorer.threshold = false_reject_threshold(good_scores, config.threshold.false_reject_rate)
     fit_seconds = round(time.perf_counter() - started, 3)
     scorer.training = dataclasses.replace(scorer.training, skipped=skipped, fit_seconds=fit_seconds,
-                                          intensity_choice=intensity_choice)  # fmt: skip
+                                          intensity_choice=intensity_choice,
+                                          registration_choice=registration.description)  # fmt: skip
     log.info("fitted %s from %d images in %.1f s", scorer.describe(), scorer.training.images, fit_seconds)
     return scorer
 
@@ -183,15 +198,18 @@ def _fit_one(
     progress: bool,
     skipped: list[str],
     source: str,
+    registration: Registration | None,
 ) -> Scorer:
     """``config.model.method`` fitted on ``fit_paths``, position statistics from ``normalisation_paths``; files that
     cannot be read are added to ``skipped``."""
     scoring = config.scoring
     model = config.model
-    images = TrainingImages(fit_paths, model.image_size, scoring.batch_size, model.resize, model.intensity, skipped)
+    images = TrainingImages(fit_paths, model.image_size, scoring.batch_size, model.resize, model.intensity, skipped,
+                            registration)  # fmt: skip
     images.require_one()
     method = method_class(config.model.method).fit(images, config, resolve_device(config.model.device), progress)
-    scorer = Scorer(method, config.model, scoring, TrainingSummary(images=images.frames, source=source))
+    scorer = Scorer(method, config.model, scoring, TrainingSummary(images=images.frames, source=source),
+                    registration=registration)  # fmt: skip
     if normalisation_paths:
         builder = PositionStatsBuilder()
         desc = f"fit: position statistics ({method.name})"

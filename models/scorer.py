@@ -47,6 +47,7 @@ from models.backbones import shared_backbone_pass
 from models.images import to_rgb_uint8
 from models.methods.base import AnomalyMethod, MethodOutput
 from models.normalisation import PositionStats
+from models.registration import Registration
 from models.shifting import align_and_aggregate, shift_offsets, shifted_views
 from models.tiling import frame_tiles, split_by_frame, stitch_tiles
 from pipeline.config import SHARED_SCORING_KEYS, IntensitySetting, ModelSettings, Resize, ScoringSettings
@@ -86,6 +87,7 @@ class TrainingSummary:
     source: str = ""
     fit_seconds: float = 0.0
     intensity_choice: str = ""  # how [model] intensity = "auto" was resolved (models.intensity), else ""
+    registration_choice: str = ""  # whether frames are registered and why (models.registration), else ""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -214,6 +216,7 @@ class Scorer:
         model_id: str = "unsaved",
         position_stats: PositionStats | None = None,
         companions: Sequence[Scorer] = (),
+        registration: Registration | None = None,
     ) -> None:
         if position_stats is not None and position_stats.image_size != model_settings.image_size:
             msg = f"position statistics of {position_stats.image_size} px for a {model_settings.image_size} px model"
@@ -227,6 +230,7 @@ class Scorer:
         self.model_id = model_id
         self.offsets = shift_offsets(scoring.shift_pixels, scoring.shift_pattern)
         self.companions: tuple[Scorer, ...] = tuple(companions)
+        self.registration = registration
         ours = _shared_settings(model_settings, scoring)
         for companion in companions:
             theirs = _shared_settings(companion.model_settings, companion.scoring)
@@ -255,7 +259,7 @@ class Scorer:
         shared = {key: getattr(scoring, key) for key in SHARED_SCORING_KEYS}
         companions = [c.with_scoring(c.scoring.model_copy(update=shared)) for c in self.companions]
         return Scorer(self.method, self.model_settings, scoring, self.training, self.threshold, self.model_id,
-                      self.position_stats, companions)  # fmt: skip
+                      self.position_stats, companions, self.registration)  # fmt: skip
 
     def _views(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Preprocessed, shifted views ``(N * V, 3, S, S)`` and the frames' ``(height, width)``."""
@@ -284,6 +288,8 @@ class Scorer:
     def unnormalised_maps(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """``(T, S, S)`` maps of this Scorer's own method (not its companions') before position normalisation and
         smoothing, one per frame or, when tiling, per piece: what its ``PositionStats`` are fitted on."""
+        if self.registration is not None:
+            images = self.registration.align(images)[0]
         return self._raw_maps(*self._views(images))[0]
 
     @torch.inference_mode()
@@ -292,14 +298,26 @@ class Scorer:
 
         With shifting on, a threshold and the per-pixel minimum over views, frames are scored unshifted first and
         only failing ones again with shifts (``scoring.shift_only_failing``: the same verdicts as shifting every
-        frame); ``shift_every_frame`` shifts them all, as calibrating a threshold needs.
+        frame); ``shift_every_frame`` shifts them all, as calibrating a threshold needs. A registered model
+        (``models.registration``) moves the frames into the good frames' pose first and their maps back after
+        (counted in post-processing time).
         """
         scoring = self.scoring
+        poses, registration_s = None, 0.0
+        if self.registration is not None:
+            started = time.perf_counter()
+            images, poses = self.registration.align(images)
+            registration_s = time.perf_counter() - started
         only_failing = scoring.shift_only_failing and scoring.shift_aggregate == "min" and len(self.offsets) > 1
         if only_failing and self.threshold is not None and not shift_every_frame:
             batch = self._shifting_failing(images, self.threshold.value)
         else:
             batch = self._fused(images)
+        if poses is not None:
+            started = time.perf_counter()
+            maps = Registration.restore(batch.maps, poses)
+            postprocess_s = batch.timings.postprocess_s + registration_s + time.perf_counter() - started
+            batch = ScoreBatch(batch.scores, maps, replace(batch.timings, postprocess_s=postprocess_s), batch.shifted)
         if self.scoring.map_baseline == "median":
             started = time.perf_counter()
             maps = batch.maps - np.median(batch.maps.reshape(len(batch.maps), -1), axis=1)[:, None, None]

@@ -74,6 +74,12 @@ class ModelSettings(_Section):
         "values as captured (a uniform change of the whole frame's brightness then counts); auto: chosen when "
         "fitting from the good frames (models/intensity.py): raw where their content varies, else standardise.",
     )
+    registration: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="on: each frame is moved into the good frames' pose (translation and rotation) before scoring and "
+        "its heatmap moved back, for parts that sit a few pixels or degrees off on their fixture; auto: on when "
+        "fitting finds the good frames share a layout (models/registration.py), off for textures and free tiles.",
+    )
     feature_dim: int | None = Field(
         default=None, ge=8, description="Reduce patch features to this many channels; None keeps all of them."
     )
@@ -362,7 +368,7 @@ class NpadSettings(_Section):
 # Fused methods see the frames preprocessed and shifted alike and their maps are averaged pixel by pixel: these
 # must be the same for every member, so a member may not override them. A member may have its own image_size (its
 # maps are resized to [model] image_size before the mean).
-SHARED_MODEL_KEYS = ("method", "resize", "intensity", "device")
+SHARED_MODEL_KEYS = ("method", "resize", "intensity", "registration", "device")
 SHARED_SCORING_KEYS = (
     "shift_pixels", "shift_pattern", "shift_aggregate", "shift_only_failing", "batch_size", "normalise_positions",
     "normalisation_fraction", "map_baseline",

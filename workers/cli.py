@@ -41,8 +41,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(f"model {model_id} written to {args.out}: {scorer.describe()} "
           f"from {scorer.training.images} images in {scorer.training.fit_seconds:.1f} s; "
           f"threshold {threshold}")  # fmt: skip
-    if scorer.training.intensity_choice:
-        print(f"intensity {scorer.training.intensity_choice}")
+    for name, choice in (("intensity", scorer.training.intensity_choice),
+                         ("registration", scorer.training.registration_choice)):  # fmt: skip
+        if choice:
+            print(f"{name} {choice}")
     return 0
 
 

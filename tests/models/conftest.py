@@ -10,8 +10,9 @@ from models.scorer import Scorer
 from models.synthetic import DemoLine, make_demo_line
 from pipeline.config import Config, config_from_mapping
 
-TINY = {"model": {"image_size": 96}, "bank": {"compression_ratio": 2, "init_images": 4},
-        "scoring": {"batch_size": 4, "shift_pixels": 0}}  # unshifted: tests that shift say so
+# unshifted and unregistered: tests that shift or register say so
+TINY = {"model": {"image_size": 96, "registration": "off"}, "bank": {"compression_ratio": 2, "init_images": 4},
+        "scoring": {"batch_size": 4, "shift_pixels": 0}}
 
 
 @pytest.fixture(scope="session")

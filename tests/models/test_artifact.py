@@ -31,6 +31,7 @@ def test_manifest_describes_the_model(saved_model: Path) -> None:
     assert method["name"] == "patchcore" and method["layers"] == ["blocks.2", "blocks.4"]
     assert method["bank"]["kind"] == "bounded_coreset" and method["bank"]["rows"] == 288
     assert manifest["training"]["images"] > 0 and "torch" in manifest["libraries"]
+    assert manifest["registration"] is None  # TINY: unregistered (tests/models/test_registration.py registers)
     assert sorted(p.name for p in saved_model.iterdir()) == ["bank.npy", "index.faiss", "manifest.json"]
 
 
@@ -87,7 +88,8 @@ def test_new_threshold_makes_a_new_model_version(saved_model: Path, tmp_path: Pa
 def test_the_resize_mode_travels_with_the_model(fitted_scorer: Scorer, demo_line: DemoLine, tmp_path: Path) -> None:
     settings = fitted_scorer.model_settings.model_copy(update={"resize": "pad"})
     padded = Scorer(fitted_scorer.method, settings, fitted_scorer.scoring, fitted_scorer.training,
-                    fitted_scorer.threshold, position_stats=fitted_scorer.position_stats)  # fmt: skip
+                    fitted_scorer.threshold, position_stats=fitted_scorer.position_stats,
+                    registration=fitted_scorer.registration)  # fmt: skip
     padded.save(tmp_path / "model")
     reloaded = load_scorer(tmp_path / "model", device="cpu")
     assert reloaded.model_settings.resize == "pad"

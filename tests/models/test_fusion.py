@@ -37,7 +37,7 @@ def fused(demo_line: DemoLine, fused_config: Config) -> Scorer:
 
 def _alone(scorer: Scorer) -> Scorer:
     return Scorer(scorer.method, scorer.model_settings, scorer.scoring, scorer.training,
-                  position_stats=scorer.position_stats)  # fmt: skip
+                  position_stats=scorer.position_stats, registration=scorer.registration)  # fmt: skip
 
 
 def test_fit_gives_each_member_its_own_settings_and_statistics(fused: Scorer) -> None:
@@ -71,7 +71,7 @@ def test_members_share_one_backbone_pass(fused: Scorer, demo_line: DemoLine) -> 
     try:
         fused.score(images)
         assert runs == ["patchcore"]
-        fused.with_scoring(fused.scoring.model_copy(update={"shift_pixels": 2})).score(images)
+        fused.with_scoring(fused.scoring.model_copy(update={"shift_pixels": 2})).score(images, shift_every_frame=True)
         assert runs == ["patchcore", "patchcore"]  # shifted views too: one pass for both members
     finally:
         for hook in hooks:

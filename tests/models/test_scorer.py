@@ -169,7 +169,8 @@ def test_pad_maps_cover_the_frame_and_peak_on_its_defect(fitted_scorer: Scorer, 
     from models.synthetic import add_synthetic_defect
 
     settings = fitted_scorer.model_settings.model_copy(update={"resize": "pad"})
-    padded = Scorer(fitted_scorer.method, settings, fitted_scorer.scoring, fitted_scorer.training)
+    padded = Scorer(fitted_scorer.method, settings, fitted_scorer.scoring, fitted_scorer.training,
+                    registration=fitted_scorer.registration)  # fmt: skip
     part = read_image(demo_line.train_dir / "part_0000.png")
     wide = np.concatenate([part, part[:, ::-1]], axis=1)  # 160 x 320: stretching would halve its width
     defective, mask = add_synthetic_defect(wide, np.random.default_rng(0), kind="blob")
@@ -185,7 +186,8 @@ def test_pad_maps_cover_the_frame_and_peak_on_its_defect(fitted_scorer: Scorer, 
 
 def test_pad_batches_of_mixed_shapes_score_as_one_by_one(fitted_scorer: Scorer, demo_line: DemoLine) -> None:
     settings = fitted_scorer.model_settings.model_copy(update={"resize": "pad"})
-    padded = Scorer(fitted_scorer.method, settings, fitted_scorer.scoring, fitted_scorer.training)
+    padded = Scorer(fitted_scorer.method, settings, fitted_scorer.scoring, fitted_scorer.training,
+                    registration=fitted_scorer.registration)  # fmt: skip
     part = read_image(demo_line.test_images[0])
     frames = [part[:, :60], part, np.concatenate([part, part], axis=1)]  # tall, square, wide
     together = padded.score(frames)

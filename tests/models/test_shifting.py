@@ -57,7 +57,7 @@ def test_only_frames_failing_unshifted_are_shifted_and_the_verdicts_are_those_of
     scoring = fitted_scorer.scoring.model_copy(update={"shift_pixels": 4})
     shifting = Scorer(fitted_scorer.method, fitted_scorer.model_settings, scoring, fitted_scorer.training,
                       Threshold(threshold, "manual"), position_stats=fitted_scorer.position_stats,
-                      companions=fitted_scorer.companions)  # fmt: skip
+                      companions=fitted_scorer.companions, registration=fitted_scorer.registration)  # fmt: skip
     views_seen: list[int] = []
     score_views = shifting.method.score_views
 

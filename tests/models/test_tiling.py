@@ -117,8 +117,9 @@ def test_a_method_with_its_own_image_score_scores_a_tiled_frame_as_its_worst_pie
     for position in range(len(train) - 1):
         paths.append(tmp_path / f"wide_{position}.png")
         cv2.imwrite(str(paths[-1]), np.concatenate([train[position], train[position + 1]], axis=1))
-    # raw intensities: a piece scored alone is then preprocessed exactly as inside its frame
-    overrides = {"model": {**TINY["model"], "method": "gaussian", "resize": "tile", "intensity": "raw"},
+    # raw intensities and no registration: a piece scored alone is then preprocessed exactly as inside its frame
+    overrides = {"model": {**TINY["model"], "method": "gaussian", "resize": "tile", "intensity": "raw",
+                           "registration": "off"},
                  "scoring": TINY["scoring"], "fusion": {"members": []}}  # fmt: skip
     scorer = fit_scorer(paths, config_from_mapping(overrides), progress=False, holdout_fraction=0.0)
     good = read_image(demo_line.test_images[demo_line.test_labels.index(0)])

@@ -1,0 +1,140 @@
+"""Registering frames to the good frames' pose (models/registration.py), and fitting and scoring with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+
+from models.registration import SIDE, Registration, build_registration, choose_registration, estimate_pose
+from pipeline.config import config_from_mapping
+from tests.models.conftest import TINY
+
+PART = 200  # frames of the coins part
+
+
+def _coins() -> np.ndarray:
+    return np.repeat(skimage.data.coins()[..., None], 3, axis=2)
+
+
+def moved(image: np.ndarray, dx: float, dy: float, degrees: float) -> np.ndarray:
+    """``image`` rotated about its centre and translated (content moves by (dx, dy) px), borders replicated."""
+    height, width = image.shape[:2]
+    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), degrees, 1.0)
+    matrix[:, 2] += (dx, dy)
+    return cv2.warpAffine(image, matrix, (width, height), borderMode=cv2.BORDER_REPLICATE)
+
+
+def part(dx: float = 0.0, dy: float = 0.0, degrees: float = 0.0) -> np.ndarray:
+    """The centre ``PART x PART`` of scikit-image's coins, the part moved on its fixture first."""
+    photo = moved(_coins(), dx, dy, degrees)
+    top, left = (photo.shape[0] - PART) // 2, (photo.shape[1] - PART) // 2
+    return photo[top : top + PART, left : left + PART].copy()
+
+
+def good_parts(count: int, seed: int, max_shift: float = 1.0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [part(*rng.uniform(-max_shift, max_shift, 2), rng.uniform(-0.5, 0.5)) for _ in range(count)]
+
+
+def _grid(image: np.ndarray) -> np.ndarray:
+    small = cv2.resize(image, (SIDE, SIDE), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+
+
+def _registration() -> Registration:
+    return build_registration(good_parts(12, seed=0))
+
+
+def _centre_ncc(a: np.ndarray, b: np.ndarray) -> float:
+    inner = slice(a.shape[0] // 8, a.shape[0] - a.shape[0] // 8)
+    x = a[inner, inner].astype(np.float64) - a[inner, inner].mean()
+    y = b[inner, inner].astype(np.float64) - b[inner, inner].mean()
+    return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
+
+
+def test_pose_of_a_moved_part_is_recovered() -> None:
+    registration = _registration()
+    transform, response = estimate_pose(registration.reference, _grid(part(dx=7, dy=-4, degrees=2.5)))
+    scale = SIDE / PART  # grid pixels per frame pixel
+    centre = (SIDE - 1) / 2
+    # the part turned about its centre, which the transform therefore takes to the centre moved by (7, -4) px
+    assert transform @ np.array([centre, centre, 1.0]) == pytest.approx(centre + np.array([7, -4]) * scale, abs=0.3)
+    # OpenCV's positive angles turn the image counter-clockwise as displayed (y down): -2.5 degrees here
+    assert np.degrees(np.arctan2(transform[1, 0], transform[0, 0])) == pytest.approx(-2.5, abs=0.3)
+    assert response > 0.5
+
+
+def test_aligned_frames_match_the_reference_and_maps_go_back_to_the_frame() -> None:
+    registration = _registration()
+    frame = part(dx=8, dy=5, degrees=-3)
+    marked = frame.copy()
+    marked[120:136, 60:76] = 255  # a bright square where the map should point, in the frame as it came
+    (aligned, aligned_marked), poses = registration.align([frame, marked])
+    assert aligned.shape == frame.shape
+    assert _centre_ncc(aligned, part()) > 0.98 > _centre_ncc(frame, part()) + 0.2
+    # the strips the moved frame does not show (right and bottom) come from the good frames' median, not smeared
+    # edge pixels: within ~7 grey levels of the part in place where replicated edges are ~28 off
+    right_strip = np.abs(aligned[:, -6:].astype(float) - part()[:, -6:]).mean()
+    bottom_strip = np.abs(aligned[-4:].astype(float) - part()[-4:]).mean()
+    assert right_strip < 12 and bottom_strip < 12
+    # a map that is high where the square landed in the aligned frame, moved back, peaks where the square was
+    square_map = (aligned_marked[..., 0] >= 250).astype(np.float32)[None]
+    restored = Registration.restore(square_map, poses[1:])[0]
+    rows, cols = np.nonzero(restored > 0.5)
+    assert rows.mean() == pytest.approx(127.5, abs=1.5) and cols.mean() == pytest.approx(67.5, abs=1.5)
+
+
+def test_an_unrecognisable_frame_is_left_as_it_came() -> None:
+    registration = _registration()
+    noise = np.random.default_rng(0).integers(0, 256, (PART, PART, 3), dtype=np.uint8)
+    (aligned,), (pose,) = registration.align([noise])
+    assert np.array_equal(pose, np.eye(2, 3)) and aligned is noise
+
+
+def _write(frames: list[np.ndarray], directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"frame_{number:02d}.png" for number in range(len(frames))]
+    for path, frame in zip(paths, frames, strict=True):
+        cv2.imwrite(str(path), frame)
+    return paths
+
+
+def test_auto_registers_aligned_parts_but_not_textures(tmp_path: Path) -> None:
+    parts = _write(good_parts(16, seed=1), tmp_path / "parts")
+    rng = np.random.default_rng(2)
+    brick = skimage.data.brick()
+    crops = [brick[top : top + 96, left : left + 96] for top, left in rng.integers(0, brick.shape[0] - 96, (16, 2))]
+    textures = _write([np.repeat(crop[..., None], 3, axis=2) for crop in crops], tmp_path / "textures")
+    on = choose_registration(parts, "auto")
+    assert on.registration is not None and on.description.startswith("auto: on")
+    off = choose_registration(textures, "auto")
+    assert off.registration is None and "no common layout" in off.description
+    assert choose_registration(textures, "on").registration is not None  # forced
+    assert choose_registration(parts, "off") == type(off)(None, "")
+    few = choose_registration(parts[:5], "auto")
+    assert few.registration is None and "only 5 readable good frames" in few.description
+
+
+def test_a_registered_model_forgives_a_part_off_its_fixture(tmp_path: Path) -> None:
+    from models.artifact import load_scorer
+    from models.fit import fit_scorer
+
+    paths = _write(good_parts(16, seed=3), tmp_path / "good")
+    scorers = {}
+    for setting in ("off", "auto"):
+        config = config_from_mapping(TINY | {"model": {**TINY["model"], "registration": setting}})
+        scorers[setting] = fit_scorer(paths, config, progress=False, holdout_fraction=0.2)
+    assert scorers["off"].registration is None and scorers["auto"].registration is not None
+    frames = [part(), part(dx=9, dy=-6, degrees=3)]
+    off, registered = (scorers[key].score(frames).scores for key in ("off", "auto"))
+    assert registered[1] < off[1]  # the part moved beyond shifting's reach scores as normal once registered
+    assert registered[1] < 1.5 * registered[0] + 1.0  # and close to the part in place
+    scorers["auto"].save(tmp_path / "model")
+    reloaded = load_scorer(tmp_path / "model")
+    assert reloaded.registration is not None
+    np.testing.assert_array_equal(reloaded.score(frames).scores, registered)
+    assert reloaded.training.registration_choice.startswith("auto: on")

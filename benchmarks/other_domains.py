@@ -11,12 +11,15 @@ then carves its fit / validation split from each and pastes the same synthetic d
 - ``cup``: a colour object photographed on a fixture: the centre 352 x 352 of ``coffee`` (400 x 600), moved by up
   to 4 px and 2 degrees (``models.synthetic.make_part``), with exposure drift (gain 0.9-1.1, offset +-8 grey
   levels) and sensor noise (sigma 3): aligned parts, as most inspection lines have.
+- ``coins``: the same for the centre 256 x 256 of ``coins`` (303 x 384, grayscale): an aligned grayscale part
+  with many similar small shapes.
 - ``gravel_drift``, ``tissue_drift``: the textures under exposure drift (gain 0.85-1.15, offset +-10 grey levels,
   noise sigma 2), for the choice between standardised and raw frames (``[model] intensity``) where both content
   and exposure vary.
 
-Frames are 224 x 224 (texture crops) or 352 x 352 (cup) PNG files. Crops of one texture overlap in content,
-though never pixel for pixel (each is rotated and scaled on its own); defaults are compared on equal terms.
+Frames are 224 x 224 (texture crops), 352 x 352 (cup) or 256 x 256 (coins) PNG files. Crops of one texture overlap
+in content, though never pixel for pixel (each is rotated and scaled on its own); defaults are compared on equal
+terms.
 
     python benchmarks/other_domains.py --out /tmp/domains [--frames 200]
     python benchmarks/select_defaults.py --data /tmp/domains/gravel --variants default patchcore ...
@@ -35,6 +38,7 @@ from models.synthetic import make_part
 
 TEXTURE_FRAME = 224
 PART_FRAME = 352
+COINS_FRAME = 256
 
 
 def texture_frame(texture: np.ndarray, rng: np.random.Generator, size: int = TEXTURE_FRAME) -> np.ndarray:
@@ -65,10 +69,12 @@ def domains() -> dict[str, Callable[[np.random.Generator], np.ndarray]]:
     import skimage.data
 
     gravel, tissue, cup = skimage.data.gravel(), skimage.data.immunohistochemistry(), skimage.data.coffee()
+    coins = skimage.data.coins()
     return {
         "gravel": lambda rng: texture_frame(gravel, rng),
         "tissue": lambda rng: texture_frame(tissue, rng),
         "cup": lambda rng: part_frame(cup, rng),
+        "coins": lambda rng: drift(make_part(coins, rng, COINS_FRAME), rng, gain=0.1, offset=8, noise=3),
         "gravel_drift": lambda rng: drift(texture_frame(gravel, rng), rng, gain=0.15, offset=10, noise=2),
         "tissue_drift": lambda rng: drift(texture_frame(tissue, rng), rng, gain=0.15, offset=10, noise=2),
     }

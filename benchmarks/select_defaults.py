@@ -177,6 +177,8 @@ VARIANTS: dict[str, dict] = {
     # (the default since; "raw" is the session-5 default, "robust" used the median and interquartile range instead of
     # the mean and standard deviation: a tie on validation, so the simpler one was kept and the option removed)
     "raw": {"model": {"intensity": "raw"}},
+    # session 13: registration (the default "auto" registers aligned parts such as the cup, not textures)
+    "registration-off": {"model": {"registration": "off"}},
     # session 6: heatmaps relative to their frame's median (won here, lost on MTD's large defects: not the default)
     "map-baseline-median": {"scoring": {"map_baseline": "median"}},
     # session 6: the PaDiM member's covariance regularisation (epsilon I; the paper's 0.01)

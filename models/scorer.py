@@ -251,7 +251,8 @@ class Scorer:
         for member in (self, *self.companions):
             size = "" if member.image_size == self.image_size else f" at {member.image_size} px"
             parts.append(f"{member.method.name}{size} ({member.method.describe()})")
-        return " + ".join(parts)
+        registered = ", frames registered to the good frames' pose" if self.registration is not None else ""
+        return " + ".join(parts) + registered
 
     def with_scoring(self, scoring: ScoringSettings) -> Scorer:
         """The same fitted model scored with other settings (e.g. shifting on), sharing its fitted state; companions

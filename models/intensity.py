@@ -24,7 +24,6 @@ tie (benchmarks/RESULTS.md section 4, sessions 12 and 13).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +33,6 @@ import numpy as np
 
 from models.images import ImageError, read_image
 from pipeline.config import Intensity
-
-log = logging.getLogger(__name__)
 
 SIDE = 64  # frames are downsized to SIDE x SIDE before their quantiles are taken
 LEVELS = np.linspace(0.05, 0.95, 10)  # quantile levels compared

@@ -26,7 +26,6 @@ scaled to ``S``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +35,6 @@ import numpy as np
 
 from models.errors import ArtifactError
 from models.images import ImageError, read_image, to_rgb_uint8
-
-log = logging.getLogger(__name__)
 
 SIDE = 128  # reference grid
 FILL_SIDE = 256  # colour median of the registered good frames, filling what a moved frame does not show
@@ -85,7 +82,7 @@ def estimate_pose(reference: np.ndarray, frame: np.ndarray) -> tuple[np.ndarray,
 
 def _warp_with_mask(image: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``image`` moved by the frame-size ``matrix`` (target -> source coordinates) and the ``(H, W)`` bool mask of
-    the pixels it shows; edges are replicated (and are reflected beyond), so no pixel blends with black."""
+    the pixels it shows; edges are replicated for the interpolation, so no pixel blends with black."""
     height, width = image.shape[:2]
     moved = cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                            borderMode=cv2.BORDER_REPLICATE)  # fmt: skip

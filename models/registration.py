@@ -109,23 +109,23 @@ class Registration:
     fit_response: float
     fill: np.ndarray
 
-    def poses(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """``(2, 3)`` grid transforms of RGB uint8 frames; the identity where the pose is not trusted."""
-        poses = []
+    def poses(self, images: Sequence[np.ndarray]) -> list[np.ndarray | None]:
+        """``(2, 3)`` grid transforms of RGB uint8 frames; None where the pose is not trusted."""
+        poses: list[np.ndarray | None] = []
         for image in images:
             transform, response = estimate_pose(self.reference, _grid(image))
             trusted = response >= ACCEPT_FRACTION * self.fit_response and _within_limits(transform)
-            poses.append(transform if trusted else np.eye(2, 3, dtype=np.float32))
+            poses.append(transform if trusted else None)
         return poses
 
-    def align(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def align(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
         """Frames (any format ``models.images.to_rgb_uint8`` accepts) as RGB uint8 moved into the reference's pose
-        (same sizes), with their grid transforms."""
+        (same sizes), with their grid transforms (None: not registered, the frame left as it came)."""
         images = [to_rgb_uint8(image, f"image {position}") for position, image in enumerate(images)]
         poses = self.poses(images)
         aligned = []
         for image, transform in zip(images, poses, strict=True):
-            if _is_identity(transform):
+            if transform is None or _is_identity(transform):
                 aligned.append(image)
                 continue
             height, width = image.shape[:2]
@@ -136,12 +136,12 @@ class Registration:
         return aligned, poses
 
     @staticmethod
-    def restore(maps: np.ndarray, poses: Sequence[np.ndarray]) -> np.ndarray:
+    def restore(maps: np.ndarray, poses: Sequence[np.ndarray | None]) -> np.ndarray:
         """``(N, S, S)`` maps of aligned frames -> the same over the frames as they came."""
         size = maps.shape[-1]
         restored = maps.copy()
         for index, transform in enumerate(poses):
-            if not _is_identity(transform):
+            if transform is not None and not _is_identity(transform):
                 restored[index] = cv2.warpAffine(maps[index], scaled(transform, size, size), (size, size),
                                                  flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)  # fmt: skip
         return restored
@@ -212,8 +212,8 @@ def choose_registration(paths: Sequence[Path], setting: str) -> RegistrationChoi
             images.append(read_image(path))
         except ImageError:
             continue
-    if len(images) < MIN_FRAMES:
-        too_few = f"only {len(images)} readable good frames; {MIN_FRAMES} needed"
+    if not images or (setting == "auto" and len(images) < MIN_FRAMES):
+        too_few = f"only {len(images)} readable good frames; {MIN_FRAMES} needed to decide"
         return RegistrationChoice(None, f"{setting}: off ({too_few})")
     registration = build_registration(images)
     response = registration.fit_response

@@ -67,6 +67,8 @@ class ScoreBatch(NamedTuple):
     maps: np.ndarray  # (N, S, S) float32
     timings: StageTimings
     shifted: np.ndarray  # (N,) bool: the frame's score and map are from shifted views (N-pad shifting)
+    unregistered: np.ndarray | None = None  # (N,) bool: a registered model could not register the frame; None: the
+    # model does not register frames (models.registration)
 
 
 @dataclass(frozen=True)
@@ -318,13 +320,14 @@ class Scorer:
             started = time.perf_counter()
             maps = Registration.restore(batch.maps, poses)
             postprocess_s = batch.timings.postprocess_s + registration_s + time.perf_counter() - started
-            batch = ScoreBatch(batch.scores, maps, replace(batch.timings, postprocess_s=postprocess_s), batch.shifted)
+            batch = batch._replace(maps=maps, timings=replace(batch.timings, postprocess_s=postprocess_s),
+                                   unregistered=np.array([pose is None for pose in poses], dtype=bool))  # fmt: skip
         if self.scoring.map_baseline == "median":
             started = time.perf_counter()
             maps = batch.maps - np.median(batch.maps.reshape(len(batch.maps), -1), axis=1)[:, None, None]
             postprocess_s = batch.timings.postprocess_s + time.perf_counter() - started
             timings = replace(batch.timings, postprocess_s=postprocess_s)
-            batch = ScoreBatch(batch.scores, maps.astype(np.float32), timings, batch.shifted)
+            batch = batch._replace(maps=maps.astype(np.float32), timings=timings)
         return batch
 
     def _shifting_failing(self, images: Sequence[np.ndarray], threshold: float) -> ScoreBatch:

@@ -55,6 +55,13 @@ class Metrics:
             ["line"],
             registry=reg,
         )
+        self.unregistered_frames = Counter(
+            "lineinspect_unregistered_frames_total",
+            "Frames a registering model could not move into its good frames' pose (too unlike them or too far off), "
+            "scored as they came. A rising rate: the camera or fixture moved, the light changed, or another part.",
+            ["line"],
+            registry=reg,
+        )
         self.frames = Counter(
             "lineinspect_frames_total", "Published decisions by verdict.", ["line", "verdict"], registry=reg
         )

@@ -46,6 +46,7 @@ class ScoredBatch(Protocol):
     maps: np.ndarray  # (N, S, S)
     timings: BatchTimings
     shifted: np.ndarray  # (N,) bool: scored again at shifted views
+    unregistered: np.ndarray | None  # (N,) bool: not registered by a registering model; None: model does not register
 
 
 class ThresholdLike(Protocol):
@@ -306,6 +307,9 @@ class ScoreWorker:
             ]
         self.runtime.metrics.batch_size.labels(self.keys.line_id).observe(len(ready))
         self.runtime.metrics.shifted_frames.labels(self.keys.line_id).inc(int(np.count_nonzero(result.shifted)))
+        if result.unregistered is not None:
+            unregistered = int(np.count_nonzero(result.unregistered))
+            self.runtime.metrics.unregistered_frames.labels(self.keys.line_id).inc(unregistered)
         threshold = None if scorer.threshold is None else float(scorer.threshold.value)
         decided_at = now_ns()
         decisions = []

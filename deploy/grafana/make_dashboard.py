@@ -143,17 +143,24 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                 width=6,
             ),
             Panel(
-                "Frames scored again with shifts",
+                "Frames shifted, frames not registered",
                 (
                     Query(
                         f"sum(rate(lineinspect_shifted_frames_total{{{LINE}}}[$__rate_interval]))"
                         f" / sum(rate(lineinspect_batch_size_sum{{{LINE}}}[$__rate_interval]))",
-                        "share of scored frames",
+                        "scored again with shifts",
+                    ),
+                    Query(
+                        f"sum(rate(lineinspect_unregistered_frames_total{{{LINE}}}[$__rate_interval]))"
+                        f" / sum(rate(lineinspect_batch_size_sum{{{LINE}}}[$__rate_interval]))",
+                        "not registered",
                     ),
                 ),
                 unit="percentunit",
-                description="Frames that failed unshifted and were scored again at N-pad's shifted views (each costs "
-                "about five frames of scoring): when this share rises, so does the scorers' load.",
+                description="Shares of scored frames. Shifted: failed unshifted and scored again at N-pad's shifted "
+                "views (each costs about five frames of scoring): when this rises, so does the scorers' load. Not "
+                "registered (models that register parts): too unlike the good frames' pose to be moved into it, "
+                "scored as they came: the camera or fixture moved, the light changed, or another part is on the line.",
                 width=6,
             ),
             Panel(

@@ -45,6 +45,7 @@ def exported() -> tuple[set[str], set[str]]:
         metrics.observe_decision(decision, published_at_ns=1_100_000_000)
     metrics.batch_size.labels("line-1").observe(8)
     metrics.shifted_frames.labels("line-1").inc()
+    metrics.unregistered_frames.labels("line-1").inc()
     metrics.dead_letters.labels("line-1", "not_msgpack").inc()
     metrics.ingested_frames.labels("line-1", "cam0").inc()
     metrics.dropped_frames.labels("line-1", "cam0").inc()

@@ -92,7 +92,7 @@ def test_an_unrecognisable_frame_is_left_as_it_came() -> None:
     registration = _registration()
     noise = np.random.default_rng(0).integers(0, 256, (PART, PART, 3), dtype=np.uint8)
     (aligned,), (pose,) = registration.align([noise])
-    assert np.array_equal(pose, np.eye(2, 3)) and aligned is noise
+    assert pose is None and aligned is noise
 
 
 def _write(frames: list[np.ndarray], directory: Path) -> list[Path]:
@@ -117,6 +117,7 @@ def test_auto_registers_aligned_parts_but_not_textures(tmp_path: Path) -> None:
     assert choose_registration(parts, "off") == type(off)(None, "")
     few = choose_registration(parts[:5], "auto")
     assert few.registration is None and "only 5 readable good frames" in few.description
+    assert choose_registration(parts[:5], "on").registration is not None  # asked for: built from what there is
 
 
 def test_a_registered_model_forgives_a_part_off_its_fixture(tmp_path: Path) -> None:
@@ -132,6 +133,10 @@ def test_a_registered_model_forgives_a_part_off_its_fixture(tmp_path: Path) -> N
     assert "frames registered" in scorers["auto"].describe() and "registered" not in scorers["off"].describe()
     frames = [part(), part(dx=9, dy=-6, degrees=3)]
     off, registered = (scorers[key].score(frames).scores for key in ("off", "auto"))
+    noise = np.random.default_rng(0).integers(0, 256, (PART, PART, 3), dtype=np.uint8)
+    unregistered = scorers["auto"].score([*frames, noise]).unregistered
+    assert unregistered is not None and unregistered.tolist() == [False, False, True]
+    assert scorers["off"].score(frames).unregistered is None
     assert registered[1] < off[1]  # the part moved beyond shifting's reach scores as normal once registered
     assert registered[1] < 1.5 * registered[0] + 1.0  # and close to the part in place
     scorers["auto"].save(tmp_path / "model")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.codec import CodecErrorReason, encode_frame
-from pipeline.config import Config
+from pipeline.config import Config, config_from_mapping
 from pipeline.messages import Frame
 from pipeline.streams import SCORER_GROUP, LineKeys, StreamEntry
 from tests.workers.conftest import TinyLine
@@ -230,12 +230,14 @@ def test_a_flipped_model_symlink_under_the_same_announced_path_is_reloaded(
 
 
 def scored(scores: np.ndarray, shifted: np.ndarray | None = None) -> SimpleNamespace:
-    """What a stand-in model returns for these image scores: blank 8 x 8 maps, zero timings, shift flags."""
+    """What a stand-in model returns for these image scores: blank 8 x 8 maps, zero timings, shift flags (and no
+    registration)."""
     return SimpleNamespace(
         scores=scores.astype(np.float32),
         maps=np.zeros((len(scores), 8, 8), np.float32),
         timings=SimpleNamespace(backbone_s=0.0, search_s=0.0, postprocess_s=0.0),
         shifted=np.zeros(len(scores), bool) if shifted is None else shifted,
+        unregistered=None,
     )
 
 
@@ -319,3 +321,27 @@ def test_frames_scored_again_with_shifts_are_counted(
     assert [d.verdict for d in outcome.decisions] == ["fail", "pass", "fail"]
     counted = runtime.metrics.registry.get_sample_value("lineinspect_shifted_frames_total", {"line": "line-1"})
     assert counted == 2.0
+
+
+def test_frames_a_registering_model_cannot_register_are_counted(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    import cv2
+
+    from models.artifact import load_scorer
+    from models.fit import fit_scorer
+    from models.images import list_images
+
+    train = list_images(tiny_line.model_dir.parent / "demo" / "train" / "good")
+    config = config_from_mapping({"model": {"image_size": 64, "device": "cpu", "registration": "on"}})
+    fit_scorer(train, config, progress=False).save(tmp_path / "registered")
+    scorer = load_scorer(tmp_path / "registered", device="cpu")
+    assert scorer.registration is not None
+    noise = tmp_path / "noise.png"  # nothing like the part: its pose cannot be trusted, so it is scored as it came
+    cv2.imwrite(str(noise), np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    runtime = make_runtime("score", "w1")
+    worker = ScoreWorker(runtime, "line-1", SimpleNamespace(scorer=scorer))  # type: ignore[arg-type]
+    _, outcome = score_directly(worker, [tiny_line.good_images[0], noise, tiny_line.good_images[1]])
+    assert len(outcome.decisions) == 3 and all(d.score is not None for d in outcome.decisions)
+    sample = runtime.metrics.registry.get_sample_value("lineinspect_unregistered_frames_total", {"line": "line-1"})
+    assert sample == 1.0

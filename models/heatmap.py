@@ -2,8 +2,11 @@
 
 ``overlay_heatmap(image_rgb (H, W, 3), anomaly_map (h, w), threshold)`` -> BGR uint8 ``(H, W, 3)`` for
 ``cv2.imwrite``: the map is resized to the image, scaled so that the threshold sits at the middle of the colour
-scale (green-blue below, yellow-red above; fixed scale, so two frames are comparable), blended over the frame,
-and regions above the threshold are outlined in white. Without a threshold the map is scaled by its maximum.
+scale (green-blue below, yellow-red above; a fixed scale, so frames near the threshold are comparable), blended
+over the frame, and regions above the threshold are outlined in white. A map reaching beyond twice the threshold
+is scaled by its own maximum instead, so its worst region stands out in red even where a defect lifts the whole
+frame above the threshold (large defects do, most with registered parts: RESULTS.md section 4, session 13).
+Without a threshold the map is scaled by its maximum.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ def overlay_heatmap(
     image = to_rgb_uint8(image_rgb)
     height, width = image.shape[:2]
     resized = cv2.resize(anomaly_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    scale = 2.0 * threshold if threshold and threshold > 0 else float(resized.max()) or 1.0
+    peak = float(resized.max())
+    scale = max(2.0 * threshold, peak) if threshold and threshold > 0 else peak or 1.0
     levels = np.clip(resized / scale * 255.0, 0, 255).astype(np.uint8)
     colours = cv2.applyColorMap(levels, cv2.COLORMAP_JET)
     frame_bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)

@@ -7,6 +7,7 @@ No torch here: the pipeline imports this module to decode frames.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -75,6 +76,18 @@ def read_image(path: Path | str) -> np.ndarray:
         msg = f"{path}: cannot read file ({error.strerror or error})"
         raise ImageError(msg) from None
     return decode_image(data, str(path))
+
+
+def read_sample(paths: Sequence[Path], count: int) -> list[np.ndarray]:
+    """Up to ``count`` of the image files, evenly spaced, read as RGB uint8; unreadable ones are passed over (the
+    caller's other reads report them)."""
+    images = []
+    for path in list(paths)[:: max(1, len(paths) // count)][:count]:
+        try:
+            images.append(read_image(path))
+        except ImageError:
+            continue
+    return images
 
 
 def read_mask(path: Path | str, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -31,7 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from models.images import ImageError, read_image
+from models.images import read_sample
 from pipeline.config import Intensity
 
 SIDE = 64  # frames are downsized to SIDE x SIDE before their quantiles are taken
@@ -102,11 +102,4 @@ def choose_intensity_from(images: Sequence[np.ndarray]) -> IntensityChoice:
 def choose_intensity(paths: Sequence[Path]) -> IntensityChoice:
     """The choice for good image files: up to ``MAX_FRAMES`` of them, evenly spaced; unreadable ones are passed
     over (the fit reports them)."""
-    step = max(1, len(paths) // MAX_FRAMES)
-    images = []
-    for path in list(paths)[::step][:MAX_FRAMES]:
-        try:
-            images.append(read_image(path))
-        except ImageError:
-            continue
-    return choose_intensity_from(images)
+    return choose_intensity_from(read_sample(paths, MAX_FRAMES))

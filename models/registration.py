@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from models.errors import ArtifactError
-from models.images import ImageError, read_image, to_rgb_uint8
+from models.images import read_sample, to_rgb_uint8
 
 SIDE = 128  # reference grid
 FILL_SIDE = 256  # colour median of the registered good frames, filling what a moved frame does not show
@@ -205,13 +205,7 @@ def choose_registration(paths: Sequence[Path], setting: str) -> RegistrationChoi
     unreadable ones passed over: the fit reports them)."""
     if setting == "off":
         return RegistrationChoice(None, "")
-    step = max(1, len(paths) // REFERENCE_FRAMES)
-    images = []
-    for path in list(paths)[::step][:REFERENCE_FRAMES]:
-        try:
-            images.append(read_image(path))
-        except ImageError:
-            continue
+    images = read_sample(paths, REFERENCE_FRAMES)
     if not images or (setting == "auto" and len(images) < MIN_FRAMES):
         too_few = f"only {len(images)} readable good frames; {MIN_FRAMES} needed to decide"
         return RegistrationChoice(None, f"{setting}: off ({too_few})")

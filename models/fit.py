@@ -160,7 +160,11 @@ def fit_scorer(
         intensity_choice = choice.describe()
         log.info("intensity %s", intensity_choice)
         config = config.model_copy(update={"model": config.model.model_copy(update={"intensity": choice.intensity})})
-    registration = choose_registration(fit_paths, config.model.registration)
+    # frames are registered at twice the largest input size at most (every member resizes them further), at full
+    # resolution when tiling (pieces are scored at the frame's resolution)
+    sizes = [config.model.image_size] + [config.member_config(m).model.image_size for m in config.fusion_members]
+    max_side = None if config.model.resize == "tile" else 2 * max(sizes)
+    registration = choose_registration(fit_paths, config.model.registration, max_side)
     if registration.description:
         log.info("registration %s", registration.description)
     scoring = config.scoring

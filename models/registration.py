@@ -91,6 +91,15 @@ def _warp_with_mask(image: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, 
     return moved, inside.astype(bool)
 
 
+def _at_most(image: np.ndarray, max_side: int | None) -> np.ndarray:
+    height, width = image.shape[:2]
+    if max_side is None or max(height, width) <= max_side:
+        return image
+    scale = max_side / max(height, width)
+    size = (max(8, round(width * scale)), max(8, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
 def _within_limits(transform: np.ndarray) -> bool:
     degrees = abs(np.degrees(np.arctan2(transform[1, 0], transform[0, 0])))
     return bool(np.abs(transform[:, 2]).max() <= MAX_SHIFT * SIDE and degrees <= MAX_DEGREES)
@@ -102,12 +111,14 @@ def _is_identity(transform: np.ndarray) -> bool:
 
 @dataclass
 class Registration:
-    """The reference ``(R, R)``, the good frames' median response (``fit_response``), and ``fill`` ``(F, F, 3)``
-    uint8: the median of the registered good frames in colour, which fills what a moved frame does not show."""
+    """The reference ``(R, R)``, the good frames' median response (``fit_response``), ``fill`` ``(F, F, 3)``
+    uint8: the median of the registered good frames in colour, which fills what a moved frame does not show, and
+    ``max_side``: the long side frames are scaled down to first (None: kept, as tiling needs)."""
 
     reference: np.ndarray
     fit_response: float
     fill: np.ndarray
+    max_side: int | None = None
 
     def poses(self, images: Sequence[np.ndarray]) -> list[np.ndarray | None]:
         """``(2, 3)`` grid transforms of RGB uint8 frames; None where the pose is not trusted."""
@@ -119,9 +130,12 @@ class Registration:
         return poses
 
     def align(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
-        """Frames (any format ``models.images.to_rgb_uint8`` accepts) as RGB uint8 moved into the reference's pose
-        (same sizes), with their grid transforms (None: not registered, the frame left as it came)."""
-        images = [to_rgb_uint8(image, f"image {position}") for position, image in enumerate(images)]
+        """Frames (any format ``models.images.to_rgb_uint8`` accepts) as RGB uint8 moved into the reference's pose,
+        with their grid transforms (None: not registered, the frame left as it came). Frames longer than
+        ``max_side`` are first scaled down to it (aspect kept): the models see them smaller anyway, and the warp
+        costs with the pixel count (50 ms at 2048 x 2048)."""
+        images = [_at_most(to_rgb_uint8(image, f"image {position}"), self.max_side)
+                  for position, image in enumerate(images)]  # fmt: skip
         poses = self.poses(images)
         aligned = []
         for image, transform in zip(images, poses, strict=True):
@@ -147,7 +161,8 @@ class Registration:
         return restored
 
     def save(self, model_dir: Path) -> str:
-        np.savez(model_dir / FILE, reference=self.reference, fit_response=np.float32(self.fit_response), fill=self.fill)
+        np.savez(model_dir / FILE, reference=self.reference, fit_response=np.float32(self.fit_response), fill=self.fill,
+                 max_side=np.int64(self.max_side or 0))  # fmt: skip
         return FILE
 
     @classmethod
@@ -156,6 +171,7 @@ class Registration:
             with np.load(model_dir / FILE, allow_pickle=False) as data:
                 reference, fit_response = data["reference"].astype(np.float32), float(data["fit_response"])
                 fill = data["fill"].astype(np.uint8)
+                max_side = int(data["max_side"]) or None
         except (OSError, KeyError, ValueError) as error:
             msg = f"{model_dir / FILE}: cannot read the registration reference ({error})"
             raise ArtifactError(msg) from None
@@ -163,7 +179,7 @@ class Registration:
             msg = (f"{model_dir / FILE}: reference and fill of shapes {reference.shape} and {fill.shape}, expected "
                    f"{(SIDE, SIDE)} and {(FILL_SIDE, FILL_SIDE, 3)}")  # fmt: skip
             raise ArtifactError(msg)
-        return cls(reference, fit_response, fill)
+        return cls(reference, fit_response, fill, max_side)
 
 
 @dataclass(frozen=True)
@@ -188,7 +204,7 @@ def _registered_median(images: Sequence[np.ndarray], poses: Sequence[np.ndarray]
     return median.astype(images[0].dtype) if images[0].dtype != np.uint8 else median.round().astype(np.uint8)
 
 
-def build_registration(images: Sequence[np.ndarray]) -> Registration:
+def build_registration(images: Sequence[np.ndarray], max_side: int | None = None) -> Registration:
     """A registration from good RGB frames (any sizes): the reference is the grids' median, then the median again of
     the grids registered to it; the fill likewise, in colour; ``fit_response`` the frames' median response."""
     grids = [_grid(image) for image in images]
@@ -197,19 +213,19 @@ def build_registration(images: Sequence[np.ndarray]) -> Registration:
     poses, responses = zip(*(estimate_pose(reference, grid) for grid in grids), strict=True)
     colour = [cv2.resize(image, (FILL_SIDE, FILL_SIDE), interpolation=cv2.INTER_AREA) for image in images]
     fill = _registered_median(colour, poses)
-    return Registration(reference, float(np.median(responses)), fill)
+    return Registration(reference, float(np.median(responses)), fill, max_side)
 
 
-def choose_registration(paths: Sequence[Path], setting: str) -> RegistrationChoice:
+def choose_registration(paths: Sequence[Path], setting: str, max_side: int | None = None) -> RegistrationChoice:
     """``setting`` "off", "on" or "auto" resolved on good image files (up to ``REFERENCE_FRAMES``, evenly spaced;
-    unreadable ones passed over: the fit reports them)."""
+    unreadable ones passed over: the fit reports them); ``max_side`` as in ``Registration``."""
     if setting == "off":
         return RegistrationChoice(None, "")
     images = read_sample(paths, REFERENCE_FRAMES)
     if not images or (setting == "auto" and len(images) < MIN_FRAMES):
         too_few = f"only {len(images)} readable good frames; {MIN_FRAMES} needed to decide"
         return RegistrationChoice(None, f"{setting}: off ({too_few})")
-    registration = build_registration(images)
+    registration = build_registration(images, max_side)
     response = registration.fit_response
     measured = f"the good frames' median phase-correlation response {response:.2f}, over {len(images)} frames"
     if setting == "auto" and response < MIN_RESPONSE:

@@ -88,6 +88,14 @@ def test_aligned_frames_match_the_reference_and_maps_go_back_to_the_frame() -> N
     assert rows.mean() == pytest.approx(127.5, abs=1.5) and cols.mean() == pytest.approx(67.5, abs=1.5)
 
 
+def test_large_frames_are_registered_at_the_models_scale() -> None:
+    frame = part(dx=8, dy=5, degrees=-3)
+    (small,), _ = build_registration(good_parts(12, seed=0), max_side=120).align([cv2.resize(frame, (400, 400))])
+    assert small.shape == (120, 120, 3)  # scaled down before the warp: the models see it at most this large anyway
+    (full,), _ = _registration().align([frame])
+    assert _centre_ncc(cv2.resize(full, (120, 120), interpolation=cv2.INTER_AREA), small) > 0.97  # the same pose
+
+
 def test_an_unrecognisable_frame_is_left_as_it_came() -> None:
     registration = _registration()
     noise = np.random.default_rng(0).integers(0, 256, (PART, PART, 3), dtype=np.uint8)
@@ -141,6 +149,6 @@ def test_a_registered_model_forgives_a_part_off_its_fixture(tmp_path: Path) -> N
     assert registered[1] < 1.5 * registered[0] + 1.0  # and close to the part in place
     scorers["auto"].save(tmp_path / "model")
     reloaded = load_scorer(tmp_path / "model")
-    assert reloaded.registration is not None
+    assert reloaded.registration is not None and reloaded.registration.max_side == 2 * 96  # twice TINY's 96 px
     np.testing.assert_array_equal(reloaded.score(frames).scores, registered)
     assert reloaded.training.registration_choice.startswith("auto: on")

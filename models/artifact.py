@@ -82,8 +82,9 @@ def _write_manifest(model_dir: Path, manifest: dict[str, Any]) -> str:
     return str(manifest["model_id"])
 
 
-def save_scorer(scorer: Scorer, model_dir: Path) -> str:
-    """Write ``scorer`` to ``model_dir`` (created if needed); returns the model id."""
+def save_scorer(scorer: Scorer, model_dir: Path, member: bool = False) -> str:
+    """Write ``scorer`` to ``model_dir`` (created if needed); returns the model id. A fusion ``member`` is written
+    without the registration, which only the fused model uses (it registers frames before its members see them)."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     section = scorer.method.save(model_dir)
@@ -91,12 +92,13 @@ def save_scorer(scorer: Scorer, model_dir: Path) -> str:
     stats = scorer.position_stats
     if stats is not None:
         files.append(stats.save(model_dir))
-    if scorer.registration is not None:
-        files.append(scorer.registration.save(model_dir))
+    registration = None if member else scorer.registration
+    if registration is not None:
+        files.append(registration.save(model_dir))
     fusion = []
     for position, companion in enumerate(scorer.companions, start=1):
         name = f"fusion-{position}-{companion.method.name}"
-        save_scorer(companion, model_dir / name)
+        save_scorer(companion, model_dir / name, member=True)
         fusion.append({"dir": name, "content_hash": read_manifest(model_dir / name)["content_hash"]})
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -105,7 +107,7 @@ def save_scorer(scorer: Scorer, model_dir: Path) -> str:
         "scoring": scorer.scoring.model_dump(mode="json"),
         "threshold": asdict(scorer.threshold) if scorer.threshold else None,
         "position_stats": {"images": stats.images} if stats is not None else None,
-        "registration": {"fit_response": scorer.registration.fit_response} if scorer.registration else None,
+        "registration": {"fit_response": registration.fit_response} if registration else None,
         "fusion": fusion,
         "training": asdict(scorer.training),
         "libraries": library_versions(),

@@ -150,5 +150,7 @@ def test_a_registered_model_forgives_a_part_off_its_fixture(tmp_path: Path) -> N
     scorers["auto"].save(tmp_path / "model")
     reloaded = load_scorer(tmp_path / "model")
     assert reloaded.registration is not None and reloaded.registration.max_side == 2 * 96  # twice TINY's 96 px
+    assert scorers["auto"].companions  # fused: the members' directories hold no copy of the registration
+    assert [path.parent.name for path in (tmp_path / "model").rglob("registration.npz")] == ["model"]
     np.testing.assert_array_equal(reloaded.score(frames).scores, registered)
     assert reloaded.training.registration_choice.startswith("auto: on")

@@ -167,6 +167,8 @@ def fit_scorer(
     registration = choose_registration(fit_paths, config.model.registration, max_side)
     if registration.description:
         log.info("registration %s", registration.description)
+    resolved = "on" if registration.registration is not None else "off"  # the model states what it does, as intensity
+    config = config.model_copy(update={"model": config.model.model_copy(update={"registration": resolved})})
     scoring = config.scoring
     normalisation_fraction = scoring.normalisation_fraction if scoring.normalise_positions else 0.0
     fit_paths, normalisation_paths = holdout_split(fit_paths, normalisation_fraction, salt="position-stats:")

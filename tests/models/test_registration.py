@@ -138,6 +138,7 @@ def test_a_registered_model_forgives_a_part_off_its_fixture(tmp_path: Path) -> N
         config = config_from_mapping(TINY | {"model": {**TINY["model"], "registration": setting}})
         scorers[setting] = fit_scorer(paths, config, progress=False, holdout_fraction=0.2)
     assert scorers["off"].registration is None and scorers["auto"].registration is not None
+    assert (scorers["off"].model_settings.registration, scorers["auto"].model_settings.registration) == ("off", "on")
     assert "frames registered" in scorers["auto"].describe() and "registered" not in scorers["off"].describe()
     frames = [part(), part(dx=9, dy=-6, degrees=3)]
     off, registered = (scorers[key].score(frames).scores for key in ("off", "auto"))

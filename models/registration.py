@@ -27,7 +27,7 @@ scaled to ``S``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -45,6 +45,7 @@ ACCEPT_FRACTION = 0.3  # a frame whose response is below this fraction of the go
 MAX_SHIFT = 0.25  # of the frame's side
 MAX_DEGREES = 15.0
 ECC_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-4)
+WINDOW = cv2.createHanningWindow((SIDE, SIDE), cv2.CV_32F)  # phase correlation's window (read only)
 FILE = "registration.npz"
 
 
@@ -69,8 +70,7 @@ def scaled(transform: np.ndarray, width: float, height: float) -> np.ndarray:
 def estimate_pose(reference: np.ndarray, frame: np.ndarray) -> tuple[np.ndarray, float]:
     """``(2, 3)`` float32 transform (reference grid -> ``frame``'s grid) and the phase-correlation response.
     Copies go to OpenCV: its phase correlation writes its window into the arrays it is given."""
-    window = cv2.createHanningWindow((SIDE, SIDE), cv2.CV_32F)
-    (shift_x, shift_y), response = cv2.phaseCorrelate(reference.copy(), frame.copy(), window)
+    (shift_x, shift_y), response = cv2.phaseCorrelate(reference.copy(), frame.copy(), WINDOW)
     transform = np.array([[1, 0, shift_x], [0, 1, shift_y]], np.float32)
     try:
         _, refined = cv2.findTransformECC(reference, frame, transform.copy(), cv2.MOTION_EUCLIDEAN, ECC_CRITERIA)
@@ -119,6 +119,13 @@ class Registration:
     fit_response: float
     fill: np.ndarray
     max_side: int | None = None
+    _fills: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def _fill(self, width: int, height: int) -> np.ndarray:
+        """``fill`` at a frame's size, resized once per size (a line's frames all have one)."""
+        if (width, height) not in self._fills:
+            self._fills[(width, height)] = cv2.resize(self.fill, (width, height), interpolation=cv2.INTER_LINEAR)
+        return self._fills[(width, height)]
 
     def poses(self, images: Sequence[np.ndarray]) -> list[np.ndarray | None]:
         """``(2, 3)`` grid transforms of RGB uint8 frames; None where the pose is not trusted."""
@@ -145,8 +152,7 @@ class Registration:
             height, width = image.shape[:2]
             matrix = scaled(transform, width, height)
             warped, inside = _warp_with_mask(image, matrix)
-            fill = cv2.resize(self.fill, (width, height), interpolation=cv2.INTER_LINEAR)
-            aligned.append(np.where(inside[..., None], warped, fill))
+            aligned.append(np.where(inside[..., None], warped, self._fill(width, height)))
         return aligned, poses
 
     @staticmethod

@@ -172,6 +172,12 @@ BACKBONES: dict[str, BackboneSpec] = {
 }  # fmt: skip
 
 
+# Images per forward pass. A backbone call over many images (8 frames x 5 shifted views) runs in chunks: Lite0's
+# early activations for 40 views at 224 px are ~190 MB, far beyond the caches, and cost 20-25 ms per view against
+# 8-11 in chunks of 4-8 on our 2-core CPU (benchmarks/RESULTS.md section 2, session 14).
+FORWARD_CHUNK = 8
+
+
 class Backbone(nn.Module):
     """Runs the network up to its deepest tapped layer and returns the tapped maps, shallow to deep."""
 
@@ -228,9 +234,16 @@ class Backbone(nn.Module):
         return [entry[1][layer] for layer in self.layers]
 
     def _run(self, images: torch.Tensor) -> list[torch.Tensor]:
-        self._captured = {}
-        with contextlib.suppress(_StopForward):
-            self.network(self.normalise(images))
+        """The network over ``images`` in chunks of at most ``FORWARD_CHUNK``; captured maps concatenated."""
+        captured: dict[str, list[torch.Tensor]] = {}
+        for chunk in images.split(FORWARD_CHUNK):
+            self._captured = {}
+            with contextlib.suppress(_StopForward):
+                self.network(self.normalise(chunk))
+            for layer, output in self._captured.items():
+                captured.setdefault(layer, []).append(output)
+        self._captured = {layer: outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+                          for layer, outputs in captured.items()}  # fmt: skip
         return [self._captured[layer] for layer in self.layers]
 
 

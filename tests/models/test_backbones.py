@@ -123,3 +123,19 @@ def test_shared_pass_runs_equal_backbones_once_per_input() -> None:
         torch.testing.assert_close(mine, reference, rtol=0, atol=0)
     assert shared[0][0] is shared[1][0] is shared[2][0] and shared[4][1] is shared[5][1]
     assert after[0] is not shared[1][0] and runs[-1] == "second"  # outside the block nothing is shared
+
+
+def test_large_batches_run_in_chunks_with_the_same_maps() -> None:
+    from models.backbones import FORWARD_CHUNK
+
+    backbone = load_backbone("efficientnet_lite0")
+    runs: list[int] = []
+    backbone.network.register_forward_pre_hook(lambda _module, inputs: runs.append(inputs[0].shape[0]))
+    images = torch.rand(FORWARD_CHUNK + 3, 3, 64, 64)
+    with torch.inference_mode():
+        chunked = backbone(images)
+        each = [backbone(image[None]) for image in images]
+    assert runs[0] == FORWARD_CHUNK and runs[1] == 3  # then one pass per image above
+    for layer, features in enumerate(chunked):
+        assert features.shape[0] == images.shape[0]
+        torch.testing.assert_close(features, torch.cat([maps[layer] for maps in each]), rtol=1e-4, atol=1e-4)

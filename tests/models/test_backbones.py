@@ -80,14 +80,30 @@ def test_missing_torchvision_weights_name_the_path(tmp_path: Path) -> None:
 
 
 def test_resnet18_loads_from_a_local_weights_file(tmp_path: Path) -> None:
-    reference = torchvision.models.resnet18(weights=None)
+    """The file's weights, batch-norm statistics included, give the maps: the reference network's own layer2 and
+    layer3 outputs (the backbone folds its batch norms into the convolutions)."""
+    generator = torch.Generator().manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None).eval()
+    for norm in (module for module in reference.modules() if isinstance(module, torch.nn.BatchNorm2d)):
+        assert norm.running_mean is not None and norm.running_var is not None
+        norm.running_mean.copy_(torch.randn(norm.num_features, generator=generator) * 0.1)
+        norm.running_var.copy_(torch.rand(norm.num_features, generator=generator) + 0.5)
+        norm.weight.data.copy_(torch.rand(norm.num_features, generator=generator) + 0.5)
+        norm.bias.data.copy_(torch.randn(norm.num_features, generator=generator) * 0.1)
     path = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), path)
     backbone = load_backbone("resnet18", weights_path=path)
-    assert torch.equal(backbone.network.conv1.weight, reference.conv1.weight)
+    captured: dict[str, torch.Tensor] = {}
+    for layer in backbone.layers:
+        reference.get_submodule(layer).register_forward_hook(
+            lambda _m, _i, out, layer=layer: captured.__setitem__(layer, out))  # fmt: skip
+    images = torch.rand(1, 3, 64, 64, generator=generator)
     with torch.inference_mode():
-        maps = backbone(torch.rand(1, 3, 64, 64))
+        maps = backbone(images)
+        reference(backbone.normalise(images))
     assert [m.shape[1] for m in maps] == [128, 256]
+    for layer, features in zip(backbone.layers, maps, strict=True):
+        torch.testing.assert_close(features, captured[layer], rtol=1e-4, atol=1e-4)
 
 
 def test_unknown_backbone_and_layer_are_reported() -> None:

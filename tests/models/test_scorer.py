@@ -104,6 +104,20 @@ def test_gaussian_blur_preserves_mass_and_spreads_peaks() -> None:
     assert float(blurred.max()) < 0.02 and int(blurred.argmax()) == 20 * 41 + 20
 
 
+def test_gaussian_blur_is_a_reflect_padded_2d_convolution() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from models.scorer import gaussian_kernel
+
+    maps = torch.rand(3, 50, 37, generator=torch.Generator().manual_seed(0))
+    kernel = gaussian_kernel(2.0)
+    radius = kernel.numel() // 2
+    padded = F.pad(maps[:, None], (radius, radius, radius, radius), mode="reflect")  # edge pixel not repeated
+    expected = F.conv2d(padded, torch.outer(kernel, kernel)[None, None])[:, 0]
+    torch.testing.assert_close(gaussian_blur(maps, 2.0), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_pad_keeps_the_aspect_and_fills_with_the_mean_colour() -> None:
     from models.scorer import content_box, preprocess
 

@@ -51,17 +51,18 @@ def fold_batch_norms(network: nn.Module, sample: torch.Tensor) -> int:
     if network.training:
         msg = "batch norms can only be folded in eval mode (running statistics)"
         raise ValueError(msg)
-    producers: dict[int, nn.Conv2d] = {}
+    # each convolution's output, kept alive so that no later tensor can take its id
+    producers: dict[int, tuple[nn.Conv2d, torch.Tensor]] = {}
     pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
 
     def after_conv(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
         assert isinstance(module, nn.Conv2d)
-        producers[id(output)] = module
+        producers[id(output)] = (module, output)
 
     def before_norm(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        conv = producers.get(id(inputs[0]))
         assert isinstance(module, nn.BatchNorm2d)
-        if conv is not None and module.track_running_stats and conv.out_channels == module.num_features:
+        conv, output = producers.get(id(inputs[0]), (None, None))
+        if conv is not None and output is inputs[0] and module.track_running_stats:
             pairs.append((conv, module))
 
     modules = list(network.modules())

@@ -173,9 +173,9 @@ BACKBONES: dict[str, BackboneSpec] = {
 }  # fmt: skip
 
 
-# Images per forward pass. A backbone call over many images (8 frames x 5 shifted views) runs in chunks: Lite0's
-# early activations for 40 views at 224 px are ~190 MB, far beyond the caches, and cost 20-25 ms per view against
-# 8-11 in chunks of 4-8 on our 2-core CPU (benchmarks/RESULTS.md section 2, session 14).
+# Images per forward pass on the CPU. A backbone call over many images (8 frames x 5 shifted views) runs in chunks:
+# Lite0's early activations for 40 views at 224 px are ~190 MB, far beyond the caches, and cost 18-25 ms per view
+# against ~10 in chunks of 4-8 on our 2-core CPU (benchmarks/RESULTS.md section 2, session 14). GPUs keep the batch.
 FORWARD_CHUNK = 8
 
 
@@ -238,9 +238,10 @@ class Backbone(nn.Module):
         return [entry[1][layer] for layer in self.layers]
 
     def _run(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The network over ``images`` in chunks of at most ``FORWARD_CHUNK``; captured maps concatenated."""
+        """The network over ``images`` (on the CPU in chunks of at most ``FORWARD_CHUNK``; a GPU takes the whole
+        batch at once); captured maps concatenated."""
         captured: dict[str, list[torch.Tensor]] = {}
-        for chunk in images.split(FORWARD_CHUNK):
+        for chunk in images.split(FORWARD_CHUNK if images.device.type == "cpu" else max(1, images.shape[0])):
             self._captured = {}
             with contextlib.suppress(_StopForward):
                 self.network(self.normalise(chunk))

@@ -13,31 +13,16 @@ chunks.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from models.backbones import load_backbone
-from models.native import configure_native_libraries
+from models.native import configure_native_libraries, faiss_openblas_core
 
 BANK_ROWS, CHANNELS, PATCHES_PER_IMAGE, IMAGES = 6272, 152, 784, 8
-
-
-def faiss_openblas_core() -> str:
-    """The core name faiss's own OpenBLAS chose, or why it cannot be told."""
-    import faiss  # noqa: F401  (loads its OpenBLAS)
-
-    maps = Path("/proc/self/maps")
-    paths = {line.split()[-1] for line in maps.read_text().splitlines() if "libopenblas" in line and "faiss" in line}
-    if not paths:
-        return "(faiss links no separate OpenBLAS)"
-    corename = ctypes.CDLL(paths.pop()).openblas_get_corename
-    corename.restype = ctypes.c_char_p
-    return str(corename().decode())
 
 
 def seconds_per_call(function: Callable[[], object], rounds: int) -> float:
@@ -55,8 +40,9 @@ def main() -> None:
     import faiss
 
     settings = configure_native_libraries()
+    core = faiss_openblas_core() or "(no separate OpenBLAS)"
     print(f"OPENBLAS_CORETYPE {settings.openblas_core_type}, malloc tuned {settings.malloc_tuned}, "
-          f"faiss's OpenBLAS core {faiss_openblas_core()}, torch threads {torch.get_num_threads()}")  # fmt: skip
+          f"faiss's OpenBLAS core {core}, torch threads {torch.get_num_threads()}")  # fmt: skip
     rng = np.random.default_rng(0)
     bank = rng.standard_normal((BANK_ROWS, CHANNELS)).astype(np.float32)
     queries = rng.standard_normal((PATCHES_PER_IMAGE * IMAGES, CHANNELS)).astype(np.float32)

@@ -83,6 +83,23 @@ def _tune_malloc() -> bool:
     return all(mallopt(parameter, value) == 1 for parameter, value in settings)
 
 
+def faiss_openblas_core() -> str | None:
+    """The kernel family faiss's own OpenBLAS chose (``openblas_get_corename``: e.g. "SkylakeX", "Prescott" for its
+    generic kernels); imports faiss. None when faiss links no separate OpenBLAS or /proc cannot be read."""
+    import faiss  # noqa: F401  (loads its OpenBLAS)
+
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    paths = {line.split()[-1] for line in maps if "libopenblas" in line and "faiss" in line}
+    if not paths:
+        return None
+    corename = ctypes.CDLL(paths.pop()).openblas_get_corename
+    corename.restype = ctypes.c_char_p
+    return str(corename().decode())
+
+
 _applied: NativeSettings | None = None
 
 

@@ -96,11 +96,12 @@ def load_model(device: str) -> ModelLoader:
 
     def load(model_dir: Path) -> ScorerLike:
         from models.artifact import load_scorer
-        from models.native import configure_native_libraries
+        from models.native import configure_native_libraries, faiss_openblas_core
 
         scorer = load_scorer(model_dir, device=device)
         native = configure_native_libraries()  # applied when models was imported; logged for slow-node diagnosis
         logger.info("native libraries", extra={"openblas_core_type": native.openblas_core_type,
+                                               "faiss_openblas_core": faiss_openblas_core(),
                                                "malloc_tuned": native.malloc_tuned})  # fmt: skip
         scorer.score([np.full((scorer.image_size, scorer.image_size, 3), 128, dtype=np.uint8)])  # warm-up
         return scorer  # type: ignore[return-value]

@@ -15,17 +15,8 @@ from models.native import cpu_flags, openblas_core_type
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The name faiss's bundled OpenBLAS reports for the kernels it chose (None: faiss links no separate OpenBLAS).
-FAISS_OPENBLAS_CORE = """
-import ctypes, models, faiss
-paths = {line.split()[-1] for line in open("/proc/self/maps") if "libopenblas" in line and "faiss" in line}
-if not paths:
-    print("None")
-else:
-    corename = ctypes.CDLL(paths.pop()).openblas_get_corename
-    corename.restype = ctypes.c_char_p
-    print(corename().decode())
-"""
+# The name faiss's bundled OpenBLAS reports for the kernels it chose, in a fresh interpreter.
+FAISS_OPENBLAS_CORE = "from models.native import faiss_openblas_core; print(faiss_openblas_core())"
 
 # Minor page faults of ten 20 MB allocations after a first one, with or without importing models.
 REUSE_FAULTS = """

@@ -14,6 +14,11 @@
       fusion-1-padim/ ... one complete artifact per ``[fusion]`` member (no threshold of its own), recorded in the
                       manifest by directory and content hash
 
+``save_scorer`` writes a complete new directory beside ``MODEL_DIR`` and only then puts it in place (the old
+model, if any, is removed after), so a fit that fails half-way leaves the old model intact, no file of an older
+model survives into the new one, and a worker that (re)loads ``MODEL_DIR`` meanwhile reads one whole model or the
+other. A directory that exists, is not empty and holds no ``manifest.json`` is never replaced.
+
 ``load_scorer`` checks the format version, every file's sha256 and the content hash, then lets the method check
 its own files against the manifest (PatchCore: the backbone really produces features of the recorded shape);
 anything wrong raises ``ArtifactError`` naming the problem.
@@ -25,7 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import shutil
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -75,18 +81,61 @@ def library_versions() -> dict[str, str]:
 def _write_manifest(model_dir: Path, manifest: dict[str, Any]) -> str:
     manifest["content_hash"] = _content_hash(manifest)
     manifest["model_id"] = manifest["content_hash"][:12]
-    handle, temporary = tempfile.mkstemp(dir=model_dir, prefix=".manifest-", suffix=".json")
-    with os.fdopen(handle, "w") as stream:
+    temporary = model_dir / f".manifest-{uuid.uuid4().hex[:8]}.json"
+    with temporary.open("x") as stream:  # the umask's permissions, so workers running as another user can read it
         json.dump(manifest, stream, indent=2, sort_keys=True)
     os.replace(temporary, model_dir / MANIFEST)
     return str(manifest["model_id"])
 
 
-def save_scorer(scorer: Scorer, model_dir: Path, member: bool = False) -> str:
-    """Write ``scorer`` to ``model_dir`` (created if needed); returns the model id. A fusion ``member`` is written
-    without the registration, which only the fused model uses (it registers frames before its members see them)."""
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
+def check_model_destination(model_dir: Path) -> Path:
+    """The directory ``save_scorer`` would write, resolved (a symlink's target is replaced, the link kept).
+    Raises ``ArtifactError`` when it exists and is not a lineinspect model: a file, or a directory with other
+    content, which saving would otherwise delete. Call it before fitting, to fail before the work."""
+    target = Path(model_dir).resolve()
+    if target.exists():
+        if not target.is_dir():
+            msg = f"{model_dir} exists and is not a directory: choose another output for the model"
+            raise ArtifactError(msg)
+        if not (target / MANIFEST).is_file() and any(target.iterdir()):
+            msg = (f"{model_dir} exists, is not empty and is not a lineinspect model (no {MANIFEST}): "
+                   "refusing to replace it; choose a new or empty directory")  # fmt: skip
+            raise ArtifactError(msg)
+    return target
+
+
+def save_scorer(scorer: Scorer, model_dir: Path) -> str:
+    """Write ``scorer`` as the model directory ``model_dir``, replacing a model already there; returns the model
+    id. The new directory is written complete beside the old one (same parent, so on the same file system), then
+    renamed into place; the old one is renamed aside first and deleted last (in between, for the time of one
+    rename, ``model_dir`` does not exist: a loader then reports the manifest missing and tries again later)."""
+    target = check_model_destination(model_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(target, "writing")
+    try:
+        staging.mkdir()  # with the umask's permissions, like any directory the user makes
+        model_id = _write_scorer(scorer, staging, member=False)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retired = _sibling(target, "replaced") if target.exists() else None
+    if retired is not None:
+        os.replace(target, retired)
+    os.replace(staging, target)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+    return model_id
+
+
+def _sibling(target: Path, purpose: str) -> Path:
+    """A hidden, unused name beside ``target`` for a directory being written or retired."""
+    return target.parent / f".{target.name}.{purpose}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _write_scorer(scorer: Scorer, model_dir: Path, member: bool) -> str:
+    """Write ``scorer`` into the new, empty directory ``model_dir``. A fusion ``member`` is written without the
+    registration, which only the fused model uses (it registers frames before its members see them)."""
+    model_dir.mkdir(exist_ok=True)
     section = scorer.method.save(model_dir)
     files = list(section.pop("files"))
     stats = scorer.position_stats
@@ -98,7 +147,7 @@ def save_scorer(scorer: Scorer, model_dir: Path, member: bool = False) -> str:
     fusion = []
     for position, companion in enumerate(scorer.companions, start=1):
         name = f"fusion-{position}-{companion.method.name}"
-        save_scorer(companion, model_dir / name, member=True)
+        _write_scorer(companion, model_dir / name, member=True)
         fusion.append({"dir": name, "content_hash": read_manifest(model_dir / name)["content_hash"]})
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,

@@ -30,10 +30,12 @@ def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    from models.artifact import check_model_destination
     from models.datasets import good_images
     from models.fit import fit_scorer
 
     config = _config(args)
+    check_model_destination(args.out)  # before minutes of fitting, not after
     paths = good_images(args.good)
     scorer = fit_scorer(paths, config, progress=not args.quiet, holdout_fraction=args.holdout, source=str(args.good))
     model_id = scorer.save(args.out)

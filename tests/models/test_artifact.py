@@ -115,3 +115,82 @@ def test_settings_travel_with_the_model_and_older_models_behave_as_before(saved_
     _write_manifest(model, manifest)
     scorer = load_scorer(model, device="cpu")
     assert (scorer.model_settings.intensity, scorer.scoring.map_baseline) == ("raw", "none")
+
+
+def _hidden_siblings(model: Path) -> list[str]:
+    return sorted(p.name for p in model.parent.iterdir() if p.name.startswith(f".{model.name}."))
+
+
+def test_saving_over_a_model_leaves_none_of_its_files(fitted_scorer: Scorer, saved_model: Path,
+                                                      tmp_path: Path) -> None:  # fmt: skip
+    model = _copy(saved_model, tmp_path)
+    # what a fused, registered model saved here earlier would have left
+    (model / "registration.npz").write_bytes(b"older model")
+    (model / "fusion-1-padim").mkdir()
+    (model / "fusion-1-padim" / "manifest.json").write_text("{}")
+    model_id = fitted_scorer.save(model)
+    assert sorted(p.name for p in model.iterdir()) == ["bank.npy", "index.faiss", "manifest.json"]
+    assert load_scorer(model, device="cpu").model_id == model_id == read_manifest(saved_model)["model_id"]
+    assert _hidden_siblings(model) == []
+
+
+def test_a_save_that_fails_half_way_keeps_the_old_model(saved_model: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import models.artifact
+    from models.memory_bank import MemoryBank
+
+    model = _copy(saved_model, tmp_path)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    refitted = load_scorer(saved_model, device="cpu")  # a new model, with another bank
+    refitted.method.bank = MemoryBank(refitted.method.bank.features[::2].copy(), refitted.method.bank.kind)
+
+    def disk_full() -> dict[str, str]:  # called after the bank and index are written, before the manifest
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(models.artifact, "library_versions", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        refitted.save(model)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert load_scorer(model, device="cpu").model_id == read_manifest(saved_model)["model_id"]
+    assert _hidden_siblings(model) == []
+
+
+def test_a_directory_that_is_not_a_model_is_never_replaced(fitted_scorer: Scorer, tmp_path: Path) -> None:
+    from models.artifact import check_model_destination
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "part.png").write_bytes(b"someone's image")
+    with pytest.raises(ArtifactError, match=r"not a lineinspect model .* refusing to replace it"):
+        fitted_scorer.save(data)
+    assert [p.name for p in data.iterdir()] == ["part.png"]
+    with pytest.raises(ArtifactError, match="not a directory"):
+        check_model_destination(data / "part.png")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fitted_scorer.save(empty)
+    assert (empty / "manifest.json").is_file()
+
+
+def test_saving_through_a_symlink_replaces_its_target_and_keeps_the_link(fitted_scorer: Scorer, saved_model: Path,
+                                                                         tmp_path: Path) -> None:  # fmt: skip
+    version = _copy(saved_model, tmp_path)
+    (version / "stale.npy").write_bytes(b"older")
+    current = tmp_path / "current"
+    current.symlink_to(version, target_is_directory=True)
+    fitted_scorer.save(current)
+    assert current.is_symlink() and current.resolve() == version.resolve()
+    assert not (version / "stale.npy").exists() and load_scorer(current, device="cpu").model_id
+
+
+def test_model_files_get_the_umask_permissions(fitted_scorer: Scorer, tmp_path: Path) -> None:
+    """Workers often run as another user than the engineer who fits: the files must be as readable as any."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        fitted_scorer.save(tmp_path / "model")
+    finally:
+        os.umask(previous)
+    for path in [tmp_path / "model", *(tmp_path / "model").iterdir()]:
+        assert path.stat().st_mode & 0o044 == 0o044, path

@@ -43,6 +43,15 @@ def test_fit_fails_clearly_when_nothing_is_readable(tmp_path: Path, capsys: pyte
     assert "no readable training image" in capsys.readouterr().err
 
 
+def test_fit_refuses_an_output_that_is_not_a_model_before_fitting(
+    demo_line: DemoLine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = sorted(p.name for p in demo_line.train_dir.iterdir())
+    assert main(["fit", "--good", str(demo_line.train_dir), "--out", str(demo_line.train_dir), "--quiet"]) == 2
+    assert "is not a lineinspect model (no manifest.json): refusing to replace it" in capsys.readouterr().err
+    assert sorted(p.name for p in demo_line.train_dir.iterdir()) == before
+
+
 def test_score_prints_verdicts_and_writes_heatmaps(cli_model: Path, demo_line: DemoLine, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     images = [str(p) for p in demo_line.test_images[:2]]

@@ -30,6 +30,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# Libraries whose INFO records read like failures to an operator: faiss's loader logs "Could not load library with
+# AVX512 support ... ModuleNotFoundError" for every instruction set it probes before the one it loads
+NOISY_LIBRARY_LOGGERS = ("faiss.loader",)
+
+
+def quiet_noisy_libraries(level: int | str) -> None:
+    """Keep ``NOISY_LIBRARY_LOGGERS`` to warnings unless ``level`` is DEBUG."""
+    numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    if numeric != logging.DEBUG:
+        for name in NOISY_LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def setup_logging(role: str, level: str = "INFO", **static_fields: Any) -> None:
     """Send every log record to stderr as JSON tagged with the worker role."""
     handler = logging.StreamHandler(sys.stderr)
@@ -37,3 +50,4 @@ def setup_logging(role: str, level: str = "INFO", **static_fields: Any) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    quiet_noisy_libraries(level)

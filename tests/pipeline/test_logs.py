@@ -1,0 +1,20 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _faiss_import_logs(level: str) -> list[dict[str, str]]:
+    code = f"from pipeline.logs import setup_logging; setup_logging('score', {level!r}); import faiss"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    return [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize(("level", "shown"), [("INFO", False), ("DEBUG", True)])
+def test_faiss_loader_probing_is_only_shown_when_debugging(level: str, shown: bool) -> None:
+    """faiss's loader logs each instruction set it probes at INFO ("Could not load library ..."): at the workers'
+    usual level an operator should not read that as a failure."""
+    records = [record for record in _faiss_import_logs(level) if record["logger"] == "faiss.loader"]
+    assert bool(records) == shown
+    assert all(record["role"] == "score" for record in records)

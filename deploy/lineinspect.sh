@@ -21,7 +21,7 @@ fi
 if [ "${1:-}" = "test" ]; then
   shift
   "$VENV/bin/ruff" check pipeline workers models tests benchmarks
-  "$VENV/bin/mypy" pipeline workers models benchmarks
+  "$VENV/bin/mypy" pipeline workers models benchmarks tests
   exec "$VENV/bin/pytest" -q "$@"
 fi
 exec "$VENV/bin/lineinspect" "$@"

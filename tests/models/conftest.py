@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,8 +12,11 @@ from models.synthetic import DemoLine, make_demo_line
 from pipeline.config import Config, config_from_mapping
 
 # unshifted and unregistered: tests that shift or register say so
-TINY = {"model": {"image_size": 96, "registration": "off"}, "bank": {"compression_ratio": 2, "init_images": 4},
-        "scoring": {"batch_size": 4, "shift_pixels": 0}}
+TINY: dict[str, dict[str, Any]] = {
+    "model": {"image_size": 96, "registration": "off"},
+    "bank": {"compression_ratio": 2, "init_images": 4},
+    "scoring": {"batch_size": 4, "shift_pixels": 0},
+}
 
 
 @pytest.fixture(scope="session")

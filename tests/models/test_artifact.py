@@ -138,11 +138,14 @@ def test_a_save_that_fails_half_way_keeps_the_old_model(saved_model: Path, tmp_p
                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     import models.artifact
     from models.memory_bank import MemoryBank
+    from models.methods.patchcore import PatchCoreMethod
 
     model = _copy(saved_model, tmp_path)
     before = {p.name: p.read_bytes() for p in model.iterdir()}
     refitted = load_scorer(saved_model, device="cpu")  # a new model, with another bank
-    refitted.method.bank = MemoryBank(refitted.method.bank.features[::2].copy(), refitted.method.bank.kind)
+    method = refitted.method
+    assert isinstance(method, PatchCoreMethod)
+    method.bank = MemoryBank(method.bank.features[::2].copy(), method.bank.kind)
 
     def disk_full() -> dict[str, str]:  # called after the bank and index are written, before the manifest
         raise OSError(28, "No space left on device")

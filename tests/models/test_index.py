@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.index import IndexError_, NearestNeighbourIndex
+from models.index import IndexError_, IndexKind, NearestNeighbourIndex
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def test_flat_search_equals_brute_force_torch(data) -> None:
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
-def test_approximate_indexes_find_most_true_neighbours(data, kind: str) -> None:
+def test_approximate_indexes_find_most_true_neighbours(data, kind: IndexKind) -> None:
     bank, queries = data
     _, exact = NearestNeighbourIndex.build(bank, "flat").search(queries, k=1)
     _, approx = NearestNeighbourIndex.build(bank, kind, ivf_lists=16, ivf_probe=8).search(queries, k=1)

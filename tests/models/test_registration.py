@@ -23,7 +23,7 @@ def _coins() -> np.ndarray:
 def moved(image: np.ndarray, dx: float, dy: float, degrees: float) -> np.ndarray:
     """``image`` rotated about its centre and translated (content moves by (dx, dy) px), borders replicated."""
     height, width = image.shape[:2]
-    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), degrees, 1.0)
+    matrix: np.ndarray = cv2.getRotationMatrix2D((width / 2, height / 2), degrees, 1.0)
     matrix[:, 2] += (dx, dy)
     return cv2.warpAffine(image, matrix, (width, height), borderMode=cv2.BORDER_REPLICATE)
 
@@ -37,7 +37,11 @@ def part(dx: float = 0.0, dy: float = 0.0, degrees: float = 0.0) -> np.ndarray:
 
 def good_parts(count: int, seed: int, max_shift: float = 1.0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [part(*rng.uniform(-max_shift, max_shift, 2), rng.uniform(-0.5, 0.5)) for _ in range(count)]
+    parts = []
+    for _ in range(count):
+        dx, dy = rng.uniform(-max_shift, max_shift, 2)
+        parts.append(part(dx, dy, rng.uniform(-0.5, 0.5)))
+    return parts
 
 
 def _grid(image: np.ndarray) -> np.ndarray:

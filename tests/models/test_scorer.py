@@ -23,11 +23,11 @@ def test_a_batch_costs_one_backbone_call_and_one_search(fitted_scorer: Scorer, d
     images, _ = _images(demo_line)
     scorer = fitted_scorer.with_scoring(fitted_scorer.scoring.model_copy(update={"shift_pixels": 2}))
     calls = {"backbone": 0, "search": 0}
-    hook = scorer.method.extractor.backbone.register_forward_hook(
-        lambda *_: calls.__setitem__("backbone", calls["backbone"] + 1)
-    )
     method = scorer.method
     assert isinstance(method, PatchCoreMethod)
+    hook = method.extractor.backbone.register_forward_hook(
+        lambda *_: calls.__setitem__("backbone", calls["backbone"] + 1)
+    )
     original_search = method.index.search
 
     def counting_search(*args, **kwargs):

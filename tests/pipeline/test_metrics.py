@@ -38,7 +38,8 @@ def test_decisions_feed_verdict_error_stage_and_latency_metrics() -> None:
 
 def test_scores_are_recorded_relative_to_the_threshold() -> None:
     metrics = Metrics()
-    for verdict, score in [("pass", 1.0), ("pass", 3.0), ("fail", 6.0), ("pass", -0.5)]:
+    scored: list[tuple[Verdict, float]] = [("pass", 1.0), ("pass", 3.0), ("fail", 6.0), ("pass", -0.5)]
+    for verdict, score in scored:
         metrics.observe_decision(decision(verdict, score=score), published_at_ns=1_050_000_000)
     metrics.observe_decision(decision("error", "stale"), published_at_ns=1_050_000_000)  # no score: not recorded
     value = metrics.registry.get_sample_value

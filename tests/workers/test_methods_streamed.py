@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,8 +28,10 @@ def method_line(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Pa
 
 
 # patchcore fused with padim; a third of the fit images kept out so this small line has position statistics
-FUSION = {"scoring": {"normalisation_fraction": 0.3},
-          "fusion": {"members": [{"method": "padim", "model": {"aggregation_kernel": 1}}]}}  # fmt: skip
+FUSION: dict[str, dict[str, Any]] = {
+    "scoring": {"normalisation_fraction": 0.3},
+    "fusion": {"members": [{"method": "padim", "model": {"aggregation_kernel": 1}}]},
+}
 
 
 @pytest.mark.parametrize("method", [*sorted(METHOD_CLASSES), "fusion"])

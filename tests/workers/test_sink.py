@@ -160,7 +160,8 @@ def test_writer_writes_each_failed_frames_overlay_once_across_redeliveries(
     assert sorted(d.frame_id for d in published) == [f"fail-{i}" for i in range(5)]
     paths = {Path(str(d.heatmap_ref)) for d in published}
     assert paths == set((sink.config.sink.heatmap_dir / "line-1").iterdir())
-    assert all(cv2.imread(str(path)).shape == (40, 40, 3) for path in paths)
+    overlays = [cv2.imread(str(path)) for path in paths]
+    assert all(overlay is not None and overlay.shape == (40, 40, 3) for overlay in overlays)
     value = runtime.metrics.registry.get_sample_value
     assert value("lineinspect_heatmaps_written_total", {"line": "line-1"}) == 5
     assert value("lineinspect_duplicate_decisions_total", {"line": "line-1"}) == 5
@@ -179,7 +180,8 @@ def test_an_overlay_left_by_a_crashed_delivery_is_not_drawn_again(make_runtime: 
     sink.writer.flush()
     (published,) = decisions_in(runtime.client, sink.keys.decisions)
     assert published.heatmap_ref == str(path)
-    assert cv2.imread(str(path)).shape == (8, 8, 3)
+    overlay = cv2.imread(str(path))
+    assert overlay is not None and overlay.shape == (8, 8, 3)
     assert runtime.metrics.registry.get_sample_value("lineinspect_heatmaps_written_total", {"line": "line-1"}) is None
 
 

@@ -14,7 +14,7 @@ from models.fit import fit_scorer, holdout_split
 from models.images import read_image
 from models.normalisation import STATS_FILE, PositionStats, PositionStatsBuilder
 from models.synthetic import DemoLine
-from pipeline.config import config_from_mapping
+from pipeline.config import Config, config_from_mapping
 from tests.models.conftest import TINY
 
 
@@ -91,7 +91,7 @@ def test_statistics_round_trip_and_wrong_files_are_refused(tmp_path: Path) -> No
         stats.apply(torch.zeros(1, 8, 8))
 
 
-def _config(normalise: bool):  # type: ignore[no-untyped-def]
+def _config(normalise: bool) -> Config:
     scoring = TINY["scoring"] | {"normalise_positions": normalise, "normalisation_fraction": 0.3}
     return config_from_mapping(TINY | {"scoring": scoring})
 

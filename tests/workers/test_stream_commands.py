@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
 
+from models.artifact import _write_manifest, read_manifest
 from pipeline.config import RedisSettings, StreamSettings
 from pipeline.streams import LineKeys, StreamClient, health_key
+from tests.workers.conftest import TinyLine
 from workers.stream_commands import SCORE_WORKER_COMMAND, add_stream_commands, main
 
 
@@ -41,11 +44,28 @@ def test_check_follows_heartbeats(client: StreamClient, stream_prefix: str, caps
     assert main(["check", "--name", "w3"]) == 1
 
 
-def test_promote_announces_only_model_directories(client: StreamClient, stream_prefix: str, tmp_path: Path) -> None:
+def test_promote_announces_only_models_that_load(
+    client: StreamClient, stream_prefix: str, tmp_path: Path, tiny_line: TinyLine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The key outlives the workers: a model that cannot load would be what every restarted worker is told to use."""
+    key = LineKeys(stream_prefix, "line-1")
     assert main(["promote", "--line", "line-1", "--model", str(tmp_path)]) == 2
-    (tmp_path / "manifest.json").write_text("{}")
-    assert main(["promote", "--line", "line-1", "--model", str(tmp_path)]) == 0
-    assert client.get_model_dir(LineKeys(stream_prefix, "line-1")) == str(tmp_path.resolve())
+    assert "has no manifest.json" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_line.model_dir, broken)
+    (broken / "bank.npy").write_bytes(b"garbage")
+    assert main(["promote", "--line", "line-1", "--model", str(broken)]) == 2
+    assert "was not promoted: it does not load" in capsys.readouterr().err
+    uncalibrated = tmp_path / "uncalibrated"
+    shutil.copytree(tiny_line.model_dir, uncalibrated)
+    manifest = read_manifest(uncalibrated) | {"threshold": None}
+    _write_manifest(uncalibrated, manifest)
+    assert main(["promote", "--line", "line-1", "--model", str(uncalibrated)]) == 2
+    assert "has no threshold" in capsys.readouterr().err
+    assert client.get_model_dir(key) is None
+    assert main(["promote", "--line", "line-1", "--model", str(tiny_line.model_dir)]) == 0
+    assert client.get_model_dir(key) == str(tiny_line.model_dir.resolve())
+    assert read_manifest(tiny_line.model_dir)["model_id"] in capsys.readouterr().out
 
 
 def test_workers_refuse_to_start_without_redis(

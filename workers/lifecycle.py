@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from types import FrameType, TracebackType
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.health import HealthServer, Heartbeat
 from pipeline.metrics import Metrics
 from pipeline.streams import DeadLetter, StreamClient
@@ -43,7 +43,9 @@ def default_worker_name(role: str) -> str:
 class WorkerRuntime:
     """Redis client, Metrics, Heartbeat and the health/metrics HTTP server of one worker."""
 
-    def __init__(self, config: Config, redis_url: str, role: str, name: str, port: int) -> None:
+    def __init__(
+        self, config: Config, redis_url: str, role: str, name: str, port: int, port_setting: str = "worker.health_port"
+    ) -> None:
         self.config = config
         self.role = role
         self.name = name
@@ -51,7 +53,12 @@ class WorkerRuntime:
         self.client = StreamClient(redis_url, config.redis, config.streams)
         self.metrics = Metrics()
         self.heartbeat = Heartbeat(self.client, config.streams.prefix, role, name)
-        self.server = HealthServer(self.heartbeat, self.metrics, port)
+        try:
+            self.server = HealthServer(self.heartbeat, self.metrics, port)
+        except OSError as error:
+            msg = (f"{port_setting}: cannot serve /healthz and /metrics on port {port} ({error.strerror}); "
+                   "choose a free port, or 0 for any")  # fmt: skip
+            raise ConfigError(msg) from None
 
     def report_dead_letters(self, line_id: str, letters: Sequence[DeadLetter]) -> None:
         """Count and log entries a worker has just committed to the dead-letter stream."""

@@ -82,7 +82,8 @@ def cmd_sink(args: argparse.Namespace) -> int:
     name = args.name or default_worker_name("sink")
     setup_logging("sink", _log_level(args), worker=name)
     _one_opencv_thread()
-    with WorkerRuntime(config, _redis_url(config), "sink", name, config.sink.metrics_port) as runtime:
+    port = config.sink.metrics_port
+    with WorkerRuntime(config, _redis_url(config), "sink", name, port, port_setting="sink.metrics_port") as runtime:
         install_stop_handlers(runtime.stop)
         SinkWorker(runtime, _line(args, config)).run()
     return 0

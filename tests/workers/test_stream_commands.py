@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,20 @@ def test_workers_refuse_to_start_without_redis(
     monkeypatch.delenv("REDIS_URL", raising=False)
     assert main(["sink"]) == 2
     assert "no Redis configured" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_a_one_line_error_naming_its_setting(
+    client: StreamClient, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("LINEINSPECT__SINK__METRICS_PORT", str(port))
+        assert main(["sink", "--line", "line-1"]) == 2
+    error = capsys.readouterr().err
+    assert f"sink.metrics_port: cannot serve /healthz and /metrics on port {port}" in error
+    assert "Traceback" not in error
 
 
 def test_every_command_is_registered_with_a_handler() -> None:

@@ -30,6 +30,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class PlainFormatter(logging.Formatter):
+    """One readable line per record for commands run by hand: time, level, logger, message, then the record's
+    ``extra={...}`` fields as key=value (without them "redis unavailable, retrying" says neither what nor why)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = {key: value for key, value in record.__dict__.items() if key not in _STANDARD}
+        if fields:
+            line += " (" + ", ".join(f"{key}={value}" for key, value in fields.items()) + ")"
+        return line
+
+
 # Libraries whose INFO records read like failures to an operator: faiss's loader logs "Could not load library with
 # AVX512 support ... ModuleNotFoundError" for every instruction set it probes before the one it loads
 NOISY_LIBRARY_LOGGERS = ("faiss.loader",)

@@ -212,9 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.logs import quiet_noisy_libraries
+    from pipeline.logs import PlainFormatter, quiet_noisy_libraries
 
+    handler = logging.StreamHandler()
+    handler.setFormatter(PlainFormatter())
+    logging.basicConfig(level=level, handlers=[handler])
     quiet_noisy_libraries(level)
     from models.datasets import DatasetError
     from models.errors import ArtifactError, BackboneError

@@ -6,7 +6,8 @@ Keys for line ``L`` with prefix ``P`` (``streams.prefix``):
 - ``P:L:results``     stream of encoded Decisions from scoring workers (with anomaly maps), group ``sinks``
 - ``P:L:decisions``   the line's output: exactly one encoded Decision per frame, published by the sink
 - ``P:L:deadletter``  entries that could not be processed: ``reason``, ``detail``, ``source_stream``,
-                      ``source_entry_id``, ``frame_id`` and the original ``payload``
+                      ``source_entry_id``, ``frame_id`` and the original ``payload`` (its first 64 KiB when larger,
+                      then with ``payload_bytes``, the original size, and ``payload_truncated`` = ``1``)
 - ``P:L:model``       the model directory the line's scoring workers should use (set it to hot-reload)
 - ``P:L:published:<frame_id>``  marker (with a TTL) that makes the sink's publish idempotent
 - ``P:health:<role>:<name>``    JSON heartbeat of each worker, expiring after a TTL
@@ -34,6 +35,10 @@ T = TypeVar("T")
 PAYLOAD = "payload"
 SCORER_GROUP = "scorers"
 SINK_GROUP = "sinks"
+# A dead letter keeps at most this much of its payload: enough to see what an entry was, while rejected 20 MB frames
+# do not fill Redis (the dead-letter stream holds up to ~streams.maxlen entries).
+DEAD_LETTER_PAYLOAD_BYTES = 64 * 1024
+DEAD_LETTER_FRAME_ID_CHARS = 1000
 RETRIED_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionError, OSError)
 
 _PUBLISH_ONCE = """
@@ -194,14 +199,28 @@ class StreamClient:
     def ensure_group(self, stream: str, group: str) -> None:
         """Create ``group`` on ``stream`` (and the stream) reading from the start, unless it exists."""
 
-        def create() -> None:
-            try:
-                self.redis.xgroup_create(stream, group, id="0", mkstream=True)
-            except redis.ResponseError as error:
-                if "BUSYGROUP" not in str(error):
-                    raise
+        self._call(lambda: self._create_group(stream, group), "ensure_group")
 
-        self._call(create, "ensure_group")
+    def _create_group(self, stream: str, group: str) -> None:
+        try:
+            self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    def _in_group(self, stream: str, group: str, operation: Callable[[], T]) -> T:
+        """Run a consumer-group command; when the group is gone (Redis restarted empty, or someone destroyed it),
+        re-create it reading from the start and run the command again."""
+        try:
+            return operation()
+        except redis.ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+        logger.warning(
+            "consumer group missing (redis restarted empty?), recreating", extra={"stream": stream, "group": group}
+        )
+        self._create_group(stream, group)
+        return operation()
 
     def publish(self, stream: str, payload: bytes) -> str:
         entry_id = self._call(
@@ -234,16 +253,9 @@ class StreamClient:
         """Up to ``count`` never-delivered entries; waits up to ``block_ms`` (None: do not wait) for the first."""
 
         def read() -> Any:
-            try:
-                return self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
-            except redis.ResponseError as error:
-                if "NOGROUP" not in str(error):
-                    raise
-                logger.warning("consumer group missing (redis restarted empty?), recreating", extra={"stream": stream})
-                self.redis.xgroup_create(stream, group, id="0", mkstream=True)
-                return self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+            return self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
 
-        return self._entries(self._call(read, "read_new"))
+        return self._entries(self._call(lambda: self._in_group(stream, group, read), "read_new"))
 
     def _with_deliveries(self, stream: str, group: str, entries: list[StreamEntry]) -> list[StreamEntry]:
         if not entries:
@@ -258,18 +270,26 @@ class StreamClient:
         counts = {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
         return [StreamEntry(e.entry_id, e.payload, counts.get(e.entry_id, 1)) for e in entries]
 
-    def read_own_pending(self, stream: str, group: str, consumer: str, count: int) -> list[StreamEntry]:
-        """Entries delivered to ``consumer`` earlier and never acknowledged (a restart re-reads them first)."""
-        reply = self._call(
-            lambda: self.redis.xreadgroup(group, consumer, {stream: "0"}, count=count), "read_own_pending"
-        )
+    def read_own_pending(
+        self, stream: str, group: str, consumer: str, count: int, after_id: str = "0"
+    ) -> list[StreamEntry]:
+        """Entries delivered to ``consumer`` earlier and never acknowledged, with ids after ``after_id`` (a restart
+        re-reads them first). Pass the last id of the previous page to walk the list once: entries that stay
+        pending (a failing one) would otherwise come back on every call from ``0``."""
+
+        def read() -> Any:
+            return self.redis.xreadgroup(group, consumer, {stream: after_id}, count=count)
+
+        reply = self._call(lambda: self._in_group(stream, group, read), "read_own_pending")
         return self._with_deliveries(stream, group, self._entries(reply))
 
     def claim_stale(self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int) -> list[StreamEntry]:
         """Take over entries pending longer than ``min_idle_ms`` on any consumer (e.g. a dead worker's)."""
-        reply = self._call(
-            lambda: self.redis.xautoclaim(stream, group, consumer, min_idle_ms, "0-0", count=count), "claim_stale"
-        )
+
+        def claim() -> Any:
+            return self.redis.xautoclaim(stream, group, consumer, min_idle_ms, "0-0", count=count)
+
+        reply = self._call(lambda: self._in_group(stream, group, claim), "claim_stale")
         claimed = [StreamEntry(_text(entry_id), (fields or {}).get(PAYLOAD.encode())) for entry_id, fields in reply[1]]
         return self._with_deliveries(stream, group, claimed)
 
@@ -299,14 +319,7 @@ class StreamClient:
             for target, payload in commit.appends:
                 pipe.xadd(target, {PAYLOAD: payload}, maxlen=self.settings.maxlen, approximate=True)
             for letter in commit.dead_letters:
-                fields: dict[str, str | bytes] = {
-                    "reason": letter.reason,
-                    "detail": letter.detail[:2000],
-                    "source_stream": stream,
-                    "source_entry_id": letter.entry_id,
-                    "frame_id": letter.frame_id,
-                    PAYLOAD: letter.payload or b"",
-                }
+                fields = _dead_letter_fields(letter, stream)
                 pipe.xadd(deadletter_stream, fields, maxlen=self.settings.maxlen, approximate=True)  # type: ignore[arg-type]
             if commit.acks:
                 pipe.xack(stream, group, *commit.acks)
@@ -432,6 +445,24 @@ class StreamClient:
         keys = self._call(lambda: list(self.redis.scan_iter(match=f"{prefix}:health:*", count=500)), "read_health")
         values = self._call(lambda: self.redis.mget(keys) if keys else [], "read_health")
         return [json.loads(value) for value in values if value is not None]
+
+
+def _dead_letter_fields(letter: DeadLetter, source_stream: str) -> dict[str, str | bytes]:
+    """The stream fields of a dead letter; a payload over ``DEAD_LETTER_PAYLOAD_BYTES`` keeps only its first bytes,
+    with ``payload_bytes`` (its original size) and ``payload_truncated`` = ``1``."""
+    payload = letter.payload or b""
+    fields: dict[str, str | bytes] = {
+        "reason": letter.reason,
+        "detail": letter.detail[:2000],
+        "source_stream": source_stream,
+        "source_entry_id": letter.entry_id,
+        "frame_id": letter.frame_id[:DEAD_LETTER_FRAME_ID_CHARS],
+        PAYLOAD: payload[:DEAD_LETTER_PAYLOAD_BYTES],
+    }
+    if len(payload) > DEAD_LETTER_PAYLOAD_BYTES:
+        fields["payload_bytes"] = str(len(payload))
+        fields["payload_truncated"] = "1"
+    return fields
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from pipeline.config import Config
-from pipeline.streams import SCORER_GROUP, Commit, DeadLetter, LineKeys, StreamClient
+from pipeline.streams import DEAD_LETTER_PAYLOAD_BYTES, SCORER_GROUP, Commit, DeadLetter, LineKeys, StreamClient
 
 
 @pytest.fixture
@@ -174,3 +174,48 @@ def test_idle_consumers_with_nothing_pending_are_forgotten(client: StreamClient,
     assert remaining == {"crashed", "me"}  # a consumer with a pending entry is never dropped (claims recover it)
     claimed = client.claim_stale(keys.frames, SCORER_GROUP, "me", min_idle_ms=0, count=10)
     assert [entry.entry_id for entry in claimed] == [ids[1]]
+
+
+def test_claims_and_pending_reads_recreate_a_vanished_group(client: StreamClient, keys: LineKeys) -> None:
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = publish_many(client, keys, 2)
+    client.read_new(keys.frames, SCORER_GROUP, "a", count=2, block_ms=None)
+    client.redis.xgroup_destroy(keys.frames, SCORER_GROUP)  # what a Redis restarted without its data looks like
+    assert client.claim_stale(keys.frames, SCORER_GROUP, "a", min_idle_ms=0, count=10) == []
+    client.redis.xgroup_destroy(keys.frames, SCORER_GROUP)
+    assert client.read_own_pending(keys.frames, SCORER_GROUP, "a", count=10) == []
+    # the group is back, reading from the start: nothing on the stream is lost
+    assert [entry.entry_id for entry in client.read_new(keys.frames, SCORER_GROUP, "a", 10, None)] == ids
+
+
+def test_own_pending_can_be_walked_once_past_entries_that_stay_pending(client: StreamClient, keys: LineKeys) -> None:
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = publish_many(client, keys, 3)
+    client.read_new(keys.frames, SCORER_GROUP, "a", count=3, block_ms=None)
+    first = client.read_own_pending(keys.frames, SCORER_GROUP, "a", count=2)
+    assert [entry.entry_id for entry in first] == ids[:2]  # never acknowledged: a read from 0 returns them again
+    rest = client.read_own_pending(keys.frames, SCORER_GROUP, "a", count=2, after_id=first[-1].entry_id)
+    assert [entry.entry_id for entry in rest] == ids[2:]
+    assert client.read_own_pending(keys.frames, SCORER_GROUP, "a", count=2, after_id=rest[-1].entry_id) == []
+
+
+def test_dead_letters_keep_a_bounded_prefix_of_an_oversized_payload(client: StreamClient, keys: LineKeys) -> None:
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = publish_many(client, keys, 2)
+    client.read_new(keys.frames, SCORER_GROUP, "a", count=2, block_ms=None)
+    huge = bytes(range(256)) * (3 * 1024 * 1024 // 256)  # 3 MiB
+    small = b"x" * DEAD_LETTER_PAYLOAD_BYTES  # exactly at the limit: kept whole
+    letters = [
+        DeadLetter(ids[0], huge, "oversized_frame", "too big", frame_id="f" * 5000),
+        DeadLetter(ids[1], small, "not_msgpack", "bad bytes"),
+    ]
+    client.commit(keys.frames, SCORER_GROUP, Commit(dead_letters=letters, acks=ids), keys.deadletter)
+    rows = client.redis.xrange(keys.deadletter)
+    big_fields, small_fields = rows[0][1], rows[1][1]
+    assert big_fields[b"payload"] == huge[:DEAD_LETTER_PAYLOAD_BYTES]
+    assert big_fields[b"payload_bytes"] == str(len(huge)).encode()
+    assert big_fields[b"payload_truncated"] == b"1"
+    assert len(big_fields[b"frame_id"]) <= 1000
+    assert small_fields[b"payload"] == small
+    assert b"payload_truncated" not in small_fields and b"payload_bytes" not in small_fields
+    assert client.redis.memory_usage(keys.deadletter) < 1024 * 1024

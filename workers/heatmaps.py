@@ -1,10 +1,16 @@
 """Heatmap overlay PNGs on disk with retention: at most ``max_files`` files, none older than ``max_age_s``.
 
-``expired_files`` is the pure retention rule; ``HeatmapStore`` writes ``<dir>/<line>/<frame_id>.png`` and prunes.
+``expired_files`` is the pure retention rule; ``HeatmapStore`` writes ``<dir>/<line>/<frame>@<frame entry id>.png``
+and prunes. Ids become file names through ``safe_name``: an id of letters, digits, ``.``, ``_`` and ``-`` (not
+starting with ``.``, at most ``NAME_CHARS`` long) is used as it is; any other id becomes a readable sanitised prefix
+plus ``~`` and a hash of the exact id. Names are therefore unique per id, hold no path separator or ``..``, fit the
+file-name limit, and every path stays inside the heatmap directory (checked on the resolved path). The frame's
+stream entry id in the name keeps two frames that reuse a frame_id from sharing (overwriting) one overlay.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -17,6 +23,20 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+NAME_CHARS = 80  # readable part of a file name; with the hash and suffix well under the usual 255-byte limit
+HASH_CHARS = 16
+
+
+def safe_name(identifier: str) -> str:
+    """A file name for ``identifier``: the id itself when it is safe, else a sanitised prefix + ``~`` + its hash.
+
+    Safe ids never contain ``~``, hashed names always do, so two different ids never share a name.
+    """
+    cleaned = _UNSAFE.sub("_", identifier)
+    if cleaned == identifier and identifier and not identifier.startswith(".") and len(identifier) <= NAME_CHARS:
+        return identifier
+    digest = hashlib.sha256(identifier.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_CHARS]
+    return f"{cleaned.lstrip('.')[:NAME_CHARS]}~{digest}"
 
 
 def expired_files(files: Sequence[tuple[Path, float]], now: float, max_files: int, max_age_s: float) -> list[Path]:
@@ -37,19 +57,34 @@ class HeatmapStore:
         self.prune_every_s = prune_every_s
         self._next_prune = 0.0
 
-    def path_for(self, line_id: str, frame_id: str) -> Path:
-        return self.directory / _UNSAFE.sub("_", line_id) / f"{_UNSAFE.sub('_', frame_id)}.png"
+    def path_for(self, line_id: str, frame_id: str, frame_entry_id: str | None = None) -> Path:
+        """The overlay's path for one frame (``frame_entry_id``: its frames-stream entry id, when known).
+
+        Raises ValueError if the path would leave the heatmap directory (cannot happen with ``safe_name``; checked
+        so that no future change to the naming can write elsewhere)."""
+        name = safe_name(frame_id) if frame_entry_id is None else f"{safe_name(frame_id)}@{safe_name(frame_entry_id)}"
+        path = self.directory / safe_name(line_id) / f"{name}.png"
+        if not path.resolve().is_relative_to(self.directory.resolve()):
+            msg = f"heatmap path {path} for line {line_id[:100]!r} frame {frame_id[:100]!r} is outside {self.directory}"
+            raise ValueError(msg)
+        return path
 
     def write(
-        self, line_id: str, frame_id: str, image_rgb: np.ndarray, anomaly_map: np.ndarray, threshold: float | None
+        self,
+        line_id: str,
+        frame_id: str,
+        image_rgb: np.ndarray,
+        anomaly_map: np.ndarray,
+        threshold: float | None,
+        frame_entry_id: str | None = None,
     ) -> Path:
         """Draw the overlay (``models.heatmap``) and write it; returns the file path."""
         from models.heatmap import overlay_heatmap
 
-        path = self.path_for(line_id, frame_id)
+        path = self.path_for(line_id, frame_id, frame_entry_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         overlay_bgr = overlay_heatmap(image_rgb, anomaly_map, threshold)
-        partial = path.with_suffix(".tmp.png")
+        partial = path.with_name(f".{path.stem}.tmp.png")  # no id's file name starts with "."
         if not cv2.imwrite(str(partial), overlay_bgr):
             msg = f"could not write heatmap {partial}: check that sink.heatmap_dir is writable"
             raise OSError(msg)

@@ -9,7 +9,9 @@ Keys for line ``L`` with prefix ``P`` (``streams.prefix``):
                       ``source_entry_id``, ``frame_id`` and the original ``payload`` (its first 64 KiB when larger,
                       then with ``payload_bytes``, the original size, and ``payload_truncated`` = ``1``)
 - ``P:L:model``       the model directory the line's scoring workers should use (set it to hot-reload)
-- ``P:L:published:<frame_id>``  marker (with a TTL) that makes the sink's publish idempotent
+- ``P:L:published:<frame_id>``  hash of the frame entry ids published under that frame_id (with a TTL): makes the
+                                sink's publish idempotent per frame, while a frame that reuses a frame_id still gets
+                                its decision
 - ``P:health:<role>:<name>``    JSON heartbeat of each worker, expiring after a TTL
 
 Every stream is trimmed with ``MAXLEN ~ streams.maxlen``. Calls retry on connection loss with exponential backoff
@@ -23,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, TypeVar
 
 import redis
@@ -41,11 +44,21 @@ DEAD_LETTER_PAYLOAD_BYTES = 64 * 1024
 DEAD_LETTER_FRAME_ID_CHARS = 1000
 RETRIED_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionError, OSError)
 
+# KEYS: the frame_id's published marker (a hash: frames-stream entry id -> 1), the decisions stream.
+# ARGV: marker TTL, MAXLEN, frame entry id, payload, payload to use when another frame already used this frame_id.
+# Returns false (already published for this frame), or {decision entry id, 1 when the frame_id was reused else 0}.
 _PUBLISH_ONCE = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV[3])
+if redis.call('TYPE', KEYS[1])['ok'] == 'string' then
+  return false
 end
-return false
+if redis.call('HSETNX', KEYS[1], ARGV[3], '1') == 0 then
+  return false
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if redis.call('HLEN', KEYS[1]) == 1 then
+  return {redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV[4]), 0}
+end
+return {redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV[5]), 1}
 """
 
 # Forget consumers of a group that hold nothing and have been idle long enough (pods that went away). Atomic, so a
@@ -124,6 +137,26 @@ class DeadLetter:
     reason: str
     detail: str
     frame_id: str = ""
+
+
+class Publication(Enum):
+    """What ``publish_decisions_once`` did with one decision."""
+
+    DUPLICATE = "duplicate"  # this frame (frame_id and frame entry id) already has a published decision
+    PUBLISHED = "published"
+    PUBLISHED_FRAME_ID_REUSED = "published_frame_id_reused"  # another frame with this frame_id was published before
+
+
+@dataclass(frozen=True)
+class DecisionToPublish:
+    """A decision for ``publish_decisions_once``; ``frame_entry_id`` (the frame's frames-stream entry id) tells a
+    redelivery of the same frame from a different frame that reuses its frame_id. ``payload_if_reused`` is published
+    instead of ``payload`` in the second case (None: ``payload``)."""
+
+    frame_id: str
+    frame_entry_id: str
+    payload: bytes
+    payload_if_reused: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -329,38 +362,52 @@ class StreamClient:
 
         self._call(run, "commit")
 
-    def publish_decision_once(self, keys: LineKeys, frame_id: str, payload: bytes, marker_ttl_s: int) -> bool:
-        """Append to the decisions stream unless this frame_id was already published; True when appended."""
-        appended = self._call(
-            lambda: self._publish_once(
-                keys=[keys.published(frame_id), keys.decisions], args=[marker_ttl_s, self.settings.maxlen, payload]
-            ),
-            "publish_decision_once",
+    def publish_decision_once(
+        self, keys: LineKeys, frame_id: str, payload: bytes, marker_ttl_s: int, frame_entry_id: str = ""
+    ) -> bool:
+        """Append to the decisions stream unless this frame already has a decision; True when appended."""
+        (outcome,) = self.publish_decisions_once(
+            keys, [DecisionToPublish(frame_id, frame_entry_id, payload)], marker_ttl_s
         )
-        return appended is not None
+        return outcome is not Publication.DUPLICATE
 
     def publish_decisions_once(
-        self, keys: LineKeys, decisions: Sequence[tuple[str, bytes]], marker_ttl_s: int
-    ) -> list[bool]:
-        """``publish_decision_once`` for several ``(frame_id, payload)`` in one round trip; True where appended.
+        self, keys: LineKeys, decisions: Sequence[DecisionToPublish], marker_ttl_s: int
+    ) -> list[Publication]:
+        """Append each decision unless its frame (frame_id + frame entry id) was already published, in one round trip.
 
-        Each decision is still its own atomic script call (marker + XADD), so a crash part-way publishes a prefix
-        and a retry of the whole list publishes only what is missing.
+        Each decision is its own atomic script call (marker + XADD), so a crash part-way publishes a prefix and a
+        retry of the whole list publishes only what is missing. A different frame reusing a published frame_id is
+        published too (with ``payload_if_reused``): dropping it would leave that frame without a verdict.
         """
         if not decisions:
             return []
 
         def run() -> list[Any]:
             pipe = self.redis.pipeline(transaction=False)
-            for frame_id, payload in decisions:
+            for decision in decisions:
                 self._publish_once(
-                    keys=[keys.published(frame_id), keys.decisions],
-                    args=[marker_ttl_s, self.settings.maxlen, payload],
+                    keys=[keys.published(decision.frame_id), keys.decisions],
+                    args=[
+                        marker_ttl_s,
+                        self.settings.maxlen,
+                        decision.frame_entry_id,
+                        decision.payload,
+                        decision.payload if decision.payload_if_reused is None else decision.payload_if_reused,
+                    ],
                     client=pipe,
                 )
             return list(pipe.execute())
 
-        return [reply is not None for reply in self._call(run, "publish_decisions_once")]
+        outcomes: list[Publication] = []
+        for reply in self._call(run, "publish_decisions_once"):
+            if reply is None:
+                outcomes.append(Publication.DUPLICATE)
+            elif int(reply[1]):
+                outcomes.append(Publication.PUBLISHED_FRAME_ID_REUSED)
+            else:
+                outcomes.append(Publication.PUBLISHED)
+        return outcomes
 
     def fetch_many(self, stream: str, entry_ids: Sequence[str]) -> list[bytes | None]:
         """``fetch`` for several entries in one round trip (None where trimmed)."""

@@ -1,7 +1,9 @@
-"""Sink worker: results stream -> heatmap PNGs + the line's decisions stream (once per frame_id) + Prometheus.
+"""Sink worker: results stream -> heatmap PNGs + the line's decisions stream (once per frame) + Prometheus.
 
-Each result is published with ``publish_decision_once`` (a ``published:<frame_id>`` marker set atomically with the
-XADD), so a redelivered or twice-scored frame never yields two published decisions.
+Each result is published with ``publish_decisions_once`` (a ``published:<frame_id>`` marker holding the frames-stream
+entry ids published under that id, updated atomically with the XADD), so a redelivered or twice-scored frame never
+yields two published decisions, while a different frame that reuses a frame_id still gets its own (flagged
+``frame_id_reused`` in its metadata) and its own overlay file.
 
 Results without an anomaly map (passes) are published by the main thread, a whole read in one round trip, and
 acknowledged (and deleted) in one transaction. Results with a map (failed frames; all frames with
@@ -10,9 +12,14 @@ overlays never holds up the other decisions: it fetches the original frame from 
 overlay, then publishes the decision (whose ``heatmap_ref`` therefore names a file that exists) and only then
 acknowledges the result. A crash in between leaves the result pending, to be redelivered; an overlay already on disk
 is not drawn again, so each failed frame's overlay is written once. The writer also applies heatmap retention.
+
+Every result is handled on its own. A decision is never held back for its heatmap: an overlay that cannot be written
+leaves the decision published without ``heatmap_ref`` and with ``metadata["heatmap_error"]`` saying why; a result
+whose map is malformed (at once) or that was delivered more than ``streams.max_deliveries`` times (e.g. it crashed
+the sink) is also dead-lettered. On start the sink walks its own pending results once, then leaves what is still
+pending to the claims.
 On drain the writer finishes its queue before the sink exits. Stream lag and pending counts of both consumer
-groups are exported every second.
-"""
+groups are exported every second."""
 
 from __future__ import annotations
 
@@ -28,7 +35,16 @@ import numpy as np
 
 from pipeline.codec import CodecError, decode_decision, decode_frame, decode_pixels, encode_decision
 from pipeline.messages import Decision, StageTimings, now_ns
-from pipeline.streams import SINK_GROUP, Commit, DeadLetter, LineKeys, StreamEntry, StreamsUnavailable
+from pipeline.streams import (
+    SINK_GROUP,
+    Commit,
+    DeadLetter,
+    DecisionToPublish,
+    LineKeys,
+    Publication,
+    StreamEntry,
+    StreamsUnavailable,
+)
 from workers.heatmaps import HeatmapStore
 from workers.lifecycle import WorkerRuntime
 
@@ -37,12 +53,27 @@ READ_COUNT = 64
 HEATMAP_QUEUE = 32  # results (anomaly map ~100 kB each) waiting for the writer; a full queue holds up the reader
 
 
+# metadata keys the sink adds to a published decision
+HEATMAP_ERROR = "heatmap_error"  # why the decision of a frame with an anomaly map has no heatmap_ref
+FRAME_ID_REUSED = "frame_id_reused"  # another frame with this frame_id already has a decision
+
+
 @dataclass(frozen=True)
 class HeatmapJob:
     """A result whose overlay is to be written before its decision is published and the result acknowledged."""
 
     entry_id: str
     decision: Decision
+    anomaly_map: np.ndarray  # (map_size, map_size) float32, checked against map_size
+
+
+@dataclass(frozen=True)
+class ToPublish:
+    """A decision to publish, its overlay's path (None: none) and, when an overlay was due but is missing, why."""
+
+    decision: Decision
+    heatmap_ref: str | None = None
+    heatmap_error: str | None = None
 
 
 class HeatmapWriter:
@@ -127,27 +158,54 @@ class SinkWorker:
         side = anomaly_map.shape[0]
         return np.full((side, side, 3), 128, dtype=np.uint8)
 
-    def _write_heatmap(self, decision: Decision, payload: bytes | None) -> str | None:
-        anomaly_map = decision.anomaly_map_array()
-        if anomaly_map is None:
-            return None
+    def _write_heatmap(self, job: HeatmapJob, path: Path, payload: bytes | None) -> str | None:
+        """Draw and write one overlay; None when that failed (the decision is then published without it)."""
+        decision = job.decision
         try:
-            image = self._overlay_image(decision, anomaly_map, payload)
-            path = self.heatmaps.write(decision.line_id, decision.frame_id, image, anomaly_map, decision.threshold)
-        except (OSError, ValueError) as error:
-            logger.error("heatmap not written", extra={"frame_id": decision.frame_id, "error": str(error)})
+            image = self._overlay_image(decision, job.anomaly_map, payload)
+            written = self.heatmaps.write(
+                decision.line_id, decision.frame_id, image, job.anomaly_map, decision.threshold, decision.frame_entry_id
+            )
+        except Exception as error:  # one frame's overlay must never hold up the other decisions
+            logger.error(
+                "heatmap not written; decision published without it",
+                extra={"frame_id": decision.frame_id[:200], "path": str(path), "error": str(error)[:500]},
+            )
             return None
         self.runtime.metrics.heatmaps.labels(decision.line_id).inc()
-        return str(path)
+        return str(written)
+
+    def _heatmap_path(self, job: HeatmapJob) -> Path | None:
+        decision = job.decision
+        try:
+            return self.heatmaps.path_for(decision.line_id, decision.frame_id, decision.frame_entry_id)
+        except (OSError, ValueError) as error:
+            logger.error(
+                "no heatmap path for frame; decision published without heatmap",
+                extra={"frame_id": decision.frame_id[:200], "error": str(error)[:500]},
+            )
+            return None
 
     def write_and_publish(self, jobs: Sequence[HeatmapJob]) -> int:
-        """Write each job's overlay (unless an earlier delivery did), publish its decision once, acknowledge."""
+        """Write each job's overlay (unless an earlier delivery did), publish its decision once, acknowledge.
+
+        Each job stands alone: one whose overlay cannot be written is published without it (flagged with
+        ``heatmap_error``) along with the others. Only a Redis failure leaves the jobs pending, for redelivery."""
         client = self.runtime.client
+        paths: dict[str, Path | None] = {}
         refs: dict[str, str | None] = {}
         to_draw: dict[Path, HeatmapJob] = {}  # one overlay per frame, even when a batch holds it twice
         for job in jobs:
-            path = self.heatmaps.path_for(job.decision.line_id, job.decision.frame_id)
-            if path.exists():
+            path = paths[job.entry_id] = self._heatmap_path(job)
+            if path is None:
+                continue
+            try:
+                already_drawn = path.exists()
+            except OSError as error:
+                logger.error("heatmap path unusable", extra={"path": str(path)[:300], "error": str(error)})
+                paths[job.entry_id] = None
+                continue
+            if already_drawn:
                 refs[job.entry_id] = str(path)  # drawn for an earlier delivery of this frame
             else:
                 to_draw.setdefault(path, job)
@@ -159,54 +217,100 @@ class SinkWorker:
                 strict=True,
             )
         )
-        drawn = {path: self._write_heatmap(job.decision, payloads.get(job.entry_id)) for path, job in to_draw.items()}
+        drawn = {path: self._write_heatmap(job, path, payloads.get(job.entry_id)) for path, job in to_draw.items()}
+        items: list[ToPublish] = []
         for job in jobs:
-            if job.entry_id not in refs:
-                refs[job.entry_id] = drawn[self.heatmaps.path_for(job.decision.line_id, job.decision.frame_id)]
-        published = self._publish([(job.decision, refs[job.entry_id]) for job in jobs])
+            path = paths[job.entry_id]
+            ref = refs.get(job.entry_id) or (drawn.get(path) if path is not None else None)
+            items.append(ToPublish(job.decision, ref, None if ref else "heatmap_failed"))
+        published = self._publish(items)
         commit = Commit(acks=[job.entry_id for job in jobs], delete_acked=True)
         client.commit(self.keys.results, SINK_GROUP, commit, self.keys.deadletter)
         return published
 
     # -- publishing --------------------------------------------------------------------------------------------
-    def _publish(self, items: Sequence[tuple[Decision, str | None]]) -> int:
-        """Publish each ``(decision, heatmap_ref)`` unless its frame already has a decision; returns how many were."""
+    def _publish(self, items: Sequence[ToPublish]) -> int:
+        """Publish each decision unless its frame already has one; returns how many were.
+
+        A different frame that reuses a frame_id (another frames-stream entry) is published too, flagged with
+        ``frame_id_reused``: a verdict for every frame matters more than unique ids downstream."""
         published_at = now_ns()
-        finals = [self._final(decision, heatmap_ref, published_at) for decision, heatmap_ref in items]
-        appended = self.runtime.client.publish_decisions_once(
+        finals = [self._final(item, published_at) for item in items]
+        outcomes = self.runtime.client.publish_decisions_once(
             self.keys,
-            [(final.frame_id, encode_decision(final)) for final in finals],
+            [
+                DecisionToPublish(
+                    final.frame_id,
+                    final.frame_entry_id or "",
+                    encode_decision(final),
+                    encode_decision(final.model_copy(update={"metadata": {**final.metadata, FRAME_ID_REUSED: True}})),
+                )
+                for final in finals
+            ],
             self.config.streams.published_ttl_s,
         )
-        for final, was_appended in zip(finals, appended, strict=True):
-            if not was_appended:
+        for final, outcome in zip(finals, outcomes, strict=True):
+            if outcome is Publication.DUPLICATE:
                 self.runtime.metrics.duplicates.labels(final.line_id).inc()
-                logger.info("duplicate decision not published again", extra={"frame_id": final.frame_id})
+                logger.info("duplicate decision not published again", extra={"frame_id": final.frame_id[:200]})
                 continue
+            if outcome is Publication.PUBLISHED_FRAME_ID_REUSED:
+                logger.warning(
+                    "frame_id reused by a different frame; its decision is published too, flagged frame_id_reused",
+                    extra={"frame_id": final.frame_id[:200], "frame_entry_id": final.frame_entry_id},
+                )
             self.runtime.metrics.observe_decision(final, published_at)
             if final.model_id:
                 self.runtime.metrics.set_model(final.line_id, final.model_id)
-        return sum(appended)
+        return sum(outcome is not Publication.DUPLICATE for outcome in outcomes)
 
     @staticmethod
-    def _final(decision: Decision, heatmap_ref: str | None, published_at: int) -> Decision:
+    def _final(item: ToPublish, published_at: int) -> Decision:
+        decision = item.decision
         publish_s = max(0.0, (published_at - decision.decided_at_ns) / 1e9) if decision.decided_at_ns else 0.0
         timings = StageTimings(**{**decision.timings.model_dump(), "publish_s": publish_s})
+        metadata = decision.metadata
+        if item.heatmap_error:
+            metadata = {**metadata, HEATMAP_ERROR: item.heatmap_error}
         return decision.model_copy(
             update={
-                "heatmap_ref": heatmap_ref,
+                "heatmap_ref": item.heatmap_ref,
                 "published_at_ns": published_at,
                 "timings": timings,
                 "anomaly_map": None,
                 "map_size": None,
+                "metadata": metadata,
             }
         )
 
+    def _heatmap_job(self, entry: StreamEntry, decision: Decision) -> HeatmapJob | DeadLetter:
+        """A writer job for a result with a map, or why it cannot have a heatmap (its decision goes out without)."""
+        max_deliveries = self.config.streams.max_deliveries
+        if entry.deliveries > max_deliveries:
+            detail = (
+                f"delivered {entry.deliveries} times (streams.max_deliveries={max_deliveries}) without its heatmap "
+                "written; decision published without heatmap"
+            )
+            return DeadLetter(entry.entry_id, entry.payload, "max_deliveries_exceeded", detail, decision.frame_id)
+        try:
+            anomaly_map = decision.anomaly_map_array()
+        except ValueError as error:
+            detail = f"{error}; decision published without heatmap"
+            return DeadLetter(entry.entry_id, entry.payload, "invalid_anomaly_map", detail, decision.frame_id)
+        if anomaly_map is None:
+            detail = "anomaly_map without map_size; decision published without heatmap"
+            return DeadLetter(entry.entry_id, entry.payload, "invalid_anomaly_map", detail, decision.frame_id)
+        return HeatmapJob(entry.entry_id, decision, anomaly_map)
+
     def handle(self, entries: Sequence[StreamEntry]) -> int:
         """Publish results without a map now and hand those with one to the writer; returns how many were published
-        here (the writer's are published once their overlay is written, see ``writer.flush``)."""
+        here (the writer's are published once their overlay is written, see ``writer.flush``).
+
+        A result with a map that cannot get a heatmap (malformed map, or delivered more than
+        ``streams.max_deliveries`` times) is dead-lettered and its decision published here, without heatmap and
+        flagged ``heatmap_error``."""
         letters: list[DeadLetter] = []
-        plain: list[tuple[Decision, str | None]] = []
+        plain: list[ToPublish] = []
         acks: list[str] = []
         jobs: list[HeatmapJob] = []
         for entry in entries:
@@ -222,10 +326,16 @@ class SinkWorker:
                 letters.append(DeadLetter(entry.entry_id, entry.payload, error.reason.value, error.detail))
                 acks.append(entry.entry_id)
                 continue
-            if decision.anomaly_map is not None:
-                jobs.append(HeatmapJob(entry.entry_id, decision))
+            if decision.anomaly_map is None:
+                plain.append(ToPublish(decision))
+                acks.append(entry.entry_id)
+                continue
+            job = self._heatmap_job(entry, decision)
+            if isinstance(job, HeatmapJob):
+                jobs.append(job)
             else:
-                plain.append((decision, None))
+                letters.append(job)
+                plain.append(ToPublish(decision, heatmap_error=job.reason))
                 acks.append(entry.entry_id)
         published = self._publish(plain)
         # results carry anomaly maps and are read by nobody else: delete them once acknowledged to bound memory
@@ -247,12 +357,14 @@ class SinkWorker:
         client, name, stop = self.runtime.client, self.runtime.name, self.runtime.stop
         streams = self.config.streams
         client.ensure_group(self.keys.results, SINK_GROUP)
+        after_id = "0"  # walk the pending list once: an entry that stays pending is left to the claims
         while not stop.is_set():
-            own = client.read_own_pending(self.keys.results, SINK_GROUP, name, READ_COUNT)
+            own = client.read_own_pending(self.keys.results, SINK_GROUP, name, READ_COUNT, after_id)
             if not own:
                 break
             self.handle(own)
             self.writer.flush()  # the writer's results stay pending until done: do not read them again
+            after_id = own[-1].entry_id
         while not stop.is_set():
             self.runtime.heartbeat.beat("ok", line=self.keys.line_id)
             if time.monotonic() >= self._next_claim:

@@ -7,7 +7,16 @@ from collections.abc import Iterator
 import pytest
 
 from pipeline.config import Config
-from pipeline.streams import DEAD_LETTER_PAYLOAD_BYTES, SCORER_GROUP, Commit, DeadLetter, LineKeys, StreamClient
+from pipeline.streams import (
+    DEAD_LETTER_PAYLOAD_BYTES,
+    SCORER_GROUP,
+    Commit,
+    DeadLetter,
+    DecisionToPublish,
+    LineKeys,
+    Publication,
+    StreamClient,
+)
 
 
 @pytest.fixture
@@ -94,12 +103,31 @@ def test_publish_decision_once_is_idempotent_per_frame(client: StreamClient, key
 
 def test_publish_decisions_once_batches_and_stays_idempotent(client: StreamClient, keys: LineKeys) -> None:
     assert client.publish_decision_once(keys, "f-1", b"first", marker_ttl_s=60)
-    batch = [("f-1", b"again"), ("f-2", b"second"), ("f-2", b"twice in one batch"), ("f-3", b"third")]
-    assert client.publish_decisions_once(keys, batch, marker_ttl_s=60) == [False, True, False, True]
+    pairs = [("f-1", b"again"), ("f-2", b"second"), ("f-2", b"twice in one batch"), ("f-3", b"third")]
+    batch = [DecisionToPublish(frame_id, "", payload) for frame_id, payload in pairs]
+    outcomes = client.publish_decisions_once(keys, batch, marker_ttl_s=60)
+    assert outcomes == [Publication.DUPLICATE, Publication.PUBLISHED, Publication.DUPLICATE, Publication.PUBLISHED]
     assert client.publish_decisions_once(keys, [], marker_ttl_s=60) == []
     payloads = [entry.payload for entry in client.read_range(keys.decisions, "0-0", count=10)]
     assert payloads == [b"first", b"second", b"third"]
     assert 0 < client.redis.ttl(keys.published("f-3")) <= 60
+
+
+def test_a_frame_reusing_a_published_frame_id_is_published_once_too(client: StreamClient, keys: LineKeys) -> None:
+    first = DecisionToPublish("dup-1", "100-0", b"good frame", b"good frame, id reused")
+    second = DecisionToPublish("dup-1", "200-0", b"defect frame", b"defect frame, id reused")
+    assert client.publish_decisions_once(keys, [first], marker_ttl_s=60) == [Publication.PUBLISHED]
+    outcomes = client.publish_decisions_once(keys, [first, second, second], marker_ttl_s=60)
+    assert outcomes == [Publication.DUPLICATE, Publication.PUBLISHED_FRAME_ID_REUSED, Publication.DUPLICATE]
+    payloads = [entry.payload for entry in client.read_range(keys.decisions, "0-0", count=10)]
+    assert payloads == [b"good frame", b"defect frame, id reused"]
+    assert 0 < client.redis.ttl(keys.published("dup-1")) <= 60
+
+
+def test_a_marker_left_by_an_older_sink_still_counts_as_published(client: StreamClient, keys: LineKeys) -> None:
+    client.redis.set(keys.published("f-old"), "1", ex=60)
+    assert not client.publish_decision_once(keys, "f-old", b"again", marker_ttl_s=60, frame_entry_id="1-0")
+    assert client.length(keys.decisions) == 0
 
 
 def test_publish_many_appends_in_order_in_one_call(client: StreamClient, keys: LineKeys) -> None:

@@ -174,7 +174,7 @@ def test_an_overlay_left_by_a_crashed_delivery_is_not_drawn_again(make_runtime: 
     runtime = make_runtime("sink", "s-crash")
     sink = SinkWorker(runtime, "line-1")
     frames, results = _frames_with_results(sink, 1)
-    path = sink.heatmaps.path_for("line-1", frames[0].frame_id)
+    path = sink.heatmaps.path_for("line-1", frames[0].frame_id, results[0].frame_entry_id)
     path.parent.mkdir(parents=True)
     cv2.imwrite(str(path), np.zeros((8, 8, 3), np.uint8))  # written, then the sink died before publishing
     _deliver(sink, results)

@@ -435,10 +435,27 @@ class ThresholdSettings(_Section):
     false_reject_rate: float = Field(default=0.005, gt=0, lt=0.5)
 
 
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 class RedisSettings(_Section):
-    url: str | None = Field(default=None, description="redis://host:port/db; None starts an embedded server.")
+    url: str | None = Field(
+        default=None, description="redis://host:port/db (or rediss://, unix://); None starts an embedded server."
+    )
     connect_timeout_s: float = Field(default=5.0, gt=0)
     reconnect_max_backoff_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, url: str | None) -> str | None:
+        """Checked here so the error names the key (redis-py's own says only which schemes it knows)."""
+        if url is not None and not url.lower().startswith(REDIS_URL_SCHEMES):
+            msg = (
+                f"{url!r} is not a Redis URL: it must start with {', '.join(REDIS_URL_SCHEMES)}, e.g. "
+                "redis://127.0.0.1:6379/0 (set by [redis] url or the REDIS_URL environment variable)"
+            )
+            raise ValueError(msg)
+        return url
 
 
 class StreamSettings(_Section):
@@ -451,6 +468,11 @@ class StreamSettings(_Section):
     )
     max_deliveries: int = Field(default=3, ge=1, description="Deliveries before an entry is dead-lettered.")
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_frame_pixels: int = Field(
+        default=50_000_000, ge=64,
+        description="Width x height above which a frame is dead-lettered (image_too_large) before its pixels are "
+        "decoded: a few bytes of PNG can announce gigapixels. 50 MP covers industrial cameras with room to spare.",
+    )  # fmt: skip
     published_ttl_s: int = Field(
         default=3600, ge=60, description="How long the sink remembers a published frame_id (duplicate guard)."
     )
@@ -591,11 +613,16 @@ def load_config(path: Path | str | None = None, environ: dict[str, str] | None =
         except tomllib.TOMLDecodeError as error:
             msg = f"config file {path} is not valid TOML: {error}"
             raise ConfigError(msg) from None
-    for section, values in _env_overrides(dict(os.environ if environ is None else environ)).items():
+    environ = dict(os.environ if environ is None else environ)
+    overrides = _env_overrides(environ)
+    for section, values in overrides.items():
         current = data.setdefault(section, {})
         if not isinstance(current, dict):
             msg = f"{source}: [{section}] must be a table"
             raise ConfigError(msg)
         current.update(values)
-        source = f"{source} + environment"
+    if overrides:
+        names = sorted(name for name in environ if name.startswith(ENV_PREFIX))
+        names += ["REDIS_URL"] if environ.get("REDIS_URL") else []
+        source = f"{source} + environment ({', '.join(names)})"
     return config_from_mapping(data, source)

@@ -98,3 +98,21 @@ def test_bad_fusion_members_are_named(fusion: dict, scoring: dict, message: str)
 
     with pytest.raises(ConfigError, match=message):
         config_from_mapping({"fusion": fusion, "scoring": scoring})
+
+
+def test_a_redis_url_without_a_scheme_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"redis\.url: 'localhost:6379' is not a Redis URL.*REDIS_URL"):
+        load_config(None, environ={"REDIS_URL": "localhost:6379"})
+    for url in ("redis://h:1/0", "rediss://h:1/0", "unix:///run/redis.sock"):
+        assert load_config(None, environ={"REDIS_URL": url}).redis.url == url
+
+
+def test_an_error_names_the_environment_once_with_its_variables() -> None:
+    environ = {"REDIS_URL": "localhost:6379", "LINEINSPECT__WORKER__MAX_BATCH": "4"}
+    environ["LINEINSPECT__WORKER__DECODE_THREADS"] = "4"
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, environ=environ)
+    message = str(caught.value)
+    assert message.count("environment") == 2  # the source, and the redis.url hint
+    variables = "LINEINSPECT__WORKER__DECODE_THREADS, LINEINSPECT__WORKER__MAX_BATCH, REDIS_URL"
+    assert f"invalid configuration in defaults + environment ({variables}): redis.url" in message

@@ -3,11 +3,13 @@
 Every failure to turn bytes back into something usable raises ``CodecError`` carrying a ``CodecErrorReason``;
 scoring workers turn it into a dead-letter entry with that reason. Pixels come back as RGB uint8
 ``(height, width, 3)`` arrays through ``models.images`` (which imports no torch), so a frame decodes exactly as
-``lineinspect score`` reads the same file.
+``lineinspect score`` reads the same file. Nothing a frame carries gets past ``decode_pixels`` as another
+exception: its size is checked from the PNG/JPEG header or the raw shape before any pixel buffer is allocated.
 """
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -16,7 +18,7 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from pipeline.messages import SCHEMA_VERSION, Decision, Encoding, Frame
+from pipeline.messages import SCHEMA_VERSION, Decision, Encoding, Frame, FrameRef
 
 MessageT = TypeVar("MessageT", bound=BaseModel)
 
@@ -31,6 +33,7 @@ class CodecErrorReason(StrEnum):
     OVERSIZED = "oversized_frame"
     UNDECODABLE_IMAGE = "undecodable_image"
     RAW_SHAPE_MISMATCH = "raw_shape_mismatch"
+    IMAGE_TOO_LARGE = "image_too_large"
 
 
 class CodecError(ValueError):
@@ -54,13 +57,15 @@ def _unpack(payload: bytes, model: type[MessageT], max_bytes: int | None) -> Mes
         raise CodecError(CodecErrorReason.OVERSIZED, msg)
     try:
         data: Any = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as error:
-        raise CodecError(CodecErrorReason.NOT_MSGPACK, f"payload is not msgpack ({error})") from None
+    except Exception as error:  # msgpack raises ValueError subclasses, TypeError (unhashable keys), RecursionError
+        why = str(error) or type(error).__name__
+        msg = f"payload of {len(payload)} bytes starting {payload[:16]!r} is not msgpack ({why})"
+        raise CodecError(CodecErrorReason.NOT_MSGPACK, msg) from None
     if not isinstance(data, dict):
         msg = f"payload is msgpack {type(data).__name__}, expected a map with a 'version' key"
         raise CodecError(CodecErrorReason.NOT_A_MESSAGE, msg)
     version = data.get("version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # 1.0 and True equal 1 but are not version 1
         msg = f"schema version {version!r}; this worker reads version {SCHEMA_VERSION}"
         raise CodecError(CodecErrorReason.UNKNOWN_VERSION, msg)
     try:
@@ -77,6 +82,55 @@ def encode_frame(frame: Frame) -> bytes:
 def decode_frame(payload: bytes, max_bytes: int | None = None) -> Frame:
     """Bytes from the frames stream to a Frame; raises CodecError (oversized, not msgpack, version, fields)."""
     return _unpack(payload, Frame, max_bytes)
+
+
+# A frame id longer than this is not taken as a name for the frame (it would be copied into every record about it).
+MAX_PEEKED_ID_CHARS = 200
+
+
+def peek_frame_ref(payload: bytes | None, line_id: str, received_at_ns: int) -> FrameRef | None:
+    """Best effort, for a payload ``decode_frame`` rejected: what it says about the frame's identity, or None when
+    it holds no usable ``frame_id`` (a non-empty string in a msgpack map). Fields that are missing or of the wrong
+    type fall back to ``line_id``, camera ``unknown``, sequence 0 and ``received_at_ns``. Reads the map's keys one
+    by one, skipping values, so an oversized payload is never unpacked whole."""
+    fields = _peek_fields(payload or b"", ("frame_id", "line_id", "camera_id", "sequence", "captured_at_ns"))
+    frame_id = fields.get("frame_id")
+    if not isinstance(frame_id, str) or not 0 < len(frame_id) <= MAX_PEEKED_ID_CHARS:
+        return None
+
+    def text(key: str, default: str) -> str:
+        value = fields.get(key)
+        return value if isinstance(value, str) and 0 < len(value) <= MAX_PEEKED_ID_CHARS else default
+
+    def count(key: str, default: int) -> int:
+        value = fields.get(key)
+        return value if type(value) is int and value >= 0 else default
+
+    return FrameRef(
+        frame_id=frame_id,
+        line_id=text("line_id", line_id),
+        camera_id=text("camera_id", "unknown"),
+        sequence=count("sequence", 0),
+        captured_at_ns=count("captured_at_ns", received_at_ns),
+        metadata={},  # not trusted: the payload failed validation
+    )
+
+
+def _peek_fields(payload: bytes, wanted: tuple[str, ...]) -> dict[str, Any]:
+    """The ``wanted`` top-level keys of a msgpack map payload, as far as it can be read (stops at the first error)."""
+    found: dict[str, Any] = {}
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(payload), 1))
+    try:
+        unpacker.feed(payload)
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if isinstance(key, str) and key in wanted:
+                found[key] = unpacker.unpack()
+            else:
+                unpacker.skip()
+    except Exception:  # whatever stops the reading, keep what was read before it
+        pass
+    return found
 
 
 def encode_decision(decision: Decision) -> bytes:
@@ -105,20 +159,91 @@ def encode_pixels(image_rgb: np.ndarray, encoding: Encoding, jpeg_quality: int =
     return buffer.tobytes(), {}
 
 
-def decode_pixels(frame: Frame) -> np.ndarray:
-    """The frame's image as RGB uint8 ``(height, width, 3)``; raises CodecError when the pixels are unusable."""
+def decode_pixels(frame: Frame, max_pixels: int | None = None) -> np.ndarray:
+    """The frame's image as RGB uint8 ``(height, width, 3)``; raises CodecError when the pixels are unusable.
+
+    ``max_pixels`` (``streams.max_frame_pixels``) bounds width x height, checked from the PNG/JPEG header or the raw
+    shape before decoding. Encoded data must be a PNG or a JPEG (either, whatever ``encoding`` says): cv2 would also
+    decode TIFF, WebP and more, whose sizes are not checked here and whose pixel types it cannot always convert.
+    Any other failure while decoding becomes an ``undecodable_image`` CodecError for this frame alone.
+    """
     from models.images import ImageError, decode_image, to_rgb_uint8
 
     name = f"frame {frame.frame_id}"
     try:
         if frame.encoding != "raw":
+            _check_encoded_size(frame, max_pixels)
             return decode_image(frame.data, name=name)
-        return to_rgb_uint8(_raw_array(frame), name=name)
+        return to_rgb_uint8(_raw_array(frame, max_pixels), name=name)
+    except CodecError:
+        raise
     except ImageError as error:
         raise CodecError(CodecErrorReason.UNDECODABLE_IMAGE, str(error)) from None
+    except Exception as error:  # cv2.error, MemoryError...: one frame's pixels must never fail its batch
+        msg = f"{name}: {frame.encoding} data could not be decoded ({type(error).__name__}: {error})"
+        raise CodecError(CodecErrorReason.UNDECODABLE_IMAGE, msg) from None
 
 
-def _raw_array(frame: Frame) -> np.ndarray:
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (SOF0-SOF15 less DHT C4, JPG C8, DAC CC) carry the image's height and width.
+JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+JPEG_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD8)])
+
+
+def _check_encoded_size(frame: Frame, max_pixels: int | None) -> None:
+    """Raise CodecError unless ``frame.data`` is a PNG or JPEG whose header size is within ``max_pixels``."""
+    data = frame.data
+    if data.startswith(PNG_SIGNATURE):
+        if data[12:16] != b"IHDR" or len(data) < 24:
+            msg = f"frame {frame.frame_id}: PNG without an IHDR header"
+            raise CodecError(CodecErrorReason.UNDECODABLE_IMAGE, msg)
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    elif data.startswith(b"\xff\xd8"):
+        size = _jpeg_size(data)
+        if size is None:
+            msg = f"frame {frame.frame_id}: JPEG without a frame (SOF) header"
+            raise CodecError(CodecErrorReason.UNDECODABLE_IMAGE, msg)
+        width, height = size
+    else:
+        msg = f"frame {frame.frame_id}: {frame.encoding} data is neither PNG nor JPEG (starts {data[:8]!r})"
+        raise CodecError(CodecErrorReason.UNDECODABLE_IMAGE, msg)
+    _check_pixels(frame, width, height, max_pixels)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG's first start-of-frame segment, or None when none precedes the scan."""
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in JPEG_STANDALONE_MARKERS:
+            position += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        if marker in JPEG_SOF_MARKERS:
+            if position + 9 > len(data):
+                return None
+            height = int.from_bytes(data[position + 5 : position + 7], "big")
+            return int.from_bytes(data[position + 7 : position + 9], "big"), height
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return None
+
+
+def _check_pixels(frame: Frame, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        msg = (
+            f"frame {frame.frame_id}: {width}x{height} is {width * height} pixels, "
+            f"limit is {max_pixels} (streams.max_frame_pixels)"
+        )
+        raise CodecError(CodecErrorReason.IMAGE_TOO_LARGE, msg)
+
+
+def _raw_array(frame: Frame, max_pixels: int | None) -> np.ndarray:
     shape, dtype_name = frame.raw_shape, frame.raw_dtype
     if shape is None or dtype_name is None:
         msg = f"raw frame {frame.frame_id} needs raw_shape and raw_dtype"
@@ -127,8 +252,9 @@ def _raw_array(frame: Frame) -> np.ndarray:
     if not valid_rank or any(side <= 0 for side in shape):
         msg = f"raw frame {frame.frame_id}: shape {shape} is not (height, width) or (height, width, 1|3|4)"
         raise CodecError(CodecErrorReason.RAW_SHAPE_MISMATCH, msg)
+    _check_pixels(frame, shape[1], shape[0], max_pixels)
     dtype = np.dtype(dtype_name)
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: np.prod wraps around int64 (2**32 x 2**32 x 3 -> 0)
     if len(frame.data) != expected:
         msg = f"raw frame {frame.frame_id}: shape {shape} {dtype_name} needs {expected} bytes, got {len(frame.data)}"
         raise CodecError(CodecErrorReason.RAW_SHAPE_MISMATCH, msg)

@@ -11,6 +11,9 @@ Frame pixels travel as ``encoding``:
 - ``raw``: ``data`` holds the array bytes in C order, with ``raw_shape`` ``(height, width)`` or
   ``(height, width, channels)`` and ``raw_dtype`` (``uint8`` or ``uint16``).
 
+Integer fields (``version``, ``sequence``, ``captured_at_ns``, ``raw_shape``) are strict: ``1.0``, ``True`` or
+``"5"`` are rejected rather than coerced, so a producer's type bug surfaces as ``invalid_fields`` at the first frame.
+
 A Decision on the internal results stream may carry the anomaly map (``(map_size, map_size)`` float16 bytes) so
 the sink can draw a heatmap; the sink strips it before publishing the decision on the line's output stream.
 """
@@ -18,10 +21,10 @@ the sink can draw a heatmap; the sink strips it before publishing the decision o
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -39,6 +42,14 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _exact_version(value: Any) -> Any:
+    """``version`` must be the integer itself: 1.0 and True compare equal to 1 but are not schema version 1."""
+    if type(value) is not int:
+        msg = f"schema version must be an integer, got {type(value).__name__} {value!r}"
+        raise ValueError(msg)
+    return value
+
+
 class Frame(_Message):
     """One captured image plus where and when it was taken."""
 
@@ -46,13 +57,27 @@ class Frame(_Message):
     line_id: str = Field(min_length=1)
     camera_id: str = Field(min_length=1)
     frame_id: str = Field(min_length=1)
-    sequence: int = Field(ge=0, description="Per-camera counter, increasing by one per captured frame.")
-    captured_at_ns: int = Field(ge=0)
+    sequence: int = Field(ge=0, strict=True, description="Per-camera counter, increasing by one per captured frame.")
+    captured_at_ns: int = Field(ge=0, strict=True)
     encoding: Encoding
     data: bytes
-    raw_shape: tuple[int, ...] | None = None
+    raw_shape: tuple[Annotated[int, Strict()], ...] | None = None
     raw_dtype: Literal["uint8", "uint16"] | None = None
     metadata: dict[str, MetadataValue] = Field(default_factory=dict, description="Part number, recipe, source file.")
+
+    _version_is_int = field_validator("version", mode="before")(_exact_version)
+
+
+class FrameRef(NamedTuple):
+    """Who a frame is, as far as a scoring worker could read a frame it rejected (``pipeline.codec.peek_frame_ref``):
+    enough to publish an ``error`` decision for it."""
+
+    frame_id: str
+    line_id: str
+    camera_id: str
+    sequence: int
+    captured_at_ns: int
+    metadata: dict[str, MetadataValue]
 
 
 class StageTimings(_Message):
@@ -73,7 +98,7 @@ class Decision(_Message):
     frame_id: str = Field(min_length=1)
     line_id: str = Field(min_length=1)
     camera_id: str = Field(min_length=1)
-    sequence: int = Field(default=0, ge=0)
+    sequence: int = Field(default=0, ge=0, strict=True)
     verdict: Verdict
     score: float | None = None
     threshold: float | None = None
@@ -82,13 +107,15 @@ class Decision(_Message):
     error_detail: str | None = None
     heatmap_ref: str | None = Field(default=None, description="Path of the heatmap overlay PNG the sink wrote.")
     timings: StageTimings = StageTimings()
-    captured_at_ns: int = Field(ge=0)
+    captured_at_ns: int = Field(ge=0, strict=True)
     decided_at_ns: int = Field(default=0, ge=0, description="Set by the scoring worker when the verdict is known.")
     published_at_ns: int = Field(default=0, ge=0, description="Set by the sink when the decision is published.")
     frame_entry_id: str | None = Field(default=None, description="Frames-stream entry id, for the heatmap image.")
     map_size: int | None = Field(default=None, ge=1)
     anomaly_map: bytes | None = Field(default=None, description="(map_size, map_size) float16, C order.")
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+
+    _version_is_int = field_validator("version", mode="before")(_exact_version)
 
     def anomaly_map_array(self) -> np.ndarray | None:
         """The anomaly map as a ``(map_size, map_size)`` float32 array, or None when the decision carries none."""
@@ -109,8 +136,8 @@ def pack_anomaly_map(anomaly_map: np.ndarray) -> tuple[int, bytes]:
     return int(anomaly_map.shape[0]), np.ascontiguousarray(anomaly_map, dtype=np.float16).tobytes()
 
 
-def error_decision(frame: Frame, reason: str, detail: str, timings: StageTimings | None = None) -> Decision:
-    """An ``error`` verdict for ``frame`` that says why it was not scored."""
+def error_decision(frame: Frame | FrameRef, reason: str, detail: str, timings: StageTimings | None = None) -> Decision:
+    """An ``error`` verdict for ``frame`` (or what could be read of a rejected one) that says why it was not scored."""
     return Decision(
         frame_id=frame.frame_id,
         line_id=frame.line_id,

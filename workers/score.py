@@ -4,9 +4,11 @@ Loop: re-read own pending entries first, then repeatedly collect a batch (``max_
 decode its pixels in a thread pool while the previous batch is on the model, score, and commit results, dead
 letters and acks in one transaction. Entries idle on dead consumers are claimed every ``claim_idle_ms / 2``; an
 entry delivered more than ``max_deliveries`` times is dead-lettered. A frame that cannot be decoded gets a dead-letter
-entry and an ``error`` decision; the rest of its batch is scored. An uncalibrated model yields ``error`` decisions
-(reason ``uncalibrated``) that still carry the score. The model follows the line's Redis model key:
-a new directory is loaded in the background and swapped in between batches, so no frame is lost or scored twice.
+entry and, when its frame_id can be read, an ``error`` decision; the rest of its batch is scored. A frame of another
+line (its ``line_id`` is not this worker's) is dead-lettered (``wrong_line``) and gets no decision on this line.
+An uncalibrated model yields ``error`` decisions (reason ``uncalibrated``) that still carry the score. The model
+follows the line's Redis model key: a new directory is loaded in the background and swapped in between batches, so no
+frame is lost or scored twice.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.batching import check_one_to_one, collect_batch
-from pipeline.codec import CodecError, decode_frame, decode_pixels, encode_decision
+from pipeline.codec import CodecError, CodecErrorReason, decode_frame, decode_pixels, encode_decision, peek_frame_ref
 from pipeline.config import Config
 from pipeline.messages import Decision, Frame, StageTimings, Verdict, error_decision, now_ns, pack_anomaly_map
 from pipeline.streams import SCORER_GROUP, Commit, DeadLetter, LineKeys, StreamEntry, entry_time_s
@@ -66,6 +68,7 @@ ModelLoader = Callable[[Path], ScorerLike]
 
 
 UNCALIBRATED = "the model has no pass/fail threshold: run `lineinspect calibrate --model DIR --good DIR`"
+WRONG_LINE = "wrong_line"  # dead-letter reason: a frame whose line_id is another line's
 
 
 # GNU OpenMP's default: a thread that finishes its share of a parallel region busy-waits ~300,000 spins for the next
@@ -123,13 +126,38 @@ class ModelSlot:
             announced = runtime.client.get_model_dir(keys) or str(initial_dir)
         elif initial_dir is not None and Path(announced) != initial_dir:
             logger.warning("line's model key overrides --model", extra={"model_dir": announced})
-        self.model_dir = announced
-        self.scorer = loader(Path(announced))
+        self._failed: tuple[str, str | None] | None = None
+        self.model_dir, self.scorer = self._first_model(announced, initial_dir)
         runtime.metrics.set_model(keys.line_id, self.scorer.model_id)
         self._loading: threading.Thread | None = None
         self._ready: tuple[str, ScorerLike] | None = None
-        self._failed: tuple[str, str | None] | None = None
         self._next_poll = 0.0
+
+    def _first_model(self, announced: str, initial_dir: Path | None) -> tuple[str, ScorerLike]:
+        """The announced model; if it does not load, ``initial_dir`` (``--model``) when that loads. The key is left
+        as it is (whoever promoted the broken model fixes it; the worker swaps to whatever it names next) and the
+        broken directory is not retried until the key or its manifest changes. Neither loads: ValueError naming the
+        directory and why, the worker's one-line exit."""
+        try:
+            return announced, self.loader(Path(announced))
+        except Exception as error:
+            reason = f"{type(error).__name__}: {error}"
+            if initial_dir is None or Path(announced) == initial_dir:
+                msg = f"model {announced} (named by {self.keys.model}) does not load: {reason}"
+                raise ValueError(msg) from error
+            self._failed = (announced, manifest_model_id(Path(announced)))
+        logger.error(
+            "the line's model key names a model that does not load; starting with --model instead",
+            extra={"announced_model_dir": announced, "model_dir": str(initial_dir), "error": reason},
+        )
+        try:
+            return str(initial_dir), self.loader(initial_dir)
+        except Exception as fallback_error:
+            msg = (
+                f"model {announced} (named by {self.keys.model}) does not load: {reason}; "
+                f"nor does --model {initial_dir}: {type(fallback_error).__name__}: {fallback_error}"
+            )
+            raise ValueError(msg) from fallback_error
 
     def _load(self, model_dir: str, version: str | None) -> None:
         try:
@@ -196,9 +224,9 @@ class BatchOutcome:
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
-def _timed_decode(frame: Frame) -> tuple[np.ndarray, float]:
+def _timed_decode(frame: Frame, max_pixels: int) -> tuple[np.ndarray, float]:
     started = time.perf_counter()
-    return decode_pixels(frame), time.perf_counter() - started
+    return decode_pixels(frame, max_pixels), time.perf_counter() - started
 
 
 class ScoreWorker:
@@ -248,20 +276,37 @@ class ScoreWorker:
                 detail = (
                     f"delivered {entry.deliveries} times (streams.max_deliveries={self.config.streams.max_deliveries})"
                 )
-                item.dead_letter = DeadLetter(entry.entry_id, entry.payload, "max_deliveries_exceeded", detail)
+                self._reject(item, "max_deliveries_exceeded", detail)
                 continue
             try:
                 item.frame = decode_frame(entry.payload, self.config.streams.max_frame_bytes)
             except CodecError as error:
-                item.dead_letter = DeadLetter(entry.entry_id, entry.payload, error.reason.value, error.detail)
+                self._reject(item, error.reason.value, error.detail)
+                continue
+            except Exception as error:  # a decoder bug on one entry must not stop the others
+                self._reject(item, CodecErrorReason.NOT_A_MESSAGE.value, f"{type(error).__name__}: {error}")
+                continue
+            if item.frame.line_id != self.keys.line_id:
+                detail = f"frame for {item.frame.line_id} on {self.keys.line_id}'s stream {self.keys.frames}"
+                letter = DeadLetter(entry.entry_id, entry.payload, WRONG_LINE, detail, item.frame.frame_id)
+                item.dead_letter, item.frame = letter, None
                 continue
             age_ms = (now_ns() - item.frame.captured_at_ns) / 1e6
             if stale_after_ms is not None and age_ms > stale_after_ms:
                 detail = f"frame was {age_ms:.0f} ms old, limit worker.stale_after_ms={stale_after_ms}"
                 item.decision = error_decision(item.frame, "stale", detail, self._queue_timings(item))
                 continue
-            item.pixels = self.pool.submit(_timed_decode, item.frame)
+            item.pixels = self.pool.submit(_timed_decode, item.frame, self.config.streams.max_frame_pixels)
         return prepared
+
+    def _reject(self, item: Pending, reason: str, detail: str) -> None:
+        """Dead-letter an entry that is not a usable frame; when its frame_id (and line) can be read from the
+        payload, the frame also gets an ``error`` decision, so every frame that can be named gets one."""
+        entry = item.entry
+        ref = peek_frame_ref(entry.payload, self.keys.line_id, int(entry_time_s(entry.entry_id) * 1e9))
+        item.dead_letter = DeadLetter(entry.entry_id, entry.payload, reason, detail, ref.frame_id if ref else "")
+        if ref is not None and ref.line_id == self.keys.line_id:
+            item.decision = error_decision(ref, reason, detail, self._queue_timings(item))
 
     @staticmethod
     def _queue_timings(item: Pending) -> StageTimings:
@@ -277,15 +322,15 @@ class ScoreWorker:
                 try:
                     image, decode_s = item.pixels.result()
                     ready.append((item, image, decode_s))
-                except CodecError as error:
+                except Exception as error:  # decode_pixels raises only CodecError; anything else is this frame's too
                     assert item.frame is not None
+                    if isinstance(error, CodecError):
+                        reason, detail = error.reason.value, error.detail
+                    else:
+                        reason, detail = CodecErrorReason.UNDECODABLE_IMAGE.value, f"{type(error).__name__}: {error}"
                     frame_id = item.frame.frame_id
-                    item.dead_letter = DeadLetter(
-                        item.entry.entry_id, item.entry.payload, error.reason.value, error.detail, frame_id
-                    )
-                    item.decision = error_decision(
-                        item.frame, error.reason.value, error.detail, self._queue_timings(item)
-                    )
+                    item.dead_letter = DeadLetter(item.entry.entry_id, item.entry.payload, reason, detail, frame_id)
+                    item.decision = error_decision(item.frame, reason, detail, self._queue_timings(item))
             if item.dead_letter is not None:
                 outcome.dead_letters.append(item.dead_letter)
             if item.decision is not None:

@@ -131,3 +131,150 @@ def test_error_decision_carries_frame_identity() -> None:
     assert (decision.verdict, decision.error_reason, decision.frame_id) == ("error", "stale", "f-1")
     assert decision.captured_at_ns == frame.captured_at_ns
     assert decision.metadata == frame.metadata
+
+
+def png_announcing(width: int, height: int, bit_depth: int, idat_bytes: int) -> bytes:
+    """A PNG whose IHDR announces ``width`` x ``height`` RGB pixels, followed by ``idat_bytes`` of zero data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(idat_bytes))) + chunk(
+        b"IEND", b""
+    )
+
+
+def encoded_frame(data: bytes, encoding: str = "png") -> Frame:
+    return make_frame(encoding=encoding, data=data, raw_shape=None, raw_dtype=None)
+
+
+def test_a_gigapixel_png_is_rejected_from_its_header() -> None:
+    pytest.importorskip("models.images")
+    data = png_announcing(32_000, 32_000, bit_depth=16, idat_bytes=300_000_000)  # ~300 kB: would decode to 6 GB
+    assert len(data) < 3_000_000
+    with pytest.raises(CodecError) as caught:
+        decode_pixels(encoded_frame(data), max_pixels=50_000_000)
+    assert caught.value.reason is CodecErrorReason.IMAGE_TOO_LARGE
+    assert "32000x32000" in caught.value.detail and "streams.max_frame_pixels" in caught.value.detail
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_jpeg_size_is_read_from_its_frame_header(progressive: bool) -> None:
+    import cv2
+
+    pytest.importorskip("models.images")
+    flags = [cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)]  # progressive: SOF2 instead of SOF0
+    ok, buffer = cv2.imencode(".jpg", np.full((24, 40, 3), 90, np.uint8), flags)
+    assert ok
+    frame = encoded_frame(buffer.tobytes(), "jpeg")
+    assert decode_pixels(frame, max_pixels=40 * 24).shape == (24, 40, 3)
+    with pytest.raises(CodecError) as caught:
+        decode_pixels(frame, max_pixels=40 * 24 - 1)
+    assert caught.value.reason is CodecErrorReason.IMAGE_TOO_LARGE and "40x24" in caught.value.detail
+
+
+def test_raw_shapes_whose_size_wraps_around_int64_are_rejected() -> None:
+    pytest.importorskip("models.images")
+    frame = make_frame(data=b"", raw_shape=(2**32, 2**32, 3), raw_dtype="uint8")  # np.prod of it is 0
+    with pytest.raises(CodecError) as caught:
+        decode_pixels(frame)
+    assert caught.value.reason is CodecErrorReason.RAW_SHAPE_MISMATCH
+    with pytest.raises(CodecError) as caught:
+        decode_pixels(frame, max_pixels=50_000_000)
+    assert caught.value.reason is CodecErrorReason.IMAGE_TOO_LARGE
+
+
+WITH_ALPHA = np.dstack([np.full((16, 20, 3), 50, np.uint8), np.full((16, 20), 200, np.uint8)])
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        (np.full((16, 20, 3), 257 * 100, np.uint16), np.full((16, 20, 3), 100, np.uint8)),  # 16-bit colour
+        (np.full((16, 20), 77, np.uint8), np.full((16, 20, 3), 77, np.uint8)),  # grey
+        (WITH_ALPHA, np.full((16, 20, 3), 50, np.uint8)),  # the alpha channel is dropped
+    ],
+)
+def test_16_bit_grey_and_alpha_pngs_still_decode(image: np.ndarray, expected: np.ndarray) -> None:
+    import cv2
+
+    pytest.importorskip("models.images")
+    ok, buffer = cv2.imencode(".png", image)
+    assert ok
+    np.testing.assert_array_equal(decode_pixels(encoded_frame(buffer.tobytes()), max_pixels=320), expected)
+
+
+def test_data_that_is_neither_png_nor_jpeg_is_undecodable() -> None:
+    import cv2
+
+    pytest.importorskip("models.images")
+    ok, tiff = cv2.imencode(".tiff", np.full((64, 64, 3), 0.5, np.float64))  # cv2 decodes it, then cannot convert
+    assert ok
+    with pytest.raises(CodecError) as caught:
+        decode_pixels(encoded_frame(tiff.tobytes()))
+    assert caught.value.reason is CodecErrorReason.UNDECODABLE_IMAGE
+    assert "neither PNG nor JPEG" in caught.value.detail
+
+
+def test_any_failure_while_decoding_pixels_is_a_codec_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    images = pytest.importorskip("models.images")
+
+    def explode(data: bytes, name: str = "") -> np.ndarray:
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(images, "decode_image", explode)
+    data, _ = encode_pixels(np.full((16, 16, 3), 9, np.uint8), "png")
+    with pytest.raises(CodecError) as caught:
+        decode_pixels(encoded_frame(data))
+    assert caught.value.reason is CodecErrorReason.UNDECODABLE_IMAGE and "MemoryError" in caught.value.detail
+
+
+def test_not_msgpack_detail_says_what_was_wrong() -> None:
+    with pytest.raises(CodecError) as caught:
+        decode_frame(b"\xc1\xff garbage")
+    assert "()" not in caught.value.detail and "FormatError" in caught.value.detail
+    assert "\\xc1" in caught.value.detail
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"version": 1.0}, CodecErrorReason.UNKNOWN_VERSION),
+        ({"version": True}, CodecErrorReason.UNKNOWN_VERSION),
+        ({"sequence": "5"}, CodecErrorReason.INVALID_FIELDS),
+        ({"sequence": True}, CodecErrorReason.INVALID_FIELDS),
+        ({"captured_at_ns": 1.5}, CodecErrorReason.INVALID_FIELDS),
+        ({"raw_shape": ["2", 3, 3]}, CodecErrorReason.INVALID_FIELDS),
+    ],
+)
+def test_numbers_of_the_wrong_type_are_not_coerced(overrides: dict[str, object], reason: CodecErrorReason) -> None:
+    fields = msgpack.unpackb(encode_frame(make_frame())) | overrides
+    with pytest.raises(CodecError) as caught:
+        decode_frame(msgpack.packb(fields))
+    assert caught.value.reason is reason
+    assert decode_frame(encode_frame(make_frame())).raw_shape == (2, 3, 3)  # lists from msgpack are still tuples
+
+
+def test_frame_model_rejects_a_float_version() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="schema version must be an integer"):
+        make_frame(version=1.0)
+
+
+def test_peek_frame_ref_names_a_rejected_frame_when_it_can() -> None:
+    from pipeline.codec import peek_frame_ref
+
+    payload = msgpack.packb({"version": 2, "camera_id": "cam3", "data": bytes(5000), "frame_id": "v2", "sequence": 4})
+    ref = peek_frame_ref(payload, "line-1", received_at_ns=99)
+    assert ref is not None
+    assert ref == ("v2", "line-1", "cam3", 4, 99, {})
+    stray = peek_frame_ref(msgpack.packb({"frame_id": "x", "line_id": "line-2", "sequence": "7"}), "line-1", 0)
+    assert stray is not None and (stray.line_id, stray.sequence) == ("line-2", 0)
+    unnamed_payloads = [msgpack.packb([1, 2]), msgpack.packb({"frame_id": 5}), msgpack.packb({"frame_id": ""})]
+    for unnamed in [b"\xc1\xff", *unnamed_payloads]:
+        assert peek_frame_ref(unnamed, "line-1", 0) is None
+    assert peek_frame_ref(payload[:-3], "line-1", 0) is not None  # truncated after the id: still named

@@ -50,7 +50,7 @@ def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_keeps_goi
     client.publish(keys.frames, msgpack.packb({"version": 7, "frame_id": "from-the-future"}))
     publish_frames(client, keys, [good, bad_jpeg, bad_raw, after, oversized])  # bad frames share batches with good
     thread = start_thread(worker.run)
-    wait_until(lambda: client.length(keys.results) >= 4, what="decisions for the good and undecodable frames")
+    wait_until(lambda: client.length(keys.results) >= 6, what="decisions for every frame with a readable frame_id")
     runtime.stop.set()
     thread.join(timeout=30)
 
@@ -67,8 +67,13 @@ def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_keeps_goi
     by_frame = {decision.frame_id: decision for decision in decisions_in(client, keys.results)}
     assert by_frame[bad_jpeg.frame_id].error_reason == "undecodable_image"
     assert by_frame[bad_raw.frame_id].error_reason == "raw_shape_mismatch"
+    assert by_frame["from-the-future"].error_reason == "unknown_schema_version"  # rejected, but it can be named
+    assert by_frame[oversized.frame_id].error_reason == "oversized_frame"
     assert {by_frame[good.frame_id].verdict, by_frame[after.frame_id].verdict} <= {"pass", "fail"}
-    assert len(by_frame) == 4
+    assert len(by_frame) == 6
+    named = {letter["reason"]: letter["frame_id"] for letter in client.dead_letters(keys)}
+    assert named["unknown_schema_version"] == "from-the-future" and named["oversized_frame"] == oversized.frame_id
+    assert named["not_msgpack"] == ""
     assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
     assert (
         runtime.metrics.registry.get_sample_value(
@@ -345,3 +350,159 @@ def test_frames_a_registering_model_cannot_register_are_counted(
     assert len(outcome.decisions) == 3 and all(d.score is not None for d in outcome.decisions)
     sample = runtime.metrics.registry.get_sample_value("lineinspect_unregistered_frames_total", {"line": "line-1"})
     assert sample == 1.0
+
+
+def png_with_header(width: int, height: int, bit_depth: int = 8, idat_bytes: int = 1000) -> bytes:
+    """A PNG whose IHDR announces ``width`` x ``height`` RGB pixels, with ``idat_bytes`` of zero scanlines behind it
+    (far fewer than announced: what matters is what a decoder allocates from the header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 2, 0, 0, 0)
+    idat = zlib.compress(bytes(idat_bytes))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_poison_frames_are_dead_lettered_and_the_rest_of_their_batch_is_scored(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime]
+) -> None:
+    """Frames whose decoding raised something other than CodecError (cv2.error, numpy reshape errors) used to kill
+    the worker, and with it every frame of their batch on each redelivery."""
+    import cv2
+
+    runtime = make_runtime("score", "w1")
+    worker = start_worker(runtime, tiny_line.model_dir)
+    client, keys = runtime.client, worker.keys
+    image = tiny_line.good_images[0]
+    huge_png = frame_from_file(image, encoding="png", data=png_with_header(100_000, 100_000))
+    wrapped_raw = frame_from_file(image, encoding="raw", data=b"", raw_shape=(2**32, 2**32, 3), raw_dtype="uint8")
+    ok, tiff = cv2.imencode(".tiff", np.full((64, 64, 3), 0.5, np.float64))
+    assert ok
+    float_tiff = frame_from_file(image, encoding="png", data=tiff.tobytes())
+    good = [frame_from_file(tiny_line.good_images[i]) for i in range(3)]
+    publish_frames(client, keys, [good[0], huge_png, good[1], wrapped_raw, float_tiff, good[2]])  # max_batch is 4
+    thread = start_thread(worker.run)
+    wait_until(lambda: client.length(keys.results) >= 6 or not thread.is_alive(), timeout_s=30, what="decisions")
+    assert thread.is_alive(), "the worker died on a poison frame"
+    runtime.stop.set()
+    thread.join(timeout=30)
+
+    by_frame = {decision.frame_id: decision for decision in decisions_in(client, keys.results)}
+    assert [by_frame[frame.frame_id].verdict in ("pass", "fail") for frame in good] == [True] * 3
+    letters = {letter["frame_id"]: letter for letter in client.dead_letters(keys)}
+    expected = {
+        huge_png.frame_id: "image_too_large",
+        wrapped_raw.frame_id: "image_too_large",
+        float_tiff.frame_id: "undecodable_image",
+    }
+    assert {frame_id: letter["reason"] for frame_id, letter in letters.items()} == expected
+    assert {frame_id: by_frame[frame_id].error_reason for frame_id in expected} == expected
+    assert "neither PNG nor JPEG" in letters[float_tiff.frame_id]["detail"]
+    assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
+
+
+def test_the_pixel_limit_is_read_from_the_config(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], worker_config: Config
+) -> None:
+    config = worker_config.model_copy(
+        update={"streams": worker_config.streams.model_copy(update={"max_frame_pixels": 96 * 96 - 1})}
+    )
+    runtime = make_runtime("score", "w1", config)
+    worker = start_worker(runtime, tiny_line.model_dir)
+    frame = frame_from_file(tiny_line.good_images[0])  # 96 x 96
+    publish_frames(runtime.client, worker.keys, [frame])
+    worker.finish(worker.prepare(runtime.client.read_new(worker.keys.frames, SCORER_GROUP, "w1", 10, None)))
+    [letter] = runtime.client.dead_letters(worker.keys)
+    assert (letter["reason"], letter["frame_id"]) == ("image_too_large", frame.frame_id)
+    assert "streams.max_frame_pixels" in letter["detail"]
+
+
+def test_a_frame_of_another_line_is_dead_lettered_not_scored(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime]
+) -> None:
+    runtime = make_runtime("score", "w1")
+    worker = start_worker(runtime, tiny_line.model_dir)
+    stray = frame_from_file(tiny_line.good_images[0], line_id="line-2")
+    own = frame_from_file(tiny_line.good_images[1])
+    publish_frames(runtime.client, worker.keys, [stray, own])
+    worker.finish(worker.prepare(runtime.client.read_new(worker.keys.frames, SCORER_GROUP, "w1", 10, None)))
+    assert [d.frame_id for d in decisions_in(runtime.client, worker.keys.results)] == [own.frame_id]
+    [letter] = runtime.client.dead_letters(worker.keys)
+    assert (letter["reason"], letter["frame_id"]) == ("wrong_line", stray.frame_id)
+    assert "line-2" in letter["detail"] and "line-1" in letter["detail"]
+    assert runtime.client.group_stats(worker.keys.frames)[SCORER_GROUP].pending == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"version": 2, "frame_id": "v2"}, "unknown_schema_version"),
+        ({"version": 1.0, "frame_id": "v1-float"}, "unknown_schema_version"),
+        ({"version": 1, "frame_id": "seq-text", "sequence": "5"}, "invalid_fields"),
+    ],
+)
+def test_rejected_payloads_that_name_their_frame_get_an_error_decision(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], fields: dict[str, object], reason: str
+) -> None:
+    runtime = make_runtime("score", "w1")
+    worker = start_worker(runtime, tiny_line.model_dir)
+    payload = encode_frame(frame_from_file(tiny_line.good_images[0], frame_id=str(fields["frame_id"])))
+    runtime.client.publish(worker.keys.frames, msgpack.packb(msgpack.unpackb(payload) | fields))
+    worker.finish(worker.prepare(runtime.client.read_new(worker.keys.frames, SCORER_GROUP, "w1", 10, None)))
+    [letter] = runtime.client.dead_letters(worker.keys)
+    assert (letter["reason"], letter["frame_id"]) == (reason, fields["frame_id"])
+    [decision] = decisions_in(runtime.client, worker.keys.results)
+    assert (decision.frame_id, decision.line_id, decision.verdict, decision.error_reason) == (
+        fields["frame_id"], "line-1", "error", reason
+    )
+    assert decision.camera_id == "cam0" and decision.score is None
+
+
+def test_a_broken_announced_model_falls_back_to_the_model_option(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from models.artifact import read_manifest
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{ not json")
+    runtime = make_runtime("score", "w1")
+    keys = LineKeys(runtime.config.streams.prefix, "line-1")
+    runtime.client.set_model_dir(keys, str(broken))
+    with caplog.at_level("ERROR", logger="workers.score"):
+        slot = ModelSlot(runtime, keys, load_model("cpu"), tiny_line.model_dir)
+    assert slot.scorer.model_id == read_manifest(tiny_line.model_dir)["model_id"]
+    assert slot.model_dir == str(tiny_line.model_dir)
+    assert runtime.client.get_model_dir(keys) == str(broken)  # left for whoever promoted it to fix
+    [record] = [r for r in caplog.records if "does not load" in r.getMessage()]
+    assert record.__dict__["announced_model_dir"] == str(broken)
+    assert record.__dict__["model_dir"] == str(tiny_line.model_dir) and record.__dict__["error"]
+    slot.refresh()  # the broken directory is not loaded again until the key (or its manifest) changes
+    assert slot._loading is None
+    runtime.client.set_model_dir(keys, str(tiny_line.other_model_dir))
+    slot._next_poll = 0.0
+
+    def swapped() -> bool:
+        slot.refresh()
+        return slot.scorer.model_id == read_manifest(tiny_line.other_model_dir)["model_id"]
+
+    wait_until(swapped, what="a newly promoted model to load")
+
+
+@pytest.mark.parametrize("with_model_option", [False, True])
+def test_a_broken_announced_model_without_a_usable_model_option_is_a_one_line_error(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path, with_model_option: bool
+) -> None:
+    runtime = make_runtime("score", "w1")
+    keys = LineKeys(runtime.config.streams.prefix, "line-1")
+    missing = tmp_path / "deleted-model"
+    runtime.client.set_model_dir(keys, str(missing))
+    model_option = tmp_path / "also-missing" if with_model_option else None
+    with pytest.raises(ValueError, match=f"model {missing} .*does not load") as caught:
+        ModelSlot(runtime, keys, load_model("cpu"), model_option)
+    assert "\n" not in str(caught.value)
+    if with_model_option:
+        assert f"--model {model_option}" in str(caught.value)

@@ -17,7 +17,8 @@
 ``save_scorer`` writes a complete new directory beside ``MODEL_DIR`` and only then puts it in place (the old
 model, if any, is removed after), so a fit that fails half-way leaves the old model intact, no file of an older
 model survives into the new one, and a worker that (re)loads ``MODEL_DIR`` meanwhile reads one whole model or the
-other. A directory that exists, is not empty and holds no ``manifest.json`` is never replaced.
+other. What the old directory held besides its model (notes, a report) moves into the new one. A directory that
+exists, is not empty and holds no ``manifest.json`` is never replaced.
 
 ``load_scorer`` checks the format version, every file's sha256 and the content hash, then lets the method check
 its own files against the manifest (PatchCore: the backbone really produces features of the recorded shape);
@@ -111,10 +112,13 @@ def save_scorer(scorer: Scorer, model_dir: Path) -> str:
     rename, ``model_dir`` does not exist: a loader then reports the manifest missing and tries again later)."""
     target = check_model_destination(model_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_siblings(target)
     staging = _sibling(target, "writing")
     try:
         staging.mkdir()  # with the umask's permissions, like any directory the user makes
         model_id = _write_scorer(scorer, staging, member=False)
+        if target.exists():
+            _carry_over_foreign_entries(target, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -130,6 +134,45 @@ def save_scorer(scorer: Scorer, model_dir: Path) -> str:
 def _sibling(target: Path, purpose: str) -> Path:
     """A hidden, unused name beside ``target`` for a directory being written or retired."""
     return target.parent / f".{target.name}.{purpose}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _remove_abandoned_siblings(target: Path) -> None:
+    """Delete what a save killed outright (SIGKILL, power loss) left beside ``target``: directories whose writing
+    process no longer runs on this host."""
+    for sibling in target.parent.glob(f".{target.name}.*-*-*"):
+        purpose, _, rest = sibling.name[len(target.name) + 2 :].partition("-")
+        pid = rest.partition("-")[0]
+        if purpose in ("writing", "replaced") and pid.isdigit() and not _process_runs(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # runs, as another user
+        return True
+    return True
+
+
+MODEL_FILE_SUFFIXES = (".npy", ".npz", ".faiss", ".pt")  # what methods write (numpy, faiss, torch state dicts)
+
+
+def _is_model_entry(entry: Path) -> bool:
+    """A file or directory of a model: the manifest, a method's arrays, index or weights, a fusion member. Also
+    true of files an older model left behind (saves before this module wrote whole directories could leave them)."""
+    if entry.is_dir():
+        return entry.name.startswith("fusion-")
+    return entry.name == MANIFEST or entry.name.startswith(".manifest-") or entry.suffix in MODEL_FILE_SUFFIXES
+
+
+def _carry_over_foreign_entries(old: Path, new: Path) -> None:
+    """Move what the old model directory holds besides its model (notes, a report written into it) into the new
+    one, so that replacing a model loses nothing but the old model."""
+    for entry in old.iterdir():
+        if not _is_model_entry(entry) and not (new / entry.name).exists():
+            shutil.move(str(entry), str(new / entry.name))
 
 
 def _write_scorer(scorer: Scorer, model_dir: Path, member: bool) -> str:
@@ -169,6 +212,9 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
     """The verified manifest of ``model_dir``: files and content hash checked."""
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST
+    if not model_dir.exists():
+        msg = f"model directory {model_dir} does not exist"
+        raise ArtifactError(msg)
     if not path.is_file():
         msg = f"{model_dir} is not a lineinspect model: {MANIFEST} is missing (create one with `lineinspect fit`)"
         raise ArtifactError(msg)
@@ -177,6 +223,9 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         msg = f"{path} is corrupt: not valid JSON ({error})"
         raise ArtifactError(msg) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        msg = f"{path} is corrupt: not a lineinspect manifest (expected a JSON object with a 'files' object)"
+        raise ArtifactError(msg)
     if manifest.get("format_version") != FORMAT_VERSION:
         msg = f"{path}: format version {manifest.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
         raise ArtifactError(msg)

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -121,15 +122,21 @@ def _hidden_siblings(model: Path) -> list[str]:
     return sorted(p.name for p in model.parent.iterdir() if p.name.startswith(f".{model.name}."))
 
 
-def test_saving_over_a_model_leaves_none_of_its_files(fitted_scorer: Scorer, saved_model: Path,
+def test_saving_over_a_model_replaces_its_files_and_keeps_the_users(fitted_scorer: Scorer, saved_model: Path,
                                                       tmp_path: Path) -> None:  # fmt: skip
     model = _copy(saved_model, tmp_path)
     # what a fused, registered model saved here earlier would have left
     (model / "registration.npz").write_bytes(b"older model")
     (model / "fusion-1-padim").mkdir()
     (model / "fusion-1-padim" / "manifest.json").write_text("{}")
+    (model / "NOTES.txt").write_text("camera 2 refitted after the lens change")  # the user's, not the model's
+    (model / "report").mkdir()
+    (model / "report" / "metrics.json").write_text("{}")
     model_id = fitted_scorer.save(model)
-    assert sorted(p.name for p in model.iterdir()) == ["bank.npy", "index.faiss", "manifest.json"]
+    assert sorted(p.name for p in model.iterdir()) == ["NOTES.txt", "bank.npy", "index.faiss", "manifest.json",
+                                                       "report"]  # fmt: skip
+    assert (model / "NOTES.txt").read_text() == "camera 2 refitted after the lens change"
+    assert (model / "report" / "metrics.json").is_file()
     assert load_scorer(model, device="cpu").model_id == model_id == read_manifest(saved_model)["model_id"]
     assert _hidden_siblings(model) == []
 
@@ -188,8 +195,6 @@ def test_saving_through_a_symlink_replaces_its_target_and_keeps_the_link(fitted_
 
 def test_model_files_get_the_umask_permissions(fitted_scorer: Scorer, tmp_path: Path) -> None:
     """Workers often run as another user than the engineer who fits: the files must be as readable as any."""
-    import os
-
     previous = os.umask(0o022)
     try:
         fitted_scorer.save(tmp_path / "model")
@@ -197,3 +202,31 @@ def test_model_files_get_the_umask_permissions(fitted_scorer: Scorer, tmp_path: 
         os.umask(previous)
     for path in [tmp_path / "model", *(tmp_path / "model").iterdir()]:
         assert path.stat().st_mode & 0o044 == 0o044, path
+
+
+def test_a_save_killed_outright_is_cleaned_up_by_the_next(fitted_scorer: Scorer, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    model = tmp_path / "model"
+    abandoned = tmp_path / f".model.writing-{dead_pid}-0123abcd"
+    abandoned.mkdir()
+    (abandoned / "bank.npy").write_bytes(b"half written")
+    running = tmp_path / f".model.writing-{os.getpid()}-4567cdef"  # a save in progress (this process) is left be
+    running.mkdir()
+    fitted_scorer.save(model)
+    assert not abandoned.exists() and running.is_dir()
+
+
+def test_loading_names_what_is_wrong_with_the_directory(saved_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load_scorer(tmp_path / "nowhere")
+    model = _copy(saved_model, tmp_path)
+    (model / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ArtifactError, match="not a lineinspect manifest"):
+        load_scorer(model)
+    (model / "manifest.json").write_text('{"files": ["bank.npy"]}')
+    with pytest.raises(ArtifactError, match="not a lineinspect manifest"):
+        load_scorer(model)

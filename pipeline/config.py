@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -139,7 +140,7 @@ class ScoringSettings(_Section):
         default="topk", description="topk: mean of the top_k patch scores; max: the smoothed map's maximum."
     )
     top_k: int = Field(default=10, ge=1, description="Patches averaged by image_score = 'topk'.")
-    smoothing_sigma: float = Field(default=4.0, ge=0)
+    smoothing_sigma: float = Field(default=4.0, ge=0, le=64)  # in pixels of the scored image
     map_baseline: Literal["none", "median"] = Field(
         default="none",
         description="none: heatmaps in absolute z units; median: each heatmap less its frame's median (its own "
@@ -557,11 +558,37 @@ class Config(_Section):
         return self.model_copy(update=sections | {"fusion": FusionSettings(members=())})
 
 
-def _parse_env_value(raw: str) -> Any:
+def _takes_text(section: str, key: str) -> bool:
+    """True when ``[section] key`` holds a string, a path or a choice of strings: its override is taken as written
+    (``LINEINSPECT__WORKER__LINE_ID=42`` is the line "42", not the number 42)."""
+    section_field = Config.model_fields.get(section)
+    model = section_field.annotation if section_field is not None else None
+    fields = getattr(model, "model_fields", {})
+    if key not in fields:
+        return False
+    annotation = fields[key].annotation
+    members = [arg for arg in typing.get_args(annotation) if arg is not type(None)] or [annotation]
+    if typing.get_origin(annotation) is typing.Literal:
+        return all(isinstance(member, str) for member in members)
+    return all(member in (str, Path) for member in members)
+
+
+def _parse_env_value(section: str, key: str, raw: str) -> Any:
+    """The override's value: as written for text settings, else JSON (numbers, booleans, lists), else as written.
+    A JSON boolean for a setting that is not one stays text, so pydantic refuses it rather than reading 1 or 0."""
+    if _takes_text(section, key):
+        return raw
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except json.JSONDecodeError:
         return raw
+    return raw if isinstance(value, bool) and not _takes_bool(section, key) else value
+
+
+def _takes_bool(section: str, key: str) -> bool:
+    section_field = Config.model_fields.get(section)
+    fields = getattr(section_field.annotation if section_field is not None else None, "model_fields", {})
+    return key in fields and bool in (fields[key].annotation, *typing.get_args(fields[key].annotation))
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -574,7 +601,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
             msg = f"environment override {name} must look like {ENV_PREFIX}<SECTION>__<KEY>"
             raise ConfigError(msg)
         section, key = parts
-        overrides.setdefault(section, {})[key] = _parse_env_value(raw)
+        overrides.setdefault(section, {})[key] = _parse_env_value(section, key, raw)
     if environ.get("REDIS_URL"):
         overrides.setdefault("redis", {})["url"] = environ["REDIS_URL"]
     return overrides
@@ -610,8 +637,11 @@ def load_config(path: Path | str | None = None, environ: dict[str, str] | None =
         except FileNotFoundError:
             msg = f"config file not found: {path}"
             raise ConfigError(msg) from None
-        except tomllib.TOMLDecodeError as error:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             msg = f"config file {path} is not valid TOML: {error}"
+            raise ConfigError(msg) from None
+        except OSError as error:  # a directory, no permission
+            msg = f"config file {path} cannot be read: {error.strerror}"
             raise ConfigError(msg) from None
     environ = dict(os.environ if environ is None else environ)
     overrides = _env_overrides(environ)

@@ -116,3 +116,34 @@ def test_an_error_names_the_environment_once_with_its_variables() -> None:
     assert message.count("environment") == 2  # the source, and the redis.url hint
     variables = "LINEINSPECT__WORKER__DECODE_THREADS, LINEINSPECT__WORKER__MAX_BATCH, REDIS_URL"
     assert f"invalid configuration in defaults + environment ({variables}): redis.url" in message
+
+
+def test_environment_overrides_of_text_settings_are_taken_as_written() -> None:
+    """Overrides are JSON for numbers, booleans and lists; a line id or prefix that looks like a number stays text."""
+    config = load_config(environ={"LINEINSPECT__WORKER__LINE_ID": "42", "LINEINSPECT__STREAMS__PREFIX": "2024",
+                                  "LINEINSPECT__MODEL__WEIGHTS_PATH": "123", "LINEINSPECT__SCORING__SHIFT_PIXELS": "3",
+                                  "LINEINSPECT__SCORING__SHIFT_ONLY_FAILING": "false",
+                                  "LINEINSPECT__MODEL__LAYERS": '["blocks.2", "blocks.3"]'})  # fmt: skip
+    assert (config.worker.line_id, config.streams.prefix, config.model.weights_path) == ("42", "2024", Path("123"))
+    assert (config.scoring.shift_pixels, config.scoring.shift_only_failing) == (3, False)
+    assert config.model.layers == ("blocks.2", "blocks.3")
+
+
+def test_a_boolean_for_a_number_is_refused_not_read_as_one() -> None:
+    with pytest.raises(ConfigError, match=r"scoring\.shift_pixels: Input should be a valid integer"):
+        load_config(environ={"LINEINSPECT__SCORING__SHIFT_PIXELS": "true"})
+
+
+@pytest.mark.parametrize("sigma", ["inf", "1e6"])
+def test_smoothing_beyond_any_image_is_refused(sigma: str) -> None:
+    with pytest.raises(ConfigError, match=r"scoring\.smoothing_sigma: Input should be less than or equal to 64"):
+        load_config(environ={"LINEINSPECT__SCORING__SMOOTHING_SIGMA": sigma})
+
+
+def test_config_paths_that_are_not_toml_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} cannot be read"):
+        load_config(tmp_path)
+    binary = tmp_path / "config.toml"
+    binary.write_bytes(b"\xd0\xff\x00\x81")
+    with pytest.raises(ConfigError, match=f"config file {binary} is not valid TOML"):
+        load_config(binary)

@@ -93,6 +93,12 @@ class Metrics:
             registry=reg,
         )
         self.heatmaps = Counter("lineinspect_heatmaps_written_total", "Heatmap PNGs written.", ["line"], registry=reg)
+        self.heatmap_failures = Counter(
+            "lineinspect_heatmap_failures_total",
+            "Decisions published without their heatmap because it could not be drawn or written.",
+            ["line"],
+            registry=reg,
+        )
         self.stream_lag = Gauge(
             "lineinspect_stream_lag", "Entries not yet delivered to the group.", ["stream", "group"], registry=reg
         )

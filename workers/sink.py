@@ -171,6 +171,7 @@ class SinkWorker:
                 "heatmap not written; decision published without it",
                 extra={"frame_id": decision.frame_id[:200], "path": str(path), "error": str(error)[:500]},
             )
+            self.runtime.metrics.heatmap_failures.labels(decision.line_id).inc()
             return None
         self.runtime.metrics.heatmaps.labels(decision.line_id).inc()
         return str(written)
@@ -184,6 +185,7 @@ class SinkWorker:
                 "no heatmap path for frame; decision published without heatmap",
                 extra={"frame_id": decision.frame_id[:200], "error": str(error)[:500]},
             )
+            self.runtime.metrics.heatmap_failures.labels(decision.line_id).inc()
             return None
 
     def write_and_publish(self, jobs: Sequence[HeatmapJob]) -> int:

@@ -51,6 +51,7 @@ def exported() -> tuple[set[str], set[str]]:
     metrics.dropped_frames.labels("line-1", "cam0").inc()
     metrics.duplicates.labels("line-1").inc()
     metrics.heatmaps.labels("line-1").inc()
+    metrics.heatmap_failures.labels("line-1").inc()
     metrics.observe_groups(
         "lineinspect:line-1:frames", {"scorers": GroupStats(pending=1, lag=2, last_delivered_id="1-0")}
     )

@@ -114,6 +114,7 @@ def test_an_overlay_that_cannot_be_written_leaves_its_decision_published_flagged
     assert by_frame["unlucky"].metadata["heatmap_error"] == "heatmap_failed"
     assert by_frame["lucky-1"].heatmap_ref and "heatmap_error" not in by_frame["lucky-1"].metadata
     assert runtime.client.group_stats(sink.keys.results)[SINK_GROUP].pending == 0
+    assert runtime.metrics.heatmap_failures.labels("line-1")._value.get() == 1  # the dashboard can see it
 
 
 def test_a_result_that_keeps_failing_is_dead_lettered_and_restart_does_not_loop(

@@ -94,6 +94,10 @@ def check_model_destination(model_dir: Path) -> Path:
     Raises ``ArtifactError`` when it exists and is not a lineinspect model: a file, or a directory with other
     content, which saving would otherwise delete. Call it before fitting, to fail before the work."""
     target = Path(model_dir).resolve()
+    parent = next(path for path in target.parents if path.exists())  # where the new directory is written
+    if not os.access(parent, os.W_OK):
+        msg = f"{model_dir} cannot be written ({parent} is not writable): choose another output for the model"
+        raise ArtifactError(msg)
     if target.exists():
         if not target.is_dir():
             msg = f"{model_dir} exists and is not a directory: choose another output for the model"

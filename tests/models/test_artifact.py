@@ -141,7 +141,8 @@ def test_saving_over_a_model_replaces_its_files_and_keeps_the_users(fitted_score
     assert _hidden_siblings(model) == []
 
 
-def test_a_save_that_fails_half_way_keeps_the_old_model(saved_model: Path, tmp_path: Path,
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), SystemExit(143)])  # 143: SIGTERM
+def test_a_save_that_fails_half_way_keeps_the_old_model(saved_model: Path, tmp_path: Path, failure: BaseException,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     import models.artifact
     from models.memory_bank import MemoryBank
@@ -154,11 +155,11 @@ def test_a_save_that_fails_half_way_keeps_the_old_model(saved_model: Path, tmp_p
     assert isinstance(method, PatchCoreMethod)
     method.bank = MemoryBank(method.bank.features[::2].copy(), method.bank.kind)
 
-    def disk_full() -> dict[str, str]:  # called after the bank and index are written, before the manifest
-        raise OSError(28, "No space left on device")
+    def fail() -> dict[str, str]:  # called after the bank and index are written, before the manifest
+        raise failure
 
-    monkeypatch.setattr(models.artifact, "library_versions", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(models.artifact, "library_versions", fail)
+    with pytest.raises(type(failure)):
         refitted.save(model)
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
     assert load_scorer(model, device="cpu").model_id == read_manifest(saved_model)["model_id"]

@@ -3,10 +3,13 @@
 - **MVTec AD layout**: ``ROOT/train/good/*``, ``ROOT/test/<type>/*`` (``good`` = label 0), masks at
   ``ROOT/ground_truth/<type>/<stem>_mask.png``.
 - **MTD with split.json** (``../shared/datasets/mtd``): ``ROOT/split.json`` lists ``train``, ``test_good`` and
-  ``test_defective`` paths relative to ROOT; each defective ``X.jpg`` has its mask ``X.png`` beside it.
+  ``test_defective`` paths relative to ROOT. A defective image's mask is the one an optional ``masks`` object
+  names (``{"image relative path": "mask relative path"}``), else the same-stem ``X.png`` beside it (MTD's
+  ``X.jpg`` has its mask ``X.png``) when that is a file other than the image itself.
 - **A plain folder of good images** (for ``fit --good`` / ``calibrate --good``).
 
 ``good_images(path)`` and ``test_items(path)`` recognise the layout themselves.
+A defective image without a mask file gets ``mask=None``.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from models.images import ImageError, list_images
 
 SPLIT_FILE = "split.json"
+SPLIT_LISTS = ("train", "test_good", "test_defective")
+MASKS_KEY = "masks"
 
 
 @dataclass(frozen=True)
@@ -25,33 +31,104 @@ class TestItem:
     image: Path
     label: int  # 0 good, 1 defective
     defect_type: str
-    mask: Path | None  # None for good images (all-zero mask)
+    mask: Path | None  # good images: None (an all-zero mask); defective: None when no mask file is known
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether the item's pixels have a known ground truth: good images always (all zero), defective ones only
+        with a mask file."""
+        return self.label == 0 or self.mask is not None
 
 
 class DatasetError(ValueError):
     """A dataset folder that does not follow any supported layout."""
 
 
-def _read_split(root: Path) -> dict[str, list[str]]:
-    try:
-        split = json.loads((root / SPLIT_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        msg = f"{root / SPLIT_FILE}: cannot read the split ({error})"
-        raise DatasetError(msg) from None
-    missing = [key for key in ("train", "test_good", "test_defective") if key not in split]
-    if missing:
-        msg = f"{root / SPLIT_FILE}: missing keys {missing}"
+@dataclass(frozen=True)
+class _Split:
+    train: list[str]
+    test_good: list[str]
+    test_defective: list[str]
+    masks: dict[str, str]
+
+
+def _relative_paths(split_file: Path, key: str, value: Any) -> list[str]:
+    expected = f"{split_file}: '{key}' must be a list of relative paths"
+    if not isinstance(value, list):
+        msg = f"{expected}, got {type(value).__name__} {json.dumps(value)[:60]}"
         raise DatasetError(msg)
-    return split
+    for position, entry in enumerate(value):
+        if not isinstance(entry, str) or not entry or Path(entry).is_absolute():
+            msg = f"{expected}; entry {position} is {json.dumps(entry)[:60]}"
+            raise DatasetError(msg)
+    return value
+
+
+def _read_split(root: Path) -> _Split:
+    split_file = root / SPLIT_FILE
+    try:
+        split = json.loads(split_file.read_bytes())
+    except OSError as error:
+        msg = f"{split_file}: cannot read the split ({error.strerror or error})"
+        raise DatasetError(msg) from None
+    except UnicodeDecodeError as error:
+        msg = f"{split_file}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8 JSON"
+        raise DatasetError(msg) from None
+    except json.JSONDecodeError as error:
+        msg = f"{split_file}: not valid JSON ({error})"
+        raise DatasetError(msg) from None
+    if not isinstance(split, dict):
+        msg = f"{split_file}: expected a JSON object with keys {list(SPLIT_LISTS)}, got {type(split).__name__}"
+        raise DatasetError(msg)
+    missing = [key for key in SPLIT_LISTS if key not in split]
+    if missing:
+        msg = f"{split_file}: missing keys {missing}"
+        raise DatasetError(msg)
+    lists = {key: _relative_paths(split_file, key, split[key]) for key in SPLIT_LISTS}
+    masks = split.get(MASKS_KEY, {})
+    expected = f"{split_file}: '{MASKS_KEY}' must map image relative paths to mask relative paths"
+    if not isinstance(masks, dict):
+        msg = f"{expected}, got {type(masks).__name__}"
+        raise DatasetError(msg)
+    defective = set(lists["test_defective"])
+    for image, mask in masks.items():
+        if image not in defective:
+            msg = f"{expected}; {json.dumps(image)} is not in 'test_defective'"
+            raise DatasetError(msg)
+        if not isinstance(mask, str) or not mask or Path(mask).is_absolute():
+            msg = f"{expected}; {json.dumps(image)} maps to {json.dumps(mask)[:60]}"
+            raise DatasetError(msg)
+        if Path(mask) == Path(image):
+            msg = f"{expected}; {json.dumps(image)} maps to itself"
+            raise DatasetError(msg)
+    return _Split(lists["train"], lists["test_good"], lists["test_defective"], masks)
+
+
+def _split_mask(root: Path, split: _Split, relative: str) -> Path | None:
+    """The mask file of a split.json defective image, or None when it has none (never the image itself)."""
+    image = root / relative
+    if relative in split.masks:
+        mask = root / split.masks[relative]
+    elif image.suffix.lower() == ".png":  # its same-stem .png is the image: a PNG dataset needs a "masks" mapping
+        return None
+    else:
+        mask = image.with_suffix(".png")
+    if not mask.is_file() or (image.exists() and mask.samefile(image)):
+        return None
+    return mask
 
 
 def good_images(path: Path) -> list[Path]:
     """Good training images: split.json's ``train``, MVTec's ``train/good``, or the images in a folder."""
     path = Path(path)
     if (path / SPLIT_FILE).is_file():
-        return [path / relative for relative in _read_split(path)["train"]]
+        return [path / relative for relative in _read_split(path).train]
     if (path / "train" / "good").is_dir():
         return list_images(path / "train" / "good")
+    return _folder_images(path)
+
+
+def _folder_images(path: Path) -> list[Path]:
     try:
         images = list_images(path)
     except ImageError as error:
@@ -67,10 +144,10 @@ def test_items(path: Path) -> list[TestItem]:
     path = Path(path)
     if (path / SPLIT_FILE).is_file():
         split = _read_split(path)
-        items = [TestItem(path / rel, 0, "good", None) for rel in split["test_good"]]
-        for relative in split["test_defective"]:
-            image = path / relative
-            items.append(TestItem(image, 1, Path(relative).parts[0], image.with_suffix(".png")))
+        items = [TestItem(path / rel, 0, "good", None) for rel in split.test_good]
+        for relative in split.test_defective:
+            mask = _split_mask(path, split, relative)
+            items.append(TestItem(path / relative, 1, Path(relative).parts[0], mask))
         return items
     test_root = path / "test"
     if not test_root.is_dir():

@@ -1,0 +1,131 @@
+"""Dataset layouts: masks found (or not) for each test image, malformed split files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from models import datasets  # a module import: pytest would collect `test_items` / `TestItem` as tests
+
+
+def _write(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), array)
+    return path
+
+
+def _image(path: Path, shape: tuple[int, int] = (32, 32), value: int = 100) -> Path:
+    return _write(path, np.full(shape, value, np.uint8))
+
+
+def _mask(path: Path, shape: tuple[int, int] = (32, 32)) -> Path:
+    mask = np.zeros(shape, np.uint8)
+    mask[4:12, 4:12] = 255
+    return _write(path, mask)
+
+
+def _split_root(root: Path, split: dict[str, Any]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "split.json").write_text(json.dumps(split))
+    return root
+
+
+def _mvtec(root: Path) -> Path:
+    for number in range(3):
+        _image(root / "train" / "good" / f"train_{number}.png")
+    for number in range(2):
+        _image(root / "test" / "good" / f"good_{number}.png")
+    for number in range(2):
+        _image(root / "test" / "crack" / f"crack_{number}.png", value=200)
+    _mask(root / "ground_truth" / "crack" / "crack_0_mask.png")  # crack_1 has no mask
+    return root
+
+
+def test_split_jpeg_images_keep_their_same_stem_png_masks(tmp_path: Path) -> None:
+    """MTD's layout: X.jpg with its mask X.png beside it."""
+    _image(tmp_path / "Free" / "a.jpg")
+    _image(tmp_path / "Crack" / "b.jpg")
+    mask = _mask(tmp_path / "Crack" / "b.png")
+    _image(tmp_path / "Crack" / "c.jpg")  # no c.png
+    root = _split_root(tmp_path, {"train": [], "test_good": ["Free/a.jpg"],
+                                  "test_defective": ["Crack/b.jpg", "Crack/c.jpg"]})  # fmt: skip
+    items = datasets.test_items(root)
+    assert [(item.label, item.defect_type, item.mask) for item in items] == [
+        (0, "good", None), (1, "Crack", mask), (1, "Crack", None)]  # fmt: skip
+    assert [item.has_mask for item in items] == [True, True, False]
+
+
+def test_split_png_images_are_never_their_own_masks(tmp_path: Path) -> None:
+    _image(tmp_path / "Crack" / "b.png")
+    _image(tmp_path / "Crack" / "c.png")
+    mask = _mask(tmp_path / "masks" / "b_label.png")
+    root = _split_root(tmp_path, {"train": [], "test_good": [], "test_defective": ["Crack/b.png", "Crack/c.png"],
+                                  "masks": {"Crack/b.png": "masks/b_label.png"}})  # fmt: skip
+    assert [item.mask for item in datasets.test_items(root)] == [mask, None]
+
+
+def test_split_mask_mapping_to_a_missing_file_means_no_mask(tmp_path: Path) -> None:
+    _image(tmp_path / "Crack" / "b.jpg")
+    _mask(tmp_path / "Crack" / "b.png")  # the mapping wins over the same-stem file
+    root = _split_root(tmp_path, {"train": [], "test_good": [], "test_defective": ["Crack/b.jpg"],
+                                  "masks": {"Crack/b.jpg": "masks/absent.png"}})  # fmt: skip
+    assert datasets.test_items(root)[0].mask is None
+
+
+@pytest.mark.parametrize(
+    ("masks", "complaint"),
+    [
+        ([["Crack/b.png", "m.png"]], "'masks' must map"),
+        ({"Crack/other.png": "m.png"}, "not in 'test_defective'"),
+        ({"Crack/b.png": 3}, "maps to 3"),
+        ({"Crack/b.png": "Crack/b.png"}, "maps to itself"),
+    ],
+)
+def test_malformed_mask_mappings_are_errors_naming_the_file(tmp_path: Path, masks: object, complaint: str) -> None:
+    root = _split_root(tmp_path, {"train": [], "test_good": [], "test_defective": ["Crack/b.png"], "masks": masks})
+    with pytest.raises(datasets.DatasetError, match=complaint) as error:
+        datasets.test_items(root)
+    assert str(root / "split.json") in str(error.value)
+
+
+def test_mvtec_defective_image_without_mask_has_none(tmp_path: Path) -> None:
+    root = _mvtec(tmp_path)
+    by_name = {item.image.name: item for item in datasets.test_items(root)}
+    assert by_name["crack_0.png"].mask == root / "ground_truth" / "crack" / "crack_0_mask.png"
+    assert by_name["crack_0.png"].has_mask and by_name["good_0.png"].has_mask
+    assert by_name["crack_1.png"].mask is None and not by_name["crack_1.png"].has_mask
+
+
+VALID = {"train": ["a.png"], "test_good": ["b.png"], "test_defective": ["c.png"]}
+
+
+@pytest.mark.parametrize(
+    ("content", "complaint"),
+    [
+        (json.dumps(VALID | {"train": None}), "'train' must be a list of relative paths"),
+        (json.dumps(VALID | {"train": [1, 2]}), "'train' must be a list of relative paths; entry 0 is 1"),
+        (json.dumps(VALID | {"train": "abc"}), "'train' must be a list of relative paths, got str"),
+        (json.dumps(VALID | {"test_good": ["ok.png", ""]}), "'test_good' must be a list of relative paths; entry 1"),
+        (json.dumps(VALID | {"test_defective": ["/abs/c.png"]}), "'test_defective' must be a list of relative"),
+        (json.dumps([VALID]), "expected a JSON object"),
+        (json.dumps({"train": []}), r"missing keys \['test_good', 'test_defective'\]"),
+        ("{not json", "not valid JSON"),
+        (b'{"train": ["\xff\xfe.png"]}', "not UTF-8"),
+    ],
+)
+def test_malformed_split_files_are_errors_naming_the_file(tmp_path: Path, content: str | bytes,
+                                                          complaint: str) -> None:  # fmt: skip
+    split_file = tmp_path / "split.json"
+    if isinstance(content, bytes):
+        split_file.write_bytes(content)
+    else:
+        split_file.write_text(content)
+    for read in (datasets.good_images, datasets.test_items):
+        with pytest.raises(datasets.DatasetError, match=complaint) as error:
+            read(tmp_path)
+        assert str(split_file) in str(error.value)

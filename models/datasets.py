@@ -8,7 +8,7 @@
   ``X.jpg`` has its mask ``X.png``) when that is a file other than the image itself.
 - **A plain folder of good images** (for ``fit --good`` / ``calibrate --good``).
 
-``good_images(path)`` and ``test_items(path)`` recognise the layout themselves.
+``good_images(path)``, ``test_items(path)`` and ``calibration_images(path)`` recognise the layout themselves.
 A defective image without a mask file gets ``mask=None``.
 """
 
@@ -137,6 +137,31 @@ def _folder_images(path: Path) -> list[Path]:
         msg = f"{path}: no images found (expected image files, train/good/, or {SPLIT_FILE})"
         raise DatasetError(msg)
     return images
+
+
+def calibration_images(path: Path) -> tuple[list[Path], str]:
+    """Good images to calibrate a threshold on, and a short description of them for the user.
+
+    A dataset root gives its held-out good images, never its training ones (the model was fitted on those, so
+    their scores are too low): split.json's ``test_good`` or MVTec's ``test/good``. A plain folder gives its images.
+    """
+    path = Path(path)
+    if (path / SPLIT_FILE).is_file():
+        images = [path / relative for relative in _read_split(path).test_good]
+        if not images:
+            msg = (f"{path / SPLIT_FILE}: 'test_good' is empty, and 'train' was used for fitting: pass a folder of "
+                   "good images the model was not fitted on")  # fmt: skip
+            raise DatasetError(msg)
+        return images, f"held-out good images of {path} ({SPLIT_FILE} test_good)"
+    if (path / "train" / "good").is_dir() or (path / "test").is_dir():
+        held_out = path / "test" / "good"
+        images = list_images(held_out) if held_out.is_dir() else []
+        if not images:
+            msg = (f"{path}: no held-out good images in test/good/ (train/good/ was used for fitting): pass a folder "
+                   "of good images the model was not fitted on")  # fmt: skip
+            raise DatasetError(msg)
+        return images, f"held-out good images of {path} (test/good)"
+    return _folder_images(path), f"good images in {path}"
 
 
 def test_items(path: Path) -> list[TestItem]:

@@ -1,4 +1,4 @@
-"""Dataset layouts: masks found (or not) for each test image, malformed split files."""
+"""Dataset layouts: masks found (or not) for each test image, malformed split files, calibration images."""
 
 from __future__ import annotations
 
@@ -35,11 +35,12 @@ def _split_root(root: Path, split: dict[str, Any]) -> Path:
     return root
 
 
-def _mvtec(root: Path) -> Path:
+def _mvtec(root: Path, with_test_good: bool = True) -> Path:
     for number in range(3):
         _image(root / "train" / "good" / f"train_{number}.png")
-    for number in range(2):
-        _image(root / "test" / "good" / f"good_{number}.png")
+    if with_test_good:
+        for number in range(2):
+            _image(root / "test" / "good" / f"good_{number}.png")
     for number in range(2):
         _image(root / "test" / "crack" / f"crack_{number}.png", value=200)
     _mask(root / "ground_truth" / "crack" / "crack_0_mask.png")  # crack_1 has no mask
@@ -125,7 +126,36 @@ def test_malformed_split_files_are_errors_naming_the_file(tmp_path: Path, conten
         split_file.write_bytes(content)
     else:
         split_file.write_text(content)
-    for read in (datasets.good_images, datasets.test_items):
+    for read in (datasets.good_images, datasets.test_items, datasets.calibration_images):
         with pytest.raises(datasets.DatasetError, match=complaint) as error:
             read(tmp_path)
         assert str(split_file) in str(error.value)
+
+
+def test_calibration_images_of_an_mvtec_root_are_its_held_out_good_images(tmp_path: Path) -> None:
+    root = _mvtec(tmp_path / "data")
+    images, description = datasets.calibration_images(root)
+    assert images == [root / "test" / "good" / "good_0.png", root / "test" / "good" / "good_1.png"]
+    assert not set(images) & set(datasets.good_images(root))
+    assert description == f"held-out good images of {root} (test/good)"
+    folder_images, folder_description = datasets.calibration_images(root / "train" / "good")  # a plain folder
+    assert folder_images == datasets.good_images(root) and str(root / "train" / "good") in folder_description
+
+
+def test_calibration_images_of_a_split_root_are_its_test_good_list(tmp_path: Path) -> None:
+    root = _split_root(tmp_path, {"train": ["Free/t.jpg"], "test_good": ["Free/g1.jpg", "Free/g2.jpg"],
+                                  "test_defective": ["Crack/d.jpg"]})  # fmt: skip
+    images, description = datasets.calibration_images(root)
+    assert images == [root / "Free" / "g1.jpg", root / "Free" / "g2.jpg"]
+    assert "held-out good images" in description and "test_good" in description
+
+
+def test_calibration_images_refuse_a_dataset_root_without_held_out_good_images(tmp_path: Path) -> None:
+    with pytest.raises(datasets.DatasetError, match="no held-out good images"):
+        datasets.calibration_images(_mvtec(tmp_path / "mvtec", with_test_good=False))
+    split_root = _split_root(tmp_path / "split", {"train": ["t.jpg"], "test_good": [], "test_defective": []})
+    with pytest.raises(datasets.DatasetError, match="'test_good' is empty"):
+        datasets.calibration_images(split_root)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(datasets.DatasetError, match="no images found"):
+        datasets.calibration_images(tmp_path / "empty")

@@ -9,7 +9,7 @@
 - **A plain folder of good images** (for ``fit --good`` / ``calibrate --good``).
 
 ``good_images(path)``, ``test_items(path)`` and ``calibration_images(path)`` recognise the layout themselves.
-A defective image without a mask file gets ``mask=None``.
+A defective image without a mask file gets ``mask=None``: the report leaves it out of pixel metrics and counts it.
 """
 
 from __future__ import annotations

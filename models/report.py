@@ -1,12 +1,14 @@
 """Evaluating a Scorer on a labelled dataset and writing the report a person looks at.
 
 ``evaluate(scorer, items, out_dir)`` scores every test image in batches (progress bar; with shifting on, every
-frame shifted unless ``shift_every_frame=False``), resizes masks to the map size ``(S, S)``, and writes to
+frame shifted unless ``shift_every_frame=False``), resizes masks to the map size ``(S, S)`` (nearest), and writes to
 ``out_dir``:
 
 - ``metrics.json``: image_auroc, pixel_auroc, pro (FPR <= 0.3, normalised), f1_max, images_per_second,
   per-defect-type image and pixel AUROC (each type's images with the good ones), score summaries, and the model's
-  threshold with its false-reject / detection rates;
+  threshold with its false-reject / detection rates. Image metrics use every readable image; pixel metrics only
+  those with a known mask (good images: all zero), and ``defective_without_mask`` counts the defective images left
+  out (a warning names a few);
 - ``roc.png`` (image and pixel ROC) and ``pro.png`` (PRO curve);
 - ``overlays/``: heatmap overlays of the highest-scoring defects, the lowest-scoring defects (misses) and the
   highest-scoring good images (false alarms).
@@ -15,10 +17,11 @@ frame shifted unless ``shift_every_frame=False``), resizes masks to the map size
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import matplotlib
@@ -35,14 +38,43 @@ from models.images import ImageError, read_image, read_mask
 from models.scorer import Scorer
 
 OVERLAYS_PER_GROUP = 4
+NAMED_WITHOUT_MASK = 5
+
+log = logging.getLogger(__name__)
+
+
+class ScoredItems(NamedTuple):
+    """The readable test items, their scores ``(N,)``, maps ``(N, S, S)``, masks ``(N, S, S)`` (all zero where no
+    mask is known) and the scoring seconds."""
+
+    items: list[TestItem]
+    scores: np.ndarray
+    maps: np.ndarray
+    masks: np.ndarray
+    seconds: float
+
+    @property
+    def mask_known(self) -> np.ndarray:
+        """``(N,)`` bool: the images whose masks are ground truth (good ones, and defective ones with a mask)."""
+        return np.array([item.has_mask for item in self.items], dtype=bool)
+
+
+def _read_item_mask(item: TestItem, image_shape: tuple[int, int], size: int) -> np.ndarray:
+    if item.mask is None:
+        return np.zeros((size, size), dtype=bool)
+    mask = read_mask(item.mask)
+    if mask.shape != (size, size):
+        mask = cv2.resize(mask.view(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).view(bool)
+    return mask
 
 
 def score_items(
     scorer: Scorer, items: Sequence[TestItem], batch_size: int, progress: bool, shift_every_frame: bool = True
-) -> tuple[list[TestItem], np.ndarray, np.ndarray, np.ndarray, float]:
-    """Kept items, scores ``(N,)``, maps ``(N, S, S)``, masks ``(N, S, S)`` and scoring seconds. With shifting on,
-    every frame is shifted by default (``Scorer.score``): threshold-free metrics then rank shifting's own scores,
-    not the unshifted ones of frames that pass (the verdicts are the same either way)."""
+) -> ScoredItems:
+    """Score the readable items (unreadable images are skipped with a message) and read their masks, resized
+    (nearest) to the map size. With shifting on, every frame is shifted by default (``Scorer.score``):
+    threshold-free metrics then rank shifting's own scores, not the unshifted ones of frames that pass (the
+    verdicts are the same either way)."""
     size = scorer.image_size
     kept: list[TestItem] = []
     scores: list[np.ndarray] = []
@@ -55,15 +87,13 @@ def score_items(
         images = []
         for item in chunk:
             try:
-                images.append(read_image(item.image))
+                image = read_image(item.image)
             except ImageError as error:
                 tqdm.write(f"skipping unreadable test image: {error}")
                 continue
+            masks.append(_read_item_mask(item, (image.shape[0], image.shape[1]), size))
+            images.append(image)
             kept.append(item)
-            if item.mask is not None and item.mask.is_file():
-                masks.append(read_mask(item.mask, (size, size)))
-            else:
-                masks.append(np.zeros((size, size), dtype=bool))
         if images:
             tic = time.perf_counter()
             batch = scorer.score(images, shift_every_frame=shift_every_frame)
@@ -75,7 +105,7 @@ def score_items(
     if not kept:
         msg = "no readable test image"
         raise ValueError(msg)
-    return kept, np.concatenate(scores), np.concatenate(maps), np.stack(masks), scoring_seconds
+    return ScoredItems(kept, np.concatenate(scores), np.concatenate(maps), np.stack(masks), scoring_seconds)
 
 
 def _plot_curves(out_dir: Path, labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray,
@@ -133,13 +163,23 @@ def evaluate(
 ) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kept, scores, maps, masks, seconds = score_items(scorer, items, batch_size, progress, shift_every_frame)
+    kept, scores, maps, masks, seconds = scored = score_items(scorer, items, batch_size, progress, shift_every_frame)
     labels = np.array([item.label for item in kept])
+    known = scored.mask_known
+    without_mask = [item.image for item in kept if not item.has_mask]
+    if without_mask:
+        named = ", ".join(str(image) for image in without_mask[:NAMED_WITHOUT_MASK])
+        more = f" and {len(without_mask) - NAMED_WITHOUT_MASK} more" if len(without_mask) > NAMED_WITHOUT_MASK else ""
+        log.warning("%d defective images have no mask and are left out of pixel AUROC and PRO (image metrics use "
+                    "them): %s%s", len(without_mask), named, more)  # fmt: skip
+    # pixel metrics only over images whose pixels have a ground truth (copies only when some have none)
+    pixel_masks, pixel_maps = (masks, maps) if known.all() else (masks[known], maps[known])
     metrics: dict[str, Any] = {
         "model_id": scorer.model_id,
         "model": scorer.describe(),
         "images": len(kept),
         "defective_images": int(labels.sum()),
+        "defective_without_mask": len(without_mask),
         "image_auroc": image_auroc(labels, scores),
         "f1_max": f1_max(labels, scores),
         "images_per_second": len(kept) / seconds if seconds > 0 else None,
@@ -148,9 +188,9 @@ def evaluate(
         "shift_every_frame": shift_every_frame,
     }
     pro_fpr, pro = np.empty(0), np.empty(0)
-    if masks.any():
-        metrics["pixel_auroc"] = pixel_auroc(masks, maps)
-        pro_fpr, pro = pro_curve(masks, maps)
+    if pixel_masks.any():
+        metrics["pixel_auroc"] = pixel_auroc(pixel_masks, pixel_maps)
+        pro_fpr, pro = pro_curve(pixel_masks, pixel_maps)
         metrics["pro"] = pro_auc_from_curve(pro_fpr, pro)
     else:
         metrics["pixel_auroc"] = metrics["pro"] = None
@@ -158,6 +198,7 @@ def evaluate(
     for defect_type in sorted({item.defect_type for item in kept} - {"good"}):  # the type's images + the good ones
         chosen = np.array([item.defect_type in ("good", defect_type) for item in kept])
         per_type[defect_type] = image_auroc(labels[chosen], scores[chosen])
+        chosen &= known
         if masks[chosen].any():
             pixel_per_type[defect_type] = pixel_auroc(masks[chosen], maps[chosen])
     metrics["image_auroc_by_type"] = per_type
@@ -167,7 +208,7 @@ def evaluate(
         metrics["threshold"] = scorer.threshold.value
         metrics["false_reject_rate"] = float(failed[labels == 0].mean()) if (labels == 0).any() else None
         metrics["detection_rate"] = float(failed[labels == 1].mean()) if (labels == 1).any() else None
-    _plot_curves(out_dir, labels, scores, masks, maps, pro_fpr, pro, metrics)
+    _plot_curves(out_dir, labels, scores, pixel_masks, pixel_maps, pro_fpr, pro, metrics)
     _write_overlays(out_dir, scorer, kept, scores, maps)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     scores_table = [{"image": str(item.image), "label": item.label, "score": float(score)}

@@ -1,7 +1,18 @@
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import cv2
 import numpy as np
 import pytest
 
+from models import datasets  # a module import: pytest would collect `test_items` as a test
 from models.evaluation import auroc, f1_max, pro_auc, roc_curve
+from models.report import evaluate, score_items
+from models.scorer import Scorer
+from models.synthetic import DemoLine
 
 
 def _mann_whitney(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -44,3 +55,49 @@ def test_pro_averages_regions_not_pixels() -> None:
 
 def test_f1_max() -> None:
     assert f1_max(np.array([0, 1, 1]), np.array([0.1, 0.5, 0.7])) == 1.0
+
+
+# evaluate's report (models.report) on a copy of the demo line, scored one image at a time so that a test set with
+# fewer images gives the same maps for the others
+
+
+def _copy_demo(demo_line: DemoLine, destination: Path) -> Path:
+    shutil.copytree(demo_line.root, destination, ignore=shutil.ignore_patterns("train"))
+    return destination
+
+
+def _evaluate(scorer: Scorer, data: Path, out_dir: Path) -> dict[str, Any]:
+    return evaluate(scorer, datasets.test_items(data), out_dir, batch_size=1, progress=False)
+
+
+def test_a_defective_image_without_mask_counts_for_image_metrics_only(
+    fitted_scorer: Scorer, demo_line: DemoLine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    full = _evaluate(fitted_scorer, demo_line.root, tmp_path / "full_report")
+    data = _copy_demo(demo_line, tmp_path / "data")
+    (data / "ground_truth" / "defect" / "defect_0000_mask.png").unlink()
+    without_image = _copy_demo(demo_line, tmp_path / "without_image")
+    (without_image / "test" / "defect" / "defect_0000.png").unlink()
+    (without_image / "ground_truth" / "defect" / "defect_0000_mask.png").unlink()
+    with caplog.at_level(logging.WARNING, logger="models.report"):
+        metrics = _evaluate(fitted_scorer, data, tmp_path / "report")
+    assert "1 defective images have no mask" in caplog.text and "defect_0000.png" in caplog.text
+    assert metrics["defective_without_mask"] == 1 and full["defective_without_mask"] == 0
+    assert (metrics["images"], metrics["defective_images"]) == (12, 6)
+    assert metrics["image_auroc"] == full["image_auroc"] and metrics["f1_max"] == full["f1_max"]
+    # pixel metrics as if the image were not in the test set, not as if its defect were good pixels
+    reference = _evaluate(fitted_scorer, without_image, tmp_path / "reference_report")
+    for key in ("pixel_auroc", "pro"):
+        assert metrics[key] == pytest.approx(reference[key], abs=1e-9) and metrics[key] != full[key]
+    assert metrics["pixel_auroc_by_type"] == pytest.approx(reference["pixel_auroc_by_type"], abs=1e-9)
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["defective_without_mask"] == 1
+
+
+def test_an_empty_mask_is_a_real_mask(fitted_scorer: Scorer, demo_line: DemoLine, tmp_path: Path) -> None:
+    """As MTD's four empty Uneven masks: present and all zero, their pixels count as good ones."""
+    data = _copy_demo(demo_line, tmp_path / "data")
+    mask = data / "ground_truth" / "defect" / "defect_0000_mask.png"
+    cv2.imwrite(str(mask), np.zeros_like(cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)))
+    scored = score_items(fitted_scorer, datasets.test_items(data), 4, progress=False)
+    assert scored.mask_known.all() and not scored.masks[len(scored.items) - 6].any()
+    assert _evaluate(fitted_scorer, data, tmp_path / "report")["defective_without_mask"] == 0

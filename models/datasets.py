@@ -24,6 +24,9 @@ from models.images import ImageError, list_images
 SPLIT_FILE = "split.json"
 SPLIT_LISTS = ("train", "test_good", "test_defective")
 MASKS_KEY = "masks"
+# A mask may be a rescaled copy of its image's grid; beyond this relative difference of width/height (and beyond
+# one pixel of rounding) it cannot be laid over the image.
+MASK_ASPECT_TOLERANCE = 0.02
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,22 @@ def _split_mask(root: Path, split: _Split, relative: str) -> Path | None:
     if not mask.is_file() or (image.exists() and mask.samefile(image)):
         return None
     return mask
+
+
+def check_mask_shape(mask: Path, mask_shape: tuple[int, int], image: Path, image_shape: tuple[int, int]) -> None:
+    """Raise DatasetError when a ``(height, width)`` mask cannot be laid over its image: a mask at another resolution
+    with the same aspect ratio (within rounding) can be resized, any other cannot."""
+    (mask_height, mask_width), (image_height, image_width) = mask_shape, image_shape
+    if (mask_height, mask_width) == (image_height, image_width):
+        return
+    width_scale, height_scale = mask_width / image_width, mask_height / image_height
+    relative = abs(width_scale - height_scale) / max(width_scale, height_scale)
+    rounding = max(1.0 / mask_width, 1.0 / mask_height)  # one pixel of either side
+    if relative > max(MASK_ASPECT_TOLERANCE, rounding):
+        msg = (f"mask {mask} is {mask_width}x{mask_height} pixels but its image {image} is {image_width}x"
+               f"{image_height}: a different aspect ratio, so the mask cannot be laid over the image; fix or "
+               "replace the mask")  # fmt: skip
+        raise DatasetError(msg)
 
 
 def good_images(path: Path) -> list[Path]:

@@ -1,8 +1,8 @@
 """Evaluating a Scorer on a labelled dataset and writing the report a person looks at.
 
 ``evaluate(scorer, items, out_dir)`` scores every test image in batches (progress bar; with shifting on, every
-frame shifted unless ``shift_every_frame=False``), resizes masks to the map size ``(S, S)`` (nearest), and writes to
-``out_dir``:
+frame shifted unless ``shift_every_frame=False``), resizes masks to the map size ``(S, S)`` (nearest; a mask of
+another aspect ratio than its image is a DatasetError), and writes to ``out_dir``:
 
 - ``metrics.json``: image_auroc, pixel_auroc, pro (FPR <= 0.3, normalised), f1_max, images_per_second,
   per-defect-type image and pixel AUROC (each type's images with the good ones), score summaries, and the model's
@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
-from models.datasets import TestItem
+from models.datasets import TestItem, check_mask_shape
 from models.evaluation import f1_max, image_auroc, pixel_auroc, pro_auc_from_curve, pro_curve, roc_curve
 from models.heatmap import overlay_heatmap
 from models.images import ImageError, read_image, read_mask
@@ -63,6 +63,7 @@ def _read_item_mask(item: TestItem, image_shape: tuple[int, int], size: int) -> 
     if item.mask is None:
         return np.zeros((size, size), dtype=bool)
     mask = read_mask(item.mask)
+    check_mask_shape(item.mask, (mask.shape[0], mask.shape[1]), item.image, image_shape)
     if mask.shape != (size, size):
         mask = cv2.resize(mask.view(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).view(bool)
     return mask
@@ -72,9 +73,9 @@ def score_items(
     scorer: Scorer, items: Sequence[TestItem], batch_size: int, progress: bool, shift_every_frame: bool = True
 ) -> ScoredItems:
     """Score the readable items (unreadable images are skipped with a message) and read their masks, resized
-    (nearest) to the map size. With shifting on, every frame is shifted by default (``Scorer.score``):
-    threshold-free metrics then rank shifting's own scores, not the unshifted ones of frames that pass (the
-    verdicts are the same either way)."""
+    (nearest) to the map size; a mask of another aspect ratio than its image raises DatasetError. With shifting on,
+    every frame is shifted by default (``Scorer.score``): threshold-free metrics then rank shifting's own scores,
+    not the unshifted ones of frames that pass (the verdicts are the same either way)."""
     size = scorer.image_size
     kept: list[TestItem] = []
     scores: list[np.ndarray] = []

@@ -159,3 +159,21 @@ def test_calibration_images_refuse_a_dataset_root_without_held_out_good_images(t
     (tmp_path / "empty").mkdir()
     with pytest.raises(datasets.DatasetError, match="no images found"):
         datasets.calibration_images(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    ("mask_shape", "image_shape"),
+    [((400, 300), (400, 300)), ((200, 150), (400, 300)), ((111, 52), (222, 103)), ((800, 600), (400, 300))],
+)
+def test_a_mask_at_another_resolution_with_the_same_aspect_is_accepted(
+    mask_shape: tuple[int, int], image_shape: tuple[int, int]
+) -> None:
+    datasets.check_mask_shape(Path("m.png"), mask_shape, Path("i.jpg"), image_shape)
+
+
+@pytest.mark.parametrize(("mask_shape", "image_shape"), [((300, 400), (400, 300)), ((400, 300), (400, 320))])
+def test_a_mask_of_another_aspect_ratio_is_an_error_naming_both_files(
+    mask_shape: tuple[int, int], image_shape: tuple[int, int]
+) -> None:
+    with pytest.raises(datasets.DatasetError, match=r"mask m\.png is .* but its image i\.jpg is .*aspect ratio"):
+        datasets.check_mask_shape(Path("m.png"), mask_shape, Path("i.jpg"), image_shape)

@@ -101,3 +101,22 @@ def test_an_empty_mask_is_a_real_mask(fitted_scorer: Scorer, demo_line: DemoLine
     scored = score_items(fitted_scorer, datasets.test_items(data), 4, progress=False)
     assert scored.mask_known.all() and not scored.masks[len(scored.items) - 6].any()
     assert _evaluate(fitted_scorer, data, tmp_path / "report")["defective_without_mask"] == 0
+
+
+def test_masks_at_another_resolution_are_resized_and_another_aspect_is_an_error(
+    fitted_scorer: Scorer, demo_line: DemoLine, tmp_path: Path
+) -> None:
+    data = _copy_demo(demo_line, tmp_path / "data")
+    size = fitted_scorer.image_size
+    mask_path = data / "ground_truth" / "defect" / "defect_0001_mask.png"
+    original = np.asarray(cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE), dtype=np.uint8)
+    position = [item.image.name for item in datasets.test_items(data)].index("defect_0001.png")
+    before = score_items(fitted_scorer, datasets.test_items(data), 4, progress=False).masks[position]
+    larger = cv2.resize(original, (original.shape[1] * 2, original.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
+    cv2.imwrite(str(mask_path), larger)
+    after = score_items(fitted_scorer, datasets.test_items(data), 4, progress=False).masks[position]
+    assert after.shape == (size, size) and after.any() and np.array_equal(after, before)
+    cv2.imwrite(str(mask_path), original[:, : original.shape[1] // 2])  # half the width: another aspect ratio
+    named = r"defect_0001_mask\.png is 80x160 pixels but its image \S*defect_0001\.png is 160x160"
+    with pytest.raises(datasets.DatasetError, match=named):
+        score_items(fitted_scorer, datasets.test_items(data), 4, progress=False)

@@ -11,13 +11,14 @@ another aspect ratio than its image is a DatasetError), and writes to ``out_dir`
   out (a warning names a few);
 - ``roc.png`` (image and pixel ROC) and ``pro.png`` (PRO curve);
 - ``overlays/``: heatmap overlays of the highest-scoring defects, the lowest-scoring defects (misses) and the
-  highest-scoring good images (false alarms).
+  highest-scoring good images (false alarms); a previous run's overlays there are removed first.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,8 @@ from models.images import ImageError, read_image, read_mask
 from models.scorer import Scorer
 
 OVERLAYS_PER_GROUP = 4
+# the names _write_overlays gives, f"{group}_{defect_type}_{stem}_score{score:.3f}.png": the files it may replace
+OVERLAY_NAME = re.compile(r"(detected|missed|false_alarm)_.+_score(-?\d+\.\d{3}|-?inf|nan)\.png")
 NAMED_WITHOUT_MASK = 5
 
 log = logging.getLogger(__name__)
@@ -138,6 +141,9 @@ def _write_overlays(out_dir: Path, scorer: Scorer, items: list[TestItem], scores
                     maps: np.ndarray) -> None:  # fmt: skip
     overlay_dir = out_dir / "overlays"
     overlay_dir.mkdir(parents=True, exist_ok=True)
+    for stale in overlay_dir.iterdir():  # a previous run's overlays, possibly of another model
+        if OVERLAY_NAME.fullmatch(stale.name) and stale.is_file():
+            stale.unlink()
     labels = np.array([item.label for item in items])
     defects, goods = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     groups = {

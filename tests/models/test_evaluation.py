@@ -120,3 +120,21 @@ def test_masks_at_another_resolution_are_resized_and_another_aspect_is_an_error(
     named = r"defect_0001_mask\.png is 80x160 pixels but its image \S*defect_0001\.png is 160x160"
     with pytest.raises(datasets.DatasetError, match=named):
         score_items(fitted_scorer, datasets.test_items(data), 4, progress=False)
+
+
+def test_evaluating_into_an_existing_report_replaces_its_overlays_only(
+    fitted_scorer: Scorer, demo_line: DemoLine, tmp_path: Path
+) -> None:
+    overlays = tmp_path / "report" / "overlays"
+    overlays.mkdir(parents=True)
+    stale = overlays / "detected_defect_from_another_model_score9.999.png"
+    stale.write_bytes(b"old overlay")
+    keep = [overlays / "notes.txt", overlays / "my_annotated_part.png", overlays / "detected_summary.png"]
+    for path in keep:
+        path.write_bytes(b"not ours")
+    _evaluate(fitted_scorer, demo_line.root, tmp_path / "report")
+    first = {path.name for path in overlays.iterdir()} - {path.name for path in keep}
+    _evaluate(fitted_scorer, demo_line.root, tmp_path / "report")
+    second = {path.name for path in overlays.iterdir()} - {path.name for path in keep}
+    assert not stale.exists() and all(path.read_bytes() == b"not ours" for path in keep)
+    assert len(first) == 12 and second == first  # 4 detected, 4 missed, 4 false alarms: the same names again

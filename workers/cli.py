@@ -15,8 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +29,47 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 log = logging.getLogger("lineinspect")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        msg = f"must be at least 1, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _fraction(low: float, high: float) -> Callable[[str], float]:
+    """A float strictly between ``low`` and ``high`` (NaN refused)."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not low < value < high:
+            msg = f"must be between {low} and {high} (exclusive), got {text}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    return parse
+
+
+def _shift(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 32:  # as [scoring] shift_pixels
+        msg = f"must be 0 to 32 pixels, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _writable_directory(path: Path, what: str) -> Path:
+    """Create ``path`` (a directory) now, so that a location that cannot be written fails before the work."""
+    if path.exists() and not path.is_dir():
+        msg = f"{what} {path} exists and is not a directory"
+        raise ValueError(msg)
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK):
+        msg = f"{what} {path} is not writable"
+        raise ValueError(msg)
+    return path
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -64,7 +109,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     scorer = load_scorer(args.model, args.device)
     threshold = scorer.threshold.value if scorer.threshold else None
     if args.heatmaps:
-        args.heatmaps.mkdir(parents=True, exist_ok=True)
+        _writable_directory(args.heatmaps, "heatmap directory")
+    written: set[str] = set()
     failures = 0
     results = []
     for path in args.images:
@@ -79,14 +125,25 @@ def cmd_score(args: argparse.Namespace) -> int:
         verdict = "unknown" if threshold is None else ("fail" if scorer.verdicts(batch.scores)[0] else "pass")
         results.append({"image": str(path), "score": score, "verdict": verdict, "model_id": scorer.model_id})
         if args.heatmaps:
-            cv2.imwrite(
-                str(args.heatmaps / f"{path.stem}_{verdict}.png"), overlay_heatmap(image, batch.maps[0], threshold)
-            )
+            name = _unique_name(f"{path.stem}_{verdict}", written)
+            cv2.imwrite(str(args.heatmaps / f"{name}.png"), overlay_heatmap(image, batch.maps[0], threshold))
+            results[-1]["heatmap"] = str(args.heatmaps / f"{name}.png")
         if not args.json:
             print(f"{verdict:7s} {score:10.4f}  {path}")
     if args.json:
         print(json.dumps(results, indent=1))
     return 1 if failures else 0
+
+
+def _unique_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name-2``, ``name-3``...: images of one run that share a stem (a.jpg, a.png, x/a.png) each
+    keep their own overlay."""
+    candidate, number = name, 1
+    while candidate in taken:
+        number += 1
+        candidate = f"{name}-{number}"
+    taken.add(candidate)
+    return candidate
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -95,6 +152,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from models.report import evaluate
 
     scorer = load_scorer(args.model, args.device)
+    _writable_directory(args.out, "report directory")
     if args.shift_pixels is not None:
         scorer = scorer.with_scoring(scorer.scoring.model_copy(update={"shift_pixels": args.shift_pixels}))
     metrics = evaluate(scorer, test_items(args.data), args.out, batch_size=args.batch_size, progress=not args.quiet,
@@ -108,15 +166,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from models.artifact import load_scorer, update_threshold
-    from models.datasets import good_images, test_items
+    from models.artifact import MANIFEST, load_scorer, update_threshold
+    from models.datasets import calibration_images, test_items
+    from models.errors import ArtifactError
     from models.fit import score_paths
     from models.threshold import best_f1_threshold, false_reject_threshold
 
+    rate = args.false_reject_rate if args.false_reject_rate is not None else _config(args).threshold.false_reject_rate
     scorer = load_scorer(args.model, args.device)
-    good_scores = score_paths(scorer, good_images(args.good), scorer.scoring.batch_size, not args.quiet,
-                              "calibrate: scoring good images")  # fmt: skip
-    threshold = false_reject_threshold(good_scores, args.false_reject_rate)
+    if not os.access(args.model / MANIFEST, os.W_OK) or not os.access(args.model, os.W_OK):
+        msg = f"{args.model} is not writable: calibrate writes the threshold into the model"
+        raise ArtifactError(msg)
+    paths, description = calibration_images(args.good)
+    needed = math.ceil(1 / rate)
+    if len(paths) < needed:
+        msg = (f"{len(paths)} good images cannot measure a false-reject rate of {rate:.2%}: it needs at least "
+               f"{needed} (use more good images or a larger --false-reject-rate); the threshold is unchanged")
+        raise ValueError(msg)
+    print(f"calibrating on {description}")
+    batch = scorer.scoring.batch_size
+    good_scores = score_paths(scorer, paths, batch, not args.quiet, "calibrate: scoring good images")
+    if len(good_scores) < needed:
+        msg = (f"only {len(good_scores)} of the {len(paths)} good images were readable: a false-reject rate of "
+               f"{rate:.2%} needs at least {needed}; the threshold was not changed")  # fmt: skip
+        raise ValueError(msg)
+    threshold = false_reject_threshold(good_scores, rate)
     if args.data is not None:
         items = test_items(args.data)
         scores = score_paths(scorer, [item.image for item in items], scorer.scoring.batch_size, not args.quiet,
@@ -127,7 +201,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             threshold = type(threshold)(**{**threshold.__dict__, "best_f1_value": best})
             print(f"best-F1 threshold on {args.data}: {best:.4f} (F1 {f1:.3f}); not applied")
     model_id = update_threshold(args.model, threshold)
-    print(f"threshold {threshold.value:.4f} (false-reject rate {args.false_reject_rate:.2%} on "
+    print(f"threshold {threshold.value:.4f} (false-reject rate {rate:.2%} on "
           f"{threshold.good_images} good images) written; model id is now {model_id}")  # fmt: skip
     return 0
 
@@ -141,7 +215,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="lineinspect-demo-"))
     demo = make_demo_line(out / "data")
     print(f"demo line written to {demo.root}")
-    scorer = fit_scorer(sorted(demo.train_dir.iterdir()), config_from_mapping({}), progress=True,
+    scorer = fit_scorer(sorted(demo.train_dir.iterdir()), config_from_mapping({}), progress=not args.quiet,
                         source="demo")  # fmt: skip
     scorer.save(out / "model")
     from models.datasets import test_items
@@ -155,7 +229,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_model_commands(subparsers: argparse._SubParsersAction) -> None:
     def command(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
         parser = subparsers.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument("--config", type=Path, default=None, help="config.toml (default: built-in defaults)")
+        if name in ("fit", "calibrate"):  # score and evaluate use the settings saved with the model
+            parser.add_argument("--config", type=Path, default=None, help="config.toml (default: built-in defaults)")
         parser.add_argument("--quiet", action="store_true", help="no progress bars")
         parser.set_defaults(func=func)
         return parser
@@ -163,7 +238,7 @@ def _add_model_commands(subparsers: argparse._SubParsersAction) -> None:
     fit = command("fit", cmd_fit, "fit a model on good images")
     fit.add_argument("--good", type=Path, required=True, help="folder of good images, MVTec root, or split.json root")
     fit.add_argument("--out", type=Path, required=True, help="model directory to write")
-    fit.add_argument("--holdout", type=float, default=0.1,
+    fit.add_argument("--holdout", type=_fraction(0.0, 0.5), default=0.1,
                      help="fraction of good images kept out of the bank to set the first threshold")  # fmt: skip
 
     for name, func, text in (
@@ -181,14 +256,15 @@ def _add_model_commands(subparsers: argparse._SubParsersAction) -> None:
         elif name == "evaluate":
             parser.add_argument("--data", type=Path, required=True, help="MVTec-layout or split.json dataset root")
             parser.add_argument("--out", type=Path, required=True, help="report directory")
-            parser.add_argument("--batch-size", type=int, default=8)
-            parser.add_argument("--shift-pixels", type=int, default=None, help="override the model's shift size")
+            parser.add_argument("--batch-size", type=_positive_int, default=8)
+            parser.add_argument("--shift-pixels", type=_shift, default=None, help="override the model's shift size")
             parser.add_argument("--shift-only-failing", action="store_true",
                                 help="score as workers do: shift only frames failing unshifted (same verdicts; "
                                 "passing frames keep unshifted scores). Default: every frame shifted")  # fmt: skip
         else:
             parser.add_argument("--good", type=Path, required=True, help="held-out good images")
-            parser.add_argument("--false-reject-rate", type=float, default=0.005)
+            parser.add_argument("--false-reject-rate", type=_fraction(0.0, 0.5), default=None,
+                                help="share of good parts allowed to fail (default: [threshold] false_reject_rate)")
             parser.add_argument("--data", type=Path, default=None, help="labelled data: also report best-F1 threshold")
 
     demo = command("demo", cmd_demo, "fit and evaluate on a synthetic demo line (no Redis)")
@@ -223,14 +299,26 @@ def main(argv: list[str] | None = None) -> int:
     from models.images import ImageError
     from pipeline.config import ConfigError
 
+    if threading.current_thread() is threading.main_thread():
+        # systemd and Kubernetes stop with SIGTERM: unwind like Ctrl-C, so a model being written is removed and the
+        # old one kept. The streaming commands install their own draining handler over this one.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         code: int = args.func(args)
     except (ArtifactError, BackboneError, ConfigError, DatasetError, ImageError, ValueError) as error:
         print(f"lineinspect {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a path that cannot be read or written, a full disk: the OS names the file
+        print(f"lineinspect {args.command}: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
+        print(f"lineinspect {args.command}: interrupted", file=sys.stderr)
         return 130
     return code
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -94,3 +94,69 @@ def test_bad_config_value_is_a_one_line_error(tmp_path: Path, capsys: pytest.Cap
     (tmp_path / "bad.toml").write_text("[scoring]\nshift_pixels = -3\n")
     assert main(["fit", "--good", str(tmp_path), "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path)]) == 2
     assert "scoring.shift_pixels" in capsys.readouterr().err
+
+
+def _threshold(model: Path) -> float:
+    return float(json.loads((model / "manifest.json").read_text())["threshold"]["value"])
+
+
+def test_calibrate_refuses_too_few_images_for_its_rate(cli_model: Path, demo_line: DemoLine, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """6 good images cannot measure 0.5% (the default): the fitted threshold must not be replaced by their maximum."""
+    model = tmp_path / "model"
+    shutil.copytree(cli_model, model)
+    before = _threshold(model)
+    assert main(["calibrate", "--model", str(model), "--good", str(demo_line.root / "test" / "good"), "--quiet"]) == 2
+    assert "6 good images cannot measure a false-reject rate of 0.50%: it needs at least 200" in capsys.readouterr().err
+    assert _threshold(model) == before
+
+
+def test_calibrate_takes_its_rate_from_the_config_and_held_out_images_from_a_dataset_root(
+    cli_model: Path, demo_line: DemoLine, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    model = tmp_path / "model"
+    shutil.copytree(cli_model, model)
+    monkeypatch.setenv("LINEINSPECT__THRESHOLD__FALSE_REJECT_RATE", "0.2")
+    assert main(["calibrate", "--model", str(model), "--good", str(demo_line.root), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"calibrating on held-out good images of {demo_line.root} (test/good)" in out
+    threshold = json.loads((model / "manifest.json").read_text())["threshold"]
+    assert threshold["false_reject_rate"] == 0.2 and threshold["good_images"] == 6  # not the training images
+
+
+def test_score_writes_one_overlay_per_image_even_when_names_repeat(cli_model: Path, demo_line: DemoLine,
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    image = demo_line.test_images[0]
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    shutil.copy(image, other / image.name)
+    heatmaps = tmp_path / "heatmaps"
+    main(["score", "--model", str(cli_model), str(image), str(other / image.name), "--heatmaps", str(heatmaps)])
+    assert len(list(heatmaps.glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["evaluate", "--data", "d", "--out", "o", "--batch-size", "0"], "must be at least 1"),
+        (["evaluate", "--data", "d", "--out", "o", "--shift-pixels", "100"], "must be 0 to 32 pixels"),
+        (["calibrate", "--good", "g", "--false-reject-rate", "0.7"], "must be between 0.0 and 0.5"),
+        (["calibrate", "--good", "g", "--false-reject-rate", "nan"], "must be between 0.0 and 0.5"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_before_any_work(argv: list[str], message: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([argv[0], "--model", "m", *argv[1:]])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_a_directory_is_a_one_line_error(
+    cli_model: Path, demo_line: DemoLine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    taken = tmp_path / "report.txt"
+    taken.write_text("not a directory")
+    assert main(["evaluate", "--model", str(cli_model), "--data", str(demo_line.root), "--out", str(taken)]) == 2
+    error = capsys.readouterr().err
+    assert f"report directory {taken} exists and is not a directory" in error and "Traceback" not in error

@@ -172,6 +172,11 @@ def fit_scorer(
     scoring = config.scoring
     normalisation_fraction = scoring.normalisation_fraction if scoring.normalise_positions else 0.0
     fit_paths, normalisation_paths = holdout_split(fit_paths, normalisation_fraction, salt="position-stats:")
+    if len(fit_paths) < 2 and (holdout_paths or normalisation_paths):
+        msg = (f"{len(image_paths)} good images are too few: {len(holdout_paths)} kept out for the threshold and "
+               f"{len(normalisation_paths)} for position statistics leave {len(fit_paths)} to fit, and at least 2 "
+               "are needed (give more good images; tens to hundreds make a useful model)")  # fmt: skip
+        raise ValueError(msg)
     skipped: list[str] = []
     registered = registration.registration
     scorer = _fit_one(config, fit_paths, normalisation_paths, progress, skipped, source, registered)

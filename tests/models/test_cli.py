@@ -160,3 +160,14 @@ def test_an_output_that_cannot_be_a_directory_is_a_one_line_error(
     assert main(["evaluate", "--model", str(cli_model), "--data", str(demo_line.root), "--out", str(taken)]) == 2
     error = capsys.readouterr().err
     assert f"report directory {taken} exists and is not a directory" in error and "Traceback" not in error
+
+
+def test_fit_says_when_the_held_out_slices_leave_too_few_images(demo_line: DemoLine, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    good = tmp_path / "good"
+    good.mkdir()
+    for path in sorted(demo_line.train_dir.iterdir())[:3]:
+        shutil.copy(path, good / path.name)
+    code = main(["fit", "--good", str(good), "--out", str(tmp_path / "m"), "--holdout", "0.4", "--quiet"])
+    assert code == 2
+    assert "3 good images are too few" in capsys.readouterr().err

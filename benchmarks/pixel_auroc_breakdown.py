@@ -46,7 +46,10 @@ def main() -> None:
     parser.add_argument("--subsample", type=int, default=5, help="use every n-th pixel (memory); 1 = all")
     args = parser.parse_args()
     scorer = load_scorer(args.model)
-    kept, _, maps, masks, _ = score_items(scorer, test_items(args.data), scorer.scoring.batch_size, True)
+    scored = score_items(scorer, test_items(args.data), scorer.scoring.batch_size, True)
+    known = scored.mask_known  # a defective image without a mask has no ground truth for its pixels: left out
+    kept = [item for item, has_mask in zip(scored.items, known, strict=True) if has_mask]
+    maps, masks = scored.maps[known], scored.masks[known]
     types = np.array([item.defect_type if item.label else "good" for item in kept])
     names = sorted(set(types) - {"good"})
     step = args.subsample

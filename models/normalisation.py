@@ -18,6 +18,7 @@ Saved as ``position_stats.npz`` (two arrays, read back with ``allow_pickle=False
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 
 from models.errors import ArtifactError
 
+log = logging.getLogger(__name__)
 STATS_FILE = "position_stats.npz"
 MIN_STD_FRACTION = 1e-3  # floor on std, relative to the image-wide std: a constant pixel cannot divide by zero
 
@@ -104,6 +106,11 @@ class PositionStatsBuilder:
             raise ValueError(msg)
         mean = self._sum / self.count
         variance = (self._sum_squares / self.count - mean.square()).clamp_min(0.0)
+        unvarying = float((variance <= 1e-10 * (1.0 + mean.square())).float().mean())
+        if self.count > 1 and unvarying > 0.5:
+            log.warning("the %d held-out good images give the same anomaly map at %.0f%% of pixels (identical or "
+                        "blank images?): scores will be extreme for anything else; fit on good images that vary as "
+                        "production frames do", self.count, 100 * unvarying)  # fmt: skip
         global_mean = mean.mean()
         global_variance = (self._sum_squares.mean() / self.count - global_mean.square()).clamp_min(0.0)
         weight = self.count / (self.count + prior_images)

@@ -74,6 +74,15 @@ def test_a_constant_position_does_not_divide_by_zero() -> None:
     assert torch.isfinite(z).all()
 
 
+def test_identical_good_maps_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """Copies of one image (or blank frames) leave no spread to divide by: every other frame scores enormous."""
+    with caplog.at_level("WARNING", logger="models.normalisation"):
+        PositionStats.from_maps(_noisy_border_maps(10), prior_images=0)
+        assert caplog.records == []  # a few constant pixels are fine
+        PositionStats.from_maps(torch.ones(10, 16, 16) * 3.0, prior_images=0)
+    assert "give the same anomaly map at 100% of pixels" in caplog.text
+
+
 def test_statistics_round_trip_and_wrong_files_are_refused(tmp_path: Path) -> None:
     stats = PositionStats.from_maps(_noisy_border_maps(20), prior_images=8)
     assert stats.save(tmp_path) == STATS_FILE

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -49,6 +50,7 @@ from models.registration import Registration
 from models.scorer import Scorer, Threshold, TrainingSummary, resolve_device
 from pipeline.config import ModelSettings, ScoringSettings
 
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
@@ -89,11 +91,37 @@ def _write_manifest(model_dir: Path, manifest: dict[str, Any]) -> str:
     return str(manifest["model_id"])
 
 
+def _model_entries(model_dir: Path) -> set[str] | None:
+    """The names of a lineinspect model's own entries in ``model_dir`` (manifest, listed files, fusion member
+    directories), from its manifest; None when ``model_dir`` holds no lineinspect manifest (a JSON object with a
+    ``format_version`` and a ``files`` object): a ``manifest.json`` of anything else does not make a model."""
+    try:
+        manifest = json.loads((model_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        return None
+    if not isinstance(manifest.get("files"), dict):
+        return None
+    fusion = manifest.get("fusion")
+    members = [entry for entry in fusion if isinstance(entry, dict)] if isinstance(fusion, list) else []
+    return {MANIFEST, *manifest["files"], *(str(entry.get("dir")) for entry in members)}
+
+
 def check_model_destination(model_dir: Path) -> Path:
     """The directory ``save_scorer`` would write, resolved (a symlink's target is replaced, the link kept).
-    Raises ``ArtifactError`` when it exists and is not a lineinspect model: a file, or a directory with other
-    content, which saving would otherwise delete. Call it before fitting, to fail before the work."""
+    Raises ``ArtifactError`` for what saving cannot or must not replace: a file, a directory with content that is
+    not a lineinspect model, the current directory or one holding it, a mount point (a new directory is written
+    beside it and renamed into place), a location whose parent is not writable. Call it before fitting."""
     target = Path(model_dir).resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        msg = f"{model_dir} is the current directory or holds it: write the model to a directory of its own"
+        raise ArtifactError(msg)
+    if os.path.ismount(target):
+        msg = (f"{model_dir} is a mount point: a model is written beside its directory and renamed into place, "
+               f"so write it to a directory inside the mount (e.g. {Path(model_dir) / 'model'})")  # fmt: skip
+        raise ArtifactError(msg)
     parent = next(path for path in target.parents if path.exists())  # where the new directory is written
     if not os.access(parent, os.W_OK):
         msg = f"{model_dir} cannot be written ({parent} is not writable): choose another output for the model"
@@ -102,8 +130,8 @@ def check_model_destination(model_dir: Path) -> Path:
         if not target.is_dir():
             msg = f"{model_dir} exists and is not a directory: choose another output for the model"
             raise ArtifactError(msg)
-        if not (target / MANIFEST).is_file() and any(target.iterdir()):
-            msg = (f"{model_dir} exists, is not empty and is not a lineinspect model (no {MANIFEST}): "
+        if any(target.iterdir()) and _model_entries(target) is None:
+            msg = (f"{model_dir} exists, is not empty and is not a lineinspect model (no lineinspect {MANIFEST}): "
                    "refusing to replace it; choose a new or empty directory")  # fmt: skip
             raise ArtifactError(msg)
     return target
@@ -112,26 +140,32 @@ def check_model_destination(model_dir: Path) -> Path:
 def save_scorer(scorer: Scorer, model_dir: Path) -> str:
     """Write ``scorer`` as the model directory ``model_dir``, replacing a model already there; returns the model
     id. The new directory is written complete beside the old one (same parent, so on the same file system), then
-    renamed into place; the old one is renamed aside first and deleted last (in between, for the time of one
-    rename, ``model_dir`` does not exist: a loader then reports the manifest missing and tries again later)."""
+    renamed into place, the old one renamed aside just before (between the two renames ``model_dir`` does not
+    exist: a loader then reports the manifest missing and tries again later; a failure rolls the old one back).
+    Only then does what the old directory held besides its model move into the new one, and the old is deleted."""
     target = check_model_destination(model_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_siblings(target)
+    _recover_interrupted_saves(target)
     staging = _sibling(target, "writing")
     try:
         staging.mkdir()  # with the umask's permissions, like any directory the user makes
         model_id = _write_scorer(scorer, staging, member=False)
-        if target.exists():
-            _carry_over_foreign_entries(target, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    retired = _sibling(target, "replaced") if target.exists() else None
+    retired = None
+    try:
+        if target.exists():
+            retired = _sibling(target, "replaced")
+            os.replace(target, retired)
+        os.replace(staging, target)
+    except BaseException:
+        if retired is not None and not target.exists():
+            os.replace(retired, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if retired is not None:
-        os.replace(target, retired)
-    os.replace(staging, target)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
+        _retire(retired, target)
     return model_id
 
 
@@ -140,14 +174,44 @@ def _sibling(target: Path, purpose: str) -> Path:
     return target.parent / f".{target.name}.{purpose}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _remove_abandoned_siblings(target: Path) -> None:
-    """Delete what a save killed outright (SIGKILL, power loss) left beside ``target``: directories whose writing
-    process no longer runs on this host."""
-    for sibling in target.parent.glob(f".{target.name}.*-*-*"):
+def _retire(retired: Path, target: Path) -> None:
+    """Move what the replaced model directory ``retired`` held besides its model (notes, a report written into it)
+    into ``target``, then delete it; keep it (and say so) when something of the user's could not be moved."""
+    own = _model_entries(retired) or {MANIFEST}
+    kept = []
+    for entry in retired.iterdir():
+        if entry.name in own or entry.name.startswith(".manifest-"):
+            continue
+        try:
+            if (target / entry.name).exists():
+                raise FileExistsError(entry.name)
+            shutil.move(str(entry), str(target / entry.name))
+        except OSError:
+            kept.append(entry.name)
+    if kept:
+        log.warning("kept the replaced model directory %s: %s could not be moved into %s (name taken or error)",
+                    retired, ", ".join(sorted(kept)), target)  # fmt: skip
+    else:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def _recover_interrupted_saves(target: Path) -> None:
+    """Finish what a save stopped outright (SIGKILL, power loss) left beside ``target``, judged by whether its
+    process still runs on this host: an old model renamed aside while ``target`` is missing is put back; one
+    renamed aside after ``target`` was replaced is retired (the user's files moved in); a directory being written
+    is deleted (it never holds the user's files)."""
+    siblings = sorted(target.parent.glob(f".{target.name}.*-*-*"))
+    for sibling in siblings:
         purpose, _, rest = sibling.name[len(target.name) + 2 :].partition("-")
         pid = rest.partition("-")[0]
-        if purpose in ("writing", "replaced") and pid.isdigit() and not _process_runs(int(pid)):
+        if purpose not in ("writing", "replaced") or not pid.isdigit() or _process_runs(int(pid)):
+            continue
+        if purpose == "writing":
             shutil.rmtree(sibling, ignore_errors=True)
+        elif not target.exists():
+            os.replace(sibling, target)
+        else:
+            _retire(sibling, target)
 
 
 def _process_runs(pid: int) -> bool:
@@ -158,25 +222,6 @@ def _process_runs(pid: int) -> bool:
     except PermissionError:  # runs, as another user
         return True
     return True
-
-
-MODEL_FILE_SUFFIXES = (".npy", ".npz", ".faiss", ".pt")  # what methods write (numpy, faiss, torch state dicts)
-
-
-def _is_model_entry(entry: Path) -> bool:
-    """A file or directory of a model: the manifest, a method's arrays, index or weights, a fusion member. Also
-    true of files an older model left behind (saves before this module wrote whole directories could leave them)."""
-    if entry.is_dir():
-        return entry.name.startswith("fusion-")
-    return entry.name == MANIFEST or entry.name.startswith(".manifest-") or entry.suffix in MODEL_FILE_SUFFIXES
-
-
-def _carry_over_foreign_entries(old: Path, new: Path) -> None:
-    """Move what the old model directory holds besides its model (notes, a report written into it) into the new
-    one, so that replacing a model loses nothing but the old model."""
-    for entry in old.iterdir():
-        if not _is_model_entry(entry) and not (new / entry.name).exists():
-            shutil.move(str(entry), str(new / entry.name))
 
 
 def _write_scorer(scorer: Scorer, model_dir: Path, member: bool) -> str:

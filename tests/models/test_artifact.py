@@ -123,22 +123,74 @@ def _hidden_siblings(model: Path) -> list[str]:
 
 
 def test_saving_over_a_model_replaces_its_files_and_keeps_the_users(fitted_scorer: Scorer, saved_model: Path,
-                                                      tmp_path: Path) -> None:  # fmt: skip
+                                                                     tmp_path: Path) -> None:  # fmt: skip
+    from models.artifact import _sha256, _write_manifest
+
     model = _copy(saved_model, tmp_path)
-    # what a fused, registered model saved here earlier would have left
+    # an older model here was fused and registered: its manifest lists a registration file and a member directory
     (model / "registration.npz").write_bytes(b"older model")
     (model / "fusion-1-padim").mkdir()
     (model / "fusion-1-padim" / "manifest.json").write_text("{}")
-    (model / "NOTES.txt").write_text("camera 2 refitted after the lens change")  # the user's, not the model's
+    manifest = read_manifest(model)
+    manifest["files"]["registration.npz"] = _sha256(model / "registration.npz")
+    manifest["fusion"] = [{"dir": "fusion-1-padim", "content_hash": "0" * 64}]
+    _write_manifest(model, manifest)
+    # and the user keeps notes, a report and arrays of their own in it
+    (model / "NOTES.txt").write_text("camera 2 refitted after the lens change")
     (model / "report").mkdir()
     (model / "report" / "metrics.json").write_text("{}")
+    (model / "embeddings.npy").write_bytes(b"the user's")
     model_id = fitted_scorer.save(model)
-    assert sorted(p.name for p in model.iterdir()) == ["NOTES.txt", "bank.npy", "index.faiss", "manifest.json",
-                                                       "report"]  # fmt: skip
+    assert sorted(p.name for p in model.iterdir()) == ["NOTES.txt", "bank.npy", "embeddings.npy", "index.faiss",
+                                                       "manifest.json", "report"]  # fmt: skip
     assert (model / "NOTES.txt").read_text() == "camera 2 refitted after the lens change"
-    assert (model / "report" / "metrics.json").is_file()
+    assert (model / "report" / "metrics.json").is_file() and (model / "embeddings.npy").read_bytes() == b"the user's"
     assert load_scorer(model, device="cpu").model_id == model_id == read_manifest(saved_model)["model_id"]
     assert _hidden_siblings(model) == []
+
+
+def test_a_manifest_json_of_something_else_is_not_a_model(fitted_scorer: Scorer, tmp_path: Path) -> None:
+    webapp = tmp_path / "webapp"
+    webapp.mkdir()
+    (webapp / "manifest.json").write_text('{"name": "my app", "icons": []}')
+    (webapp / "index.html").write_text("<html></html>")
+    with pytest.raises(ArtifactError, match="is not a lineinspect model"):
+        fitted_scorer.save(webapp)
+    assert sorted(p.name for p in webapp.iterdir()) == ["index.html", "manifest.json"]
+
+
+def test_the_current_directory_is_never_replaced(fitted_scorer: Scorer, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from models.artifact import check_model_destination
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for destination in (Path("."), tmp_path, Path("/")):
+        with pytest.raises(ArtifactError, match="is the current directory or holds it"):
+            check_model_destination(destination)
+
+
+def test_an_interrupted_save_is_finished_by_the_next_and_keeps_the_users_files(
+    fitted_scorer: Scorer, saved_model: Path, tmp_path: Path
+) -> None:
+    """Killed between its two renames: the model directory is missing, the old model and the new one lie beside."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    model = tmp_path / "model"
+    replaced = tmp_path / f".model.replaced-{dead_pid}-0123abcd"
+    shutil.copytree(saved_model, replaced)
+    (replaced / "NOTES.txt").write_text("mine")
+    writing = tmp_path / f".model.writing-{dead_pid}-4567cdef"
+    shutil.copytree(saved_model, writing)
+    running = tmp_path / f".model.writing-{os.getpid()}-89abcdef"  # a save in progress (this process): left be
+    running.mkdir()
+    fitted_scorer.save(model)
+    assert (model / "NOTES.txt").read_text() == "mine"
+    assert not replaced.exists() and not writing.exists() and running.is_dir()
 
 
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), SystemExit(143)])  # 143: SIGTERM
@@ -186,12 +238,12 @@ def test_a_directory_that_is_not_a_model_is_never_replaced(fitted_scorer: Scorer
 def test_saving_through_a_symlink_replaces_its_target_and_keeps_the_link(fitted_scorer: Scorer, saved_model: Path,
                                                                          tmp_path: Path) -> None:  # fmt: skip
     version = _copy(saved_model, tmp_path)
-    (version / "stale.npy").write_bytes(b"older")
+    (version / "bank.npy").write_bytes(b"an older model's bank")  # listed in its manifest: replaced
     current = tmp_path / "current"
     current.symlink_to(version, target_is_directory=True)
     fitted_scorer.save(current)
     assert current.is_symlink() and current.resolve() == version.resolve()
-    assert not (version / "stale.npy").exists() and load_scorer(current, device="cpu").model_id
+    assert load_scorer(current, device="cpu").model_id == read_manifest(saved_model)["model_id"]
 
 
 def test_model_files_get_the_umask_permissions(fitted_scorer: Scorer, tmp_path: Path) -> None:
@@ -203,22 +255,6 @@ def test_model_files_get_the_umask_permissions(fitted_scorer: Scorer, tmp_path: 
         os.umask(previous)
     for path in [tmp_path / "model", *(tmp_path / "model").iterdir()]:
         assert path.stat().st_mode & 0o044 == 0o044, path
-
-
-def test_a_save_killed_outright_is_cleaned_up_by_the_next(fitted_scorer: Scorer, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(gone.stdout)
-    model = tmp_path / "model"
-    abandoned = tmp_path / f".model.writing-{dead_pid}-0123abcd"
-    abandoned.mkdir()
-    (abandoned / "bank.npy").write_bytes(b"half written")
-    running = tmp_path / f".model.writing-{os.getpid()}-4567cdef"  # a save in progress (this process) is left be
-    running.mkdir()
-    fitted_scorer.save(model)
-    assert not abandoned.exists() and running.is_dir()
 
 
 def test_loading_names_what_is_wrong_with_the_directory(saved_model: Path, tmp_path: Path) -> None:

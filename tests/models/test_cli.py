@@ -48,7 +48,7 @@ def test_fit_refuses_an_output_that_is_not_a_model_before_fitting(
 ) -> None:
     before = sorted(p.name for p in demo_line.train_dir.iterdir())
     assert main(["fit", "--good", str(demo_line.train_dir), "--out", str(demo_line.train_dir), "--quiet"]) == 2
-    assert "is not a lineinspect model (no manifest.json): refusing to replace it" in capsys.readouterr().err
+    assert "not a lineinspect model (no lineinspect manifest.json): refusing to replace it" in capsys.readouterr().err
     assert sorted(p.name for p in demo_line.train_dir.iterdir()) == before
 
 

@@ -136,9 +136,18 @@ def pack_anomaly_map(anomaly_map: np.ndarray) -> tuple[int, bytes]:
     return int(anomaly_map.shape[0]), np.ascontiguousarray(anomaly_map, dtype=np.float16).tobytes()
 
 
-def error_decision(frame: Frame | FrameRef, reason: str, detail: str, timings: StageTimings | None = None) -> Decision:
-    """An ``error`` verdict for ``frame`` (or what could be read of a rejected one) that says why it was not scored."""
+def error_decision(
+    frame: Frame | FrameRef,
+    reason: str,
+    detail: str,
+    timings: StageTimings | None = None,
+    frame_entry_id: str | None = None,
+) -> Decision:
+    """An ``error`` verdict for ``frame`` (or what could be read of a rejected one) that says why it was not scored.
+    ``frame_entry_id``, the frames-stream entry it came from, lets the sink tell a redelivery of this frame (one
+    decision) from another frame reusing its id."""
     return Decision(
+        frame_entry_id=frame_entry_id,
         frame_id=frame.frame_id,
         line_id=frame.line_id,
         camera_id=frame.camera_id,

@@ -294,7 +294,8 @@ class ScoreWorker:
             age_ms = (now_ns() - item.frame.captured_at_ns) / 1e6
             if stale_after_ms is not None and age_ms > stale_after_ms:
                 detail = f"frame was {age_ms:.0f} ms old, limit worker.stale_after_ms={stale_after_ms}"
-                item.decision = error_decision(item.frame, "stale", detail, self._queue_timings(item))
+                timings = self._queue_timings(item)
+                item.decision = error_decision(item.frame, "stale", detail, timings, item.entry.entry_id)
                 continue
             item.pixels = self.pool.submit(_timed_decode, item.frame, self.config.streams.max_frame_pixels)
         return prepared
@@ -306,7 +307,7 @@ class ScoreWorker:
         ref = peek_frame_ref(entry.payload, self.keys.line_id, int(entry_time_s(entry.entry_id) * 1e9))
         item.dead_letter = DeadLetter(entry.entry_id, entry.payload, reason, detail, ref.frame_id if ref else "")
         if ref is not None and ref.line_id == self.keys.line_id:
-            item.decision = error_decision(ref, reason, detail, self._queue_timings(item))
+            item.decision = error_decision(ref, reason, detail, self._queue_timings(item), entry.entry_id)
 
     @staticmethod
     def _queue_timings(item: Pending) -> StageTimings:
@@ -330,7 +331,9 @@ class ScoreWorker:
                         reason, detail = CodecErrorReason.UNDECODABLE_IMAGE.value, f"{type(error).__name__}: {error}"
                     frame_id = item.frame.frame_id
                     item.dead_letter = DeadLetter(item.entry.entry_id, item.entry.payload, reason, detail, frame_id)
-                    item.decision = error_decision(item.frame, reason, detail, self._queue_timings(item))
+                    item.decision = error_decision(
+                        item.frame, reason, detail, self._queue_timings(item), item.entry.entry_id
+                    )
             if item.dead_letter is not None:
                 outcome.dead_letters.append(item.dead_letter)
             if item.decision is not None:
@@ -350,7 +353,11 @@ class ScoreWorker:
             logger.exception("scoring failed for a batch", extra={"frames": len(ready)})
             return [
                 error_decision(
-                    item.frame, "scoring_failed", f"{type(error).__name__}: {error}", self._queue_timings(item)
+                    item.frame,
+                    "scoring_failed",
+                    f"{type(error).__name__}: {error}",
+                    self._queue_timings(item),
+                    item.entry.entry_id,
                 )
                 for item, _, _ in ready
                 if item.frame is not None

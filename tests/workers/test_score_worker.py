@@ -450,7 +450,7 @@ def test_rejected_payloads_that_name_their_frame_get_an_error_decision(
     runtime = make_runtime("score", "w1")
     worker = start_worker(runtime, tiny_line.model_dir)
     payload = encode_frame(frame_from_file(tiny_line.good_images[0], frame_id=str(fields["frame_id"])))
-    runtime.client.publish(worker.keys.frames, msgpack.packb(msgpack.unpackb(payload) | fields))
+    entry_id = runtime.client.publish(worker.keys.frames, msgpack.packb(msgpack.unpackb(payload) | fields))
     worker.finish(worker.prepare(runtime.client.read_new(worker.keys.frames, SCORER_GROUP, "w1", 10, None)))
     [letter] = runtime.client.dead_letters(worker.keys)
     assert (letter["reason"], letter["frame_id"]) == (reason, fields["frame_id"])
@@ -459,6 +459,8 @@ def test_rejected_payloads_that_name_their_frame_get_an_error_decision(
         fields["frame_id"], "line-1", "error", reason
     )
     assert decision.camera_id == "cam0" and decision.score is None
+    # the sink tells a redelivery of this entry (another worker's decision for it: suppressed) from a new frame
+    assert decision.frame_entry_id == entry_id
 
 
 def test_a_broken_announced_model_falls_back_to_the_model_option(

@@ -44,7 +44,9 @@ DEAD_LETTER_PAYLOAD_BYTES = 64 * 1024
 DEAD_LETTER_FRAME_ID_CHARS = 1000
 RETRIED_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionError, OSError)
 
-# KEYS: the frame_id's published marker (a hash: frames-stream entry id -> 1), the decisions stream.
+# KEYS: the frame_id's published marker (a hash: frames-stream entry id -> 1), the decisions stream. Its TTL runs
+# from the frame_id's first decision and is not re-armed, so a camera that reuses one id adds at most a TTL's worth
+# of fields before the marker expires.
 # ARGV: marker TTL, MAXLEN, frame entry id, payload, payload to use when another frame already used this frame_id.
 # Returns false (already published for this frame), or {decision entry id, 1 when the frame_id was reused else 0}.
 _PUBLISH_ONCE = """
@@ -54,8 +56,8 @@ end
 if redis.call('HSETNX', KEYS[1], ARGV[3], '1') == 0 then
   return false
 end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
 if redis.call('HLEN', KEYS[1]) == 1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
   return {redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV[4]), 0}
 end
 return {redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV[5]), 1}

@@ -124,6 +124,16 @@ def test_a_frame_reusing_a_published_frame_id_is_published_once_too(client: Stre
     assert 0 < client.redis.ttl(keys.published("dup-1")) <= 60
 
 
+def test_a_frame_id_reused_by_every_frame_still_expires(client: StreamClient, keys: LineKeys) -> None:
+    """A camera that sends one id for every frame: its marker's TTL runs from the first decision, not re-armed."""
+    client.publish_decisions_once(keys, [DecisionToPublish("cam", "1-0", b"first")], marker_ttl_s=60)
+    client.redis.expire(keys.published("cam"), 5)  # as if 55 s had passed
+    later = [DecisionToPublish("cam", f"{n}-0", b"next", b"next, id reused") for n in range(2, 50)]
+    client.publish_decisions_once(keys, later, marker_ttl_s=60)
+    assert 0 < client.redis.ttl(keys.published("cam")) <= 5
+    assert client.redis.hlen(keys.published("cam")) == 49
+
+
 def test_a_marker_left_by_an_older_sink_still_counts_as_published(client: StreamClient, keys: LineKeys) -> None:
     client.redis.set(keys.published("f-old"), "1", ex=60)
     assert not client.publish_decision_once(keys, "f-old", b"again", marker_ttl_s=60, frame_entry_id="1-0")

@@ -178,18 +178,23 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         msg = f"{args.model} is not writable: calibrate writes the threshold into the model"
         raise ArtifactError(msg)
     paths, description = calibration_images(args.good)
+    # Fewer images than the rate needs (200 for 0.5%) give a threshold just above their largest score (with a
+    # warning, as fit's does); but such a threshold must not replace one that rested on more images.
     needed = math.ceil(1 / rate)
-    if len(paths) < needed:
-        msg = (f"{len(paths)} good images cannot measure a false-reject rate of {rate:.2%}: it needs at least "
-               f"{needed} (use more good images or a larger --false-reject-rate); the threshold is unchanged")
-        raise ValueError(msg)
+    current = scorer.threshold.good_images if scorer.threshold is not None else 0
+
+    def refuse_too_few(count: int) -> None:
+        if count < needed and count < current:
+            msg = (f"{count} readable good images cannot measure a false-reject rate of {rate:.2%} (that needs "
+                   f"{needed}) and the model's threshold rests on {current}: the threshold is unchanged (use more "
+                   "good images or a larger --false-reject-rate)")  # fmt: skip
+            raise ValueError(msg)
+
+    refuse_too_few(len(paths))
     print(f"calibrating on {description}")
     batch = scorer.scoring.batch_size
     good_scores = score_paths(scorer, paths, batch, not args.quiet, "calibrate: scoring good images")
-    if len(good_scores) < needed:
-        msg = (f"only {len(good_scores)} of the {len(paths)} good images were readable: a false-reject rate of "
-               f"{rate:.2%} needs at least {needed}; the threshold was not changed")  # fmt: skip
-        raise ValueError(msg)
+    refuse_too_few(len(good_scores))
     threshold = false_reject_threshold(good_scores, rate)
     if args.data is not None:
         items = test_items(args.data)

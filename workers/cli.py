@@ -304,22 +304,33 @@ def main(argv: list[str] | None = None) -> int:
     from models.images import ImageError
     from pipeline.config import ConfigError
 
+    previous = None
     if threading.current_thread() is threading.main_thread():
         # systemd and Kubernetes stop with SIGTERM: unwind like Ctrl-C, so a model being written is removed and the
         # old one kept. The streaming commands install their own draining handler over this one.
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         code: int = args.func(args)
     except (ArtifactError, BackboneError, ConfigError, DatasetError, ImageError, ValueError) as error:
         print(f"lineinspect {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # a path that cannot be read or written, a full disk: the OS names the file
+    except OSError as error:
+        # a model command's path that cannot be read or written, a full disk: the OS names the file. A streaming
+        # worker's OSError (Redis gone) is a runtime failure, not bad input: exit 2 would stop systemd restarting it
+        if args.command not in MODEL_COMMANDS or isinstance(error, ConnectionError):
+            raise
         print(f"lineinspect {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lineinspect {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return code
+
+
+MODEL_COMMANDS = ("fit", "score", "evaluate", "calibrate", "demo")
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

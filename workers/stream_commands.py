@@ -138,30 +138,28 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     """Announce a model directory for a line; its scoring workers load it and swap between batches.
 
-    The model is loaded here first, as a worker would load it (hashes, backbone, feature shapes): the key outlives
-    the workers, and a model that cannot load would otherwise be what every restarted or added worker is told to
-    use."""
-    from models.artifact import load_scorer
-    from models.errors import ArtifactError, BackboneError
+    The model is verified first (every file's sha256 and the content hash, as a worker checks them, and a
+    threshold): the key outlives the workers, and a model that cannot load would otherwise be what every restarted
+    or added worker is told to use. Verifying reads the files but loads no backbone, so promote can run inside a
+    scorer's container without a second model's memory."""
+    from models.artifact import read_manifest
+    from models.errors import ArtifactError
 
     config = _config(args)
     model_dir = Path(args.model).resolve()
-    if not (model_dir / "manifest.json").exists():
-        print(f"error: {model_dir} has no manifest.json (a directory written by `lineinspect fit`)", file=sys.stderr)
-        return 2
     try:
-        scorer = load_scorer(model_dir, device="cpu")
-    except (ArtifactError, BackboneError) as error:
-        print(f"error: {model_dir} was not promoted: it does not load ({error})", file=sys.stderr)
+        manifest = read_manifest(model_dir)
+    except ArtifactError as error:
+        print(f"error: {model_dir} was not promoted: {error}", file=sys.stderr)
         return 2
-    if scorer.threshold is None:
+    if manifest.get("threshold") is None:
         print(f"error: {model_dir} was not promoted: it has no threshold (run `lineinspect calibrate` first)",
               file=sys.stderr)  # fmt: skip
         return 2
     client = StreamClient(_redis_url(config), config.redis, config.streams)
     keys = LineKeys(config.streams.prefix, _line(args, config))
     client.set_model_dir(keys, str(model_dir))
-    print(f"{keys.model} = {model_dir} (model {scorer.model_id})")
+    print(f"{keys.model} = {model_dir} (model {manifest['model_id']})")
     return 0
 
 

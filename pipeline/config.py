@@ -558,15 +558,21 @@ class Config(_Section):
         return self.model_copy(update=sections | {"fusion": FusionSettings(members=())})
 
 
-def _takes_text(section: str, key: str) -> bool:
-    """True when ``[section] key`` holds a string, a path or a choice of strings: its override is taken as written
-    (``LINEINSPECT__WORKER__LINE_ID=42`` is the line "42", not the number 42)."""
+_UNKNOWN = object()
+
+
+def _annotation(section: str, key: str) -> Any:
+    """The type of ``[section] key`` in ``Config``; ``_UNKNOWN`` when there is no such setting (pydantic names it)."""
     section_field = Config.model_fields.get(section)
-    model = section_field.annotation if section_field is not None else None
-    fields = getattr(model, "model_fields", {})
-    if key not in fields:
+    fields = getattr(section_field.annotation if section_field is not None else None, "model_fields", {})
+    return fields[key].annotation if key in fields else _UNKNOWN
+
+
+def _takes_text(annotation: Any) -> bool:
+    """True for a string, a path or a choice of strings: its override is taken as written (``LINEINSPECT__WORKER__
+    LINE_ID=42`` is the line "42", not the number 42)."""
+    if annotation is _UNKNOWN:
         return False
-    annotation = fields[key].annotation
     members = [arg for arg in typing.get_args(annotation) if arg is not type(None)] or [annotation]
     if typing.get_origin(annotation) is typing.Literal:
         return all(isinstance(member, str) for member in members)
@@ -574,21 +580,25 @@ def _takes_text(section: str, key: str) -> bool:
 
 
 def _parse_env_value(section: str, key: str, raw: str) -> Any:
-    """The override's value: as written for text settings, else JSON (numbers, booleans, lists), else as written.
-    A JSON boolean for a setting that is not one stays text, so pydantic refuses it rather than reading 1 or 0."""
-    if _takes_text(section, key):
+    """The override's value: as written for text settings (a JSON string such as ``"42"`` unquoted, ``null`` for
+    one that may be unset), else JSON (numbers, booleans, lists), else as written. A JSON boolean for a setting
+    that is not one stays text, so pydantic refuses it rather than reading 1 or 0."""
+    annotation = _annotation(section, key)
+    if _takes_text(annotation):
+        if raw == "null" and type(None) in typing.get_args(annotation):
+            return None
+        if raw.startswith('"'):
+            try:
+                return str(json.loads(raw))
+            except json.JSONDecodeError:
+                return raw
         return raw
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         return raw
-    return raw if isinstance(value, bool) and not _takes_bool(section, key) else value
-
-
-def _takes_bool(section: str, key: str) -> bool:
-    section_field = Config.model_fields.get(section)
-    fields = getattr(section_field.annotation if section_field is not None else None, "model_fields", {})
-    return key in fields and bool in (fields[key].annotation, *typing.get_args(fields[key].annotation))
+    takes_bool = annotation is not _UNKNOWN and bool in (annotation, *typing.get_args(annotation))
+    return raw if isinstance(value, bool) and not takes_bool else value
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:

@@ -127,6 +127,8 @@ def test_environment_overrides_of_text_settings_are_taken_as_written() -> None:
     assert (config.worker.line_id, config.streams.prefix, config.model.weights_path) == ("42", "2024", Path("123"))
     assert (config.scoring.shift_pixels, config.scoring.shift_only_failing) == (3, False)
     assert config.model.layers == ("blocks.2", "blocks.3")
+    config = load_config(environ={"LINEINSPECT__WORKER__LINE_ID": '"007"', "LINEINSPECT__MODEL__WEIGHTS_PATH": "null"})
+    assert (config.worker.line_id, config.model.weights_path) == ("007", None)
 
 
 def test_a_boolean_for_a_number_is_refused_not_read_as_one() -> None:

@@ -56,12 +56,12 @@ class _Split:
 
 
 def _relative_paths(split_file: Path, key: str, value: Any) -> list[str]:
-    expected = f"{split_file}: '{key}' must be a list of relative paths"
+    expected = f"{split_file}: '{key}' must be a list of image paths (relative to its folder, or absolute)"
     if not isinstance(value, list):
         msg = f"{expected}, got {type(value).__name__} {json.dumps(value)[:60]}"
         raise DatasetError(msg)
     for position, entry in enumerate(value):
-        if not isinstance(entry, str) or not entry or Path(entry).is_absolute():
+        if not isinstance(entry, str) or not entry:
             msg = f"{expected}; entry {position} is {json.dumps(entry)[:60]}"
             raise DatasetError(msg)
     return value
@@ -89,7 +89,7 @@ def _read_split(root: Path) -> _Split:
         raise DatasetError(msg)
     lists = {key: _relative_paths(split_file, key, split[key]) for key in SPLIT_LISTS}
     masks = split.get(MASKS_KEY, {})
-    expected = f"{split_file}: '{MASKS_KEY}' must map image relative paths to mask relative paths"
+    expected = f"{split_file}: '{MASKS_KEY}' must map image paths to mask paths (relative to its folder, or absolute)"
     if not isinstance(masks, dict):
         msg = f"{expected}, got {type(masks).__name__}"
         raise DatasetError(msg)
@@ -98,7 +98,7 @@ def _read_split(root: Path) -> _Split:
         if image not in defective:
             msg = f"{expected}; {json.dumps(image)} is not in 'test_defective'"
             raise DatasetError(msg)
-        if not isinstance(mask, str) or not mask or Path(mask).is_absolute():
+        if not isinstance(mask, str) or not mask:
             msg = f"{expected}; {json.dumps(image)} maps to {json.dumps(mask)[:60]}"
             raise DatasetError(msg)
         if Path(mask) == Path(image):

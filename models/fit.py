@@ -60,7 +60,7 @@ def _readable_batches(paths: Sequence[Path], batch_size: int, skipped: list[str]
     batch: list[np.ndarray] = []
     for path in paths:
         try:
-            batch.append(read_image(path))
+            batch.append(read_image(path, keep_depth=True))
         except ImageError as error:
             log.warning("skipping unreadable training image: %s", error)
             skipped.append(str(error))
@@ -107,7 +107,7 @@ class TrainingImages:
         if path in self._unreadable:
             return None
         try:
-            return read_image(path)
+            return read_image(path, keep_depth=True)
         except ImageError as error:
             log.warning("skipping unreadable training image: %s", error)
             self.skipped.append(str(error))

@@ -1,7 +1,9 @@
-"""Reading and normalising images: any file or byte string in, RGB ``uint8`` ``(height, width, 3)`` out.
+"""Reading and normalising images: any file or byte string in, RGB ``(height, width, 3)`` out.
 
 Frames arrive grayscale, RGB(A), 8- or 16-bit, of any size. Everything that feeds the scorer passes through
-``to_rgb_uint8`` so that offline scoring (``lineinspect score``) and the streaming worker see identical pixels.
+``to_rgb`` (RGB of the image's own depth: uint8, or uint16, whose grey levels the scorer keeps when it turns frames
+into floats) so that offline scoring (``lineinspect score``) and the streaming worker see identical pixels;
+``to_rgb_uint8`` (16-bit scaled by 1/257) is for pictures and estimates that need no more than 8 bits.
 No torch here: the pipeline imports this module to decode frames.
 """
 
@@ -20,10 +22,12 @@ class ImageError(ValueError):
     """An image that cannot be read or converted; the message names the file or frame."""
 
 
-def to_rgb_uint8(array: np.ndarray, name: str = "<array>") -> np.ndarray:
-    """Convert ``(H, W)``, ``(H, W, 1|3|4)`` arrays of uint8/uint16/float to contiguous RGB uint8 ``(H, W, 3)``.
+def to_rgb(array: np.ndarray, name: str = "<array>") -> np.ndarray:
+    """Convert ``(H, W)``, ``(H, W, 1|3|4)`` arrays of uint8/uint16/float to contiguous RGB ``(H, W, 3)`` of their
+    own depth: uint8 stays uint8, uint16 stays uint16 (so 10-, 12- or 14-bit camera data stored in 16 bits keeps
+    its grey levels until the scorer turns it into floats); floats in [0, 1] become uint8.
 
-    Colour input is taken as RGB (or RGBA); 16-bit input is scaled by 1/257, floats are taken in [0, 1].
+    Colour input is taken as RGB (or RGBA).
     """
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
@@ -33,11 +37,9 @@ def to_rgb_uint8(array: np.ndarray, name: str = "<array>") -> np.ndarray:
     if array.shape[0] < 8 or array.shape[1] < 8:
         msg = f"{name}: image of {array.shape[1]}x{array.shape[0]} pixels is too small (minimum 8x8)"
         raise ImageError(msg)
-    if array.dtype == np.uint16:
-        array = (array.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
-    elif array.dtype.kind == "f":
+    if array.dtype.kind == "f":
         array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    elif array.dtype != np.uint8:
+    elif array.dtype not in (np.uint8, np.uint16):
         msg = f"{name}: unsupported pixel type {array.dtype} (use uint8, uint16 or float in [0, 1])"
         raise ImageError(msg)
     if array.ndim == 2:
@@ -47,7 +49,15 @@ def to_rgb_uint8(array: np.ndarray, name: str = "<array>") -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _decoded_to_rgb(decoded: np.ndarray | None, name: str) -> np.ndarray:
+def to_rgb_uint8(array: np.ndarray, name: str = "<array>") -> np.ndarray:
+    """``to_rgb``, then 16-bit scaled by 1/257 to RGB uint8 ``(H, W, 3)`` (for pictures and pose estimates)."""
+    array = to_rgb(array, name)
+    if array.dtype == np.uint16:
+        array = (array.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    return array
+
+
+def _decoded_to_rgb(decoded: np.ndarray | None, name: str, keep_depth: bool) -> np.ndarray:
     if decoded is None:
         msg = f"{name}: not a readable image (cv2 could not decode it)"
         raise ImageError(msg)
@@ -55,36 +65,38 @@ def _decoded_to_rgb(decoded: np.ndarray | None, name: str) -> np.ndarray:
         decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
     elif decoded.ndim == 3 and decoded.shape[2] == 4:
         decoded = cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGBA)
-    return to_rgb_uint8(decoded, name)
+    return to_rgb(decoded, name) if keep_depth else to_rgb_uint8(decoded, name)
 
 
-def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Decode JPEG/PNG/... bytes to RGB uint8 ``(H, W, 3)``; raises ImageError naming ``name``."""
+def decode_image(data: bytes, name: str = "<bytes>", keep_depth: bool = False) -> np.ndarray:
+    """Decode JPEG/PNG/... bytes to RGB uint8 ``(H, W, 3)`` (``keep_depth``: 16-bit images stay uint16, as the
+    scorer wants them); raises ImageError naming ``name``."""
     if not data:
         msg = f"{name}: empty image data"
         raise ImageError(msg)
     buffer = np.frombuffer(data, dtype=np.uint8)
-    return _decoded_to_rgb(cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED), name)
+    return _decoded_to_rgb(cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED), name, keep_depth)
 
 
-def read_image(path: Path | str) -> np.ndarray:
-    """Read an image file to RGB uint8 ``(H, W, 3)``; raises ImageError naming the path."""
+def read_image(path: Path | str, keep_depth: bool = False) -> np.ndarray:
+    """Read an image file to RGB uint8 ``(H, W, 3)`` (``keep_depth``: 16-bit files stay uint16); raises ImageError
+    naming the path."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as error:
         msg = f"{path}: cannot read file ({error.strerror or error})"
         raise ImageError(msg) from None
-    return decode_image(data, str(path))
+    return decode_image(data, str(path), keep_depth)
 
 
-def read_sample(paths: Sequence[Path], count: int) -> list[np.ndarray]:
-    """Up to ``count`` of the image files, evenly spaced, read as RGB uint8; unreadable ones are passed over (the
-    caller's other reads report them)."""
+def read_sample(paths: Sequence[Path], count: int, keep_depth: bool = False) -> list[np.ndarray]:
+    """Up to ``count`` of the image files, evenly spaced, read as RGB uint8 (``keep_depth`` as ``read_image``);
+    unreadable ones are passed over (the caller's other reads report them)."""
     images = []
     for path in list(paths)[:: max(1, len(paths) // count)][:count]:
         try:
-            images.append(read_image(path))
+            images.append(read_image(path, keep_depth))
         except ImageError:
             continue
     return images

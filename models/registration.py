@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from models.errors import ArtifactError
-from models.images import read_sample, to_rgb_uint8
+from models.images import read_sample, to_rgb, to_rgb_uint8
 
 SIDE = 128  # reference grid
 FILL_SIDE = 256  # colour median of the registered good frames, filling what a moved frame does not show
@@ -50,9 +50,10 @@ FILE = "registration.npz"
 
 
 def _grid(image: np.ndarray) -> np.ndarray:
-    """RGB uint8 ``(H, W, 3)`` -> grey ``(R, R)`` float32 in [0, 1]."""
+    """RGB uint8 or uint16 ``(H, W, 3)`` -> grey ``(R, R)`` float32 in [0, 1]."""
     small = cv2.resize(image, (SIDE, SIDE), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+    full_scale = 65535.0 if image.dtype == np.uint16 else 255.0
+    return cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32) / np.float32(full_scale)
 
 
 def _to_grid(side_x: float, side_y: float) -> np.ndarray:
@@ -137,11 +138,11 @@ class Registration:
         return poses
 
     def align(self, images: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
-        """Frames (any format ``models.images.to_rgb_uint8`` accepts) as RGB uint8 moved into the reference's pose,
+        """Frames (any format ``models.images.to_rgb`` accepts) as RGB of their depth moved into the reference's pose,
         with their grid transforms (None: not registered, the frame left as it came). Frames longer than
         ``max_side`` are first scaled down to it (aspect kept): the models see them smaller anyway, and the warp
         costs with the pixel count (50 ms at 2048 x 2048)."""
-        images = [_at_most(to_rgb_uint8(image, f"image {position}"), self.max_side)
+        images = [_at_most(to_rgb(image, f"image {position}"), self.max_side)
                   for position, image in enumerate(images)]  # fmt: skip
         poses = self.poses(images)
         aligned = []
@@ -152,7 +153,10 @@ class Registration:
             height, width = image.shape[:2]
             matrix = scaled(transform, width, height)
             warped, inside = _warp_with_mask(image, matrix)
-            aligned.append(np.where(inside[..., None], warped, self._fill(width, height)))
+            fill = self._fill(width, height)
+            if image.dtype == np.uint16:  # the fill is kept in 8 bits: put it on the frame's scale
+                fill = fill.astype(np.uint16) * np.uint16(257)
+            aligned.append(np.where(inside[..., None], warped, fill))
         return aligned, poses
 
     @staticmethod
@@ -217,7 +221,7 @@ def build_registration(images: Sequence[np.ndarray], max_side: int | None = None
     first = np.median(np.stack(grids), axis=0).astype(np.float32)
     reference = _registered_median(grids, [estimate_pose(first, grid)[0] for grid in grids])
     poses, responses = zip(*(estimate_pose(reference, grid) for grid in grids), strict=True)
-    colour = [cv2.resize(image, (FILL_SIDE, FILL_SIDE), interpolation=cv2.INTER_AREA) for image in images]
+    colour = [cv2.resize(to_rgb_uint8(image), (FILL_SIDE, FILL_SIDE), interpolation=cv2.INTER_AREA) for image in images]
     fill = _registered_median(colour, poses)
     return Registration(reference, float(np.median(responses)), fill, max_side)
 
@@ -227,7 +231,7 @@ def choose_registration(paths: Sequence[Path], setting: str, max_side: int | Non
     unreadable ones passed over: the fit reports them); ``max_side`` as in ``Registration``."""
     if setting == "off":
         return RegistrationChoice(None, "")
-    images = read_sample(paths, REFERENCE_FRAMES)
+    images = read_sample(paths, REFERENCE_FRAMES, keep_depth=True)
     if not images or (setting == "auto" and len(images) < MIN_FRAMES):
         too_few = f"only {len(images)} readable good frames; {MIN_FRAMES} needed to decide"
         return RegistrationChoice(None, f"{setting}: off ({too_few})")

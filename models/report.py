@@ -91,7 +91,7 @@ def score_items(
         images = []
         for item in chunk:
             try:
-                image = read_image(item.image)
+                image = read_image(item.image, keep_depth=True)
             except ImageError as error:
                 tqdm.write(f"skipping unreadable test image: {error}")
                 continue
@@ -155,7 +155,7 @@ def _write_overlays(out_dir: Path, scorer: Scorer, items: list[TestItem], scores
     for group, positions in groups.items():
         for position in positions:
             item = items[position]
-            picture = overlay_heatmap(read_image(item.image), maps[position], threshold)
+            picture = overlay_heatmap(read_image(item.image, keep_depth=True), maps[position], threshold)
             name = f"{group}_{item.defect_type}_{item.image.stem}_score{scores[position]:.3f}.png"
             cv2.imwrite(str(overlay_dir / name), picture)
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from models.backbones import shared_backbone_pass
-from models.images import to_rgb_uint8
+from models.images import to_rgb
 from models.methods.base import AnomalyMethod, MethodOutput
 from models.normalisation import PositionStats
 from models.registration import Registration
@@ -141,6 +141,8 @@ def preprocess(
     """Frames -> ``(T, 3, S, S)`` float32, in [0, 1] when ``intensity="raw"``; ``T = N`` unless ``resize="tile"``,
     then the frames' pieces in order (``models.tiling``).
 
+    Frames are RGB of any depth ``models.images.to_rgb`` accepts; 16-bit ones are scaled by 1/257 in floats, so
+    10- to 14-bit camera data keeps its grey levels (8-bit frames are computed exactly as they always were).
     ``resize="pad"`` keeps each frame's aspect (``content_box``). ``intensity="standardise"`` shifts and scales each
     frame (all channels alike, so colours keep their balance; all of a frame's pieces alike) to mean
     ``STANDARD_MEAN`` and standard deviation ``STANDARD_STD`` over its content: exposure and gain differences
@@ -153,16 +155,21 @@ def preprocess(
     resized: list[np.ndarray] = []
     boxes: list[tuple[int, int, int, int]] = []
     frame_rows: list[list[int]] = []
+    grey_levels: list[float] = []  # one grey level of each frame's depth, in [0, 1] units
     for position, image in enumerate(images):
-        rgb = to_rgb_uint8(image, f"image {position}")
+        rgb = to_rgb(image, f"image {position}")
+        grey_levels.append(1.0 / 255.0 if rgb.dtype == np.uint8 else 1.0 / 65535.0)
+        if rgb.dtype == np.uint16:  # on the 8-bit scale, in floats: 10- to 14-bit data keeps every grey level
+            rgb = rgb.astype(np.float32) / np.float32(257.0)
         frame_rows.append([])
         for piece in frame_tiles(rgb) if resize == "tile" else [rgb]:
             top, left, box_h, box_w = content_box(piece.shape[0], piece.shape[1], image_size, resize)
             interpolation = cv2.INTER_AREA if piece.shape[0] > box_h or piece.shape[1] > box_w else cv2.INTER_LINEAR
             scaled = cv2.resize(piece, (box_w, box_h), interpolation=interpolation)
             if (box_h, box_w) != (image_size, image_size):
-                canvas = np.empty((image_size, image_size, 3), np.uint8)
-                canvas[:] = scaled.reshape(-1, 3).mean(axis=0).round().astype(np.uint8)
+                canvas = np.empty((image_size, image_size, 3), scaled.dtype)
+                fill = scaled.reshape(-1, 3).mean(axis=0)
+                canvas[:] = fill.round().astype(np.uint8) if scaled.dtype == np.uint8 else fill
                 canvas[top : top + box_h, left : left + box_w] = scaled
                 scaled = canvas
             frame_rows[-1].append(len(resized))
@@ -170,10 +177,10 @@ def preprocess(
             boxes.append((top, left, box_h, box_w))
     batch = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float().div_(255.0)
     if intensity == "standardise":
-        for rows in frame_rows:
+        for rows, grey_level in zip(frame_rows, grey_levels, strict=True):
             content = torch.cat([batch[row, :, top : top + h, left : left + w].reshape(-1)
                                  for row, (top, left, h, w) in ((row, boxes[row]) for row in rows)])  # fmt: skip
-            mean, std = content.mean(), content.std().clamp_min(1.0 / 255.0)
+            mean, std = content.mean(), content.std().clamp_min(grey_level)
             for row in rows:
                 batch[row].sub_(mean).mul_(STANDARD_STD / std).add_(STANDARD_MEAN)
     return batch

@@ -142,12 +142,16 @@ def decode_decision(payload: bytes) -> Decision:
 
 
 def encode_pixels(image_rgb: np.ndarray, encoding: Encoding, jpeg_quality: int = 90) -> tuple[bytes, dict[str, Any]]:
-    """RGB uint8 ``(height, width, 3)`` to ``(data, extra Frame fields)`` for the given encoding."""
-    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
-        msg = f"encode_pixels expects RGB uint8 (height, width, 3), got {image_rgb.dtype} {image_rgb.shape}"
+    """RGB uint8 or uint16 ``(height, width, 3)`` to ``(data, extra Frame fields)`` for the given encoding; PNG and
+    raw keep 16 bits, JPEG (8 bits only) scales them by 1/257."""
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype not in (np.uint8, np.uint16):
+        msg = f"encode_pixels expects RGB uint8 or uint16 (height, width, 3), got {image_rgb.dtype} {image_rgb.shape}"
         raise ValueError(msg)
+    if encoding == "jpeg" and image_rgb.dtype == np.uint16:
+        image_rgb = (image_rgb.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
     if encoding == "raw":
-        return np.ascontiguousarray(image_rgb).tobytes(), {"raw_shape": image_rgb.shape, "raw_dtype": "uint8"}
+        extra = {"raw_shape": image_rgb.shape, "raw_dtype": str(image_rgb.dtype)}
+        return np.ascontiguousarray(image_rgb).tobytes(), extra
     bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
     if encoding == "jpeg":
         ok, buffer = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
@@ -160,21 +164,22 @@ def encode_pixels(image_rgb: np.ndarray, encoding: Encoding, jpeg_quality: int =
 
 
 def decode_pixels(frame: Frame, max_pixels: int | None = None) -> np.ndarray:
-    """The frame's image as RGB uint8 ``(height, width, 3)``; raises CodecError when the pixels are unusable.
+    """The frame's image as RGB ``(height, width, 3)``, uint8 or (16-bit frames) uint16, as ``lineinspect score``
+    reads the same file; raises CodecError when the pixels are unusable.
 
     ``max_pixels`` (``streams.max_frame_pixels``) bounds width x height, checked from the PNG/JPEG header or the raw
     shape before decoding. Encoded data must be a PNG or a JPEG (either, whatever ``encoding`` says): cv2 would also
     decode TIFF, WebP and more, whose sizes are not checked here and whose pixel types it cannot always convert.
     Any other failure while decoding becomes an ``undecodable_image`` CodecError for this frame alone.
     """
-    from models.images import ImageError, decode_image, to_rgb_uint8
+    from models.images import ImageError, decode_image, to_rgb
 
     name = f"frame {frame.frame_id}"
     try:
         if frame.encoding != "raw":
             _check_encoded_size(frame, max_pixels)
-            return decode_image(frame.data, name=name)
-        return to_rgb_uint8(_raw_array(frame, max_pixels), name=name)
+            return decode_image(frame.data, name=name, keep_depth=True)
+        return to_rgb(_raw_array(frame, max_pixels), name=name)
     except CodecError:
         raise
     except ImageError as error:

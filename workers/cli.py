@@ -115,7 +115,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     results = []
     for path in args.images:
         try:
-            image = read_image(path)
+            image = read_image(path, keep_depth=True)
         except ImageError as error:
             print(f"error: {error}", file=sys.stderr)
             failures += 1

@@ -67,7 +67,7 @@ class FolderSource:
         metadata: dict[str, MetadataValue] = {"source_file": path.name}
         if encoding is not None:
             return Capture(path.read_bytes(), encoding, time.time_ns(), metadata=metadata)  # type: ignore[arg-type]
-        data, _ = encode_pixels(read_image(path), "png")
+        data, _ = encode_pixels(read_image(path, keep_depth=True), "png")
         return Capture(data, "png", time.time_ns(), metadata=metadata)
 
     def captures(self) -> Iterator[Capture]:

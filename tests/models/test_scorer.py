@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -209,3 +211,24 @@ def test_pad_batches_of_mixed_shapes_score_as_one_by_one(fitted_scorer: Scorer, 
         alone = padded.score([frame])
         np.testing.assert_allclose(together.maps[position], alone.maps[0], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(together.scores[position], alone.scores[0], rtol=1e-4)
+
+
+def test_12_bit_camera_data_in_16_bits_scores_like_the_same_picture_in_8(fitted_scorer: Scorer, demo_line: DemoLine,
+                                                                         tmp_path: Path) -> None:  # fmt: skip
+    """Mono12 cameras often store 0-4095 in 16-bit PNGs. Scaled straight to 8 bits that is 16 grey levels; the
+    scorer keeps every level, so (frames standardised, as this line's are) it scores as the 8-bit picture does."""
+    import cv2
+
+    assert fitted_scorer.model_settings.intensity == "standardise"
+    pictures = [read_image(path) for path in demo_line.test_images[:4]]
+    twelve_bit = []
+    for position, picture in enumerate(pictures):
+        path = tmp_path / f"frame{position}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(np.round(picture * (4095 / 255)).astype(np.uint16), cv2.COLOR_RGB2BGR))
+        twelve_bit.append(read_image(path, keep_depth=True))
+    assert twelve_bit[0].dtype == np.uint16 and int(twelve_bit[0].max()) <= 4095
+    eight = fitted_scorer.score(pictures).scores
+    twelve = fitted_scorer.score(twelve_bit).scores
+    np.testing.assert_allclose(twelve, eight, rtol=0.02, atol=0.05)
+    quantised = fitted_scorer.score([read_image(tmp_path / f"frame{n}.png") for n in range(4)]).scores  # 8-bit read
+    assert np.abs(quantised - eight).max() > 10 * np.abs(twelve - eight).max()

@@ -193,7 +193,7 @@ WITH_ALPHA = np.dstack([np.full((16, 20, 3), 50, np.uint8), np.full((16, 20), 20
 @pytest.mark.parametrize(
     ("image", "expected"),
     [
-        (np.full((16, 20, 3), 257 * 100, np.uint16), np.full((16, 20, 3), 100, np.uint8)),  # 16-bit colour
+        (np.full((16, 20, 3), 257 * 100, np.uint16), np.full((16, 20, 3), 257 * 100, np.uint16)),  # keeps 16 bits
         (np.full((16, 20), 77, np.uint8), np.full((16, 20, 3), 77, np.uint8)),  # grey
         (WITH_ALPHA, np.full((16, 20, 3), 50, np.uint8)),  # the alpha channel is dropped
     ],
@@ -222,7 +222,7 @@ def test_data_that_is_neither_png_nor_jpeg_is_undecodable() -> None:
 def test_any_failure_while_decoding_pixels_is_a_codec_error(monkeypatch: pytest.MonkeyPatch) -> None:
     images = pytest.importorskip("models.images")
 
-    def explode(data: bytes, name: str = "") -> np.ndarray:
+    def explode(data: bytes, name: str = "", keep_depth: bool = False) -> np.ndarray:
         raise MemoryError("out of memory")
 
     monkeypatch.setattr(images, "decode_image", explode)

@@ -135,6 +135,8 @@ def _plot_curves(out_dir: Path, labels: np.ndarray, scores: np.ndarray, masks: n
         figure.tight_layout()
         figure.savefig(out_dir / "pro.png", dpi=110)
         plt.close(figure)
+    else:  # no pixel ground truth this time: an earlier run's curve must not pass for this one's
+        (out_dir / "pro.png").unlink(missing_ok=True)
 
 
 def _write_overlays(out_dir: Path, scorer: Scorer, items: list[TestItem], scores: np.ndarray,

@@ -138,3 +138,14 @@ def test_evaluating_into_an_existing_report_replaces_its_overlays_only(
     second = {path.name for path in overlays.iterdir()} - {path.name for path in keep}
     assert not stale.exists() and all(path.read_bytes() == b"not ours" for path in keep)
     assert len(first) == 12 and second == first  # 4 detected, 4 missed, 4 false alarms: the same names again
+
+
+def test_a_report_without_pixel_ground_truth_keeps_no_earlier_pro_curve(
+    fitted_scorer: Scorer, demo_line: DemoLine, tmp_path: Path
+) -> None:
+    report = tmp_path / "report"
+    assert _evaluate(fitted_scorer, demo_line.root, report)["pro"] is not None and (report / "pro.png").is_file()
+    unlabelled = _copy_demo(demo_line, tmp_path / "no_masks")
+    shutil.rmtree(unlabelled / "ground_truth")
+    metrics = _evaluate(fitted_scorer, unlabelled, report)
+    assert metrics["pro"] is None and not (report / "pro.png").exists()

@@ -158,6 +158,12 @@ def _folder_images(path: Path) -> list[Path]:
     return images
 
 
+def is_dataset_root(path: Path) -> bool:
+    """True for a split.json or MVTec-layout root (as opposed to a plain folder of images)."""
+    path = Path(path)
+    return (path / SPLIT_FILE).is_file() or (path / "train" / "good").is_dir() or (path / "test").is_dir()
+
+
 def calibration_images(path: Path) -> tuple[list[Path], str]:
     """Good images to calibrate a threshold on, and a short description of them for the user.
 

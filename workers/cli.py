@@ -86,7 +86,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     config = _config(args)
     check_model_destination(args.out)  # before minutes of fitting, not after
     paths = good_images(args.good)
-    scorer = fit_scorer(paths, config, progress=not args.quiet, holdout_fraction=args.holdout, source=str(args.good))
+    scorer = fit_scorer(paths, config, progress=not args.quiet, holdout_fraction=args.holdout,
+                         source=str(Path(args.good).resolve()))  # fmt: skip
     model_id = scorer.save(args.out)
     threshold = f"{scorer.threshold.value:.4f}" if scorer.threshold else "none (run calibrate)"
     print(f"model {model_id} written to {args.out}: {scorer.describe()} "
@@ -167,7 +168,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from models.artifact import MANIFEST, load_scorer, update_threshold
-    from models.datasets import calibration_images, test_items
+    from models.datasets import calibration_images, is_dataset_root, test_items
     from models.errors import ArtifactError
     from models.fit import score_paths
     from models.threshold import best_f1_threshold, false_reject_threshold
@@ -178,6 +179,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         msg = f"{args.model} is not writable: calibrate writes the threshold into the model"
         raise ArtifactError(msg)
     paths, description = calibration_images(args.good)
+    source = scorer.training.source
+    if source and not is_dataset_root(args.good) and Path(source).resolve() == Path(args.good).resolve():
+        msg = (f"{args.good} holds the images the model was fitted on (its training source): their scores are too "
+               "low to set a threshold from; calibrate on good images the model has not seen")  # fmt: skip
+        raise ValueError(msg)
     # Fewer images than the rate needs (200 for 0.5%) give a threshold just above their largest score (with a
     # warning, as fit's does); but such a threshold must not replace one that rested on more images.
     needed = math.ceil(1 / rate)

@@ -182,3 +182,17 @@ def test_fit_says_when_the_held_out_slices_leave_too_few_images(demo_line: DemoL
     code = main(["fit", "--good", str(good), "--out", str(tmp_path / "m"), "--holdout", "0.4", "--quiet"])
     assert code == 2
     assert "3 good images are too few" in capsys.readouterr().err
+
+
+def test_calibrate_refuses_the_folder_the_model_was_fitted_on(demo_line: DemoLine, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    good = tmp_path / "good"
+    shutil.copytree(demo_line.train_dir, good)
+    (tmp_path / "config.toml").write_text(TINY_TOML)
+    model = tmp_path / "model"
+    assert main(["fit", "--good", str(good), "--config", str(tmp_path / "config.toml"), "--out", str(model),
+                 "--quiet"]) == 0  # fmt: skip
+    before = _threshold(model)
+    assert main(["calibrate", "--model", str(model), "--good", str(good), "--false-reject-rate", "0.2"]) == 2
+    assert "holds the images the model was fitted on" in capsys.readouterr().err
+    assert _threshold(model) == before

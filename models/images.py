@@ -57,6 +57,22 @@ def to_rgb_uint8(array: np.ndarray, name: str = "<array>") -> np.ndarray:
     return array
 
 
+def full_scale(image: np.ndarray) -> int:
+    """The largest value ``image``'s data can hold: 255 for uint8; for uint16 the smallest ``2**bits - 1`` (bits 8,
+    10, 12, 14 or 16) at or above its maximum, so 10- or 12-bit camera data stored in 16 bits gets its own range
+    (a 16-bit frame darker than 1/16 of its range is taken for 12-bit: only where a frame's own range is wanted)."""
+    if image.dtype != np.uint16:
+        return 255
+    peak = int(image.max()) if image.size else 0
+    return next(2**bits - 1 for bits in (8, 10, 12, 14, 16) if peak <= 2**bits - 1)
+
+
+def to_unit_range(image: np.ndarray, of: np.ndarray | None = None) -> np.ndarray:
+    """``image`` as float32 in [0, 1] of the ``full_scale`` of ``of`` (a larger original it was resized from,
+    whose maximum decides), else of its own."""
+    return image.astype(np.float32) / np.float32(full_scale(image if of is None else of))
+
+
 def _decoded_to_rgb(decoded: np.ndarray | None, name: str, keep_depth: bool) -> np.ndarray:
     if decoded is None:
         msg = f"{name}: not a readable image (cv2 could not decode it)"

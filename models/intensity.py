@@ -31,7 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from models.images import read_sample
+from models.images import read_sample, to_unit_range
 from pipeline.config import Intensity
 
 SIDE = 64  # frames are downsized to SIDE x SIDE before their quantiles are taken
@@ -63,9 +63,10 @@ class IntensityChoice:
 
 
 def level_quantiles(image: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """``(H, W, C)`` uint8 -> its ``(L, C)`` quantiles in [0, 1] at ``LEVELS`` and its mean and spread (over all
-    channels, as ``preprocess`` standardises)."""
-    small = cv2.resize(image, (SIDE, SIDE), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+    """``(H, W, C)`` uint8 or uint16 -> its ``(L, C)`` quantiles in [0, 1] of its own range (``full_scale``: 10- or
+    12-bit data in 16 bits keeps its grey levels against ``NOISE_FLOOR`` and ``CLIPPED``) at ``LEVELS``, and its
+    mean and spread (over all channels, as ``preprocess`` standardises)."""
+    small = to_unit_range(cv2.resize(image, (SIDE, SIDE), interpolation=cv2.INTER_AREA), image)
     pixels = small.reshape(SIDE * SIDE, -1)
     return np.quantile(pixels, LEVELS, axis=0), float(pixels.mean()), max(float(pixels.std()), 1.0 / 255.0)
 
@@ -102,4 +103,4 @@ def choose_intensity_from(images: Sequence[np.ndarray]) -> IntensityChoice:
 def choose_intensity(paths: Sequence[Path]) -> IntensityChoice:
     """The choice for good image files: up to ``MAX_FRAMES`` of them, evenly spaced; unreadable ones are passed
     over (the fit reports them)."""
-    return choose_intensity_from(read_sample(paths, MAX_FRAMES))
+    return choose_intensity_from(read_sample(paths, MAX_FRAMES, keep_depth=True))

@@ -159,13 +159,13 @@ def preprocess(
     for position, image in enumerate(images):
         rgb = to_rgb(image, f"image {position}")
         grey_levels.append(1.0 / 255.0 if rgb.dtype == np.uint8 else 1.0 / 65535.0)
-        if rgb.dtype == np.uint16:  # on the 8-bit scale, in floats: 10- to 14-bit data keeps every grey level
-            rgb = rgb.astype(np.float32) / np.float32(257.0)
         frame_rows.append([])
         for piece in frame_tiles(rgb) if resize == "tile" else [rgb]:
             top, left, box_h, box_w = content_box(piece.shape[0], piece.shape[1], image_size, resize)
             interpolation = cv2.INTER_AREA if piece.shape[0] > box_h or piece.shape[1] > box_w else cv2.INTER_LINEAR
             scaled = cv2.resize(piece, (box_w, box_h), interpolation=interpolation)
+            if scaled.dtype == np.uint16:  # on the 8-bit scale in floats (resized first: a fraction of the memory)
+                scaled = scaled.astype(np.float32) / np.float32(257.0)
             if (box_h, box_w) != (image_size, image_size):
                 canvas = np.empty((image_size, image_size, 3), scaled.dtype)
                 fill = scaled.reshape(-1, 3).mean(axis=0)

@@ -112,3 +112,14 @@ def test_fit_resolves_auto_and_the_saved_model_keeps_the_choice(tmp_path: Path) 
     loaded = load_scorer(tmp_path / "model")
     assert loaded.model_settings.intensity == "raw"
     assert loaded.training.intensity_choice == scorer.training.intensity_choice
+
+
+@pytest.mark.parametrize("bits", [10, 12])
+def test_camera_data_of_10_or_12_bits_in_16_is_judged_on_its_own_range(bits: int) -> None:
+    """Scaled to 8 bits as 16-bit data, 10-bit frames keep 4 grey levels, under the one-level noise floor."""
+    full = 2**bits - 1
+    for frames, expected in ((content_frames(), "raw"), (exposure_frames(), "standardise")):
+        deep = [np.round(frame * (full / 255)).astype(np.uint16) for frame in frames]
+        choice = choose_intensity_from(deep)
+        assert choice.intensity == expected == choose_intensity_from(frames).intensity
+        assert choice.ratio == pytest.approx(choose_intensity_from(frames).ratio, rel=0.1)

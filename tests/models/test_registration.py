@@ -159,3 +159,35 @@ def test_a_registered_model_forgives_a_part_off_its_fixture(tmp_path: Path) -> N
     assert [path.parent.name for path in (tmp_path / "model").rglob("registration.npz")] == ["model"]
     np.testing.assert_array_equal(reloaded.score(frames).scores, registered)
     assert reloaded.training.registration_choice.startswith("auto: on")
+
+
+def twelve_bit(image: np.ndarray) -> np.ndarray:
+    """An 8-bit picture as a Mono12 camera stores it: 0-4095 in 16 bits."""
+    return np.round(image * (4095 / 255)).astype(np.uint16)
+
+
+def test_12_bit_frames_are_registered_and_filled_on_their_own_scale() -> None:
+    """The fill (what a moved frame does not show) is on a 12-bit frame's range, not 16 times too bright."""
+    registration = _registration()
+    frame = part(dx=8, dy=5, degrees=-3)
+    (aligned8,), (pose8,) = registration.align([frame])
+    (aligned12,), (pose12,) = registration.align([twelve_bit(frame)])
+    assert pose8 is not None and pose12 is not None and np.abs(pose12 - pose8).max() < 0.05
+    assert aligned12.dtype == np.uint16 and int(aligned12.max()) <= 4095
+    assert np.abs(aligned12.astype(float) * (255 / 4095) - aligned8).mean() < 1.0
+
+
+def test_a_registration_fitted_on_12_bit_frames_equals_the_one_fitted_on_8_bit(tmp_path: Path) -> None:
+    """Reference and fill are built on each frame's own range: 12-bit good parts give the 8-bit parts' ones."""
+    from models.fit import fit_scorer
+
+    parts = good_parts(16, seed=3)
+    config = config_from_mapping(TINY | {"model": {**TINY["model"], "registration": "on"}})
+    eight = fit_scorer(_write(parts, tmp_path / "good8"), config, progress=False, holdout_fraction=0.2)
+    twelve = fit_scorer(_write([twelve_bit(image) for image in parts], tmp_path / "good12"), config, progress=False,
+                        holdout_fraction=0.2)  # fmt: skip
+    assert eight.registration is not None and twelve.registration is not None
+    assert np.abs(twelve.registration.reference - eight.registration.reference).max() < 0.01
+    assert np.abs(twelve.registration.fill.astype(int) - eight.registration.fill).max() <= 2
+    result = twelve.score([twelve_bit(part()), twelve_bit(part(dx=9, dy=-6, degrees=3))])
+    assert result.unregistered is not None and not result.unregistered.any() and np.isfinite(result.scores).all()

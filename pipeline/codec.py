@@ -142,17 +142,21 @@ def decode_decision(payload: bytes) -> Decision:
 
 
 def encode_pixels(image_rgb: np.ndarray, encoding: Encoding, jpeg_quality: int = 90) -> tuple[bytes, dict[str, Any]]:
-    """RGB uint8 or uint16 ``(height, width, 3)`` to ``(data, extra Frame fields)`` for the given encoding; PNG and
-    raw keep 16 bits, JPEG (8 bits only) scales them by 1/257."""
-    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype not in (np.uint8, np.uint16):
-        msg = f"encode_pixels expects RGB uint8 or uint16 (height, width, 3), got {image_rgb.dtype} {image_rgb.shape}"
+    """RGB ``(height, width, 3)`` or grey ``(height, width)``, uint8 or uint16, to ``(data, extra Frame fields)`` for
+    the given encoding; PNG and raw keep 16 bits (a grey frame stays one channel: a third of the bytes), JPEG holds
+    8 bits and refuses 16-bit frames rather than drop their grey levels."""
+    shape_ok = image_rgb.ndim == 2 or (image_rgb.ndim == 3 and image_rgb.shape[2] == 3)
+    if not shape_ok or image_rgb.dtype not in (np.uint8, np.uint16):
+        msg = ("encode_pixels expects RGB or grey, uint8 or uint16 ((height, width, 3) or (height, width)), got "
+               f"{image_rgb.dtype} {image_rgb.shape}")  # fmt: skip
         raise ValueError(msg)
     if encoding == "jpeg" and image_rgb.dtype == np.uint16:
-        image_rgb = (image_rgb.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+        msg = "JPEG holds 8 bits: encode 16-bit frames as png or raw"
+        raise ValueError(msg)
     if encoding == "raw":
         extra = {"raw_shape": image_rgb.shape, "raw_dtype": str(image_rgb.dtype)}
         return np.ascontiguousarray(image_rgb).tobytes(), extra
-    bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    bgr = image_rgb if image_rgb.ndim == 2 else cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
     if encoding == "jpeg":
         ok, buffer = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
     else:

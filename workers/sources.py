@@ -67,7 +67,10 @@ class FolderSource:
         metadata: dict[str, MetadataValue] = {"source_file": path.name}
         if encoding is not None:
             return Capture(path.read_bytes(), encoding, time.time_ns(), metadata=metadata)  # type: ignore[arg-type]
-        data, _ = encode_pixels(read_image(path, keep_depth=True), "png")
+        image = read_image(path, keep_depth=True)
+        if (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all():
+            image = image[..., 0]  # a grey frame goes as one channel (16-bit RGB of 12 MP would pass 16 MB)
+        data, _ = encode_pixels(image, "png")
         return Capture(data, "png", time.time_ns(), metadata=metadata)
 
     def captures(self) -> Iterator[Capture]:

@@ -278,3 +278,11 @@ def test_peek_frame_ref_names_a_rejected_frame_when_it_can() -> None:
     for unnamed in [b"\xc1\xff", *unnamed_payloads]:
         assert peek_frame_ref(unnamed, "line-1", 0) is None
     assert peek_frame_ref(payload[:-3], "line-1", 0) is not None  # truncated after the id: still named
+
+
+def test_jpeg_refuses_16_bit_frames_rather_than_drop_their_grey_levels() -> None:
+    with pytest.raises(ValueError, match="JPEG holds 8 bits"):
+        encode_pixels(np.zeros((16, 16, 3), np.uint16), "jpeg")
+    grey = np.full((16, 16), 4095, np.uint16)
+    data, extra = encode_pixels(grey, "raw")
+    assert extra == {"raw_shape": (16, 16), "raw_dtype": "uint16"} and len(data) == 16 * 16 * 2

@@ -213,3 +213,24 @@ def test_a_paced_file_source_reads_each_frame_at_its_slot(
     assert [frame.metadata["index"] for frame in frames] == [0, 1, 2, 3]
     gaps_s = np.diff([frame.captured_at_ns for frame in frames]) / 1e9
     assert (gaps_s >= 0.05 - 0.002).all()  # the limiter's spacing: a lower bound by construction, not a speed check
+
+
+def test_a_folder_sends_16_bit_grey_tiffs_as_one_channel_16_bit_pngs(tmp_path: Path) -> None:
+    """Mono12 frames saved as TIFF keep their grey levels, and their bytes stay a third of 16-bit RGB's."""
+    import cv2
+
+    from models.images import read_image
+    from pipeline.codec import decode_pixels
+    from pipeline.messages import Frame
+
+    grey = (np.arange(64 * 80, dtype=np.uint32).reshape(64, 80) % 4096).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "mono12.tif"), grey)
+    capture = next(iter(FolderSource("cam0", tmp_path, loop=False).captures()))
+    assert capture.encoding == "png"
+    sent = cv2.imdecode(np.frombuffer(capture.data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert sent is not None and sent.shape == (64, 80) and sent.dtype == np.uint16
+    frame = Frame(frame_id="f", line_id="line-1", camera_id="cam0", sequence=0, captured_at_ns=1, encoding="png",
+                  data=capture.data)  # fmt: skip
+    decoded = decode_pixels(frame)
+    assert decoded.dtype == np.uint16 and np.array_equal(decoded, read_image(tmp_path / "mono12.tif", keep_depth=True))
+    assert int(decoded.max()) == 4095

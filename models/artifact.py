@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -292,6 +293,29 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
     return dict(manifest)
 
 
+def verify_model(model_dir: Path) -> dict[str, Any]:
+    """The verified manifest of ``model_dir`` with every fusion member's files and content hash checked too, as
+    ``load_scorer`` checks them, without loading anything (no backbone, no bank in memory)."""
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    for entry in manifest.get("fusion", []):
+        name, content_hash = (str(entry.get("dir")), entry.get("content_hash")) if isinstance(entry, dict) else ("", "")
+        _check_member(model_dir, name, content_hash, verify_model)
+    return manifest
+
+
+def _check_member(model_dir: Path, name: str, content_hash: object,
+                  read: Callable[[Path], dict[str, Any]]) -> None:  # fmt: skip
+    """Raise unless ``model_dir/name`` is a member directory whose manifest (``read``, which verifies it) has the
+    content hash the fused model recorded."""
+    if not name or Path(name).name != name or not (model_dir / name).is_dir():
+        msg = f"{model_dir}: fusion member directory {name!r} is missing"
+        raise ArtifactError(msg)
+    if read(model_dir / name)["content_hash"] != content_hash:
+        msg = f"{model_dir}/{name} is not the fusion member this model was saved with (content hash differs)"
+        raise ArtifactError(msg)
+
+
 # Settings added after models were first written, with the value that reproduces a model written before them
 OLDER_MODEL_SETTINGS = {"intensity": "raw", "registration": "off"}
 OLDER_SCORING_SETTINGS = {"map_baseline": "none"}
@@ -326,12 +350,7 @@ def load_scorer(model_dir: Path, device: str = "auto") -> Scorer:
     method = cls.load(model_dir, section, model_settings, resolve_device(device))
     companions = []
     for name, content_hash in fusion:
-        if Path(name).name != name or not (model_dir / name).is_dir():
-            msg = f"{model_dir}: fusion member directory {name!r} is missing"
-            raise ArtifactError(msg)
-        if read_manifest(model_dir / name)["content_hash"] != content_hash:
-            msg = f"{model_dir}/{name} is not the fusion member this model was saved with (content hash differs)"
-            raise ArtifactError(msg)
+        _check_member(model_dir, name, content_hash, read_manifest)
         companions.append(load_scorer(model_dir / name, device))
     try:
         return Scorer(method, model_settings, scoring, training, threshold, str(manifest["model_id"]), stats,

@@ -142,14 +142,14 @@ def cmd_promote(args: argparse.Namespace) -> int:
     threshold): the key outlives the workers, and a model that cannot load would otherwise be what every restarted
     or added worker is told to use. Verifying reads the files but loads no backbone, so promote can run inside a
     scorer's container without a second model's memory."""
-    from models.artifact import read_manifest
+    from models.artifact import verify_model
     from models.errors import ArtifactError
 
     config = _config(args)
     model_dir = Path(args.model).resolve()
     try:
-        manifest = read_manifest(model_dir)
-    except ArtifactError as error:
+        manifest = verify_model(model_dir)
+    except (ArtifactError, OSError) as error:
         print(f"error: {model_dir} was not promoted: {error}", file=sys.stderr)
         return 2
     if manifest.get("threshold") is None:

@@ -267,3 +267,22 @@ def test_loading_names_what_is_wrong_with_the_directory(saved_model: Path, tmp_p
     (model / "manifest.json").write_text('{"files": ["bank.npy"]}')
     with pytest.raises(ArtifactError, match="not a lineinspect manifest"):
         load_scorer(model)
+
+
+def test_verifying_a_model_checks_its_fusion_members_without_loading_it(saved_model: Path, tmp_path: Path) -> None:
+    from models.artifact import _write_manifest, verify_model
+
+    model = _copy(saved_model, tmp_path)
+    shutil.copytree(saved_model, model / "fusion-1-patchcore")  # a member: a complete model of its own
+    manifest = read_manifest(model)
+    member_hash = read_manifest(model / "fusion-1-patchcore")["content_hash"]
+    manifest["fusion"] = [{"dir": "fusion-1-patchcore", "content_hash": member_hash}]
+    _write_manifest(model, manifest)
+    assert verify_model(model)["fusion"][0]["dir"] == "fusion-1-patchcore"
+    bank = model / "fusion-1-patchcore" / "bank.npy"
+    bank.write_bytes(bank.read_bytes() + b"x")
+    with pytest.raises(ArtifactError, match=r"fusion-1-patchcore: bank\.npy does not match its sha256"):
+        verify_model(model)
+    shutil.rmtree(model / "fusion-1-patchcore")
+    with pytest.raises(ArtifactError, match="fusion member directory 'fusion-1-patchcore' is missing"):
+        verify_model(model)

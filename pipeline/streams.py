@@ -44,23 +44,27 @@ DEAD_LETTER_PAYLOAD_BYTES = 64 * 1024
 DEAD_LETTER_FRAME_ID_CHARS = 1000
 RETRIED_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionError, OSError)
 
-# KEYS: the frame_id's published marker (a hash: frames-stream entry id -> 1), the decisions stream. Its TTL runs
-# from the frame_id's first decision and is not re-armed, so a camera that reuses one id adds at most a TTL's worth
-# of fields before the marker expires.
-# ARGV: marker TTL, MAXLEN, frame entry id, payload, payload to use when another frame already used this frame_id.
-# Returns false (already published for this frame), or {decision entry id, 1 when the frame_id was reused else 0}.
+# KEYS: the frame_id's published marker (a sorted set: frames-stream entry id -> when its decision was published),
+# the decisions stream. ARGV: marker TTL (s), MAXLEN, frame entry id, payload, payload to use when another frame
+# used this frame_id within the TTL, now (s, the sink's clock). Entries older than the TTL are dropped first, so the
+# set holds at most a TTL's worth of frames however often a camera reuses an id, and each frame is recognised for a
+# full TTL after its own decision. Returns false (already published for this frame), or {decision entry id, 1 when
+# the frame_id was reused else 0}. A plain string marker (written by sinks before entry ids) counts as published.
 _PUBLISH_ONCE = """
 if redis.call('TYPE', KEYS[1])['ok'] == 'string' then
   return false
 end
-if redis.call('HSETNX', KEYS[1], ARGV[3], '1') == 0 then
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[6]) - tonumber(ARGV[1]))
+if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
   return false
 end
-if redis.call('HLEN', KEYS[1]) == 1 then
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
-  return {redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV[4]), 0}
+local reused = redis.call('ZCARD', KEYS[1]) > 0
+redis.call('ZADD', KEYS[1], ARGV[6], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if reused then
+  return {redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV[5]), 1}
 end
-return {redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV[5]), 1}
+return {redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV[4]), 0}
 """
 
 # Forget consumers of a group that hold nothing and have been idle long enough (pods that went away). Atomic, so a
@@ -396,6 +400,7 @@ class StreamClient:
                         decision.frame_entry_id,
                         decision.payload,
                         decision.payload if decision.payload_if_reused is None else decision.payload_if_reused,
+                        f"{time.time():.3f}",
                     ],
                     client=pipe,
                 )

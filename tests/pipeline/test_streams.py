@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -124,14 +125,22 @@ def test_a_frame_reusing_a_published_frame_id_is_published_once_too(client: Stre
     assert 0 < client.redis.ttl(keys.published("dup-1")) <= 60
 
 
-def test_a_frame_id_reused_by_every_frame_still_expires(client: StreamClient, keys: LineKeys) -> None:
-    """A camera that sends one id for every frame: its marker's TTL runs from the first decision, not re-armed."""
-    client.publish_decisions_once(keys, [DecisionToPublish("cam", "1-0", b"first")], marker_ttl_s=60)
-    client.redis.expire(keys.published("cam"), 5)  # as if 55 s had passed
-    later = [DecisionToPublish("cam", f"{n}-0", b"next", b"next, id reused") for n in range(2, 50)]
-    client.publish_decisions_once(keys, later, marker_ttl_s=60)
-    assert 0 < client.redis.ttl(keys.published("cam")) <= 5
-    assert client.redis.hlen(keys.published("cam")) == 49
+def test_every_frame_reusing_an_id_is_recognised_for_a_full_ttl_and_the_marker_stays_bounded(
+    client: StreamClient, keys: LineKeys
+) -> None:
+    """A camera that sends one id for every frame: a frame decided just before the id's first frame expires must
+    still be recognised when redelivered, and frames older than the TTL leave the marker."""
+    def publish(entry_id: str) -> Publication:
+        [outcome] = client.publish_decisions_once(keys, [DecisionToPublish("cam", entry_id, b"d", b"d reused")], 1)
+        return outcome
+
+    assert publish("1-0") is Publication.PUBLISHED
+    time.sleep(0.7)
+    assert publish("2-0") is Publication.PUBLISHED_FRAME_ID_REUSED
+    time.sleep(0.6)  # 1.3 s after the first frame, 0.6 s after the second: only the first is forgotten
+    assert publish("2-0") is Publication.DUPLICATE
+    assert client.redis.zrange(keys.published("cam"), 0, -1) == [b"2-0"]
+    assert client.length(keys.decisions) == 2
 
 
 def test_a_marker_left_by_an_older_sink_still_counts_as_published(client: StreamClient, keys: LineKeys) -> None:

@@ -12,8 +12,10 @@ reproduces the recorded gaps, ``speed=N`` is N times faster, ``speed=0`` sends a
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from pipeline.messages import Decision, Frame, MetadataValue
 from pipeline.streams import LineKeys, StreamClient
 from workers.sources import Capture
 
+logger = logging.getLogger(__name__)
 FORMAT = "lineinspect-recording"
 FORMAT_VERSION = 1
 
@@ -40,6 +43,7 @@ class Recording:
     line_id: str
     frames: list[Frame] = field(default_factory=list)
     decisions: dict[str, Decision] = field(default_factory=dict)  # by frame_id
+    truncated_bytes: int = 0  # bytes after the last whole entry: a recorder killed mid-write, a cut copy
 
 
 class RecordingWriter:
@@ -68,7 +72,9 @@ def read_recording(path: Path) -> Recording:
     """Load a recording; raises RecordingError naming the file when it is not one."""
     try:
         with path.open("rb") as handle:
-            items = list(msgpack.Unpacker(handle, raw=False, strict_map_key=True))
+            unpacker = msgpack.Unpacker(handle, raw=False, strict_map_key=True)
+            items = list(unpacker)
+            truncated = path.stat().st_size - unpacker.tell()
     except (OSError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as error:
         msg = f"{path}: not a readable recording ({error})"
         raise RecordingError(msg) from None
@@ -76,7 +82,7 @@ def read_recording(path: Path) -> Recording:
     if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
         msg = f"{path}: not a {FORMAT} v{FORMAT_VERSION} file (make one with `lineinspect record`)"
         raise RecordingError(msg)
-    recording = Recording(line_id=str(header["line_id"]))
+    recording = Recording(line_id=str(header["line_id"]), truncated_bytes=truncated)
     try:
         for item in items[1:]:
             if item.get("kind") == "frame":
@@ -84,7 +90,7 @@ def read_recording(path: Path) -> Recording:
             elif item.get("kind") == "decision":
                 decision = decode_decision(item["payload"])
                 recording.decisions[decision.frame_id] = decision
-    except (CodecError, KeyError, AttributeError) as error:
+    except (CodecError, KeyError, AttributeError, TypeError) as error:
         msg = f"{path}: damaged entry ({error})"
         raise RecordingError(msg) from None
     return recording
@@ -98,8 +104,10 @@ def record_line(
     max_frames: int | None,
     settle_s: float = 5.0,
     started: threading.Event | None = None,
-) -> tuple[int, int]:
-    """Save new frames (and their decisions) of a line until ``max_frames`` or ``stop``; returns the counts.
+) -> tuple[int, int, int]:
+    """Save new frames (and their decisions) of a line until ``max_frames`` or ``stop``; returns the counts of
+    frames, decisions and skipped entries (not a frame or decision: the pipeline dead-letters those, the recording
+    leaves them out and goes on).
 
     After the last frame, decisions are awaited up to ``settle_s`` so the recording has a baseline for each frame.
     ``started`` is set once the recorder has fixed its starting point: frames published after that are recorded.
@@ -110,11 +118,15 @@ def record_line(
         started.set()
     frame_ids: set[str] = set()
     decided: set[str] = set()
+    skipped = 0
     settle_until: float | None = None
+
+    def frames_done() -> bool:
+        return stop.is_set() or (max_frames is not None and len(frame_ids) >= max_frames)
+
     try:
         while True:
-            done_frames = stop.is_set() or (max_frames is not None and len(frame_ids) >= max_frames)
-            if done_frames and settle_until is None:
+            if frames_done() and settle_until is None:
                 settle_until = time.monotonic() + settle_s
             if settle_until is not None and (frame_ids <= decided or time.monotonic() > settle_until):
                 break
@@ -122,17 +134,22 @@ def record_line(
                 positions[stream] = entry.entry_id
                 if entry.payload is None:
                     continue
-                if stream == keys.frames and not done_frames:
-                    frame_ids.add(decode_frame(entry.payload).frame_id)
-                    writer.frame(entry.entry_id, entry.payload)
-                elif stream == keys.decisions:
-                    frame_id = decode_decision(entry.payload).frame_id
-                    if frame_id in frame_ids and frame_id not in decided:
-                        decided.add(frame_id)
-                        writer.decision(entry.payload)
+                try:
+                    if stream == keys.frames and not frames_done():
+                        frame_ids.add(decode_frame(entry.payload).frame_id)
+                        writer.frame(entry.entry_id, entry.payload)
+                    elif stream == keys.decisions:
+                        frame_id = decode_decision(entry.payload).frame_id
+                        if frame_id in frame_ids and frame_id not in decided:
+                            decided.add(frame_id)
+                            writer.decision(entry.payload)
+                except CodecError as error:
+                    skipped += 1
+                    where = {"stream": stream, "entry_id": entry.entry_id, "error": str(error)}
+                    logger.warning("entry skipped: not a frame or decision", extra=where)
     finally:
         writer.close()
-    return len(frame_ids), len(decided)
+    return len(frame_ids), len(decided), skipped
 
 
 class ReplaySource:
@@ -170,6 +187,9 @@ class ReplaySource:
             )
 
 
+CHANGED_FRAMES_SHOWN = 200  # frames listed in a report's changed_frames (all are counted)
+
+
 def _distribution(scores: list[float]) -> dict[str, float | int]:
     if not scores:
         return {"count": 0}
@@ -205,7 +225,15 @@ def compare_decisions(baseline: dict[str, Decision], candidate: dict[str, Decisi
                     "candidate_score": candidate[frame_id].score,
                 }
             )
+    by_label: dict[str, dict[str, int]] = {}
+    for frame_id in shared:  # frames ingested with --metadata label=...: which flips are new false alarms or misses
+        label = baseline[frame_id].metadata.get("label")
+        if label is not None:
+            key = f"{baseline[frame_id].verdict}->{candidate[frame_id].verdict}"
+            counts = by_label.setdefault(str(label), {})
+            counts[key] = counts.get(key, 0) + 1
     score_pairs = [(baseline[f].score, candidate[f].score) for f in shared]
+    errors = Counter(d.error_reason or "unknown" for d in candidate.values() if d.verdict == "error")
     differences = [abs(b - c) for b, c in score_pairs if b is not None and c is not None]
     return {
         "frames_compared": len(shared),
@@ -213,9 +241,14 @@ def compare_decisions(baseline: dict[str, Decision], candidate: dict[str, Decisi
         "missing_in_baseline": len(set(candidate) - set(baseline)),
         "verdict_changes": len(changed),
         "transitions": dict(sorted(transitions.items())),
-        "changed_frames": changed[:200],
+        "transitions_by_label": {label: dict(sorted(counts.items())) for label, counts in sorted(by_label.items())},
+        "changed_frames": changed[:CHANGED_FRAMES_SHOWN],
+        "changed_frames_truncated": len(changed) > CHANGED_FRAMES_SHOWN,
         "baseline_models": sorted({d.model_id or "" for d in baseline.values()}),
         "candidate_models": sorted({d.model_id or "" for d in candidate.values()}),
+        "baseline_thresholds": sorted({d.threshold for d in baseline.values() if d.threshold is not None}),
+        "candidate_thresholds": sorted({d.threshold for d in candidate.values() if d.threshold is not None}),
+        "candidate_errors": dict(sorted(errors.items())),
         "baseline_scores": _distribution([s for s, _ in score_pairs if s is not None]),
         "candidate_scores": _distribution([s for _, s in score_pairs if s is not None]),
         "mean_abs_score_change": float(np.mean(differences)) if differences else None,

@@ -17,7 +17,7 @@ from pipeline.messages import Decision
 from pipeline.streams import LineKeys
 from workers.ingest import Ingestor
 from workers.lifecycle import WorkerRuntime
-from workers.record import ReplaySource, compare_decisions
+from workers.record import RecordingError, ReplaySource, compare_decisions
 
 
 def replay_and_compare(
@@ -26,6 +26,10 @@ def replay_and_compare(
     """Replay ``path`` onto ``line_id`` (default: the recorded line) and return the comparison report."""
     source = ReplaySource("replay", path, speed, run_id=run_id)
     line_id = line_id or source.recording.line_id
+    if line_id == source.recording.line_id:
+        msg = (f"{path} was recorded on line {line_id}: replaying onto it would put old frames among that line's "
+               "decisions; replay onto a shadow line (--line) whose workers run the candidate model")  # fmt: skip
+        raise RecordingError(msg)
     keys = LineKeys(runtime.config.streams.prefix, line_id)
     client = runtime.client
     position = client.last_id(keys.decisions)
@@ -34,8 +38,10 @@ def replay_and_compare(
     sender.start()
     expected = len(source.recording.frames)
     candidate: dict[str, Decision] = {}
-    deadline = time.monotonic() + timeout_s
-    while len(candidate) < expected and time.monotonic() < deadline:
+    deadline = None  # the timeout counts from the last frame sent: a long recording at speed 1 takes its time
+    while len(candidate) < expected and (deadline is None or time.monotonic() < deadline):
+        if deadline is None and not sender.is_alive():
+            deadline = time.monotonic() + timeout_s
         for _stream, entry in client.tail({keys.decisions: position}, count=200, block_ms=200):
             position = entry.entry_id
             if entry.payload is None:
@@ -48,6 +54,16 @@ def replay_and_compare(
     runtime.stop.set()
     sender.join(timeout=10)
     report = compare_decisions(source.recording.decisions, candidate)
+    warnings = []
+    if source.recording.truncated_bytes:
+        warnings.append(f"{path} ends in {source.recording.truncated_bytes} bytes that are not a whole entry: the "
+                        "recording was cut (a recorder stopped mid-write, a partial copy); the rest was used")
+    if not candidate and expected:
+        warnings.append(f"no decision came back from line {line_id} within {timeout_s:.0f} s of the last frame: "
+                        "is a scoring worker and a sink running for it? (its frames stay on its stream)")  # fmt: skip
+    elif len(candidate) < expected:
+        warnings.append(f"{expected - len(candidate)} of {expected} frames got no decision within {timeout_s:.0f} s "
+                        "of the last frame sent (--timeout-s)")  # fmt: skip
     report.update(
         {
             "recording": str(path),
@@ -55,6 +71,8 @@ def replay_and_compare(
             "frames_replayed": ingestor.published,
             "decisions_received": len(candidate),
             "timed_out": len(candidate) < expected,
+            "recording_truncated": bool(source.recording.truncated_bytes),
+            "warnings": warnings,
         }
     )
     return report

@@ -171,10 +171,11 @@ def cmd_record(args: argparse.Namespace) -> int:
     client = StreamClient(_redis_url(config), config.redis, config.streams)
     stop = threading.Event()
     install_stop_handlers(stop)
-    frames, decisions = record_line(
+    frames, decisions, skipped = record_line(
         client, LineKeys(config.streams.prefix, _line(args, config)), Path(args.out), stop, args.frames
     )
-    print(f"recorded {frames} frames and {decisions} decisions to {args.out}")
+    unusable = f" ({skipped} unusable entries skipped, see the log)" if skipped else ""
+    print(f"recorded {frames} frames and {decisions} decisions to {args.out}{unusable}")
     return 0
 
 
@@ -183,15 +184,28 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     config = _config(args)
     setup_logging("replay", _log_level(args))
+    if not args.line:
+        msg = "replay needs --line: the shadow line whose workers run the candidate model (never the recorded line)"
+        raise ConfigError(msg)
+    report_path = Path(args.report) if args.report else None
+    if report_path is not None:  # before the replay: a path that cannot be written must not cost the run
+        try:
+            report_path.parent.mkdir(parents=True, exist_ok=True)
+            with report_path.open("a"):
+                pass
+        except OSError as error:
+            msg = f"--report {report_path} cannot be written ({error.strerror or error})"
+            raise ConfigError(msg) from None
     run_id = uuid.uuid4().hex[:8]
     with WorkerRuntime(config, _redis_url(config), "replay", f"replay-{run_id}", 0) as runtime:
         install_stop_handlers(runtime.stop)
         report = replay_and_compare(runtime, Path(args.file), args.line, args.speed, run_id, args.timeout_s)
     text = json.dumps(report, indent=2)
-    if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(text)
     print(text)
+    if report_path is not None:
+        report_path.write_text(text)
+    for warning in report.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

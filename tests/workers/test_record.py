@@ -81,7 +81,7 @@ def test_record_line_saves_new_frames_with_their_decisions(
     client, keys = runtime.client, LineKeys(runtime.config.streams.prefix, "line-1")
     client.publish(keys.frames, encode_frame(frame_from_file(tiny_line.good_images[0])))  # before recording: skipped
     frames = [frame_from_file(tiny_line.good_images[i]) for i in range(3)]
-    counts: list[tuple[int, int]] = []
+    counts: list[tuple[int, int, int]] = []
     started = threading.Event()
     recorder = start_thread(
         lambda: counts.append(
@@ -94,7 +94,7 @@ def test_record_line_saves_new_frames_with_their_decisions(
     for frame in frames:
         client.publish(keys.decisions, encode_decision(decision(frame.frame_id, "fail", 9.0)))
     recorder.join(timeout=60)
-    assert counts == [(3, 3)]
+    assert counts == [(3, 3, 0)]
     recording = read_recording(tmp_path / "rec.lir")
     assert [f.frame_id for f in recording.frames] == [f.frame_id for f in frames]
     assert set(recording.decisions) == {f.frame_id for f in frames}
@@ -132,3 +132,66 @@ def test_replay_onto_a_candidate_line_reports_against_the_recording(
     assert report["baseline_models"] == ["production"]
     assert sum(report["transitions"].values()) == len(frames)
     assert report["candidate_scores"]["count"] == len(frames)
+
+
+def test_the_report_says_which_flips_are_false_alarms_and_misses_and_with_what_thresholds() -> None:
+    def labelled(frame_id: str, verdict: str, score: float, label: str, threshold: float) -> Decision:
+        return decision(frame_id, verdict, score).model_copy(update={"metadata": {"label": label},
+                                                                     "threshold": threshold})  # fmt: skip
+
+    baseline = {"g": labelled("g", "pass", 3.1, "good", 3.2), "d": labelled("d", "fail", 5.0, "defect", 3.2),
+                "e": labelled("e", "pass", 1.0, "good", 3.2)}  # fmt: skip
+    stale = decision("e2", "error", 0.0).model_copy(update={"score": None, "error_reason": "stale"})
+    candidate = {"g": labelled("g2", "fail", 3.0, "good", 2.7), "d": labelled("d2", "fail", 4.0, "defect", 2.7),
+                 "e": stale}  # fmt: skip
+    report = compare_decisions(baseline, candidate)
+    assert report["transitions_by_label"] == {"defect": {"fail->fail": 1}, "good": {"pass->error": 1,
+                                                                                    "pass->fail": 1}}  # fmt: skip
+    assert (report["baseline_thresholds"], report["candidate_thresholds"]) == ([3.2], [2.7])
+    assert report["candidate_errors"] == {"stale": 1} and report["changed_frames_truncated"] is False
+
+
+def test_a_recorder_skips_entries_that_are_not_frames_and_goes_on(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    runtime = make_runtime("record", "r2")
+    client, keys = runtime.client, LineKeys(runtime.config.streams.prefix, "line-1")
+    frames = [frame_from_file(tiny_line.good_images[i]) for i in range(2)]
+    counts: list[tuple[int, int, int]] = []
+    started = threading.Event()
+    recorder = start_thread(
+        lambda: counts.append(
+            record_line(client, keys, tmp_path / "rec.lir", threading.Event(), 2, settle_s=30, started=started)
+        )
+    )
+    assert started.wait(timeout=30)
+    client.publish(keys.frames, encode_frame(frames[0]))
+    client.publish(keys.frames, b"\xc1garbage")  # the pipeline dead-letters it; the recording leaves it out
+    client.publish(keys.frames, encode_frame(frames[1]))
+    for frame in frames:
+        client.publish(keys.decisions, encode_decision(decision(frame.frame_id, "pass", 1.0)))
+    recorder.join(timeout=60)
+    assert counts == [(2, 2, 1)]
+    assert [f.frame_id for f in read_recording(tmp_path / "rec.lir").frames] == [f.frame_id for f in frames]
+
+
+def test_replay_refuses_the_recorded_line_and_says_when_a_recording_was_cut(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    frame = frame_from_file(tiny_line.good_images[0])
+    writer = RecordingWriter(tmp_path / "rec.lir", "line-1")
+    writer.frame("1-0", encode_frame(frame))
+    writer.decision(encode_decision(decision(frame.frame_id, "pass", 1.0)))
+    writer.close()
+    runtime = make_runtime("replay", "rp2")
+    with pytest.raises(RecordingError, match="was recorded on line line-1"):
+        replay_and_compare(runtime, tmp_path / "rec.lir", None, 0.0, "run2", 1.0)
+    with pytest.raises(RecordingError, match="was recorded on line line-1"):
+        replay_and_compare(runtime, tmp_path / "rec.lir", "line-1", 0.0, "run2", 1.0)
+    cut = tmp_path / "cut.lir"
+    cut.write_bytes((tmp_path / "rec.lir").read_bytes()[:-10])
+    assert read_recording(cut).truncated_bytes > 0 and read_recording(tmp_path / "rec.lir").truncated_bytes == 0
+    report = replay_and_compare(make_runtime("replay", "rp3"), cut, "nobody-scores-this", 0.0, "run3", 0.5)
+    assert report["recording_truncated"] and report["timed_out"]
+    assert any("was cut" in warning for warning in report["warnings"])
+    assert any("is a scoring worker and a sink running" in warning for warning in report["warnings"])

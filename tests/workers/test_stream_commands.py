@@ -91,6 +91,17 @@ def test_a_port_in_use_is_a_one_line_error_naming_its_setting(
     assert "Traceback" not in error
 
 
+def test_replay_needs_a_shadow_line_and_a_writable_report_before_it_sends_anything(
+    client: StreamClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["replay", str(tmp_path / "rec.lir")]) == 2
+    assert "replay needs --line" in capsys.readouterr().err
+    (tmp_path / "taken").write_text("a file, not a directory")
+    report = tmp_path / "taken" / "report.json"
+    assert main(["replay", str(tmp_path / "rec.lir"), "--line", "shadow", "--report", str(report)]) == 2
+    assert f"--report {report} cannot be written" in capsys.readouterr().err
+
+
 def test_every_command_is_registered_with_a_handler() -> None:
     parser = argparse.ArgumentParser()
     add_stream_commands(parser.add_subparsers(dest="command"))

@@ -40,10 +40,20 @@ class RecordingError(ValueError):
 
 @dataclass
 class Recording:
+    """A recording's header, its baseline decisions and how many frames it holds; the frames themselves stay in
+    the file and are read one at a time (``frames()``): a day of frames does not fit in memory, its decisions do."""
+
+    path: Path
     line_id: str
-    frames: list[Frame] = field(default_factory=list)
+    frame_count: int = 0
     decisions: dict[str, Decision] = field(default_factory=dict)  # by frame_id
     truncated_bytes: int = 0  # bytes after the last whole entry: a recorder killed mid-write, a cut copy
+
+    def frames(self) -> Iterator[Frame]:
+        """The recorded frames in order, decoded one at a time."""
+        for kind, payload in _entries(self.path):
+            if kind == "frame":
+                yield decode_frame(payload)
 
 
 class RecordingWriter:
@@ -68,31 +78,53 @@ class RecordingWriter:
         self._file.close()
 
 
-def read_recording(path: Path) -> Recording:
-    """Load a recording; raises RecordingError naming the file when it is not one."""
+def _unpacked(path: Path) -> Iterator[Any]:
+    """The file's msgpack items one at a time (``RecordingError`` naming the file when it is not msgpack)."""
     try:
         with path.open("rb") as handle:
-            unpacker = msgpack.Unpacker(handle, raw=False, strict_map_key=True)
-            items = list(unpacker)
-            truncated = path.stat().st_size - unpacker.tell()
+            yield from msgpack.Unpacker(handle, raw=False, strict_map_key=True)
     except (OSError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as error:
         msg = f"{path}: not a readable recording ({error})"
         raise RecordingError(msg) from None
-    header = items[0] if items else None
+
+
+def _entries(path: Path) -> Iterator[tuple[str, bytes]]:
+    """``(kind, payload)`` of each entry after the header, checked as far as their shape goes."""
+    items = _unpacked(path)
+    header = next(items, None)
     if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
         msg = f"{path}: not a {FORMAT} v{FORMAT_VERSION} file (make one with `lineinspect record`)"
         raise RecordingError(msg)
-    recording = Recording(line_id=str(header["line_id"]), truncated_bytes=truncated)
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("payload"), bytes):
+            msg = f"{path}: damaged entry ({str(item)[:80]})"
+            raise RecordingError(msg)
+        yield str(item.get("kind")), item["payload"]
+
+
+def read_recording(path: Path) -> Recording:
+    """Scan a recording (every entry checked, frames not kept); raises RecordingError naming the file when it is
+    not one or an entry is damaged."""
+    header = next(_unpacked(path), None)
+    recording = Recording(path, str(header.get("line_id")) if isinstance(header, dict) else "")
+    consumed = 0
     try:
-        for item in items[1:]:
-            if item.get("kind") == "frame":
-                recording.frames.append(decode_frame(item["payload"]))
-            elif item.get("kind") == "decision":
-                decision = decode_decision(item["payload"])
+        for kind, payload in _entries(path):
+            if kind == "frame":
+                decode_frame(payload)
+                recording.frame_count += 1
+            elif kind == "decision":
+                decision = decode_decision(payload)
                 recording.decisions[decision.frame_id] = decision
-    except (CodecError, KeyError, AttributeError, TypeError) as error:
-        msg = f"{path}: damaged entry ({error})"
+            consumed += 1
+    except CodecError as error:
+        msg = f"{path}: damaged entry {consumed + 1} ({error})"
         raise RecordingError(msg) from None
+    with path.open("rb") as handle:  # what follows the last whole entry: a cut file
+        unpacker = msgpack.Unpacker(handle, raw=False, strict_map_key=True)
+        for _ in unpacker:
+            pass
+        recording.truncated_bytes = path.stat().st_size - unpacker.tell()
     return recording
 
 
@@ -165,11 +197,9 @@ class ReplaySource:
         self.recording = read_recording(path)
 
     def captures(self) -> Iterator[Capture]:
-        frames = self.recording.frames
-        if not frames:
-            return
-        first_ns, started = frames[0].captured_at_ns, time.monotonic()
-        for frame in frames:
+        first_ns, started = None, time.monotonic()
+        for frame in self.recording.frames():
+            first_ns = frame.captured_at_ns if first_ns is None else first_ns
             if self.speed > 0:
                 due = started + (frame.captured_at_ns - first_ns) / 1e9 / self.speed
                 time.sleep(max(0.0, due - time.monotonic()))

@@ -36,7 +36,7 @@ def replay_and_compare(
     ingestor = Ingestor(runtime, line_id, [source], max_frames=None)
     sender = threading.Thread(target=ingestor.run, name="replay-ingest", daemon=True)
     sender.start()
-    expected = len(source.recording.frames)
+    expected = source.recording.frame_count
     candidate: dict[str, Decision] = {}
     deadline = None  # the timeout counts from the last frame sent: a long recording at speed 1 takes its time
     while len(candidate) < expected and (deadline is None or time.monotonic() < deadline):

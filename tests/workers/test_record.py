@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from pipeline.codec import encode_decision, encode_frame
@@ -63,7 +64,7 @@ def test_recording_round_trip_and_bad_files(tiny_line: TinyLine, tmp_path: Path)
     writer.close()
     recording = read_recording(tmp_path / "rec.lir")
     assert recording.line_id == "line-1"
-    assert recording.frames == [frame]
+    assert list(recording.frames()) == [frame] and recording.frame_count == 1
     assert recording.decisions[frame.frame_id].verdict == "pass"
     replayed = list(ReplaySource("x", tmp_path / "rec.lir", speed=0, run_id="r1").captures())
     assert replayed[0].data == frame.data
@@ -96,7 +97,7 @@ def test_record_line_saves_new_frames_with_their_decisions(
     recorder.join(timeout=60)
     assert counts == [(3, 3, 0)]
     recording = read_recording(tmp_path / "rec.lir")
-    assert [f.frame_id for f in recording.frames] == [f.frame_id for f in frames]
+    assert [f.frame_id for f in recording.frames()] == [f.frame_id for f in frames]
     assert set(recording.decisions) == {f.frame_id for f in frames}
 
 
@@ -172,7 +173,7 @@ def test_a_recorder_skips_entries_that_are_not_frames_and_goes_on(
         client.publish(keys.decisions, encode_decision(decision(frame.frame_id, "pass", 1.0)))
     recorder.join(timeout=60)
     assert counts == [(2, 2, 1)]
-    assert [f.frame_id for f in read_recording(tmp_path / "rec.lir").frames] == [f.frame_id for f in frames]
+    assert [f.frame_id for f in read_recording(tmp_path / "rec.lir").frames()] == [f.frame_id for f in frames]
 
 
 def test_replay_refuses_the_recorded_line_and_says_when_a_recording_was_cut(
@@ -195,3 +196,29 @@ def test_replay_refuses_the_recorded_line_and_says_when_a_recording_was_cut(
     assert report["recording_truncated"] and report["timed_out"]
     assert any("was cut" in warning for warning in report["warnings"])
     assert any("is a scoring worker and a sink running" in warning for warning in report["warnings"])
+
+
+def test_a_recording_is_read_one_frame_at_a_time(tiny_line: TinyLine, tmp_path: Path) -> None:
+    """A day of frames does not fit in memory: scanning keeps the decisions and a count, frames stay in the file."""
+    import tracemalloc
+
+    frame = frame_from_file(tiny_line.good_images[0])
+    big = frame.model_copy(update={"data": frame.data + bytes(2_000_000)})  # ~2 MB a frame, 40 of them
+    writer = RecordingWriter(tmp_path / "rec.lir", "line-1")
+    for index in range(40):
+        writer.frame(f"{index + 1}-0", encode_frame(big.model_copy(update={"frame_id": f"f{index}"})))
+        writer.decision(encode_decision(decision(f"f{index}", "pass", 1.0)))
+    writer.close()
+    tracemalloc.start()
+    recording = read_recording(tmp_path / "rec.lir")
+    sent = sum(1 for _ in ReplaySource("x", tmp_path / "rec.lir", speed=0).captures())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert recording.frame_count == sent == 40 and len(recording.decisions) == 40
+    assert peak < 20_000_000  # a few frames at a time, not the 80 MB file
+    bad = tmp_path / "bad.lir"
+    RecordingWriter(bad, "line-1").close()  # the header alone
+    with bad.open("ab") as handle:
+        handle.write(msgpack.packb({"kind": "frame", "payload": 7}))
+    with pytest.raises(RecordingError, match="damaged entry"):
+        read_recording(bad)

@@ -148,19 +148,18 @@ def record_line(
     positions = {keys.frames: client.last_id(keys.frames), keys.decisions: client.last_id(keys.decisions)}
     if started is not None:
         started.set()
-    frame_ids: set[str] = set()
-    decided: set[str] = set()
-    skipped = 0
+    recorded = decided = skipped = 0
+    awaiting: set[str] = set()  # recorded frames whose decision has not come yet: bounded by the line's backlog
     settle_until: float | None = None
 
     def frames_done() -> bool:
-        return stop.is_set() or (max_frames is not None and len(frame_ids) >= max_frames)
+        return stop.is_set() or (max_frames is not None and recorded >= max_frames)
 
     try:
         while True:
             if frames_done() and settle_until is None:
                 settle_until = time.monotonic() + settle_s
-            if settle_until is not None and (frame_ids <= decided or time.monotonic() > settle_until):
+            if settle_until is not None and (not awaiting or time.monotonic() > settle_until):
                 break
             for stream, entry in client.tail(positions, count=100, block_ms=100):
                 positions[stream] = entry.entry_id
@@ -168,20 +167,22 @@ def record_line(
                     continue
                 try:
                     if stream == keys.frames and not frames_done():
-                        frame_ids.add(decode_frame(entry.payload).frame_id)
+                        awaiting.add(decode_frame(entry.payload).frame_id)
                         writer.frame(entry.entry_id, entry.payload)
+                        recorded += 1
                     elif stream == keys.decisions:
                         frame_id = decode_decision(entry.payload).frame_id
-                        if frame_id in frame_ids and frame_id not in decided:
-                            decided.add(frame_id)
+                        if frame_id in awaiting:
+                            awaiting.discard(frame_id)
                             writer.decision(entry.payload)
+                            decided += 1
                 except CodecError as error:
                     skipped += 1
                     where = {"stream": stream, "entry_id": entry.entry_id, "error": str(error)}
                     logger.warning("entry skipped: not a frame or decision", extra=where)
     finally:
         writer.close()
-    return len(frame_ids), len(decided), skipped
+    return recorded, decided, skipped
 
 
 class ReplaySource:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from models.images import to_rgb
+from models.images import to_rgb, to_uint8_of_own_range
 
 
 def overlay_heatmap(
     image_rgb: np.ndarray, anomaly_map: np.ndarray, threshold: float | None, alpha: float = 0.45
 ) -> np.ndarray:
-    image = _displayable(image_rgb)
+    image = to_uint8_of_own_range(to_rgb(image_rgb))  # 12-bit data in 16 bits is not shown near black
     height, width = image.shape[:2]
     resized = cv2.resize(anomaly_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
     peak = float(resized.max())
@@ -34,13 +34,3 @@ def overlay_heatmap(
         contours, _ = cv2.findContours(above, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(blended, contours, -1, (255, 255, 255), max(1, min(height, width) // 200))
     return blended
-
-
-def _displayable(image: np.ndarray) -> np.ndarray:
-    """RGB uint8 for the picture. A 16-bit frame is stretched to its own brightest pixel: 10- to 12-bit camera
-    data stored in 16 bits would otherwise show nearly black (its scores are computed from the frame as it is)."""
-    rgb = to_rgb(image)
-    if rgb.dtype == np.uint16:
-        peak = max(int(rgb.max()), 1)
-        return (rgb.astype(np.float32) * (255.0 / peak) + 0.5).astype(np.uint8)
-    return rgb

@@ -73,6 +73,14 @@ def to_unit_range(image: np.ndarray, of: np.ndarray | None = None) -> np.ndarray
     return image.astype(np.float32) / np.float32(full_scale(image if of is None else of))
 
 
+def to_uint8_of_own_range(image: np.ndarray) -> np.ndarray:
+    """uint8 with a 16-bit image scaled from its own range (``full_scale``: 12-bit data in 16 bits is not shown or
+    stored 16 times too dark); uint8 images as they are."""
+    if image.dtype != np.uint16:
+        return image
+    return np.round(to_unit_range(image) * np.float32(255.0)).astype(np.uint8)
+
+
 def _decoded_to_rgb(decoded: np.ndarray | None, name: str, keep_depth: bool) -> np.ndarray:
     if decoded is None:
         msg = f"{name}: not a readable image (cv2 could not decode it)"

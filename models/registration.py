@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from models.errors import ArtifactError
-from models.images import full_scale, read_sample, to_rgb, to_unit_range
+from models.images import full_scale, read_sample, to_rgb, to_uint8_of_own_range, to_unit_range
 
 SIDE = 128  # reference grid
 FILL_SIDE = 256  # colour median of the registered good frames, filling what a moved frame does not show
@@ -53,8 +53,9 @@ def _grid(image: np.ndarray) -> np.ndarray:
     """RGB uint8 or uint16 ``(H, W, 3)`` -> grey ``(R, R)`` float32 in [0, 1] of the frame's own range
     (``models.images.full_scale``: 12-bit data in 16 bits is not taken for a dark 16-bit frame)."""
     small = cv2.resize(image, (SIDE, SIDE), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(to_unit_range(small, image), cv2.COLOR_RGB2GRAY) if image.dtype == np.uint16 else (
-        cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0)  # fmt: skip
+    if image.dtype == np.uint16:
+        return cv2.cvtColor(to_unit_range(small, image), cv2.COLOR_RGB2GRAY)
+    return cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0  # grey rounded to 8 bits, as always
 
 
 def _to_grid(side_x: float, side_y: float) -> np.ndarray:
@@ -216,13 +217,6 @@ def _registered_median(images: Sequence[np.ndarray], poses: Sequence[np.ndarray]
     return median.astype(images[0].dtype) if images[0].dtype != np.uint8 else median.round().astype(np.uint8)
 
 
-def _in_own_range_uint8(image: np.ndarray) -> np.ndarray:
-    """RGB uint8: a 16-bit frame scaled from its own range (``full_scale``), as ``align`` scales the fill back."""
-    if image.dtype != np.uint16:
-        return image
-    return np.round(to_unit_range(image) * np.float32(255.0)).astype(np.uint8)
-
-
 def build_registration(images: Sequence[np.ndarray], max_side: int | None = None) -> Registration:
     """A registration from good RGB frames (any sizes): the reference is the grids' median, then the median again of
     the grids registered to it; the fill likewise, in colour; ``fit_response`` the frames' median response."""
@@ -230,7 +224,7 @@ def build_registration(images: Sequence[np.ndarray], max_side: int | None = None
     first = np.median(np.stack(grids), axis=0).astype(np.float32)
     reference = _registered_median(grids, [estimate_pose(first, grid)[0] for grid in grids])
     poses, responses = zip(*(estimate_pose(reference, grid) for grid in grids), strict=True)
-    colour = [cv2.resize(_in_own_range_uint8(image), (FILL_SIDE, FILL_SIDE), interpolation=cv2.INTER_AREA)
+    colour = [cv2.resize(to_uint8_of_own_range(image), (FILL_SIDE, FILL_SIDE), interpolation=cv2.INTER_AREA)
               for image in images]  # fmt: skip
     fill = _registered_median(colour, poses)
     return Registration(reference, float(np.median(responses)), fill, max_side)

@@ -4,7 +4,7 @@
 and prunes. Ids become file names through ``safe_name``: an id of letters, digits, ``.``, ``_`` and ``-`` (not
 starting with ``.``, at most ``NAME_CHARS`` long) is used as it is; any other id becomes a readable sanitised prefix
 plus ``~`` and a hash of the exact id. Names are therefore unique per id, hold no path separator or ``..``, fit the
-file-name limit, and every path stays inside the heatmap directory (checked on the resolved path). The frame's
+file-name limit, and every path stays inside the heatmap directory. The frame's
 stream entry id in the name keeps two frames that reuse a frame_id from sharing (overwriting) one overlay.
 """
 
@@ -58,30 +58,15 @@ class HeatmapStore:
         self._next_prune = 0.0
 
     def path_for(self, line_id: str, frame_id: str, frame_entry_id: str | None = None) -> Path:
-        """The overlay's path for one frame (``frame_entry_id``: its frames-stream entry id, when known).
-
-        Raises ValueError if the path would leave the heatmap directory (cannot happen with ``safe_name``; checked
-        so that no future change to the naming can write elsewhere)."""
+        """The overlay's path for one frame (``frame_entry_id``: its frames-stream entry id, when known); always a
+        file directly inside ``<directory>/<line>``, since ``safe_name`` gives no separator, ``.`` or ``..``."""
         name = safe_name(frame_id) if frame_entry_id is None else f"{safe_name(frame_id)}@{safe_name(frame_entry_id)}"
-        path = self.directory / safe_name(line_id) / f"{name}.png"
-        if not path.resolve().is_relative_to(self.directory.resolve()):
-            msg = f"heatmap path {path} for line {line_id[:100]!r} frame {frame_id[:100]!r} is outside {self.directory}"
-            raise ValueError(msg)
-        return path
+        return self.directory / safe_name(line_id) / f"{name}.png"
 
-    def write(
-        self,
-        line_id: str,
-        frame_id: str,
-        image_rgb: np.ndarray,
-        anomaly_map: np.ndarray,
-        threshold: float | None,
-        frame_entry_id: str | None = None,
-    ) -> Path:
-        """Draw the overlay (``models.heatmap``) and write it; returns the file path."""
+    def write(self, path: Path, image_rgb: np.ndarray, anomaly_map: np.ndarray, threshold: float | None) -> Path:
+        """Draw the overlay (``models.heatmap``) and write it to ``path`` (from ``path_for``); returns the path."""
         from models.heatmap import overlay_heatmap
 
-        path = self.path_for(line_id, frame_id, frame_entry_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         overlay_bgr = overlay_heatmap(image_rgb, anomaly_map, threshold)
         partial = path.with_name(f".{path.stem}.tmp.png")  # no id's file name starts with "."

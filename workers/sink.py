@@ -163,9 +163,7 @@ class SinkWorker:
         decision = job.decision
         try:
             image = self._overlay_image(decision, job.anomaly_map, payload)
-            written = self.heatmaps.write(
-                decision.line_id, decision.frame_id, image, job.anomaly_map, decision.threshold, decision.frame_entry_id
-            )
+            written = self.heatmaps.write(path, image, job.anomaly_map, decision.threshold)
         except Exception as error:  # one frame's overlay must never hold up the other decisions
             logger.error(
                 "heatmap not written; decision published without it",
@@ -176,41 +174,29 @@ class SinkWorker:
         self.runtime.metrics.heatmaps.labels(decision.line_id).inc()
         return str(written)
 
-    def _heatmap_path(self, job: HeatmapJob) -> Path | None:
-        decision = job.decision
-        try:
-            return self.heatmaps.path_for(decision.line_id, decision.frame_id, decision.frame_entry_id)
-        except (OSError, ValueError) as error:
-            logger.error(
-                "no heatmap path for frame; decision published without heatmap",
-                extra={"frame_id": decision.frame_id[:200], "error": str(error)[:500]},
-            )
-            self.runtime.metrics.heatmap_failures.labels(decision.line_id).inc()
-            return None
-
     def write_and_publish(self, jobs: Sequence[HeatmapJob]) -> int:
         """Write each job's overlay (unless an earlier delivery did), publish its decision once, acknowledge.
 
         Each job stands alone: one whose overlay cannot be written is published without it (flagged with
         ``heatmap_error``) along with the others. Only a Redis failure leaves the jobs pending, for redelivery."""
         client = self.runtime.client
-        paths: dict[str, Path | None] = {}
-        refs: dict[str, str | None] = {}
+        refs: dict[str, str | None] = {}  # entry id -> its overlay's path (None: not written)
         to_draw: dict[Path, HeatmapJob] = {}  # one overlay per frame, even when a batch holds it twice
+        waiting: dict[str, Path] = {}  # entry id -> the overlay it waits for
         for job in jobs:
-            path = paths[job.entry_id] = self._heatmap_path(job)
-            if path is None:
-                continue
+            decision = job.decision
+            path = self.heatmaps.path_for(decision.line_id, decision.frame_id, decision.frame_entry_id)
             try:
                 already_drawn = path.exists()
-            except OSError as error:
+            except OSError as error:  # e.g. heatmap_dir unreadable: published without heatmap, counted
                 logger.error("heatmap path unusable", extra={"path": str(path)[:300], "error": str(error)})
-                paths[job.entry_id] = None
+                self.runtime.metrics.heatmap_failures.labels(decision.line_id).inc()
                 continue
             if already_drawn:
                 refs[job.entry_id] = str(path)  # drawn for an earlier delivery of this frame
             else:
                 to_draw.setdefault(path, job)
+                waiting[job.entry_id] = path
         with_frame = [job for job in to_draw.values() if job.decision.frame_entry_id]
         payloads = dict(
             zip(
@@ -220,10 +206,10 @@ class SinkWorker:
             )
         )
         drawn = {path: self._write_heatmap(job, path, payloads.get(job.entry_id)) for path, job in to_draw.items()}
-        items: list[ToPublish] = []
+        refs.update({entry_id: drawn[path] for entry_id, path in waiting.items()})
+        items = []
         for job in jobs:
-            path = paths[job.entry_id]
-            ref = refs.get(job.entry_id) or (drawn.get(path) if path is not None else None)
+            ref = refs.get(job.entry_id)
             items.append(ToPublish(job.decision, ref, None if ref else "heatmap_failed"))
         published = self._publish(items)
         commit = Commit(acks=[job.entry_id for job in jobs], delete_acked=True)

@@ -17,7 +17,7 @@ from workers.heatmaps import HeatmapStore
 def test_heatmap_paths_stay_inside_the_directory(tmp_path: Path, line_id: str, frame_id: str) -> None:
     root = tmp_path / "heatmaps"
     store = HeatmapStore(root, max_files=10, max_age_s=60)
-    path = store.write(line_id, frame_id, np.zeros((16, 16, 3), np.uint8), np.ones((8, 8)), 0.5)
+    path = store.write(store.path_for(line_id, frame_id), np.zeros((16, 16, 3), np.uint8), np.ones((8, 8)), 0.5)
     assert path.resolve().parent.parent == root.resolve()
     assert path.exists()
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == [path]  # nothing written anywhere else
@@ -32,6 +32,6 @@ def test_heatmap_names_are_unique_per_id_and_fit_the_file_name_limit(tmp_path: P
     assert store.path_for("line-1", "cam1-0001").name == "cam1-0001.png"  # plain ids stay readable
     assert store.path_for("line-1", "cam1:0001").name.startswith("cam1_0001~")
     for frame_id in frame_ids:  # a written overlay (or its partial file) never replaces another id's
-        store.write("line-1", frame_id, np.zeros((16, 16, 3), np.uint8), np.ones((8, 8)), 0.5)
+        store.write(store.path_for("line-1", frame_id), np.zeros((16, 16, 3), np.uint8), np.ones((8, 8)), 0.5)
     assert all(path.exists() for path in paths)
     assert sorted(tmp_path.rglob("*.png")) == sorted(paths)

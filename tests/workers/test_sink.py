@@ -104,7 +104,8 @@ def test_retention_removes_too_old_then_oldest_beyond_the_limit() -> None:
 def test_heatmap_store_prunes_files_on_disk(tmp_path: Path) -> None:
     store = HeatmapStore(tmp_path, max_files=2, max_age_s=3600, prune_every_s=0)
     for index in range(4):
-        path = store.write("line/1", f"frame {index}", np.zeros((16, 16, 3), np.uint8), np.ones((8, 8)), 0.5)
+        path = store.write(store.path_for("line/1", f"frame {index}"), np.zeros((16, 16, 3), np.uint8), np.ones((8, 8)),
+                           0.5)  # fmt: skip
         os.utime(path, (time.time() - 100 + index, time.time() - 100 + index))
     assert store.maybe_prune(now_monotonic=0.0) == 2
     kept = sorted(p.name for p in store.path_for("line/1", "frame 0").parent.iterdir())

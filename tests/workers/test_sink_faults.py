@@ -100,10 +100,10 @@ def test_an_overlay_that_cannot_be_written_leaves_its_decision_published_flagged
     sink = SinkWorker(runtime, "line-1")
     original_write = sink.heatmaps.write
 
-    def failing_write(line_id: str, frame_id: str, *args: object) -> Path:
-        if frame_id == "unlucky":
+    def failing_write(path: Path, *args: object) -> Path:
+        if path.name.startswith("unlucky@"):
             raise cv2.error("drawing failed")  # not an OSError: anything may go wrong in drawing
-        return original_write(line_id, frame_id, *args)  # type: ignore[arg-type]
+        return original_write(path, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(sink.heatmaps, "write", failing_write)
     _deliver(sink, [_failed(sink, "lucky-1"), _failed(sink, "unlucky"), _failed(sink, "lucky-2")])

@@ -323,12 +323,9 @@ class ScoreWorker:
                 try:
                     image, decode_s = item.pixels.result()
                     ready.append((item, image, decode_s))
-                except Exception as error:  # decode_pixels raises only CodecError; anything else is this frame's too
+                except CodecError as error:  # decode_pixels turns every failure of one frame into one
                     assert item.frame is not None
-                    if isinstance(error, CodecError):
-                        reason, detail = error.reason.value, error.detail
-                    else:
-                        reason, detail = CodecErrorReason.UNDECODABLE_IMAGE.value, f"{type(error).__name__}: {error}"
+                    reason, detail = error.reason.value, error.detail
                     frame_id = item.frame.frame_id
                     item.dead_letter = DeadLetter(item.entry.entry_id, item.entry.payload, reason, detail, frame_id)
                     item.decision = error_decision(

@@ -9,9 +9,9 @@ Keys for line ``L`` with prefix ``P`` (``streams.prefix``):
                       ``source_entry_id``, ``frame_id`` and the original ``payload`` (its first 64 KiB when larger,
                       then with ``payload_bytes``, the original size, and ``payload_truncated`` = ``1``)
 - ``P:L:model``       the model directory the line's scoring workers should use (set it to hot-reload)
-- ``P:L:published:<frame_id>``  hash of the frame entry ids published under that frame_id (with a TTL): makes the
-                                sink's publish idempotent per frame, while a frame that reuses a frame_id still gets
-                                its decision
+- ``P:L:published:<frame_id>``  sorted set of the frame entry ids decided under that frame_id within a TTL: makes
+                                the sink's publish idempotent per frame, while a frame that reuses a frame_id still
+                                gets its decision
 - ``P:health:<role>:<name>``    JSON heartbeat of each worker, expiring after a TTL
 
 Every stream is trimmed with ``MAXLEN ~ streams.maxlen``. Calls retry on connection loss with exponential backoff

@@ -51,7 +51,7 @@ class Recording:
 
     def frames(self) -> Iterator[Frame]:
         """The recorded frames in order, decoded one at a time."""
-        for kind, payload in _entries(self.path):
+        for kind, payload in _Entries(self.path):
             if kind == "frame":
                 yield decode_frame(payload)
 
@@ -78,54 +78,58 @@ class RecordingWriter:
         self._file.close()
 
 
-def _unpacked(path: Path) -> Iterator[Any]:
-    """The file's msgpack items one at a time (``RecordingError`` naming the file when it is not msgpack)."""
-    try:
-        with path.open("rb") as handle:
-            yield from msgpack.Unpacker(handle, raw=False, strict_map_key=True)
-    except (OSError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as error:
-        msg = f"{path}: not a readable recording ({error})"
-        raise RecordingError(msg) from None
+class _Entries:
+    """The ``(kind, payload)`` entries of a recording file after its header, read one at a time, each checked as far
+    as its shape goes (``RecordingError`` naming the file otherwise). Once read to the end: ``line_id`` from the
+    header and ``unread_bytes``, what follows the last whole entry (a cut file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.line_id, self.unread_bytes = path, "", 0
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        path = self.path
+        try:
+            with path.open("rb") as handle:
+                unpacker = msgpack.Unpacker(handle, raw=False, strict_map_key=True)
+                header: Any = next(unpacker, None)
+                if not _is_header(header):
+                    msg = f"{path}: not a {FORMAT} v{FORMAT_VERSION} file (make one with `lineinspect record`)"
+                    raise RecordingError(msg)
+                self.line_id = str(header.get("line_id"))
+                for item in unpacker:
+                    if not isinstance(item, dict) or not isinstance(item.get("payload"), bytes):
+                        msg = f"{path}: damaged entry ({str(item)[:80]})"
+                        raise RecordingError(msg)
+                    yield str(item.get("kind")), item["payload"]
+                self.unread_bytes = path.stat().st_size - unpacker.tell()
+        except RecordingError:
+            raise
+        except (OSError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as error:
+            msg = f"{path}: not a readable recording ({error})"
+            raise RecordingError(msg) from None
 
 
-def _entries(path: Path) -> Iterator[tuple[str, bytes]]:
-    """``(kind, payload)`` of each entry after the header, checked as far as their shape goes."""
-    items = _unpacked(path)
-    header = next(items, None)
-    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
-        msg = f"{path}: not a {FORMAT} v{FORMAT_VERSION} file (make one with `lineinspect record`)"
-        raise RecordingError(msg)
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("payload"), bytes):
-            msg = f"{path}: damaged entry ({str(item)[:80]})"
-            raise RecordingError(msg)
-        yield str(item.get("kind")), item["payload"]
+def _is_header(item: Any) -> bool:
+    return isinstance(item, dict) and item.get("format") == FORMAT and item.get("version") == FORMAT_VERSION
 
 
 def read_recording(path: Path) -> Recording:
-    """Scan a recording (every entry checked, frames not kept); raises RecordingError naming the file when it is
-    not one or an entry is damaged."""
-    header = next(_unpacked(path), None)
-    recording = Recording(path, str(header.get("line_id")) if isinstance(header, dict) else "")
-    consumed = 0
-    try:
-        for kind, payload in _entries(path):
+    """Scan a recording in one pass (every entry checked, frames not kept); raises RecordingError naming the file
+    when it is not one or an entry is damaged."""
+    entries = _Entries(path)
+    frame_count, decisions = 0, {}
+    for position, (kind, payload) in enumerate(entries, start=1):
+        try:
             if kind == "frame":
                 decode_frame(payload)
-                recording.frame_count += 1
+                frame_count += 1
             elif kind == "decision":
                 decision = decode_decision(payload)
-                recording.decisions[decision.frame_id] = decision
-            consumed += 1
-    except CodecError as error:
-        msg = f"{path}: damaged entry {consumed + 1} ({error})"
-        raise RecordingError(msg) from None
-    with path.open("rb") as handle:  # what follows the last whole entry: a cut file
-        unpacker = msgpack.Unpacker(handle, raw=False, strict_map_key=True)
-        for _ in unpacker:
-            pass
-        recording.truncated_bytes = path.stat().st_size - unpacker.tell()
-    return recording
+                decisions[decision.frame_id] = decision
+        except CodecError as error:
+            msg = f"{path}: damaged entry {position} ({error})"
+            raise RecordingError(msg) from None
+    return Recording(path, entries.line_id, frame_count, decisions, entries.unread_bytes)
 
 
 def record_line(

@@ -508,7 +508,11 @@ class SinkSettings(_Section):
     save_all_heatmaps: bool = False
     heatmap_max_files: int = Field(default=10_000, ge=1)
     heatmap_max_age_s: float = Field(default=7 * 24 * 3600, gt=0)
-    metrics_port: int = Field(default=9100, ge=0, le=65535)
+    metrics_port: int = Field(
+        default=9110, ge=0, le=65535,
+        description="/healthz and /metrics. 9110: deploy/prometheus/prometheus.yml's sink target (9100 is "
+        "node_exporter's on most hosts); 0 picks a free port.",
+    )  # fmt: skip
 
 
 class Config(_Section):

@@ -131,7 +131,7 @@ def test_prometheus_scrapes_the_pipeline_and_answers_the_p99_rule(
             what=f"the p99 recording rule\n{processes.logs()}",
         )
         latency = p99()
-        assert latency is not None and 0 < latency <= 10  # histogram buckets end at 10 s
+        assert latency is not None and 0 < latency <= 60  # histogram buckets end at 60 s
 
         frames = api.value('sum(lineinspect_frames_total{line="line-1"})')
         assert frames is not None and frames > 0

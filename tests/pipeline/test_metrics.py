@@ -68,3 +68,50 @@ def test_group_stats_become_lag_and_pending_gauges_and_registries_are_separate()
     assert metrics.registry.get_sample_value("lineinspect_stream_lag", labels) == 7
     assert other.registry.get_sample_value("lineinspect_stream_lag", labels) is None
     assert b"lineinspect_stream_lag" in metrics.render()
+
+
+def test_latency_buckets_resolve_a_steady_line_a_backlog_and_a_claimed_frame() -> None:
+    metrics = Metrics()
+    # a steady line (0.1-0.5 s), README's 200-frame burst (p50 ~5 s), a frame claimed from a dead worker (30-45 s)
+    for latency_s in (0.12, 0.18, 0.45, 4.2, 5.5, 40.0):
+        metrics.observe_decision(decision("pass"), published_at_ns=1_000_000_000 + int(latency_s * 1e9))
+    value = metrics.registry.get_sample_value
+    labels = {"line": "line-1"}
+
+    def below(le: str) -> float | None:
+        return value("lineinspect_end_to_end_latency_seconds_bucket", {**labels, "le": le})
+
+    assert (below("0.1"), below("0.15"), below("0.2"), below("0.5")) == (0, 1, 2, 3)
+    assert below("1.0") == 3  # the alert's 1 s budget is a bucket edge
+    assert (below("5.0"), below("7.5"), below("30.0"), below("60.0"), below("+Inf")) == (4, 5, 5, 6, 6)
+
+
+def test_every_worker_exports_its_process_start_time_memory_and_version() -> None:
+    metrics = Metrics()
+    value = metrics.registry.get_sample_value
+    start_time = value("process_start_time_seconds")
+    assert start_time is not None and start_time > 1.7e9  # a restart shows as a change of this value
+    resident = value("process_resident_memory_bytes")
+    assert resident is not None and resident > 1e6
+    rendered = metrics.render().decode()
+    assert 'lineinspect_build_info{version="' in rendered and "python_info{" in rendered
+
+
+def test_redis_up_pings_at_each_scrape_and_a_failing_ping_reads_zero() -> None:
+    answers: list[bool | Exception] = [True, False, ConnectionError("refused")]
+    pings = 0
+
+    def ping() -> bool:
+        nonlocal pings
+        pings += 1
+        answer = answers[pings - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    metrics = Metrics()
+    assert b"lineinspect_redis_up" not in metrics.render()  # only a worker that watches its Redis exports it
+    metrics.watch_redis(ping)
+    assert pings == 0  # registering does not ping
+    assert [metrics.registry.get_sample_value("lineinspect_redis_up") for _ in answers] == [1, 0, 0]
+    assert pings == 3

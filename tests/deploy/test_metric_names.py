@@ -2,22 +2,29 @@
 
 The reference is what a worker's ``/metrics`` serves: ``Metrics().render()`` after every metric has recorded once
 (the test checks that none was left out), parsed as Prometheus text, so histogram ``_bucket``/``_sum``/``_count``
-and counter ``_total`` names are the real ones.
+and counter ``_total`` names are the real ones. A metric defined in ``pipeline/metrics.py`` counts only if worker
+code records it (``metrics.<attribute>`` or a ``Metrics`` method that records it, called from ``workers/``), or
+``Metrics`` itself does (process metrics, build info): a panel on a metric nobody sets would show "No data" forever.
+tests/deploy/test_prometheus_e2e.py runs every query against a real Prometheus scraping real workers.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.messages import Decision, StageTimings
 from pipeline.metrics import STAGES, Metrics
 from pipeline.streams import GroupStats
+from tests.workers.processes import REPO_ROOT
 
 # Labels that exist without the workers exporting them: Prometheus' target labels, histogram buckets, and the line
 # label the recording rules add to stream metrics (label_replace in alerts.yml).
@@ -26,8 +33,43 @@ RECORDING_NAME = re.compile(r"^[a-z_]+:lineinspect_[a-z_]+:[a-z0-9_]+$")
 PROMQL_KEYWORDS = {"by", "on", "without", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool"}
 
 
+def recorded_attributes(worker_sources: Iterable[str]) -> set[str]:
+    """``Metrics`` attributes that the given worker sources record, directly or through a ``Metrics`` method."""
+    used = {name for source in worker_sources for name in re.findall(r"\bmetrics\.(\w+)", source)}
+    tree = ast.parse((REPO_ROOT / "pipeline" / "metrics.py").read_text())
+    (metrics_class,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Metrics"]
+    recorded = set(used)
+    for method in metrics_class.body:
+        if isinstance(method, ast.FunctionDef) and method.name in used | {"__init__"}:
+            touched = {
+                node.attr
+                for node in ast.walk(method)
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
+            }
+            # __init__ assigns every metric; only the ones it also records (build_info.labels(...).set) count
+            recorded |= (
+                touched if method.name != "__init__" else set(re.findall(r"self\.(\w+)\.labels\(", ast.unparse(method)))
+            )
+    return recorded
+
+
+def unrecorded_families(metrics: Metrics, worker_sources: Iterable[str]) -> set[str]:
+    """Families defined on ``metrics`` that no worker source records."""
+    recorded = recorded_attributes(worker_sources)
+    return {
+        next(iter(collector.describe())).name
+        for attribute, collector in vars(metrics).items()
+        if isinstance(collector, MetricWrapperBase) and attribute not in recorded
+    }
+
+
+def worker_sources() -> list[str]:
+    return [path.read_text() for path in sorted((REPO_ROOT / "workers").glob("*.py"))]
+
+
 def exported() -> tuple[set[str], set[str]]:
-    """(sample names, label names) a worker's /metrics serves once each metric has a value."""
+    """(sample names, label names) a worker's /metrics serves once each metric has a value; only metrics a worker
+    records count."""
     metrics = Metrics()
     timings = StageTimings(**{f"{stage}_s": 0.01 for stage in STAGES})
     for verdict, reason in (("pass", None), ("fail", None), ("error", "stale")):
@@ -59,10 +101,15 @@ def exported() -> tuple[set[str], set[str]]:
     metrics.model_reloads.labels("line-1", "ok").inc()
     metrics.worker_up.labels("score", "a").set(1)
 
+    metrics.watch_redis(lambda: True)
+
     families = list(text_string_to_metric_families(metrics.render().decode()))
     empty = [family.name for family in families if not family.samples]
     assert empty == [], f"record a value for {empty} in this test so their names are checked"
-    samples = [sample for family in families for sample in family.samples]
+    unrecorded = unrecorded_families(metrics, worker_sources())
+    if "watch_redis" not in recorded_attributes(worker_sources()):
+        unrecorded.add("lineinspect_redis_up")
+    samples = [sample for family in families if family.name not in unrecorded for sample in family.samples]
     return {sample.name for sample in samples}, {label for sample in samples for label in sample.labels}
 
 
@@ -94,7 +141,7 @@ def names_and_labels(expr: str) -> tuple[set[str], set[str]]:
     names = {
         token
         for token in re.findall(r"(?<![\w$:.])[a-zA-Z_:][a-zA-Z0-9_:]*", bare)
-        if token.startswith("lineinspect_") or ":" in token
+        if token.startswith(("lineinspect_", "process_")) or ":" in token
     }
     return names, matchers | grouped
 
@@ -123,6 +170,7 @@ def unknown(exprs: list[str], reference: tuple[set[str], set[str], set[str]]) ->
 def test_the_reference_really_is_the_workers_output(reference: tuple[set[str], set[str], set[str]]) -> None:
     samples, labels, recorded = reference
     assert {"lineinspect_end_to_end_latency_seconds_bucket", "lineinspect_frames_total"} <= samples
+    assert {"process_start_time_seconds", "lineinspect_build_info", "lineinspect_heatmap_failures_total"} <= samples
     assert "lineinspect_frames" not in samples  # counters are exported with _total only
     assert {"line", "verdict", "camera", "stream", "group", "model_id"} <= labels
     assert "line:lineinspect_end_to_end_latency_seconds:p99" in recorded
@@ -154,3 +202,22 @@ def test_the_checker_catches_a_misspelt_metric_label_and_rule(reference: tuple[s
         {"lineinspect_frame_total", "line:lineinspect_end_to_end_latency_seconds:p42"},
         {"camra", "strem"},
     )
+
+
+def test_a_metric_no_worker_records_is_not_in_the_reference() -> None:
+    metrics = Metrics()
+    sources = worker_sources()
+    assert unrecorded_families(metrics, sources) == set()  # today every metric defined is recorded somewhere
+    without_sink = [source for source in sources if "class Sink" not in source]
+    assert len(without_sink) == len(sources) - 1
+    # without the sink nobody records heatmaps, duplicates, or (through observe_decision) verdicts and latencies
+    assert {
+        "lineinspect_heatmap_failures",
+        "lineinspect_heatmaps_written",
+        "lineinspect_duplicate_decisions",
+        "lineinspect_frames",
+        "lineinspect_end_to_end_latency_seconds",
+        "lineinspect_stream_lag",
+    } <= unrecorded_families(metrics, without_sink)
+    assert "lineinspect_batch_size" not in unrecorded_families(metrics, without_sink)
+    assert "lineinspect_build_info" not in unrecorded_families(metrics, [])  # Metrics sets it itself

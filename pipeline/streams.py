@@ -323,14 +323,25 @@ class StreamClient:
         return self._with_deliveries(stream, group, self._entries(reply))
 
     def claim_stale(self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int) -> list[StreamEntry]:
-        """Take over entries pending longer than ``min_idle_ms`` on any consumer (e.g. a dead worker's)."""
+        """Take over entries pending longer than ``min_idle_ms`` on any consumer (e.g. a dead worker's).
+
+        Entries trimmed from the stream while pending come back with ``payload`` None (oldest first, like the
+        rest): XAUTOCLAIM removes them from the pending list and lists them apart, so a caller that only looked at
+        the claimed ones would lose them without a trace (a killed worker's frames on a line busy enough to trim
+        ``streams.maxlen`` entries within ``claim_idle_ms``)."""
 
         def claim() -> Any:
             return self.redis.xautoclaim(stream, group, consumer, min_idle_ms, "0-0", count=count)
 
         reply = self._call(lambda: self._in_group(stream, group, claim), "claim_stale")
         claimed = [StreamEntry(_text(entry_id), (fields or {}).get(PAYLOAD.encode())) for entry_id, fields in reply[1]]
-        return self._with_deliveries(stream, group, claimed)
+        trimmed = [StreamEntry(_text(entry_id), None) for entry_id in (reply[2] if len(reply) > 2 else [])]
+        if trimmed:
+            logger.warning(
+                "pending entries were trimmed before they were claimed",
+                extra={"stream": stream, "count": len(trimmed), "first": trimmed[0].entry_id},
+            )
+        return sorted(trimmed, key=lambda e: _id_key(e.entry_id)) + self._with_deliveries(stream, group, claimed)
 
     def forget_idle_consumers(self, stream: str, group: str, min_idle_ms: int, keep: str) -> list[str]:
         """Delete consumers (other than ``keep``) with no pending entries, idle at least ``min_idle_ms`` (0: none);

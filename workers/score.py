@@ -256,8 +256,8 @@ class ScoreWorker:
         claimed = client.claim_stale(self.keys.frames, SCORER_GROUP, self.runtime.name, settings.claim_idle_ms, count)
         name, forget_after_ms = self.runtime.name, settings.forget_consumers_after_ms
         client.forget_idle_consumers(self.keys.frames, SCORER_GROUP, forget_after_ms, name)
-        if len(claimed) == count:
-            self._next_claim = 0.0  # a full page: there may be more to take over
+        if len(claimed) >= count:
+            self._next_claim = 0.0  # a full page (trimmed entries come on top of it): there may be more to take over
         if claimed:
             logger.info("claimed idle entries", extra={"count": len(claimed), "first": claimed[0].entry_id})
         return claimed

@@ -69,6 +69,21 @@ def test_claim_stale_takes_over_idle_entries_only(client: StreamClient, keys: Li
     assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 2
 
 
+def test_claiming_entries_trimmed_while_pending_returns_them_without_payload(
+    client: StreamClient, keys: LineKeys
+) -> None:
+    # A worker killed holding frames, and the stream trimmed past them before anyone claimed them (a busy line:
+    # more than streams.maxlen frames within claim_idle_ms). XAUTOCLAIM drops such ids from the pending list and
+    # reports them apart; they must come back (payload None) so the worker dead-letters them, not vanish.
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = publish_many(client, keys, 5)
+    client.read_new(keys.frames, SCORER_GROUP, "dead", count=5, block_ms=None)
+    client.redis.xtrim(keys.frames, maxlen=2, approximate=False)
+    claimed = client.claim_stale(keys.frames, SCORER_GROUP, "alive", min_idle_ms=0, count=10)
+    assert [entry.entry_id for entry in claimed] == ids
+    assert [entry.payload for entry in claimed] == [None, None, None, b"frame-3", b"frame-4"]
+
+
 def test_commit_appends_dead_letters_and_acks_together(client: StreamClient, keys: LineKeys) -> None:
     client.ensure_group(keys.frames, SCORER_GROUP)
     ids = publish_many(client, keys, 2)

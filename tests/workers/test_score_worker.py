@@ -157,6 +157,31 @@ def test_entries_delivered_too_often_are_dead_lettered(
     assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
 
 
+def test_a_dead_workers_frames_trimmed_before_the_claim_are_dead_lettered_not_lost(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime]
+) -> None:
+    runtime = make_runtime("score", "alive")
+    worker = start_worker(runtime, tiny_line.model_dir)
+    client, keys = runtime.client, worker.keys
+    frames = [frame_from_file(tiny_line.good_images[i % 4]) for i in range(4)]
+    ids = publish_frames(client, keys, frames)
+    client.read_new(keys.frames, SCORER_GROUP, "killed", 10, None)  # a worker that took them and died
+    client.redis.xtrim(keys.frames, maxlen=1, approximate=False)  # a busy line trimmed past them meanwhile
+
+    def accounted() -> set[str]:
+        letters = {row["source_entry_id"] for row in client.dead_letters(keys) if row["reason"] == "entry_trimmed"}
+        return letters | {decision.frame_entry_id or "" for decision in decisions_in(client, keys.results)}
+
+    def claim_and_finish() -> bool:  # entries are claimed once idle for streams.claim_idle_ms (500 ms in tests)
+        worker._next_claim = 0.0
+        worker.finish(worker.prepare(worker._claim_idle()))
+        return accounted() == set(ids)
+
+    wait_until(claim_and_finish, timeout_s=10, what="every frame of the dead worker to be decided or dead-lettered")
+    assert len(client.dead_letters(keys)) == 3
+    assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
+
+
 def test_hot_reload_swaps_models_between_batches_without_losing_or_repeating_frames(
     tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime]
 ) -> None:

@@ -1,28 +1,43 @@
-"""Record a line's frames and decisions to a file, replay them, and compare a replay's decisions with the recording.
+"""Record a line's frames and decisions to a file, and read a recording back one frame at a time for a replay.
 
-Recording file: a sequence of msgpack maps (no pickle). The first is a header
-``{"format": "lineinspect-recording", "version": 1, "line_id", "created_at_ns"}``; then
-``{"kind": "frame", "entry_id", "payload"}`` (an encoded Frame with its original ``captured_at_ns``) and
-``{"kind": "decision", "payload"}`` (the published Decision for a recorded frame).
+Recording file: a sequence of msgpack maps (no pickle), version 2:
 
-Replay re-stamps ``captured_at_ns`` to the moment each frame is sent (so latency and staleness stay meaningful),
-gives each frame a new ``frame_id`` and keeps the original in ``metadata["replay_of"]``. Pacing: ``speed=1``
-reproduces the recorded gaps, ``speed=N`` is N times faster, ``speed=0`` sends as fast as the pipeline takes.
+- the header ``{"format": "lineinspect-recording", "version": 2, "line_id", "created_at_ns", "crc32"}``;
+- ``{"kind": "frame", "entry_id", "payload", "crc32"}``: an encoded Frame (with its original ``captured_at_ns``)
+  and the frames-stream entry id it was read from;
+- ``{"kind": "decision", "entry_id", "payload", "crc32"}``: the Decision published for the recorded frame whose
+  entry id is ``entry_id`` (not whose frame_id: cameras reuse frame ids when a counter wraps or they restart);
+- written when the recorder stops (``--frames`` reached, Ctrl-C, SIGTERM): the end record
+  ``{"kind": "end", "frames", "decisions", "entries_sha256", "ended_at_ns", "crc32"}``.
+
+``crc32`` is ``zlib.crc32`` of the record's other values: for an entry of ``msgpack([kind, entry_id])`` followed by
+the payload, for the header and the end record of ``msgpack([...their values in the order above])``. A changed byte
+anywhere is refused naming its entry. ``entries_sha256`` is the SHA-256 of ``msgpack([kind, entry_id, crc32])`` of
+every entry in order: an entry lost, repeated or moved is caught even though each one checks out alone.
+
+A version 2 file without its end record was cut (recorder killed, disk full, copy cut short, or still being
+written): its whole entries, each verified, are usable, and a replay sends them with a warning. Version 1 files
+(no checksums, no end record, decisions matched to frames by frame id) are still read; in them only a cut is seen.
+
+Frames are numbered 1, 2, ... in recording order; the number, not the frame id, identifies a recorded frame.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterator
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from types import TracebackType
+from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 import msgpack
-import numpy as np
 
 from pipeline.codec import CodecError, decode_decision, decode_frame
 from pipeline.messages import Decision, Frame, MetadataValue
@@ -30,106 +45,346 @@ from pipeline.streams import LineKeys, StreamClient
 from workers.sources import Capture
 
 logger = logging.getLogger(__name__)
+MessageT = TypeVar("MessageT", Frame, Decision)
 FORMAT = "lineinspect-recording"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+HEADER_FIELDS = ("format", "version", "line_id", "created_at_ns")
+ENTRY_FIELDS = ("kind", "entry_id", "payload")
+ENTRY_KINDS = ("frame", "decision")
+END_FIELDS = ("kind", "frames", "decisions", "entries_sha256", "ended_at_ns")
+MAX_ENTRY_BYTES = 512 * 1024 * 1024  # Redis's largest value: an entry claiming more has a damaged length
+END_RECORD_MAX_BYTES = 256  # an end record is about 130 bytes; the tail searched for one past a damaged length
 
 
 class RecordingError(ValueError):
-    """A recording file that cannot be read."""
+    """A recording file that cannot be read, or an entry of it that is damaged."""
+
+
+class Entry(NamedTuple):
+    """One verified entry: its position in the file (1 = first after the header), kind, stream entry id, payload."""
+
+    position: int
+    kind: str
+    entry_id: str
+    payload: bytes
+
+
+def _crc(values: list[Any], payload: bytes = b"") -> int:
+    return zlib.crc32(payload, zlib.crc32(msgpack.packb(values, use_bin_type=True)))
+
+
+class RecordingWriter:
+    """Writes a recording: the header at once, each entry as it comes (flushed, so a killed recorder loses at most
+    the one it was writing), the end record on ``close()``. A write that failed (disk full) leaves the file without
+    an end record, cut, as a killed recorder leaves it. An existing file is never overwritten."""
+
+    def __init__(self, path: Path, line_id: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._file: BinaryIO = path.open("xb")
+        except FileExistsError:
+            msg = f"{path} already exists: a recording is not overwritten (choose another --out or remove it)"
+            raise RecordingError(msg) from None
+        self.path = path
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._entries_sha256 = hashlib.sha256()
+        self.frames = self.decisions = 0
+        self._write_failed = False
+        created_at_ns = time.time_ns()
+        values = [FORMAT, FORMAT_VERSION, line_id, created_at_ns]
+        self._write({**dict(zip(HEADER_FIELDS, values, strict=True)), "crc32": _crc(values)})
+
+    def __enter__(self) -> RecordingWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._write_failed:
+            msg = f"{self.path}: an earlier write failed, the recording ends there"
+            raise RecordingError(msg)
+        data = self._packer.pack(record)
+        self._write_failed = True  # until the whole record is out: an interrupted write must not get an end record
+        self._file.write(data)
+        self._file.flush()
+        self._write_failed = False
+
+    def _entry(self, kind: str, entry_id: str, payload: bytes) -> None:
+        crc32 = _crc([kind, entry_id], payload)
+        self._write({"kind": kind, "entry_id": entry_id, "payload": payload, "crc32": crc32})
+        self._entries_sha256.update(msgpack.packb([kind, entry_id, crc32]))
+
+    def frame(self, entry_id: str, payload: bytes) -> None:
+        """A frame read from the frames stream at ``entry_id``."""
+        self._entry("frame", entry_id, payload)
+        self.frames += 1
+
+    def decision(self, frame_entry_id: str, payload: bytes) -> None:
+        """The decision for the recorded frame read at ``frame_entry_id``."""
+        self._entry("decision", frame_entry_id, payload)
+        self.decisions += 1
+
+    def close(self) -> None:
+        """Write the end record (unless a write failed) and close; the file is then complete."""
+        if self._file.closed:
+            return
+        try:
+            if not self._write_failed:
+                values = ["end", self.frames, self.decisions, self._entries_sha256.hexdigest(), time.time_ns()]
+                self._write({**dict(zip(END_FIELDS, values, strict=True)), "crc32": _crc(values)})
+                os.fsync(self._file.fileno())
+        finally:
+            try:
+                self._file.close()
+            except OSError:
+                if not self._write_failed:
+                    raise  # else the failed write's own error is on its way up
+
+
+class _Entries:
+    """The entries of a recording file after its header, read and verified one at a time; ``RecordingError`` naming
+    the file and the entry when one is damaged. Once read to the end: ``line_id`` and ``version`` from the header,
+    ``complete`` (the end record was read and matches) and ``unread_bytes`` (what follows the last whole entry of a
+    cut file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.line_id, self.version = path, "", 0
+        self.complete, self.unread_bytes = False, 0
+        self._frames = self._decisions = self._whole_bytes = 0
+
+    def __iter__(self) -> Iterator[Entry]:
+        try:
+            handle = self.path.open("rb")
+        except OSError as error:
+            msg = f"{self.path}: cannot be read ({error.strerror or error})"
+            raise RecordingError(msg) from None
+        with handle:
+            unpacker = msgpack.Unpacker(handle, raw=False, strict_map_key=True, max_buffer_size=MAX_ENTRY_BYTES)
+            self._read_header(unpacker)
+            entries_sha256 = hashlib.sha256()
+            position = 0
+            while True:
+                item = self._next(unpacker, position + 1)
+                if item is None:
+                    break
+                position += 1
+                if self.version == 1:
+                    yield self._v1_entry(item, position)
+                    continue
+                if isinstance(item, dict) and item.get("kind") == "end":
+                    self._check_end(item, position, entries_sha256.hexdigest())
+                    if self._whole_bytes != self._size():
+                        raise self._damaged(position + 1, "", "", "data follows the end record")
+                    self.complete = True
+                    return
+                entry = self._v2_entry(item, position)
+                entries_sha256.update(msgpack.packb([entry.kind, entry.entry_id, item["crc32"]]))
+                yield entry
+            self.unread_bytes = self._size() - self._whole_bytes
+            if self.version >= 2 and self._ends_in_end_record():
+                raise self._damaged(position + 1, "", "", "its length is damaged (it runs over the end record)")
+
+    def _size(self) -> int:
+        return self.path.stat().st_size
+
+    def _next(self, unpacker: msgpack.Unpacker, position: int) -> Any:
+        """The next msgpack object, or None at the end of the data (or of its last whole object)."""
+        try:
+            item = next(unpacker)
+            self._whole_bytes = unpacker.tell()  # tell() is only right after a whole object
+            return item
+        except StopIteration:
+            return None
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as error:
+            raise self._damaged(position, "", "", f"not readable ({error})") from None
+
+    def _read_header(self, unpacker: msgpack.Unpacker) -> None:
+        path = self.path
+        try:
+            header: Any = next(unpacker, None)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            header = False
+        self._whole_bytes = unpacker.tell()
+        if header is None:
+            msg = f"{path}: no whole header: not a {FORMAT} file, or one cut before its first frame (nothing to replay)"
+            raise RecordingError(msg)
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            msg = f"{path}: not a {FORMAT} file (make one with `lineinspect record`)"
+            raise RecordingError(msg)
+        version = header.get("version")
+        if type(version) is not int or version not in READABLE_VERSIONS:
+            msg = f"{path}: {FORMAT} version {version!r}; this lineinspect reads versions 1 and 2 (upgrade it)"
+            raise RecordingError(msg)
+        self.version, self.line_id = int(version), str(header.get("line_id"))
+        if version >= 2:
+            values = [header.get(key) for key in HEADER_FIELDS]
+            if set(header) != {*HEADER_FIELDS, "crc32"} or header["crc32"] != _crc(values):
+                msg = f"{path}: the header is damaged (its checksum does not match); the recording cannot be trusted"
+                raise RecordingError(msg)
+
+    def _v1_entry(self, item: Any, position: int) -> Entry:
+        if not isinstance(item, dict) or not isinstance(item.get("payload"), bytes):
+            raise self._damaged(position, "", "", f"not an entry (a msgpack {type(item).__name__} without payload)")
+        entry_id = item.get("entry_id")
+        return self._counted(Entry(position, str(item.get("kind")), entry_id if isinstance(entry_id, str) else "",
+                                   item["payload"]))  # fmt: skip
+
+    def _v2_entry(self, item: Any, position: int) -> Entry:
+        if not isinstance(item, dict):
+            raise self._damaged(position, "", "", f"not an entry (a msgpack {type(item).__name__})")
+        kind, entry_id, payload, crc32 = (item.get(key) for key in (*ENTRY_FIELDS, "crc32"))
+        if (
+            set(item) != {*ENTRY_FIELDS, "crc32"}
+            or kind not in ENTRY_KINDS
+            or not isinstance(entry_id, str)
+            or not isinstance(payload, bytes)
+        ):
+            fields = [str(key)[:20] for key in item]
+            raise self._damaged(position, str(kind)[:20], str(entry_id)[:40], f"not an entry (fields {fields})")
+        if crc32 != _crc([kind, entry_id], payload):
+            raise self._damaged(position, kind, entry_id, "its checksum does not match")
+        return self._counted(Entry(position, kind, entry_id, payload))
+
+    def _counted(self, entry: Entry) -> Entry:
+        self._frames += entry.kind == "frame"
+        self._decisions += entry.kind == "decision"
+        return entry
+
+    def _check_end(self, item: dict[str, Any], position: int, entries_sha256: str) -> None:
+        if set(item) != {*END_FIELDS, "crc32"} or item["crc32"] != _crc([item[key] for key in END_FIELDS]):
+            raise self._damaged(position, "end", "", "the end record's checksum does not match")
+        if (item["frames"], item["decisions"]) != (self._frames, self._decisions):
+            counted = f"{item['frames']} frames and {item['decisions']} decisions"
+            held = f"{self._frames} and {self._decisions}"
+            raise self._damaged(position, "end", "", f"the end record counts {counted}, the file holds {held}")
+        if item["entries_sha256"] != entries_sha256:
+            raise self._damaged(position, "end", "", "the entries' checksum does not match (an entry lost or moved)")
+
+    def _ends_in_end_record(self) -> bool:
+        """Whether the file's last bytes are a whole end record: then it was not cut, a damaged length made an entry
+        run over the rest of the file."""
+        with self.path.open("rb") as handle:
+            handle.seek(max(0, self._size() - END_RECORD_MAX_BYTES))
+            tail = handle.read()
+        for start in range(len(tail)):
+            if 0x80 <= tail[start] <= 0x8F:  # a small map's first byte
+                try:
+                    item = msgpack.unpackb(tail[start:], raw=False)
+                except Exception:  # not a whole msgpack object from here: try the next byte
+                    continue
+                if (
+                    isinstance(item, dict)
+                    and set(item) == {*END_FIELDS, "crc32"}
+                    and item["kind"] == "end"
+                    and item["crc32"] == _crc([item[key] for key in END_FIELDS])
+                ):
+                    return True
+        return False
+
+    def _damaged(self, position: int, kind: str, entry_id: str, reason: str) -> RecordingError:
+        what = {"frame": f"frame {self._frames + 1}, stream entry {entry_id}",
+                "decision": f"decision for stream entry {entry_id}", "end": "the end record"}.get(kind)  # fmt: skip
+        msg = (f"{self.path}: entry {position}{f' ({what})' if what else ''} is damaged: {reason}; the "
+               f"{self._frames} frames before it are intact, the recording is refused (a damaged copy? the original "
+               "may be whole)")  # fmt: skip
+        return RecordingError(msg)
 
 
 @dataclass
 class Recording:
     """A recording's header, its baseline decisions and how many frames it holds; the frames themselves stay in
-    the file and are read one at a time (``frames()``): a day of frames does not fit in memory, its decisions do."""
+    the file and are read one at a time (``frames()``): a day of frames does not fit in memory, its decisions do.
+
+    Frames are identified by their number (1 = first recorded); ``entry_ids[number - 1]`` is where the frame was
+    read on the recorded line's frames stream."""
 
     path: Path
     line_id: str
+    version: int = FORMAT_VERSION
     frame_count: int = 0
-    decisions: dict[str, Decision] = field(default_factory=dict)  # by frame_id
+    decisions: dict[int, Decision] = field(default_factory=dict)  # baseline, by frame number
+    entry_ids: list[str] = field(default_factory=list)
+    reused_frame_ids: int = 0  # frames whose frame_id an earlier frame of the recording has
+    complete: bool = False  # version 2 with its end record read and matching
     truncated_bytes: int = 0  # bytes after the last whole entry: a recorder killed mid-write, a cut copy
 
+    @property
+    def cut(self) -> bool:
+        """The recorder did not finish it: a version 2 file without its end record, or a file ending mid-entry."""
+        return (self.version >= 2 and not self.complete) or self.truncated_bytes > 0
+
     def frames(self) -> Iterator[Frame]:
-        """The recorded frames in order, decoded one at a time."""
-        for kind, payload in _Entries(self.path):
-            if kind == "frame":
-                yield decode_frame(payload)
+        """The recorded frames in order (the n-th is frame number n), decoded one at a time; at most
+        ``frame_count`` of them, those the scan found intact."""
+        if self.frame_count == 0:
+            return
+        sent = 0
+        for entry in _Entries(self.path):
+            if entry.kind == "frame":
+                yield _decoded(self.path, entry, decode_frame)
+                sent += 1
+                if sent == self.frame_count:
+                    return
 
 
-class RecordingWriter:
-    """Appends frames and decisions to a recording file."""
-
-    def __init__(self, path: Path, line_id: str) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: BinaryIO = path.open("wb")
-        self._packer = msgpack.Packer(use_bin_type=True)
-        self._write({"format": FORMAT, "version": FORMAT_VERSION, "line_id": line_id, "created_at_ns": time.time_ns()})
-
-    def _write(self, item: dict[str, Any]) -> None:
-        self._file.write(self._packer.pack(item))
-
-    def frame(self, entry_id: str, payload: bytes) -> None:
-        self._write({"kind": "frame", "entry_id": entry_id, "payload": payload})
-
-    def decision(self, payload: bytes) -> None:
-        self._write({"kind": "decision", "payload": payload})
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class _Entries:
-    """The ``(kind, payload)`` entries of a recording file after its header, read one at a time, each checked as far
-    as its shape goes (``RecordingError`` naming the file otherwise). Once read to the end: ``line_id`` from the
-    header and ``unread_bytes``, what follows the last whole entry (a cut file)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.line_id, self.unread_bytes = path, "", 0
-
-    def __iter__(self) -> Iterator[tuple[str, bytes]]:
-        path = self.path
-        try:
-            with path.open("rb") as handle:
-                unpacker = msgpack.Unpacker(handle, raw=False, strict_map_key=True)
-                header: Any = next(unpacker, None)
-                if not _is_header(header):
-                    msg = f"{path}: not a {FORMAT} v{FORMAT_VERSION} file (make one with `lineinspect record`)"
-                    raise RecordingError(msg)
-                self.line_id = str(header.get("line_id"))
-                for item in unpacker:
-                    if not isinstance(item, dict) or not isinstance(item.get("payload"), bytes):
-                        msg = f"{path}: damaged entry ({str(item)[:80]})"
-                        raise RecordingError(msg)
-                    yield str(item.get("kind")), item["payload"]
-                self.unread_bytes = path.stat().st_size - unpacker.tell()
-        except RecordingError:
-            raise
-        except (OSError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as error:
-            msg = f"{path}: not a readable recording ({error})"
-            raise RecordingError(msg) from None
-
-
-def _is_header(item: Any) -> bool:
-    return isinstance(item, dict) and item.get("format") == FORMAT and item.get("version") == FORMAT_VERSION
+def _decoded(path: Path, entry: Entry, decode: Callable[[bytes], MessageT]) -> MessageT:
+    try:
+        return decode(entry.payload)
+    except CodecError as error:
+        msg = f"{path}: entry {entry.position} ({entry.kind}, stream entry {entry.entry_id}) is damaged ({error})"
+        raise RecordingError(msg) from None
 
 
 def read_recording(path: Path) -> Recording:
-    """Scan a recording in one pass (every entry checked, frames not kept); raises RecordingError naming the file
-    when it is not one or an entry is damaged."""
+    """Scan a recording in one pass (every entry verified and decoded, frames not kept); raises RecordingError
+    naming the file, and the entry, when it is not a recording or an entry is damaged. A cut recording is read up
+    to its last whole entry (``cut``, ``truncated_bytes``)."""
     entries = _Entries(path)
-    frame_count, decisions = 0, {}
-    for position, (kind, payload) in enumerate(entries, start=1):
-        try:
-            if kind == "frame":
-                decode_frame(payload)
-                frame_count += 1
-            elif kind == "decision":
-                decision = decode_decision(payload)
-                decisions[decision.frame_id] = decision
-        except CodecError as error:
-            msg = f"{path}: damaged entry {position} ({error})"
-            raise RecordingError(msg) from None
-    return Recording(path, entries.line_id, frame_count, decisions, entries.unread_bytes)
+    decisions: dict[int, Decision] = {}
+    entry_ids: list[str] = []
+    seen_frame_ids: set[str] = set()
+    reused = 0
+    waiting_by_entry: dict[str, int] = {}  # v2: stream entry id -> number of a frame without its decision yet
+    waiting_by_frame_id: dict[str, deque[tuple[int, str]]] = {}  # v1: frame_id -> (number, entry id) waiting
+    for entry in entries:
+        if entry.kind == "frame":
+            frame: Frame = _decoded(path, entry, decode_frame)
+            entry_ids.append(entry.entry_id)
+            number = len(entry_ids)
+            reused += frame.frame_id in seen_frame_ids
+            seen_frame_ids.add(frame.frame_id)
+            if entries.version >= 2:
+                waiting_by_entry[entry.entry_id] = number
+            else:
+                waiting_by_frame_id.setdefault(frame.frame_id, deque()).append((number, entry.entry_id))
+        elif entry.kind == "decision":
+            decision: Decision = _decoded(path, entry, decode_decision)
+            if entries.version >= 2:
+                matched = waiting_by_entry.pop(entry.entry_id, None)
+            else:
+                matched = _match_v1(waiting_by_frame_id, decision)
+            if matched is None:
+                logger.warning("recorded decision matches no recorded frame, left out",
+                               extra={"recording": str(path), "entry": entry.position})  # fmt: skip
+                continue
+            decisions[matched] = decision
+    return Recording(path, entries.line_id, entries.version, len(entry_ids), decisions, entry_ids, reused,
+                     entries.complete, entries.unread_bytes)  # fmt: skip
+
+
+def _match_v1(waiting: dict[str, deque[tuple[int, str]]], decision: Decision) -> int | None:
+    """Version 1 recorded decisions by frame id: the waiting frame the decision names by entry id when it does,
+    else the first waiting frame with that id (the version 1 recorder kept one decision per id in flight)."""
+    queue = waiting.get(decision.frame_id)
+    if not queue:
+        return None
+    chosen = next((item for item in queue if item[1] == decision.frame_entry_id), queue[0])
+    queue.remove(chosen)
+    if not queue:
+        del waiting[decision.frame_id]
+    return chosen[0]
 
 
 def record_line(
@@ -143,26 +398,35 @@ def record_line(
 ) -> tuple[int, int, int]:
     """Save new frames (and their decisions) of a line until ``max_frames`` or ``stop``; returns the counts of
     frames, decisions and skipped entries (not a frame or decision: the pipeline dead-letters those, the recording
-    leaves them out and goes on).
+    leaves them out and goes on). The file gets its end record when this returns or raises, unless writing it is
+    what failed.
 
+    A decision is matched to its frame by the frames-stream entry id it carries (``frame_entry_id``), so frames
+    that reuse a frame id each keep their own; a decision without one goes to the oldest waiting frame of its id.
     After the last frame, decisions are awaited up to ``settle_s`` so the recording has a baseline for each frame.
     ``started`` is set once the recorder has fixed its starting point: frames published after that are recorded.
     """
-    writer = RecordingWriter(path, keys.line_id)
-    positions = {keys.frames: client.last_id(keys.frames), keys.decisions: client.last_id(keys.decisions)}
-    if started is not None:
-        started.set()
+    if max_frames is not None and max_frames < 0:
+        msg = f"--frames must be >= 0, got {max_frames}"
+        raise ValueError(msg)
     recorded = decided = skipped = 0
-    awaiting: set[str] = set()  # recorded frames whose decision has not come yet: bounded by the line's backlog
+    awaiting: dict[str, str] = {}  # entry id -> frame_id of recorded frames without their decision yet
     settle_until: float | None = None
 
     def frames_done() -> bool:
         return stop.is_set() or (max_frames is not None and recorded >= max_frames)
 
-    try:
+    with RecordingWriter(path, keys.line_id) as writer:
+        positions = {keys.frames: client.last_id(keys.frames), keys.decisions: client.last_id(keys.decisions)}
+        if started is not None:
+            started.set()
+        logger.info("recording", extra={"line": keys.line_id, "out": str(path), "max_frames": max_frames})
         while True:
             if frames_done() and settle_until is None:
                 settle_until = time.monotonic() + settle_s
+                if awaiting:
+                    logger.info("waiting for the decisions of the last frames",
+                                extra={"frames": len(awaiting), "settle_s": settle_s})  # fmt: skip
             if settle_until is not None and (not awaiting or time.monotonic() > settle_until):
                 break
             for stream, entry in client.tail(positions, count=100, block_ms=100):
@@ -171,120 +435,68 @@ def record_line(
                     continue
                 try:
                     if stream == keys.frames and not frames_done():
-                        awaiting.add(decode_frame(entry.payload).frame_id)
+                        awaiting[entry.entry_id] = decode_frame(entry.payload).frame_id
                         writer.frame(entry.entry_id, entry.payload)
                         recorded += 1
                     elif stream == keys.decisions:
-                        frame_id = decode_decision(entry.payload).frame_id
-                        if frame_id in awaiting:
-                            awaiting.discard(frame_id)
-                            writer.decision(entry.payload)
+                        frame_entry_id = _awaited_frame(awaiting, decode_decision(entry.payload))
+                        if frame_entry_id is not None:
+                            del awaiting[frame_entry_id]
+                            writer.decision(frame_entry_id, entry.payload)
                             decided += 1
                 except CodecError as error:
                     skipped += 1
                     where = {"stream": stream, "entry_id": entry.entry_id, "error": str(error)}
                     logger.warning("entry skipped: not a frame or decision", extra=where)
-    finally:
-        writer.close()
+        if awaiting:
+            logger.warning("frames recorded without their decision", extra={"frames": len(awaiting)})
     return recorded, decided, skipped
 
 
+def _awaited_frame(awaiting: dict[str, str], decision: Decision) -> str | None:
+    """The entry id of the recorded frame ``decision`` is for, or None (a frame from before the recording, or one
+    already decided: the sink publishes one decision per frame)."""
+    if decision.frame_entry_id is not None:
+        return decision.frame_entry_id if decision.frame_entry_id in awaiting else None
+    return next((entry_id for entry_id, frame_id in awaiting.items() if frame_id == decision.frame_id), None)
+
+
 class ReplaySource:
-    """Frames of a recording as a (non-live) ingest source, paced by ``speed``."""
+    """Frames of a recording as a (non-live) ingest source, paced by ``speed``. Each frame is sent with
+    ``metadata["replay_frame"]``, its number in the recording, and ``metadata["replay_of"]``, its recorded frame_id;
+    ``failure`` holds the error when the file could not be read to the end during the replay."""
 
     live = False
 
     def __init__(self, camera_id: str, path: Path, speed: float, run_id: str = "") -> None:
-        if speed < 0:
-            msg = f"replay speed must be >= 0 (0 = as fast as the pipeline takes), got {speed}"
+        if not speed >= 0:  # NaN too
+            msg = f"replay speed must be >= 0 (1 = recorded pace, N = N times faster, 0 = flat out), got {speed}"
             raise ValueError(msg)
         self.camera_id, self.speed, self.run_id = camera_id, speed, run_id
         self.recording = read_recording(path)
+        self.failure: RecordingError | None = None
 
     def captures(self) -> Iterator[Capture]:
         first_ns, started = None, time.monotonic()
-        for frame in self.recording.frames():
-            first_ns = frame.captured_at_ns if first_ns is None else first_ns
-            if self.speed > 0:
-                due = started + (frame.captured_at_ns - first_ns) / 1e9 / self.speed
-                time.sleep(max(0.0, due - time.monotonic()))
-            metadata: dict[str, MetadataValue] = {**frame.metadata, "replay_of": frame.frame_id}
-            if self.run_id:
-                metadata["replay_run"] = self.run_id
-            yield Capture(
-                frame.data,
-                frame.encoding,
-                time.time_ns(),
-                raw_shape=frame.raw_shape,
-                raw_dtype=frame.raw_dtype,
-                metadata=metadata,
-                camera_id=frame.camera_id,
-            )
-
-
-CHANGED_FRAMES_SHOWN = 200  # frames listed in a report's changed_frames (all are counted)
-
-
-def _distribution(scores: list[float]) -> dict[str, float | int]:
-    if not scores:
-        return {"count": 0}
-    values = np.asarray(scores, dtype=np.float64)
-    quantiles = np.quantile(values, [0.5, 0.9, 0.99])
-    return {
-        "count": int(values.size),
-        "mean": float(values.mean()),
-        "std": float(values.std()),
-        "min": float(values.min()),
-        "p50": float(quantiles[0]),
-        "p90": float(quantiles[1]),
-        "p99": float(quantiles[2]),
-        "max": float(values.max()),
-    }
-
-
-def compare_decisions(baseline: dict[str, Decision], candidate: dict[str, Decision]) -> dict[str, Any]:
-    """Report of verdict changes and score distributions; ``candidate`` is keyed by the recorded frame_id."""
-    shared = sorted(set(baseline) & set(candidate))
-    transitions: dict[str, int] = {}
-    changed = []
-    for frame_id in shared:
-        before, after = baseline[frame_id].verdict, candidate[frame_id].verdict
-        transitions[f"{before}->{after}"] = transitions.get(f"{before}->{after}", 0) + 1
-        if before != after:
-            changed.append(
-                {
-                    "frame_id": frame_id,
-                    "baseline": before,
-                    "candidate": after,
-                    "baseline_score": baseline[frame_id].score,
-                    "candidate_score": candidate[frame_id].score,
-                }
-            )
-    by_label: dict[str, dict[str, int]] = {}
-    for frame_id in shared:  # frames ingested with --metadata label=...: which flips are new false alarms or misses
-        label = baseline[frame_id].metadata.get("label")
-        if label is not None:
-            key = f"{baseline[frame_id].verdict}->{candidate[frame_id].verdict}"
-            counts = by_label.setdefault(str(label), {})
-            counts[key] = counts.get(key, 0) + 1
-    score_pairs = [(baseline[f].score, candidate[f].score) for f in shared]
-    errors = Counter(d.error_reason or "unknown" for d in candidate.values() if d.verdict == "error")
-    differences = [abs(b - c) for b, c in score_pairs if b is not None and c is not None]
-    return {
-        "frames_compared": len(shared),
-        "missing_in_candidate": len(set(baseline) - set(candidate)),
-        "missing_in_baseline": len(set(candidate) - set(baseline)),
-        "verdict_changes": len(changed),
-        "transitions": dict(sorted(transitions.items())),
-        "transitions_by_label": {label: dict(sorted(counts.items())) for label, counts in sorted(by_label.items())},
-        "changed_frames": changed[:CHANGED_FRAMES_SHOWN],
-        "changed_frames_truncated": len(changed) > CHANGED_FRAMES_SHOWN,
-        "baseline_models": sorted({d.model_id or "" for d in baseline.values()}),
-        "candidate_models": sorted({d.model_id or "" for d in candidate.values()}),
-        "baseline_thresholds": sorted({d.threshold for d in baseline.values() if d.threshold is not None}),
-        "candidate_thresholds": sorted({d.threshold for d in candidate.values() if d.threshold is not None}),
-        "candidate_errors": dict(sorted(errors.items())),
-        "baseline_scores": _distribution([s for s, _ in score_pairs if s is not None]),
-        "candidate_scores": _distribution([s for _, s in score_pairs if s is not None]),
-        "mean_abs_score_change": float(np.mean(differences)) if differences else None,
-    }
+        try:
+            for number, frame in enumerate(self.recording.frames(), start=1):
+                first_ns = frame.captured_at_ns if first_ns is None else first_ns
+                if self.speed > 0:
+                    due = started + (frame.captured_at_ns - first_ns) / 1e9 / self.speed
+                    time.sleep(max(0.0, due - time.monotonic()))
+                metadata: dict[str, MetadataValue] = {**frame.metadata, "replay_of": frame.frame_id,
+                                                      "replay_frame": number}  # fmt: skip
+                if self.run_id:
+                    metadata["replay_run"] = self.run_id
+                yield Capture(
+                    frame.data,
+                    frame.encoding,
+                    time.time_ns(),
+                    raw_shape=frame.raw_shape,
+                    raw_dtype=frame.raw_dtype,
+                    metadata=metadata,
+                    camera_id=frame.camera_id,
+                )
+        except RecordingError as error:  # changed since the scan: the ingest thread only logs a source's failure
+            self.failure = error
+            raise

@@ -3,30 +3,43 @@
 To try a candidate model on yesterday's production: run a scoring worker with the candidate on a shadow line
 (``lineinspect score-worker --line shadow --model CANDIDATE`` plus a sink), then
 ``lineinspect replay FILE --line shadow --report report.json``.
+
+Each recorded frame is compared on its own, by its number in the recording (sent as ``metadata["replay_frame"]``
+and carried into its decision): cameras reuse frame ids, so two recorded frames may share one. The report shows the
+frame id and the recorded stream entry id beside the number.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.codec import decode_decision
+import numpy as np
+
+from pipeline.codec import CodecError, decode_decision
 from pipeline.messages import Decision
 from pipeline.streams import LineKeys
 from workers.ingest import Ingestor
 from workers.lifecycle import WorkerRuntime
-from workers.record import RecordingError, ReplaySource, compare_decisions
+from workers.record import Recording, RecordingError, ReplaySource
+
+logger = logging.getLogger(__name__)
+CHANGED_FRAMES_SHOWN = 200  # frames listed in a report's changed_frames (all are counted)
 
 
 def replay_and_compare(
     runtime: WorkerRuntime, path: Path, line_id: str | None, speed: float, run_id: str, timeout_s: float
 ) -> dict[str, Any]:
-    """Replay ``path`` onto ``line_id`` (default: the recorded line) and return the comparison report."""
+    """Replay ``path`` onto ``line_id`` (never the recorded line) and return the comparison report."""
     source = ReplaySource("replay", path, speed, run_id=run_id)
-    line_id = line_id or source.recording.line_id
-    if line_id == source.recording.line_id:
+    recording = source.recording
+    line_id = line_id or recording.line_id
+    if line_id == recording.line_id:
         msg = (f"{path} was recorded on line {line_id}: replaying onto it would put old frames among that line's "
                "decisions; replay onto a shadow line (--line) whose workers run the candidate model")  # fmt: skip
         raise RecordingError(msg)
@@ -36,43 +49,172 @@ def replay_and_compare(
     ingestor = Ingestor(runtime, line_id, [source], max_frames=None)
     sender = threading.Thread(target=ingestor.run, name="replay-ingest", daemon=True)
     sender.start()
-    expected = source.recording.frame_count
-    candidate: dict[str, Decision] = {}
+    expected = recording.frame_count
+    candidate: dict[int, Decision] = {}  # by frame number in the recording
+    duplicates = 0
+    stopped = False
     deadline = None  # the timeout counts from the last frame sent: a long recording at speed 1 takes its time
     while len(candidate) < expected and (deadline is None or time.monotonic() < deadline):
         if deadline is None and not sender.is_alive():
             deadline = time.monotonic() + timeout_s
         for _stream, entry in client.tail({keys.decisions: position}, count=200, block_ms=200):
             position = entry.entry_id
-            if entry.payload is None:
+            number = _replayed_frame(entry.payload, run_id, expected)
+            if number is None:
                 continue
-            decision = decode_decision(entry.payload)
-            if decision.metadata.get("replay_run") == run_id:
-                candidate[str(decision.metadata["replay_of"])] = decision
+            if number in candidate:
+                duplicates += 1
+            else:
+                candidate[number] = decode_decision(entry.payload or b"")
         if runtime.stop.is_set() and not sender.is_alive():
+            stopped = True  # Ctrl-C / SIGTERM: report what came back
             break
     runtime.stop.set()
     sender.join(timeout=10)
-    report = compare_decisions(source.recording.decisions, candidate)
-    warnings = []
-    if source.recording.truncated_bytes:
-        warnings.append(f"{path} ends in {source.recording.truncated_bytes} bytes that are not a whole entry: the "
-                        "recording was cut (a recorder stopped mid-write, a partial copy); the rest was used")
-    if not candidate and expected:
-        warnings.append(f"no decision came back from line {line_id} within {timeout_s:.0f} s of the last frame: "
-                        "is a scoring worker and a sink running for it? (its frames stay on its stream)")  # fmt: skip
-    elif len(candidate) < expected:
-        warnings.append(f"{expected - len(candidate)} of {expected} frames got no decision within {timeout_s:.0f} s "
-                        "of the last frame sent (--timeout-s)")  # fmt: skip
+    report = compare_decisions(recording.decisions, candidate, recording.entry_ids)
     report.update(
         {
             "recording": str(path),
+            "recording_version": recording.version,
+            "recording_complete": recording.complete,
+            "recording_truncated": recording.cut,
+            "recording_frames": expected,
+            "frames_reusing_an_id": recording.reused_frame_ids,
             "line_id": line_id,
             "frames_replayed": ingestor.published,
             "decisions_received": len(candidate),
-            "timed_out": len(candidate) < expected,
-            "recording_truncated": bool(source.recording.truncated_bytes),
-            "warnings": warnings,
+            "duplicate_decisions": duplicates,
+            "timed_out": len(candidate) < expected and not stopped,
+            "stopped": stopped,
+            "warnings": _warnings(
+                path, recording, source, ingestor.published, len(candidate), stopped, line_id, timeout_s
+            ),
         }
     )
     return report
+
+
+def _replayed_frame(payload: bytes | None, run_id: str, frame_count: int) -> int | None:
+    """The recording's frame number a decision on the replay line is for, None when it is not one of this run's."""
+    if payload is None:
+        return None
+    try:
+        metadata = decode_decision(payload).metadata
+    except CodecError:
+        return None
+    number = metadata.get("replay_frame")
+    if metadata.get("replay_run") != run_id:
+        return None
+    if type(number) is not int or not 1 <= number <= frame_count:
+        logger.warning("decision of this replay without a frame number, ignored", extra={"replay_frame": number})
+        return None
+    return number
+
+
+def _warnings(
+    path: Path,
+    recording: Recording,
+    source: ReplaySource,
+    sent: int,
+    received: int,
+    stopped: bool,
+    line_id: str,
+    timeout_s: float,
+) -> list[str]:
+    """What an engineer must know before trusting the report, in plain words."""
+    warnings = []
+    expected = recording.frame_count
+    if source.failure is not None:
+        warnings.append(f"the replay stopped reading the recording: {source.failure}")
+    if recording.cut:
+        unfinished = recording.truncated_bytes
+        partial = f", then {unfinished} bytes of an unfinished entry" if unfinished else ""
+        warnings.append(f"{path} was cut: it ends without the end record the recorder writes when it stops{partial} "
+                        "(the recorder was killed, the disk filled, the copy is partial, or it is still recording); "
+                        f"its {expected} intact frames were replayed")  # fmt: skip
+    if recording.version < 2:
+        warnings.append(f"{path} is a version 1 recording: it has no checksums, so damage inside it cannot be seen")
+    if expected == 0:
+        warnings.append(f"{path} holds no frames: nothing was replayed or compared")
+        return warnings
+    if stopped:
+        warnings.append(f"the replay was stopped (Ctrl-C or SIGTERM) after sending {sent} of {expected} frames")
+    elif sent < expected and source.failure is None:
+        warnings.append(f"{expected - sent} of {expected} frames were not sent (larger than streams.max_frame_bytes? "
+                        "see the log)")  # fmt: skip
+    if received == 0 and not stopped:
+        warnings.append(f"no decision came back from line {line_id} within {timeout_s:.0f} s of the last frame: "
+                        "is a scoring worker and a sink running for it? (its frames stay on its stream)")  # fmt: skip
+    elif received < sent and not stopped:
+        warnings.append(f"{sent - received} of {sent} frames sent got no decision within {timeout_s:.0f} s of the "
+                        "last frame sent (--timeout-s)")  # fmt: skip
+    return warnings
+
+
+def _distribution(scores: list[float]) -> dict[str, float | int]:
+    if not scores:
+        return {"count": 0}
+    values = np.asarray(scores, dtype=np.float64)
+    quantiles = np.quantile(values, [0.5, 0.9, 0.99])
+    return {
+        "count": int(values.size),
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        "p50": float(quantiles[0]),
+        "p90": float(quantiles[1]),
+        "p99": float(quantiles[2]),
+        "max": float(values.max()),
+    }
+
+
+def compare_decisions(
+    baseline: Mapping[int, Decision], candidate: Mapping[int, Decision], entry_ids: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Report of verdict changes and score distributions. Both sides are keyed by the frame's number in the
+    recording (1 = first), never by frame_id, which several recorded frames may share; ``entry_ids[number - 1]``,
+    when given, is the frame's recorded stream entry id, shown with its frame_id for each changed frame."""
+    shared = sorted(set(baseline) & set(candidate))
+    transitions: Counter[str] = Counter()
+    by_label: dict[str, Counter[str]] = {}
+    changed = []
+    for number in shared:
+        before, after = baseline[number], candidate[number]
+        transition = f"{before.verdict}->{after.verdict}"
+        transitions[transition] += 1
+        label = before.metadata.get("label")  # frames ingested with --metadata label=...: new false alarms, misses
+        if label is not None:
+            by_label.setdefault(str(label), Counter())[transition] += 1
+        if before.verdict != after.verdict:
+            changed.append(
+                {
+                    "frame": number,
+                    "frame_id": before.frame_id,
+                    "entry_id": entry_ids[number - 1] if number <= len(entry_ids) else None,
+                    "baseline": before.verdict,
+                    "candidate": after.verdict,
+                    "baseline_score": before.score,
+                    "candidate_score": after.score,
+                }
+            )
+    score_pairs = [(baseline[number].score, candidate[number].score) for number in shared]
+    errors = Counter(d.error_reason or "unknown" for d in candidate.values() if d.verdict == "error")
+    differences = [abs(b - c) for b, c in score_pairs if b is not None and c is not None]
+    return {
+        "frames_compared": len(shared),
+        "missing_in_candidate": len(set(baseline) - set(candidate)),
+        "missing_in_baseline": len(set(candidate) - set(baseline)),
+        "verdict_changes": len(changed),
+        "transitions": dict(sorted(transitions.items())),
+        "transitions_by_label": {label: dict(sorted(counts.items())) for label, counts in sorted(by_label.items())},
+        "changed_frames": changed[:CHANGED_FRAMES_SHOWN],
+        "changed_frames_truncated": len(changed) > CHANGED_FRAMES_SHOWN,
+        "baseline_models": sorted({d.model_id or "" for d in baseline.values()}),
+        "candidate_models": sorted({d.model_id or "" for d in candidate.values()}),
+        "baseline_thresholds": sorted({d.threshold for d in baseline.values() if d.threshold is not None}),
+        "candidate_thresholds": sorted({d.threshold for d in candidate.values() if d.threshold is not None}),
+        "candidate_errors": dict(sorted(errors.items())),
+        "baseline_scores": _distribution([s for s, _ in score_pairs if s is not None]),
+        "candidate_scores": _distribution([s for _, s in score_pairs if s is not None]),
+        "mean_abs_score_change": float(np.mean(differences)) if differences else None,
+    }

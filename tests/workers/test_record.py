@@ -1,8 +1,15 @@
-"""Record and replay: file round trip, recording a live line, replaying onto a candidate line and comparing."""
+"""Recording files (format version 2: checksums and an end record; version 1 still read), the recorder on a live
+line (decisions matched to frames by stream entry, stopped by --frames or a signal) and the replay source."""
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,215 +17,350 @@ import msgpack
 import pytest
 
 from pipeline.codec import encode_decision, encode_frame
-from pipeline.messages import Decision
+from pipeline.config import Config
+from pipeline.messages import MetadataValue
 from pipeline.streams import LineKeys
 from tests.workers.conftest import TinyLine
-from tests.workers.helpers import frame_from_file, start_thread
+from tests.workers.helpers import frame_from_file, start_thread, wait_until
+from tests.workers.recordings import decision_for, tiny_frame, write_recording, write_v1_recording
 from workers.lifecycle import WorkerRuntime
-from workers.record import (
-    RecordingError,
-    RecordingWriter,
-    ReplaySource,
-    compare_decisions,
-    read_recording,
-    record_line,
-)
-from workers.replay import replay_and_compare
-from workers.score import ModelSlot, ScoreWorker, load_model
-from workers.sink import SinkWorker
+from workers.record import RecordingError, RecordingWriter, ReplaySource, read_recording, record_line
+
+REPO = Path(__file__).resolve().parents[2]
 
 
-def decision(frame_id: str, verdict: str, score: float, model_id: str = "m") -> Decision:
-    return Decision.model_validate(
-        {
-            "frame_id": frame_id,
-            "line_id": "l",
-            "camera_id": "c",
-            "verdict": verdict,
-            "score": score,
-            "model_id": model_id,
-            "captured_at_ns": 1,
-        }
-    )
-
-
-def test_comparison_counts_verdict_changes_and_score_shift() -> None:
-    baseline = {"a": decision("a", "pass", 1.0), "b": decision("b", "fail", 3.0), "c": decision("c", "pass", 1.0)}
-    candidate = {"a": decision("a2", "pass", 1.5, "n"), "b": decision("b2", "pass", 2.0, "n")}
-    report = compare_decisions(baseline, candidate)
-    assert report["frames_compared"] == 2
-    assert report["missing_in_candidate"] == 1
-    assert report["transitions"] == {"fail->pass": 1, "pass->pass": 1}
-    assert report["verdict_changes"] == 1
-    assert report["changed_frames"][0]["frame_id"] == "b"
-    assert report["mean_abs_score_change"] == pytest.approx(0.75)
-    assert report["candidate_models"] == ["n"]
-    assert report["baseline_scores"]["max"] == 3.0
-
-
-def test_recording_round_trip_and_bad_files(tiny_line: TinyLine, tmp_path: Path) -> None:
+def test_recording_round_trip_and_not_a_recording(tiny_line: TinyLine, tmp_path: Path) -> None:
     frame = frame_from_file(tiny_line.good_images[0], captured_at_ns=123_000_000_000)
-    writer = RecordingWriter(tmp_path / "rec.lir", "line-1")
-    writer.frame("1-0", encode_frame(frame))
-    writer.decision(encode_decision(decision(frame.frame_id, "pass", 1.0)))
-    writer.close()
+    with RecordingWriter(tmp_path / "rec.lir", "line-1") as writer:
+        writer.frame("1-0", encode_frame(frame))
+        writer.decision("1-0", encode_decision(decision_for(frame.frame_id, "fail", 4.0)))
     recording = read_recording(tmp_path / "rec.lir")
-    assert recording.line_id == "line-1"
-    assert list(recording.frames()) == [frame] and recording.frame_count == 1
-    assert recording.decisions[frame.frame_id].verdict == "pass"
+    assert (recording.line_id, recording.version, recording.complete, recording.cut) == ("line-1", 2, True, False)
+    assert list(recording.frames()) == [frame] and recording.frame_count == 1 and recording.entry_ids == ["1-0"]
+    assert recording.decisions[1].verdict == "fail"
     replayed = list(ReplaySource("x", tmp_path / "rec.lir", speed=0, run_id="r1").captures())
     assert replayed[0].data == frame.data
-    assert replayed[0].metadata["replay_of"] == frame.frame_id
+    assert (replayed[0].metadata["replay_of"], replayed[0].metadata["replay_frame"]) == (frame.frame_id, 1)
     assert replayed[0].captured_at_ns > frame.captured_at_ns  # re-stamped at send time
     (tmp_path / "junk.lir").write_bytes(b"\x93\x01\x02")
-    with pytest.raises(RecordingError, match="not a lineinspect-recording"):
+    with pytest.raises(RecordingError, match="not a lineinspect-recording file"):
         read_recording(tmp_path / "junk.lir")
+    (tmp_path / "stub.lir").write_bytes((tmp_path / "rec.lir").read_bytes()[:20])
+    with pytest.raises(RecordingError, match="no whole header"):
+        read_recording(tmp_path / "stub.lir")
 
 
-def test_record_line_saves_new_frames_with_their_decisions(
-    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+def test_frames_that_share_a_frame_id_keep_their_own_decisions(tmp_path: Path) -> None:
+    """A camera that restarts sends frame ids again: each recorded frame is its own entry, found by stream entry."""
+    frames = [tiny_frame("cam0-7", sequence=n) for n in range(3)]
+    with RecordingWriter(tmp_path / "rec.lir", "line-1") as writer:
+        for number, frame in enumerate(frames, start=1):
+            writer.frame(f"{number}-0", encode_frame(frame))
+        for number in (3, 1, 2):  # decisions come back in any order
+            writer.decision(f"{number}-0", encode_decision(decision_for("cam0-7", score=float(number))))
+    recording = read_recording(tmp_path / "rec.lir")
+    assert recording.frame_count == 3 and recording.reused_frame_ids == 2
+    assert {number: decision.score for number, decision in recording.decisions.items()} == {1: 1.0, 2: 2.0, 3: 3.0}
+    assert [frame.sequence for frame in recording.frames()] == [0, 1, 2]
+
+
+def test_a_cut_recording_keeps_every_whole_frame(tmp_path: Path) -> None:
+    """Cut at every byte (a killed recorder, a full disk, a partial copy): never refused once the header is whole,
+    always marked cut, and exactly the frames and decisions written whole before the cut are read."""
+    path = write_recording(tmp_path / "rec.lir", [tiny_frame(f"f{n}") for n in range(3)])
+    data = path.read_bytes()
+    ends = []  # where each record ends
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(data)
+    for _ in unpacker:
+        ends.append(unpacker.tell())
+    header_end, entry_ends, end_record_end = ends[0], ends[1:-1], ends[-1]
+    assert end_record_end == len(data) and len(entry_ends) == 6
+    cut = tmp_path / "cut.lir"
+    for size in range(header_end, len(data)):
+        cut.write_bytes(data[:size])
+        recording = read_recording(cut)
+        whole = sum(end <= size for end in entry_ends)  # entries frame, decision, frame, ...
+        assert recording.cut and not recording.complete, size
+        assert recording.frame_count == (whole + 1) // 2, size
+        assert len(recording.decisions) == whole // 2, size
+        assert recording.truncated_bytes == size - max([header_end, *(e for e in entry_ends if e <= size)]), size
+        assert [frame.frame_id for frame in recording.frames()] == [f"f{n}" for n in range(recording.frame_count)]
+    whole_file = read_recording(path)
+    assert whole_file.complete and not whole_file.cut and whole_file.frame_count == 3
+
+
+def test_a_changed_byte_is_refused_naming_its_entry(tmp_path: Path) -> None:
+    """Flip each bit pattern at each byte: the file is refused, or (a damaged end record that reads as a cut) read
+    as cut with its frames intact; never taken as a complete recording."""
+    frames = [tiny_frame(f"f{n}") for n in range(2)]
+    path = write_recording(tmp_path / "rec.lir", frames)
+    data = path.read_bytes()
+    damaged = tmp_path / "damaged.lir"
+    refused = read_as_cut = 0
+    for index in range(len(data)):
+        for flip in (0x01, 0x80):
+            changed = bytearray(data)
+            changed[index] ^= flip
+            damaged.write_bytes(bytes(changed))
+            try:
+                recording = read_recording(damaged)
+            except RecordingError:
+                refused += 1
+                continue
+            read_as_cut += 1
+            assert recording.cut and not recording.complete, (index, flip)
+            assert list(recording.frames()) == frames[: recording.frame_count], (index, flip)
+            assert index > len(data) - 200, (index, flip)  # only at the end record
+    assert refused > 0.99 * 2 * len(data), (refused, read_as_cut)
+    payload_byte = data.index(encode_frame(frames[1])) + 40  # inside frame 2's payload
+    changed = bytearray(data)
+    changed[payload_byte] ^= 0x04
+    damaged.write_bytes(bytes(changed))
+    with pytest.raises(RecordingError, match=r"entry 3 \(frame 2, stream entry 2-0\) is damaged: its checksum does "
+                       r"not match; the 1 frames before it are intact, the recording is refused"):  # fmt: skip
+        read_recording(damaged)
+
+
+def test_a_lost_or_moved_entry_is_caught_by_the_end_record(tmp_path: Path) -> None:
+    path = write_recording(tmp_path / "rec.lir", [tiny_frame(f"f{n}") for n in range(3)])
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(path.read_bytes())
+    records = [msgpack.packb(item, use_bin_type=True) for item in unpacker]
+    header, entries, end = records[0], records[1:-1], records[-1]
+    lost = tmp_path / "lost.lir"
+    lost.write_bytes(header + b"".join(entries[:3] + entries[4:]) + end)  # frame 2's decision dropped
+    with pytest.raises(RecordingError, match="the end record counts 3 frames and 3 decisions, the file holds 3 and 2"):
+        read_recording(lost)
+    moved = tmp_path / "moved.lir"
+    moved.write_bytes(header + b"".join(entries[2:4] + entries[:2] + entries[4:]) + end)  # frames 1 and 2 swapped
+    with pytest.raises(RecordingError, match="an entry lost or moved"):
+        read_recording(moved)
+    extra = tmp_path / "extra.lir"
+    extra.write_bytes(path.read_bytes() + entries[0])
+    with pytest.raises(RecordingError, match="data follows the end record"):
+        read_recording(extra)
+
+
+class _FullDisk:
+    """A file that takes ``room`` bytes, then fails like a full disk after writing part of what it was given."""
+
+    def __init__(self, real: object, room: int) -> None:
+        self.real, self.room = real, room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            self.real.write(data[: self.room])  # type: ignore[attr-defined]
+            self.room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return int(self.real.write(data))  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+
+def test_a_write_that_fails_leaves_a_cut_recording_without_end_record(tmp_path: Path) -> None:
+    frames = [tiny_frame(f"f{n}") for n in range(3)]
+    writer = RecordingWriter(tmp_path / "rec.lir", "line-1")
+    writer.frame("1-0", encode_frame(frames[0]))
+    writer._file = _FullDisk(writer._file, room=30)  # type: ignore[assignment]  # the disk fills up here
+    with pytest.raises(OSError, match="No space left"):
+        writer.frame("2-0", encode_frame(frames[1]))
+    with pytest.raises(RecordingError, match="an earlier write failed"):
+        writer.frame("3-0", encode_frame(frames[2]))
+    writer.close()
+    recording = read_recording(tmp_path / "rec.lir")
+    assert recording.cut and recording.truncated_bytes == 30 and recording.frame_count == 1
+    assert list(recording.frames()) == frames[:1]
+
+
+def test_version_1_recordings_are_still_read(tmp_path: Path) -> None:
+    """The old format: no checksums, decisions found by frame id (the entry id they carry when they do)."""
+    frames = [tiny_frame("cam0-1", sequence=n) for n in range(3)] + [tiny_frame("cam0-2", sequence=3)]
+    path = write_v1_recording(
+        tmp_path / "old.lir",
+        [
+            ("1-0", frames[0]),
+            ("2-0", frames[1]),
+            ("3-0", frames[2]),
+            ("3-0", decision_for("cam0-1", score=3.0, frame_entry_id="3-0")),  # names its frame's entry
+            ("-", decision_for("cam0-1", score=1.0)),  # an older scorer's: the first waiting frame with its id
+            ("4-0", frames[3]),
+            ("-", decision_for("cam0-2", score=4.0)),
+        ],
+    )
+    recording = read_recording(path)
+    assert (recording.version, recording.complete, recording.cut, recording.truncated_bytes) == (1, False, False, 0)
+    assert recording.frame_count == 4 and recording.entry_ids == ["1-0", "2-0", "3-0", "4-0"]
+    assert {number: decision.score for number, decision in recording.decisions.items()} == {1: 1.0, 3: 3.0, 4: 4.0}
+    assert list(recording.frames()) == frames
+    cut = tmp_path / "cut.lir"
+    cut.write_bytes(path.read_bytes()[:-10])
+    cut_recording = read_recording(cut)
+    assert cut_recording.cut and cut_recording.truncated_bytes > 0 and cut_recording.frame_count == 4
+    assert set(cut_recording.decisions) == {1, 3}
+
+
+def test_a_newer_version_is_refused_and_a_recording_never_overwritten(tmp_path: Path) -> None:
+    newer = tmp_path / "newer.lir"
+    newer.write_bytes(msgpack.packb({"format": "lineinspect-recording", "version": 3, "line_id": "l"}))
+    with pytest.raises(RecordingError, match="version 3; this lineinspect reads versions 1 and 2"):
+        read_recording(newer)
+    path = write_recording(tmp_path / "rec.lir", [tiny_frame("f0")])
+    before = path.read_bytes()
+    with pytest.raises(RecordingError, match="already exists: a recording is not overwritten"):
+        RecordingWriter(path, "line-1")
+    assert path.read_bytes() == before
+
+
+def _record_in_thread(
+    runtime: WorkerRuntime, path: Path, max_frames: int | None, stop: threading.Event | None = None
+) -> tuple[threading.Thread, list[tuple[int, int, int]]]:
+    keys = LineKeys(runtime.config.streams.prefix, "line-1")
+    counts: list[tuple[int, int, int]] = []
+    started = threading.Event()
+    stop = stop or threading.Event()
+    recorder = start_thread(
+        lambda: counts.append(record_line(runtime.client, keys, path, stop, max_frames, settle_s=30, started=started))
+    )
+    assert started.wait(timeout=30)
+    return recorder, counts
+
+
+def test_record_line_stops_at_exactly_frames_and_keeps_their_decisions(
+    make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
 ) -> None:
     runtime = make_runtime("record", "r1")
     client, keys = runtime.client, LineKeys(runtime.config.streams.prefix, "line-1")
-    client.publish(keys.frames, encode_frame(frame_from_file(tiny_line.good_images[0])))  # before recording: skipped
-    frames = [frame_from_file(tiny_line.good_images[i]) for i in range(3)]
-    counts: list[tuple[int, int, int]] = []
-    started = threading.Event()
-    recorder = start_thread(
-        lambda: counts.append(
-            record_line(client, keys, tmp_path / "rec.lir", threading.Event(), 3, settle_s=30, started=started)
-        )
-    )
-    assert started.wait(timeout=30)
-    for frame in frames:
-        client.publish(keys.frames, encode_frame(frame))
-    for frame in frames:
-        client.publish(keys.decisions, encode_decision(decision(frame.frame_id, "fail", 9.0)))
+    client.publish(keys.frames, encode_frame(tiny_frame("before")))  # before recording: not recorded
+    recorder, counts = _record_in_thread(runtime, tmp_path / "rec.lir", 3)
+    frames = [tiny_frame(f"f{n}") for n in range(5)]
+    entry_ids = [client.publish(keys.frames, encode_frame(frame)) for frame in frames]
+    for frame, entry_id in zip(frames, entry_ids, strict=True):
+        client.publish(keys.decisions, encode_decision(decision_for(frame.frame_id, frame_entry_id=entry_id)))
     recorder.join(timeout=60)
     assert counts == [(3, 3, 0)]
     recording = read_recording(tmp_path / "rec.lir")
-    assert [f.frame_id for f in recording.frames()] == [f.frame_id for f in frames]
-    assert set(recording.decisions) == {f.frame_id for f in frames}
+    assert recording.complete and recording.entry_ids == entry_ids[:3]
+    assert [f.frame_id for f in recording.frames()] == ["f0", "f1", "f2"]
+    assert [recording.decisions[n].frame_id for n in (1, 2, 3)] == ["f0", "f1", "f2"]
 
 
-def test_replay_onto_a_candidate_line_reports_against_the_recording(
-    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+def test_the_recorder_matches_decisions_to_frames_by_stream_entry_not_frame_id(
+    make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
 ) -> None:
-    from models.artifact import read_manifest
-
-    frames = [frame_from_file(path) for path in tiny_line.good_images + tiny_line.defect_images]
-    writer = RecordingWriter(tmp_path / "rec.lir", "line-1")
-    for index, frame in enumerate(frames):
-        writer.frame(f"{index + 1}-0", encode_frame(frame))
-        writer.decision(encode_decision(decision(frame.frame_id, "pass", 0.0, "production")))
-    writer.close()
-
-    scorer_runtime, sink_runtime = make_runtime("score", "w1"), make_runtime("sink", "s1")
-    keys = LineKeys(scorer_runtime.config.streams.prefix, "shadow")
-    slot = ModelSlot(scorer_runtime, keys, load_model("cpu"), tiny_line.other_model_dir)
-    threads = [
-        start_thread(ScoreWorker(scorer_runtime, "shadow", slot).run),
-        start_thread(SinkWorker(sink_runtime, "shadow").run),
-    ]
-    report = replay_and_compare(make_runtime("replay", "rp"), tmp_path / "rec.lir", "shadow", 0.0, "run1", 120.0)
-    for runtime in (scorer_runtime, sink_runtime):
-        runtime.stop.set()
-    for thread in threads:
-        thread.join(timeout=30)
-
-    assert report["frames_replayed"] == len(frames)
-    assert report["frames_compared"] == len(frames)
-    assert not report["timed_out"]
-    assert report["candidate_models"] == [str(read_manifest(tiny_line.other_model_dir)["model_id"])]
-    assert report["baseline_models"] == ["production"]
-    assert sum(report["transitions"].values()) == len(frames)
-    assert report["candidate_scores"]["count"] == len(frames)
-
-
-def test_the_report_says_which_flips_are_false_alarms_and_misses_and_with_what_thresholds() -> None:
-    def labelled(frame_id: str, verdict: str, score: float, label: str, threshold: float) -> Decision:
-        return decision(frame_id, verdict, score).model_copy(update={"metadata": {"label": label},
-                                                                     "threshold": threshold})  # fmt: skip
-
-    baseline = {"g": labelled("g", "pass", 3.1, "good", 3.2), "d": labelled("d", "fail", 5.0, "defect", 3.2),
-                "e": labelled("e", "pass", 1.0, "good", 3.2)}  # fmt: skip
-    stale = decision("e2", "error", 0.0).model_copy(update={"score": None, "error_reason": "stale"})
-    candidate = {"g": labelled("g2", "fail", 3.0, "good", 2.7), "d": labelled("d2", "fail", 4.0, "defect", 2.7),
-                 "e": stale}  # fmt: skip
-    report = compare_decisions(baseline, candidate)
-    assert report["transitions_by_label"] == {"defect": {"fail->fail": 1}, "good": {"pass->error": 1,
-                                                                                    "pass->fail": 1}}  # fmt: skip
-    assert (report["baseline_thresholds"], report["candidate_thresholds"]) == ([3.2], [2.7])
-    assert report["candidate_errors"] == {"stale": 1} and report["changed_frames_truncated"] is False
+    """Three frames with one id (a camera counter wrapped): each decision, flagged frame_id_reused by the sink as it
+    is for the later ones, goes to its own frame, whatever order they come back in."""
+    runtime = make_runtime("record", "r2")
+    client, keys = runtime.client, LineKeys(runtime.config.streams.prefix, "line-1")
+    recorder, counts = _record_in_thread(runtime, tmp_path / "rec.lir", 4)
+    frames = [tiny_frame("cam0-1", sequence=n) for n in range(3)] + [tiny_frame("cam0-9", sequence=3)]
+    entry_ids = [client.publish(keys.frames, encode_frame(frame)) for frame in frames]
+    for number in (3, 1, 2):
+        reused: dict[str, MetadataValue] = {"frame_id_reused": True} if number > 1 else {}
+        client.publish(keys.decisions, encode_decision(decision_for("cam0-1", score=float(number), metadata=reused,
+                                                                    frame_entry_id=entry_ids[number - 1])))  # fmt: skip
+    client.publish(keys.decisions, encode_decision(decision_for("cam0-1", score=99.0, frame_entry_id=entry_ids[0])))
+    client.publish(keys.decisions, encode_decision(decision_for("cam0-9", score=4.0)))  # without frame_entry_id
+    recorder.join(timeout=60)
+    assert counts == [(4, 4, 0)]  # the second decision for frame 1's entry is not its decision
+    recording = read_recording(tmp_path / "rec.lir")
+    assert {number: d.score for number, d in recording.decisions.items()} == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}
+    assert recording.reused_frame_ids == 2
 
 
 def test_a_recorder_skips_entries_that_are_not_frames_and_goes_on(
-    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+    make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
 ) -> None:
-    runtime = make_runtime("record", "r2")
+    runtime = make_runtime("record", "r3")
     client, keys = runtime.client, LineKeys(runtime.config.streams.prefix, "line-1")
-    frames = [frame_from_file(tiny_line.good_images[i]) for i in range(2)]
-    counts: list[tuple[int, int, int]] = []
-    started = threading.Event()
-    recorder = start_thread(
-        lambda: counts.append(
-            record_line(client, keys, tmp_path / "rec.lir", threading.Event(), 2, settle_s=30, started=started)
-        )
-    )
-    assert started.wait(timeout=30)
-    client.publish(keys.frames, encode_frame(frames[0]))
+    recorder, counts = _record_in_thread(runtime, tmp_path / "rec.lir", 2)
+    frames = [tiny_frame(f"f{n}") for n in range(2)]
+    entry_ids = [client.publish(keys.frames, encode_frame(frames[0]))]
     client.publish(keys.frames, b"\xc1garbage")  # the pipeline dead-letters it; the recording leaves it out
-    client.publish(keys.frames, encode_frame(frames[1]))
-    for frame in frames:
-        client.publish(keys.decisions, encode_decision(decision(frame.frame_id, "pass", 1.0)))
+    entry_ids.append(client.publish(keys.frames, encode_frame(frames[1])))
+    for frame, entry_id in zip(frames, entry_ids, strict=True):
+        client.publish(keys.decisions, encode_decision(decision_for(frame.frame_id, frame_entry_id=entry_id)))
     recorder.join(timeout=60)
     assert counts == [(2, 2, 1)]
-    assert [f.frame_id for f in read_recording(tmp_path / "rec.lir").frames()] == [f.frame_id for f in frames]
+    assert [f.frame_id for f in read_recording(tmp_path / "rec.lir").frames()] == ["f0", "f1"]
 
 
-def test_replay_refuses_the_recorded_line_and_says_when_a_recording_was_cut(
-    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+def test_record_refuses_a_negative_frame_count_and_records_zero_frames(
+    make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
 ) -> None:
-    frame = frame_from_file(tiny_line.good_images[0])
-    writer = RecordingWriter(tmp_path / "rec.lir", "line-1")
-    writer.frame("1-0", encode_frame(frame))
-    writer.decision(encode_decision(decision(frame.frame_id, "pass", 1.0)))
-    writer.close()
-    runtime = make_runtime("replay", "rp2")
-    with pytest.raises(RecordingError, match="was recorded on line line-1"):
-        replay_and_compare(runtime, tmp_path / "rec.lir", None, 0.0, "run2", 1.0)
-    with pytest.raises(RecordingError, match="was recorded on line line-1"):
-        replay_and_compare(runtime, tmp_path / "rec.lir", "line-1", 0.0, "run2", 1.0)
-    cut = tmp_path / "cut.lir"
-    cut.write_bytes((tmp_path / "rec.lir").read_bytes()[:-10])
-    assert read_recording(cut).truncated_bytes > 0 and read_recording(tmp_path / "rec.lir").truncated_bytes == 0
-    report = replay_and_compare(make_runtime("replay", "rp3"), cut, "nobody-scores-this", 0.0, "run3", 0.5)
-    assert report["recording_truncated"] and report["timed_out"]
-    assert any("was cut" in warning for warning in report["warnings"])
-    assert any("is a scoring worker and a sink running" in warning for warning in report["warnings"])
+    runtime = make_runtime("record", "r4")
+    keys = LineKeys(runtime.config.streams.prefix, "line-1")
+    with pytest.raises(ValueError, match="--frames must be >= 0"):
+        record_line(runtime.client, keys, tmp_path / "neg.lir", threading.Event(), -1)
+    assert not (tmp_path / "neg.lir").exists()
+    assert record_line(runtime.client, keys, tmp_path / "zero.lir", threading.Event(), 0) == (0, 0, 0)
+    empty = read_recording(tmp_path / "zero.lir")
+    assert empty.complete and empty.frame_count == 0 and list(empty.frames()) == []
 
 
-def test_a_recording_is_read_one_frame_at_a_time(tiny_line: TinyLine, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_lineinspect_record_stopped_by_a_signal(
+    signum: signal.Signals, config: Config, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    """Ctrl-C and SIGTERM end the recording cleanly (end record); SIGKILL leaves it cut, its frames usable."""
+    runtime = make_runtime("record", "r5")
+    client, keys = runtime.client, LineKeys(config.streams.prefix, "line-1")
+    out = tmp_path / "rec.lir"
+    env = {**os.environ, "REDIS_URL": config.redis.url or "", "LINEINSPECT__STREAMS__PREFIX": config.streams.prefix}
+    command = [sys.executable, "-m", "workers.cli", "record", "--line", "line-1", "--out", str(out)]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    reader = start_thread(lambda: log.extend(iter(process.stderr.readline, "")))  # type: ignore[union-attr]
+    try:
+        wait_until(lambda: any('"recording"' in line for line in log), 60, "the recorder to start")
+        frames = [tiny_frame(f"f{n}") for n in range(3)]
+        for frame in frames:
+            entry_id = client.publish(keys.frames, encode_frame(frame))
+            client.publish(keys.decisions, encode_decision(decision_for(frame.frame_id, frame_entry_id=entry_id)))
+        wait_until(lambda: len(read_recording(out).decisions) == 3, 30, "the frames to be written")
+        process.send_signal(signum)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    reader.join(timeout=10)
+    recording = read_recording(out)
+    assert [frame.frame_id for frame in recording.frames()] == ["f0", "f1", "f2"] and len(recording.decisions) == 3
+    if signum == signal.SIGKILL:
+        assert recording.cut and not recording.complete
+    else:
+        assert process.returncode == 0 and recording.complete, log
+        assert "recorded 3 frames and 3 decisions" in output
+
+
+def test_a_recording_is_read_one_frame_at_a_time(tmp_path: Path) -> None:
     """A day of frames does not fit in memory: scanning keeps the decisions and a count, frames stay in the file."""
     import tracemalloc
 
-    frame = frame_from_file(tiny_line.good_images[0])
-    big = frame.model_copy(update={"data": frame.data + bytes(2_000_000)})  # ~2 MB a frame, 40 of them
-    writer = RecordingWriter(tmp_path / "rec.lir", "line-1")
-    for index in range(40):
-        writer.frame(f"{index + 1}-0", encode_frame(big.model_copy(update={"frame_id": f"f{index}"})))
-        writer.decision(encode_decision(decision(f"f{index}", "pass", 1.0)))
-    writer.close()
+    big = tiny_frame("f").model_copy(update={"data": bytes(2_000_000)})  # ~2 MB a frame, 40 of them
+    path = write_recording(tmp_path / "rec.lir", [big.model_copy(update={"frame_id": f"f{n}"}) for n in range(40)])
     tracemalloc.start()
-    recording = read_recording(tmp_path / "rec.lir")
-    sent = sum(1 for _ in ReplaySource("x", tmp_path / "rec.lir", speed=0).captures())
+    recording = read_recording(path)
+    sent = sum(1 for _ in ReplaySource("x", path, speed=0).captures())
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert recording.frame_count == sent == 40 and len(recording.decisions) == 40
+    assert recording.frame_count == sent == 40 and len(recording.decisions) == 40 and recording.complete
     assert peak < 20_000_000  # a few frames at a time, not the 80 MB file
-    bad = tmp_path / "bad.lir"
-    RecordingWriter(bad, "line-1").close()  # the header alone
-    with bad.open("ab") as handle:
-        handle.write(msgpack.packb({"kind": "frame", "payload": 7}))
-    with pytest.raises(RecordingError, match="damaged entry"):
-        read_recording(bad)
+
+
+def test_replay_speed_keeps_the_recorded_gaps_scaled(tmp_path: Path) -> None:
+    frames = [tiny_frame(f"f{n}", captured_at_ns=5_000_000_000 + n * 200_000_000) for n in range(4)]  # 0.6 s
+    path = write_recording(tmp_path / "rec.lir", frames)
+
+    def replay_seconds(speed: float) -> float:
+        started = time.monotonic()
+        assert len(list(ReplaySource("x", path, speed=speed).captures())) == 4
+        return time.monotonic() - started
+
+    at_recorded_pace, twice_as_fast = replay_seconds(1.0), replay_seconds(2.0)
+    assert at_recorded_pace >= 0.59 and 0.29 <= twice_as_fast < at_recorded_pace
+    assert replay_seconds(0.0) < 0.25
+    for speed in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="replay speed must be >= 0"):
+            ReplaySource("x", path, speed=speed)

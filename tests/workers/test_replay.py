@@ -1,0 +1,162 @@
+"""Replay: a recording pushed through a candidate line, each recorded frame compared on its own (frame ids repeat),
+and a report that says what an engineer must know (cut, old format, empty, stopped, nobody scoring)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pipeline.codec import encode_decision, encode_frame
+from pipeline.messages import Decision
+from pipeline.streams import LineKeys
+from tests.workers.conftest import TinyLine
+from tests.workers.helpers import frame_from_file, start_thread
+from tests.workers.recordings import decision_for, tiny_frame, write_recording, write_v1_recording
+from workers.lifecycle import WorkerRuntime
+from workers.record import RecordingError, RecordingWriter
+from workers.replay import compare_decisions, replay_and_compare
+from workers.score import ModelSlot, ScoreWorker, load_model
+from workers.sink import SinkWorker
+
+
+def test_comparison_counts_verdict_changes_and_score_shift() -> None:
+    baseline = {1: decision_for("a", "pass", 1.0), 2: decision_for("b", "fail", 3.0), 3: decision_for("c", "pass", 1.0)}
+    candidate = {1: decision_for("a2", "pass", 1.5, model_id="n"), 2: decision_for("b2", "pass", 2.0, model_id="n")}
+    report = compare_decisions(baseline, candidate, ["1-0", "2-0", "3-0"])
+    assert report["frames_compared"] == 2
+    assert report["missing_in_candidate"] == 1
+    assert report["transitions"] == {"fail->pass": 1, "pass->pass": 1}
+    assert report["verdict_changes"] == 1
+    changed = {"frame": 2, "frame_id": "b", "entry_id": "2-0", "baseline": "fail", "candidate": "pass",
+               "baseline_score": 3.0, "candidate_score": 2.0}  # fmt: skip
+    assert report["changed_frames"] == [changed]
+    assert report["mean_abs_score_change"] == pytest.approx(0.75)
+    assert report["candidate_models"] == ["n"]
+    assert report["baseline_scores"]["max"] == 3.0
+
+
+def test_frames_that_share_a_frame_id_are_compared_one_by_one() -> None:
+    """Four recorded frames, one frame id: four comparisons, each changed one listed with its number."""
+    baseline = {n: decision_for("cam0-1", "pass" if n % 2 else "fail", float(n)) for n in range(1, 5)}
+    candidate = {n: decision_for(f"new-{n}", "pass", float(n)) for n in range(1, 5)}
+    report = compare_decisions(baseline, candidate, ["1-0", "2-0", "3-0", "4-0"])
+    assert report["frames_compared"] == 4 and report["transitions"] == {"fail->pass": 2, "pass->pass": 2}
+    assert [(c["frame"], c["frame_id"], c["entry_id"]) for c in report["changed_frames"]] == [
+        (2, "cam0-1", "2-0"),
+        (4, "cam0-1", "4-0"),
+    ]
+    assert report["baseline_scores"]["count"] == 4
+
+
+def test_the_report_says_which_flips_are_false_alarms_and_misses_and_with_what_thresholds() -> None:
+    def labelled(frame_id: str, verdict: str, score: float, label: str, threshold: float) -> Decision:
+        return decision_for(frame_id, verdict, score, metadata={"label": label}, threshold=threshold)
+
+    baseline = {1: labelled("g", "pass", 3.1, "good", 3.2), 2: labelled("d", "fail", 5.0, "defect", 3.2),
+                3: labelled("g", "pass", 1.0, "good", 3.2)}  # fmt: skip
+    stale = decision_for("e2", "error", None)
+    candidate = {1: labelled("g2", "fail", 3.0, "good", 2.7), 2: labelled("d2", "fail", 4.0, "defect", 2.7), 3: stale}
+    report = compare_decisions(baseline, candidate)
+    assert report["transitions_by_label"] == {"defect": {"fail->fail": 1}, "good": {"pass->error": 1,
+                                                                                    "pass->fail": 1}}  # fmt: skip
+    assert (report["baseline_thresholds"], report["candidate_thresholds"]) == ([3.2], [2.7])
+    assert report["candidate_errors"] == {"stale": 1} and report["changed_frames_truncated"] is False
+    assert report["changed_frames"][0]["entry_id"] is None  # no entry ids given
+
+
+def test_replay_onto_a_candidate_line_compares_every_recorded_frame(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    """The recording reuses frame ids (two ids for eight frames, as a camera restarting would): every frame is
+    still replayed, decided and compared on its own."""
+    from models.artifact import read_manifest
+
+    images = tiny_line.good_images + tiny_line.defect_images
+    frames = [frame_from_file(path, frame_id=f"cam0-{index % 2}") for index, path in enumerate(images)]
+    with RecordingWriter(tmp_path / "rec.lir", "line-1") as writer:
+        for number, frame in enumerate(frames, start=1):
+            writer.frame(f"{number}-0", encode_frame(frame))
+            writer.decision(f"{number}-0", encode_decision(decision_for(frame.frame_id, "pass", 0.0,
+                                                                        model_id="production")))  # fmt: skip
+
+    scorer_runtime, sink_runtime = make_runtime("score", "w1"), make_runtime("sink", "s1")
+    keys = LineKeys(scorer_runtime.config.streams.prefix, "shadow")
+    slot = ModelSlot(scorer_runtime, keys, load_model("cpu"), tiny_line.other_model_dir)
+    threads = [
+        start_thread(ScoreWorker(scorer_runtime, "shadow", slot).run),
+        start_thread(SinkWorker(sink_runtime, "shadow").run),
+    ]
+    report = replay_and_compare(make_runtime("replay", "rp"), tmp_path / "rec.lir", "shadow", 0.0, "run1", 120.0)
+    for runtime in (scorer_runtime, sink_runtime):
+        runtime.stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert report["frames_replayed"] == report["decisions_received"] == report["frames_compared"] == len(frames)
+    assert report["frames_reusing_an_id"] == len(frames) - 2
+    assert not report["timed_out"] and report["recording_complete"] and report["warnings"] == []
+    assert report["candidate_models"] == [str(read_manifest(tiny_line.other_model_dir)["model_id"])]
+    assert report["baseline_models"] == ["production"]
+    assert sum(report["transitions"].values()) == len(frames)
+    assert report["candidate_scores"]["count"] == len(frames)
+    changed = report["changed_frames"]
+    assert changed and {c["frame_id"] for c in changed} <= {"cam0-0", "cam0-1"}
+    assert all(c["entry_id"] == f"{c['frame']}-0" for c in changed)
+
+
+def test_replay_refuses_the_recorded_line_and_says_when_a_recording_was_cut(
+    make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    path = write_recording(tmp_path / "rec.lir", [tiny_frame(f"f{n}") for n in range(3)])
+    runtime = make_runtime("replay", "rp2")
+    with pytest.raises(RecordingError, match="was recorded on line line-1"):
+        replay_and_compare(runtime, path, None, 0.0, "run2", 1.0)
+    with pytest.raises(RecordingError, match="was recorded on line line-1"):
+        replay_and_compare(runtime, path, "line-1", 0.0, "run2", 1.0)
+    cut = tmp_path / "cut.lir"
+    cut.write_bytes(path.read_bytes()[:-200])  # the end record and part of the last decision
+    report = replay_and_compare(make_runtime("replay", "rp3"), cut, "nobody-scores-this", 0.0, "run3", 0.5)
+    assert report["recording_truncated"] and not report["recording_complete"] and report["timed_out"]
+    assert report["recording_frames"] == report["frames_replayed"] == 3
+    warnings = report["warnings"]
+    assert any("was cut: it ends without the end record" in w and "its 3 intact frames were replayed" in w
+               for w in warnings)  # fmt: skip
+    assert any("is a scoring worker and a sink running" in warning for warning in warnings)
+    damaged = tmp_path / "damaged.lir"
+    data = bytearray(path.read_bytes())
+    data[data.index(b"f1") + 1] ^= 0x01  # frame 2's id, inside its payload
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(RecordingError, match=r"entry 3 \(frame 2, stream entry 2-0\) is damaged"):
+        replay_and_compare(make_runtime("replay", "rp4"), damaged, "nobody-scores-this", 0.0, "run4", 0.5)
+
+
+def test_replay_of_an_empty_or_old_recording_says_so(
+    make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    empty = write_recording(tmp_path / "empty.lir", [])
+    report = replay_and_compare(make_runtime("replay", "rp5"), empty, "shadow", 1.0, "run5", 5.0)
+    assert report["recording_complete"] and report["frames_replayed"] == report["frames_compared"] == 0
+    assert not report["timed_out"] and report["mean_abs_score_change"] is None
+    assert report["warnings"] == [f"{empty} holds no frames: nothing was replayed or compared"]
+    old = write_v1_recording(tmp_path / "old.lir", [("1-0", tiny_frame("f0")), ("-", decision_for("f0"))])
+    report = replay_and_compare(make_runtime("replay", "rp6"), old, "nobody-scores-this", 0.0, "run6", 0.5)
+    assert report["recording_version"] == 1 and not report["recording_truncated"] and report["frames_replayed"] == 1
+    assert any("version 1 recording: it has no checksums" in warning for warning in report["warnings"])
+    assert not any("was cut" in warning for warning in report["warnings"])
+
+
+def test_a_stopped_replay_reports_what_it_sent(make_runtime: Callable[..., WorkerRuntime], tmp_path: Path) -> None:
+    """Ctrl-C during a replay at the recorded pace (frames 1 s apart): the report says it was stopped, not that the
+    candidate line timed out."""
+    frames = [tiny_frame(f"f{n}", captured_at_ns=10**9 * (n + 1)) for n in range(10)]
+    path = write_recording(tmp_path / "rec.lir", frames)
+    runtime = make_runtime("replay", "rp7")
+    threading.Timer(1.5, runtime.stop.set).start()
+    report = replay_and_compare(runtime, path, "nobody-scores-this", 1.0, "run7", 30.0)
+    assert report["stopped"] and not report["timed_out"]
+    assert 1 <= report["frames_replayed"] < 10
+    assert any(f"stopped (Ctrl-C or SIGTERM) after sending {report['frames_replayed']} of 10 frames" in warning
+               for warning in report["warnings"])  # fmt: skip

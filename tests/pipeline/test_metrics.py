@@ -47,6 +47,9 @@ def test_scores_are_recorded_relative_to_the_threshold() -> None:
     assert value("lineinspect_score_threshold_ratio_bucket", {"line": "line-1", "le": "0.25"}) == 2  # 0.25, -0.125
     assert value("lineinspect_score_threshold_ratio_bucket", {"line": "line-1", "le": "1.0"}) == 3  # + 0.75
     assert value("lineinspect_score_threshold_ratio_sum", {"line": "line-1"}) == 0.25 + 0.75 + 1.5 - 0.125
+    metrics.observe_decision(decision("fail", score=4.0 * 21), published_at_ns=1_050_000_000)  # a clear defect
+    assert value("lineinspect_score_threshold_ratio_bucket", {"line": "line-1", "le": "20.0"}) == 4
+    assert value("lineinspect_score_threshold_ratio_bucket", {"line": "line-1", "le": "50.0"}) == 5
 
 
 def test_model_info_keeps_one_version_per_line() -> None:
@@ -72,8 +75,8 @@ def test_group_stats_become_lag_and_pending_gauges_and_registries_are_separate()
 
 def test_latency_buckets_resolve_a_steady_line_a_backlog_and_a_claimed_frame() -> None:
     metrics = Metrics()
-    # a steady line (0.1-0.5 s), README's 200-frame burst (p50 ~5 s), a frame claimed from a dead worker (30-45 s)
-    for latency_s in (0.12, 0.18, 0.45, 4.2, 5.5, 40.0):
+    # a steady line (0.1-0.5 s), a 200-frame burst (p50 ~5 s), a claimed frame (30-45 s), a scorer restart
+    for latency_s in (0.12, 0.18, 0.45, 4.2, 5.5, 40.0, 95.0):
         metrics.observe_decision(decision("pass"), published_at_ns=1_000_000_000 + int(latency_s * 1e9))
     value = metrics.registry.get_sample_value
     labels = {"line": "line-1"}
@@ -83,7 +86,8 @@ def test_latency_buckets_resolve_a_steady_line_a_backlog_and_a_claimed_frame() -
 
     assert (below("0.1"), below("0.15"), below("0.2"), below("0.5")) == (0, 1, 2, 3)
     assert below("1.0") == 3  # the alert's 1 s budget is a bucket edge
-    assert (below("5.0"), below("7.5"), below("30.0"), below("60.0"), below("+Inf")) == (4, 5, 5, 6, 6)
+    assert (below("5.0"), below("7.5"), below("30.0"), below("60.0"), below("120.0")) == (4, 5, 5, 6, 7)
+    assert below("300.0") == below("+Inf") == 7
 
 
 def test_every_worker_exports_its_process_start_time_memory_and_version() -> None:

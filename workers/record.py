@@ -54,6 +54,7 @@ ENTRY_FIELDS = ("kind", "entry_id", "payload")
 ENTRY_KINDS = ("frame", "decision")
 END_FIELDS = ("kind", "frames", "decisions", "entries_sha256", "ended_at_ns")
 MAX_ENTRY_BYTES = 512 * 1024 * 1024  # Redis's largest value: an entry claiming more has a damaged length
+EARLY_DECISIONS_KEPT = 10_000  # decisions read before their frame, kept until it is read (bounded by the lag)
 END_RECORD_MAX_BYTES = 256  # an end record is about 130 bytes; the tail searched for one past a damaged length
 
 
@@ -286,9 +287,9 @@ class _Entries:
     def _damaged(self, position: int, kind: str, entry_id: str, reason: str) -> RecordingError:
         what = {"frame": f"frame {self._frames + 1}, stream entry {entry_id}",
                 "decision": f"decision for stream entry {entry_id}", "end": "the end record"}.get(kind)  # fmt: skip
-        msg = (f"{self.path}: entry {position}{f' ({what})' if what else ''} is damaged: {reason}; the "
-               f"{self._frames} frames before it are intact, the recording is refused (a damaged copy? the original "
-               "may be whole)")  # fmt: skip
+        intact = f"{self._frames} frame{'' if self._frames == 1 else 's'}"
+        msg = (f"{self.path}: entry {position}{f' ({what})' if what else ''} is damaged: {reason}; {intact} before "
+               "it intact, the recording is refused (a damaged copy? the original may be whole)")  # fmt: skip
         return RecordingError(msg)
 
 
@@ -410,7 +411,7 @@ def record_line(
         msg = f"--frames must be >= 0, got {max_frames}"
         raise ValueError(msg)
     recorded = decided = skipped = 0
-    awaiting: dict[str, str] = {}  # entry id -> frame_id of recorded frames without their decision yet
+    matcher = DecisionMatcher()
     settle_until: float | None = None
 
     def frames_done() -> bool:
@@ -424,41 +425,86 @@ def record_line(
         while True:
             if frames_done() and settle_until is None:
                 settle_until = time.monotonic() + settle_s
-                if awaiting:
+                if matcher.awaiting:
                     logger.info("waiting for the decisions of the last frames",
-                                extra={"frames": len(awaiting), "settle_s": settle_s})  # fmt: skip
-            if settle_until is not None and (not awaiting or time.monotonic() > settle_until):
+                                extra={"frames": len(matcher.awaiting), "settle_s": settle_s})  # fmt: skip
+            if settle_until is not None and (not matcher.awaiting or time.monotonic() > settle_until):
                 break
             for stream, entry in client.tail(positions, count=100, block_ms=100):
                 positions[stream] = entry.entry_id
-                if entry.payload is None:
-                    continue
                 try:
-                    if stream == keys.frames and not frames_done():
-                        awaiting[entry.entry_id] = decode_frame(entry.payload).frame_id
-                        writer.frame(entry.entry_id, entry.payload)
-                        recorded += 1
-                    elif stream == keys.decisions:
-                        frame_entry_id = _awaited_frame(awaiting, decode_decision(entry.payload))
+                    if stream == keys.frames:
+                        frame_id = None
+                        if entry.payload is not None and not frames_done():
+                            frame_id = decode_frame(entry.payload).frame_id
+                        early = matcher.frame_read(entry.entry_id, frame_id)
+                        if frame_id is not None:
+                            writer.frame(entry.entry_id, entry.payload or b"")
+                            recorded += 1
+                        if early is not None:
+                            writer.decision(entry.entry_id, early)
+                            decided += 1
+                    elif entry.payload is not None:
+                        decision = decode_decision(entry.payload)
+                        frame_entry_id = matcher.decision_read(decision, entry.payload, positions[keys.frames])
                         if frame_entry_id is not None:
-                            del awaiting[frame_entry_id]
                             writer.decision(frame_entry_id, entry.payload)
                             decided += 1
                 except CodecError as error:
+                    if stream == keys.frames:
+                        matcher.frame_read(entry.entry_id, None)
                     skipped += 1
                     where = {"stream": stream, "entry_id": entry.entry_id, "error": str(error)}
                     logger.warning("entry skipped: not a frame or decision", extra=where)
-        if awaiting:
-            logger.warning("frames recorded without their decision", extra={"frames": len(awaiting)})
+        if matcher.awaiting:
+            logger.warning("frames recorded without their decision", extra={"frames": len(matcher.awaiting)})
     return recorded, decided, skipped
 
 
-def _awaited_frame(awaiting: dict[str, str], decision: Decision) -> str | None:
-    """The entry id of the recorded frame ``decision`` is for, or None (a frame from before the recording, or one
-    already decided: the sink publishes one decision per frame)."""
-    if decision.frame_entry_id is not None:
-        return decision.frame_entry_id if decision.frame_entry_id in awaiting else None
-    return next((entry_id for entry_id, frame_id in awaiting.items() if frame_id == decision.frame_id), None)
+class DecisionMatcher:
+    """Which recorded frame each decision read from the decisions stream is for.
+
+    A decision names its frame by frames-stream entry id (``frame_entry_id``), which frames that reuse a frame id do
+    not share; one without it goes to the oldest awaiting frame of its frame id. The recorder reads both streams a
+    page at a time, so after a burst a decision can be read before its frame: it is kept (``early``) until the
+    frame is read, as long as the frame's entry id is ahead of the frames stream's read position."""
+
+    def __init__(self) -> None:
+        self.awaiting: dict[str, str] = {}  # entry id -> frame_id of recorded frames without their decision yet
+        self.early: dict[str, bytes] = {}  # frame entry id -> payload of a decision read before that frame
+
+    def frame_read(self, entry_id: str, frame_id: str | None) -> bytes | None:
+        """A frames-stream entry was read, recorded as ``frame_id`` (None: not recorded); returns its decision's
+        payload when that came first (the frame is then no longer awaited)."""
+        early = self.early.pop(entry_id, None)
+        if frame_id is not None and early is None:
+            self.awaiting[entry_id] = frame_id
+        return early if frame_id is not None else None
+
+    def decision_read(self, decision: Decision, payload: bytes, frames_position: str) -> str | None:
+        """The entry id of the recorded frame ``decision`` is for, no longer awaited; None when it is for a frame
+        not read yet (kept), from before the recording, or already decided (the sink publishes one per frame)."""
+        entry_id = decision.frame_entry_id
+        if entry_id is None:
+            entry_id = next((entry for entry, frame_id in self.awaiting.items() if frame_id == decision.frame_id), None)
+        elif entry_id not in self.awaiting:
+            if _stream_order(entry_id) > _stream_order(frames_position):
+                self.early.setdefault(entry_id, payload)
+                if len(self.early) > EARLY_DECISIONS_KEPT:  # a frame entry id far ahead: a producer's bug
+                    del self.early[next(iter(self.early))]
+            return None
+        if entry_id is not None:
+            del self.awaiting[entry_id]
+        return entry_id
+
+
+def _stream_order(entry_id: str) -> tuple[int, int]:
+    """A Redis stream entry id ``<ms>-<seq>`` as a sortable pair; (-1, -1) for text that is not one."""
+    milliseconds, _, sequence = entry_id.partition("-")
+    try:
+        return int(milliseconds), int(sequence or 0)
+    except ValueError:
+        return -1, -1
 
 
 class ReplaySource:
@@ -475,6 +521,12 @@ class ReplaySource:
         self.camera_id, self.speed, self.run_id = camera_id, speed, run_id
         self.recording = read_recording(path)
         self.failure: RecordingError | None = None
+        if self.recording.cut:
+            logger.warning("recording was cut (no end record): replaying its whole frames",
+                           extra={"recording": str(path), "frames": self.recording.frame_count})  # fmt: skip
+        elif self.recording.version < FORMAT_VERSION:
+            logger.warning("old recording format: no checksums, damage cannot be seen",
+                           extra={"recording": str(path), "version": self.recording.version})  # fmt: skip
 
     def captures(self) -> Iterator[Capture]:
         first_ns, started = None, time.monotonic()

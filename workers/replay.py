@@ -131,7 +131,7 @@ def _warnings(
         partial = f", then {unfinished} bytes of an unfinished entry" if unfinished else ""
         warnings.append(f"{path} was cut: it ends without the end record the recorder writes when it stops{partial} "
                         "(the recorder was killed, the disk filled, the copy is partial, or it is still recording); "
-                        f"its {expected} intact frames were replayed")  # fmt: skip
+                        f"its {expected} whole frames are intact and were used")  # fmt: skip
     if recording.version < 2:
         warnings.append(f"{path} is a version 1 recording: it has no checksums, so damage inside it cannot be seen")
     if expected == 0:

@@ -24,7 +24,7 @@ from tests.workers.conftest import TinyLine
 from tests.workers.helpers import frame_from_file, start_thread, wait_until
 from tests.workers.recordings import decision_for, tiny_frame, write_recording, write_v1_recording
 from workers.lifecycle import WorkerRuntime
-from workers.record import RecordingError, RecordingWriter, ReplaySource, read_recording, record_line
+from workers.record import DecisionMatcher, RecordingError, RecordingWriter, ReplaySource, read_recording, record_line
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -118,7 +118,7 @@ def test_a_changed_byte_is_refused_naming_its_entry(tmp_path: Path) -> None:
     changed[payload_byte] ^= 0x04
     damaged.write_bytes(bytes(changed))
     with pytest.raises(RecordingError, match=r"entry 3 \(frame 2, stream entry 2-0\) is damaged: its checksum does "
-                       r"not match; the 1 frames before it are intact, the recording is refused"):  # fmt: skip
+                       r"not match; 1 frame before it intact, the recording is refused"):  # fmt: skip
         read_recording(damaged)
 
 
@@ -364,3 +364,19 @@ def test_replay_speed_keeps_the_recorded_gaps_scaled(tmp_path: Path) -> None:
     for speed in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="replay speed must be >= 0"):
             ReplaySource("x", path, speed=speed)
+
+
+def test_a_decision_read_before_its_frame_is_kept_for_it() -> None:
+    """The recorder reads both streams a page at a time: after a burst, decisions can be read before their frames."""
+    matcher = DecisionMatcher()
+    assert matcher.frame_read("5-0", "cam0-1") is None and matcher.frame_read("6-0", "cam0-1") is None
+    early = encode_decision(decision_for("cam0-1", score=7.0, frame_entry_id="7-0"))
+    assert matcher.decision_read(decision_for("cam0-1", frame_entry_id="7-0"), early, "6-0") is None  # frame 7 ahead
+    assert matcher.decision_read(decision_for("x", frame_entry_id="4-0"), b"old", "6-0") is None  # before recording
+    assert matcher.decision_read(decision_for("cam0-1", frame_entry_id="6-0"), b"d6", "6-0") == "6-0"
+    assert matcher.decision_read(decision_for("cam0-1", frame_entry_id="6-0"), b"again", "6-0") is None  # decided
+    assert matcher.frame_read("7-0", "cam0-1") == early and "7-0" not in matcher.awaiting
+    assert matcher.decision_read(decision_for("cam0-1"), b"d", "7-0") == "5-0"  # no entry id: oldest of its id
+    assert matcher.awaiting == {} and matcher.early == {}
+    matcher.decision_read(decision_for("y", frame_entry_id="9-0"), b"d9", "7-0")
+    assert matcher.frame_read("9-0", None) is None and matcher.early == {}  # frame 9 not recorded: dropped

@@ -28,7 +28,9 @@ def false_reject_threshold(good_scores: np.ndarray, false_reject_rate: float) ->
     if not 0 < false_reject_rate < 1:
         msg = f"false_reject_rate must be in (0, 1), got {false_reject_rate}"
         raise ValueError(msg)
-    allowed_rejects = math.floor(false_reject_rate * scores.size)
+    # rounded first: a decimal rate times a count is often just below the integer it stands for in binary floats
+    # (0.009 x 3000 = 26.999999999999996 would allow 26 rejects, not 27)
+    allowed_rejects = math.floor(round(false_reject_rate * scores.size, 6))
     if allowed_rejects == 0:
         spread = float(np.subtract(*np.percentile(scores, [75, 25]))) if scores.size > 1 else 0.0
         value = float(scores[-1] + max(spread, 1e-6 * abs(scores[-1]), 1e-9))

@@ -32,3 +32,18 @@ def test_best_f1_separates_separable_scores() -> None:
     assert 0.3 < value < 0.8 and f1 == 1.0
     with pytest.raises(ValueError, match="defective"):
         best_f1_threshold(np.zeros(3), scores[:3])
+
+
+@pytest.mark.parametrize(("rate", "images"), [(0.009, 3000), (0.018, 1500), (0.036, 750), (0.29, 100)])
+def test_the_rate_allows_as_many_rejects_as_it_says_where_binary_floats_fall_short(rate: float, images: int) -> None:
+    from fractions import Fraction
+
+    allowed = int(Fraction(str(rate)) * images)  # exact: 27, 27, 27, 29
+    scores = np.arange(images, dtype=np.float64)
+    assert (scores > false_reject_threshold(scores, rate).value).sum() == allowed
+
+
+def test_ties_at_the_threshold_never_reject_more_than_the_rate() -> None:
+    scores = np.array([1.0] * 6 + [2.0] * 4)
+    threshold = false_reject_threshold(scores, 0.2)  # 2 rejects allowed, but 4 share the top score
+    assert threshold.value == 2.0 and (scores > threshold.value).sum() == 0  # any lower threshold rejects 4

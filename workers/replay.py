@@ -22,11 +22,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.codec import CodecError, decode_decision
-from pipeline.messages import Decision
 from pipeline.streams import LineKeys
 from workers.ingest import Ingestor
 from workers.lifecycle import WorkerRuntime
-from workers.record import Recording, RecordingError, ReplaySource
+from workers.record import DecisionSummary, Recording, RecordingError, ReplaySource, summarise
 
 logger = logging.getLogger(__name__)
 CHANGED_FRAMES_SHOWN = 200  # frames listed in a report's changed_frames (all are counted)
@@ -50,7 +49,7 @@ def replay_and_compare(
     sender = threading.Thread(target=ingestor.run, name="replay-ingest", daemon=True)
     sender.start()
     expected = recording.frame_count
-    candidate: dict[int, Decision] = {}  # by frame number in the recording
+    candidate: dict[int, DecisionSummary] = {}  # by frame number in the recording
     duplicates = 0
     stopped = False
     deadline = None  # the timeout counts from the last frame sent: a long recording at speed 1 takes its time
@@ -65,7 +64,7 @@ def replay_and_compare(
             if number in candidate:
                 duplicates += 1
             else:
-                candidate[number] = decode_decision(entry.payload or b"")
+                candidate[number] = summarise(decode_decision(entry.payload or b""))
         if runtime.stop.is_set() and not sender.is_alive():
             stopped = True  # Ctrl-C / SIGTERM: report what came back
             break
@@ -169,7 +168,7 @@ def _distribution(scores: list[float]) -> dict[str, float | int]:
 
 
 def compare_decisions(
-    baseline: Mapping[int, Decision], candidate: Mapping[int, Decision], entry_ids: Sequence[str] = ()
+    baseline: Mapping[int, DecisionSummary], candidate: Mapping[int, DecisionSummary], entry_ids: Sequence[str] = ()
 ) -> dict[str, Any]:
     """Report of verdict changes and score distributions. Both sides are keyed by the frame's number in the
     recording (1 = first), never by frame_id, which several recorded frames may share; ``entry_ids[number - 1]``,
@@ -182,9 +181,8 @@ def compare_decisions(
         before, after = baseline[number], candidate[number]
         transition = f"{before.verdict}->{after.verdict}"
         transitions[transition] += 1
-        label = before.metadata.get("label")  # frames ingested with --metadata label=...: new false alarms, misses
-        if label is not None:
-            by_label.setdefault(str(label), Counter())[transition] += 1
+        if before.label is not None:  # frames ingested with --metadata label=...: new false alarms, misses
+            by_label.setdefault(before.label, Counter())[transition] += 1
         if before.verdict != after.verdict:
             changed.append(
                 {

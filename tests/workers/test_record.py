@@ -380,3 +380,17 @@ def test_a_decision_read_before_its_frame_is_kept_for_it() -> None:
     assert matcher.awaiting == {} and matcher.early == {}
     matcher.decision_read(decision_for("y", frame_entry_id="9-0"), b"d9", "7-0")
     assert matcher.frame_read("9-0", None) is None and matcher.early == {}  # frame 9 not recorded: dropped
+
+
+def test_a_recording_keeps_a_small_summary_of_each_decision(tmp_path: Path) -> None:
+    """A day at 10 fps is 864,000 decisions: whole Decisions (~4.8 kB each in memory) would need 4 GB."""
+    import tracemalloc
+
+    frames = [tiny_frame(f"cam0-{n:012d}", sequence=n) for n in range(3000)]
+    path = write_recording(tmp_path / "rec.lir", frames)
+    tracemalloc.start()
+    recording = read_recording(path)
+    kept = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert len(recording.decisions) == 3000 and recording.decisions[3000].score == 3000.0
+    assert kept / 3000 < 1000, f"{kept / 3000:.0f} bytes kept per frame"

@@ -16,16 +16,20 @@ from tests.workers.conftest import TinyLine
 from tests.workers.helpers import frame_from_file, start_thread
 from tests.workers.recordings import decision_for, tiny_frame, write_recording, write_v1_recording
 from workers.lifecycle import WorkerRuntime
-from workers.record import RecordingError, RecordingWriter
+from workers.record import DecisionSummary, RecordingError, RecordingWriter, summarise
 from workers.replay import compare_decisions, replay_and_compare
 from workers.score import ModelSlot, ScoreWorker, load_model
 from workers.sink import SinkWorker
 
 
+def summaries(decisions: dict[int, Decision]) -> dict[int, DecisionSummary]:
+    return {number: summarise(decision) for number, decision in decisions.items()}
+
+
 def test_comparison_counts_verdict_changes_and_score_shift() -> None:
     baseline = {1: decision_for("a", "pass", 1.0), 2: decision_for("b", "fail", 3.0), 3: decision_for("c", "pass", 1.0)}
     candidate = {1: decision_for("a2", "pass", 1.5, model_id="n"), 2: decision_for("b2", "pass", 2.0, model_id="n")}
-    report = compare_decisions(baseline, candidate, ["1-0", "2-0", "3-0"])
+    report = compare_decisions(summaries(baseline), summaries(candidate), ["1-0", "2-0", "3-0"])
     assert report["frames_compared"] == 2
     assert report["missing_in_candidate"] == 1
     assert report["transitions"] == {"fail->pass": 1, "pass->pass": 1}
@@ -42,7 +46,7 @@ def test_frames_that_share_a_frame_id_are_compared_one_by_one() -> None:
     """Four recorded frames, one frame id: four comparisons, each changed one listed with its number."""
     baseline = {n: decision_for("cam0-1", "pass" if n % 2 else "fail", float(n)) for n in range(1, 5)}
     candidate = {n: decision_for(f"new-{n}", "pass", float(n)) for n in range(1, 5)}
-    report = compare_decisions(baseline, candidate, ["1-0", "2-0", "3-0", "4-0"])
+    report = compare_decisions(summaries(baseline), summaries(candidate), ["1-0", "2-0", "3-0", "4-0"])
     assert report["frames_compared"] == 4 and report["transitions"] == {"fail->pass": 2, "pass->pass": 2}
     assert [(c["frame"], c["frame_id"], c["entry_id"]) for c in report["changed_frames"]] == [
         (2, "cam0-1", "2-0"),
@@ -59,7 +63,7 @@ def test_the_report_says_which_flips_are_false_alarms_and_misses_and_with_what_t
                 3: labelled("g", "pass", 1.0, "good", 3.2)}  # fmt: skip
     stale = decision_for("e2", "error", None)
     candidate = {1: labelled("g2", "fail", 3.0, "good", 2.7), 2: labelled("d2", "fail", 4.0, "defect", 2.7), 3: stale}
-    report = compare_decisions(baseline, candidate)
+    report = compare_decisions(summaries(baseline), summaries(candidate))
     assert report["transitions_by_label"] == {"defect": {"fail->fail": 1}, "good": {"pass->error": 1,
                                                                                     "pass->fail": 1}}  # fmt: skip
     assert (report["baseline_thresholds"], report["candidate_thresholds"]) == ([3.2], [2.7])

@@ -12,7 +12,8 @@ Recording file: a sequence of msgpack maps (no pickle), version 2:
 
 ``crc32`` is ``zlib.crc32`` of the record's other values: for an entry of ``msgpack([kind, entry_id])`` followed by
 the payload, for the header and the end record of ``msgpack([...their values in the order above])``. A changed byte
-anywhere is refused naming its entry. ``entries_sha256`` is the SHA-256 of ``msgpack([kind, entry_id, crc32])`` of
+is refused naming its entry (one in the end record's first bytes can at worst make the file read as cut, its
+entries still verified). ``entries_sha256`` is the SHA-256 of ``msgpack([kind, entry_id, crc32])`` of
 every entry in order: an entry lost, repeated or moved is caught even though each one checks out alone.
 
 A version 2 file without its end record was cut (recorder killed, disk full, copy cut short, or still being
@@ -546,6 +547,7 @@ class ReplaySource:
         self.camera_id, self.speed, self.run_id = camera_id, speed, run_id
         self.recording = read_recording(path)
         self.failure: RecordingError | None = None
+        self.paced_until = 0.0  # time.monotonic() the last frame was held back until (speed > 0)
         if self.recording.cut:
             logger.warning("recording was cut (no end record): replaying its whole frames",
                            extra={"recording": str(path), "frames": self.recording.frame_count})  # fmt: skip
@@ -560,6 +562,7 @@ class ReplaySource:
                 first_ns = frame.captured_at_ns if first_ns is None else first_ns
                 if self.speed > 0:
                     due = started + (frame.captured_at_ns - first_ns) / 1e9 / self.speed
+                    self.paced_until = due
                     time.sleep(max(0.0, due - time.monotonic()))
                 metadata: dict[str, MetadataValue] = {**frame.metadata, "replay_of": frame.frame_id,
                                                       "replay_frame": number}  # fmt: skip

@@ -51,7 +51,8 @@ def replay_and_compare(
     expected = recording.frame_count
     candidate: dict[int, DecisionSummary] = {}  # by frame number in the recording
     duplicates = 0
-    stopped = False
+    stopped = stalled = False
+    progress, last_progress = (0, 0), time.monotonic()  # (frames sent, decisions received), when either last grew
     deadline = None  # the timeout counts from the last frame sent: a long recording at speed 1 takes its time
     while len(candidate) < expected and (deadline is None or time.monotonic() < deadline):
         if deadline is None and not sender.is_alive():
@@ -67,6 +68,12 @@ def replay_and_compare(
                 candidate[number] = summarise(decode_decision(entry.payload or b""))
         if runtime.stop.is_set() and not sender.is_alive():
             stopped = True  # Ctrl-C / SIGTERM: report what came back
+            break
+        now = time.monotonic()
+        if (ingestor.published, len(candidate)) != progress:
+            progress, last_progress = (ingestor.published, len(candidate)), now
+        elif sender.is_alive() and now - max(last_progress, source.paced_until) > timeout_s:
+            stalled = True  # the line takes no more frames (its scorers' backlog is full) and gives no decisions
             break
     runtime.stop.set()
     sender.join(timeout=10)
@@ -86,7 +93,7 @@ def replay_and_compare(
             "timed_out": len(candidate) < expected and not stopped,
             "stopped": stopped,
             "warnings": _warnings(
-                path, recording, source, ingestor.published, len(candidate), stopped, line_id, timeout_s
+                path, recording, source, ingestor.published, len(candidate), stopped, stalled, line_id, timeout_s
             ),
         }
     )
@@ -117,6 +124,7 @@ def _warnings(
     sent: int,
     received: int,
     stopped: bool,
+    stalled: bool,
     line_id: str,
     timeout_s: float,
 ) -> list[str]:
@@ -141,7 +149,11 @@ def _warnings(
     elif sent < expected and source.failure is None:
         warnings.append(f"{expected - sent} of {expected} frames were not sent (larger than streams.max_frame_bytes? "
                         "see the log)")  # fmt: skip
-    if received == 0 and not stopped:
+    if stalled:
+        warnings.append(f"line {line_id} took no frame and gave no decision for {timeout_s:.0f} s, {sent} of "
+                        f"{expected} frames sent: its scorers' backlog is full (ingest.live_queue_limit); is a scoring "
+                        "worker and a sink running for it? (its frames stay on its stream)")  # fmt: skip
+    elif received == 0 and not stopped:
         warnings.append(f"no decision came back from line {line_id} within {timeout_s:.0f} s of the last frame: "
                         "is a scoring worker and a sink running for it? (its frames stay on its stream)")  # fmt: skip
     elif received < sent and not stopped:

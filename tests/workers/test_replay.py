@@ -164,3 +164,27 @@ def test_a_stopped_replay_reports_what_it_sent(make_runtime: Callable[..., Worke
     assert 1 <= report["frames_replayed"] < 10
     assert any(f"stopped (Ctrl-C or SIGTERM) after sending {report['frames_replayed']} of 10 frames" in warning
                for warning in report["warnings"])  # fmt: skip
+
+
+def test_a_replay_onto_a_line_that_takes_no_more_frames_gives_up(
+    make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    """Nobody scores the line: once its backlog is full (ingest.live_queue_limit) the ingest waits for room that never
+    comes; the replay gives up after --timeout-s without progress instead of waiting for ever."""
+    runtime = make_runtime("replay", "rp8")
+    limit = runtime.config.ingest.live_queue_limit
+    path = write_recording(tmp_path / "rec.lir", [tiny_frame(f"f{n}") for n in range(limit + 10)])
+    report = replay_and_compare(runtime, path, "nobody-scores-this", 0.0, "run8", 1.0)
+    assert report["timed_out"] and report["frames_replayed"] == limit
+    assert any(f"took no frame and gave no decision for 1 s, {limit} of {limit + 10} frames sent" in warning
+               for warning in report["warnings"])  # fmt: skip
+
+
+def test_a_recorded_pause_longer_than_the_timeout_is_not_taken_for_a_stuck_line(
+    make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    frames = [tiny_frame("f0", captured_at_ns=10**9), tiny_frame("f1", captured_at_ns=4 * 10**9)]  # 3 s apart
+    path = write_recording(tmp_path / "rec.lir", frames)
+    report = replay_and_compare(make_runtime("replay", "rp9"), path, "nobody-scores-this", 1.0, "run9", 1.0)
+    assert report["frames_replayed"] == 2
+    assert not any("took no frame" in warning for warning in report["warnings"])

@@ -443,8 +443,8 @@ def record_line(
     def frames_done() -> bool:
         return stop.is_set() or (max_frames is not None and recorded >= max_frames)
 
-    with RecordingWriter(path, keys.line_id) as writer:
-        positions = {keys.frames: client.last_id(keys.frames), keys.decisions: client.last_id(keys.decisions)}
+    positions = {keys.frames: client.last_id(keys.frames), keys.decisions: client.last_id(keys.decisions)}
+    with RecordingWriter(path, keys.line_id) as writer:  # after Redis answered: a failed start leaves no file behind
         if started is not None:
             started.set()
         logger.info("recording", extra={"line": keys.line_id, "out": str(path), "max_frames": max_frames})

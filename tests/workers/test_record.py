@@ -394,3 +394,15 @@ def test_a_recording_keeps_a_small_summary_of_each_decision(tmp_path: Path) -> N
     tracemalloc.stop()
     assert len(recording.decisions) == 3000 and recording.decisions[3000].score == 3000.0
     assert kept / 3000 < 1000, f"{kept / 3000:.0f} bytes kept per frame"
+
+
+def test_a_recorder_that_cannot_start_leaves_no_file(tmp_path: Path) -> None:
+    """Redis down at the start: no empty recording is left behind to block the next try (files are not overwritten)."""
+
+    class RedisDown:
+        def last_id(self, stream: str) -> str:
+            raise ConnectionError("redis unavailable")
+
+    with pytest.raises(ConnectionError):
+        record_line(RedisDown(), LineKeys("p", "line-1"), tmp_path / "rec.lir", threading.Event(), 5)  # type: ignore[arg-type]
+    assert not (tmp_path / "rec.lir").exists()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.codec import CodecError, decode_decision
+from pipeline.messages import Decision
 from pipeline.streams import LineKeys
 from workers.ingest import Ingestor
 from workers.lifecycle import WorkerRuntime
@@ -59,13 +60,14 @@ def replay_and_compare(
             deadline = time.monotonic() + timeout_s
         for _stream, entry in client.tail({keys.decisions: position}, count=200, block_ms=200):
             position = entry.entry_id
-            number = _replayed_frame(entry.payload, run_id, expected)
-            if number is None:
+            replayed = _replayed_frame(entry.payload, run_id, expected)
+            if replayed is None:
                 continue
+            number, decision = replayed
             if number in candidate:
                 duplicates += 1
             else:
-                candidate[number] = summarise(decode_decision(entry.payload or b""))
+                candidate[number] = summarise(decision)
         if runtime.stop.is_set() and not sender.is_alive():
             stopped = True  # Ctrl-C / SIGTERM: report what came back
             break
@@ -100,21 +102,22 @@ def replay_and_compare(
     return report
 
 
-def _replayed_frame(payload: bytes | None, run_id: str, frame_count: int) -> int | None:
-    """The recording's frame number a decision on the replay line is for, None when it is not one of this run's."""
+def _replayed_frame(payload: bytes | None, run_id: str, frame_count: int) -> tuple[int, Decision] | None:
+    """A decision on the replay line and the recording's frame number it is for; None when not one of this run's."""
     if payload is None:
         return None
     try:
-        metadata = decode_decision(payload).metadata
+        decision = decode_decision(payload)
     except CodecError:
         return None
+    metadata = decision.metadata
     number = metadata.get("replay_frame")
     if metadata.get("replay_run") != run_id:
         return None
     if type(number) is not int or not 1 <= number <= frame_count:
         logger.warning("decision of this replay without a frame number, ignored", extra={"replay_frame": number})
         return None
-    return number
+    return number, decision
 
 
 def _warnings(

@@ -14,8 +14,10 @@ Keys for line ``L`` with prefix ``P`` (``streams.prefix``):
                                 gets its decision
 - ``P:health:<role>:<name>``    JSON heartbeat of each worker, expiring after a TTL
 
-Every stream is trimmed with ``MAXLEN ~ streams.maxlen``. Calls retry on connection loss with exponential backoff
-(capped at ``redis.reconnect_max_backoff_s``) until ``retry_deadline`` (a ``time.monotonic()`` value) passes.
+Every stream but the results stream is trimmed with ``MAXLEN ~ streams.maxlen``; results are deleted once the sink
+has published them, and scorers stop taking frames while ``streams.maxlen`` of them wait for the sink. Calls retry on
+connection loss with exponential backoff (capped at ``redis.reconnect_max_backoff_s``) until ``retry_deadline`` (a
+``time.monotonic()`` value) passes.
 """
 
 from __future__ import annotations
@@ -177,12 +179,16 @@ class Commit:
     """What finishing a batch writes in one transaction: new entries, dead letters, the acks, then deletions.
 
     ``delete_acked`` removes the acknowledged entries from the stream (for internal streams nobody re-reads).
+    ``trim_appends=False`` appends without ``MAXLEN``: for a stream whose entries are deleted once consumed (the
+    results stream), trimming can only drop entries nobody has read; its writers bound it instead (scorers pause
+    while the sink is ``streams.maxlen`` behind).
     """
 
     appends: list[tuple[str, bytes]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     acks: list[str] = field(default_factory=list)
     delete_acked: bool = False
+    trim_appends: bool = True
 
 
 def _text(value: bytes | str) -> str:
@@ -366,8 +372,9 @@ class StreamClient:
 
         def run() -> None:
             pipe = self.redis.pipeline(transaction=True)
+            maxlen = self.settings.maxlen if commit.trim_appends else None
             for target, payload in commit.appends:
-                pipe.xadd(target, {PAYLOAD: payload}, maxlen=self.settings.maxlen, approximate=True)
+                pipe.xadd(target, {PAYLOAD: payload}, maxlen=maxlen, approximate=True)
             for letter in commit.dead_letters:
                 fields = _dead_letter_fields(letter, stream)
                 pipe.xadd(deadletter_stream, fields, maxlen=self.settings.maxlen, approximate=True)  # type: ignore[arg-type]

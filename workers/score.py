@@ -239,6 +239,7 @@ class ScoreWorker:
         self.models = models
         self.pool = ThreadPoolExecutor(self.config.worker.decode_threads, thread_name_prefix="decode")
         self._next_claim = 0.0
+        self._next_backlog_warning = 0.0  # 0: the sink is not behind
 
     # -- reading -----------------------------------------------------------------------------------------------
     def _fetch(self, max_items: int, wait_s: float | None) -> list[StreamEntry]:
@@ -413,9 +414,31 @@ class ScoreWorker:
             appends=[(self.keys.results, encode_decision(decision)) for decision in outcome.decisions],
             dead_letters=outcome.dead_letters,
             acks=[item.entry.entry_id for item in batch],
+            trim_appends=False,  # results nobody has read yet must not be trimmed: see sink_is_behind
         )
         self.runtime.client.commit(self.keys.frames, SCORER_GROUP, commit, self.keys.deadletter)
         self.runtime.report_dead_letters(self.keys.line_id, outcome.dead_letters)
+
+    def sink_is_behind(self) -> bool:
+        """True while ``streams.maxlen`` results wait for the sink (it is down or slower than the scorers).
+
+        Scorers then take no new frames: the frames' lag grows, ingest stops publishing at
+        ``ingest.live_queue_limit`` (file sources wait, live cameras drop their oldest frames, counted), and the
+        results stream, which is never trimmed, stays bounded. Trimming it instead dropped the decisions of every
+        frame scored beyond ``maxlen`` while the sink was away, without a dead letter."""
+        backlog = self.runtime.client.length(self.keys.results)
+        behind = backlog >= self.config.streams.maxlen
+        now = time.monotonic()
+        if behind and now >= self._next_backlog_warning:
+            self._next_backlog_warning = now + 30.0
+            logger.warning(
+                "the sink is behind: not taking new frames until it catches up",
+                extra={"results_waiting": backlog, "limit": self.config.streams.maxlen, "stream": self.keys.results},
+            )
+        elif not behind and self._next_backlog_warning:
+            self._next_backlog_warning = 0.0
+            logger.info("the sink caught up: taking frames again", extra={"results_waiting": backlog})
+        return behind
 
     # -- loop --------------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -432,6 +455,11 @@ class ScoreWorker:
         while not stop.is_set():
             self.models.refresh()
             self.runtime.heartbeat.beat("ok", model_id=self.models.scorer.model_id, line=self.keys.line_id)
+            if self.sink_is_behind():
+                self.finish(in_hand)
+                in_hand = []
+                stop.wait(self.config.streams.block_ms / 1000.0)
+                continue
             recovered = self._claim_idle()
             if recovered:
                 self.finish(in_hand)

@@ -18,6 +18,7 @@ from tests.workers.conftest import TinyLine
 from tests.workers.helpers import decisions_in, frame_from_file, publish_frames, start_thread, wait_until
 from workers.lifecycle import WorkerRuntime
 from workers.score import BatchOutcome, ModelSlot, ScoreWorker, load_model
+from workers.sink import SinkWorker
 
 
 def start_worker(runtime: WorkerRuntime, model_dir: object) -> ScoreWorker:
@@ -180,6 +181,33 @@ def test_a_dead_workers_frames_trimmed_before_the_claim_are_dead_lettered_not_lo
     wait_until(claim_and_finish, timeout_s=10, what="every frame of the dead worker to be decided or dead-lettered")
     assert len(client.dead_letters(keys)) == 3
     assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
+
+
+def test_while_the_sink_is_away_scorers_stop_at_maxlen_results_and_no_decision_is_trimmed(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], worker_config: Config
+) -> None:
+    # The sink down (crash loop, host away) while frames keep coming: the results stream used to be trimmed at
+    # streams.maxlen like the others, silently dropping the decisions of frames scored beyond it.
+    data = worker_config.model_dump(mode="json")
+    data["streams"]["maxlen"] = 10
+    config = config_from_mapping(data)
+    runtime = make_runtime("score", "w1", config)
+    worker = start_worker(runtime, tiny_line.model_dir)
+    client, keys = runtime.client, worker.keys
+    first = [frame_from_file(tiny_line.good_images[i % 4]) for i in range(10)]  # the frames stream holds ~maxlen
+    publish_frames(client, keys, first)
+    start_thread(worker.run)
+    wait_until(lambda: client.length(keys.results) >= 10, what="the scorer to reach the results limit")
+    later = [frame_from_file(tiny_line.good_images[i % 4]) for i in range(10)]
+    publish_frames(client, keys, later)
+    wait_until(worker.sink_is_behind, what="the scorer to see the sink behind")
+    assert client.group_stats(keys.frames)[SCORER_GROUP].lag == len(later), "the scorer kept taking frames"
+    sink = SinkWorker(make_runtime("sink", "s1"), "line-1")  # a decisions stream long enough for all of them
+    start_thread(sink.run)
+    frames = first + later
+    wait_until(lambda: client.length(keys.decisions) >= len(frames), timeout_s=30, what="every frame's decision")
+    assert sorted(d.frame_id for d in decisions_in(client, keys.decisions)) == sorted(f.frame_id for f in frames)
+    assert client.dead_letters(keys) == []
 
 
 def test_hot_reload_swaps_models_between_batches_without_losing_or_repeating_frames(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -208,6 +209,9 @@ class StreamClient:
         self.settings = stream_settings
         self.max_backoff_s = redis_settings.reconnect_max_backoff_s
         self.retry_deadline: float | None = None
+        self._stop: threading.Event | None = None
+        self._stop_grace_s = 0.0
+        self._stop_seen_at: float | None = None
         self.redis: Any = redis.Redis.from_url(
             url,
             socket_connect_timeout=redis_settings.connect_timeout_s,
@@ -220,19 +224,38 @@ class StreamClient:
     def close(self) -> None:
         self.redis.close()
 
+    def stop_retrying_after(self, stop: threading.Event, grace_s: float) -> None:
+        """Once ``stop`` is set, give up on an unreachable Redis ``grace_s`` later (``StreamsUnavailable``).
+
+        Without it a worker told to stop during an outage retried until Redis came back, past its supervisor's
+        grace period (systemd's TimeoutStopSec, Kubernetes' terminationGracePeriodSeconds) and into a SIGKILL."""
+        self._stop, self._stop_grace_s = stop, grace_s
+
+    def _deadline(self) -> float | None:
+        """When retrying ends: ``retry_deadline``, or ``grace_s`` after a stop was first seen, whichever is first."""
+        deadline = self.retry_deadline
+        if self._stop is not None and self._stop.is_set():
+            if self._stop_seen_at is None:
+                self._stop_seen_at = time.monotonic()
+            stop_deadline = self._stop_seen_at + self._stop_grace_s
+            deadline = stop_deadline if deadline is None else min(deadline, stop_deadline)
+        return deadline
+
     def _call(self, operation: Callable[[], T], what: str) -> T:
         backoff_s = 0.05
         while True:
             try:
                 return operation()
             except RETRIED_ERRORS as error:
-                if self.retry_deadline is not None and time.monotonic() >= self.retry_deadline:
+                deadline = self._deadline()
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
                     msg = f"redis at {self.url} unreachable during {what}: {error}"
                     raise StreamsUnavailable(msg) from error
                 logger.warning(
                     "redis unavailable, retrying", extra={"op": what, "error": str(error), "retry_in_s": backoff_s}
                 )
-                time.sleep(backoff_s)
+                time.sleep(backoff_s if deadline is None else min(backoff_s, deadline - now))
                 backoff_s = min(backoff_s * 2, self.max_backoff_s)
 
     def ping(self) -> bool:

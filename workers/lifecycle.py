@@ -51,6 +51,7 @@ class WorkerRuntime:
         self.name = name
         self.stop = threading.Event()
         self.client = StreamClient(redis_url, config.redis, config.streams)
+        self.client.stop_retrying_after(self.stop, config.worker.drain_timeout_s)  # a stop during an outage exits
         self.metrics = Metrics()
         self.heartbeat = Heartbeat(self.client, config.streams.prefix, role, name)
         try:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.logs import setup_logging
-from pipeline.streams import LineKeys, StreamClient
+from pipeline.streams import LineKeys, StreamClient, StreamsUnavailable
 from workers.lifecycle import WorkerRuntime, default_worker_name, install_stop_handlers
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,17 @@ def _log_level(args: argparse.Namespace) -> str:
     return "DEBUG" if getattr(args, "verbose", False) else "INFO"
 
 
+REDIS_LOST_EXIT = 1  # a runtime failure a supervisor restarts (2 is a configuration error, which it does not)
+
+
+def _redis_lost(role: str, error: StreamsUnavailable) -> int:
+    """A worker that gave up on Redis (told to stop during an outage, or past a retry deadline): one line, exit 1.
+    What it held stays pending in Redis, redelivered to it (same name) or claimed by its peers."""
+    logger.error("redis unreachable, exiting; entries in hand stay pending for redelivery", extra={"error": str(error)})
+    print(f"lineinspect {role}: error: {error}", file=sys.stderr)
+    return REDIS_LOST_EXIT
+
+
 def cmd_score_worker(args: argparse.Namespace) -> int:
     from workers.score import ModelSlot, ScoreWorker, limit_threads, load_model
 
@@ -62,16 +73,19 @@ def cmd_score_worker(args: argparse.Namespace) -> int:
     name = args.name or default_worker_name("score")
     setup_logging("score", _log_level(args), worker=name)
     line_id = _line(args, config)
-    with WorkerRuntime(config, _redis_url(config), "score", name, config.worker.health_port) as runtime:
-        install_stop_handlers(runtime.stop)
-        runtime.heartbeat.beat("starting", force=True, line=line_id)
-        models = ModelSlot(
-            runtime,
-            LineKeys(config.streams.prefix, line_id),
-            load_model(config.model.device),
-            args.model or config.worker.model_dir,
-        )
-        ScoreWorker(runtime, line_id, models).run()
+    try:
+        with WorkerRuntime(config, _redis_url(config), "score", name, config.worker.health_port) as runtime:
+            install_stop_handlers(runtime.stop)
+            runtime.heartbeat.beat("starting", force=True, line=line_id)
+            models = ModelSlot(
+                runtime,
+                LineKeys(config.streams.prefix, line_id),
+                load_model(config.model.device),
+                args.model or config.worker.model_dir,
+            )
+            ScoreWorker(runtime, line_id, models).run()
+    except StreamsUnavailable as error:
+        return _redis_lost(SCORE_WORKER_COMMAND, error)
     return 0
 
 
@@ -83,9 +97,12 @@ def cmd_sink(args: argparse.Namespace) -> int:
     setup_logging("sink", _log_level(args), worker=name)
     _one_opencv_thread()
     port = config.sink.metrics_port
-    with WorkerRuntime(config, _redis_url(config), "sink", name, port, port_setting="sink.metrics_port") as runtime:
-        install_stop_handlers(runtime.stop)
-        SinkWorker(runtime, _line(args, config)).run()
+    try:
+        with WorkerRuntime(config, _redis_url(config), "sink", name, port, port_setting="sink.metrics_port") as runtime:
+            install_stop_handlers(runtime.stop)
+            SinkWorker(runtime, _line(args, config)).run()
+    except StreamsUnavailable as error:
+        return _redis_lost("sink", error)
     return 0
 
 
@@ -107,9 +124,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if len(metadata) != len(args.metadata):
         msg = f"--metadata takes KEY=VALUE, got {args.metadata}"
         raise ValueError(msg)
-    with WorkerRuntime(config, _redis_url(config), "ingest", name, config.worker.health_port) as runtime:
-        install_stop_handlers(runtime.stop)
-        Ingestor(runtime, _line(args, config), sources, args.frames, metadata).run()
+    try:
+        with WorkerRuntime(config, _redis_url(config), "ingest", name, config.worker.health_port) as runtime:
+            install_stop_handlers(runtime.stop)
+            Ingestor(runtime, _line(args, config), sources, args.frames, metadata).run()
+    except StreamsUnavailable as error:
+        return _redis_lost("ingest", error)
     return 0
 
 

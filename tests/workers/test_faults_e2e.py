@@ -114,3 +114,33 @@ def test_sigterm_drains_the_frames_in_hand_before_exiting(
     assert client.redis.xpending_range(keys.frames, SCORER_GROUP, "-", "+", 100, consumername="a") == []
     scored = client.length(keys.results)
     assert 0 < scored < len(frames)  # stopped early, yet everything it took was finished and acknowledged
+
+
+def test_a_worker_told_to_stop_during_a_redis_outage_exits_within_its_drain_timeout(
+    tiny_line: TinyLine, stream_prefix: str, tmp_path: Path, processes: WorkerProcesses
+) -> None:
+    # systemd / Kubernetes stop workers with SIGTERM and SIGKILL them after a grace period; a worker that retried an
+    # unreachable Redis until it came back never exited on its own. Now it gives up after worker.drain_timeout_s,
+    # with a one-line error and exit 1 (what it held stays pending for redelivery).
+    with EmbeddedRedis() as server:
+        processes.env = worker_env(server.url, stream_prefix, tmp_path, LINEINSPECT__WORKER__DRAIN_TIMEOUT_S="2")
+        client = StreamClient(server.url, RedisSettings(), StreamSettings(prefix=stream_prefix))
+        workers = [
+            processes.start("sink", "--line", "line-1", "--name", "sink-1"),
+            processes.start("score-worker", "--line", "line-1", "--name", "a", "--model", str(tiny_line.model_dir)),
+        ]
+
+        def both_running() -> bool:
+            return {(s["role"], s["state"]) for s in client.read_health(stream_prefix)} >= {
+                ("sink", "ok"),
+                ("score", "ok"),
+            }
+
+        wait_until(both_running, timeout_s=120, what=f"workers to start\n{processes.logs()}")
+        client.close()
+        server.stop()
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        codes = [worker.wait(timeout=60) for worker in workers]  # a hang guard: before the fix they never exited
+    assert codes == [1, 1], processes.logs()
+    assert "redis unreachable, exiting" in processes.logs()

@@ -40,6 +40,34 @@ class Panel:
 
 ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
     (
+        "Every line now",
+        (
+            Panel(
+                "Decisions per second (every line)",
+                (Query("sum by (line) (rate(lineinspect_frames_total[5m]))", "{{line}}"),),
+                unit="reqps",
+                kind="stat",
+                description="Decisions published over the last 5 minutes, per line. A line at 0 whose cameras still "
+                "send frames is not being inspected (alert LineinspectLineStopped).",
+            ),
+            Panel(
+                "Frames in per second (every line)",
+                (Query("sum by (line) (rate(lineinspect_ingested_frames_total[5m]))", "{{line}}"),),
+                unit="reqps",
+                kind="stat",
+                description="Frames ingest published over the last 5 minutes, per line: compare with the decisions.",
+            ),
+            Panel(
+                "Fail share, 15 min (every line)",
+                (Query("line:lineinspect_fail_ratio:rate15m", "{{line}}"),),
+                unit="percentunit",
+                kind="stat",
+                description="Failed / (passed + failed) over 15 minutes, per line (alert LineinspectFailRateJump "
+                "compares it with the line's last day).",
+            ),
+        ),
+    ),
+    (
         "Decisions",
         (
             Panel(
@@ -67,15 +95,17 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                 description="Failed / (passed + failed). The alert LineinspectFailRateJump compares the two lines.",
             ),
             Panel(
-                "Model version (scoring workers)",
+                "Model per scoring worker",
                 (
                     Query(
-                        f'count by (model_id) (lineinspect_model_info{{{LINE}, job="lineinspect-score"}})',
-                        "{{model_id}}",
+                        f'max by (name, model_id) (lineinspect_model_info{{{LINE}, job="lineinspect-score"}}'
+                        ' * on (instance) group_left (name) lineinspect_worker_up{role="score"})',
+                        "{{name}}: {{model_id}}",
                     ),
                 ),
                 kind="stat",
-                description="Workers per model id; more than one id means a mismatch (alert LineinspectModelMismatch).",
+                description="The model id (first 12 digits of its content hash) each scoring worker of the line runs; "
+                "two ids for one line is a mismatch (alert LineinspectModelMismatch).",
             ),
         ),
     ),
@@ -190,6 +220,7 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                     ),
                 ),
                 unit="reqps",
+                width=6,
             ),
             Panel(
                 "Dropped frames per camera",
@@ -200,7 +231,9 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                     ),
                 ),
                 unit="reqps",
-                description="Live frames dropped because the scorers' backlog reached ingest.live_queue_limit.",
+                description="Live frames dropped because the scorers' backlog reached ingest.live_queue_limit, or "
+                "larger than streams.max_frame_bytes (ingest logs which).",
+                width=6,
             ),
             Panel(
                 "Dead letters and error decisions by reason",
@@ -215,6 +248,21 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                     ),
                 ),
                 unit="reqps",
+                description="Dead letters: entries that could not be processed (frames with a readable id also get an "
+                "error decision). Error decisions: frames decided 'error' (stale, undecodable, uncalibrated model).",
+                width=6,
+            ),
+            Panel(
+                "Heatmaps written and failed",
+                (
+                    Query(f"sum(rate(lineinspect_heatmaps_written_total{{{LINE}}}[$__rate_interval]))", "written"),
+                    Query(f"sum(rate(lineinspect_heatmap_failures_total{{{LINE}}}[$__rate_interval]))", "failed"),
+                ),
+                unit="reqps",
+                description="Overlays the sink wrote (failed frames, or all with sink.save_all_heatmaps) and "
+                "decisions published without theirs (disk full, heatmap_dir not writable; the sink logs the error; "
+                "alert LineinspectHeatmapFailures).",
+                width=6,
             ),
         ),
     ),
@@ -222,10 +270,37 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
         "Workers",
         (
             Panel(
-                "Workers up",
+                "Workers up (every line)",
                 (Query('sum by (job) (up{job=~"lineinspect-.*"})', "{{job}}"),),
                 kind="stat",
-                description="Scrape targets answering, per role (all lines).",
+                description="Scrape targets answering, per role (alert LineinspectWorkerDown).",
+                width=4,
+            ),
+            Panel(
+                "Worker restarts, last hour (every line)",
+                (
+                    Query(
+                        'sum by (job, instance) (changes(process_start_time_seconds{job=~"lineinspect-.*"}[1h]))',
+                        "{{job}} {{instance}}",
+                    ),
+                ),
+                kind="stat",
+                description="New processes behind one scrape target (systemd or Docker restarts, a pod's container "
+                "restarted); a rescheduled pod is a new target instead. Alert LineinspectWorkerRestarting.",
+                width=5,
+            ),
+            Panel(
+                "Resident memory (every line)",
+                (
+                    Query(
+                        'max by (job, instance) (process_resident_memory_bytes{job=~"lineinspect-.*"})',
+                        "{{job}} {{instance}}",
+                    ),
+                ),
+                unit="bytes",
+                description="Per worker process. A scorer holds its model (the fused default's bank and Gaussians) "
+                "and torch; steady growth is a leak (benchmarks/memory_soak.py).",
+                width=5,
             ),
             Panel(
                 "Model reloads (last hour)",
@@ -236,6 +311,7 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                     ),
                 ),
                 kind="stat",
+                width=5,
             ),
             Panel(
                 "Duplicate decisions suppressed",
@@ -247,6 +323,7 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                 ),
                 unit="reqps",
                 description="Redelivered frames whose decision was already published (after a worker died).",
+                width=5,
             ),
         ),
     ),

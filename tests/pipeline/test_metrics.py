@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
+from pipeline.config import Config
 from pipeline.messages import Decision, StageTimings, Verdict
 from pipeline.metrics import Metrics
-from pipeline.streams import GroupStats
+from pipeline.streams import GroupStats, StreamClient
 
 
 def decision(verdict: Verdict, reason: str | None = None, score: float | None = None) -> Decision:
@@ -119,3 +123,22 @@ def test_redis_up_pings_at_each_scrape_and_a_failing_ping_reads_zero() -> None:
     assert pings == 0  # registering does not ping
     assert [metrics.registry.get_sample_value("lineinspect_redis_up") for _ in answers] == [1, 0, 0]
     assert pings == 3
+
+
+def test_redis_up_from_a_real_client_reads_1_for_a_live_redis_and_0_fast_for_a_closed_port(config: Config) -> None:
+    live = StreamClient(config.redis.url or "", config.redis, config.streams)
+    with socket.socket() as probe:  # a port nothing listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    gone = StreamClient(f"redis://127.0.0.1:{closed_port}/0", config.redis, config.streams)
+    try:
+        metrics, lost = Metrics(), Metrics()
+        metrics.watch_redis(live.ping)
+        lost.watch_redis(gone.ping)
+        assert metrics.registry.get_sample_value("lineinspect_redis_up") == 1
+        started = time.monotonic()
+        assert lost.registry.get_sample_value("lineinspect_redis_up") == 0
+        assert time.monotonic() - started < config.redis.connect_timeout_s  # a scrape is not held up by retries
+    finally:
+        live.close()
+        gone.close()

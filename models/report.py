@@ -33,7 +33,15 @@ import numpy as np
 from tqdm import tqdm
 
 from models.datasets import TestItem, check_mask_shape
-from models.evaluation import f1_max, image_auroc, pixel_auroc, pro_auc_from_curve, pro_curve, roc_curve
+from models.evaluation import (
+    area_under_curve,
+    f1_max,
+    image_auroc,
+    pixel_auroc,
+    pro_auc_from_curve,
+    pro_curve,
+    roc_curve,
+)
 from models.heatmap import overlay_heatmap
 from models.images import ImageError, read_image, read_mask
 from models.scorer import Scorer
@@ -42,6 +50,7 @@ OVERLAYS_PER_GROUP = 4
 # the names _write_overlays gives, f"{group}_{defect_type}_{stem}_score{score:.3f}.png": the files it may replace
 OVERLAY_NAME = re.compile(r"(detected|missed|false_alarm)_.+_score(-?\d+\.\d{3}|-?inf|nan)\.png")
 NAMED_WITHOUT_MASK = 5
+PLOTTED_POINTS = 2000  # a pixel curve has a point per distinct score (millions): plotted through this many x steps
 
 log = logging.getLogger(__name__)
 
@@ -112,23 +121,36 @@ def score_items(
     return ScoredItems(kept, np.concatenate(scores), np.concatenate(maps), np.stack(masks), scoring_seconds)
 
 
-def _plot_curves(out_dir: Path, labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray,
-                 pro_fpr: np.ndarray, pro: np.ndarray, metrics: dict[str, Any]) -> None:  # fmt: skip
+Curve = tuple[np.ndarray, np.ndarray]  # (x, y), x ascending
+
+
+def _thinned(x: np.ndarray, y: np.ndarray, points: int = PLOTTED_POINTS) -> Curve:
+    """A curve with ``x`` ascending, for plotting: the points at and either side of ``points`` evenly spaced x values
+    (both ends of a vertical step there are kept); short curves as they are."""
+    if x.size <= 2 * points:
+        return x, y
+    grid = np.linspace(x[0], x[-1], points)
+    keep = np.unique(np.r_[0, np.searchsorted(x, grid, side="left"), np.searchsorted(x, grid, side="right") - 1,
+                           x.size - 1].clip(0, x.size - 1))  # fmt: skip
+    return x[keep], y[keep]
+
+
+def _plot_curves(out_dir: Path, image_roc: Curve, pixel_roc: Curve | None, pro: Curve | None,
+                 metrics: dict[str, Any]) -> None:  # fmt: skip
+    """``roc.png`` and ``pro.png`` from the very curves whose areas ``metrics`` reports (pixel curves thinned)."""
     figure, axis = plt.subplots(figsize=(5, 5))
-    fpr, tpr = roc_curve(labels, scores)
-    axis.plot(fpr, tpr, label=f"image AUROC {metrics['image_auroc']:.3f}")
-    if masks.any():
-        pixel_fpr, pixel_tpr = roc_curve(masks[:, ::4, ::4], maps[:, ::4, ::4])
-        axis.plot(pixel_fpr, pixel_tpr, label=f"pixel AUROC {metrics['pixel_auroc']:.3f}")
+    axis.plot(*image_roc, label=f"image AUROC {metrics['image_auroc']:.4f}")
+    if pixel_roc is not None:
+        axis.plot(*_thinned(*pixel_roc), label=f"pixel AUROC {metrics['pixel_auroc']:.4f}")
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
     axis.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC")
     axis.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(out_dir / "roc.png", dpi=110)
     plt.close(figure)
-    if pro.size:
+    if pro is not None:
         figure, axis = plt.subplots(figsize=(5, 5))
-        axis.plot(pro_fpr, pro, label=f"PRO (FPR<=0.3) {metrics['pro']:.3f}")
+        axis.plot(*_thinned(*pro), label=f"PRO (FPR<=0.3) {metrics['pro']:.4f}")
         axis.set(xlabel="false-positive rate (good pixels)", ylabel="per-region overlap", title="PRO", xlim=(0, 0.3),
                  ylim=(0, 1))  # fmt: skip
         axis.legend(loc="lower right")
@@ -183,24 +205,29 @@ def evaluate(
                     "them): %s%s", len(without_mask), named, more)  # fmt: skip
     # pixel metrics only over images whose pixels have a ground truth (copies only when some have none)
     pixel_masks, pixel_maps = (masks, maps) if known.all() else (masks[known], maps[known])
+    image_roc = roc_curve(labels, scores)  # roc.png plots the curves whose areas metrics.json reports
     metrics: dict[str, Any] = {
         "model_id": scorer.model_id,
         "model": scorer.describe(),
         "images": len(kept),
         "defective_images": int(labels.sum()),
         "defective_without_mask": len(without_mask),
-        "image_auroc": image_auroc(labels, scores),
+        "image_auroc": area_under_curve(*image_roc),
         "f1_max": f1_max(labels, scores),
         "images_per_second": len(kept) / seconds if seconds > 0 else None,
         "image_size": scorer.image_size,
         "shift_pixels": scorer.scoring.shift_pixels,
         "shift_every_frame": shift_every_frame,
     }
-    pro_fpr, pro = np.empty(0), np.empty(0)
+    pixel_roc = pro_plotted = None
     if pixel_masks.any():
-        metrics["pixel_auroc"] = pixel_auroc(pixel_masks, pixel_maps)
+        pixel_fpr, pixel_tpr = roc_curve(pixel_masks, pixel_maps)
+        metrics["pixel_auroc"] = area_under_curve(pixel_fpr, pixel_tpr)
+        pixel_roc = _thinned(pixel_fpr, pixel_tpr)
+        del pixel_fpr, pixel_tpr  # a point per distinct pixel score
         pro_fpr, pro = pro_curve(pixel_masks, pixel_maps)
         metrics["pro"] = pro_auc_from_curve(pro_fpr, pro)
+        pro_plotted = _thinned(pro_fpr, pro)
     else:
         metrics["pixel_auroc"] = metrics["pro"] = None
     per_type, pixel_per_type = {}, {}
@@ -217,7 +244,7 @@ def evaluate(
         metrics["threshold"] = scorer.threshold.value
         metrics["false_reject_rate"] = float(failed[labels == 0].mean()) if (labels == 0).any() else None
         metrics["detection_rate"] = float(failed[labels == 1].mean()) if (labels == 1).any() else None
-    _plot_curves(out_dir, labels, scores, pixel_masks, pixel_maps, pro_fpr, pro, metrics)
+    _plot_curves(out_dir, image_roc, pixel_roc, pro_plotted, metrics)
     _write_overlays(out_dir, scorer, kept, scores, maps)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     scores_table = [{"image": str(item.image), "label": item.label, "score": float(score)}

@@ -1,3 +1,4 @@
+import itertools
 import json
 import logging
 import shutil
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from models import datasets  # a module import: pytest would collect `test_items` as a test
-from models.evaluation import auroc, f1_max, pro_auc, roc_curve
+from models.evaluation import auroc, f1_max, pixel_auroc, pro_auc, pro_auc_from_curve, pro_curve, roc_curve
 from models.report import evaluate, score_items
 from models.scorer import Scorer
 from models.synthetic import DemoLine
@@ -48,13 +49,130 @@ def test_pro_averages_regions_not_pixels() -> None:
     masks = np.zeros((1, 64, 64), bool)
     masks[0, :32, :32] = True  # a large region, found
     masks[0, 50:52, 50:52] = True  # a small region, missed
-    maps = np.zeros((1, 64, 64), np.float32)
+    maps = np.random.default_rng(0).uniform(0.1, 0.5, (1, 64, 64)).astype(np.float32)  # good pixels
     maps[0, :32, :32] = 1.0
-    assert pro_auc(masks, maps) == pytest.approx(0.5, abs=0.02)
+    maps[0, 50:52, 50:52] = 0.0  # below every good pixel: not found before FPR 1
+    assert pro_auc(masks, maps) == pytest.approx(0.5, abs=1e-12)  # weighted by pixels it would be 1024 / 1028
 
 
 def test_f1_max() -> None:
     assert f1_max(np.array([0, 1, 1]), np.array([0.1, 0.5, 0.7])) == 1.0
+
+
+def test_pixel_auroc_equals_the_pairwise_probability_over_all_pixels_with_ties() -> None:
+    rng = np.random.default_rng(3)
+    masks = np.zeros((3, 12, 12), bool)
+    masks[0, 2:6, 3:8] = masks[2, 7:11, 1:3] = True
+    maps = np.round(rng.normal(masks * 0.8, 1.0), 1).astype(np.float32)  # float32 maps, ties between classes
+    expected = _mann_whitney(masks.ravel().astype(int), maps.ravel().astype(np.float64))
+    assert pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
+
+
+def _brute_force_pro(masks: np.ndarray, maps: np.ndarray, limit: float = 0.3) -> float:
+    """MVTec AD's PRO, literally: scipy's 8-connected regions, every distinct score as a threshold (flagged when
+    >=), the polyline from (0, 0) through every threshold's (FPR, mean region overlap), cut at the limit by linear
+    interpolation, area / limit."""
+    import scipy.ndimage
+
+    regions = [
+        region_labels == region
+        for mask in masks
+        for region_labels, count in [scipy.ndimage.label(mask, structure=np.ones((3, 3)))]
+        for region in range(1, count + 1)
+    ]
+    region_images = [next(i for i, mask in enumerate(masks) if (mask & region).any()) for region in regions]
+    points = [(0.0, 0.0)]
+    for threshold in np.unique(maps)[::-1]:
+        flagged = maps >= threshold
+        fpr = (flagged & ~masks).sum() / (~masks).sum()
+        overlap = np.mean([flagged[i][region].mean() for i, region in zip(region_images, regions, strict=True)])
+        points.append((float(fpr), float(overlap)))
+    area = 0.0
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 >= limit:
+            break
+        if x1 > limit:
+            y1, x1 = y0 + (y1 - y0) * (limit - x0) / (x1 - x0), limit
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / limit
+
+
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_pro_equals_the_mvtec_definition_computed_by_brute_force(decimals: int | None) -> None:
+    """Random regions and smoothed noisy maps, with and without ties (rounded maps). The curve of 300 levels this
+    replaced was 6e-4 off here without ties (its chords) and 8e-5 with them (elsewhere up to 0.018: it extended the
+    curve flat to FPR 0.3 where tied good pixels jump past it)."""
+    import scipy.ndimage
+
+    rng = np.random.default_rng(11)
+    masks = np.zeros((4, 24, 24), bool)
+    for image in (1, 2, 3):
+        for _ in range(image):
+            top, left = rng.integers(0, 18, 2)
+            height, width = rng.integers(1, 7, 2)
+            masks[image, top : top + height, left : left + width] = True
+    maps = scipy.ndimage.gaussian_filter(rng.normal(0, 1, masks.shape), (0, 1.5, 1.5)) + 0.6 * masks
+    if decimals is not None:
+        maps = np.round(maps, decimals)
+    maps = maps.astype(np.float32)
+    assert pro_auc(masks, maps) == pytest.approx(_brute_force_pro(masks, maps), abs=1e-9)
+
+
+def test_pro_interpolates_linearly_at_the_limit_where_tied_good_pixels_jump_past_it() -> None:
+    """10 good pixels at 1, the other 86 and half the defect at 0: from (10/96, 0.5) the curve's next point is
+    (1, 1), and at FPR 0.3 it is 0.5 + 0.5 (0.3 - 10/96) / (1 - 10/96), not the 0.5 a flat extension gives."""
+    masks, maps = np.zeros((1, 10, 10), bool), np.zeros((1, 10, 10), np.float32)
+    masks[0, :2, :2] = True
+    maps[0, 0, :2] = 2.0  # half the region above every good pixel
+    maps[0, 9, :10] = 1.0  # 10 of the 96 good pixels
+    low = 10 / 96
+    at_limit = 0.5 + 0.5 * (0.3 - low) / (1 - low)
+    expected = (0.5 * low + (0.5 + at_limit) / 2 * (0.3 - low)) / 0.3
+    fpr, pro = pro_curve(masks, maps)
+    np.testing.assert_allclose(fpr, [0, 0, low, 1])
+    np.testing.assert_allclose(pro, [0, 0.5, 0.5, 1])
+    assert pro_auc(masks, maps) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pro_regions_are_8_connected_and_false_positives_count_good_pixels_of_defective_images() -> None:
+    masks, maps = np.zeros((2, 8, 8), bool), np.zeros((2, 8, 8), np.float32)
+    masks[0, 1, 1] = masks[0, 2, 2] = True  # touching at a corner: one region of two pixels
+    masks[0, 6, 6] = True  # a second region
+    maps[0, 1, 1] = 3.0
+    maps[0, 5, 0] = 2.0  # a good pixel of the defective image: the only false positive above 1
+    maps[1] += 1.0  # the defect-free image: all its pixels at 1
+    fpr, pro = pro_curve(masks, maps)
+    good = 2 * 64 - 3
+    np.testing.assert_allclose(fpr[:4], [0, 0, 1 / good, 65 / good])
+    np.testing.assert_allclose(pro[:4], [0, 0.25, 0.25, 0.25])  # (1/2 + 0) / 2 regions; 4-connected would be 1/3
+
+
+def test_pro_area_needs_a_curve_reaching_the_limit() -> None:
+    assert pro_auc_from_curve(np.array([0.0, 0.5]), np.array([0.0, 1.0])) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match=r"at least 0\.3"):
+        pro_auc_from_curve(np.array([0.0, 0.2]), np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="defect regions"):
+        pro_curve(np.zeros((1, 4, 4), bool), np.zeros((1, 4, 4)))
+
+
+def test_f1_max_equals_a_brute_force_search_over_thresholds_with_ties() -> None:
+    from models.threshold import best_f1_threshold
+
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        labels = rng.integers(0, 2, 60)
+        labels[0] = 1
+        scores = np.round(rng.normal(labels * 0.8, 1.0), 1)
+        best = 0.0
+        for threshold in np.unique(scores):
+            flagged = scores >= threshold
+            true_positives = (flagged & (labels == 1)).sum()
+            best = max(best, 2 * true_positives / (flagged.sum() + labels.sum()))
+        value, f1 = best_f1_threshold(labels, scores)
+        flagged = scores > value  # the returned threshold gives that F1 under the scorer's "fail = above"
+        f1_at_value = 2 * (flagged & (labels == 1)).sum() / (flagged.sum() + labels.sum())
+        assert f1 == pytest.approx(best, abs=1e-12) and f1 == pytest.approx(f1_at_value, abs=1e-12)
+        assert f1_max(labels, scores) == f1
 
 
 # evaluate's report (models.report) on a copy of the demo line, scored one image at a time so that a test set with
@@ -120,6 +238,38 @@ def test_masks_at_another_resolution_are_resized_and_another_aspect_is_an_error(
     named = r"defect_0001_mask\.png is 80x160 pixels but its image \S*defect_0001\.png is 160x160"
     with pytest.raises(datasets.DatasetError, match=named):
         score_items(fitted_scorer, datasets.test_items(data), 4, progress=False)
+
+
+def test_thinned_curves_keep_their_ends_and_steps() -> None:
+    from models.report import _thinned
+
+    rng = np.random.default_rng(2)
+    labels = rng.random(200_000) < 0.1
+    fpr, tpr = roc_curve(labels, np.round(rng.normal(labels * 1.0, 1.0), 3))
+    x, y = _thinned(fpr, tpr, points=100)
+    assert x.size <= 400 < fpr.size and (x[0], y[0], x[-1], y[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.isin(x, fpr).all() and (np.diff(x) >= 0).all()
+    assert np.trapezoid(y, x) == pytest.approx(np.trapezoid(tpr, fpr), abs=2e-4)
+
+
+def test_the_plotted_curves_are_the_ones_whose_areas_are_reported(
+    fitted_scorer: Scorer, demo_line: DemoLine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models import report
+
+    plotted: dict[str, Any] = {}
+    plot = report._plot_curves
+
+    def capture(out_dir: Path, image_roc: Any, pixel_roc: Any, pro: Any, metrics: dict[str, Any]) -> None:
+        plotted.update(image=image_roc, pixel=pixel_roc, pro=pro)
+        plot(out_dir, image_roc, pixel_roc, pro, metrics)
+
+    monkeypatch.setattr(report, "_plot_curves", capture)
+    metrics = _evaluate(fitted_scorer, demo_line.root, tmp_path / "report")
+    assert np.trapezoid(plotted["image"][1], plotted["image"][0]) == metrics["image_auroc"]
+    assert np.trapezoid(plotted["pixel"][1], plotted["pixel"][0]) == pytest.approx(metrics["pixel_auroc"], abs=1e-3)
+    assert pro_auc_from_curve(*plotted["pro"]) == pytest.approx(metrics["pro"], abs=1e-3)
+    assert (tmp_path / "report" / "roc.png").is_file() and (tmp_path / "report" / "pro.png").is_file()
 
 
 def test_evaluating_into_an_existing_report_replaces_its_overlays_only(

@@ -76,8 +76,8 @@ def _read_item_mask(item: TestItem, image_shape: tuple[int, int], size: int) -> 
         return np.zeros((size, size), dtype=bool)
     mask = read_mask(item.mask)
     check_mask_shape(item.mask, (mask.shape[0], mask.shape[1]), item.image, image_shape)
-    if mask.shape != (size, size):
-        mask = cv2.resize(mask.view(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).view(bool)
+    if mask.shape != (size, size):  # _EXACT: cv2's INTER_NEAREST moves content half an output pixel down and right
+        mask = cv2.resize(mask.view(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST_EXACT).view(bool)
     return mask
 
 

@@ -272,6 +272,32 @@ def test_the_plotted_curves_are_the_ones_whose_areas_are_reported(
     assert (tmp_path / "report" / "roc.png").is_file() and (tmp_path / "report" / "pro.png").is_file()
 
 
+def test_masks_resized_to_the_map_stay_on_their_defect(tmp_path: Path) -> None:
+    """Frames are resized centre on centre (INTER_AREA); their masks must land where the defects do. cv2's
+    INTER_NEAREST put them about half a map pixel down and right (0.5 px on average here, 400x300 -> 224)."""
+    from models.report import _read_item_mask
+
+    def centre(array: np.ndarray) -> np.ndarray:
+        weights = array.astype(np.float64)
+        rows, columns = np.mgrid[: array.shape[0], : array.shape[1]]
+        return np.array([(weights * rows).sum(), (weights * columns).sum()]) / weights.sum()
+
+    rng = np.random.default_rng(0)
+    errors = []
+    for number in range(40):
+        mask = np.zeros((400, 300), np.uint8)
+        top, left = int(rng.integers(10, 340)), int(rng.integers(10, 240))
+        height, width = rng.integers(6, 50, 2)
+        mask[top : top + height, left : left + width] = 255
+        path = tmp_path / f"mask_{number}.png"
+        cv2.imwrite(str(path), mask)
+        item = datasets.TestItem(tmp_path / "image.png", 1, "crack", path)
+        resized = _read_item_mask(item, (400, 300), 224)
+        frame = cv2.resize(mask, (224, 224), interpolation=cv2.INTER_AREA)  # as the scorer resizes a frame
+        errors.append(centre(resized) - centre(frame))
+    assert np.abs(np.mean(errors, axis=0)).max() < 0.1
+
+
 def test_evaluating_into_an_existing_report_replaces_its_overlays_only(
     fitted_scorer: Scorer, demo_line: DemoLine, tmp_path: Path
 ) -> None:

@@ -10,16 +10,21 @@
 
 ``good_images(path)``, ``test_items(path)`` and ``calibration_images(path)`` recognise the layout themselves.
 A defective image without a mask file gets ``mask=None``: the report leaves it out of pixel metrics and counts it.
+``check_masks(items)`` checks every mask against its image (readable, same aspect ratio) before anything is scored.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.images import ImageError, list_images
+import cv2
+import PIL.Image
+
+from models.images import ImageError, list_images, read_mask
 
 SPLIT_FILE = "split.json"
 SPLIT_LISTS = ("train", "test_good", "test_defective")
@@ -27,6 +32,7 @@ MASKS_KEY = "masks"
 # A mask may be a rescaled copy of its image's grid; beyond this relative difference of width/height (and beyond
 # one pixel of rounding) it cannot be laid over the image.
 MASK_ASPECT_TOLERANCE = 0.02
+NAMED_MASK_PROBLEMS = 20  # masks a failed check names one by one
 
 
 @dataclass(frozen=True)
@@ -121,19 +127,68 @@ def _split_mask(root: Path, split: _Split, relative: str) -> Path | None:
     return mask
 
 
-def check_mask_shape(mask: Path, mask_shape: tuple[int, int], image: Path, image_shape: tuple[int, int]) -> None:
-    """Raise DatasetError when a ``(height, width)`` mask cannot be laid over its image: a mask at another resolution
-    with the same aspect ratio (within rounding) can be resized, any other cannot."""
+def _mask_shape_problem(mask: Path, mask_shape: tuple[int, int], image: Path,
+                        image_shape: tuple[int, int]) -> str | None:  # fmt: skip
+    """Why a ``(height, width)`` mask cannot be laid over its image, or None when it can (the same size, or another
+    resolution with the same aspect ratio within rounding: it is resized)."""
     (mask_height, mask_width), (image_height, image_width) = mask_shape, image_shape
     if (mask_height, mask_width) == (image_height, image_width):
-        return
+        return None
     width_scale, height_scale = mask_width / image_width, mask_height / image_height
     relative = abs(width_scale - height_scale) / max(width_scale, height_scale)
     rounding = max(1.0 / mask_width, 1.0 / mask_height)  # one pixel of either side
-    if relative > max(MASK_ASPECT_TOLERANCE, rounding):
-        msg = (f"mask {mask} is {mask_width}x{mask_height} pixels but its image {image} is {image_width}x"
-               f"{image_height}: a different aspect ratio, so the mask cannot be laid over the image; fix or "
-               "replace the mask")  # fmt: skip
+    if relative <= max(MASK_ASPECT_TOLERANCE, rounding):
+        return None
+    return (f"mask {mask} is {mask_width}x{mask_height} pixels but its image {image} is {image_width}x{image_height}: "
+            "a different aspect ratio, so the mask cannot be laid over the image")  # fmt: skip
+
+
+def check_mask_shape(mask: Path, mask_shape: tuple[int, int], image: Path, image_shape: tuple[int, int]) -> None:
+    """Raise DatasetError when a ``(height, width)`` mask cannot be laid over its image: a mask at another resolution
+    with the same aspect ratio (within rounding) can be resized, any other cannot."""
+    problem = _mask_shape_problem(mask, mask_shape, image, image_shape)
+    if problem is not None:
+        msg = f"{problem}; fix or replace the mask"
+        raise DatasetError(msg)
+
+
+def image_shape(path: Path) -> tuple[int, int] | None:
+    """``(height, width)`` of an image file from its header (nothing decoded), or None when it cannot be read.
+    Read as ``models.images.read_image`` reads files: the stored orientation, EXIF rotation ignored."""
+    try:
+        with PIL.Image.open(path) as image:
+            width, height = image.size
+        return height, width
+    except (OSError, ValueError, PIL.Image.DecompressionBombError):
+        decoded = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # a format Pillow does not know
+        return None if decoded is None else (int(decoded.shape[0]), int(decoded.shape[1]))
+
+
+def check_masks(items: Sequence[TestItem]) -> None:
+    """Before anything is scored: raise DatasetError naming every defective item's mask that cannot be read or
+    cannot be laid over its image (another aspect ratio than the image's). Images come from their headers, masks are
+    read whole (they are small). Items without a mask file are not errors (pixel metrics leave them out), nor are
+    images that cannot be read (scoring skips them)."""
+    problems: list[str] = []
+    for item in items:
+        if item.mask is None:
+            continue
+        shape = image_shape(item.image)
+        if shape is None:
+            continue
+        try:
+            mask = read_mask(item.mask)
+        except ImageError as error:
+            problems.append(f"mask {item.mask} of {item.image}: {error}")
+            continue
+        problem = _mask_shape_problem(item.mask, (mask.shape[0], mask.shape[1]), item.image, shape)
+        if problem is not None:
+            problems.append(problem)
+    if problems:
+        listed = "\n  ".join(problems[:NAMED_MASK_PROBLEMS])
+        more = f"\n  and {len(problems) - NAMED_MASK_PROBLEMS} more" if len(problems) > NAMED_MASK_PROBLEMS else ""
+        msg = (f"{len(problems)} of {sum(item.mask is not None for item in items)} masks cannot be used; fix or "
+               f"replace them (nothing was scored):\n  {listed}{more}")  # fmt: skip
         raise DatasetError(msg)
 
 

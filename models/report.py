@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
-from models.datasets import TestItem, check_mask_shape
+from models.datasets import TestItem, check_mask_shape, check_masks
 from models.evaluation import (
     area_under_curve,
     f1_max,
@@ -87,7 +87,9 @@ def score_items(
     """Score the readable items (unreadable images are skipped with a message) and read their masks, resized
     (nearest) to the map size; a mask of another aspect ratio than its image raises DatasetError. With shifting on,
     every frame is shifted by default (``Scorer.score``): threshold-free metrics then rank shifting's own scores,
-    not the unshifted ones of frames that pass (the verdicts are the same either way)."""
+    not the unshifted ones of frames that pass (the verdicts are the same either way). Every mask is checked first
+    (``models.datasets.check_masks``): an unusable one is a DatasetError naming it before anything is scored."""
+    check_masks(items)
     size = scorer.image_size
     kept: list[TestItem] = []
     scores: list[np.ndarray] = []

@@ -186,3 +186,52 @@ def test_split_paths_may_be_absolute(tmp_path: Path) -> None:
     split = {"train": [str(archive / "a.png")], "test_good": ["b.png"], "test_defective": []}
     (root / "split.json").write_text(json.dumps(split))
     assert datasets.good_images(root) == [archive / "a.png"]
+
+
+def test_image_shape_reads_the_header_as_read_image_would_decode_it(tmp_path: Path) -> None:
+    from models.images import read_image
+
+    files = [
+        _write(tmp_path / "grey.png", np.zeros((37, 53), np.uint8)),
+        _write(tmp_path / "colour.jpg", np.zeros((41, 29, 3), np.uint8)),
+        _write(tmp_path / "deep.tif", np.zeros((23, 31), np.uint16)),
+        _write(tmp_path / "deep.png", np.zeros((19, 17, 3), np.uint16)),
+    ]
+    for path in files:
+        assert datasets.image_shape(path) == read_image(path, keep_depth=True).shape[:2]
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert datasets.image_shape(tmp_path / "broken.png") is None
+    assert datasets.image_shape(tmp_path / "missing.png") is None
+
+
+def _items_with_masks(root: Path, shapes: list[tuple[int, int]]) -> list[datasets.TestItem]:
+    """A good item, then one defective 40x30 image per mask shape (None: no mask file)."""
+    items = [datasets.TestItem(_image(root / "good.png", (40, 30)), 0, "good", None)]
+    for number, shape in enumerate(shapes):
+        image = _image(root / f"crack_{number}.png", (40, 30))
+        mask = _mask(root / f"crack_{number}_mask.png", shape)
+        items.append(datasets.TestItem(image, 1, "crack", mask))
+    return items
+
+
+def test_check_masks_accepts_masks_at_the_image_aspect_and_items_without_mask(tmp_path: Path) -> None:
+    items = _items_with_masks(tmp_path, [(40, 30), (80, 60), (20, 15)])
+    items.append(datasets.TestItem(_image(tmp_path / "crack_x.png", (40, 30)), 1, "crack", None))
+    datasets.check_masks(items)
+
+
+def test_check_masks_names_every_unusable_mask_at_once(tmp_path: Path) -> None:
+    items = _items_with_masks(tmp_path, [(40, 30), (30, 40), (40, 30), (40, 20)])
+    truncated = items[3].mask  # crack_2's
+    assert truncated is not None
+    truncated.write_bytes(b"truncated")
+    unreadable_image = _items_with_masks(tmp_path / "other", [(30, 40)])[1]
+    unreadable_image.image.write_bytes(b"not an image")  # scoring skips it, so its mask is not checked
+    with pytest.raises(datasets.DatasetError) as raised:
+        datasets.check_masks([*items, unreadable_image])
+    message = str(raised.value)
+    assert message.startswith("3 of 5 masks cannot be used")
+    assert "crack_1_mask.png is 40x30 pixels but its image" in message  # width x height
+    assert "crack_3_mask.png is 20x40 pixels but its image" in message
+    assert "crack_2_mask.png" in message and "not a readable mask" in message
+    assert "crack_0_mask" not in message and "other" not in message

@@ -240,6 +240,29 @@ def test_masks_at_another_resolution_are_resized_and_another_aspect_is_an_error(
         score_items(fitted_scorer, datasets.test_items(data), 4, progress=False)
 
 
+def test_evaluate_checks_every_mask_before_scoring_anything(
+    fitted_scorer: Scorer, demo_line: DemoLine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last defective images' masks are unusable (another aspect, unreadable): evaluate names both and stops
+    before scoring the first batch (it used to stop only on reaching them, after scoring every batch before)."""
+    data = _copy_demo(demo_line, tmp_path / "data")
+    masks = sorted((data / "ground_truth" / "defect").iterdir())
+    wide, broken = masks[-2], masks[-1]
+    cv2.imwrite(str(wide), np.zeros((160, 240), np.uint8))
+    broken.write_bytes(b"not a png")
+
+    def no_scoring(*args: object, **kwargs: object) -> None:
+        raise AssertionError("scored before the masks were checked")
+
+    monkeypatch.setattr(fitted_scorer, "score", no_scoring)
+    with pytest.raises(datasets.DatasetError) as raised:
+        _evaluate(fitted_scorer, data, tmp_path / "report")
+    message = str(raised.value)
+    assert message.startswith("2 of 6 masks cannot be used") and "nothing was scored" in message
+    assert f"mask {wide} is 240x160 pixels but its image" in message and f"mask {broken} of " in message
+    assert not (tmp_path / "report" / "metrics.json").exists()
+
+
 def test_thinned_curves_keep_their_ends_and_steps() -> None:
     from models.report import _thinned
 

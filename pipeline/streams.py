@@ -297,18 +297,48 @@ class StreamClient:
         )
         return _text(entry_id)
 
-    def publish_many(self, stream: str, payloads: Sequence[bytes]) -> list[str]:
-        """``publish`` several payloads in one round trip (pipelined XADDs, in order); returns their entry ids."""
+    def publish_many(self, stream: str, payloads: Sequence[bytes], after_id: str | None = None) -> list[str]:
+        """``publish`` several payloads in one round trip (pipelined XADDs, in order); returns their entry ids.
+
+        A lost reply (Redis stalled past the socket timeout, or the connection dropped after the XADDs ran) is
+        retried; with ``after_id`` (the stream's last entry id the caller knows of, e.g. its own last one) a retry
+        first looks among the entries after it and does not add again the payloads already there, so a frame is
+        not published twice. Payloads must then be distinct (a frame's id makes them so).
+        """
         if not payloads:
             return []
+        attempts = 0
 
-        def run() -> list[Any]:
+        def run() -> list[str]:
+            nonlocal attempts
+            attempts += 1
+            landed = self._landed(stream, after_id, payloads) if attempts > 1 and after_id is not None else {}
+            missing = [payload for payload in payloads if payload not in landed]
             pipe = self.redis.pipeline(transaction=False)
-            for payload in payloads:
+            for payload in missing:
                 pipe.xadd(stream, {PAYLOAD: payload}, maxlen=self.settings.maxlen, approximate=True)
-            return list(pipe.execute())
+            added = dict(zip(missing, (_text(entry_id) for entry_id in pipe.execute()), strict=True))
+            if landed:
+                logger.warning(
+                    "entries of a publish whose reply was lost had been added; not adding them again",
+                    extra={"stream": stream, "already_added": len(landed), "added_now": len(added)},
+                )
+            return [landed.get(payload) or added[payload] for payload in payloads]
 
-        return [_text(entry_id) for entry_id in self._call(run, "publish_many")]
+        return self._call(run, "publish_many")
+
+    def _landed(self, stream: str, after_id: str, payloads: Sequence[bytes]) -> dict[bytes, str]:
+        """Entry ids of those ``payloads`` already in ``stream`` after ``after_id``."""
+        wanted, landed, position = set(payloads), {}, after_id
+        while True:
+            rows = self.redis.xrange(stream, f"({position}", "+", count=100)
+            for entry_id, fields in rows:
+                payload = fields.get(PAYLOAD.encode())
+                if payload in wanted:
+                    landed[payload] = _text(entry_id)
+            if len(rows) < 100 or len(landed) == len(wanted):
+                return landed
+            position = _text(rows[-1][0])
 
     def _entries(self, reply: Any) -> list[StreamEntry]:
         entries: list[StreamEntry] = []

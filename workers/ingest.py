@@ -2,9 +2,9 @@
 
 Each source runs in its own capture thread and fills a ``FrameBuffer`` (a file source reads its next file only
 when ``ingest.max_fps`` allows, so ``captured_at`` is the time it was read); the publisher, woken by each capture,
-takes frames round-robin and publishes all it has in one round trip while the scorers' backlog (undelivered entries
-of the ``scorers`` group, asked of Redis only when the room it last saw is used up) is below
-``ingest.live_queue_limit``. When it is not, the publisher waits: file and replay sources then block in their
+takes frames round-robin and publishes all it has in one round trip (a retry after a lost reply does not publish a
+frame twice) while the scorers' backlog (undelivered entries of the ``scorers`` group, asked of Redis only when the
+room it last saw is used up) is below ``ingest.live_queue_limit``. When it is not, the publisher waits: file and replay sources then block in their
 buffers (nothing lost), live cameras keep capturing and their buffers drop the oldest frames (counted in
 ``lineinspect_dropped_frames_total``).
 """
@@ -142,6 +142,7 @@ class Ingestor:
         self.published = 0
         self.stop_captures = threading.Event()  # set when publishing ends, whatever the reason
         self._published_ids: collections.deque[str] = collections.deque(maxlen=4 * limit)
+        self._start_id = "0-0"  # the stream's last entry when publishing began
 
     def _capture_loop(self, feed: Feed) -> None:
         limiter = RateLimiter(self.config.ingest.max_fps)
@@ -204,7 +205,8 @@ class Ingestor:
     def _publish(self, taken: Sequence[tuple[Feed, Capture]]) -> None:
         """Publish captures in one round trip (pipelined XADDs)."""
         frames = [framed for feed, capture in taken if (framed := self._frame_payload(feed, capture)) is not None]
-        entry_ids = self.runtime.client.publish_many(self.keys.frames, [payload for _, payload in frames])
+        after_id = self._published_ids[-1] if self._published_ids else self._start_id  # a retry looks after it
+        entry_ids = self.runtime.client.publish_many(self.keys.frames, [payload for _, payload in frames], after_id)
         self._published_ids.extend(entry_ids)
         self.published += len(entry_ids)
         for camera_id, _ in frames:
@@ -233,6 +235,7 @@ class Ingestor:
     def run(self) -> int:
         """Publish until every source is exhausted, ``max_frames`` are sent or stop is set; returns frames sent."""
         self.runtime.client.ensure_group(self.keys.frames, SCORER_GROUP)
+        self._start_id = self.runtime.client.last_id(self.keys.frames)
         threads = [threading.Thread(target=self._capture_loop, args=(feed,), daemon=True) for feed in self.feeds]
         for thread in threads:
             thread.start()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pipeline.config import Config
+from pipeline.config import Config, RedisSettings
+from pipeline.redis_server import EmbeddedRedis
 from pipeline.streams import (
     DEAD_LETTER_PAYLOAD_BYTES,
     SCORER_GROUP,
@@ -281,3 +285,48 @@ def test_dead_letters_keep_a_bounded_prefix_of_an_oversized_payload(client: Stre
     assert small_fields[b"payload"] == small
     assert b"payload_truncated" not in small_fields and b"payload_bytes" not in small_fields
     assert client.redis.memory_usage(keys.deadletter) < 1024 * 1024
+
+
+def test_a_publish_retried_after_a_lost_reply_adds_each_payload_once(config: Config) -> None:
+    # Redis stalled past the socket timeout (fork or fsync on a loaded host, a paused VM; here SIGSTOP): the XADDs
+    # sent before the timeout still run once it resumes, and the retry used to add every frame a second time
+    # (one frame, two decisions: the plant's ingest did so after an 8 s stall).
+    with EmbeddedRedis() as server:
+        settings = RedisSettings(connect_timeout_s=0.3, reconnect_max_backoff_s=0.2)
+        client = StreamClient(server.url, settings, config.streams)
+        stream = f"{config.streams.prefix}:line-1:frames"
+        after_id = client.publish(stream, b"earlier")
+        process = server._process
+        assert process is not None
+        process.send_signal(signal.SIGSTOP)
+        try:
+            publishing = ThreadPoolExecutor(1).submit(client.publish_many, stream, [b"a", b"b"], after_id)
+            wait_until_timed_out_once(client)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        entry_ids = publishing.result(timeout=30)
+        rows = client.read_range(stream, "0-0", 100)
+        assert [entry.payload for entry in rows] == [b"earlier", b"a", b"b"]
+        assert entry_ids == [entry.entry_id for entry in rows[1:]]
+        client.close()
+
+
+def wait_until_timed_out_once(client: StreamClient) -> None:
+    """Until the client has given up on a reply at least once (it logs each retry)."""
+    handler = _Retries()
+    logging.getLogger("pipeline.streams").addHandler(handler)
+    try:
+        deadline = time.monotonic() + 30
+        while not handler.count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handler.count, "the client never timed out"
+    finally:
+        logging.getLogger("pipeline.streams").removeHandler(handler)
+
+
+class _Retries(logging.Handler):
+    count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "redis unavailable, retrying":
+            self.count += 1

@@ -189,6 +189,12 @@ class ModelSlot:
         self._next_poll = now + 1.0
         announced = self.runtime.client.get_model_dir(self.keys)
         if not announced:
+            # The key is gone (Redis restarted without its data): announce the model in use again. Otherwise the
+            # next worker to start sets it to its own --model, often the line's first version, and every running
+            # worker follows it back there.
+            if self.runtime.client.set_model_dir(self.keys, self.model_dir, only_if_absent=True):
+                logger.warning("the line's model key was gone; announced the model in use again",
+                               extra={"model_dir": self.model_dir, "key": self.keys.model})  # fmt: skip
             return
         version = manifest_model_id(Path(announced))
         if version == self.scorer.model_id or (announced, version) == self._failed:

@@ -287,6 +287,32 @@ def test_a_flipped_model_symlink_under_the_same_announced_path_is_reloaded(
     assert slot.model_dir == str(current)
 
 
+def test_a_promoted_model_survives_redis_losing_the_model_key(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime]
+) -> None:
+    # Redis restarted without its data: the line's model key is gone. A worker started afterwards (a restart, a
+    # KEDA scale-up) with the original --model set the key to it, and every running worker followed: the line
+    # silently went back to the model it was first deployed with.
+    from models.artifact import read_manifest
+
+    runtime = make_runtime("score", "w1")
+    keys = LineKeys(runtime.config.streams.prefix, "line-1")
+    slot = ModelSlot(runtime, keys, load_model("cpu"), tiny_line.model_dir)
+    runtime.client.set_model_dir(keys, str(tiny_line.other_model_dir))  # lineinspect promote
+    promoted = read_manifest(tiny_line.other_model_dir)["model_id"]
+
+    def swapped() -> bool:
+        slot.refresh()
+        return slot.scorer.model_id == promoted
+
+    wait_until(swapped, what="the promoted model")
+    runtime.client.redis.delete(keys.model)  # Redis came back empty
+    wait_until(lambda: slot.refresh() or runtime.client.get_model_dir(keys) is not None, what="the key re-announced")
+    assert runtime.client.get_model_dir(keys) == str(tiny_line.other_model_dir)
+    later = ModelSlot(make_runtime("score", "w2"), keys, load_model("cpu"), tiny_line.model_dir)
+    assert later.scorer.model_id == promoted
+
+
 def scored(scores: np.ndarray, shifted: np.ndarray | None = None) -> SimpleNamespace:
     """What a stand-in model returns for these image scores: blank 8 x 8 maps, zero timings, shift flags (and no
     registration)."""

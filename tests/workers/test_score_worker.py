@@ -307,7 +307,11 @@ def test_a_promoted_model_survives_redis_losing_the_model_key(
 
     wait_until(swapped, what="the promoted model")
     runtime.client.redis.delete(keys.model)  # Redis came back empty
-    wait_until(lambda: slot.refresh() or runtime.client.get_model_dir(keys) is not None, what="the key re-announced")
+    def reannounced() -> bool:
+        slot.refresh()
+        return runtime.client.get_model_dir(keys) is not None
+
+    wait_until(reannounced, what="the key announced again")
     assert runtime.client.get_model_dir(keys) == str(tiny_line.other_model_dir)
     later = ModelSlot(make_runtime("score", "w2"), keys, load_model("cpu"), tiny_line.model_dir)
     assert later.scorer.model_id == promoted

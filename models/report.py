@@ -1,15 +1,17 @@
 """Evaluating a Scorer on a labelled dataset and writing the report a person looks at.
 
-``evaluate(scorer, items, out_dir)`` scores every test image in batches (progress bar; with shifting on, every
-frame shifted unless ``shift_every_frame=False``), resizes masks to the map size ``(S, S)`` (nearest; a mask of
-another aspect ratio than its image is a DatasetError), and writes to ``out_dir``:
+``evaluate(scorer, items, out_dir)`` first checks every mask against its image (``models.datasets.check_masks``: one
+that cannot be read or has another aspect ratio than its image is a DatasetError naming it, before anything is
+scored), scores every test image in batches (progress bar; with shifting on, every frame shifted unless
+``shift_every_frame=False``), resizes masks to the map size ``(S, S)`` (nearest, centre on centre as the frames are
+resized), and writes to ``out_dir``:
 
 - ``metrics.json``: image_auroc, pixel_auroc, pro (FPR <= 0.3, normalised), f1_max, images_per_second,
   per-defect-type image and pixel AUROC (each type's images with the good ones), score summaries, and the model's
   threshold with its false-reject / detection rates. Image metrics use every readable image; pixel metrics only
   those with a known mask (good images: all zero), and ``defective_without_mask`` counts the defective images left
   out (a warning names a few);
-- ``roc.png`` (image and pixel ROC) and ``pro.png`` (PRO curve);
+- ``roc.png`` (image and pixel ROC) and ``pro.png`` (PRO curve): the curves whose areas ``metrics.json`` reports;
 - ``overlays/``: heatmap overlays of the highest-scoring defects, the lowest-scoring defects (misses) and the
   highest-scoring good images (false alarms); a previous run's overlays there are removed first.
 """
@@ -85,10 +87,10 @@ def score_items(
     scorer: Scorer, items: Sequence[TestItem], batch_size: int, progress: bool, shift_every_frame: bool = True
 ) -> ScoredItems:
     """Score the readable items (unreadable images are skipped with a message) and read their masks, resized
-    (nearest) to the map size; a mask of another aspect ratio than its image raises DatasetError. With shifting on,
-    every frame is shifted by default (``Scorer.score``): threshold-free metrics then rank shifting's own scores,
-    not the unshifted ones of frames that pass (the verdicts are the same either way). Every mask is checked first
-    (``models.datasets.check_masks``): an unusable one is a DatasetError naming it before anything is scored."""
+    (nearest, centre-aligned) to the map size. Every mask is checked first (``models.datasets.check_masks``): an
+    unusable one is a DatasetError naming it before anything is scored. With shifting on, every frame is shifted by
+    default (``Scorer.score``): threshold-free metrics then rank shifting's own scores, not the unshifted ones of
+    frames that pass (the verdicts are the same either way)."""
     check_masks(items)
     size = scorer.image_size
     kept: list[TestItem] = []

@@ -12,8 +12,10 @@ resized), and writes to ``out_dir``:
   those with a known mask (good images: all zero), and ``defective_without_mask`` counts the defective images left
   out (a warning names a few);
 - ``roc.png`` (image and pixel ROC) and ``pro.png`` (PRO curve): the curves whose areas ``metrics.json`` reports;
-- ``overlays/``: heatmap overlays of the highest-scoring defects, the lowest-scoring defects (misses) and the
-  highest-scoring good images (false alarms); a previous run's overlays there are removed first.
+- ``overlays/``: heatmap overlays named by their verdict at the model's threshold (``overlay_groups``): the
+  highest-scoring caught defects (``detected``), the lowest-scoring missed ones (``missed``), the highest-scoring
+  rejected good images (``false_alarm``) and the good images that passed closest to the threshold
+  (``good_passed``); a previous run's overlays there are removed first.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ from models.scorer import Scorer
 
 OVERLAYS_PER_GROUP = 4
 # the names _write_overlays gives, f"{group}_{defect_type}_{stem}_score{score:.3f}.png": the files it may replace
-OVERLAY_NAME = re.compile(r"(detected|missed|false_alarm)_.+_score(-?\d+\.\d{3}|-?inf|nan)\.png")
+OVERLAY_GROUPS = ("detected", "missed", "false_alarm", "good_passed", "highest_defect", "lowest_defect", "highest_good")
+OVERLAY_NAME = re.compile(rf"({'|'.join(OVERLAY_GROUPS)})_.+_score(-?\d+\.\d{{3}}|-?inf|nan)\.png")
 NAMED_WITHOUT_MASK = 5
 PLOTTED_POINTS = 2000  # a pixel curve has a point per distinct score (millions): plotted through this many x steps
 
@@ -165,6 +168,36 @@ def _plot_curves(out_dir: Path, image_roc: Curve, pixel_roc: Curve | None, pro: 
         (out_dir / "pro.png").unlink(missing_ok=True)
 
 
+def overlay_groups(labels: np.ndarray, scores: np.ndarray, threshold: float | None,
+                   per_group: int = OVERLAYS_PER_GROUP) -> dict[str, np.ndarray]:  # fmt: skip
+    """Which images get an overlay, by group name: positions into ``labels`` / ``scores``, at most ``per_group`` each.
+
+    With a threshold (fail = score above it) the groups are verdicts, so a name never contradicts the score in it:
+    ``detected`` (defects failed, highest first), ``missed`` (defects passed, lowest first), ``false_alarm`` (good
+    images failed, highest first) and ``good_passed`` (good images passed, highest first: the margin). A group with
+    no such image is empty. Without a threshold: ``highest_defect``, ``lowest_defect`` and ``highest_good``.
+    """
+    defects, goods = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+
+    def ranked(positions: np.ndarray, highest_first: bool) -> np.ndarray:
+        order = np.argsort(-scores[positions] if highest_first else scores[positions], kind="stable")
+        return positions[order][:per_group]
+
+    if threshold is None:
+        return {
+            "highest_defect": ranked(defects, highest_first=True),
+            "lowest_defect": ranked(defects, highest_first=False),
+            "highest_good": ranked(goods, highest_first=True),
+        }
+    failed = scores > threshold
+    return {
+        "detected": ranked(defects[failed[defects]], highest_first=True),
+        "missed": ranked(defects[~failed[defects]], highest_first=False),
+        "false_alarm": ranked(goods[failed[goods]], highest_first=True),
+        "good_passed": ranked(goods[~failed[goods]], highest_first=True),
+    }
+
+
 def _write_overlays(out_dir: Path, scorer: Scorer, items: list[TestItem], scores: np.ndarray,
                     maps: np.ndarray) -> None:  # fmt: skip
     overlay_dir = out_dir / "overlays"
@@ -173,14 +206,8 @@ def _write_overlays(out_dir: Path, scorer: Scorer, items: list[TestItem], scores
         if OVERLAY_NAME.fullmatch(stale.name) and stale.is_file():
             stale.unlink()
     labels = np.array([item.label for item in items])
-    defects, goods = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    groups = {
-        "detected": defects[np.argsort(-scores[defects])][:OVERLAYS_PER_GROUP],
-        "missed": defects[np.argsort(scores[defects])][:OVERLAYS_PER_GROUP],
-        "false_alarm": goods[np.argsort(-scores[goods])][:OVERLAYS_PER_GROUP],
-    }
     threshold = scorer.threshold.value if scorer.threshold else None
-    for group, positions in groups.items():
+    for group, positions in overlay_groups(labels, scores, threshold).items():
         for position in positions:
             item = items[position]
             picture = overlay_heatmap(read_image(item.image, keep_depth=True), maps[position], threshold)

@@ -11,7 +11,7 @@ import pytest
 
 from models import datasets  # a module import: pytest would collect `test_items` as a test
 from models.evaluation import auroc, f1_max, pixel_auroc, pro_auc, pro_auc_from_curve, pro_curve, roc_curve
-from models.report import evaluate, score_items
+from models.report import evaluate, overlay_groups, score_items
 from models.scorer import Scorer
 from models.synthetic import DemoLine
 
@@ -336,7 +336,11 @@ def test_evaluating_into_an_existing_report_replaces_its_overlays_only(
     _evaluate(fitted_scorer, demo_line.root, tmp_path / "report")
     second = {path.name for path in overlays.iterdir()} - {path.name for path in keep}
     assert not stale.exists() and all(path.read_bytes() == b"not ours" for path in keep)
-    assert len(first) == 12 and second == first  # 4 detected, 4 missed, 4 false alarms: the same names again
+    assert first and second == first  # the same names again
+    assert fitted_scorer.threshold is not None
+    for name in first:  # each named by its verdict: detected / false_alarm fail, missed / good_passed pass
+        group, score = name.split("_defect_")[0].split("_good_")[0], float(name.rsplit("_score", 1)[1][: -len(".png")])
+        assert (group in ("detected", "false_alarm")) == (score > fitted_scorer.threshold.value), name
 
 
 def test_a_report_without_pixel_ground_truth_keeps_no_earlier_pro_curve(
@@ -348,3 +352,20 @@ def test_a_report_without_pixel_ground_truth_keeps_no_earlier_pro_curve(
     shutil.rmtree(unlabelled / "ground_truth")
     metrics = _evaluate(fitted_scorer, unlabelled, report)
     assert metrics["pro"] is None and not (report / "pro.png").exists()
+
+
+def test_overlay_groups_name_each_image_by_its_verdict_at_the_threshold() -> None:
+    # the demo's report once showed "missed_defect_..._score103.457" beside a threshold of 3.2: the lowest-scoring
+    # defects were called missed whether or not they passed, and the highest-scoring good images false alarms
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0])
+    scores = np.array([9.0, 2.0, 7.0, 0.5, 4.0, 1.0, 2.5, 0.1, 3.0])
+    groups = overlay_groups(labels, scores, threshold=3.0, per_group=2)
+    assert groups["detected"].tolist() == [0, 2]
+    assert groups["missed"].tolist() == [3, 1]  # lowest first
+    assert groups["false_alarm"].tolist() == [4]  # only the one good image above 3.0
+    assert groups["good_passed"].tolist() == [8, 6]  # at the threshold passes: fail is strictly above
+    caught_all = overlay_groups(labels, scores, threshold=0.0)
+    assert caught_all["missed"].size == 0 and caught_all["good_passed"].size == 0
+    unthresholded = overlay_groups(labels, scores, threshold=None, per_group=1)
+    assert {name: group.tolist() for name, group in unthresholded.items()} == {
+        "highest_defect": [0], "lowest_defect": [3], "highest_good": [4]}  # fmt: skip

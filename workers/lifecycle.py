@@ -53,6 +53,7 @@ class WorkerRuntime:
         self.client = StreamClient(redis_url, config.redis, config.streams)
         self.client.stop_retrying_after(self.stop, config.worker.drain_timeout_s)  # a stop during an outage exits
         self.metrics = Metrics()
+        self.metrics.watch_redis(self.client.ping)  # lineinspect_redis_up: an outage shows on every worker's /metrics
         self.heartbeat = Heartbeat(self.client, config.streams.prefix, role, name)
         try:
             self.server = HealthServer(self.heartbeat, self.metrics, port)

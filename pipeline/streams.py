@@ -384,23 +384,33 @@ class StreamClient:
     def claim_stale(self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int) -> list[StreamEntry]:
         """Take over entries pending longer than ``min_idle_ms`` on any consumer (e.g. a dead worker's).
 
-        Entries trimmed from the stream while pending come back with ``payload`` None (oldest first, like the
-        rest): XAUTOCLAIM removes them from the pending list and lists them apart, so a caller that only looked at
-        the claimed ones would lose them without a trace (a killed worker's frames on a line busy enough to trim
-        ``streams.maxlen`` entries within ``claim_idle_ms``)."""
+        Idle entries that were trimmed from the stream meanwhile come back with ``payload`` None (first), to be
+        dead-lettered: a killed worker's frames on a line that trims ``streams.maxlen`` entries within
+        ``claim_idle_ms`` would otherwise vanish. XPENDING (idle ones only) then XCLAIM, not XAUTOCLAIM: XAUTOCLAIM
+        drops trimmed entries from the pending list whatever their idle time, so it reported as lost the frames a
+        live worker had just read and was scoring, and lost for good those of a worker killed moments before."""
 
-        def claim() -> Any:
-            return self.redis.xautoclaim(stream, group, consumer, min_idle_ms, "0-0", count=count)
+        def claim() -> tuple[list[str], Any]:
+            rows = self.redis.xpending_range(stream, group, min="-", max="+", count=count, idle=min_idle_ms)
+            idle_ids = [_text(row["message_id"]) for row in rows]
+            if not idle_ids:
+                return [], []
+            return idle_ids, self.redis.xclaim(stream, group, consumer, min_idle_ms, idle_ids)
 
-        reply = self._call(lambda: self._in_group(stream, group, claim), "claim_stale")
-        claimed = [StreamEntry(_text(entry_id), (fields or {}).get(PAYLOAD.encode())) for entry_id, fields in reply[1]]
-        trimmed = [StreamEntry(_text(entry_id), None) for entry_id in (reply[2] if len(reply) > 2 else [])]
+        idle_ids, reply = self._call(lambda: self._in_group(stream, group, claim), "claim_stale")
+        claimed = [StreamEntry(_text(entry_id), (fields or {}).get(PAYLOAD.encode())) for entry_id, fields in reply]
+        taken = {entry.entry_id for entry in claimed}
+        not_taken = [entry_id for entry_id in idle_ids if entry_id not in taken]
+        # not claimed: trimmed (XCLAIM dropped it from the pending list), or a peer claimed it first (still there)
+        still_there = self.fetch_many(stream, not_taken) if not_taken else []
+        trimmed = [StreamEntry(entry_id, None) for entry_id, payload in zip(not_taken, still_there, strict=True)
+                   if payload is None]  # fmt: skip
         if trimmed:
             logger.warning(
                 "pending entries were trimmed before they were claimed",
                 extra={"stream": stream, "count": len(trimmed), "first": trimmed[0].entry_id},
             )
-        return sorted(trimmed, key=lambda e: _id_key(e.entry_id)) + self._with_deliveries(stream, group, claimed)
+        return trimmed + self._with_deliveries(stream, group, claimed)
 
     def forget_idle_consumers(self, stream: str, group: str, min_idle_ms: int, keep: str) -> list[str]:
         """Delete consumers (other than ``keep``) with no pending entries, idle at least ``min_idle_ms`` (0: none);

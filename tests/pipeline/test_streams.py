@@ -88,6 +88,21 @@ def test_claiming_entries_trimmed_while_pending_returns_them_without_payload(
     assert [entry.payload for entry in claimed] == [None, None, None, b"frame-3", b"frame-4"]
 
 
+def test_a_live_workers_entries_trimmed_right_after_it_read_them_are_left_to_it(
+    client: StreamClient, keys: LineKeys
+) -> None:
+    # A producer faster than the scorers trims entries moments after a worker read them. XAUTOCLAIM reported (and
+    # dropped from the pending list) trimmed entries whatever their idle time, so a peer's claim dead-lettered, as
+    # trimmed, frames the worker was scoring: 24 spurious entry_trimmed dead letters in a minute at 2x capacity.
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = publish_many(client, keys, 5)
+    client.read_new(keys.frames, SCORER_GROUP, "busy", count=5, block_ms=None)
+    client.redis.xtrim(keys.frames, maxlen=2, approximate=False)
+    assert client.claim_stale(keys.frames, SCORER_GROUP, "peer", min_idle_ms=60_000, count=10) == []
+    pending = client.redis.xpending_range(keys.frames, SCORER_GROUP, "-", "+", 10, consumername="busy")
+    assert [row["message_id"].decode() for row in pending] == ids  # still the owner's, to acknowledge or claim
+
+
 def test_commit_appends_dead_letters_and_acks_together(client: StreamClient, keys: LineKeys) -> None:
     client.ensure_group(keys.frames, SCORER_GROUP)
     ids = publish_many(client, keys, 2)

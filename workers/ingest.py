@@ -4,9 +4,9 @@ Each source runs in its own capture thread and fills a ``FrameBuffer`` (a file s
 when ``ingest.max_fps`` allows, so ``captured_at`` is the time it was read); the publisher, woken by each capture,
 takes frames round-robin and publishes all it has in one round trip (a retry after a lost reply does not publish a
 frame twice) while the scorers' backlog (undelivered entries of the ``scorers`` group, asked of Redis only when the
-room it last saw is used up) is below ``ingest.live_queue_limit``. When it is not, the publisher waits: file and replay sources then block in their
-buffers (nothing lost), live cameras keep capturing and their buffers drop the oldest frames (counted in
-``lineinspect_dropped_frames_total``).
+room it last saw is used up) is below ``ingest.live_queue_limit``. When it is not, the publisher waits: file and
+replay sources then block in their buffers (nothing lost), live cameras keep capturing and their buffers drop the
+oldest frames (counted in ``lineinspect_dropped_frames_total``).
 """
 
 from __future__ import annotations

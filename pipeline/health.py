@@ -1,7 +1,9 @@
 """Worker liveness: a ``Heartbeat`` (in-process state + Redis key with a TTL) and an HTTP server for it.
 
-The HTTP server answers ``/healthz`` (200 when the heartbeat is fresh, else 503; JSON body) and ``/metrics``
-(Prometheus text from the worker's ``Metrics``). ``lineinspect check`` reads the Redis keys instead.
+The HTTP server answers ``/healthz`` (readiness: 200 when the heartbeat is fresh, else 503; JSON body), ``/livez``
+(liveness: as ``/healthz``, but also 200 while the worker is waiting for an unreachable Redis, since restarting it
+cannot bring Redis back and a restarted worker reloads its model and loops in back-off once Redis returns) and
+``/metrics`` (Prometheus text from the worker's ``Metrics``). ``lineinspect check`` reads the Redis keys instead.
 """
 
 from __future__ import annotations
@@ -52,6 +54,17 @@ class Heartbeat:
             ok = self.state in ("ok", "draining", "starting") and age_s < self.ttl_s
             return ok, {**self.status, "state": self.state, "seconds_since_beat": round(age_s, 3)}
 
+    def alive(self) -> tuple[bool, dict[str, Any]]:
+        """``healthy()``, or waiting for Redis: the loop stopped beating because a Redis call is retrying through an
+        outage, and its last attempt is recent (attempts come at least every ``redis.reconnect_max_backoff_s``)."""
+        ok, status = self.healthy()
+        since, last_attempt = self.client.unreachable_since, self.client.last_attempt_at
+        if since is None or last_attempt is None:
+            return ok, status
+        now = time.monotonic()
+        waiting = now - last_attempt < self.ttl_s + self.client.max_backoff_s
+        return ok or waiting, {**status, "redis_unreachable_s": round(now - since, 3)}
+
     def clear(self) -> None:
         try:
             self.client.redis.delete(self.key)
@@ -60,7 +73,7 @@ class Heartbeat:
 
 
 class HealthServer:
-    """``/healthz`` and ``/metrics`` on ``port`` (0 picks a free one), in a daemon thread."""
+    """``/healthz``, ``/livez`` and ``/metrics`` on ``port`` (0 picks a free one), in a daemon thread."""
 
     def __init__(self, heartbeat: Heartbeat, metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
         handler = _make_handler(heartbeat, metrics)
@@ -81,13 +94,13 @@ class HealthServer:
 def _make_handler(heartbeat: Heartbeat, metrics: Metrics) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path.startswith("/healthz"):
-                ok, status = heartbeat.healthy()
+            if self.path.startswith(("/healthz", "/livez")):
+                ok, status = heartbeat.healthy() if self.path.startswith("/healthz") else heartbeat.alive()
                 self._reply(200 if ok else 503, "application/json", json.dumps(status).encode())
             elif self.path.startswith("/metrics"):
                 self._reply(200, "text/plain; version=0.0.4", metrics.render())
             else:
-                self._reply(404, "text/plain", b"not found: try /healthz or /metrics\n")
+                self._reply(404, "text/plain", b"not found: try /healthz, /livez or /metrics\n")
 
         def _reply(self, code: int, content_type: str, body: bytes) -> None:
             self.send_response(code)

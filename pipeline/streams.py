@@ -209,6 +209,10 @@ class StreamClient:
         self.settings = stream_settings
         self.max_backoff_s = redis_settings.reconnect_max_backoff_s
         self.retry_deadline: float | None = None
+        # While a call retries through an outage: when it began and when the last attempt started (monotonic);
+        # /livez reads them from the health server's thread (a worker waiting for Redis is alive, not stuck).
+        self.unreachable_since: float | None = None
+        self.last_attempt_at: float | None = None
         self._stop: threading.Event | None = None
         self._stop_grace_s = 0.0
         self._stop_seen_at: float | None = None
@@ -245,10 +249,13 @@ class StreamClient:
         backoff_s = 0.05
         while True:
             try:
-                return operation()
+                self.last_attempt_at = time.monotonic()
+                result = operation()
             except RETRIED_ERRORS as error:
                 deadline = self._deadline()
                 now = time.monotonic()
+                if self.unreachable_since is None:
+                    self.unreachable_since = now
                 if deadline is not None and now >= deadline:
                     msg = f"redis at {self.url} unreachable during {what}: {error}"
                     raise StreamsUnavailable(msg) from error
@@ -257,6 +264,12 @@ class StreamClient:
                 )
                 time.sleep(backoff_s if deadline is None else min(backoff_s, deadline - now))
                 backoff_s = min(backoff_s * 2, self.max_backoff_s)
+            except Exception:  # Redis answered (with an error of another kind): it is reachable
+                self.unreachable_since = None
+                raise
+            else:
+                self.unreachable_since = None
+                return result
 
     def ping(self) -> bool:
         try:

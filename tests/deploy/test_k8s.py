@@ -95,8 +95,9 @@ def test_deployments_run_real_commands_drain_and_probe_healthz(documents: list[d
         (port,) = container["ports"]
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == str(port["containerPort"]) == "9102"
-        for probe in ("readinessProbe", "livenessProbe"):
-            assert container[probe]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+        # liveness must not restart a worker that is only waiting for Redis
+        assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": port["name"]}
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert any(mount["mountPath"] == "/tmp" for mount in container["volumeMounts"])
 

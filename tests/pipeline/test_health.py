@@ -1,16 +1,19 @@
-"""Heartbeat writes a TTL'd key; HealthServer answers /healthz (200/503) and /metrics."""
+"""Heartbeat writes a TTL'd key; HealthServer answers /healthz (200/503), /livez and /metrics."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from pipeline.config import Config
+from pipeline.config import Config, RedisSettings, StreamSettings
 from pipeline.health import HealthServer, Heartbeat
 from pipeline.metrics import Metrics
+from pipeline.redis_server import EmbeddedRedis
 from pipeline.streams import StreamClient
 
 
@@ -47,3 +50,31 @@ def test_healthz_follows_the_heartbeat_state(client: StreamClient, config: Confi
         assert client.read_health(config.streams.prefix) == []
     finally:
         server.stop()
+
+
+def test_a_worker_waiting_for_redis_is_alive_but_not_ready() -> None:
+    # /healthz went 503 on every worker ~15 s into an outage, and Kubernetes' liveness probe on it restarted every
+    # pod: restarting cannot bring Redis back, and the restarted pods reloaded their models and looped in back-off
+    settings = RedisSettings(connect_timeout_s=0.2, reconnect_max_backoff_s=0.1)
+    with EmbeddedRedis(persistent=True) as redis_server:
+        client = StreamClient(redis_server.url, settings, StreamSettings())
+        heartbeat = Heartbeat(client, "health-test", "score", "w1", ttl_s=0.5)
+        server = HealthServer(heartbeat, Metrics(), port=0, host="127.0.0.1").start()
+        try:
+            heartbeat.beat("ok", force=True)
+            redis_server.stop(kill=True)
+            publisher = threading.Thread(target=client.publish, args=("s", b"during"))
+            publisher.start()  # the worker's loop, stuck in retries: it beats no more
+            time.sleep(1.0)  # past the heartbeat's ttl
+            assert get(f"http://127.0.0.1:{server.port}/healthz")[0] == 503  # not ready: take it out of service
+            code, body = get(f"http://127.0.0.1:{server.port}/livez")
+            assert code == 200 and json.loads(body)["redis_unreachable_s"] >= 0.9  # alive: do not restart it
+            redis_server.start()
+            publisher.join(timeout=10)
+            assert not publisher.is_alive() and client.unreachable_since is None
+            assert get(f"http://127.0.0.1:{server.port}/livez")[0] == 503  # Redis is back, yet the loop is silent
+            heartbeat.beat("ok")
+            assert get(f"http://127.0.0.1:{server.port}/livez")[0] == get(f"http://127.0.0.1:{server.port}/healthz")[0]
+        finally:
+            server.stop()
+            client.close()

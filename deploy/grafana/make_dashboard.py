@@ -270,10 +270,15 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
         "Workers",
         (
             Panel(
-                "Workers up (every line)",
-                (Query('sum by (job) (up{job=~"lineinspect-.*"})', "{{job}}"),),
+                "Workers up / reaching Redis (every line)",
+                (
+                    Query('sum by (job) (up{job=~"lineinspect-.*"})', "{{job}} up"),
+                    Query('sum by (job) (lineinspect_redis_up{job=~"lineinspect-.*"})', "{{job}} reach Redis"),
+                ),
                 kind="stat",
-                description="Scrape targets answering, per role (alert LineinspectWorkerDown).",
+                description="Scrape targets answering, per role (alert LineinspectWorkerDown), and how many of them "
+                "reached Redis with a PING at the scrape (alert LineinspectRedisUnreachable): fewer is an outage, "
+                "which stops the line without any worker being down.",
                 width=4,
             ),
             Panel(

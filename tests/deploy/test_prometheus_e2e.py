@@ -40,7 +40,7 @@ ALWAYS_DATA = {
     "Batch size",
     "Stream lag (not yet delivered)",
     "Frames in per camera",
-    "Workers up (every line)",
+    "Workers up / reaching Redis (every line)",
     "Worker restarts, last hour (every line)",
     "Resident memory (every line)",
 }

@@ -70,6 +70,28 @@ end
 return {redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV[4]), 0}
 """
 
+# Claim a group's entries idle at least ARGV[3] ms (at most ARGV[4]) for consumer ARGV[2] of group ARGV[1], in one
+# atomic step. Returns {ids of those no longer in the stream (trimmed), XCLAIM's reply for the others}. Atomic, so
+# an idle entry is reported to one claimer only: with XPENDING and XCLAIM as two calls, two claimers both reported a
+# trimmed entry (XCLAIM drops it from the pending list, the second saw it gone too: two dead letters for one frame),
+# and an entry its owner acknowledged and deleted in between (the sink deletes acknowledged results) was reported
+# trimmed though it had been handled. The trimmed ids are passed to XCLAIM too, which removes them from the pending
+# list (Redis 7) or makes them this claimer's (older), so no peer reports them again.
+_CLAIM_IDLE = """
+local rows = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '-', '+', ARGV[4])
+if #rows == 0 then
+  return {{}, {}}
+end
+local ids, trimmed = {}, {}
+for _, row in ipairs(rows) do
+  table.insert(ids, row[1])
+  if #redis.call('XRANGE', KEYS[1], row[1], row[1]) == 0 then
+    table.insert(trimmed, row[1])
+  end
+end
+return {trimmed, redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(ids))}
+"""
+
 # Forget consumers of a group that hold nothing and have been idle long enough (pods that went away). Atomic, so a
 # consumer cannot read an entry between the check and the deletion (deleting it would drop that entry's pending
 # record). A live worker that is merely idle is recreated by its next read.
@@ -224,6 +246,7 @@ class StreamClient:
         )
         self._publish_once = self.redis.register_script(_PUBLISH_ONCE)
         self._forget_idle_consumers = self.redis.register_script(_FORGET_IDLE_CONSUMERS)
+        self._claim_idle = self.redis.register_script(_CLAIM_IDLE)
 
     def close(self) -> None:
         self.redis.close()
@@ -401,23 +424,17 @@ class StreamClient:
         dead-lettered: a killed worker's frames on a line that trims ``streams.maxlen`` entries within
         ``claim_idle_ms`` would otherwise vanish. XPENDING (idle ones only) then XCLAIM, not XAUTOCLAIM: XAUTOCLAIM
         drops trimmed entries from the pending list whatever their idle time, so it reported as lost the frames a
-        live worker had just read and was scoring, and lost for good those of a worker killed moments before."""
+        live worker had just read and was scoring, and lost for good those of a worker killed moments before. Both
+        run in one script (``_CLAIM_IDLE``), so each idle entry goes to one claimer only."""
 
-        def claim() -> tuple[list[str], Any]:
-            rows = self.redis.xpending_range(stream, group, min="-", max="+", count=count, idle=min_idle_ms)
-            idle_ids = [_text(row["message_id"]) for row in rows]
-            if not idle_ids:
-                return [], []
-            return idle_ids, self.redis.xclaim(stream, group, consumer, min_idle_ms, idle_ids)
+        def claim() -> Any:
+            return self._claim_idle(keys=[stream], args=[group, consumer, min_idle_ms, count])
 
-        idle_ids, reply = self._call(lambda: self._in_group(stream, group, claim), "claim_stale")
-        claimed = [StreamEntry(_text(entry_id), (fields or {}).get(PAYLOAD.encode())) for entry_id, fields in reply]
-        taken = {entry.entry_id for entry in claimed}
-        not_taken = [entry_id for entry_id in idle_ids if entry_id not in taken]
-        # not claimed: trimmed (XCLAIM dropped it from the pending list), or a peer claimed it first (still there)
-        still_there = self.fetch_many(stream, not_taken) if not_taken else []
-        trimmed = [StreamEntry(entry_id, None) for entry_id, payload in zip(not_taken, still_there, strict=True)
-                   if payload is None]  # fmt: skip
+        trimmed_ids, reply = self._call(lambda: self._in_group(stream, group, claim), "claim_stale")
+        trimmed = [StreamEntry(_text(entry_id), None) for entry_id in trimmed_ids]
+        gone = {entry.entry_id for entry in trimmed}
+        claimed = [StreamEntry(_text(entry_id), _payload_field(fields)) for entry_id, fields in reply
+                   if _text(entry_id) not in gone]  # fmt: skip
         if trimmed:
             logger.warning(
                 "pending entries were trimmed before they were claimed",
@@ -611,6 +628,15 @@ def _dead_letter_fields(letter: DeadLetter, source_stream: str) -> dict[str, str
         fields["payload_bytes"] = str(len(payload))
         fields["payload_truncated"] = "1"
     return fields
+
+
+def _payload_field(fields: Any) -> bytes | None:
+    """The payload of an entry as a Lua script returns it: a flat ``[name, value, ...]`` list (None: no fields)."""
+    if not fields:
+        return None
+    values = dict(zip(fields[::2], fields[1::2], strict=True))
+    payload = values.get(PAYLOAD.encode())
+    return payload if isinstance(payload, bytes) else None
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from pipeline.redis_server import EmbeddedRedis
 from pipeline.streams import (
     DEAD_LETTER_PAYLOAD_BYTES,
     SCORER_GROUP,
+    SINK_GROUP,
     Commit,
     DeadLetter,
     DecisionToPublish,
@@ -102,6 +103,59 @@ def test_a_live_workers_entries_trimmed_right_after_it_read_them_are_left_to_it(
     pending = client.redis.xpending_range(keys.frames, SCORER_GROUP, "-", "+", 10, consumername="busy")
     assert [row["message_id"].decode() for row in pending] == ids  # still the owner's, to acknowledge or claim
 
+
+
+def test_two_claimers_racing_over_trimmed_entries_report_each_once(config: Config, keys: LineKeys) -> None:
+    # Two scorers claiming a dead worker's trimmed frames at the same time: with XPENDING and XCLAIM as two round
+    # trips both saw an entry idle, the first XCLAIM dropped it from the pending list and the second then found it
+    # gone as well, so about half the frames got two entry_trimmed dead letters.
+    clients = [StreamClient(config.redis.url or "", config.redis, config.streams) for _ in range(2)]
+    client = clients[0]
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = publish_many(client, keys, 200)
+    client.read_new(keys.frames, SCORER_GROUP, "dead", count=200, block_ms=None)
+    client.redis.xtrim(keys.frames, maxlen=0, approximate=False)
+
+    def claim_until_empty(index: int) -> list[str]:
+        reported: list[str] = []
+        while claimed := clients[index].claim_stale(keys.frames, SCORER_GROUP, f"c{index}", 0, count=5):
+            reported.extend(entry.entry_id for entry in claimed if entry.payload is None)
+        return reported
+
+    with ThreadPoolExecutor(2) as pool:
+        reported = [entry_id for found in pool.map(claim_until_empty, range(2)) for entry_id in found]
+    for stream_client in clients:
+        stream_client.close()
+    assert sorted(reported) == sorted(ids)  # every trimmed frame reported, none twice
+
+
+def test_a_result_acked_and_deleted_while_a_peer_claims_is_not_reported_trimmed(
+    config: Config, keys: LineKeys
+) -> None:
+    # The sink deletes results it acknowledges. A peer sink's claim that listed an entry as idle, then found it gone
+    # after the owner acknowledged and deleted it, reported it trimmed: a false entry_trimmed dead letter for a
+    # result whose decision had been published.
+    owner, claimer = (StreamClient(config.redis.url or "", config.redis, config.streams) for _ in range(2))
+    owner.ensure_group(keys.results, SINK_GROUP)
+    ids = [owner.publish(keys.results, f"result-{index}".encode()) for index in range(200)]
+    owner.read_new(keys.results, SINK_GROUP, "slow", count=200, block_ms=None)
+
+    def acknowledge_one_by_one() -> None:
+        for entry_id in ids:
+            owner.commit(keys.results, SINK_GROUP, Commit(acks=[entry_id], delete_acked=True), keys.deadletter)
+
+    reported: list[str] = []
+    with ThreadPoolExecutor(1) as pool:
+        acking = pool.submit(acknowledge_one_by_one)
+        while not acking.done():
+            claimed = claimer.claim_stale(keys.results, SINK_GROUP, "peer", 0, count=1)
+            reported.extend(entry.entry_id for entry in claimed if entry.payload is None)
+            if claimed and claimed[0].payload is not None:  # hand it back: the owner acknowledges it
+                claimer.redis.xclaim(keys.results, SINK_GROUP, "slow", 0, [claimed[0].entry_id])
+        acking.result()
+    owner.close()
+    claimer.close()
+    assert reported == []
 
 def test_commit_appends_dead_letters_and_acks_together(client: StreamClient, keys: LineKeys) -> None:
     client.ensure_group(keys.frames, SCORER_GROUP)

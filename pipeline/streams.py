@@ -275,6 +275,7 @@ class StreamClient:
                 self.last_attempt_at = time.monotonic()
                 result = operation()
             except RETRIED_ERRORS as error:
+                stopping = self._stop is not None and self._stop.is_set()  # before _deadline: it counts from it
                 deadline = self._deadline()
                 now = time.monotonic()
                 if self.unreachable_since is None:
@@ -285,7 +286,11 @@ class StreamClient:
                 logger.warning(
                     "redis unavailable, retrying", extra={"op": what, "error": str(error), "retry_in_s": backoff_s}
                 )
-                time.sleep(backoff_s if deadline is None else min(backoff_s, deadline - now))
+                pause_s = backoff_s if deadline is None else min(backoff_s, deadline - now)
+                if self._stop is not None and not stopping:
+                    self._stop.wait(pause_s)  # a stop (even one set since _deadline) ends the wait at once
+                else:
+                    time.sleep(pause_s)
                 backoff_s = min(backoff_s * 2, self.max_backoff_s)
             except Exception:  # Redis answered (with an error of another kind): it is reachable
                 self.unreachable_since = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,7 @@ from pipeline.streams import (
     LineKeys,
     Publication,
     StreamClient,
+    StreamsUnavailable,
 )
 
 
@@ -399,3 +402,34 @@ class _Retries(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage() == "redis unavailable, retrying":
             self.count += 1
+
+
+def test_a_stop_during_a_long_outage_gives_up_within_the_grace_period(config: Config) -> None:
+    # Late in an outage the client sleeps reconnect_max_backoff_s (10 s by default) between attempts. A stop that
+    # came during such a sleep was only seen at the next failed attempt, and the grace period counted from there: a
+    # worker SIGTERMed 45 s into an outage gave up a whole backoff after drain_timeout_s, past TimeoutStopSec=30.
+    with socket.socket() as probe:  # a port nobody listens on: every attempt is refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = RedisSettings(connect_timeout_s=0.2, reconnect_max_backoff_s=3.0)
+    client = StreamClient(f"redis://127.0.0.1:{port}/0", settings, config.streams)
+    stop, grace_s = threading.Event(), 0.3
+    client.stop_retrying_after(stop, grace_s)
+    stopped_at: list[float] = []
+
+    class StopAtFullBackoff(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if getattr(record, "retry_in_s", 0) >= settings.reconnect_max_backoff_s and not stop.is_set():
+                stopped_at.append(time.monotonic())  # about to sleep a whole backoff: SIGTERM now
+                stop.set()
+
+    handler = StopAtFullBackoff()
+    logging.getLogger("pipeline.streams").addHandler(handler)
+    try:
+        with pytest.raises(StreamsUnavailable):
+            client.length("anything")
+        gave_up_after_s = time.monotonic() - stopped_at[0]
+    finally:
+        logging.getLogger("pipeline.streams").removeHandler(handler)
+        client.close()
+    assert gave_up_after_s < grace_s + 1.0

@@ -118,8 +118,9 @@ class Metrics:
         )
         self.dropped_frames = Counter(
             "lineinspect_dropped_frames_total",
-            "Live frames dropped under backpressure.",
-            ["line", "camera"],
+            "Frames ingest did not send, by reason: backpressure (a live camera's oldest frames, while the scorers' "
+            "backlog is at ingest.live_queue_limit) or too_large (over streams.max_frame_bytes).",
+            ["line", "camera", "reason"],
             registry=reg,
         )
         self.duplicates = Counter(
@@ -181,8 +182,9 @@ class Metrics:
     def watch_redis(self, ping: Callable[[], bool]) -> None:
         """Export ``lineinspect_redis_up``: 1 if ``ping()`` answers true when ``/metrics`` is scraped, else 0.
 
-        ``ping`` is the worker's own ``StreamClient.ping`` (it waits at most ``redis.connect_timeout_s``, under
-        Prometheus' 10 s scrape timeout); an exception counts as unreachable, so a scrape never fails on Redis.
+        ``ping`` is the worker's own ``StreamClient.ping`` (it waits at most its socket timeout,
+        ``redis.connect_timeout_s`` + ``streams.block_ms``: 5.2 s by default, under Prometheus' 10 s scrape timeout,
+        when Redis hangs); an exception counts as unreachable, so a scrape never fails on Redis.
         """
         self.registry.register(_RedisUpCollector(ping))
 

@@ -198,7 +198,7 @@ class Ingestor:
                 "frame larger than streams.max_frame_bytes, not sent",
                 extra={"camera": camera_id, "bytes": len(payload)},
             )
-            self.runtime.metrics.dropped_frames.labels(self.line_id, camera_id).inc()
+            self.runtime.metrics.dropped_frames.labels(self.line_id, camera_id, "too_large").inc()
             return None
         return camera_id, payload
 
@@ -229,7 +229,7 @@ class Ingestor:
         for feed in self.feeds:
             new = feed.buffer.dropped - feed.reported_drops
             if new:
-                self.runtime.metrics.dropped_frames.labels(self.line_id, feed.source.camera_id).inc(new)
+                self.runtime.metrics.dropped_frames.labels(self.line_id, feed.source.camera_id, "backpressure").inc(new)
                 feed.reported_drops += new
 
     def run(self) -> int:

@@ -226,13 +226,13 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                 "Dropped frames per camera",
                 (
                     Query(
-                        f"sum by (camera) (rate(lineinspect_dropped_frames_total{{{LINE}}}[$__rate_interval]))",
-                        "{{camera}}",
+                        f"sum by (camera, reason) (rate(lineinspect_dropped_frames_total{{{LINE}}}[$__rate_interval]))",
+                        "{{camera}} {{reason}}",
                     ),
                 ),
                 unit="reqps",
-                description="Live frames dropped because the scorers' backlog reached ingest.live_queue_limit, or "
-                "larger than streams.max_frame_bytes (ingest logs which).",
+                description="Frames not sent, by reason: backpressure (a live camera's oldest frames, while the "
+                "scorers' backlog is at ingest.live_queue_limit) or too_large (over streams.max_frame_bytes).",
                 width=6,
             ),
             Panel(

@@ -90,7 +90,7 @@ def exported() -> tuple[set[str], set[str]]:
     metrics.unregistered_frames.labels("line-1").inc()
     metrics.dead_letters.labels("line-1", "not_msgpack").inc()
     metrics.ingested_frames.labels("line-1", "cam0").inc()
-    metrics.dropped_frames.labels("line-1", "cam0").inc()
+    metrics.dropped_frames.labels("line-1", "cam0", "backpressure").inc()
     metrics.duplicates.labels("line-1").inc()
     metrics.heatmaps.labels("line-1").inc()
     metrics.heatmap_failures.labels("line-1").inc()

@@ -107,6 +107,29 @@ def test_folder_frames_carry_the_original_file_bytes(
     assert ingested == 3
 
 
+def test_frames_over_the_byte_limit_are_not_sent_and_counted_as_too_large(
+    tmp_path: Path, worker_config: Config, make_runtime: Callable[..., WorkerRuntime]
+) -> None:
+    rng = np.random.default_rng(1)
+    small, large = np.zeros((8, 8, 3), np.uint8), rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    for name, image in (("a_small.png", small), ("b_large.png", large), ("c_small.png", small)):
+        (tmp_path / name).write_bytes(encode_pixels(image, "png")[0])
+    limit = 64 * 1024  # the noise image's PNG is ~197 KB, the small ones well under 1 KB
+    config = worker_config.model_copy(
+        update={"streams": worker_config.streams.model_copy(update={"max_frame_bytes": limit})}
+    )
+    runtime = make_runtime("ingest", "i1", config)
+    ingestor = Ingestor(runtime, "line-1", [FolderSource("cam0", tmp_path, loop=False)], None)
+    assert ingestor.run() == 2
+    sent = [decode_frame(entry.payload or b"").metadata["source_file"]
+            for entry in runtime.client.read_range(ingestor.keys.frames, "0-0", 10)]  # fmt: skip
+    assert sent == ["a_small.png", "c_small.png"]
+    count = runtime.metrics.registry.get_sample_value
+    labels = {"line": "line-1", "camera": "cam0"}
+    assert count("lineinspect_dropped_frames_total", {**labels, "reason": "too_large"}) == 1
+    assert count("lineinspect_dropped_frames_total", {**labels, "reason": "backpressure"}) is None
+
+
 def test_file_sources_wait_for_scorers_instead_of_dropping(
     image_dir: Path, make_runtime: Callable[..., WorkerRuntime], worker_config: Config
 ) -> None:
@@ -159,7 +182,7 @@ def test_live_sources_drop_oldest_under_backpressure_and_export_the_count(
     wait_until(lambda: not thread.is_alive(), what="ingest to finish")
     published = runtime.client.read_range(ingestor.keys.frames, "0-0", 1000)
     dropped = runtime.metrics.registry.get_sample_value(
-        "lineinspect_dropped_frames_total", {"line": "line-1", "camera": "live0"}
+        "lineinspect_dropped_frames_total", {"line": "line-1", "camera": "live0", "reason": "backpressure"}
     )
     assert dropped is not None and dropped > 0
     assert len(published) + dropped == 200

@@ -127,13 +127,14 @@ def read_sample(paths: Sequence[Path], count: int, keep_depth: bool = False) -> 
 
 
 def read_mask(path: Path | str, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a ground-truth mask as bool ``(H, W)`` (pixel >= 128 is defective), optionally resized to (w, h)."""
-    gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    """Read a ground-truth mask as bool ``(H, W)`` (pixel >= 128 is defective), optionally resized to (w, h) centre
+    on centre. Like ``read_image`` it ignores an EXIF orientation, so a mask lies over its image as stored."""
+    gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
     if gray is None:
         msg = f"{path}: not a readable mask image"
         raise ImageError(msg)
     if size is not None:
-        gray = cv2.resize(gray, size, interpolation=cv2.INTER_NEAREST)
+        gray = cv2.resize(gray, size, interpolation=cv2.INTER_NEAREST_EXACT)
     return gray >= 128
 
 

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from models.images import ImageError, decode_image, read_image, to_rgb_uint8
+from models.images import ImageError, decode_image, read_image, read_mask, to_rgb_uint8
 
 
 def test_gray_rgba_and_16_bit_become_rgb_uint8(tmp_path: Path) -> None:
@@ -37,3 +37,19 @@ def test_unreadable_inputs_name_the_source(tmp_path: Path) -> None:
         to_rgb_uint8(np.zeros((4, 4), np.uint8))
     with pytest.raises(ImageError, match="unsupported pixel type"):
         to_rgb_uint8(np.zeros((16, 16), np.int32))
+
+
+def test_a_mask_with_an_exif_orientation_lies_over_its_image_as_stored(tmp_path: Path) -> None:
+    # read_image ignores EXIF orientation; read_mask applied it, so a JPEG mask tagged "rotate 90" came out turned
+    # against its image (and of another aspect, refused as unusable)
+    from PIL import Image
+
+    stored = np.zeros((40, 80), np.uint8)
+    stored[5:15, 10:30] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    for name, array in (("part.jpg", np.stack([stored] * 3, axis=-1)), ("part_mask.jpg", stored)):
+        Image.fromarray(array).save(tmp_path / name, quality=100, exif=exif)
+    image, mask = read_image(tmp_path / "part.jpg"), read_mask(tmp_path / "part_mask.jpg")
+    assert image.shape[:2] == mask.shape == (40, 80)
+    assert mask[5:15, 10:30].all() and mask.sum() == 200

@@ -29,6 +29,9 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
     if positives == 0 or negatives == 0:
         msg = f"ROC needs both classes, got {positives} positives and {negatives} negatives"
         raise ValueError(msg)
+    if np.isnan(scores).any():  # argsort puts NaN last: it would rank as the least anomalous, silently
+        msg = f"ROC of scores with {int(np.isnan(scores).sum())} NaN among {scores.size}: the scorer failed on them"
+        raise ValueError(msg)
     order = np.argsort(-scores, kind="mergesort")
     sorted_scores, sorted_labels = scores[order], labels[order]
     distinct = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]

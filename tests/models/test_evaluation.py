@@ -369,3 +369,9 @@ def test_overlay_groups_name_each_image_by_its_verdict_at_the_threshold() -> Non
     unthresholded = overlay_groups(labels, scores, threshold=None, per_group=1)
     assert {name: group.tolist() for name, group in unthresholded.items()} == {
         "highest_defect": [0], "lowest_defect": [3], "highest_good": [4]}  # fmt: skip
+
+
+def test_roc_refuses_nan_scores_instead_of_ranking_them_least_anomalous() -> None:
+    labels = np.array([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="1 NaN among 4"):
+        roc_curve(labels, np.array([0.1, 0.2, np.nan, 0.9]))

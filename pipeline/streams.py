@@ -238,10 +238,11 @@ class StreamClient:
         self._stop: threading.Event | None = None
         self._stop_grace_s = 0.0
         self._stop_seen_at: float | None = None
+        self._attempt_timeout_s = redis_settings.connect_timeout_s + stream_settings.block_ms / 1000.0
         self.redis: Any = redis.Redis.from_url(
             url,
             socket_connect_timeout=redis_settings.connect_timeout_s,
-            socket_timeout=redis_settings.connect_timeout_s + stream_settings.block_ms / 1000.0,
+            socket_timeout=self._attempt_timeout_s,
             health_check_interval=30,
         )
         self._publish_once = self.redis.register_script(_PUBLISH_ONCE)
@@ -258,25 +259,29 @@ class StreamClient:
         grace period (systemd's TimeoutStopSec, Kubernetes' terminationGracePeriodSeconds) and into a SIGKILL."""
         self._stop, self._stop_grace_s = stop, grace_s
 
-    def _deadline(self) -> float | None:
-        """When retrying ends: ``retry_deadline``, or ``grace_s`` after a stop was first seen, whichever is first."""
+    def _deadline(self, attempt_started_at: float) -> float | None:
+        """When retrying ends: ``retry_deadline``, or once stopped the last moment an attempt can start and still end
+        (it may last the socket timeout, when Redis hangs) within ``grace_s`` of the stop, whichever is first.
+
+        The stop is dated to the start of the failed attempt that first sees it: it came during that attempt or the
+        wait before it (a stop ends the wait), so the grace period is not pushed back by an attempt's length."""
         deadline = self.retry_deadline
         if self._stop is not None and self._stop.is_set():
             if self._stop_seen_at is None:
-                self._stop_seen_at = time.monotonic()
-            stop_deadline = self._stop_seen_at + self._stop_grace_s
+                self._stop_seen_at = attempt_started_at
+            stop_deadline = self._stop_seen_at + self._stop_grace_s - self._attempt_timeout_s
             deadline = stop_deadline if deadline is None else min(deadline, stop_deadline)
         return deadline
 
     def _call(self, operation: Callable[[], T], what: str) -> T:
         backoff_s = 0.05
         while True:
+            attempt_started_at = self.last_attempt_at = time.monotonic()
             try:
-                self.last_attempt_at = time.monotonic()
                 result = operation()
             except RETRIED_ERRORS as error:
                 stopping = self._stop is not None and self._stop.is_set()  # before _deadline: it counts from it
-                deadline = self._deadline()
+                deadline = self._deadline(attempt_started_at)
                 now = time.monotonic()
                 if self.unreachable_since is None:
                     self.unreachable_since = now

@@ -433,3 +433,28 @@ def test_a_stop_during_a_long_outage_gives_up_within_the_grace_period(config: Co
         logging.getLogger("pipeline.streams").removeHandler(handler)
         client.close()
     assert gave_up_after_s < grace_s + 1.0
+
+
+def test_a_stop_while_redis_hangs_gives_up_within_the_grace_period(config: Config) -> None:
+    # A Redis that accepts connections and never answers (stalled, or a half-dead host): each attempt lasts the
+    # socket timeout (connect_timeout_s + block_ms: 5.2 s by default). The grace period counted from the end of the
+    # attempt during which the stop came, and an attempt started just before it ran on past it: with the defaults a
+    # worker SIGTERMed in such an outage gave up up to 25 + 2 x 5.2 s after the stop, past TimeoutStopSec=30.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(128)
+        port = silent.getsockname()[1]
+        settings = RedisSettings(connect_timeout_s=1.0, reconnect_max_backoff_s=0.1)
+        client = StreamClient(f"redis://127.0.0.1:{port}/0", settings, config.streams)
+        stop, grace_s = threading.Event(), 1.5
+        client.stop_retrying_after(stop, grace_s)
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(client.length, "anything")
+            time.sleep(1.5)  # half-way through the second attempt
+            stopped_at = time.monotonic()
+            stop.set()
+            with pytest.raises(StreamsUnavailable):
+                call.result(timeout=30)
+            gave_up_after_s = time.monotonic() - stopped_at
+        client.close()
+    assert gave_up_after_s <= grace_s + 0.3

@@ -16,7 +16,7 @@ from types import FrameType, TracebackType
 from pipeline.config import Config, ConfigError
 from pipeline.health import HealthServer, Heartbeat
 from pipeline.metrics import Metrics
-from pipeline.streams import DeadLetter, StreamClient
+from pipeline.streams import DeadLetter, StreamClient, StreamsUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ class WorkerRuntime:
     ) -> None:
         self.metrics.worker_up.labels(self.role, self.name).set(0)
         self.heartbeat.state = "stopped"
-        self.heartbeat.clear()
+        if not isinstance(exc, StreamsUnavailable):  # else it waits a socket timeout more; the key expires by itself
+            self.heartbeat.clear()
         self.server.stop()
         self.client.close()
         logger.info("worker stopped", extra={"worker": self.name, "error": repr(exc) if exc else None})

@@ -191,9 +191,14 @@ def cmd_record(args: argparse.Namespace) -> int:
     client = StreamClient(_redis_url(config), config.redis, config.streams)
     stop = threading.Event()
     install_stop_handlers(stop)
-    frames, decisions, skipped = record_line(
-        client, LineKeys(config.streams.prefix, _line(args, config)), Path(args.out), stop, args.frames
-    )
+    client.stop_retrying_after(stop, config.worker.drain_timeout_s)  # Ctrl-C during an outage ends the recording
+    try:
+        frames, decisions, skipped = record_line(
+            client, LineKeys(config.streams.prefix, _line(args, config)), Path(args.out), stop, args.frames
+        )
+    except StreamsUnavailable as error:  # the recording keeps what it had, closed with its end record
+        print(f"lineinspect record: error: {error}; {args.out} holds what was recorded before", file=sys.stderr)
+        return REDIS_LOST_EXIT
     unusable = f" ({skipped} unusable entries skipped, see the log)" if skipped else ""
     print(f"recorded {frames} frames and {decisions} decisions to {args.out}{unusable}")
     return 0

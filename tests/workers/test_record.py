@@ -17,9 +17,10 @@ import msgpack
 import pytest
 
 from pipeline.codec import encode_decision, encode_frame
-from pipeline.config import Config
+from pipeline.config import Config, RedisSettings, StreamSettings
 from pipeline.messages import MetadataValue
-from pipeline.streams import LineKeys
+from pipeline.redis_server import EmbeddedRedis
+from pipeline.streams import LineKeys, StreamClient
 from tests.workers.conftest import TinyLine
 from tests.workers.helpers import frame_from_file, start_thread, wait_until
 from tests.workers.recordings import decision_for, tiny_frame, write_recording, write_v1_recording
@@ -406,3 +407,38 @@ def test_a_recorder_that_cannot_start_leaves_no_file(tmp_path: Path) -> None:
     with pytest.raises(ConnectionError):
         record_line(RedisDown(), LineKeys("p", "line-1"), tmp_path / "rec.lir", threading.Event(), 5)  # type: ignore[arg-type]
     assert not (tmp_path / "rec.lir").exists()
+
+
+def test_lineinspect_record_stopped_during_a_redis_outage_ends_within_the_drain_timeout(tmp_path: Path) -> None:
+    # the recorder retried an unreachable Redis until it came back: Ctrl-C did nothing, a second one cut the file
+    out = tmp_path / "rec.lir"
+    with EmbeddedRedis() as server:
+        client = StreamClient(server.url, RedisSettings(), StreamSettings())
+        keys = LineKeys("outage", "line-1")
+        env = {**os.environ, "REDIS_URL": server.url, "LINEINSPECT__STREAMS__PREFIX": "outage",
+               "LINEINSPECT__WORKER__DRAIN_TIMEOUT_S": "1"}  # fmt: skip
+        command = [sys.executable, "-m", "workers.cli", "record", "--line", "line-1", "--out", str(out)]
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)  # fmt: skip
+        log: list[str] = []
+        reader = start_thread(lambda: log.extend(iter(process.stderr.readline, "")))  # type: ignore[union-attr]
+        try:
+            wait_until(lambda: any('"recording"' in line for line in log), 60, "the recorder to start")
+            frame = tiny_frame("f0")
+            entry_id = client.publish(keys.frames, encode_frame(frame))
+            client.publish(keys.decisions, encode_decision(decision_for("f0", frame_entry_id=entry_id)))
+            wait_until(lambda: len(read_recording(out).decisions) == 1, 30, "the frame to be written")
+            client.close()
+            server.stop(kill=True)
+            wait_until(lambda: any("retrying" in line for line in log), 30, "the recorder to meet the outage")
+            stopped_at = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=30)
+            took_s = time.monotonic() - stopped_at
+        finally:
+            process.kill()
+        reader.join(timeout=10)
+    assert process.returncode == 1 and "holds what was recorded before" in log[-1], log[-3:]
+    assert took_s < 8, log  # drain timeout 1 s (+ the attempt in flight); before: until Redis came back
+    recording = read_recording(out)
+    assert [item.frame_id for item in recording.frames()] == ["f0"] and recording.complete

@@ -92,6 +92,59 @@ end
 return {trimmed, redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(ids))}
 """
 
+# Finish a batch atomically: acknowledge ARGV[5] ids of KEYS[1] for group ARGV[1] (and delete them when ARGV[2] is
+# '1'), append one payload to each of KEYS[3..] (MAXLEN ~ ARGV[3] unless it is ''), then the dead letters to KEYS[2]
+# (MAXLEN ~ ARGV[4]; each as a field count and its field/value pairs). When none of the ids was still pending yet
+# some are still in the stream, the batch was already committed (a retry after a reply lost to a stalled Redis: the
+# MULTI/EXEC this replaces appended every result and dead letter a second time) or a peer that claimed it committed
+# it: nothing is appended and 0 returned. Ids gone from the stream (trimmed, or results deleted once acknowledged) do
+# not count, so a batch of trimmed frames still gets its dead letters. Returns the number acknowledged, -1 for none
+# asked; a failed XACK (group gone) appends anyway and then returns its error, as the MULTI/EXEC did.
+_COMMIT = """
+local n_acks = tonumber(ARGV[5])
+local at = 6
+local acked, existing, ack_error = 0, 0, nil
+for index = 1, n_acks do
+  local id = ARGV[at]
+  at = at + 1
+  local reply = redis.pcall('XACK', KEYS[1], ARGV[1], id)
+  if type(reply) == 'table' and reply.err then
+    ack_error = reply.err
+  elseif reply == 1 then
+    acked = acked + 1
+  elseif #redis.call('XRANGE', KEYS[1], id, id) > 0 then
+    existing = existing + 1
+  end
+  if ARGV[2] == '1' then
+    redis.call('XDEL', KEYS[1], id)
+  end
+end
+if n_acks > 0 and ack_error == nil and acked == 0 and existing > 0 then
+  return 0
+end
+for key_index = 3, #KEYS do
+  if ARGV[3] == '' then
+    redis.call('XADD', KEYS[key_index], '*', 'payload', ARGV[at])
+  else
+    redis.call('XADD', KEYS[key_index], 'MAXLEN', '~', ARGV[3], '*', 'payload', ARGV[at])
+  end
+  at = at + 1
+end
+while at <= #ARGV do
+  local n_values = tonumber(ARGV[at])
+  local fields = {}
+  for index = 1, n_values do
+    fields[index] = ARGV[at + index]
+  end
+  at = at + n_values + 1
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+end
+if ack_error then
+  return redis.error_reply(ack_error)
+end
+return n_acks > 0 and acked or -1
+"""
+
 # Forget consumers of a group that hold nothing and have been idle long enough (pods that went away). Atomic, so a
 # consumer cannot read an entry between the check and the deletion (deleting it would drop that entry's pending
 # record). A live worker that is merely idle is recreated by its next read.
@@ -248,6 +301,7 @@ class StreamClient:
         self._publish_once = self.redis.register_script(_PUBLISH_ONCE)
         self._forget_idle_consumers = self.redis.register_script(_FORGET_IDLE_CONSUMERS)
         self._claim_idle = self.redis.register_script(_CLAIM_IDLE)
+        self._commit = self.redis.register_script(_COMMIT)
 
     def close(self) -> None:
         self.redis.close()
@@ -469,25 +523,22 @@ class StreamClient:
         return forgotten
 
     def commit(self, stream: str, group: str, commit: Commit, deadletter_stream: str) -> None:
-        """Append results and dead letters, then acknowledge, atomically (MULTI/EXEC)."""
+        """Acknowledge, append results and dead letters, atomically and once (``_COMMIT``): retried after a lost
+        reply, or after a peer that claimed the batch committed it, nothing is appended twice."""
         if not (commit.appends or commit.dead_letters or commit.acks):
             return
-
-        def run() -> None:
-            pipe = self.redis.pipeline(transaction=True)
-            maxlen = self.settings.maxlen if commit.trim_appends else None
-            for target, payload in commit.appends:
-                pipe.xadd(target, {PAYLOAD: payload}, maxlen=maxlen, approximate=True)
-            for letter in commit.dead_letters:
-                fields = _dead_letter_fields(letter, stream)
-                pipe.xadd(deadletter_stream, fields, maxlen=self.settings.maxlen, approximate=True)  # type: ignore[arg-type]
-            if commit.acks:
-                pipe.xack(stream, group, *commit.acks)
-                if commit.delete_acked:
-                    pipe.xdel(stream, *commit.acks)
-            pipe.execute()
-
-        self._call(run, "commit")
+        keys = [stream, deadletter_stream, *(target for target, _ in commit.appends)]
+        appends_maxlen = self.settings.maxlen if commit.trim_appends else ""
+        args: list[str | bytes | int] = [group, "1" if commit.delete_acked else "0", appends_maxlen,
+                                         self.settings.maxlen, len(commit.acks), *commit.acks,
+                                         *(payload for _, payload in commit.appends)]  # fmt: skip
+        for letter in commit.dead_letters:
+            fields = [item for pair in _dead_letter_fields(letter, stream).items() for item in pair]
+            args += [len(fields), *fields]
+        acked = self._call(lambda: self._commit(keys=keys, args=args), "commit")
+        if acked == 0 and commit.acks and (commit.appends or commit.dead_letters):
+            logger.info("batch already committed (a retried commit, or a peer's claim): nothing appended again",
+                        extra={"stream": stream, "entries": len(commit.acks)})  # fmt: skip
 
     def publish_decision_once(
         self, keys: LineKeys, frame_id: str, payload: bytes, marker_ttl_s: int, frame_entry_id: str = ""

@@ -184,6 +184,46 @@ def test_commit_appends_dead_letters_and_acks_together(client: StreamClient, key
     ]
 
 
+def test_a_commit_retried_after_its_reply_was_lost_appends_nothing_twice(client: StreamClient, keys: LineKeys) -> None:
+    # A Redis stalled past the socket timeout runs the commit but its reply is lost; the client retries it. The
+    # MULTI/EXEC appended every result and dead letter again (904 results for 900 frames in the outage runs).
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = publish_many(client, keys, 3)
+    client.read_new(keys.frames, SCORER_GROUP, "a", count=3, block_ms=None)
+    commit = Commit(
+        appends=[(keys.results, b"decision-0"), (keys.results, b"decision-1")],
+        dead_letters=[DeadLetter(ids[2], b"frame-2", "not_msgpack", "bad bytes")],
+        acks=ids,
+        trim_appends=False,
+    )
+    client.commit(keys.frames, SCORER_GROUP, commit, keys.deadletter)
+    client.commit(keys.frames, SCORER_GROUP, commit, keys.deadletter)  # what _call's retry runs
+    assert [entry.payload for entry in client.read_range(keys.results, "0-0", 10)] == [b"decision-0", b"decision-1"]
+    assert len(client.dead_letters(keys)) == 1
+    # a batch with one entry still pending is committed (its results may repeat a peer's; the sink publishes once)
+    more = publish_many(client, keys, 1)
+    client.read_new(keys.frames, SCORER_GROUP, "a", count=1, block_ms=None)
+    client.commit(keys.frames, SCORER_GROUP, Commit(appends=[(keys.results, b"decision-3")], acks=[ids[0], *more]),
+                  keys.deadletter)  # fmt: skip
+    assert client.read_range(keys.results, "0-0", 10)[-1].payload == b"decision-3"
+    assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
+
+
+def test_a_batch_of_trimmed_entries_still_gets_its_dead_letters(client: StreamClient, keys: LineKeys) -> None:
+    # trimmed entries are neither pending (Redis 7's XCLAIM drops them) nor in the stream: they must not make the
+    # commit look already done
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = publish_many(client, keys, 3)
+    client.read_new(keys.frames, SCORER_GROUP, "dead", count=3, block_ms=None)
+    client.redis.xtrim(keys.frames, maxlen=0, approximate=False)
+    claimed = client.claim_stale(keys.frames, SCORER_GROUP, "alive", min_idle_ms=0, count=10)
+    assert [entry.payload for entry in claimed] == [None, None, None]
+    letters = [DeadLetter(entry_id, None, "entry_trimmed", "trimmed") for entry_id in ids]
+    client.commit(keys.frames, SCORER_GROUP, Commit(dead_letters=letters, acks=ids), keys.deadletter)
+    assert [letter["source_entry_id"] for letter in client.dead_letters(keys)] == ids
+    assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
+
+
 def test_publish_decision_once_is_idempotent_per_frame(client: StreamClient, keys: LineKeys) -> None:
     assert client.publish_decision_once(keys, "f-1", b"first", marker_ttl_s=60)
     assert not client.publish_decision_once(keys, "f-1", b"again", marker_ttl_s=60)

@@ -250,6 +250,17 @@ class GroupStats:
     last_delivered_id: str
 
 
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a stream stands (XINFO STREAM): its newest id, how many entries were ever added (None before Redis 7),
+    its oldest id still held (None when empty) and its length. A missing stream stands at ``0-0`` with nothing added."""
+
+    last_id: str
+    entries_added: int | None
+    first_id: str | None
+    length: int
+
+
 @dataclass
 class Commit:
     """What finishing a batch writes in one transaction: new entries, dead letters, the acks, then deletions.
@@ -631,6 +642,21 @@ class StreamClient:
 
     def length(self, stream: str) -> int:
         return int(self._call(lambda: self.redis.xlen(stream), "length"))
+
+    def position(self, stream: str) -> StreamPosition:
+        def read() -> Any:
+            try:
+                return self.redis.xinfo_stream(stream)
+            except redis.ResponseError:  # no such key
+                return None
+
+        info = self._call(read, "position")
+        if not info:
+            return StreamPosition("0-0", 0, None, 0)
+        added = info.get("entries-added")
+        first = info.get("first-entry")
+        return StreamPosition(_text(info["last-generated-id"]), None if added is None else int(added),
+                              _text(first[0]) if first else None, int(info["length"]))  # fmt: skip
 
     def group_stats(self, stream: str) -> dict[str, GroupStats]:
         def read() -> Any:

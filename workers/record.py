@@ -33,7 +33,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -43,7 +43,7 @@ import msgpack
 
 from pipeline.codec import CodecError, decode_decision, decode_frame
 from pipeline.messages import Decision, Frame, MetadataValue
-from pipeline.streams import LineKeys, StreamClient
+from pipeline.streams import LineKeys, StreamClient, StreamPosition
 from workers.sources import Capture
 
 logger = logging.getLogger(__name__)
@@ -414,6 +414,31 @@ def _match_v1(waiting: dict[str, deque[tuple[int, str]]], decision: Decision) ->
     return chosen[0]
 
 
+class RecordCounts(NamedTuple):
+    """What a recorder saw: frames and decisions recorded, entries skipped (not a frame or decision: the pipeline
+    dead-letters those, the recording leaves them out), and frames-stream entries trimmed before it read them."""
+
+    frames: int
+    decisions: int
+    skipped: int
+    trimmed: int
+
+
+def trimmed_unread(now: StreamPosition, read_up_to: str, added_through_read: int, page: Sequence[str] = ()) -> int:
+    """How many entries added after ``read_up_to`` (the last id read before ``page``; ``added_through_read``
+    entries had been added to the stream up to it) were trimmed without being read, given the ids ``page`` that a
+    read after it has just returned. Trimming takes the oldest first, so that happened only when the stream's oldest
+    entry is now newer than ``read_up_to``; entries of ``page`` older than it were read, then trimmed. 0 when Redis
+    does not count added entries (before 7.0)."""
+    if now.entries_added is None:
+        return 0
+    if now.first_id is not None and _stream_order(now.first_id) <= _stream_order(read_up_to):
+        return 0
+    oldest = None if now.first_id is None else _stream_order(now.first_id)
+    read_then_trimmed = sum(1 for entry_id in page if oldest is None or _stream_order(entry_id) < oldest)
+    return max(0, now.entries_added - added_through_read - now.length - read_then_trimmed)
+
+
 def record_line(
     client: StreamClient,
     keys: LineKeys,
@@ -422,11 +447,13 @@ def record_line(
     max_frames: int | None,
     settle_s: float = 5.0,
     started: threading.Event | None = None,
-) -> tuple[int, int, int]:
-    """Save new frames (and their decisions) of a line until ``max_frames`` or ``stop``; returns the counts of
-    frames, decisions and skipped entries (not a frame or decision: the pipeline dead-letters those, the recording
-    leaves them out and goes on). The file gets its end record when this returns or raises, unless writing it is
-    what failed.
+) -> RecordCounts:
+    """Save new frames (and their decisions) of a line until ``max_frames`` or ``stop``. The file gets its end
+    record when this returns or raises, unless writing it is what failed.
+
+    A recorder that falls more than ``streams.maxlen`` frames behind the line (a stalled disk, a paused process)
+    finds frames trimmed before it read them: they are missing from the recording, counted in ``trimmed`` and
+    logged as they are found (the frames around the gap are recorded as usual).
 
     A decision is matched to its frame by the frames-stream entry id it carries (``frame_entry_id``), so frames
     that reuse a frame id each keep their own; a decision without one goes to the oldest waiting frame of its id.
@@ -436,14 +463,17 @@ def record_line(
     if max_frames is not None and max_frames < 0:
         msg = f"--frames must be >= 0, got {max_frames}"
         raise ValueError(msg)
-    recorded = decided = skipped = 0
+    recorded = decided = skipped = trimmed = 0
     matcher = DecisionMatcher()
     settle_until: float | None = None
 
     def frames_done() -> bool:
         return stop.is_set() or (max_frames is not None and recorded >= max_frames)
 
-    positions = {keys.frames: client.last_id(keys.frames), keys.decisions: client.last_id(keys.decisions)}
+    start = client.position(keys.frames)  # the read position and the count of entries added up to it, together
+    positions = {keys.frames: start.last_id, keys.decisions: client.last_id(keys.decisions)}
+    added_through_read = start.entries_added
+
     with RecordingWriter(path, keys.line_id) as writer:  # after Redis answered: a failed start leaves no file behind
         if started is not None:
             started.set()
@@ -456,7 +486,16 @@ def record_line(
                                 extra={"frames": len(matcher.awaiting), "settle_s": settle_s})  # fmt: skip
             if settle_until is not None and (not matcher.awaiting or time.monotonic() > settle_until):
                 break
-            for stream, entry in client.tail(positions, count=100, block_ms=100):
+            page = client.tail(positions, count=100, block_ms=100)
+            if added_through_read is not None and not frames_done():
+                read = [entry.entry_id for stream, entry in page if stream == keys.frames]
+                lost = trimmed_unread(client.position(keys.frames), positions[keys.frames], added_through_read, read)
+                if lost:
+                    logger.warning("frames were trimmed from the stream before the recorder read them; they are "
+                                   "missing from the recording (it fell more than streams.maxlen frames behind)",
+                                   extra={"frames": lost, "after_entry_id": positions[keys.frames]})  # fmt: skip
+                trimmed, added_through_read = trimmed + lost, added_through_read + lost + len(read)
+            for stream, entry in page:
                 positions[stream] = entry.entry_id
                 try:
                     if stream == keys.frames:
@@ -484,7 +523,7 @@ def record_line(
                     logger.warning("entry skipped: not a frame or decision", extra=where)
         if matcher.awaiting:
             logger.warning("frames recorded without their decision", extra={"frames": len(matcher.awaiting)})
-    return recorded, decided, skipped
+    return RecordCounts(recorded, decided, skipped, trimmed)
 
 
 class DecisionMatcher:

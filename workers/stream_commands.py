@@ -193,14 +193,17 @@ def cmd_record(args: argparse.Namespace) -> int:
     install_stop_handlers(stop)
     client.stop_retrying_after(stop, config.worker.drain_timeout_s)  # Ctrl-C during an outage ends the recording
     try:
-        frames, decisions, skipped = record_line(
+        counts = record_line(
             client, LineKeys(config.streams.prefix, _line(args, config)), Path(args.out), stop, args.frames
         )
     except StreamsUnavailable as error:  # the recording keeps what it had, closed with its end record
         print(f"lineinspect record: error: {error}; {args.out} holds what was recorded before", file=sys.stderr)
         return REDIS_LOST_EXIT
-    unusable = f" ({skipped} unusable entries skipped, see the log)" if skipped else ""
-    print(f"recorded {frames} frames and {decisions} decisions to {args.out}{unusable}")
+    unusable = f" ({counts.skipped} unusable entries skipped, see the log)" if counts.skipped else ""
+    print(f"recorded {counts.frames} frames and {counts.decisions} decisions to {args.out}{unusable}")
+    if counts.trimmed:
+        print(f"warning: {counts.trimmed} frames were trimmed from the stream before the recorder read them and are "
+              "missing from the recording (it fell more than streams.maxlen frames behind the line)", file=sys.stderr)
     return 0
 
 

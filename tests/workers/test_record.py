@@ -20,12 +20,21 @@ from pipeline.codec import encode_decision, encode_frame
 from pipeline.config import Config, RedisSettings, StreamSettings
 from pipeline.messages import MetadataValue
 from pipeline.redis_server import EmbeddedRedis
-from pipeline.streams import LineKeys, StreamClient
+from pipeline.streams import LineKeys, StreamClient, StreamPosition
 from tests.workers.conftest import TinyLine
 from tests.workers.helpers import frame_from_file, start_thread, wait_until
 from tests.workers.recordings import decision_for, tiny_frame, write_recording, write_v1_recording
 from workers.lifecycle import WorkerRuntime
-from workers.record import DecisionMatcher, RecordingError, RecordingWriter, ReplaySource, read_recording, record_line
+from workers.record import (
+    DecisionMatcher,
+    RecordCounts,
+    RecordingError,
+    RecordingWriter,
+    ReplaySource,
+    read_recording,
+    record_line,
+    trimmed_unread,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -217,9 +226,9 @@ def test_a_newer_version_is_refused_and_a_recording_never_overwritten(tmp_path: 
 
 def _record_in_thread(
     runtime: WorkerRuntime, path: Path, max_frames: int | None, stop: threading.Event | None = None
-) -> tuple[threading.Thread, list[tuple[int, int, int]]]:
+) -> tuple[threading.Thread, list[RecordCounts]]:
     keys = LineKeys(runtime.config.streams.prefix, "line-1")
-    counts: list[tuple[int, int, int]] = []
+    counts: list[RecordCounts] = []
     started = threading.Event()
     stop = stop or threading.Event()
     recorder = start_thread(
@@ -241,7 +250,7 @@ def test_record_line_stops_at_exactly_frames_and_keeps_their_decisions(
     for frame, entry_id in zip(frames, entry_ids, strict=True):
         client.publish(keys.decisions, encode_decision(decision_for(frame.frame_id, frame_entry_id=entry_id)))
     recorder.join(timeout=60)
-    assert counts == [(3, 3, 0)]
+    assert counts == [(3, 3, 0, 0)]
     recording = read_recording(tmp_path / "rec.lir")
     assert recording.complete and recording.entry_ids == entry_ids[:3]
     assert [f.frame_id for f in recording.frames()] == ["f0", "f1", "f2"]
@@ -265,7 +274,7 @@ def test_the_recorder_matches_decisions_to_frames_by_stream_entry_not_frame_id(
     client.publish(keys.decisions, encode_decision(decision_for("cam0-1", score=99.0, frame_entry_id=entry_ids[0])))
     client.publish(keys.decisions, encode_decision(decision_for("cam0-9", score=4.0)))  # without frame_entry_id
     recorder.join(timeout=60)
-    assert counts == [(4, 4, 0)]  # the second decision for frame 1's entry is not its decision
+    assert counts == [(4, 4, 0, 0)]  # the second decision for frame 1's entry is not its decision
     recording = read_recording(tmp_path / "rec.lir")
     assert {number: d.score for number, d in recording.decisions.items()} == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}
     assert recording.reused_frame_ids == 2
@@ -284,8 +293,41 @@ def test_a_recorder_skips_entries_that_are_not_frames_and_goes_on(
     for frame, entry_id in zip(frames, entry_ids, strict=True):
         client.publish(keys.decisions, encode_decision(decision_for(frame.frame_id, frame_entry_id=entry_id)))
     recorder.join(timeout=60)
-    assert counts == [(2, 2, 1)]
+    assert counts == [(2, 2, 1, 0)]
     assert [f.frame_id for f in read_recording(tmp_path / "rec.lir").frames()] == ["f0", "f1"]
+
+
+def test_frames_trimmed_before_the_recorder_read_them_are_counted(
+    make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    # a recorder more than streams.maxlen frames behind (a stalled disk) lost frames without a word: the recording
+    # looked whole and the replay compared fewer frames than the line had seen
+    runtime = make_runtime("record", "r6")
+    client, keys = runtime.client, LineKeys(runtime.config.streams.prefix, "line-1")
+    recorder, counts = _record_in_thread(runtime, tmp_path / "rec.lir", 3)
+    frames = [tiny_frame(f"f{n}") for n in range(10)]
+    pipe = client.redis.pipeline(transaction=True)  # published and trimmed at once: the recorder never sees f0-f6
+    for frame in frames:
+        pipe.xadd(keys.frames, {"payload": encode_frame(frame)})
+    pipe.xtrim(keys.frames, maxlen=3, approximate=False)
+    entry_ids = [entry_id.decode() for entry_id in pipe.execute()[:10]]
+    for frame, entry_id in zip(frames[7:], entry_ids[7:], strict=True):
+        client.publish(keys.decisions, encode_decision(decision_for(frame.frame_id, frame_entry_id=entry_id)))
+    recorder.join(timeout=60)
+    assert counts == [(3, 3, 0, 7)]
+    assert [frame.frame_id for frame in read_recording(tmp_path / "rec.lir").frames()] == ["f7", "f8", "f9"]
+
+
+def test_trimmed_unread_counts_only_entries_past_the_read_position() -> None:
+    # read up to 5-0, with 5 entries added up to it; now 12 added, the oldest 3 of them still held
+    assert trimmed_unread(StreamPosition("12-0", 12, "10-0", 3), "5-0", 5) == 4  # 6-0 to 9-0 never read
+    assert trimmed_unread(StreamPosition("12-0", 12, "4-0", 9), "5-0", 5) == 0  # the oldest is behind us: no gap
+    assert trimmed_unread(StreamPosition("12-0", 12, None, 0), "5-0", 5) == 7  # trimmed to nothing
+    assert trimmed_unread(StreamPosition("12-0", None, "10-0", 3), "5-0", 5) == 0  # Redis < 7 does not count
+    # a page 6-0 to 9-0 just read, 6-0 and 7-0 trimmed since: read, not lost
+    assert trimmed_unread(StreamPosition("12-0", 12, "8-0", 5), "5-0", 5, ["6-0", "7-0", "8-0", "9-0"]) == 0
+    # a page 8-0 to 9-0 just read after 5-0: 6-0 and 7-0 were trimmed unread
+    assert trimmed_unread(StreamPosition("12-0", 12, "8-0", 5), "5-0", 5, ["8-0", "9-0"]) == 2
 
 
 def test_record_refuses_a_negative_frame_count_and_records_zero_frames(
@@ -296,7 +338,7 @@ def test_record_refuses_a_negative_frame_count_and_records_zero_frames(
     with pytest.raises(ValueError, match="--frames must be >= 0"):
         record_line(runtime.client, keys, tmp_path / "neg.lir", threading.Event(), -1)
     assert not (tmp_path / "neg.lir").exists()
-    assert record_line(runtime.client, keys, tmp_path / "zero.lir", threading.Event(), 0) == (0, 0, 0)
+    assert record_line(runtime.client, keys, tmp_path / "zero.lir", threading.Event(), 0) == (0, 0, 0, 0)
     empty = read_recording(tmp_path / "zero.lir")
     assert empty.complete and empty.frame_count == 0 and list(empty.frames()) == []
 
@@ -401,7 +443,7 @@ def test_a_recorder_that_cannot_start_leaves_no_file(tmp_path: Path) -> None:
     """Redis down at the start: no empty recording is left behind to block the next try (files are not overwritten)."""
 
     class RedisDown:
-        def last_id(self, stream: str) -> str:
+        def position(self, stream: str) -> StreamPosition:
             raise ConnectionError("redis unavailable")
 
     with pytest.raises(ConnectionError):

@@ -482,7 +482,8 @@ def record_line(
             if frames_done() and settle_until is None:
                 settle_until = time.monotonic() + settle_s
                 if matcher.awaiting:
-                    logger.info("waiting for the decisions of the last frames",
+                    logger.info("waiting for the decisions of the last frames (a second Ctrl-C stops at once, "
+                                "leaving the file cut: its frames stay usable)",
                                 extra={"frames": len(matcher.awaiting), "settle_s": settle_s})  # fmt: skip
             if settle_until is not None and (not matcher.awaiting or time.monotonic() > settle_until):
                 break

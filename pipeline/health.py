@@ -94,13 +94,17 @@ class HealthServer:
 def _make_handler(heartbeat: Heartbeat, metrics: Metrics) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path.startswith(("/healthz", "/livez")):
-                ok, status = heartbeat.healthy() if self.path.startswith("/healthz") else heartbeat.alive()
-                self._reply(200 if ok else 503, "application/json", json.dumps(status).encode())
+            if self.path.startswith("/healthz"):
+                self._status(*heartbeat.healthy())
+            elif self.path.startswith("/livez"):
+                self._status(*heartbeat.alive())
             elif self.path.startswith("/metrics"):
                 self._reply(200, "text/plain; version=0.0.4", metrics.render())
             else:
                 self._reply(404, "text/plain", b"not found: try /healthz, /livez or /metrics\n")
+
+        def _status(self, ok: bool, status: dict[str, Any]) -> None:
+            self._reply(200 if ok else 503, "application/json", json.dumps(status).encode())
 
         def _reply(self, code: int, content_type: str, body: bytes) -> None:
             self.send_response(code)

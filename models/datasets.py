@@ -127,8 +127,8 @@ def _split_mask(root: Path, split: _Split, relative: str) -> Path | None:
     return mask
 
 
-def _mask_shape_problem(mask: Path, mask_shape: tuple[int, int], image: Path,
-                        image_shape: tuple[int, int]) -> str | None:  # fmt: skip
+def mask_shape_problem(mask: Path, mask_shape: tuple[int, int], image: Path,
+                       image_shape: tuple[int, int]) -> str | None:  # fmt: skip
     """Why a ``(height, width)`` mask cannot be laid over its image, or None when it can (the same size, or another
     resolution with the same aspect ratio within rounding: it is resized)."""
     (mask_height, mask_width), (image_height, image_width) = mask_shape, image_shape
@@ -141,15 +141,6 @@ def _mask_shape_problem(mask: Path, mask_shape: tuple[int, int], image: Path,
         return None
     return (f"mask {mask} is {mask_width}x{mask_height} pixels but its image {image} is {image_width}x{image_height}: "
             "a different aspect ratio, so the mask cannot be laid over the image")  # fmt: skip
-
-
-def check_mask_shape(mask: Path, mask_shape: tuple[int, int], image: Path, image_shape: tuple[int, int]) -> None:
-    """Raise DatasetError when a ``(height, width)`` mask cannot be laid over its image: a mask at another resolution
-    with the same aspect ratio (within rounding) can be resized, any other cannot."""
-    problem = _mask_shape_problem(mask, mask_shape, image, image_shape)
-    if problem is not None:
-        msg = f"{problem}; fix or replace the mask"
-        raise DatasetError(msg)
 
 
 def image_shape(path: Path) -> tuple[int, int] | None:
@@ -181,7 +172,7 @@ def check_masks(items: Sequence[TestItem]) -> None:
         except ImageError as error:
             problems.append(f"mask {item.mask} of {item.image}: {error}")
             continue
-        problem = _mask_shape_problem(item.mask, (mask.shape[0], mask.shape[1]), item.image, shape)
+        problem = mask_shape_problem(item.mask, (mask.shape[0], mask.shape[1]), item.image, shape)
         if problem is not None:
             problems.append(problem)
     if problems:

@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
-from models.datasets import TestItem, check_mask_shape, check_masks
+from models.datasets import DatasetError, TestItem, check_masks, mask_shape_problem
 from models.evaluation import (
     area_under_curve,
     f1_max,
@@ -80,7 +80,10 @@ def _read_item_mask(item: TestItem, image_shape: tuple[int, int], size: int) -> 
     if item.mask is None:
         return np.zeros((size, size), dtype=bool)
     mask = read_mask(item.mask)
-    check_mask_shape(item.mask, (mask.shape[0], mask.shape[1]), item.image, image_shape)
+    problem = mask_shape_problem(item.mask, (mask.shape[0], mask.shape[1]), item.image, image_shape)
+    if problem is not None:  # check_masks saw it from the image's header; the decoded image disagrees
+        msg = f"{problem}; fix or replace the mask"
+        raise DatasetError(msg)
     if mask.shape != (size, size):  # _EXACT: cv2's INTER_NEAREST moves content half an output pixel down and right
         mask = cv2.resize(mask.view(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST_EXACT).view(bool)
     return mask

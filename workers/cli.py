@@ -1,5 +1,8 @@
 """The ``lineinspect`` command: model commands here, streaming daemons from ``workers.stream_commands``.
 
+``main`` is the one entry point of every command (the console script, ``python -m workers.cli``, and the
+children ``lineinspect run`` starts), so each error has one exit code and one message form.
+
     lineinspect fit --good DIR [--config config.toml] --out MODEL_DIR
     lineinspect score --model MODEL_DIR IMAGE... [--heatmaps DIR]
     lineinspect evaluate --model MODEL_DIR --data DIR --out REPORT_DIR
@@ -7,7 +10,8 @@
     lineinspect demo [--out DIR]      small fit + evaluate on synthetic scikit-image parts
 
 ``--good`` and ``--data`` accept a folder of images, an MVTec AD-layout folder, or a folder with a
-``split.json`` (such as ``../shared/datasets/mtd``). Errors are reported as one line and exit code 2.
+``split.json`` (such as ``../shared/datasets/mtd``). Bad input is reported as one line and exit code 2; a streaming
+worker that gave up on Redis exits 1.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from workers.stream_commands import add_stream_commands
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -287,12 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_model_commands(subparsers)
-    try:
-        from workers.stream_commands import add_stream_commands
-    except ImportError:
-        pass
-    else:
-        add_stream_commands(subparsers)
+    add_stream_commands(subparsers)
     return parser
 
 
@@ -309,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.errors import ArtifactError, BackboneError
     from models.images import ImageError
     from pipeline.config import ConfigError
+    from pipeline.streams import StreamsUnavailable
 
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -320,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ArtifactError, BackboneError, ConfigError, DatasetError, ImageError, ValueError) as error:
         print(f"lineinspect {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except StreamsUnavailable as error:
+        # a worker that gave up on Redis (told to stop during an outage, or past a retry deadline): what it held stays
+        # pending in Redis, redelivered to it (same name) or claimed by its peers. Exit 1: a runtime failure that a
+        # supervisor restarts (2 is a configuration error, which it does not)
+        log.error("redis unreachable, exiting; entries in hand stay pending", extra={"error": str(error)})
+        print(f"lineinspect {args.command}: error: {error}", file=sys.stderr)
+        return REDIS_LOST_EXIT
     except OSError as error:
         # a model command's path that cannot be read or written, a full disk: the OS names the file. A streaming
         # worker's OSError (Redis gone) is a runtime failure, not bad input: exit 2 would stop systemd restarting it
@@ -337,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 MODEL_COMMANDS = ("fit", "score", "evaluate", "calibrate", "demo")
+REDIS_LOST_EXIT = 1
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -2,7 +2,7 @@
 
 Redis (configured and reachable, else embedded) -> demo line from scikit-image textures -> model (fitted unless
 ``--model``) announced on the line's model key -> sink, scoring worker(s) and ingest started as separate
-processes (``python -m workers.stream_commands ...``, logs in ``OUT/logs/``) -> live progress from the decisions
+processes (``python -m workers.cli ...``, logs in ``OUT/logs/``) -> live progress from the decisions
 stream -> stop after ``--frames`` decisions or Ctrl-C -> children drained with SIGTERM -> summary with AUROC on the
 demo's known defects. Heatmaps of failed frames land in ``OUT/heatmaps/``.
 """
@@ -33,7 +33,7 @@ from pipeline.streams import LineKeys, StreamClient
 if TYPE_CHECKING:
     from models.synthetic import DemoLine
 
-CHILD_MODULE = "workers.stream_commands"
+CHILD_MODULE = "workers.cli"
 RUN_TAG = "demo_run"
 
 

@@ -3,7 +3,8 @@
 ``add_stream_commands(subparsers)`` registers them; each sets ``func(args) -> exit code``. Every command takes
 ``--config PATH`` (defaults plus environment overrides when omitted). Workers need a Redis URL (``REDIS_URL`` or
 ``redis.url``); only ``run`` starts an embedded Redis when none is configured or reachable.
-``python -m workers.stream_commands ...`` runs them without the rest of the CLI (``run`` starts its children so).
+``workers.cli.main`` runs them and turns their errors into exit codes, one way for every command: a configuration
+error exits 2, a worker that gave up on Redis (``StreamsUnavailable``) exits 1 so that its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def _redis_url(config: Config) -> str:
     return config.redis.url
 
 
+def _one_shot_client(config: Config) -> StreamClient:
+    """A client for commands an operator runs and waits for (check, promote): it gives up on an unreachable Redis
+    after ``redis.connect_timeout_s`` (``StreamsUnavailable``, exit 1) instead of waiting for it as a worker does."""
+    client = StreamClient(_redis_url(config), config.redis, config.streams)
+    client.retry_deadline = time.monotonic() + config.redis.connect_timeout_s
+    return client
+
+
 def _line(args: argparse.Namespace, config: Config) -> str:
     return str(args.line or config.worker.line_id)
 
@@ -54,17 +63,6 @@ def _log_level(args: argparse.Namespace) -> str:
     return "DEBUG" if getattr(args, "verbose", False) else "INFO"
 
 
-REDIS_LOST_EXIT = 1  # a runtime failure a supervisor restarts (2 is a configuration error, which it does not)
-
-
-def _redis_lost(role: str, error: StreamsUnavailable) -> int:
-    """A worker that gave up on Redis (told to stop during an outage, or past a retry deadline): one line, exit 1.
-    What it held stays pending in Redis, redelivered to it (same name) or claimed by its peers."""
-    logger.error("redis unreachable, exiting; entries in hand stay pending for redelivery", extra={"error": str(error)})
-    print(f"lineinspect {role}: error: {error}", file=sys.stderr)
-    return REDIS_LOST_EXIT
-
-
 def cmd_score_worker(args: argparse.Namespace) -> int:
     from workers.score import ModelSlot, ScoreWorker, limit_threads, load_model
 
@@ -73,19 +71,16 @@ def cmd_score_worker(args: argparse.Namespace) -> int:
     name = args.name or default_worker_name("score")
     setup_logging("score", _log_level(args), worker=name)
     line_id = _line(args, config)
-    try:
-        with WorkerRuntime(config, _redis_url(config), "score", name, config.worker.health_port) as runtime:
-            install_stop_handlers(runtime.stop)
-            runtime.heartbeat.beat("starting", force=True, line=line_id)
-            models = ModelSlot(
-                runtime,
-                LineKeys(config.streams.prefix, line_id),
-                load_model(config.model.device),
-                args.model or config.worker.model_dir,
-            )
-            ScoreWorker(runtime, line_id, models).run()
-    except StreamsUnavailable as error:
-        return _redis_lost(SCORE_WORKER_COMMAND, error)
+    with WorkerRuntime(config, _redis_url(config), "score", name, config.worker.health_port) as runtime:
+        install_stop_handlers(runtime.stop)
+        runtime.heartbeat.beat("starting", force=True, line=line_id)
+        models = ModelSlot(
+            runtime,
+            LineKeys(config.streams.prefix, line_id),
+            load_model(config.model.device),
+            args.model or config.worker.model_dir,
+        )
+        ScoreWorker(runtime, line_id, models).run()
     return 0
 
 
@@ -97,12 +92,9 @@ def cmd_sink(args: argparse.Namespace) -> int:
     setup_logging("sink", _log_level(args), worker=name)
     _one_opencv_thread()
     port = config.sink.metrics_port
-    try:
-        with WorkerRuntime(config, _redis_url(config), "sink", name, port, port_setting="sink.metrics_port") as runtime:
-            install_stop_handlers(runtime.stop)
-            SinkWorker(runtime, _line(args, config)).run()
-    except StreamsUnavailable as error:
-        return _redis_lost("sink", error)
+    with WorkerRuntime(config, _redis_url(config), "sink", name, port, port_setting="sink.metrics_port") as runtime:
+        install_stop_handlers(runtime.stop)
+        SinkWorker(runtime, _line(args, config)).run()
     return 0
 
 
@@ -124,20 +116,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if len(metadata) != len(args.metadata):
         msg = f"--metadata takes KEY=VALUE, got {args.metadata}"
         raise ValueError(msg)
-    try:
-        with WorkerRuntime(config, _redis_url(config), "ingest", name, config.worker.health_port) as runtime:
-            install_stop_handlers(runtime.stop)
-            Ingestor(runtime, _line(args, config), sources, args.frames, metadata).run()
-    except StreamsUnavailable as error:
-        return _redis_lost("ingest", error)
+    with WorkerRuntime(config, _redis_url(config), "ingest", name, config.worker.health_port) as runtime:
+        install_stop_handlers(runtime.stop)
+        Ingestor(runtime, _line(args, config), sources, args.frames, metadata).run()
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit 0 when at least one matching worker has a fresh, healthy heartbeat in Redis, else 1."""
     config = _config(args)
-    client = StreamClient(_redis_url(config), config.redis, config.streams)
-    client.retry_deadline = time.monotonic() + config.redis.connect_timeout_s
+    client = _one_shot_client(config)
     try:
         statuses = client.read_health(config.streams.prefix)
     except ConnectionError as error:
@@ -176,7 +164,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         print(f"error: {model_dir} was not promoted: it has no threshold (run `lineinspect calibrate` first)",
               file=sys.stderr)  # fmt: skip
         return 2
-    client = StreamClient(_redis_url(config), config.redis, config.streams)
+    client = _one_shot_client(config)
     keys = LineKeys(config.streams.prefix, _line(args, config))
     client.set_model_dir(keys, str(model_dir))
     print(f"{keys.model} = {model_dir} (model {manifest['model_id']})")
@@ -196,9 +184,9 @@ def cmd_record(args: argparse.Namespace) -> int:
         counts = record_line(
             client, LineKeys(config.streams.prefix, _line(args, config)), Path(args.out), stop, args.frames
         )
-    except StreamsUnavailable as error:  # the recording keeps what it had, closed with its end record
-        print(f"lineinspect record: error: {error}; {args.out} holds what was recorded before", file=sys.stderr)
-        return REDIS_LOST_EXIT
+    except StreamsUnavailable:  # the recording keeps what it had, closed with its end record; cli.main exits 1
+        print(f"lineinspect record: {args.out} holds what was recorded before Redis was lost", file=sys.stderr)
+        raise
     unusable = f" ({counts.skipped} unusable entries skipped, see the log)" if counts.skipped else ""
     print(f"recorded {counts.frames} frames and {counts.decisions} decisions to {args.out}{unusable}")
     if counts.trimmed:
@@ -316,19 +304,3 @@ def add_stream_commands(subparsers: argparse._SubParsersAction) -> None:  # type
     _common(promote)
     promote.add_argument("--model", required=True, help="model directory")
     promote.set_defaults(func=cmd_promote)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lineinspect")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
-    add_stream_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (ConfigError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

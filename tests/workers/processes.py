@@ -12,7 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class WorkerProcesses:
-    """Launches ``python -m workers.stream_commands ...`` children sharing one environment; kills leftovers."""
+    """Launches ``python -m workers.cli ...`` children sharing one environment; kills leftovers."""
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
         self.env = env
@@ -22,7 +22,7 @@ class WorkerProcesses:
     def start(self, *args: str) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{'-'.join(args[:4]).replace('/', '_')}.log").open("ab")
         process = subprocess.Popen(
-            [sys.executable, "-m", "workers.stream_commands", *args],
+            [sys.executable, "-m", "workers.cli", *args],
             cwd=REPO_ROOT,
             env=self.env,
             stdout=log,

@@ -34,7 +34,7 @@ def test_run_fits_streams_and_summarises_the_demo_line(tmp_path: Path, redis_url
         [
             sys.executable,
             "-m",
-            "workers.stream_commands",
+            "workers.cli",
             "run",
             "--frames",
             "24",
@@ -79,7 +79,7 @@ def test_ctrl_c_drains_the_workers_and_still_prints_the_summary(tmp_path: Path, 
         [
             sys.executable,
             "-m",
-            "workers.stream_commands",
+            "workers.cli",
             "run",
             "--frames",
             "0",

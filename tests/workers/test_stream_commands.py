@@ -15,7 +15,8 @@ from models.artifact import _write_manifest, read_manifest
 from pipeline.config import RedisSettings, StreamSettings
 from pipeline.streams import LineKeys, StreamClient, health_key
 from tests.workers.conftest import TinyLine
-from workers.stream_commands import SCORE_WORKER_COMMAND, add_stream_commands, main
+from workers.cli import main
+from workers.stream_commands import SCORE_WORKER_COMMAND, add_stream_commands
 
 
 @pytest.fixture
@@ -69,6 +70,21 @@ def test_promote_announces_only_models_that_load(
     assert read_manifest(tiny_line.model_dir)["model_id"] in capsys.readouterr().out
 
 
+def test_promote_gives_up_on_an_unreachable_redis_with_one_line_and_exit_1(
+    tiny_line: TinyLine, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An operator's one-shot command must not wait for Redis forever as a worker does; exit 1, as every command
+    that loses Redis (cli.main turns StreamsUnavailable into it)."""
+    with socket.socket() as placeholder:  # a port nothing listens on
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    monkeypatch.setenv("LINEINSPECT__REDIS__CONNECT_TIMEOUT_S", "0.5")
+    assert main(["promote", "--line", "line-1", "--model", str(tiny_line.model_dir)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and errors[0].startswith("lineinspect promote: error: "), errors
+
+
 def test_workers_refuse_to_start_without_redis(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -119,26 +135,23 @@ def test_every_command_is_registered_with_a_handler() -> None:
         assert callable(args.func) and args.config is None
 
 
-@pytest.mark.parametrize("entry", ["workers.stream_commands", "workers.cli"])
 def test_verbose_flag_turns_on_the_workers_debug_logs(
-    entry: str,
     client: StreamClient,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from workers import cli, sink
+    from workers import sink
 
     monkeypatch.setenv("LINEINSPECT__SINK__METRICS_PORT", "0")
     monkeypatch.setenv("LINEINSPECT__SINK__HEATMAP_DIR", str(tmp_path))
     monkeypatch.setattr(sink.SinkWorker, "run", lambda self: logging.getLogger("workers.sink").debug("debug is on"))
-    run = main if entry == "workers.stream_commands" else cli.main
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
-        assert run(["sink", "--name", "quiet"]) == 0
+        assert main(["sink", "--name", "quiet"]) == 0
         assert "debug is on" not in capsys.readouterr().err
-        assert run(["-v", "sink", "--name", "verbose"]) == 0
+        assert main(["-v", "sink", "--name", "verbose"]) == 0
         logs = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
         assert {"msg": "debug is on", "level": "debug", "role": "sink", "worker": "verbose"}.items() <= next(
             log for log in logs if log["msg"] == "debug is on"

@@ -88,7 +88,7 @@ def start_workers(env: dict[str, str], model_dir: Path, workers: int, logs: Path
     ]
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "workers.stream_commands", *command, "--line", LINE],
+            [sys.executable, "-m", "workers.cli", *command, "--line", LINE],
             env=env,
             cwd=REPO_ROOT,
             stdout=(logs / f"{command[2]}.log").open("wb"),
@@ -173,7 +173,7 @@ def start_ingest(
     env: dict[str, str], images_dir: Path, frames: int, max_fps: float | None, run_id: str, logs: Path
 ) -> subprocess.Popen[bytes]:
     command = [
-        sys.executable, "-m", "workers.stream_commands", "ingest", "--line", LINE,
+        sys.executable, "-m", "workers.cli", "ingest", "--line", LINE,
         "--source", f"bench=loop-folder:{images_dir}", "--frames", str(frames),
         "--metadata", f"bench_run={run_id}", "--name", f"bench-ingest-{run_id}",
     ]  # fmt: skip

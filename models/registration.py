@@ -26,6 +26,7 @@ scaled to ``S``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,7 +213,9 @@ def _registered_median(images: Sequence[np.ndarray], poses: Sequence[np.ndarray]
         moved, inside = _warp_with_mask(image.astype(np.float32), scaled(pose, width, height))
         reflected.append(moved)
         shown.append(np.where(inside.reshape(inside.shape + (1,) * (moved.ndim - 2)), moved, np.nan))
-    median = np.nanmedian(np.stack(shown), axis=0) if len(shown) else np.empty(0)
+    with warnings.catch_warnings():  # pixels no frame shows are expected: filled from the reflections below
+        warnings.filterwarnings("ignore", "All-NaN slice encountered", RuntimeWarning)
+        median = np.nanmedian(np.stack(shown), axis=0) if len(shown) else np.empty(0)
     median = np.where(np.isnan(median), np.median(np.stack(reflected), axis=0), median)
     return median.astype(images[0].dtype) if images[0].dtype != np.uint8 else median.round().astype(np.uint8)
 

@@ -211,11 +211,12 @@ def bounded_coreset(reservoir: PatchReservoir, rows: int, projection_dim: int = 
     """Greedy k-center coreset of ``rows`` entries chosen from the reservoir's sample."""
     pool = reservoir.sample()
     if rows >= pool.shape[0]:
-        warnings.warn(
-            f"only {pool.shape[0]} patches were sampled for a {rows}-row bank: the bank keeps all of them. "
-            "Fit on more good images for the configured compression_ratio.",
-            stacklevel=2,
-        )
+        if rows > pool.shape[0]:  # exactly as many (8 images at ratio 8) is the bank the ratio asks for
+            warnings.warn(
+                f"only {pool.shape[0]} patches were sampled for a {rows}-row bank: the bank keeps all of them. "
+                "Fit on more good images for the configured compression_ratio.",
+                stacklevel=2,
+            )
         return MemoryBank(np.ascontiguousarray(pool), "bounded_coreset")
     chosen = coreset_select(pool, rows / pool.shape[0], projection_dim, seed, on_step)[:rows]
     return MemoryBank(np.ascontiguousarray(pool[chosen]), "bounded_coreset")

@@ -1,3 +1,4 @@
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,9 @@ def test_bounded_coreset_with_fewer_patches_than_rows_keeps_them_all() -> None:
     reservoir.add(_images(1, patches=20)[0])
     with pytest.warns(UserWarning, match="only 20 patches were sampled for a 32-row bank"):
         assert bounded_coreset(reservoir, rows=32).rows == 20
+    with warnings.catch_warnings():  # as many patches as rows (8 images at ratio 8): the bank asked for, no warning
+        warnings.simplefilter("error")
+        assert bounded_coreset(reservoir, rows=20).rows == 20
 
 
 def test_coreset_selection_equals_a_brute_force_greedy_k_center() -> None:

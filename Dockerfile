@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# lineinspect worker image, two flavours from one file (deploy/README.md, "Containers"):
+# lineinspect worker image, two flavours from one file (deploy/README.md, "Docker Compose (one host)"):
 #   docker build --build-arg BASE=slim -t lineinspect:slim .                  # ingest and sink: python slim, CPU torch
 #   docker build --build-arg BASE=cuda --build-arg EXTRAS=gpu -t lineinspect:cuda .   # scoring workers: CUDA runtime
 # BuildKit builds only the stages the chosen BASE needs. The entrypoint is the `lineinspect` CLI; the container's

@@ -20,8 +20,8 @@ if [ ! -f "$stamp" ]; then
 fi
 if [ "${1:-}" = "test" ]; then
   shift
-  "$VENV/bin/ruff" check pipeline workers models tests benchmarks
-  "$VENV/bin/mypy" pipeline workers models benchmarks tests
+  "$VENV/bin/ruff" check .   # every Python file, deploy/ scripts included
+  "$VENV/bin/mypy" .
   exec "$VENV/bin/pytest" -q "$@"
 fi
 exec "$VENV/bin/lineinspect" "$@"

@@ -22,6 +22,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from pipeline.codec import CodecErrorReason
 from pipeline.config import Config, load_config
+from pipeline.messages import Decision, Frame
 from pipeline.metrics import Metrics
 from pipeline.streams import DEAD_LETTER_PAYLOAD_BYTES, LineKeys, health_key
 from tests.workers.processes import REPO_ROOT
@@ -216,6 +217,16 @@ def test_the_readmes_redis_key_table_is_what_the_streams_module_uses() -> None:
     keys = LineKeys("P", "L")
     used = {keys.frames, keys.results, keys.decisions, keys.deadletter, keys.model, keys.published("<frame_id>")}
     assert documented == used | {health_key("P", "<role>", "<name>")}
+
+
+def test_the_readmes_frame_table_has_the_frames_fields_and_the_decision_fields_it_names_exist() -> None:
+    section = readme_section("### Publishing frames from your own software", "### Metrics")
+    rows = re.findall(r"^\| (`[^|]+) \|", section, re.M)
+    documented = {name for row in rows for name in re.findall(r"`(\w+)`", row)}
+    assert documented == set(Frame.model_fields)
+    decisions = section.split("Each frame's decision arrives", 1)[1].split("When the line is behind", 1)[0]
+    named = set(re.findall(r"`([a-z_]+)`", decisions)) - {"pass", "fail", "error", "payload"}
+    assert named and named <= set(Decision.model_fields), sorted(named - set(Decision.model_fields))
 
 
 def quoted_list(text: str, start: str) -> set[str]:

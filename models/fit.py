@@ -4,12 +4,15 @@ Two deterministic slices of the good images (chosen by hashes of the file name) 
 training: with ``scoring.normalise_positions``, ``scoring.normalisation_fraction`` of them give the per-pixel
 statistics of good maps (``models.normalisation``); then ``holdout_fraction`` of them, scored with those
 statistics, set the initial pass/fail threshold at the configured false-reject rate, so a freshly fitted model can
-make verdicts at once; ``lineinspect calibrate`` refines it on more good images. Each ``[fusion]`` member is fitted
-the same way on the same slices, with its own position statistics; the threshold is set on the fused scores.
-Unreadable images are skipped with a warning; fitting fails only when no valid image is left. With ``[model]
-intensity = "auto"`` the good images outside the threshold slice first choose standardised or raw frames
-(``models.intensity``) and, with ``registration`` on or "auto", a reference pose that every frame is moved into
-(``models.registration``); the model stores both choices and how they were made.
+make verdicts at once; ``lineinspect calibrate`` refines it on more good images. Few images: a threshold slice of
+fewer than 2 (its threshold would fail about half of all good parts) is fitted on instead and the model has no
+threshold, and no slice is kept out that would leave fewer than 2 images to fit (``MIN_FIT_IMAGES``); thresholds
+from fewer than 20 images are unreliable and say so (``models.threshold``, benchmarks/RESULTS.md section 7). Each
+``[fusion]`` member is fitted the same way on the same slices, with its own position statistics; the threshold is
+set on the fused scores. Unreadable images are skipped with a warning; fitting fails only when no valid image is
+left. With ``[model] intensity = "auto"`` the good images outside the threshold slice first choose standardised or
+raw frames (``models.intensity``) and, with ``registration`` on or "auto", a reference pose that every frame is
+moved into (``models.registration``); the model stores both choices and how they were made.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,11 +36,12 @@ from models.methods import method_class
 from models.normalisation import PositionStatsBuilder
 from models.registration import Registration, choose_registration
 from models.scorer import Scorer, TrainingSummary, preprocess, resolve_device
-from models.threshold import false_reject_threshold
+from models.threshold import MIN_GOOD_IMAGES, RELIABLE_GOOD_IMAGES, false_reject_threshold
 from models.tiling import tile_count
 from pipeline.config import Config, IntensitySetting, Resize
 
 log = logging.getLogger(__name__)
+MIN_FIT_IMAGES = 2  # PaDiM, N-pad and the Gaussian method estimate covariances: no slice is kept out below this
 
 
 def holdout_split(paths: Sequence[Path], fraction: float, salt: str = "") -> tuple[list[Path], list[Path]]:
@@ -154,6 +159,15 @@ def fit_scorer(
         msg = "no training images given"
         raise ValueError(msg)
     fit_paths, holdout_paths = holdout_split(image_paths, holdout_fraction)
+    if len(holdout_paths) < MIN_GOOD_IMAGES or len(fit_paths) < MIN_FIT_IMAGES:
+        if holdout_fraction > 0:
+            rate = config.threshold.false_reject_rate
+            log.warning("%d good images: %d would be kept out for a first threshold, which needs %d or more and %d "
+                        "left to fit; all %d are fitted and the model has no threshold: run `lineinspect calibrate` "
+                        "on at least %d good images it has not seen (%d measure a %.1f%% false-reject rate)",
+                        len(image_paths), len(holdout_paths), MIN_GOOD_IMAGES, MIN_FIT_IMAGES, len(image_paths),
+                        RELIABLE_GOOD_IMAGES, math.ceil(1 / rate), 100 * rate)  # fmt: skip
+        fit_paths, holdout_paths = list(image_paths), []
     intensity_choice = ""
     if config.model.intensity == "auto":
         choice = choose_intensity(fit_paths)
@@ -171,12 +185,11 @@ def fit_scorer(
     config = config.model_copy(update={"model": config.model.model_copy(update={"registration": resolved})})
     scoring = config.scoring
     normalisation_fraction = scoring.normalisation_fraction if scoring.normalise_positions else 0.0
-    fit_paths, normalisation_paths = holdout_split(fit_paths, normalisation_fraction, salt="position-stats:")
-    if len(fit_paths) < 2 and (holdout_paths or normalisation_paths):
-        msg = (f"{len(image_paths)} good images are too few: {len(holdout_paths)} kept out for the threshold and "
-               f"{len(normalisation_paths)} for position statistics leave {len(fit_paths)} to fit, and at least 2 "
-               "are needed (give more good images; tens to hundreds make a useful model)")  # fmt: skip
-        raise ValueError(msg)
+    remaining, normalisation_paths = holdout_split(fit_paths, normalisation_fraction, salt="position-stats:")
+    if len(remaining) >= MIN_FIT_IMAGES:  # else none are kept out, and _fit_one warns that maps stay unnormalised
+        fit_paths = remaining
+    else:
+        normalisation_paths = []
     skipped: list[str] = []
     registered = registration.registration
     scorer = _fit_one(config, fit_paths, normalisation_paths, progress, skipped, source, registered)
@@ -192,8 +205,11 @@ def fit_scorer(
     if holdout_paths:
         good_scores = score_paths(scorer, holdout_paths, config.scoring.batch_size, progress,
                                   "fit: calibrating on held-out good", skipped)  # fmt: skip
-        if good_scores.size:
+        if good_scores.size >= MIN_GOOD_IMAGES:
             scorer.threshold = false_reject_threshold(good_scores, config.threshold.false_reject_rate)
+        else:
+            log.warning("only %d of the %d good images kept out for the threshold could be read: the model has no "
+                        "threshold; run `lineinspect calibrate`", good_scores.size, len(holdout_paths))  # fmt: skip
     fit_seconds = round(time.perf_counter() - started, 3)
     scorer.training = dataclasses.replace(scorer.training, skipped=skipped, fit_seconds=fit_seconds,
                                           intensity_choice=intensity_choice,

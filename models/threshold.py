@@ -14,19 +14,26 @@ import numpy as np
 
 from models.scorer import Threshold
 
+MIN_GOOD_IMAGES = 2  # one score has no spread for a margin: its threshold would fail half of all good parts
+RELIABLE_GOOD_IMAGES = 20  # fewer: thresholds rejected 1-50% of other good images on validation (RESULTS.md 7)
+
 
 def false_reject_threshold(good_scores: np.ndarray, false_reject_rate: float) -> Threshold:
     """Smallest threshold that rejects at most ``false_reject_rate`` of ``good_scores``.
 
     With fewer than ``1 / false_reject_rate`` good images the rate cannot be resolved: the threshold is then the
-    largest good score plus a margin of one inter-quartile range, and a warning says so.
+    largest good score plus a margin of one inter-quartile range, and a warning says so (and, below
+    ``RELIABLE_GOOD_IMAGES``, how many good parts such thresholds rejected on validation). At least
+    ``MIN_GOOD_IMAGES`` are needed.
     """
-    scores = np.sort(np.asarray(good_scores, dtype=np.float64))
-    if scores.size == 0:
-        msg = "calibration needs at least one good image"
-        raise ValueError(msg)
     if not 0 < false_reject_rate < 1:
         msg = f"false_reject_rate must be in (0, 1), got {false_reject_rate}"
+        raise ValueError(msg)
+    scores = np.sort(np.asarray(good_scores, dtype=np.float64))
+    if scores.size < MIN_GOOD_IMAGES:
+        msg = (f"a threshold needs at least {MIN_GOOD_IMAGES} good images, got {scores.size}: one image's score "
+               f"has no spread to set a margin from, and a threshold at it fails about half of all good parts "
+               f"(use at least {RELIABLE_GOOD_IMAGES} good images the model has not seen)")  # fmt: skip
         raise ValueError(msg)
     # rounded first: a decimal rate times a count is often just below the integer it stands for in binary floats
     # (0.009 x 3000 = 26.999999999999996 would allow 26 rejects, not 27)
@@ -34,9 +41,14 @@ def false_reject_threshold(good_scores: np.ndarray, false_reject_rate: float) ->
     if allowed_rejects == 0:
         spread = float(np.subtract(*np.percentile(scores, [75, 25]))) if scores.size > 1 else 0.0
         value = float(scores[-1] + max(spread, 1e-6 * abs(scores[-1]), 1e-9))
+        unreliable = ""
+        if scores.size < RELIABLE_GOOD_IMAGES:
+            unreliable = (f" From fewer than {RELIABLE_GOOD_IMAGES} good images such a threshold is unreliable: on "
+                          "validation, thresholds from 2 good images rejected 23% of other good images on average, "
+                          "from 5 about 6%, from 10 about 2% (benchmarks/RESULTS.md section 7).")  # fmt: skip
         warnings.warn(
             f"{scores.size} good images cannot resolve a false-reject rate of {false_reject_rate:.2%}; "
-            f"threshold set just above the largest good score ({value:.4f}). Calibrate with at least "
+            f"threshold set just above the largest good score ({value:.4f}).{unreliable} Calibrate with at least "
             f"{math.ceil(1 / false_reject_rate)} good images.",
             stacklevel=2,
         )

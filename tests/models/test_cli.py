@@ -1,6 +1,7 @@
 """The model commands end to end on a small demo line: fit, score, calibrate, evaluate."""
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -173,15 +174,20 @@ def test_an_output_that_cannot_be_a_directory_is_a_one_line_error(
     assert f"report directory {taken} exists and is not a directory" in error and "Traceback" not in error
 
 
-def test_fit_says_when_the_held_out_slices_leave_too_few_images(demo_line: DemoLine, tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_fit_on_too_few_images_for_its_held_out_slices_fits_them_all_and_says_to_calibrate(
+    demo_line: DemoLine, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     good = tmp_path / "good"
     good.mkdir()
     for path in sorted(demo_line.train_dir.iterdir())[:3]:
         shutil.copy(path, good / path.name)
-    code = main(["fit", "--good", str(good), "--out", str(tmp_path / "m"), "--holdout", "0.4", "--quiet"])
-    assert code == 2
-    assert "3 good images are too few" in capsys.readouterr().err
+    (tmp_path / "config.toml").write_text(TINY_TOML)
+    with caplog.at_level(logging.WARNING):
+        code = main(["fit", "--good", str(good), "--config", str(tmp_path / "config.toml"), "--out",
+                     str(tmp_path / "m"), "--holdout", "0.4", "--quiet"])  # fmt: skip
+    assert code == 0 and "from 3 images" in capsys.readouterr().out
+    assert "all 3 are fitted and the model has no threshold: run `lineinspect calibrate`" in caplog.text
+    assert json.loads((tmp_path / "m" / "manifest.json").read_text())["threshold"] is None
 
 
 def test_calibrate_refuses_the_folder_the_model_was_fitted_on(demo_line: DemoLine, tmp_path: Path,

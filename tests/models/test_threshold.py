@@ -19,10 +19,25 @@ def test_works_with_good_images_only_and_never_flags_everything() -> None:
 
 
 def test_invalid_calibration_inputs() -> None:
-    with pytest.raises(ValueError, match="at least one good"):
+    with pytest.raises(ValueError, match="at least 2 good images, got 0"):
         false_reject_threshold(np.array([]), 0.01)
     with pytest.raises(ValueError, match="false_reject_rate"):
         false_reject_threshold(np.array([1.0]), 1.5)
+
+
+def test_one_good_score_sets_no_threshold() -> None:
+    # its threshold would be that score: about half of all good parts fail it
+    with pytest.raises(ValueError, match="a threshold needs at least 2 good images, got 1"):
+        false_reject_threshold(np.array([3.0]), 0.005)
+
+
+def test_fewer_than_20_good_images_are_called_unreliable_and_more_are_not() -> None:
+    with pytest.warns(UserWarning, match="From fewer than 20 good images such a threshold is unreliable"):
+        false_reject_threshold(np.arange(19.0), 0.005)
+    with pytest.warns(UserWarning) as caught:
+        false_reject_threshold(np.arange(20.0), 0.005)
+    assert len(caught) == 1 and "cannot resolve" in str(caught[0].message)
+    assert "unreliable" not in str(caught[0].message)
 
 
 def test_best_f1_separates_separable_scores() -> None:

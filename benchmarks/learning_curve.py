@@ -141,7 +141,7 @@ def plot(results: list[dict], set_names: list[str], rate: float, path: Path) -> 
         by_k = sorted((int(k), v) for k, v in result["threshold_from_k"].items())
         right.plot([k for k, _ in by_k], [100 * v[0] for _, v in by_k], "-o", label=f"model of N = {result['n']}")
     right.axhline(100 * rate, color="grey", linestyle=":", label=f"target {rate:.1%}")
-    right.set(xscale="log", yscale="log", xlabel="good images the threshold is set from (k)",
+    right.set(xscale="log", xlabel="good images the threshold is set from (k)",
               ylabel="false rejects on other good images (%)", title="threshold from k good images (mean)")  # fmt: skip
     right.legend(fontsize=8)
     right.grid(alpha=0.3)

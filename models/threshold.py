@@ -45,7 +45,7 @@ def false_reject_threshold(good_scores: np.ndarray, false_reject_rate: float) ->
         if scores.size < RELIABLE_GOOD_IMAGES:
             unreliable = (f" From fewer than {RELIABLE_GOOD_IMAGES} good images such a threshold is unreliable: on "
                           "validation, thresholds from 2 good images rejected 23% of other good images on average, "
-                          "from 5 about 6%, from 10 about 2% (benchmarks/RESULTS.md section 7).")  # fmt: skip
+                          "from 5 about 7%, from 10 about 2% (benchmarks/RESULTS.md section 7).")  # fmt: skip
         warnings.warn(
             f"{scores.size} good images cannot resolve a false-reject rate of {false_reject_rate:.2%}; "
             f"threshold set just above the largest good score ({value:.4f}).{unreliable} Calibrate with at least "

@@ -24,6 +24,7 @@ def test_a_threshold_slice_of_one_image_is_fitted_on_and_the_model_says_it_has_n
     assert scorer.threshold is None
     statistics = scorer.position_stats.images if scorer.position_stats else 0
     assert scorer.training.images + statistics == 3
+    assert "3 good images are few: on MTD's validation split the default model's image AUROC" in caplog.text
     assert "3 good images: 1 would be kept out for a first threshold" in caplog.text
     assert "the model has no threshold: run `lineinspect calibrate` on at least 20 good images" in caplog.text
 

@@ -494,6 +494,12 @@ class WorkerSettings(_Section):
     )  # fmt: skip
     stale_after_ms: int | None = Field(default=None, ge=1, description="Skip frames older than this; None scores all.")
     drain_timeout_s: float = Field(default=25.0, gt=0)
+    max_batch_duration_s: float = Field(
+        default=120.0, gt=0,
+        description="How long a scoring worker may spend on one batch before it is taken for hung. Until then a slow "
+        "batch keeps its frames from peers' claims and /healthz at 200; past it the worker stops both: a peer claims "
+        "the frames streams.claim_idle_ms later, /healthz and /livez turn 503 15 s later.",
+    )  # fmt: skip
     health_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
 
 

@@ -1,5 +1,9 @@
 """Worker liveness: a ``Heartbeat`` (in-process state + Redis key with a TTL) and an HTTP server for it.
 
+The worker's loop beats between steps; during one long step (a batch being scored) ``workers.in_hand.InHand``
+refreshes the beat from its own thread, but only up to ``worker.max_batch_duration_s``, so a hung model still turns
+the worker unhealthy.
+
 The HTTP server answers ``/healthz`` (readiness: 200 when the heartbeat is fresh, else 503; JSON body), ``/livez``
 (liveness: as ``/healthz``, but also 200 while the worker is waiting for an unreachable Redis, since restarting it
 cannot bring Redis back and a restarted worker reloads its model and loops in back-off once Redis returns) and
@@ -34,6 +38,7 @@ class Heartbeat:
         self.state = "starting"
         self.last_beat = time.monotonic()
         self._last_write = 0.0
+        self._busy: dict[str, Any] = {}  # fields of a refresh during a long step, shown until the next beat
         self._lock = threading.Lock()
 
     def beat(self, state: str = "ok", force: bool = False, **fields: Any) -> None:
@@ -41,18 +46,30 @@ class Heartbeat:
         with self._lock:
             self.state = state
             self.status.update(fields)
+            self._busy = {}
+        self._record(force)
+
+    def refresh(self, **busy_fields: Any) -> None:
+        """Beat for a loop that is busy on one long step, from another thread: the state stays what the loop last
+        beat, and ``busy_fields`` (e.g. how long the step has taken) are shown until its next ``beat``."""
+        with self._lock:
+            self._busy = busy_fields
+        self._record(force=False)
+
+    def _record(self, force: bool) -> None:
+        with self._lock:
             self.last_beat = time.monotonic()
             if not force and self.last_beat - self._last_write < 1.0:
                 return
             self._last_write = self.last_beat
-            status = {**self.status, "state": state, "updated_at": time.time()}
+            status = {**self.status, **self._busy, "state": self.state, "updated_at": time.time()}
         self.client.write_health(self.key, status, self.ttl_s)
 
     def healthy(self) -> tuple[bool, dict[str, Any]]:
         with self._lock:
             age_s = time.monotonic() - self.last_beat
             ok = self.state in ("ok", "draining", "starting") and age_s < self.ttl_s
-            return ok, {**self.status, "state": self.state, "seconds_since_beat": round(age_s, 3)}
+            return ok, {**self.status, **self._busy, "state": self.state, "seconds_since_beat": round(age_s, 3)}
 
     def alive(self) -> tuple[bool, dict[str, Any]]:
         """``healthy()``, or waiting for Redis: the loop stopped beating because a Redis call is retrying through an

@@ -41,6 +41,7 @@ T = TypeVar("T")
 PAYLOAD = "payload"
 SCORER_GROUP = "scorers"
 SINK_GROUP = "sinks"
+ENTRY_TRIMMED = "entry_trimmed"  # dead-letter reason: an entry trimmed from its stream while pending, before claimed
 # A dead letter keeps at most this much of its payload: enough to see what an entry was, while rejected 20 MB frames
 # do not fill Redis (the dead-letter stream holds up to ~streams.maxlen entries).
 DEAD_LETTER_PAYLOAD_BYTES = 64 * 1024
@@ -71,25 +72,58 @@ return {redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV
 """
 
 # Claim a group's entries idle at least ARGV[3] ms (at most ARGV[4]) for consumer ARGV[2] of group ARGV[1], in one
-# atomic step. Returns {ids of those no longer in the stream (trimmed), XCLAIM's reply for the others}. Atomic, so
-# an idle entry is reported to one claimer only: with XPENDING and XCLAIM as two calls, two claimers both reported a
-# trimmed entry (XCLAIM drops it from the pending list, the second saw it gone too: two dead letters for one frame),
-# and an entry its owner acknowledged and deleted in between (the sink deletes acknowledged results) was reported
-# trimmed though it had been handled. The trimmed ids are passed to XCLAIM too, which removes them from the pending
-# list (Redis 7) or makes them this claimer's (older), so no peer reports them again.
+# atomic step. Those no longer in the stream (trimmed while pending) are dead-lettered here, each appended to KEYS[2]
+# (MAXLEN ~ ARGV[5]; reason ARGV[6], the fields of _dead_letter_fields for an entry without payload) and acknowledged
+# in the same step: handed back for the claimer to dead-letter in its next commit, they were lost without a trace
+# when it crashed in between (the claim had already taken them off the pending list). Returns {{id, detail} of each
+# dead-lettered entry, XCLAIM's reply for the others}. Atomic, so an idle entry is claimed or dead-lettered by one
+# claimer only (with XPENDING and XCLAIM as two calls two claimers both reported a trimmed entry), and an entry its
+# owner acknowledged and deleted meanwhile (the sink deletes acknowledged results) is not taken for trimmed.
 _CLAIM_IDLE = """
 local rows = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '-', '+', ARGV[4])
-if #rows == 0 then
-  return {{}, {}}
-end
-local ids, trimmed = {}, {}
+local claim, trimmed = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3]}, {}
 for _, row in ipairs(rows) do
-  table.insert(ids, row[1])
-  if #redis.call('XRANGE', KEYS[1], row[1], row[1]) == 0 then
-    table.insert(trimmed, row[1])
+  local id = row[1]
+  if #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+    local detail = 'trimmed from the stream while pending on ' .. row[2] .. ' (idle ' .. row[3] .. ' ms, delivered '
+      .. row[4] .. ' times); dead-lettered by ' .. ARGV[2] .. "'s claim"
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'reason', ARGV[6], 'detail', detail,
+               'source_stream', KEYS[1], 'source_entry_id', id, 'frame_id', '', 'payload', '')
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    table.insert(trimmed, {id, detail})
+  else
+    table.insert(claim, id)
   end
 end
-return {trimmed, redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(ids))}
+if #claim == 5 then
+  return {trimmed, {}}
+end
+return {trimmed, redis.call(unpack(claim))}
+"""
+
+# Keep entries in hand: reset the idle time of those of ARGV[3..] still pending on consumer ARGV[2] of group ARGV[1]
+# and still in the stream (XCLAIM to their owner, JUSTID: no delivery counted), so no peer claims a batch that is
+# merely slow. Checked and reset in one atomic step, so an entry a peer has claimed meanwhile is never taken back. A
+# trimmed entry is left as it is: XCLAIM would drop it from the pending list (Redis 7), and its dead letter with it
+# should the owner die. Returns the ids now pending on another consumer (claimed by a peer).
+_KEEP_CLAIMED = """
+local claim, taken = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}, {}
+for index = 3, #ARGV do
+  local id = ARGV[index]
+  local rows = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #rows > 0 then
+    if rows[1][2] ~= ARGV[2] then
+      table.insert(taken, id)
+    elseif #redis.call('XRANGE', KEYS[1], id, id) > 0 then
+      table.insert(claim, id)
+    end
+  end
+end
+if #claim > 5 then
+  table.insert(claim, 'JUSTID')
+  redis.call(unpack(claim))
+end
+return taken
 """
 
 # Finish a batch atomically: acknowledge ARGV[5] ids of KEYS[1] for group ARGV[1] (and delete them when ARGV[2] is
@@ -244,6 +278,15 @@ class DecisionToPublish:
 
 
 @dataclass(frozen=True)
+class Claimed:
+    """What ``claim_stale`` did: the idle entries it took over, to process, and the dead letters it has already
+    written (entries trimmed while pending), for the claimer's metrics and logs."""
+
+    entries: list[StreamEntry]
+    dead_letters: list[DeadLetter]
+
+
+@dataclass(frozen=True)
 class GroupStats:
     pending: int
     lag: int | None
@@ -312,6 +355,7 @@ class StreamClient:
         self._publish_once = self.redis.register_script(_PUBLISH_ONCE)
         self._forget_idle_consumers = self.redis.register_script(_FORGET_IDLE_CONSUMERS)
         self._claim_idle = self.redis.register_script(_CLAIM_IDLE)
+        self._keep_claimed = self.redis.register_script(_KEEP_CLAIMED)
         self._commit = self.redis.register_script(_COMMIT)
 
     def close(self) -> None:
@@ -492,30 +536,44 @@ class StreamClient:
         reply = self._call(lambda: self._in_group(stream, group, read), "read_own_pending")
         return self._with_deliveries(stream, group, self._entries(reply))
 
-    def claim_stale(self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int) -> list[StreamEntry]:
+    def claim_stale(
+        self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int, deadletter_stream: str
+    ) -> Claimed:
         """Take over entries pending longer than ``min_idle_ms`` on any consumer (e.g. a dead worker's).
 
-        Idle entries that were trimmed from the stream meanwhile come back with ``payload`` None (first), to be
-        dead-lettered: a killed worker's frames on a line that trims ``streams.maxlen`` entries within
-        ``claim_idle_ms`` would otherwise vanish. XPENDING (idle ones only) then XCLAIM, not XAUTOCLAIM: XAUTOCLAIM
-        drops trimmed entries from the pending list whatever their idle time, so it reported as lost the frames a
-        live worker had just read and was scoring, and lost for good those of a worker killed moments before. Both
-        run in one script (``_CLAIM_IDLE``), so each idle entry goes to one claimer only."""
+        Idle entries trimmed from the stream meanwhile (a killed worker's frames on a line that trims
+        ``streams.maxlen`` entries within ``claim_idle_ms``) are dead-lettered ``entry_trimmed`` to
+        ``deadletter_stream`` and acknowledged in the same atomic script (``_CLAIM_IDLE``), so a claimer that crashes
+        right after loses none, and each idle entry goes to one claimer only. XPENDING (idle ones only) then XCLAIM,
+        not XAUTOCLAIM: XAUTOCLAIM drops trimmed entries from the pending list whatever their idle time, so it
+        reported as lost the frames a live worker had just read and was scoring."""
 
         def claim() -> Any:
-            return self._claim_idle(keys=[stream], args=[group, consumer, min_idle_ms, count])
-
-        trimmed_ids, reply = self._call(lambda: self._in_group(stream, group, claim), "claim_stale")
-        trimmed = [StreamEntry(_text(entry_id), None) for entry_id in trimmed_ids]
-        gone = {entry.entry_id for entry in trimmed}
-        claimed = [StreamEntry(_text(entry_id), _payload_field(fields)) for entry_id, fields in reply
-                   if _text(entry_id) not in gone]  # fmt: skip
-        if trimmed:
-            logger.warning(
-                "pending entries were trimmed before they were claimed",
-                extra={"stream": stream, "count": len(trimmed), "first": trimmed[0].entry_id},
+            return self._claim_idle(
+                keys=[stream, deadletter_stream],
+                args=[group, consumer, min_idle_ms, count, self.settings.maxlen, ENTRY_TRIMMED],
             )
-        return trimmed + self._with_deliveries(stream, group, claimed)
+
+        trimmed, reply = self._call(lambda: self._in_group(stream, group, claim), "claim_stale")
+        letters = [DeadLetter(_text(entry_id), None, ENTRY_TRIMMED, _text(detail)) for entry_id, detail in trimmed]
+        claimed = [StreamEntry(_text(entry_id), _payload_field(fields)) for entry_id, fields in reply]
+        if letters:
+            logger.warning(
+                "pending entries were trimmed before they were claimed: dead-lettered",
+                extra={"stream": stream, "count": len(letters), "first": letters[0].entry_id},
+            )
+        return Claimed(self._with_deliveries(stream, group, claimed), letters)
+
+    def keep_claimed(self, stream: str, group: str, consumer: str, entry_ids: Sequence[str]) -> list[str]:
+        """Reset the idle time of ``entry_ids`` still pending on ``consumer`` (its batch in hand), so no peer's
+        ``claim_stale`` takes them while it is merely slow; returns those a peer has claimed. Never takes an entry
+        back from a peer, never counts a delivery, and leaves entries trimmed from the stream as they are
+        (``_KEEP_CLAIMED``); acknowledged ones are skipped."""
+        if not entry_ids:
+            return []
+        args = [group, consumer, *entry_ids]
+        reply = self._call(lambda: self._keep_claimed(keys=[stream], args=args), "keep_claimed")
+        return [_text(entry_id) for entry_id in reply]
 
     def forget_idle_consumers(self, stream: str, group: str, min_idle_ms: int, keep: str) -> list[str]:
         """Delete consumers (other than ``keep``) with no pending entries, idle at least ``min_idle_ms`` (0: none);

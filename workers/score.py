@@ -2,8 +2,10 @@
 
 Loop: re-read own pending entries first, then repeatedly collect a batch (``max_batch`` frames or ``max_wait_ms``),
 decode its pixels in a thread pool while the previous batch is on the model, score, and commit results, dead
-letters and acks in one transaction. Entries idle on dead consumers are claimed every ``claim_idle_ms / 2``; an
-entry delivered more than ``max_deliveries`` times is dead-lettered. A frame that cannot be decoded gets a dead-letter
+letters and acks in one transaction. Entries idle on dead consumers are claimed every ``claim_idle_ms / 2`` (those
+trimmed meanwhile are dead-lettered by the claim itself); an entry delivered more than ``max_deliveries`` times is
+dead-lettered. The entries in hand are kept from peers' claims, and the heartbeat fresh, while a batch takes long,
+up to ``worker.max_batch_duration_s`` (``workers.in_hand``). A frame that cannot be decoded gets a dead-letter
 entry and, when its frame_id can be read, an ``error`` decision; the rest of its batch is scored. A frame of another
 line (its ``line_id`` is not this worker's) is dead-lettered (``wrong_line``) and gets no decision on this line.
 An uncalibrated model yields ``error`` decisions (reason ``uncalibrated``) that still carry the score. The model
@@ -31,7 +33,8 @@ from pipeline.batching import check_one_to_one, collect_batch
 from pipeline.codec import CodecError, CodecErrorReason, decode_frame, decode_pixels, encode_decision, peek_frame_ref
 from pipeline.config import Config
 from pipeline.messages import Decision, Frame, StageTimings, Verdict, error_decision, now_ns, pack_anomaly_map
-from pipeline.streams import SCORER_GROUP, Commit, DeadLetter, LineKeys, StreamEntry, entry_time_s
+from pipeline.streams import ENTRY_TRIMMED, SCORER_GROUP, Commit, DeadLetter, LineKeys, StreamEntry, entry_time_s
+from workers.in_hand import InHand
 from workers.lifecycle import WorkerRuntime
 
 logger = logging.getLogger(__name__)
@@ -244,6 +247,7 @@ class ScoreWorker:
         self.keys = LineKeys(self.config.streams.prefix, line_id)
         self.models = models
         self.pool = ThreadPoolExecutor(self.config.worker.decode_threads, thread_name_prefix="decode")
+        self.held = InHand(runtime, self.keys.frames, SCORER_GROUP, self.config.worker.max_batch_duration_s)
         self._next_claim = 0.0
         self._next_backlog_warning = 0.0  # 0: the sink is not behind
 
@@ -259,25 +263,29 @@ class ScoreWorker:
         if now < self._next_claim:
             return []
         self._next_claim = now + settings.claim_idle_ms / 2000.0
-        count = self.config.worker.max_batch
-        claimed = client.claim_stale(self.keys.frames, SCORER_GROUP, self.runtime.name, settings.claim_idle_ms, count)
-        name, forget_after_ms = self.runtime.name, settings.forget_consumers_after_ms
-        client.forget_idle_consumers(self.keys.frames, SCORER_GROUP, forget_after_ms, name)
-        if len(claimed) >= count:
-            self._next_claim = 0.0  # a full page (trimmed entries come on top of it): there may be more to take over
-        if claimed:
-            logger.info("claimed idle entries", extra={"count": len(claimed), "first": claimed[0].entry_id})
-        return claimed
+        count, name = self.config.worker.max_batch, self.runtime.name
+        claimed = client.claim_stale(self.keys.frames, SCORER_GROUP, name, settings.claim_idle_ms, count,
+                                     self.keys.deadletter)  # fmt: skip
+        self.runtime.report_dead_letters(self.keys.line_id, claimed.dead_letters)
+        client.forget_idle_consumers(self.keys.frames, SCORER_GROUP, settings.forget_consumers_after_ms, name)
+        if len(claimed.entries) + len(claimed.dead_letters) >= count:
+            self._next_claim = 0.0  # a full page: there may be more to take over
+        if claimed.entries:
+            logger.info("claimed idle entries", extra={"count": len(claimed.entries),
+                                                       "first": claimed.entries[0].entry_id})  # fmt: skip
+        return claimed.entries
 
     def prepare(self, entries: Sequence[StreamEntry]) -> list[Pending]:
         """Parse each entry and start decoding its pixels; unusable entries are marked for the dead-letter stream."""
         prepared: list[Pending] = []
         stale_after_ms = self.config.worker.stale_after_ms
+        self.held.hold(entry.entry_id for entry in entries)
         for entry in entries:
             item = Pending(entry, read_at_s=time.time())
             prepared.append(item)
-            if entry.payload is None:
-                item.dead_letter = DeadLetter(entry.entry_id, None, "entry_trimmed", "entry was trimmed before read")
+            if entry.payload is None:  # only when re-reading own pending entries: claims dead-letter these themselves
+                detail = "trimmed from the stream before this worker re-read it"
+                item.dead_letter = DeadLetter(entry.entry_id, None, ENTRY_TRIMMED, detail)
                 continue
             if entry.deliveries > self.config.streams.max_deliveries:
                 detail = (
@@ -415,6 +423,7 @@ class ScoreWorker:
         """Score a prepared batch and commit results, dead letters and acks in one transaction."""
         if not batch:
             return
+        self.held.step()
         outcome = self.score(batch)
         commit = Commit(
             appends=[(self.keys.results, encode_decision(decision)) for decision in outcome.decisions],
@@ -423,6 +432,7 @@ class ScoreWorker:
             trim_appends=False,  # results nobody has read yet must not be trimmed: see sink_is_behind
         )
         self.runtime.client.commit(self.keys.frames, SCORER_GROUP, commit, self.keys.deadletter)
+        self.held.release(commit.acks)
         self.runtime.report_dead_letters(self.keys.line_id, outcome.dead_letters)
 
     def sink_is_behind(self) -> bool:
@@ -449,9 +459,14 @@ class ScoreWorker:
     # -- loop --------------------------------------------------------------------------------------------------
     def run(self) -> None:
         """Serve until ``runtime.stop`` is set, then finish and acknowledge what is in hand."""
+        self.runtime.client.ensure_group(self.keys.frames, SCORER_GROUP)
+        with self.held:
+            self._serve()
+        self.pool.shutdown(wait=True)
+
+    def _serve(self) -> None:
         settings, stop = self.config.worker, self.runtime.stop
         client = self.runtime.client
-        client.ensure_group(self.keys.frames, SCORER_GROUP)
         while not stop.is_set():
             own = client.read_own_pending(self.keys.frames, SCORER_GROUP, self.runtime.name, settings.max_batch)
             if not own:
@@ -459,6 +474,7 @@ class ScoreWorker:
             self.finish(self.prepare(own))
         in_hand: list[Pending] = []
         while not stop.is_set():
+            self.held.step()
             self.models.refresh()
             self.runtime.heartbeat.beat("ok", model_id=self.models.scorer.model_id, line=self.keys.line_id)
             if self.sink_is_behind():
@@ -487,4 +503,3 @@ class ScoreWorker:
         self.runtime.heartbeat.beat("draining", force=True)
         client.retry_deadline = time.monotonic() + settings.drain_timeout_s
         self.finish(in_hand)
-        self.pool.shutdown(wait=True)

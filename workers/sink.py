@@ -36,6 +36,7 @@ import numpy as np
 from pipeline.codec import CodecError, decode_decision, decode_frame, decode_pixels, encode_decision
 from pipeline.messages import Decision, StageTimings, now_ns
 from pipeline.streams import (
+    ENTRY_TRIMMED,
     SINK_GROUP,
     Commit,
     DeadLetter,
@@ -302,10 +303,8 @@ class SinkWorker:
         acks: list[str] = []
         jobs: list[HeatmapJob] = []
         for entry in entries:
-            if entry.payload is None:
-                letters.append(
-                    DeadLetter(entry.entry_id, None, "entry_trimmed", "result trimmed before the sink read it")
-                )
+            if entry.payload is None:  # re-reading its own pending results: claims dead-letter these themselves
+                letters.append(DeadLetter(entry.entry_id, None, ENTRY_TRIMMED, "result gone before the sink reread it"))
                 acks.append(entry.entry_id)
                 continue
             try:
@@ -357,7 +356,10 @@ class SinkWorker:
             self.runtime.heartbeat.beat("ok", line=self.keys.line_id)
             if time.monotonic() >= self._next_claim:
                 self._next_claim = time.monotonic() + streams.claim_idle_ms / 2000.0
-                self.handle(client.claim_stale(self.keys.results, SINK_GROUP, name, streams.claim_idle_ms, READ_COUNT))
+                claimed = client.claim_stale(self.keys.results, SINK_GROUP, name, streams.claim_idle_ms, READ_COUNT,
+                                             self.keys.deadletter)  # fmt: skip
+                self.runtime.report_dead_letters(self.keys.line_id, claimed.dead_letters)
+                self.handle(claimed.entries)
                 client.forget_idle_consumers(self.keys.results, SINK_GROUP, streams.forget_consumers_after_ms, name)
             self.handle(client.read_new(self.keys.results, SINK_GROUP, name, READ_COUNT, streams.block_ms))
             self._housekeeping()

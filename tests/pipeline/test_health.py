@@ -78,3 +78,21 @@ def test_a_worker_waiting_for_redis_is_alive_but_not_ready() -> None:
         finally:
             server.stop()
             client.close()
+
+
+def test_a_refresh_keeps_the_state_and_shows_its_fields_until_the_next_beat(
+    client: StreamClient, config: Config
+) -> None:
+    # InHand refreshes the beat of a worker busy on a long batch from its own thread: the state (here "draining")
+    # must stay the loop's, and the busy fields must not outlive the batch
+    heartbeat = Heartbeat(client, config.streams.prefix, "score", "w1", ttl_s=30)
+    heartbeat.beat("draining", force=True)
+    time.sleep(1.05)  # Redis is written at most once a second
+    heartbeat.refresh(in_hand=8, busy_s=20.0)
+    healthy, status = heartbeat.healthy()
+    assert healthy and (status["state"], status["in_hand"]) == ("draining", 8)
+    written = client.read_health(config.streams.prefix)[0]
+    assert (written["state"], written["in_hand"], written["busy_s"]) == ("draining", 8, 20.0)
+    heartbeat.beat("ok", force=True)
+    assert "in_hand" not in heartbeat.healthy()[1] and "in_hand" not in client.read_health(config.streams.prefix)[0]
+    heartbeat.clear()

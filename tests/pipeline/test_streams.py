@@ -70,26 +70,11 @@ def test_claim_stale_takes_over_idle_entries_only(client: StreamClient, keys: Li
     client.ensure_group(keys.frames, SCORER_GROUP)
     ids = publish_many(client, keys, 2)
     client.read_new(keys.frames, SCORER_GROUP, "dead", count=2, block_ms=None)
-    assert client.claim_stale(keys.frames, SCORER_GROUP, "alive", min_idle_ms=60_000, count=10) == []
-    claimed = client.claim_stale(keys.frames, SCORER_GROUP, "alive", min_idle_ms=0, count=10)
+    assert client.claim_stale(keys.frames, SCORER_GROUP, "alive", 60_000, 10, keys.deadletter).entries == []
+    claimed = client.claim_stale(keys.frames, SCORER_GROUP, "alive", 0, 10, keys.deadletter).entries
     assert [entry.entry_id for entry in claimed] == ids
     assert all(entry.deliveries == 2 for entry in claimed)
     assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 2
-
-
-def test_claiming_entries_trimmed_while_pending_returns_them_without_payload(
-    client: StreamClient, keys: LineKeys
-) -> None:
-    # A worker killed holding frames, and the stream trimmed past them before anyone claimed them (a busy line:
-    # more than streams.maxlen frames within claim_idle_ms). XAUTOCLAIM drops such ids from the pending list and
-    # reports them apart; they must come back (payload None) so the worker dead-letters them, not vanish.
-    client.ensure_group(keys.frames, SCORER_GROUP)
-    ids = publish_many(client, keys, 5)
-    client.read_new(keys.frames, SCORER_GROUP, "dead", count=5, block_ms=None)
-    client.redis.xtrim(keys.frames, maxlen=2, approximate=False)
-    claimed = client.claim_stale(keys.frames, SCORER_GROUP, "alive", min_idle_ms=0, count=10)
-    assert [entry.entry_id for entry in claimed] == ids
-    assert [entry.payload for entry in claimed] == [None, None, None, b"frame-3", b"frame-4"]
 
 
 def test_a_live_workers_entries_trimmed_right_after_it_read_them_are_left_to_it(
@@ -102,10 +87,10 @@ def test_a_live_workers_entries_trimmed_right_after_it_read_them_are_left_to_it(
     ids = publish_many(client, keys, 5)
     client.read_new(keys.frames, SCORER_GROUP, "busy", count=5, block_ms=None)
     client.redis.xtrim(keys.frames, maxlen=2, approximate=False)
-    assert client.claim_stale(keys.frames, SCORER_GROUP, "peer", min_idle_ms=60_000, count=10) == []
+    assert client.claim_stale(keys.frames, SCORER_GROUP, "peer", 60_000, 10, keys.deadletter).dead_letters == []
+    assert client.dead_letters(keys) == []
     pending = client.redis.xpending_range(keys.frames, SCORER_GROUP, "-", "+", 10, consumername="busy")
     assert [row["message_id"].decode() for row in pending] == ids  # still the owner's, to acknowledge or claim
-
 
 
 def test_two_claimers_racing_over_trimmed_entries_report_each_once(config: Config, keys: LineKeys) -> None:
@@ -121,15 +106,20 @@ def test_two_claimers_racing_over_trimmed_entries_report_each_once(config: Confi
 
     def claim_until_empty(index: int) -> list[str]:
         reported: list[str] = []
-        while claimed := clients[index].claim_stale(keys.frames, SCORER_GROUP, f"c{index}", 0, count=5):
-            reported.extend(entry.entry_id for entry in claimed if entry.payload is None)
-        return reported
+        while True:
+            claimed = clients[index].claim_stale(keys.frames, SCORER_GROUP, f"c{index}", 0, 5, keys.deadletter)
+            assert claimed.entries == []
+            if not claimed.dead_letters:
+                return reported
+            reported.extend(letter.entry_id for letter in claimed.dead_letters)
 
     with ThreadPoolExecutor(2) as pool:
         reported = [entry_id for found in pool.map(claim_until_empty, range(2)) for entry_id in found]
     for stream_client in clients:
         stream_client.close()
     assert sorted(reported) == sorted(ids)  # every trimmed frame reported, none twice
+    assert sorted(letter["source_entry_id"] for letter in client.dead_letters(keys)) == sorted(ids)  # and written once
+    assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
 
 
 def test_a_result_acked_and_deleted_while_a_peer_claims_is_not_reported_trimmed(
@@ -151,10 +141,10 @@ def test_a_result_acked_and_deleted_while_a_peer_claims_is_not_reported_trimmed(
     with ThreadPoolExecutor(1) as pool:
         acking = pool.submit(acknowledge_one_by_one)
         while not acking.done():
-            claimed = claimer.claim_stale(keys.results, SINK_GROUP, "peer", 0, count=1)
-            reported.extend(entry.entry_id for entry in claimed if entry.payload is None)
-            if claimed and claimed[0].payload is not None:  # hand it back: the owner acknowledges it
-                claimer.redis.xclaim(keys.results, SINK_GROUP, "slow", 0, [claimed[0].entry_id])
+            claimed = claimer.claim_stale(keys.results, SINK_GROUP, "peer", 0, 1, keys.deadletter)
+            reported.extend(letter.entry_id for letter in claimed.dead_letters)
+            if claimed.entries:  # hand it back: the owner acknowledges it
+                claimer.redis.xclaim(keys.results, SINK_GROUP, "slow", 0, [claimed.entries[0].entry_id])
         acking.result()
     owner.close()
     claimer.close()
@@ -210,14 +200,14 @@ def test_a_commit_retried_after_its_reply_was_lost_appends_nothing_twice(client:
 
 
 def test_a_batch_of_trimmed_entries_still_gets_its_dead_letters(client: StreamClient, keys: LineKeys) -> None:
-    # trimmed entries are neither pending (Redis 7's XCLAIM drops them) nor in the stream: they must not make the
-    # commit look already done
+    # A restarted worker re-reads its own pending entries, some trimmed meanwhile, and dead-letters those in its
+    # commit. Trimmed entries are not in the stream: they must not make the commit look already done.
     client.ensure_group(keys.frames, SCORER_GROUP)
     ids = publish_many(client, keys, 3)
-    client.read_new(keys.frames, SCORER_GROUP, "dead", count=3, block_ms=None)
+    client.read_new(keys.frames, SCORER_GROUP, "restarted", count=3, block_ms=None)
     client.redis.xtrim(keys.frames, maxlen=0, approximate=False)
-    claimed = client.claim_stale(keys.frames, SCORER_GROUP, "alive", min_idle_ms=0, count=10)
-    assert [entry.payload for entry in claimed] == [None, None, None]
+    own = client.read_own_pending(keys.frames, SCORER_GROUP, "restarted", count=10)
+    assert [entry.payload for entry in own] == [None, None, None]
     letters = [DeadLetter(entry_id, None, "entry_trimmed", "trimmed") for entry_id in ids]
     client.commit(keys.frames, SCORER_GROUP, Commit(dead_letters=letters, acks=ids), keys.deadletter)
     assert [letter["source_entry_id"] for letter in client.dead_letters(keys)] == ids
@@ -350,7 +340,7 @@ def test_idle_consumers_with_nothing_pending_are_forgotten(client: StreamClient,
     assert client.forget_idle_consumers(keys.frames, SCORER_GROUP, min_idle_ms=20, keep="me") == ["departed"]
     remaining = {row["name"].decode() for row in client.redis.xinfo_consumers(keys.frames, SCORER_GROUP)}
     assert remaining == {"crashed", "me"}  # a consumer with a pending entry is never dropped (claims recover it)
-    claimed = client.claim_stale(keys.frames, SCORER_GROUP, "me", min_idle_ms=0, count=10)
+    claimed = client.claim_stale(keys.frames, SCORER_GROUP, "me", 0, 10, keys.deadletter).entries
     assert [entry.entry_id for entry in claimed] == [ids[1]]
 
 
@@ -359,7 +349,7 @@ def test_claims_and_pending_reads_recreate_a_vanished_group(client: StreamClient
     ids = publish_many(client, keys, 2)
     client.read_new(keys.frames, SCORER_GROUP, "a", count=2, block_ms=None)
     client.redis.xgroup_destroy(keys.frames, SCORER_GROUP)  # what a Redis restarted without its data looks like
-    assert client.claim_stale(keys.frames, SCORER_GROUP, "a", min_idle_ms=0, count=10) == []
+    assert client.claim_stale(keys.frames, SCORER_GROUP, "a", 0, 10, keys.deadletter).entries == []
     client.redis.xgroup_destroy(keys.frames, SCORER_GROUP)
     assert client.read_own_pending(keys.frames, SCORER_GROUP, "a", count=10) == []
     # the group is back, reading from the start: nothing on the stream is lost

@@ -181,6 +181,8 @@ def test_a_dead_workers_frames_trimmed_before_the_claim_are_dead_lettered_not_lo
     wait_until(claim_and_finish, timeout_s=10, what="every frame of the dead worker to be decided or dead-lettered")
     assert len(client.dead_letters(keys)) == 3
     assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
+    labels = {"line": "line-1", "reason": "entry_trimmed"}  # written by the claim's script, counted by the worker
+    assert runtime.metrics.registry.get_sample_value("lineinspect_dead_letters_total", labels) == 3
 
 
 def test_while_the_sink_is_away_scorers_stop_at_maxlen_results_and_no_decision_is_trimmed(

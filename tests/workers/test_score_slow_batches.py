@@ -1,0 +1,136 @@
+"""A scoring worker on a batch slower than claim_idle_ms and the heartbeat's TTL, against a real Redis and model:
+its frames are kept from peers and /healthz stays 200, until the batch has taken worker.max_batch_duration_s."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import Config, config_from_mapping
+from pipeline.streams import SCORER_GROUP, Commit, LineKeys, StreamClient
+from tests.workers.conftest import TinyLine
+from tests.workers.helpers import decisions_in, frame_from_file, publish_frames, start_thread, wait_until
+from workers.lifecycle import WorkerRuntime
+from workers.score import ModelSlot, ScoredBatch, ScorerLike, ScoreWorker, load_model
+
+HEARTBEAT_TTL_S = 1.5  # the default 15 s, scaled down like claim_idle_ms (500 ms in tests); the key is written 1/s
+
+
+class GatedScorer:
+    """The real tiny model, but each batch waits until ``gate`` opens: a batch as slow as the test wants."""
+
+    def __init__(self, scorer: ScorerLike, gate: threading.Event) -> None:
+        self.scorer, self.gate = scorer, gate
+        self.model_id, self.threshold = scorer.model_id, scorer.threshold
+        self.entered = threading.Event()
+
+    def score(self, images: Sequence[np.ndarray]) -> ScoredBatch:
+        self.entered.set()
+        assert self.gate.wait(timeout=120), "the test never opened the gate"
+        return self.scorer.score(images)
+
+
+def gated_worker(runtime: WorkerRuntime, model_dir: Path, gate: threading.Event) -> tuple[ScoreWorker, GatedScorer]:
+    runtime.heartbeat.ttl_s = HEARTBEAT_TTL_S
+    scorers: list[GatedScorer] = []
+
+    def load(path: Path) -> ScorerLike:
+        scorers.append(GatedScorer(load_model("cpu")(path), gate))
+        return scorers[-1]
+
+    slot = ModelSlot(runtime, LineKeys(runtime.config.streams.prefix, "line-1"), load, model_dir)
+    return ScoreWorker(runtime, "line-1", slot), scorers[0]
+
+
+def status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_a_batch_slower_than_claim_idle_ms_is_neither_claimed_by_a_peer_nor_unhealthy(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], worker_config: Config
+) -> None:
+    # A batch that took longer than claim_idle_ms (the full model on an overloaded host) was claimed and scored again
+    # by a peer, and one longer than the heartbeat's 15 s turned /healthz 503: Kubernetes took the pod out of service
+    runtime = make_runtime("score", "slow")
+    gate = threading.Event()
+    worker, scorer = gated_worker(runtime, tiny_line.model_dir, gate)
+    client, keys = runtime.client, worker.keys
+    frames = [frame_from_file(tiny_line.good_images[i % 4]) for i in range(4)]  # one batch (max_batch 4)
+    publish_frames(client, keys, frames)
+    thread = start_thread(worker.run)
+    peer = StreamClient(worker_config.redis.url or "", worker_config.redis, worker_config.streams)
+    idle_ms = worker_config.streams.claim_idle_ms
+    try:
+        assert scorer.entered.wait(timeout=60)
+        claimed, codes = [], set()
+        held_until = time.monotonic() + max(3 * idle_ms / 1000.0, 2 * HEARTBEAT_TTL_S)
+        while time.monotonic() < held_until:
+            claimed += peer.claim_stale(keys.frames, SCORER_GROUP, "peer", idle_ms, 10, keys.deadletter).entries
+            codes |= {status(runtime.server.port, "/healthz"), status(runtime.server.port, "/livez")}
+            time.sleep(0.05)
+        assert claimed == [], "a peer claimed frames the slow worker was scoring"
+        assert codes == {200}
+        health = client.read_health(worker_config.streams.prefix)
+        assert [(h["state"], h["in_hand"]) for h in health] == [("ok", 4)] and health[0]["busy_s"] > 1.0
+        gate.set()
+        wait_until(lambda: client.length(keys.results) >= len(frames), what="the slow batch's results")
+    finally:
+        gate.set()
+        runtime.stop.set()
+        thread.join(timeout=30)
+        peer.close()
+    assert sorted(d.frame_id for d in decisions_in(client, keys.results)) == sorted(f.frame_id for f in frames)
+    assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
+
+
+def test_a_hung_batch_is_left_to_the_peers_and_turns_the_worker_unhealthy(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], worker_config: Config
+) -> None:
+    # Kept fresh forever, a hung model's frames would never be claimed and its pod never restarted: past
+    # worker.max_batch_duration_s the worker stops keeping them and stops beating.
+    data = worker_config.model_dump(mode="json")
+    data["worker"]["max_batch_duration_s"] = 1.5
+    config = config_from_mapping(data)
+    runtime = make_runtime("score", "hung", config)
+    gate = threading.Event()
+    worker, scorer = gated_worker(runtime, tiny_line.model_dir, gate)
+    client, keys = runtime.client, worker.keys
+    ids = publish_frames(client, keys, [frame_from_file(tiny_line.good_images[i % 4]) for i in range(4)])
+    thread = start_thread(worker.run)
+    peer = StreamClient(config.redis.url or "", config.redis, config.streams)
+    claimed: list[str] = []
+
+    def peer_claimed_all() -> bool:
+        idle_ms = config.streams.claim_idle_ms
+        entries = peer.claim_stale(keys.frames, SCORER_GROUP, "peer", idle_ms, 10, keys.deadletter).entries
+        claimed.extend(entry.entry_id for entry in entries)
+        return sorted(claimed) == sorted(ids)
+
+    try:
+        assert scorer.entered.wait(timeout=60)
+        started = time.monotonic()
+        wait_until(peer_claimed_all, timeout_s=20, what="a peer to claim the hung worker's frames")
+        assert time.monotonic() - started >= 1.5  # kept until the bound (unkept, claimed after claim_idle_ms)
+        wait_until(lambda: status(runtime.server.port, "/livez") == 503, timeout_s=10, what="/livez to turn 503")
+        assert status(runtime.server.port, "/healthz") == 503
+        gate.set()  # the model comes back: its late commit acknowledges the frames (for the group, as XACK does)
+        wait_until(lambda: client.group_stats(keys.frames)[SCORER_GROUP].pending == 0, what="the late commit")
+        assert sorted(d.frame_entry_id or "" for d in decisions_in(client, keys.results)) == sorted(ids)
+        peer_results = Commit(appends=[(keys.results, b"peer's result")], acks=ids, trim_appends=False)
+        peer.commit(keys.frames, SCORER_GROUP, peer_results, keys.deadletter)  # the peer's, finding them committed
+        assert client.length(keys.results) == len(ids)
+    finally:
+        gate.set()
+        runtime.stop.set()
+        thread.join(timeout=30)
+        peer.close()

@@ -1,24 +1,31 @@
 """Record a line's frames and decisions to a file, and read a recording back one frame at a time for a replay.
 
-Recording file: a sequence of msgpack maps (no pickle), version 2:
+Recording file: a sequence of msgpack maps (no pickle), version 3:
 
-- the header ``{"format": "lineinspect-recording", "version": 2, "line_id", "created_at_ns", "crc32"}``;
+- the header ``{"format": "lineinspect-recording", "version": 3, "line_id", "created_at_ns", "crc32"}``;
 - ``{"kind": "frame", "entry_id", "payload", "crc32"}``: an encoded Frame (with its original ``captured_at_ns``)
   and the frames-stream entry id it was read from;
 - ``{"kind": "decision", "entry_id", "payload", "crc32"}``: the Decision published for the recorded frame whose
   entry id is ``entry_id`` (not whose frame_id: cameras reuse frame ids when a counter wraps or they restart);
+- ``{"kind": "gap", "frames", "after_entry_id", "before_entry_id", "crc32"}`` (version 3), where the recorder found
+  frames-stream entries trimmed before it read them (it fell more than ``streams.maxlen`` frames behind): ``frames``
+  entries after stream entry ``after_entry_id`` and before ``before_entry_id`` (``""``: none read after it) are
+  missing from the recording at this point;
 - written when the recorder stops (``--frames`` reached, Ctrl-C, SIGTERM): the end record
   ``{"kind": "end", "frames", "decisions", "entries_sha256", "ended_at_ns", "crc32"}``.
 
-``crc32`` is ``zlib.crc32`` of the record's other values: for an entry of ``msgpack([kind, entry_id])`` followed by
-the payload, for the header and the end record of ``msgpack([...their values in the order above])``. A changed byte
-is refused naming its entry (one in the end record's first bytes can at worst make the file read as cut, its
-entries still verified). ``entries_sha256`` is the SHA-256 of ``msgpack([kind, entry_id, crc32])`` of
-every entry in order: an entry lost, repeated or moved is caught even though each one checks out alone.
+``crc32`` is ``zlib.crc32`` of the record's other values: for a frame or decision of ``msgpack([kind, entry_id])``
+followed by the payload, for the header, a gap and the end record of ``msgpack([...their values in the order
+above])``. A changed byte is refused naming its entry (one in the end record's first bytes can at worst make the
+file read as cut, its entries still verified). ``entries_sha256`` is the SHA-256 of ``msgpack([kind, entry_id,
+crc32])`` of every entry in order (a gap's ``after_entry_id`` as its entry id): an entry lost, repeated or moved is
+caught even though each one checks out alone.
 
-A version 2 file without its end record was cut (recorder killed, disk full, copy cut short, or still being
-written): its whole entries, each verified, are usable, and a replay sends them with a warning. Version 1 files
-(no checksums, no end record, decisions matched to frames by frame id) are still read; in them only a cut is seen.
+A file without its end record (version 2 and later) was cut (recorder killed, disk full, copy cut short, or still
+being written): its whole entries, each verified, are usable, and a replay sends them with a warning. Version 2 is
+version 3 without gap records (a version 2 reader cannot tell a gap from damage, hence the new version: it refuses
+a version 3 file as too new). Version 1 files (no checksums, no end record, decisions matched to frames by frame
+id) are still read; in them only a cut is seen.
 
 Frames are numbered 1, 2, ... in recording order; the number, not the frame id, identifies a recorded frame.
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -36,7 +44,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 import msgpack
@@ -49,13 +57,17 @@ from workers.sources import Capture
 logger = logging.getLogger(__name__)
 MessageT = TypeVar("MessageT", Frame, Decision)
 FORMAT = "lineinspect-recording"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+CHECKSUMMED_VERSION = 2  # the first with checksums and an end record
+GAP_VERSION = 3  # the first with gap records
 HEADER_FIELDS = ("format", "version", "line_id", "created_at_ns")
 ENTRY_FIELDS = ("kind", "entry_id", "payload")
 ENTRY_KINDS = ("frame", "decision")
+GAP_FIELDS = ("kind", "frames", "after_entry_id", "before_entry_id")
 END_FIELDS = ("kind", "frames", "decisions", "entries_sha256", "ended_at_ns")
 MAX_ENTRY_BYTES = 512 * 1024 * 1024  # Redis's largest value: an entry claiming more has a damaged length
+CLOCK_JUMP_S = 1.0  # capture times and stream entry ids disagreeing more than this between two frames: a clock stepped
 EARLY_DECISIONS_KEPT = 10_000  # decisions read before their frame, kept until it is read (bounded by the lag)
 END_RECORD_MAX_BYTES = 256  # an end record is about 130 bytes; the tail searched for one past a damaged length
 
@@ -95,6 +107,18 @@ class Entry(NamedTuple):
     kind: str
     entry_id: str
     payload: bytes
+
+
+class Gap(NamedTuple):
+    """Where a recording misses frames the line saw: ``frames`` frames-stream entries trimmed before the recorder
+    read them, after stream entry ``after_entry_id`` and before ``before_entry_id`` (``""``: nothing read after
+    them), between recorded frames ``after_frame`` and ``after_frame + 1``; ``position`` in the file as an Entry's."""
+
+    position: int
+    after_frame: int
+    frames: int
+    after_entry_id: str
+    before_entry_id: str
 
 
 def _crc(values: list[Any], payload: bytes = b"") -> int:
@@ -153,6 +177,14 @@ class RecordingWriter:
         self._entry("decision", frame_entry_id, payload)
         self.decisions += 1
 
+    def gap(self, frames: int, after_entry_id: str, before_entry_id: str) -> None:
+        """``frames`` frames-stream entries after ``after_entry_id`` (and before ``before_entry_id``, "" when not
+        known yet) were trimmed before they were read: missing here, between the frames written before and after."""
+        values = ["gap", frames, after_entry_id, before_entry_id]
+        crc32 = _crc(values)
+        self._write({**dict(zip(GAP_FIELDS, values, strict=True)), "crc32": crc32})
+        self._entries_sha256.update(msgpack.packb(["gap", after_entry_id, crc32]))
+
     def close(self) -> None:
         """Write the end record (unless a write failed) and close; the file is then complete."""
         if self._file.closed:
@@ -171,17 +203,17 @@ class RecordingWriter:
 
 
 class _Entries:
-    """The entries of a recording file after its header, read and verified one at a time; ``RecordingError`` naming
-    the file and the entry when one is damaged. Once read to the end: ``line_id`` and ``version`` from the header,
-    ``complete`` (the end record was read and matches) and ``unread_bytes`` (what follows the last whole entry of a
-    cut file)."""
+    """The entries of a recording file after its header (frames and decisions as ``Entry``, gap records as ``Gap``),
+    read and verified one at a time; ``RecordingError`` naming the file and the entry when one is damaged. Once
+    read to the end: ``line_id`` and ``version`` from the header, ``complete`` (the end record was read and matches)
+    and ``unread_bytes`` (what follows the last whole entry of a cut file)."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.line_id, self.version = path, "", 0
         self.complete, self.unread_bytes = False, 0
         self._frames = self._decisions = self._whole_bytes = 0
 
-    def __iter__(self) -> Iterator[Entry]:
+    def __iter__(self) -> Iterator[Entry | Gap]:
         try:
             handle = self.path.open("rb")
         except OSError as error:
@@ -206,11 +238,16 @@ class _Entries:
                         raise self._damaged(position + 1, "", "", "data follows the end record")
                     self.complete = True
                     return
+                if self.version >= GAP_VERSION and isinstance(item, dict) and item.get("kind") == "gap":
+                    gap = self._gap(item, position)
+                    entries_sha256.update(msgpack.packb(["gap", gap.after_entry_id, item["crc32"]]))
+                    yield gap
+                    continue
                 entry = self._v2_entry(item, position)
                 entries_sha256.update(msgpack.packb([entry.kind, entry.entry_id, item["crc32"]]))
                 yield entry
             self.unread_bytes = self._size() - self._whole_bytes
-            if self.version >= 2 and self._ends_in_end_record():
+            if self.version >= CHECKSUMMED_VERSION and self._ends_in_end_record():
                 raise self._damaged(position + 1, "", "", "its length is damaged (it runs over the end record)")
 
     def _size(self) -> int:
@@ -242,10 +279,11 @@ class _Entries:
             raise RecordingError(msg)
         version = header.get("version")
         if type(version) is not int or version not in READABLE_VERSIONS:
-            msg = f"{path}: {FORMAT} version {version!r}; this lineinspect reads versions 1 and 2 (upgrade it)"
+            readable = f"{READABLE_VERSIONS[0]} to {READABLE_VERSIONS[-1]}"
+            msg = f"{path}: {FORMAT} version {version!r}; this lineinspect reads versions {readable} (upgrade it)"
             raise RecordingError(msg)
         self.version, self.line_id = int(version), str(header.get("line_id"))
-        if version >= 2:
+        if version >= CHECKSUMMED_VERSION:
             values = [header.get(key) for key in HEADER_FIELDS]
             if set(header) != {*HEADER_FIELDS, "crc32"} or header["crc32"] != _crc(values):
                 msg = f"{path}: the header is damaged (its checksum does not match); the recording cannot be trusted"
@@ -269,10 +307,26 @@ class _Entries:
             or not isinstance(payload, bytes)
         ):
             fields = [str(key)[:20] for key in item]
-            raise self._damaged(position, str(kind)[:20], str(entry_id)[:40], f"not an entry (fields {fields})")
+            what = str(kind)[:20] if kind in ENTRY_KINDS else ""  # a gap record in a version 2 file: not its kind
+            raise self._damaged(position, what, str(entry_id)[:40], f"not an entry (fields {fields})")
         if crc32 != _crc([kind, entry_id], payload):
             raise self._damaged(position, kind, entry_id, "its checksum does not match")
         return self._counted(Entry(position, kind, entry_id, payload))
+
+    def _gap(self, item: dict[str, Any], position: int) -> Gap:
+        values = [item.get(key) for key in GAP_FIELDS]
+        _kind, frames, after_entry_id, before_entry_id = values
+        if (
+            set(item) != {*GAP_FIELDS, "crc32"}
+            or type(frames) is not int
+            or not isinstance(after_entry_id, str)
+            or not isinstance(before_entry_id, str)
+        ):
+            fields = [str(key)[:20] for key in item]
+            raise self._damaged(position, "gap", str(after_entry_id)[:40], f"not a gap record (fields {fields})")
+        if item["crc32"] != _crc(values):
+            raise self._damaged(position, "gap", after_entry_id, "its checksum does not match")
+        return Gap(position, self._frames, frames, after_entry_id, before_entry_id)
 
     def _counted(self, entry: Entry) -> Entry:
         self._frames += entry.kind == "frame"
@@ -312,7 +366,8 @@ class _Entries:
 
     def _damaged(self, position: int, kind: str, entry_id: str, reason: str) -> RecordingError:
         what = {"frame": f"frame {self._frames + 1}, stream entry {entry_id}",
-                "decision": f"decision for stream entry {entry_id}", "end": "the end record"}.get(kind)  # fmt: skip
+                "decision": f"decision for stream entry {entry_id}", "end": "the end record",
+                "gap": f"gap record after stream entry {entry_id}"}.get(kind)  # fmt: skip
         intact = f"{self._frames} frame{'' if self._frames == 1 else 's'}"
         msg = (f"{self.path}: entry {position}{f' ({what})' if what else ''} is damaged: {reason}; {intact} before "
                "it intact, the recording is refused (a damaged copy? the original may be whole)")  # fmt: skip
@@ -325,7 +380,9 @@ class Recording:
     the file and are read one at a time (``frames()``): a day of frames does not fit in memory, its decisions do.
 
     Frames are identified by their number (1 = first recorded); ``entry_ids[number - 1]`` is where the frame was
-    read on the recorded line's frames stream."""
+    read on the recorded line's frames stream. ``gaps`` are where the recorder found frames trimmed before it read
+    them (version 3); ``unmatched_decisions`` counts recorded decisions for no recorded frame (left out of
+    ``decisions``: none in a file the recorder wrote unless something went wrong)."""
 
     path: Path
     line_id: str
@@ -334,22 +391,34 @@ class Recording:
     decisions: dict[int, DecisionSummary] = field(default_factory=dict)  # baseline, by frame number
     entry_ids: list[str] = field(default_factory=list)
     reused_frame_ids: int = 0  # frames whose frame_id an earlier frame of the recording has
-    complete: bool = False  # version 2 with its end record read and matching
+    complete: bool = False  # version 2 or later with its end record read and matching
     truncated_bytes: int = 0  # bytes after the last whole entry: a recorder killed mid-write, a cut copy
+    gaps: list[Gap] = field(default_factory=list)
+    unmatched_decisions: int = 0
 
     @property
     def cut(self) -> bool:
-        """The recorder did not finish it: a version 2 file without its end record, or a file ending mid-entry."""
-        return (self.version >= 2 and not self.complete) or self.truncated_bytes > 0
+        """The recorder did not finish it: a version 2+ file without its end record, or a file ending mid-entry."""
+        return (self.version >= CHECKSUMMED_VERSION and not self.complete) or self.truncated_bytes > 0
+
+    @property
+    def missing_frames(self) -> int:
+        """Frames the line saw that the recording misses (its gaps)."""
+        return sum(gap.frames for gap in self.gaps)
 
     def frames(self) -> Iterator[Frame]:
         """The recorded frames in order (the n-th is frame number n), decoded one at a time; at most
-        ``frame_count`` of them, those the scan found intact."""
+        ``frame_count`` of them, those the scan found intact. RecordingError when the file no longer holds the
+        frames the scan found (replaced since): the baseline decisions are those of the scan."""
         if self.frame_count == 0:
             return
         sent = 0
         for entry in _Entries(self.path):
-            if entry.kind == "frame":
+            if isinstance(entry, Entry) and entry.kind == "frame":
+                if entry.entry_id != self.entry_ids[sent]:
+                    msg = (f"{self.path} changed since it was read: its frame {sent + 1} is now stream entry "
+                           f"{entry.entry_id}, was {self.entry_ids[sent]} (replaced?)")  # fmt: skip
+                    raise RecordingError(msg)
                 yield _decoded(self.path, entry, decode_frame)
                 sent += 1
                 if sent == self.frame_count:
@@ -373,32 +442,37 @@ def read_recording(path: Path) -> Recording:
     entry_ids: list[str] = []
     seen_frame_ids: set[str] = set()
     reused = 0
-    waiting_by_entry: dict[str, int] = {}  # v2: stream entry id -> number of a frame without its decision yet
+    gaps: list[Gap] = []
+    unmatched = 0
+    waiting_by_entry: dict[str, int] = {}  # v2+: stream entry id -> number of a frame without its decision yet
     waiting_by_frame_id: dict[str, deque[tuple[int, str]]] = {}  # v1: frame_id -> (number, entry id) waiting
     for entry in entries:
-        if entry.kind == "frame":
+        if isinstance(entry, Gap):
+            gaps.append(entry)
+        elif entry.kind == "frame":
             frame: Frame = _decoded(path, entry, decode_frame)
             entry_ids.append(entry.entry_id)
             number = len(entry_ids)
             reused += frame.frame_id in seen_frame_ids
             seen_frame_ids.add(frame.frame_id)
-            if entries.version >= 2:
+            if entries.version >= CHECKSUMMED_VERSION:
                 waiting_by_entry[entry.entry_id] = number
             else:
                 waiting_by_frame_id.setdefault(frame.frame_id, deque()).append((number, entry.entry_id))
         elif entry.kind == "decision":
             decision: Decision = _decoded(path, entry, decode_decision)
-            if entries.version >= 2:
+            if entries.version >= CHECKSUMMED_VERSION:
                 matched = waiting_by_entry.pop(entry.entry_id, None)
             else:
                 matched = _match_v1(waiting_by_frame_id, decision)
             if matched is None:
                 logger.warning("recorded decision matches no recorded frame, left out",
                                extra={"recording": str(path), "entry": entry.position})  # fmt: skip
+                unmatched += 1
                 continue
             decisions[matched] = summarise(decision)
     return Recording(path, entries.line_id, entries.version, len(entry_ids), decisions, entry_ids, reused,
-                     entries.complete, entries.unread_bytes)  # fmt: skip
+                     entries.complete, entries.unread_bytes, gaps, unmatched)  # fmt: skip
 
 
 def _match_v1(waiting: dict[str, deque[tuple[int, str]]], decision: Decision) -> int | None:
@@ -447,18 +521,20 @@ def record_line(
     max_frames: int | None,
     settle_s: float = 5.0,
     started: threading.Event | None = None,
+    stop_waiting: threading.Event | None = None,
 ) -> RecordCounts:
     """Save new frames (and their decisions) of a line until ``max_frames`` or ``stop``. The file gets its end
     record when this returns or raises, unless writing it is what failed.
 
     A recorder that falls more than ``streams.maxlen`` frames behind the line (a stalled disk, a paused process)
-    finds frames trimmed before it read them: they are missing from the recording, counted in ``trimmed`` and
-    logged as they are found (the frames around the gap are recorded as usual).
+    finds frames trimmed before it read them: they are missing from the recording, counted in ``trimmed``, logged
+    and written into the file as a gap record where they are found (the frames around the gap are recorded as usual).
 
     A decision is matched to its frame by the frames-stream entry id it carries (``frame_entry_id``), so frames
     that reuse a frame id each keep their own; a decision without one goes to the oldest waiting frame of its id.
-    After the last frame, decisions are awaited up to ``settle_s`` so the recording has a baseline for each frame.
-    ``started`` is set once the recorder has fixed its starting point: frames published after that are recorded.
+    After the last frame, decisions are awaited up to ``settle_s`` (or until ``stop_waiting`` is set) so the
+    recording has a baseline for each frame. ``started`` is set once the recorder has fixed its starting point:
+    frames published after that are recorded.
     """
     if max_frames is not None and max_frames < 0:
         msg = f"--frames must be >= 0, got {max_frames}"
@@ -482,19 +558,28 @@ def record_line(
             if frames_done() and settle_until is None:
                 settle_until = time.monotonic() + settle_s
                 if matcher.awaiting:
-                    logger.info("waiting for the decisions of the last frames (a second Ctrl-C stops at once, "
-                                "leaving the file cut: its frames stay usable)",
+                    logger.info("waiting for the decisions of the last frames (a second Ctrl-C stops waiting and "
+                                "closes the file complete, without them; a third stops at once, leaving it cut)",
                                 extra={"frames": len(matcher.awaiting), "settle_s": settle_s})  # fmt: skip
-            if settle_until is not None and (not matcher.awaiting or time.monotonic() > settle_until):
+            if settle_until is not None and (
+                not matcher.awaiting
+                or time.monotonic() > settle_until
+                or (stop_waiting is not None and stop_waiting.is_set())
+            ):
                 break
             page = client.tail(positions, count=100, block_ms=100)
             if added_through_read is not None and not frames_done():
                 read = [entry.entry_id for stream, entry in page if stream == keys.frames]
-                lost = trimmed_unread(client.position(keys.frames), positions[keys.frames], added_through_read, read)
+                now = client.position(keys.frames)
+                lost = trimmed_unread(now, positions[keys.frames], added_through_read, read)
                 if lost:
+                    before = read[0] if read else now.first_id or ""  # the first entry read after the gap
                     logger.warning("frames were trimmed from the stream before the recorder read them; they are "
-                                   "missing from the recording (it fell more than streams.maxlen frames behind)",
-                                   extra={"frames": lost, "after_entry_id": positions[keys.frames]})  # fmt: skip
+                                   "missing from the recording, which marks the gap (it fell more than "
+                                   "streams.maxlen frames behind)",
+                                   extra={"frames": lost, "after_entry_id": positions[keys.frames],
+                                          "before_entry_id": before})  # fmt: skip
+                    writer.gap(lost, positions[keys.frames], before)
                 trimmed, added_through_read = trimmed + lost, added_through_read + lost + len(read)
             for stream, entry in page:
                 positions[stream] = entry.entry_id
@@ -525,6 +610,29 @@ def record_line(
         if matcher.awaiting:
             logger.warning("frames recorded without their decision", extra={"frames": len(matcher.awaiting)})
     return RecordCounts(recorded, decided, skipped, trimmed)
+
+
+def install_record_stop_handlers(stop: threading.Event, stop_waiting: threading.Event) -> None:
+    """SIGINT/SIGTERM for ``lineinspect record``: the first sets ``stop`` (no more frames are recorded, the decisions
+    of the last ones are awaited), the second ``stop_waiting`` (the file is closed at once with its end record,
+    complete without those decisions), a third takes the signal's default action: the process ends and the file is
+    left cut (its whole entries stay usable). A worker's handlers (``install_stop_handlers``) have two steps: a
+    recorder's second must not cut the file."""
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if stop_waiting.is_set():
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        elif stop.is_set():
+            logger.info("second stop: closing the recording without waiting for more decisions", extra={"signal": name})
+            stop_waiting.set()
+        else:
+            logger.info("stop requested: recording no more frames", extra={"signal": name})
+            stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handle)
 
 
 class DecisionMatcher:
@@ -573,10 +681,23 @@ def _stream_order(entry_id: str) -> tuple[int, int]:
         return -1, -1
 
 
+def paced_step_s(captured_step_ns: int, previous_entry_id: str, entry_id: str) -> float:
+    """Seconds between two recorded frames for a replay at the recorded pace: their capture times' difference, unless
+    the frames stream's entry ids (the Redis server's clock, never going back) disagree by more than
+    ``CLOCK_JUMP_S``: then the camera's or ingest host's clock stepped (NTP, a reboot, hosts that disagree) and the
+    entry ids' difference is the pace the line saw. A pause of the line shows on both clocks and is kept."""
+    captured_s = captured_step_ns / 1e9
+    before, after = _stream_order(previous_entry_id)[0], _stream_order(entry_id)[0]
+    if before < 0 or after < 0:  # not stream entry ids (a hand-made recording): the capture times alone
+        return captured_s
+    published_s = (after - before) / 1e3
+    return published_s if abs(captured_s - published_s) > CLOCK_JUMP_S else captured_s
+
+
 class ReplaySource:
-    """Frames of a recording as a (non-live) ingest source, paced by ``speed``. Each frame is sent with
-    ``metadata["replay_frame"]``, its number in the recording, and ``metadata["replay_of"]``, its recorded frame_id;
-    ``failure`` holds the error when the file could not be read to the end during the replay."""
+    """Frames of a recording as a (non-live) ingest source, paced by ``speed`` (``paced_step_s``). Each frame is
+    sent with ``metadata["replay_frame"]``, its number in the recording, and ``metadata["replay_of"]``, its recorded
+    frame_id; ``failure`` holds the error when the file could not be read to the end during the replay."""
 
     live = False
 
@@ -591,19 +712,28 @@ class ReplaySource:
         if self.recording.cut:
             logger.warning("recording was cut (no end record): replaying its whole frames",
                            extra={"recording": str(path), "frames": self.recording.frame_count})  # fmt: skip
-        elif self.recording.version < FORMAT_VERSION:
+        elif self.recording.version < CHECKSUMMED_VERSION:
             logger.warning("old recording format: no checksums, damage cannot be seen",
                            extra={"recording": str(path), "version": self.recording.version})  # fmt: skip
+        if self.recording.gaps:
+            logger.warning("the recording misses frames the line saw (its recorder fell behind): not replayed",
+                           extra={"recording": str(path), "frames": self.recording.missing_frames,
+                                  "gaps": len(self.recording.gaps)})  # fmt: skip
 
     def captures(self) -> Iterator[Capture]:
-        first_ns, started = None, time.monotonic()
+        started, recorded_s = time.monotonic(), 0.0  # recorded time since the first frame, as paced_step_s counts it
+        previous_ns: int | None = None  # the previous frame's captured_at_ns
+        entry_ids = self.recording.entry_ids
         try:
             for number, frame in enumerate(self.recording.frames(), start=1):
-                first_ns = frame.captured_at_ns if first_ns is None else first_ns
                 if self.speed > 0:
-                    due = started + (frame.captured_at_ns - first_ns) / 1e9 / self.speed
+                    if previous_ns is not None:
+                        recorded_s += paced_step_s(frame.captured_at_ns - previous_ns, entry_ids[number - 2],
+                                                   entry_ids[number - 1])  # fmt: skip
+                    due = started + recorded_s / self.speed
                     self.paced_until = due
                     time.sleep(max(0.0, due - time.monotonic()))
+                previous_ns = frame.captured_at_ns
                 metadata: dict[str, MetadataValue] = {**frame.metadata, "replay_of": frame.frame_id,
                                                       "replay_frame": number}  # fmt: skip
                 if self.run_id:

@@ -7,6 +7,9 @@ To try a candidate model on yesterday's production: run a scoring worker with th
 Each recorded frame is compared on its own, by its number in the recording (sent as ``metadata["replay_frame"]``
 and carried into its decision): cameras reuse frame ids, so two recorded frames may share one. The report shows the
 frame id and the recorded stream entry id beside the number.
+
+The recording is read and verified whole (``ReplaySource``) and the target line checked (``shadow_line``) before
+the replay's worker runtime starts: a file that cannot be replayed is refused before anything touches Redis.
 """
 
 from __future__ import annotations
@@ -26,23 +29,40 @@ from pipeline.messages import Decision
 from pipeline.streams import LineKeys
 from workers.ingest import Ingestor
 from workers.lifecycle import WorkerRuntime
-from workers.record import DecisionSummary, Recording, RecordingError, ReplaySource, summarise
+from workers.record import (
+    CHECKSUMMED_VERSION,
+    DecisionSummary,
+    Gap,
+    Recording,
+    RecordingError,
+    ReplaySource,
+    summarise,
+)
 
 logger = logging.getLogger(__name__)
 CHANGED_FRAMES_SHOWN = 200  # frames listed in a report's changed_frames (all are counted)
+GAPS_SHOWN = 200  # gaps listed in a report's recording_gaps (all are counted)
+GAPS_IN_WARNING = 3
+
+
+def shadow_line(recording: Recording, line_id: str | None) -> str:
+    """The line to replay ``recording`` onto: ``line_id``, never the line it was recorded on (RecordingError)."""
+    line_id = line_id or recording.line_id
+    if line_id == recording.line_id:
+        msg = (f"{recording.path} was recorded on line {line_id}: replaying onto it would put old frames among "
+               "that line's decisions; replay onto a shadow line (--line) whose workers run the candidate "
+               "model")  # fmt: skip
+        raise RecordingError(msg)
+    return line_id
 
 
 def replay_and_compare(
-    runtime: WorkerRuntime, path: Path, line_id: str | None, speed: float, run_id: str, timeout_s: float
+    runtime: WorkerRuntime, source: ReplaySource, line_id: str | None, timeout_s: float
 ) -> dict[str, Any]:
-    """Replay ``path`` onto ``line_id`` (never the recorded line) and return the comparison report."""
-    source = ReplaySource("replay", path, speed, run_id=run_id)
-    recording = source.recording
-    line_id = line_id or recording.line_id
-    if line_id == recording.line_id:
-        msg = (f"{path} was recorded on line {line_id}: replaying onto it would put old frames among that line's "
-               "decisions; replay onto a shadow line (--line) whose workers run the candidate model")  # fmt: skip
-        raise RecordingError(msg)
+    """Replay ``source`` (a recording read and verified before ``runtime`` started) onto ``line_id`` (never the
+    recorded line) and return the comparison report."""
+    recording, run_id, path = source.recording, source.run_id, source.recording.path
+    line_id = shadow_line(recording, line_id)
     keys = LineKeys(runtime.config.streams.prefix, line_id)
     client = runtime.client
     position = client.last_id(keys.decisions)
@@ -87,6 +107,11 @@ def replay_and_compare(
             "recording_complete": recording.complete,
             "recording_truncated": recording.cut,
             "recording_frames": expected,
+            "recording_frames_without_decision": expected - len(recording.decisions),
+            "recording_unmatched_decisions": recording.unmatched_decisions,
+            "frames_missing_from_recording": recording.missing_frames,
+            "recording_gaps": [gap_report(gap) for gap in recording.gaps[:GAPS_SHOWN]],
+            "recording_gaps_truncated": len(recording.gaps) > GAPS_SHOWN,
             "frames_reusing_an_id": recording.reused_frame_ids,
             "line_id": line_id,
             "frames_replayed": ingestor.published,
@@ -100,6 +125,12 @@ def replay_and_compare(
         }
     )
     return report
+
+
+def gap_report(gap: Gap) -> dict[str, Any]:
+    """A recording's gap as the report lists it."""
+    return {"after_frame": gap.after_frame, "frames": gap.frames, "after_entry_id": gap.after_entry_id,
+            "before_entry_id": gap.before_entry_id or None}  # fmt: skip
 
 
 def _replayed_frame(payload: bytes | None, run_id: str, frame_count: int) -> tuple[int, Decision] | None:
@@ -142,8 +173,26 @@ def _warnings(
         warnings.append(f"{path} was cut: it ends without the end record the recorder writes when it stops{partial} "
                         "(the recorder was killed, the disk filled, the copy is partial, or it is still recording); "
                         f"its {expected} whole frames are intact and were used")  # fmt: skip
-    if recording.version < 2:
+    if recording.version < CHECKSUMMED_VERSION:
         warnings.append(f"{path} is a version 1 recording: it has no checksums, so damage inside it cannot be seen")
+    if recording.gaps:
+        gaps = recording.gaps
+        shown = "; ".join(f"{gap.frames} after frame {gap.after_frame} (stream entries {gap.after_entry_id} to "
+                          f"{gap.before_entry_id or 'the end'})" for gap in gaps[:GAPS_IN_WARNING])  # fmt: skip
+        more = f"; {len(gaps) - GAPS_IN_WARNING} more gaps in recording_gaps" if len(gaps) > GAPS_IN_WARNING else ""
+        warnings.append(f"{path} misses {recording.missing_frames} frames the line saw, trimmed from its stream before "
+                        f"the recorder read them (it fell more than streams.maxlen frames behind): {shown}{more}; "
+                        "they were neither replayed nor compared")  # fmt: skip
+    undecided = expected - len(recording.decisions)
+    if undecided:
+        warnings.append(f"{undecided} of {expected} recorded frames have no recorded decision (the recorder "
+                        "stopped before they were decided, or their decisions were lost): replayed, not "
+                        "compared")  # fmt: skip
+    unmatched = recording.unmatched_decisions
+    if unmatched:
+        warnings.append(f"{path} holds {unmatched} decision{'s' if unmatched > 1 else ''} for no recorded frame (a "
+                        "second decision for a frame, or one for a frame not recorded): left out of the "
+                        "baseline")  # fmt: skip
     if expected == 0:
         warnings.append(f"{path} holds no frames: nothing was replayed or compared")
         return warnings

@@ -172,18 +172,17 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    from workers.record import record_line
+    from workers.record import install_record_stop_handlers, record_line
 
     config = _config(args)
     setup_logging("record", _log_level(args))
     client = StreamClient(_redis_url(config), config.redis, config.streams)
-    stop = threading.Event()
-    install_stop_handlers(stop)
+    stop, stop_waiting = threading.Event(), threading.Event()
+    install_record_stop_handlers(stop, stop_waiting)  # a second Ctrl-C still closes the file with its end record
     client.stop_retrying_after(stop, config.worker.drain_timeout_s)  # Ctrl-C during an outage ends the recording
     try:
-        counts = record_line(
-            client, LineKeys(config.streams.prefix, _line(args, config)), Path(args.out), stop, args.frames
-        )
+        counts = record_line(client, LineKeys(config.streams.prefix, _line(args, config)), Path(args.out), stop,
+                             args.frames, stop_waiting=stop_waiting)  # fmt: skip
     except StreamsUnavailable:  # the recording keeps what it had, closed with its end record; cli.main exits 1
         print(f"lineinspect record: {args.out} holds what was recorded before Redis was lost", file=sys.stderr)
         raise
@@ -191,12 +190,14 @@ def cmd_record(args: argparse.Namespace) -> int:
     print(f"recorded {counts.frames} frames and {counts.decisions} decisions to {args.out}{unusable}")
     if counts.trimmed:
         print(f"warning: {counts.trimmed} frames were trimmed from the stream before the recorder read them and are "
-              "missing from the recording (it fell more than streams.maxlen frames behind the line)", file=sys.stderr)
+              "missing from the recording, which marks where (it fell more than streams.maxlen frames behind the "
+              "line; a replay lists the gaps)", file=sys.stderr)  # fmt: skip
     return 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from workers.replay import replay_and_compare
+    from workers.record import ReplaySource
+    from workers.replay import replay_and_compare, shadow_line
 
     config = _config(args)
     setup_logging("replay", _log_level(args))
@@ -213,9 +214,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
             msg = f"--report {report_path} cannot be written ({error.strerror or error})"
             raise ConfigError(msg) from None
     run_id = uuid.uuid4().hex[:8]
+    # the recording read and verified whole, and the line checked, before the runtime (health port, Redis) starts:
+    # a missing, damaged or foreign file is refused (RecordingError, exit 2) before anything reaches the line
+    source = ReplaySource("replay", Path(args.file), args.speed, run_id=run_id)
+    shadow_line(source.recording, args.line)
     with WorkerRuntime(config, _redis_url(config), "replay", f"replay-{run_id}", 0) as runtime:
         install_stop_handlers(runtime.stop)
-        report = replay_and_compare(runtime, Path(args.file), args.line, args.speed, run_id, args.timeout_s)
+        report = replay_and_compare(runtime, source, args.line, args.timeout_s)
     text = json.dumps(report, indent=2)
     print(text)
     if report_path is not None:

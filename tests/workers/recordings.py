@@ -1,5 +1,5 @@
 """Small recordings for the record/replay tests: frames of a few bytes (their pixels are never decoded) and files
-written in the current format or by hand in the old one (version 1)."""
+written in the current format or in the old ones (version 2 without gap records, version 1 by hand)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import msgpack
 
 from pipeline.codec import encode_decision, encode_frame
 from pipeline.messages import Decision, Frame, MetadataValue
-from workers.record import RecordingWriter
+from workers.record import FORMAT, HEADER_FIELDS, RecordingWriter, _crc
 
 
 def tiny_frame(frame_id: str, sequence: int = 0, captured_at_ns: int = 1_000_000_000, line_id: str = "line-1") -> Frame:
@@ -44,13 +44,35 @@ def decision_for(
     )
 
 
-def write_recording(path: Path, frames: list[Frame], scores: list[float] | None = None) -> Path:
-    """Frame n at stream entry ``n-0`` followed by its decision (score ``scores[n - 1]``, default n)."""
+def write_recording(
+    path: Path, frames: list[Frame], scores: list[float] | None = None, entry_ids: list[str] | None = None
+) -> Path:
+    """Frame n at stream entry ``entry_ids[n - 1]`` (default ``n-0``) followed by its decision (score
+    ``scores[n - 1]``, default n)."""
     with RecordingWriter(path, "line-1") as writer:
         for number, frame in enumerate(frames, start=1):
             score = float(number) if scores is None else scores[number - 1]
-            writer.frame(f"{number}-0", encode_frame(frame))
-            writer.decision(f"{number}-0", encode_decision(decision_for(frame.frame_id, score=score)))
+            entry_id = f"{number}-0" if entry_ids is None else entry_ids[number - 1]
+            writer.frame(entry_id, encode_frame(frame))
+            writer.decision(entry_id, encode_decision(decision_for(frame.frame_id, score=score)))
+    return path
+
+
+def stream_ids(frames: list[Frame]) -> list[str]:
+    """Entry ids as Redis gives them for frames published as they were captured: ``<ms>-<sequence>``."""
+    return [f"{frame.captured_at_ns // 1_000_000}-{number}" for number, frame in enumerate(frames)]
+
+
+def as_version_2(path: Path) -> Path:
+    """Rewrite the header of a recording without gap records as the version 2 recorder wrote it (version 2 is
+    version 3 without gap records: the entries and the end record are the same)."""
+    unpacker = msgpack.Unpacker(raw=False)
+    data = path.read_bytes()
+    unpacker.feed(data)
+    header = next(unpacker)
+    rest = data[unpacker.tell() :]
+    values = [FORMAT, 2, header["line_id"], header["created_at_ns"]]
+    path.write_bytes(msgpack.packb({**dict(zip(HEADER_FIELDS, values, strict=True)), "crc32": _crc(values)}) + rest)
     return path
 
 

@@ -1,5 +1,6 @@
-"""Recording files (format version 2: checksums and an end record; version 1 still read), the recorder on a live
-line (decisions matched to frames by stream entry, stopped by --frames or a signal) and the replay source."""
+"""Recording files (format version 3: checksums, gap records and an end record; versions 1 and 2 still read), the
+recorder on a live line (decisions matched to frames by stream entry, stopped by --frames or signals, gaps marked)
+and the replay source (paced by the recorded times, clock steps left out)."""
 
 from __future__ import annotations
 
@@ -18,19 +19,28 @@ import pytest
 
 from pipeline.codec import encode_decision, encode_frame
 from pipeline.config import Config, RedisSettings, StreamSettings
-from pipeline.messages import MetadataValue
+from pipeline.messages import Frame, MetadataValue
 from pipeline.redis_server import EmbeddedRedis
 from pipeline.streams import LineKeys, StreamClient, StreamPosition
 from tests.workers.conftest import TinyLine
 from tests.workers.helpers import frame_from_file, start_thread, wait_until
-from tests.workers.recordings import decision_for, tiny_frame, write_recording, write_v1_recording
+from tests.workers.recordings import (
+    as_version_2,
+    decision_for,
+    stream_ids,
+    tiny_frame,
+    write_recording,
+    write_v1_recording,
+)
 from workers.lifecycle import WorkerRuntime
 from workers.record import (
     DecisionMatcher,
+    Gap,
     RecordCounts,
     RecordingError,
     RecordingWriter,
     ReplaySource,
+    paced_step_s,
     read_recording,
     record_line,
     trimmed_unread,
@@ -45,7 +55,7 @@ def test_recording_round_trip_and_not_a_recording(tiny_line: TinyLine, tmp_path:
         writer.frame("1-0", encode_frame(frame))
         writer.decision("1-0", encode_decision(decision_for(frame.frame_id, "fail", 4.0)))
     recording = read_recording(tmp_path / "rec.lir")
-    assert (recording.line_id, recording.version, recording.complete, recording.cut) == ("line-1", 2, True, False)
+    assert (recording.line_id, recording.version, recording.complete, recording.cut) == ("line-1", 3, True, False)
     assert list(recording.frames()) == [frame] and recording.frame_count == 1 and recording.entry_ids == ["1-0"]
     assert recording.decisions[1].verdict == "fail"
     replayed = list(ReplaySource("x", tmp_path / "rec.lir", speed=0, run_id="r1").captures())
@@ -214,14 +224,61 @@ def test_version_1_recordings_are_still_read(tmp_path: Path) -> None:
 
 def test_a_newer_version_is_refused_and_a_recording_never_overwritten(tmp_path: Path) -> None:
     newer = tmp_path / "newer.lir"
-    newer.write_bytes(msgpack.packb({"format": "lineinspect-recording", "version": 3, "line_id": "l"}))
-    with pytest.raises(RecordingError, match="version 3; this lineinspect reads versions 1 and 2"):
+    newer.write_bytes(msgpack.packb({"format": "lineinspect-recording", "version": 4, "line_id": "l"}))
+    with pytest.raises(RecordingError, match="version 4; this lineinspect reads versions 1 to 3"):
         read_recording(newer)
     path = write_recording(tmp_path / "rec.lir", [tiny_frame("f0")])
     before = path.read_bytes()
     with pytest.raises(RecordingError, match="already exists: a recording is not overwritten"):
         RecordingWriter(path, "line-1")
     assert path.read_bytes() == before
+
+
+def test_version_2_recordings_are_still_read_and_a_gap_needs_version_3(tmp_path: Path) -> None:
+    """Version 2 is version 3 without gap records; a version 2 reader takes a gap record for damage, so a file with
+    one is refused when it claims version 2 (and a version 2 reader refuses version 3 files as too new)."""
+    frames = [tiny_frame(f"f{n}") for n in range(2)]
+    old = as_version_2(write_recording(tmp_path / "v2.lir", frames))
+    recording = read_recording(old)
+    assert (recording.version, recording.complete, recording.gaps) == (2, True, [])
+    assert list(recording.frames()) == frames and len(recording.decisions) == 2
+    with RecordingWriter(tmp_path / "gap.lir", "line-1") as writer:
+        writer.frame("1-0", encode_frame(frames[0]))
+        writer.gap(3, "1-0", "5-0")
+        writer.frame("5-0", encode_frame(frames[1]))
+    assert read_recording(tmp_path / "gap.lir").gaps == [Gap(2, 1, 3, "1-0", "5-0")]
+    with pytest.raises(RecordingError, match=r"entry 2 is damaged: not an entry"):
+        read_recording(as_version_2(tmp_path / "gap.lir"))
+
+
+def test_a_gap_record_is_checked_like_an_entry(tmp_path: Path) -> None:
+    """A changed byte in a gap record is refused; a gap record lost or moved is caught by the end record."""
+    frames = [tiny_frame(f"f{n}") for n in range(2)]
+    path = tmp_path / "rec.lir"
+    with RecordingWriter(path, "line-1") as writer:
+        writer.frame("1-0", encode_frame(frames[0]))
+        writer.gap(3, "1-0", "5-0")
+        writer.frame("5-0", encode_frame(frames[1]))
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(path.read_bytes())
+    records = [msgpack.packb(item, use_bin_type=True) for item in unpacker]
+    start = len(b"".join(records[:2]))
+    damaged = tmp_path / "damaged.lir"
+    for index in range(start, start + len(records[2])):  # every byte of the gap record
+        changed = bytearray(path.read_bytes())
+        changed[index] ^= 0x01
+        damaged.write_bytes(bytes(changed))
+        with pytest.raises(RecordingError, match="entry 2"):
+            read_recording(damaged)
+    changed = bytearray(path.read_bytes())
+    changed[start + records[2].index(b"\x03")] = 0x02  # 3 frames missing -> 2
+    damaged.write_bytes(bytes(changed))
+    with pytest.raises(RecordingError, match=r"entry 2 \(gap record after stream entry 1-0\) is damaged: its checksum"):
+        read_recording(damaged)
+    lost = tmp_path / "lost.lir"
+    lost.write_bytes(b"".join(records[:2] + records[3:]))
+    with pytest.raises(RecordingError, match="an entry lost or moved"):
+        read_recording(lost)
 
 
 def _record_in_thread(
@@ -315,7 +372,12 @@ def test_frames_trimmed_before_the_recorder_read_them_are_counted(
         client.publish(keys.decisions, encode_decision(decision_for(frame.frame_id, frame_entry_id=entry_id)))
     recorder.join(timeout=60)
     assert counts == [(3, 3, 0, 7)]
-    assert [frame.frame_id for frame in read_recording(tmp_path / "rec.lir").frames()] == ["f7", "f8", "f9"]
+    recording = read_recording(tmp_path / "rec.lir")
+    assert [frame.frame_id for frame in recording.frames()] == ["f7", "f8", "f9"] and recording.complete
+    # the file says where: 7 frames before the first recorded one, after the stream's start (0-0, it was empty)
+    assert recording.gaps == [Gap(position=1, after_frame=0, frames=7, after_entry_id="0-0",
+                                  before_entry_id=entry_ids[7])]  # fmt: skip
+    assert recording.missing_frames == 7
 
 
 def test_trimmed_unread_counts_only_entries_past_the_read_position() -> None:
@@ -394,7 +456,7 @@ def test_a_recording_is_read_one_frame_at_a_time(tmp_path: Path) -> None:
 
 def test_replay_speed_keeps_the_recorded_gaps_scaled(tmp_path: Path) -> None:
     frames = [tiny_frame(f"f{n}", captured_at_ns=5_000_000_000 + n * 200_000_000) for n in range(4)]  # 0.6 s
-    path = write_recording(tmp_path / "rec.lir", frames)
+    path = write_recording(tmp_path / "rec.lir", frames, entry_ids=stream_ids(frames))
 
     def replay_seconds(speed: float) -> float:
         started = time.monotonic()
@@ -484,3 +546,95 @@ def test_lineinspect_record_stopped_during_a_redis_outage_ends_within_the_drain_
     assert took_s < 8, log  # drain timeout 1 s (+ the attempt in flight); before: until Redis came back
     recording = read_recording(out)
     assert [item.frame_id for item in recording.frames()] == ["f0"] and recording.complete
+
+
+def test_a_second_ctrl_c_while_waiting_for_decisions_still_closes_the_recording(
+    config: Config, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    # the second Ctrl-C killed the recorder at once and left the file cut: an operator pressing it twice got a
+    # recording without its end record
+    runtime = make_runtime("record", "r7")
+    client, keys = runtime.client, LineKeys(config.streams.prefix, "line-1")
+    out = tmp_path / "rec.lir"
+    env = {**os.environ, "REDIS_URL": config.redis.url or "", "LINEINSPECT__STREAMS__PREFIX": config.streams.prefix}
+    command = [sys.executable, "-m", "workers.cli", "record", "--line", "line-1", "--out", str(out)]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    reader = start_thread(lambda: log.extend(iter(process.stderr.readline, "")))  # type: ignore[union-attr]
+    try:
+        wait_until(lambda: any('"recording"' in line for line in log), 60, "the recorder to start")
+        frames = [tiny_frame(f"f{n}") for n in range(3)]
+        entry_id = client.publish(keys.frames, encode_frame(frames[0]))
+        client.publish(keys.decisions, encode_decision(decision_for("f0", frame_entry_id=entry_id)))
+        for frame in frames[1:]:  # nobody decides these: the recorder waits for them after the first Ctrl-C
+            client.publish(keys.frames, encode_frame(frame))
+        wait_until(lambda: read_recording(out).frame_count == 3, 30, "the frames to be written")
+        process.send_signal(signal.SIGINT)
+        wait_until(lambda: any("waiting for the decisions" in line for line in log), 30, "the recorder to wait")
+        process.send_signal(signal.SIGINT)
+        output, rest = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    reader.join(timeout=10)
+    text = "".join(log) + rest
+    assert process.returncode == 0, text[-2000:]
+    assert "a second Ctrl-C stops waiting and closes the file complete" in text
+    assert "second stop: closing the recording without waiting" in text
+    assert "recorded 3 frames and 1 decisions" in output
+    recording = read_recording(out)
+    assert recording.complete and not recording.cut and recording.frame_count == 3 and set(recording.decisions) == {1}
+
+
+def test_a_third_stop_signal_ends_the_recorder_at_once() -> None:
+    """Only a third signal (or SIGKILL) may cut a recording: the first two set their events, the third kills."""
+    script = (
+        "import signal, threading\n"
+        "from workers.record import install_record_stop_handlers\n"
+        "stop, stop_waiting = threading.Event(), threading.Event()\n"
+        "install_record_stop_handlers(stop, stop_waiting)\n"
+        "signal.raise_signal(signal.SIGTERM)\n"
+        "print(stop.is_set(), stop_waiting.is_set(), flush=True)\n"
+        "signal.raise_signal(signal.SIGINT)\n"
+        "print(stop.is_set(), stop_waiting.is_set(), flush=True)\n"
+        "signal.raise_signal(signal.SIGTERM)\n"
+        "print('still running', flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.stdout.split("\n")[:2] == ["True False", "True True"], result.stderr
+    assert result.returncode == -signal.SIGTERM and "still running" not in result.stdout
+
+
+def test_a_clock_step_in_the_recorded_times_does_not_pace_a_replay(tmp_path: Path) -> None:
+    # --speed 1 paced by capture times alone: a camera clock stepped back an hour sent every later frame at once, one
+    # stepped forward an hour made the replay wait that hour. The stream's entry ids (the Redis server's clock) say
+    # the frames came 0.2 s apart
+    def frames_at(seconds: list[float]) -> list[Frame]:
+        return [tiny_frame(f"f{n}", captured_at_ns=int((10_000 + at) * 1e9)) for n, at in enumerate(seconds)]
+
+    published = [f"{1_700_000_000_000 + 200 * n}-0" for n in range(4)]  # 0.2 s apart
+    back = write_recording(tmp_path / "back.lir", frames_at([0, 0.2, -3600 + 0.4, -3600 + 0.6]), entry_ids=published)
+    ahead = write_recording(tmp_path / "ahead.lir", frames_at([0, 0.2, 20.4, 20.6]), entry_ids=published)
+
+    def replay_seconds(path: Path) -> float:
+        started = time.monotonic()
+        assert len(list(ReplaySource("x", path, speed=1.0).captures())) == 4
+        return time.monotonic() - started
+
+    assert 0.59 <= replay_seconds(back) < 3  # before: 0.2 s, the frames after the step sent at once
+    assert 0.59 <= replay_seconds(ahead) < 3  # before: 20.6 s
+    # a pause of the line shows on both clocks and is kept; a recording without stream entry ids keeps its times
+    assert paced_step_s(3 * 10**9, "1000-0", "4000-0") == 3.0
+    assert paced_step_s(3 * 10**9, "1000-0", "1200-0") == pytest.approx(0.2)
+    assert paced_step_s(3 * 10**9, "1-0", "x") == 3.0
+    assert paced_step_s(200_000_000, "1000-0", "1001-5") == pytest.approx(0.2)  # published in one burst: capture time
+
+
+def test_a_recording_replaced_after_it_was_read_is_not_replayed_against_the_old_baseline(tmp_path: Path) -> None:
+    # the replay reads the frames again after the scan: a file replaced meanwhile sent another recording's frames,
+    # compared with the first one's decisions
+    path = write_recording(tmp_path / "rec.lir", [tiny_frame(f"f{n}") for n in range(3)])
+    recording = read_recording(path)
+    path.unlink()
+    write_recording(path, [tiny_frame(f"g{n}") for n in range(3)], entry_ids=["7-0", "8-0", "9-0"])
+    with pytest.raises(RecordingError, match="changed since it was read: its frame 1 is now stream entry 7-0, was 1-0"):
+        list(recording.frames())

@@ -3,10 +3,16 @@ and a report that says what an engineer must know (cut, old format, empty, stopp
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import msgpack
 import pytest
 
 from pipeline.codec import encode_decision, encode_frame
@@ -14,12 +20,26 @@ from pipeline.messages import Decision
 from pipeline.streams import LineKeys
 from tests.workers.conftest import TinyLine
 from tests.workers.helpers import frame_from_file, start_thread
-from tests.workers.recordings import decision_for, tiny_frame, write_recording, write_v1_recording
+from tests.workers.processes import REPO_ROOT
+from tests.workers.recordings import (
+    decision_for,
+    stream_ids,
+    tiny_frame,
+    write_recording,
+    write_v1_recording,
+)
 from workers.lifecycle import WorkerRuntime
-from workers.record import DecisionSummary, RecordingError, RecordingWriter, summarise
+from workers.record import DecisionSummary, RecordingError, RecordingWriter, ReplaySource, summarise
 from workers.replay import compare_decisions, replay_and_compare
 from workers.score import ModelSlot, ScoreWorker, load_model
 from workers.sink import SinkWorker
+
+
+def replay(
+    runtime: WorkerRuntime, path: Path, line_id: str | None, speed: float, run_id: str, timeout_s: float
+) -> dict[str, Any]:
+    """What ``lineinspect replay`` does once its runtime is up (it reads the recording before)."""
+    return replay_and_compare(runtime, ReplaySource("replay", path, speed, run_id=run_id), line_id, timeout_s)
 
 
 def summaries(decisions: dict[int, Decision]) -> dict[int, DecisionSummary]:
@@ -93,7 +113,7 @@ def test_replay_onto_a_candidate_line_compares_every_recorded_frame(
         start_thread(ScoreWorker(scorer_runtime, "shadow", slot).run),
         start_thread(SinkWorker(sink_runtime, "shadow").run),
     ]
-    report = replay_and_compare(make_runtime("replay", "rp"), tmp_path / "rec.lir", "shadow", 0.0, "run1", 120.0)
+    report = replay(make_runtime("replay", "rp"), tmp_path / "rec.lir", "shadow", 0.0, "run1", 120.0)
     for runtime in (scorer_runtime, sink_runtime):
         runtime.stop.set()
     for thread in threads:
@@ -117,12 +137,12 @@ def test_replay_refuses_the_recorded_line_and_says_when_a_recording_was_cut(
     path = write_recording(tmp_path / "rec.lir", [tiny_frame(f"f{n}") for n in range(3)])
     runtime = make_runtime("replay", "rp2")
     with pytest.raises(RecordingError, match="was recorded on line line-1"):
-        replay_and_compare(runtime, path, None, 0.0, "run2", 1.0)
+        replay(runtime, path, None, 0.0, "run2", 1.0)
     with pytest.raises(RecordingError, match="was recorded on line line-1"):
-        replay_and_compare(runtime, path, "line-1", 0.0, "run2", 1.0)
+        replay(runtime, path, "line-1", 0.0, "run2", 1.0)
     cut = tmp_path / "cut.lir"
     cut.write_bytes(path.read_bytes()[:-200])  # the end record and part of the last decision
-    report = replay_and_compare(make_runtime("replay", "rp3"), cut, "nobody-scores-this", 0.0, "run3", 0.5)
+    report = replay(make_runtime("replay", "rp3"), cut, "nobody-scores-this", 0.0, "run3", 0.5)
     assert report["recording_truncated"] and not report["recording_complete"] and report["timed_out"]
     assert report["recording_frames"] == report["frames_replayed"] == 3
     warnings = report["warnings"]
@@ -134,19 +154,19 @@ def test_replay_refuses_the_recorded_line_and_says_when_a_recording_was_cut(
     data[data.index(b"f1") + 1] ^= 0x01  # frame 2's id, inside its payload
     damaged.write_bytes(bytes(data))
     with pytest.raises(RecordingError, match=r"entry 3 \(frame 2, stream entry 2-0\) is damaged"):
-        replay_and_compare(make_runtime("replay", "rp4"), damaged, "nobody-scores-this", 0.0, "run4", 0.5)
+        replay(make_runtime("replay", "rp4"), damaged, "nobody-scores-this", 0.0, "run4", 0.5)
 
 
 def test_replay_of_an_empty_or_old_recording_says_so(
     make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
 ) -> None:
     empty = write_recording(tmp_path / "empty.lir", [])
-    report = replay_and_compare(make_runtime("replay", "rp5"), empty, "shadow", 1.0, "run5", 5.0)
+    report = replay(make_runtime("replay", "rp5"), empty, "shadow", 1.0, "run5", 5.0)
     assert report["recording_complete"] and report["frames_replayed"] == report["frames_compared"] == 0
     assert not report["timed_out"] and report["mean_abs_score_change"] is None
     assert report["warnings"] == [f"{empty} holds no frames: nothing was replayed or compared"]
     old = write_v1_recording(tmp_path / "old.lir", [("1-0", tiny_frame("f0")), ("-", decision_for("f0"))])
-    report = replay_and_compare(make_runtime("replay", "rp6"), old, "nobody-scores-this", 0.0, "run6", 0.5)
+    report = replay(make_runtime("replay", "rp6"), old, "nobody-scores-this", 0.0, "run6", 0.5)
     assert report["recording_version"] == 1 and not report["recording_truncated"] and report["frames_replayed"] == 1
     assert any("version 1 recording: it has no checksums" in warning for warning in report["warnings"])
     assert not any("was cut" in warning for warning in report["warnings"])
@@ -156,10 +176,10 @@ def test_a_stopped_replay_reports_what_it_sent(make_runtime: Callable[..., Worke
     """Ctrl-C during a replay at the recorded pace (frames 1 s apart): the report says it was stopped, not that the
     candidate line timed out."""
     frames = [tiny_frame(f"f{n}", captured_at_ns=10**9 * (n + 1)) for n in range(10)]
-    path = write_recording(tmp_path / "rec.lir", frames)
+    path = write_recording(tmp_path / "rec.lir", frames, entry_ids=stream_ids(frames))
     runtime = make_runtime("replay", "rp7")
     threading.Timer(1.5, runtime.stop.set).start()
-    report = replay_and_compare(runtime, path, "nobody-scores-this", 1.0, "run7", 30.0)
+    report = replay(runtime, path, "nobody-scores-this", 1.0, "run7", 30.0)
     assert report["stopped"] and not report["timed_out"]
     assert 1 <= report["frames_replayed"] < 10
     assert any(f"stopped (Ctrl-C or SIGTERM) after sending {report['frames_replayed']} of 10 frames" in warning
@@ -174,7 +194,7 @@ def test_a_replay_onto_a_line_that_takes_no_more_frames_gives_up(
     runtime = make_runtime("replay", "rp8")
     limit = runtime.config.ingest.live_queue_limit
     path = write_recording(tmp_path / "rec.lir", [tiny_frame(f"f{n}") for n in range(limit + 10)])
-    report = replay_and_compare(runtime, path, "nobody-scores-this", 0.0, "run8", 1.0)
+    report = replay(runtime, path, "nobody-scores-this", 0.0, "run8", 1.0)
     assert report["timed_out"] and report["frames_replayed"] == limit
     assert any(f"took no frame and gave no decision for 1 s, {limit} of {limit + 10} frames sent" in warning
                for warning in report["warnings"])  # fmt: skip
@@ -184,7 +204,97 @@ def test_a_recorded_pause_longer_than_the_timeout_is_not_taken_for_a_stuck_line(
     make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
 ) -> None:
     frames = [tiny_frame("f0", captured_at_ns=10**9), tiny_frame("f1", captured_at_ns=4 * 10**9)]  # 3 s apart
-    path = write_recording(tmp_path / "rec.lir", frames)
-    report = replay_and_compare(make_runtime("replay", "rp9"), path, "nobody-scores-this", 1.0, "run9", 1.0)
+    path = write_recording(tmp_path / "rec.lir", frames, entry_ids=stream_ids(frames))
+    report = replay(make_runtime("replay", "rp9"), path, "nobody-scores-this", 1.0, "run9", 1.0)
     assert report["frames_replayed"] == 2
     assert not any("took no frame" in warning for warning in report["warnings"])
+
+
+@pytest.fixture
+def redis_watch() -> Iterator[socket.socket]:
+    """A port to give as REDIS_URL that only listens: a client that connects is left in its accept queue."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        yield listener
+
+
+def _bad_recordings(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Recordings `lineinspect replay` must refuse, each with the problem its message names."""
+    good = write_recording(tmp_path / "good.lir", [tiny_frame(f"f{n}") for n in range(3)])
+    damaged = bytearray(good.read_bytes())
+    damaged[damaged.index(b"f2") + 1] ^= 0x01  # frame 3's id, inside its payload
+    (tmp_path / "damaged.lir").write_bytes(bytes(damaged))
+    (tmp_path / "headless.lir").write_bytes(good.read_bytes()[:20])  # cut inside its header
+    (tmp_path / "other.lir").write_bytes(b"PK\x03\x04 a zip file, say")
+    (tmp_path / "newer.lir").write_bytes(msgpack.packb({"format": "lineinspect-recording", "version": 99}))
+    return {
+        "missing": (tmp_path / "missing.lir", "cannot be read (No such file or directory)"),
+        "damaged": (tmp_path / "damaged.lir", "entry 5 (frame 3, stream entry 3-0) is damaged"),
+        "cut in its header": (tmp_path / "headless.lir", "no whole header"),
+        "wrong format": (tmp_path / "other.lir", "not a lineinspect-recording file"),
+        "newer version": (tmp_path / "newer.lir", "version 99; this lineinspect reads versions 1 to 3"),
+        "its own line": (good, "was recorded on line line-1"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["missing", "damaged", "cut in its header", "wrong format", "newer version", "its own line"]
+)
+def test_lineinspect_replay_refuses_a_bad_recording_before_starting_anything(
+    case: str, redis_watch: socket.socket, tmp_path: Path
+) -> None:
+    # the worker runtime (health port, Redis client) started first, then the file was read: a refused file still
+    # started a replay worker, and with Redis hanging it waited on it before saying the file was bad
+    path, problem = _bad_recordings(tmp_path)[case]
+    port = redis_watch.getsockname()[1]
+    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{port}/0", "PYTHONPATH": str(REPO_ROOT)}
+    line = "line-1" if case == "its own line" else "shadow"
+    result = subprocess.run([sys.executable, "-m", "workers.cli", "replay", str(path), "--line", line],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"lineinspect replay: error: {path}" in result.stderr and problem in result.stderr, result.stderr
+    assert "worker started" not in result.stderr  # no runtime, no health port
+    with pytest.raises(BlockingIOError):
+        redis_watch.accept()  # nobody connected to Redis
+
+
+def test_the_report_lists_where_the_recording_misses_frames(
+    make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    # the recorder counted frames trimmed before it read them, but the file did not say where: a replay compared
+    # fewer frames than the line saw without a word
+    frames = [tiny_frame(f"f{n}") for n in range(3)]
+    with RecordingWriter(tmp_path / "rec.lir", "line-1") as writer:
+        writer.frame("1-0", encode_frame(frames[0]))
+        writer.gap(7, "1-0", "9-0")
+        for number, frame in ((9, frames[1]), (10, frames[2])):
+            writer.frame(f"{number}-0", encode_frame(frame))
+        writer.gap(2, "10-0", "")
+    report = replay(make_runtime("replay", "rp10"), tmp_path / "rec.lir", "nobody-scores-this", 0.0, "run10", 0.5)
+    assert report["recording_frames"] == report["frames_replayed"] == 3 and report["recording_complete"]
+    assert report["frames_missing_from_recording"] == 9
+    assert report["recording_gaps"] == [
+        {"after_frame": 1, "frames": 7, "after_entry_id": "1-0", "before_entry_id": "9-0"},
+        {"after_frame": 3, "frames": 2, "after_entry_id": "10-0", "before_entry_id": None},
+    ]
+    assert any(f"{tmp_path / 'rec.lir'} misses 9 frames the line saw" in warning
+               and "7 after frame 1 (stream entries 1-0 to 9-0); 2 after frame 3 (stream entries 10-0 to the end)"
+               in warning for warning in report["warnings"]), report["warnings"]  # fmt: skip
+
+
+def test_the_report_warns_of_frames_it_could_not_compare(
+    make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    # frames recorded without their decision (the recorder stopped waiting) and decisions for no recorded frame were
+    # left out of the comparison with only a count (missing_in_baseline) or a log line
+    frames = [tiny_frame(f"f{n}") for n in range(3)]
+    with RecordingWriter(tmp_path / "rec.lir", "line-1") as writer:
+        for number, frame in enumerate(frames, start=1):
+            writer.frame(f"{number}-0", encode_frame(frame))
+        writer.decision("1-0", encode_decision(decision_for("f0")))
+        writer.decision("7-0", encode_decision(decision_for("f7")))  # for no recorded frame
+    report = replay(make_runtime("replay", "rp11"), tmp_path / "rec.lir", "nobody-scores-this", 0.0, "run11", 0.5)
+    assert report["recording_frames_without_decision"] == 2 and report["recording_unmatched_decisions"] == 1
+    warnings = report["warnings"]
+    assert any("2 of 3 recorded frames have no recorded decision" in warning for warning in warnings), warnings
+    assert any("holds 1 decision for no recorded frame" in warning for warning in warnings), warnings

@@ -25,6 +25,7 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -317,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         # systemd and Kubernetes stop with SIGTERM: unwind like Ctrl-C, so a model being written is removed and the
         # old one kept. The streaming commands install their own draining handler over this one.
         previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning(args.command)
     try:
         code: int = args.func(args)
     except (ArtifactError, BackboneError, ConfigError, DatasetError, ImageError, ValueError) as error:
@@ -340,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lineinspect {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
+        warnings.formatwarning = formatwarning
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return code
@@ -347,6 +351,16 @@ def main(argv: list[str] | None = None) -> int:
 
 MODEL_COMMANDS = ("fit", "score", "evaluate", "calibrate", "demo")
 REDIS_LOST_EXIT = 1
+
+
+def _one_line_warning(command: str) -> Callable[..., str]:
+    """A warning a command prints is for its user: one line naming the command, not Python's file, line number and
+    source line (``/.../models/fit.py:196: UserWarning: ...`` followed by the code that warned)."""
+
+    def format_warning(message: Warning | str, *_: object) -> str:
+        return f"lineinspect {command}: warning: {message}\n"
+
+    return format_warning
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

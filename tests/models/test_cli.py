@@ -3,6 +3,8 @@
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,3 +204,20 @@ def test_calibrate_refuses_the_folder_the_model_was_fitted_on(demo_line: DemoLin
     assert main(["calibrate", "--model", str(model), "--good", str(good), "--false-reject-rate", "0.2"]) == 2
     assert "holds the images the model was fitted on" in capsys.readouterr().err
     assert _threshold(model) == before
+
+
+def test_a_warning_is_one_line_naming_the_command_not_python_source() -> None:
+    """Warnings from the models (few images, an unresolved false-reject rate) are for the user: Python's default form
+    printed the file, line number and source line of the code that warned."""
+    script = (
+        "import sys, warnings\n"
+        "from workers import cli\n"
+        "def warn(args):\n"
+        "    warnings.warn('only 3 good images', UserWarning)\n"
+        "    return 0\n"
+        "cli.cmd_demo = warn\n"
+        "sys.exit(cli.main(['demo']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["lineinspect demo: warning: only 3 good images"]

@@ -483,9 +483,10 @@ class ScoreWorker:
                 stop.wait(self.config.streams.block_ms / 1000.0)
                 continue
             recovered = self._claim_idle()
-            if recovered:
+            if recovered:  # prepared (so held) first: kept from peers' claims while in_hand is scored before them
+                upcoming = self.prepare(recovered)
                 self.finish(in_hand)
-                self.finish(self.prepare(recovered))
+                self.finish(upcoming)
                 in_hand = []
                 continue
             if in_hand:

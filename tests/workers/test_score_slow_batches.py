@@ -134,3 +134,71 @@ def test_a_hung_batch_is_left_to_the_peers_and_turns_the_worker_unhealthy(
         runtime.stop.set()
         thread.join(timeout=30)
         peer.close()
+
+
+class SteppedScorer:
+    """The real tiny model; batch ``n`` (0, 1, ...) waits until ``gates[n]`` opens, later batches run at once."""
+
+    def __init__(self, scorer: ScorerLike, gates: Sequence[threading.Event]) -> None:
+        self.scorer, self.gates = scorer, gates
+        self.model_id, self.threshold = scorer.model_id, scorer.threshold
+        self.entered = [threading.Event() for _ in gates]
+        self.batches = 0
+
+    def score(self, images: Sequence[np.ndarray]) -> ScoredBatch:
+        index, self.batches = self.batches, self.batches + 1
+        if index < len(self.gates):
+            self.entered[index].set()
+            assert self.gates[index].wait(timeout=120), "the test never opened the gate"
+        return self.scorer.score(images)
+
+
+def test_entries_a_worker_claims_are_kept_while_it_first_scores_the_batch_it_had_in_hand(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], worker_config: Config
+) -> None:
+    # A claim comes back while the worker holds a batch it has read but not scored (the pipelined in_hand): it scores
+    # that batch first, then the claimed frames. Not kept meanwhile, a slow in_hand batch left them to a peer's claim
+    # claim_idle_ms later: scored twice, one delivery more each (towards max_deliveries).
+    runtime = make_runtime("score", "slow")
+    runtime.heartbeat.ttl_s = HEARTBEAT_TTL_S
+    gates = [threading.Event(), threading.Event()]
+    scorers: list[SteppedScorer] = []
+
+    def load(path: Path) -> ScorerLike:
+        scorers.append(SteppedScorer(load_model("cpu")(path), gates))
+        return scorers[-1]
+
+    keys = LineKeys(worker_config.streams.prefix, "line-1")
+    worker = ScoreWorker(runtime, "line-1", ModelSlot(runtime, keys, load, tiny_line.model_dir))
+    scorer, client = scorers[0], runtime.client
+    idle_ms = worker_config.streams.claim_idle_ms
+    images = [tiny_line.good_images[i % 4] for i in range(8)]
+    publish_frames(client, keys, [frame_from_file(path) for path in images])  # two batches: E, then F in hand
+    thread = start_thread(worker.run)
+    peer = StreamClient(worker_config.redis.url or "", worker_config.redis, worker_config.streams)
+    claimed: list[str] = []
+    try:
+        assert scorer.entered[0].wait(timeout=60)  # scoring E, F read and in hand
+        dead_ids = publish_frames(client, keys, [frame_from_file(path) for path in images[:2]])
+        client.read_new(keys.frames, SCORER_GROUP, "dead", count=2, block_ms=None)  # a peer that then died
+        time.sleep(1.5 * idle_ms / 1000.0)
+        gates[0].set()  # E done: the worker's next turn claims the dead peer's frames, then scores F first
+        assert scorer.entered[1].wait(timeout=60)
+        rows = client.redis.xpending_range(keys.frames, SCORER_GROUP, "-", "+", 100, consumername="slow")
+        assert set(dead_ids) <= {row["message_id"].decode() for row in rows}, "the worker did not claim them"
+        held_until = time.monotonic() + 3 * idle_ms / 1000.0
+        while time.monotonic() < held_until:  # F three times as slow as claim_idle_ms
+            entries = peer.claim_stale(keys.frames, SCORER_GROUP, "peer", idle_ms, 10, keys.deadletter).entries
+            claimed += [entry.entry_id for entry in entries]
+            time.sleep(0.05)
+        gates[1].set()
+        wait_until(lambda: client.length(keys.results) >= 10, what="every frame's result")
+    finally:
+        for gate in gates:
+            gate.set()
+        runtime.stop.set()
+        thread.join(timeout=30)
+        peer.close()
+    assert claimed == [], "a peer claimed the frames the worker had claimed and was about to score"
+    assert client.length(keys.results) == 10
+    assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0

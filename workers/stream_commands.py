@@ -59,7 +59,7 @@ def _one_opencv_thread() -> None:
 
 
 def _log_level(args: argparse.Namespace) -> str:
-    """DEBUG with ``lineinspect -v`` (or ``python -m workers.stream_commands -v``), else INFO."""
+    """DEBUG with ``lineinspect -v`` (or ``python -m workers.cli -v``), else INFO."""
     return "DEBUG" if getattr(args, "verbose", False) else "INFO"
 
 

@@ -158,11 +158,11 @@ def cmd_promote(args: argparse.Namespace) -> int:
     try:
         manifest = verify_model(model_dir)
     except (ArtifactError, OSError) as error:
-        print(f"error: {model_dir} was not promoted: {error}", file=sys.stderr)
+        print(f"lineinspect promote: error: {model_dir} was not promoted: {error}", file=sys.stderr)
         return 2
     if manifest.get("threshold") is None:
-        print(f"error: {model_dir} was not promoted: it has no threshold (run `lineinspect calibrate` first)",
-              file=sys.stderr)  # fmt: skip
+        print(f"lineinspect promote: error: {model_dir} was not promoted: it has no threshold (run `lineinspect "
+              "calibrate` first)", file=sys.stderr)  # fmt: skip
         return 2
     client = _one_shot_client(config)
     keys = LineKeys(config.streams.prefix, _line(args, config))
@@ -189,9 +189,9 @@ def cmd_record(args: argparse.Namespace) -> int:
     unusable = f" ({counts.skipped} unusable entries skipped, see the log)" if counts.skipped else ""
     print(f"recorded {counts.frames} frames and {counts.decisions} decisions to {args.out}{unusable}")
     if counts.trimmed:
-        print(f"warning: {counts.trimmed} frames were trimmed from the stream before the recorder read them and are "
-              "missing from the recording, which marks where (it fell more than streams.maxlen frames behind the "
-              "line; a replay lists the gaps)", file=sys.stderr)  # fmt: skip
+        print(f"lineinspect record: warning: {counts.trimmed} frames were trimmed from the stream before the recorder "
+              "read them and are missing from the recording, which marks where (it fell more than streams.maxlen "
+              "frames behind the line; a replay lists the gaps)", file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -226,7 +226,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if report_path is not None:
         report_path.write_text(text)
     for warning in report.get("warnings", []):
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"lineinspect replay: warning: {warning}", file=sys.stderr)
     return 0
 
 

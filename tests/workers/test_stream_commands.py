@@ -57,13 +57,16 @@ def test_promote_announces_only_models_that_load(
     shutil.copytree(tiny_line.model_dir, broken)
     (broken / "bank.npy").write_bytes(b"garbage")
     assert main(["promote", "--line", "line-1", "--model", str(broken)]) == 2
-    assert "was not promoted" in (error := capsys.readouterr().err) and "bank.npy does not match its sha256" in error
+    error = capsys.readouterr().err
+    assert f"lineinspect promote: error: {broken.resolve()} was not promoted" in error  # every command's error form
+    assert "bank.npy does not match its sha256" in error
     uncalibrated = tmp_path / "uncalibrated"
     shutil.copytree(tiny_line.model_dir, uncalibrated)
     manifest = read_manifest(uncalibrated) | {"threshold": None}
     _write_manifest(uncalibrated, manifest)
     assert main(["promote", "--line", "line-1", "--model", str(uncalibrated)]) == 2
-    assert "has no threshold" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"lineinspect promote: error: {uncalibrated.resolve()} was not promoted: it has no threshold" in error
     assert client.get_model_dir(key) is None
     assert main(["promote", "--line", "line-1", "--model", str(tiny_line.model_dir)]) == 0
     assert client.get_model_dir(key) == str(tiny_line.model_dir.resolve())

@@ -79,8 +79,10 @@ def _prepare_model(args: argparse.Namespace, config: Config, out: Path) -> tuple
     demo = make_demo_line(out / "demo", seed=0)
     if args.model is not None:
         return Path(args.model).resolve(), demo
-    print("fitting a model on the demo's good parts ...", flush=True)
-    scorer = fit_scorer(list_images(demo.train_dir), config, progress=True)
+    good_parts = list_images(demo.train_dir)
+    print(f"fitting a model on the demo's {len(good_parts)} good parts (a real line wants hundreds: fit's warnings "
+          "below say what so few cost, benchmarks/RESULTS.md section 7) ...", flush=True)  # fmt: skip
+    scorer = fit_scorer(good_parts, config, progress=True)
     model_dir = (out / "model").resolve()
     scorer.save(model_dir)
     print(f"model {scorer.model_id} saved to {model_dir}", flush=True)

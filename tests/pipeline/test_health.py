@@ -8,8 +8,6 @@ import time
 import urllib.error
 import urllib.request
 
-import pytest
-
 from pipeline.config import Config, RedisSettings, StreamSettings
 from pipeline.health import HealthServer, Heartbeat
 from pipeline.metrics import Metrics
@@ -23,11 +21,6 @@ def get(url: str) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
-
-
-@pytest.fixture
-def client(config: Config) -> StreamClient:
-    return StreamClient(config.redis.url or "", config.redis, config.streams)
 
 
 def test_healthz_follows_the_heartbeat_state(client: StreamClient, config: Config) -> None:

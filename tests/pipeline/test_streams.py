@@ -7,7 +7,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -26,18 +25,6 @@ from pipeline.streams import (
     StreamClient,
     StreamsUnavailable,
 )
-
-
-@pytest.fixture
-def client(config: Config) -> Iterator[StreamClient]:
-    stream_client = StreamClient(config.redis.url or "", config.redis, config.streams)
-    yield stream_client
-    stream_client.close()
-
-
-@pytest.fixture
-def keys(config: Config) -> LineKeys:
-    return LineKeys(config.streams.prefix, "line-1")
 
 
 def publish_many(client: StreamClient, keys: LineKeys, count: int) -> list[str]:

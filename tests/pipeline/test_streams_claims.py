@@ -3,24 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from pipeline.config import Config
 from pipeline.streams import ENTRY_TRIMMED, SCORER_GROUP, Commit, DeadLetter, LineKeys, StreamClient
-
-
-@pytest.fixture
-def client(config: Config) -> Iterator[StreamClient]:
-    stream_client = StreamClient(config.redis.url or "", config.redis, config.streams)
-    yield stream_client
-    stream_client.close()
-
-
-@pytest.fixture
-def keys(config: Config) -> LineKeys:
-    return LineKeys(config.streams.prefix, "line-1")
 
 
 def read_by(client: StreamClient, keys: LineKeys, consumer: str, count: int) -> list[str]:

@@ -11,7 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
@@ -405,6 +406,26 @@ def test_record_refuses_a_negative_frame_count_and_records_zero_frames(
     assert empty.complete and empty.frame_count == 0 and list(empty.frames()) == []
 
 
+@contextmanager
+def running_recorder(
+    redis_url: str, prefix: str, out: Path, **env: str
+) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """``lineinspect record --line line-1 --out OUT`` as a process, started and recording; yields it and its stderr
+    lines as they come (read by a thread: ``communicate()`` returns only what that thread has not read yet)."""
+    environment = {**os.environ, "REDIS_URL": redis_url, "LINEINSPECT__STREAMS__PREFIX": prefix, **env}
+    command = [sys.executable, "-m", "workers.cli", "record", "--line", "line-1", "--out", str(out)]
+    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    log: list[str] = []
+    reader = start_thread(lambda: log.extend(iter(process.stderr.readline, "")))  # type: ignore[union-attr]
+    try:
+        wait_until(lambda: any('"recording"' in line for line in log), 60, "the recorder to start")
+        yield process, log
+    finally:
+        process.kill()
+        reader.join(timeout=10)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_lineinspect_record_stopped_by_a_signal(
     signum: signal.Signals, config: Config, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
@@ -413,13 +434,7 @@ def test_lineinspect_record_stopped_by_a_signal(
     runtime = make_runtime("record", "r5")
     client, keys = runtime.client, LineKeys(config.streams.prefix, "line-1")
     out = tmp_path / "rec.lir"
-    env = {**os.environ, "REDIS_URL": config.redis.url or "", "LINEINSPECT__STREAMS__PREFIX": config.streams.prefix}
-    command = [sys.executable, "-m", "workers.cli", "record", "--line", "line-1", "--out", str(out)]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
-    reader = start_thread(lambda: log.extend(iter(process.stderr.readline, "")))  # type: ignore[union-attr]
-    try:
-        wait_until(lambda: any('"recording"' in line for line in log), 60, "the recorder to start")
+    with running_recorder(config.redis.url or "", config.streams.prefix, out) as (process, log):
         frames = [tiny_frame(f"f{n}") for n in range(3)]
         for frame in frames:
             entry_id = client.publish(keys.frames, encode_frame(frame))
@@ -427,9 +442,6 @@ def test_lineinspect_record_stopped_by_a_signal(
         wait_until(lambda: len(read_recording(out).decisions) == 3, 30, "the frames to be written")
         process.send_signal(signum)
         output, _ = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    reader.join(timeout=10)
     recording = read_recording(out)
     assert [frame.frame_id for frame in recording.frames()] == ["f0", "f1", "f2"] and len(recording.decisions) == 3
     if signum == signal.SIGKILL:
@@ -519,15 +531,8 @@ def test_lineinspect_record_stopped_during_a_redis_outage_ends_within_the_drain_
     with EmbeddedRedis() as server:
         client = StreamClient(server.url, RedisSettings(), StreamSettings())
         keys = LineKeys("outage", "line-1")
-        env = {**os.environ, "REDIS_URL": server.url, "LINEINSPECT__STREAMS__PREFIX": "outage",
-               "LINEINSPECT__WORKER__DRAIN_TIMEOUT_S": "1"}  # fmt: skip
-        command = [sys.executable, "-m", "workers.cli", "record", "--line", "line-1", "--out", str(out)]
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)  # fmt: skip
-        log: list[str] = []
-        reader = start_thread(lambda: log.extend(iter(process.stderr.readline, "")))  # type: ignore[union-attr]
-        try:
-            wait_until(lambda: any('"recording"' in line for line in log), 60, "the recorder to start")
+        drain = {"LINEINSPECT__WORKER__DRAIN_TIMEOUT_S": "1"}
+        with running_recorder(server.url, "outage", out, **drain) as (process, log):
             frame = tiny_frame("f0")
             entry_id = client.publish(keys.frames, encode_frame(frame))
             client.publish(keys.decisions, encode_decision(decision_for("f0", frame_entry_id=entry_id)))
@@ -539,9 +544,6 @@ def test_lineinspect_record_stopped_during_a_redis_outage_ends_within_the_drain_
             process.send_signal(signal.SIGTERM)
             _, rest = process.communicate(timeout=30)  # the last lines: communicate reads them, not the reader
             took_s = time.monotonic() - stopped_at
-        finally:
-            process.kill()
-        reader.join(timeout=10)
     assert process.returncode == 1 and "holds what was recorded before" in "".join(log) + rest, log[-3:]
     assert took_s < 8, log  # drain timeout 1 s (+ the attempt in flight); before: until Redis came back
     recording = read_recording(out)
@@ -556,13 +558,7 @@ def test_a_second_ctrl_c_while_waiting_for_decisions_still_closes_the_recording(
     runtime = make_runtime("record", "r7")
     client, keys = runtime.client, LineKeys(config.streams.prefix, "line-1")
     out = tmp_path / "rec.lir"
-    env = {**os.environ, "REDIS_URL": config.redis.url or "", "LINEINSPECT__STREAMS__PREFIX": config.streams.prefix}
-    command = [sys.executable, "-m", "workers.cli", "record", "--line", "line-1", "--out", str(out)]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
-    reader = start_thread(lambda: log.extend(iter(process.stderr.readline, "")))  # type: ignore[union-attr]
-    try:
-        wait_until(lambda: any('"recording"' in line for line in log), 60, "the recorder to start")
+    with running_recorder(config.redis.url or "", config.streams.prefix, out) as (process, log):
         frames = [tiny_frame(f"f{n}") for n in range(3)]
         entry_id = client.publish(keys.frames, encode_frame(frames[0]))
         client.publish(keys.decisions, encode_decision(decision_for("f0", frame_entry_id=entry_id)))
@@ -573,9 +569,6 @@ def test_a_second_ctrl_c_while_waiting_for_decisions_still_closes_the_recording(
         wait_until(lambda: any("waiting for the decisions" in line for line in log), 30, "the recorder to wait")
         process.send_signal(signal.SIGINT)
         output, rest = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    reader.join(timeout=10)
     text = "".join(log) + rest
     assert process.returncode == 0, text[-2000:]
     assert "a second Ctrl-C stops waiting and closes the file complete" in text

@@ -2,7 +2,8 @@
 
 ``NearestNeighbourIndex.build(bank, kind)`` makes an exact ``flat`` L2 index (default), an ``ivf`` (inverted
 lists, for large banks) or an ``hnsw`` graph. ``search(queries (Q, channels), k)`` returns Euclidean
-``distances (Q, k)`` and bank ``indices (Q, k)``, nearest first. When CUDA and a faiss GPU build are both
+``distances (Q, k)`` and bank ``indices (Q, k)``, nearest first; an IVF query whose probed lists hold fewer than
+``k`` rows is searched again over every list, so every index is a bank row. When CUDA and a faiss GPU build are both
 present the flat/IVF index is copied to the GPU; otherwise it stays on the CPU. Files are always written from
 the CPU copy with ``faiss.write_index`` (faiss's own binary format, not pickle).
 """
@@ -78,7 +79,15 @@ class NearestNeighbourIndex:
             msg = f"queries must be (Q, {self.dimension}), got {queries.shape}"
             raise IndexError_(msg)
         k = min(k, int(self.cpu_index.ntotal))
-        squared, indices = self._search_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        squared, indices = self._search_index.search(queries, k)
+        unfilled = (indices == -1).any(axis=1)
+        if unfilled.any() and self.kind == "ivf":
+            # the probed lists held fewer than k rows: faiss pads with -1 (which numpy indexing would wrap to the
+            # bank's last row) and ~3e38; those queries are searched again over every list, i.e. exactly
+            every_list = faiss.SearchParametersIVF()
+            every_list.nprobe = faiss.extract_index_ivf(self.cpu_index).nlist
+            squared[unfilled], indices[unfilled] = self.cpu_index.search(queries[unfilled], k, params=every_list)
         return np.sqrt(np.maximum(squared, 0.0)), indices
 
     def save(self, path: Path) -> None:

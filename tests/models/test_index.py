@@ -51,3 +51,18 @@ def test_corrupt_index_file_is_reported(tmp_path: Path) -> None:
     (tmp_path / "bad.faiss").write_bytes(b"not an index")
     with pytest.raises(IndexError_, match="could not be read"):
         NearestNeighbourIndex.load(tmp_path / "bad.faiss", "flat")
+
+
+def test_ivf_fills_every_neighbour_when_the_probed_lists_hold_fewer_than_k() -> None:
+    # two far-apart clusters, 100 rows and 3: IVF's two lists hold them, so probing one list for a query beside the
+    # small cluster finds 3 rows; faiss pads the rest with -1 (and huge distances), which numpy indexing (PatchCore's
+    # reweighted score: bank[neighbours]) would silently wrap to the bank's last row
+    rng = np.random.default_rng(0)
+    bank = np.concatenate([rng.normal(size=(100, 8)), 50 + rng.normal(size=(3, 8))]).astype(np.float32)
+    queries = 50 + rng.normal(size=(4, 8)).astype(np.float32)
+    index = NearestNeighbourIndex.build(bank, "ivf", ivf_lists=2, ivf_probe=1)
+    assert faiss.extract_index_ivf(index.cpu_index).nlist == 2
+    distances, indices = index.search(queries, k=5)
+    exact_distances, exact_indices = NearestNeighbourIndex.build(bank, "flat").search(queries, k=5)
+    assert np.array_equal(indices, exact_indices)
+    np.testing.assert_allclose(distances, exact_distances, rtol=1e-4)

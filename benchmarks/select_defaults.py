@@ -195,6 +195,12 @@ VARIANTS: dict[str, dict] = {
     "aggregate-1-sigma-2": {"model": {"aggregation_kernel": 1}, "scoring": {"smoothing_sigma": 2.0}},
     "aggregate-1-ratio-16": {"model": {"aggregation_kernel": 1}, "bank": {"compression_ratio": 16}},
     "aggregate-1-normalise-20%": {"model": {"aggregation_kernel": 1}, "scoring": {"normalisation_fraction": 0.2}},
+    # session 17: PatchCore's approximate indexes over the same bank ("default" searches it exactly, flat); the
+    # search alone and recall@1: benchmarks/index_kinds.py
+    "index-ivf-probe-1": {"index": {"kind": "ivf", "ivf_probe": 1}},
+    "index-ivf-probe-8": {"index": {"kind": "ivf"}},
+    "index-ivf-probe-32": {"index": {"kind": "ivf", "ivf_probe": 32}},
+    "index-hnsw": {"index": {"kind": "hnsw"}},
 }
 if _clashes := VARIANTS.keys() & METHOD_VARIANTS.keys():  # a repeated name would silently replace a variant
     raise SystemExit(f"select_defaults: variant names used twice: {sorted(_clashes)}")

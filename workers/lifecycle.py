@@ -21,16 +21,22 @@ from pipeline.streams import DeadLetter, StreamClient, StreamsUnavailable
 logger = logging.getLogger(__name__)
 
 
-def install_stop_handlers(stop: threading.Event) -> None:
-    """First SIGTERM/SIGINT sets ``stop`` (drain); a second one restores the default handler and re-raises."""
+def install_stop_handlers(
+    stop: threading.Event, *later: tuple[threading.Event, str], message: str = "stop requested, draining"
+) -> None:
+    """Each SIGTERM/SIGINT takes the next step: the first sets ``stop`` (drain; logs ``message``), each further one
+    the next event of ``later`` (logging its text); once every step is taken, the next signal restores the default
+    handler and re-raises it (the process ends at once)."""
+    steps = [(stop, message), *later]
 
     def handle(signum: int, _frame: FrameType | None) -> None:
-        if stop.is_set():
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-            return
-        logger.info("stop requested, draining", extra={"signal": signal.Signals(signum).name})
-        stop.set()
+        for event, text in steps:
+            if not event.is_set():
+                logger.info(text, extra={"signal": signal.Signals(signum).name})
+                event.set()
+                return
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handle)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -44,7 +43,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 import msgpack
@@ -52,6 +51,7 @@ import msgpack
 from pipeline.codec import CodecError, decode_decision, decode_frame
 from pipeline.messages import Decision, Frame, MetadataValue
 from pipeline.streams import LineKeys, StreamClient, StreamPosition
+from workers.lifecycle import install_stop_handlers
 from workers.sources import Capture
 
 logger = logging.getLogger(__name__)
@@ -615,24 +615,10 @@ def record_line(
 def install_record_stop_handlers(stop: threading.Event, stop_waiting: threading.Event) -> None:
     """SIGINT/SIGTERM for ``lineinspect record``: the first sets ``stop`` (no more frames are recorded, the decisions
     of the last ones are awaited), the second ``stop_waiting`` (the file is closed at once with its end record,
-    complete without those decisions), a third takes the signal's default action: the process ends and the file is
-    left cut (its whole entries stay usable). A worker's handlers (``install_stop_handlers``) have two steps: a
-    recorder's second must not cut the file."""
-
-    def handle(signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if stop_waiting.is_set():
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-        elif stop.is_set():
-            logger.info("second stop: closing the recording without waiting for more decisions", extra={"signal": name})
-            stop_waiting.set()
-        else:
-            logger.info("stop requested: recording no more frames", extra={"signal": name})
-            stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, handle)
+    complete without those decisions), a third ends the process and leaves the file cut (its whole entries stay
+    usable). A worker has one step before that: a recorder's second signal must not cut the file."""
+    second = (stop_waiting, "second stop: closing the recording without waiting for more decisions")
+    install_stop_handlers(stop, second, message="stop requested: recording no more frames")
 
 
 class DecisionMatcher:

@@ -39,7 +39,7 @@ def false_reject_threshold(good_scores: np.ndarray, false_reject_rate: float) ->
     # (0.009 x 3000 = 26.999999999999996 would allow 26 rejects, not 27)
     allowed_rejects = math.floor(round(false_reject_rate * scores.size, 6))
     if allowed_rejects == 0:
-        spread = float(np.subtract(*np.percentile(scores, [75, 25]))) if scores.size > 1 else 0.0
+        spread = float(np.subtract(*np.percentile(scores, [75, 25])))  # at least MIN_GOOD_IMAGES scores
         value = float(scores[-1] + max(spread, 1e-6 * abs(scores[-1]), 1e-9))
         unreliable = ""
         if scores.size < RELIABLE_GOOD_IMAGES:

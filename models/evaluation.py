@@ -34,10 +34,16 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
         raise ValueError(msg)
     order = np.argsort(-scores, kind="mergesort")
     sorted_scores, sorted_labels = scores[order], labels[order]
-    distinct = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]
+    distinct = last_of_ties(sorted_scores)
     true_positives = np.cumsum(sorted_labels)[distinct]
     false_positives = (distinct + 1) - true_positives
     return np.r_[0.0, false_positives / negatives], np.r_[0.0, true_positives / positives]
+
+
+def last_of_ties(sorted_scores: np.ndarray) -> np.ndarray:
+    """Positions of the last score of each run of equal scores in a sorted array. Compared with ``!=``, not by
+    ``np.diff``: the difference of two equal infinities is NaN, which would split their tie."""
+    return np.r_[np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), sorted_scores.size - 1]
 
 
 def area_under_curve(fpr: np.ndarray, tpr: np.ndarray) -> float:
@@ -95,6 +101,9 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LI
         msg = f"PRO needs defect regions and defect-free pixels, got {region_count} regions and {good_count} pixels"
         raise ValueError(msg)
     scores = maps.ravel()
+    if np.isnan(scores).any():  # np.partition and >= below would drop or misplace them silently
+        msg = f"PRO of maps with {int(np.isnan(scores).sum())} NaN among {scores.size} pixels: the scorer failed there"
+        raise ValueError(msg)
     # Only thresholds down to the one flagging enough good pixels to reach the limit matter: keep those pixels.
     needed = min(good_count, math.ceil(fpr_limit * good_count) + 1)
     good_scores = scores[regions == 0]
@@ -106,9 +115,9 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = PRO_FPR_LI
     kept_scores, kept_regions = kept_scores[order], kept_regions[order]
     region_sizes = np.bincount(regions, minlength=region_count + 1).astype(np.float64)
     overlap_steps = np.where(kept_regions > 0, 1.0 / region_sizes[kept_regions], 0.0)
-    last_of_ties = np.r_[np.flatnonzero(np.diff(kept_scores)), kept_scores.size - 1]
-    fpr = np.cumsum(kept_regions == 0)[last_of_ties] / good_count
-    pro = np.cumsum(overlap_steps)[last_of_ties] / region_count
+    thresholds = last_of_ties(kept_scores)
+    fpr = np.cumsum(kept_regions == 0)[thresholds] / good_count
+    pro = np.cumsum(overlap_steps)[thresholds] / region_count
     return np.r_[0.0, fpr], np.r_[0.0, np.minimum(pro, 1.0)]
 
 

@@ -375,3 +375,73 @@ def test_roc_refuses_nan_scores_instead_of_ranking_them_least_anomalous() -> Non
     labels = np.array([0, 0, 1, 1])
     with pytest.raises(ValueError, match="1 NaN among 4"):
         roc_curve(labels, np.array([0.1, 0.2, np.nan, 0.9]))
+
+
+def test_tied_infinite_scores_count_one_half() -> None:
+    """np.diff of two equal infinities is NaN, which once split a tie of +inf (or -inf) scores into ranked steps:
+    a defect and a good image both at +inf scored AUROC 1, not the 0.5 a tie is worth."""
+    labels = np.array([1, 0, 1, 0, 1, 0])
+    scores = np.array([np.inf, np.inf, -np.inf, -np.inf, 2.0, 1.0])
+    assert auroc(labels, scores) == pytest.approx(_mann_whitney(labels, scores), abs=1e-12)
+    assert auroc(np.array([1, 0]), np.array([np.inf, np.inf])) == 0.5
+
+
+def test_pro_takes_tied_infinite_scores_as_one_threshold() -> None:
+    masks, maps = np.zeros((1, 4, 5), bool), np.zeros((1, 4, 5))
+    masks[0, 0, :2] = True  # one region of 2 pixels; 18 good pixels
+    maps[0, 0, 0] = maps[0, 3, 4] = np.inf  # half the region and one good pixel, tied at +inf
+    fpr, pro = pro_curve(masks, maps)
+    np.testing.assert_allclose(fpr, [0, 1 / 18, 1])  # no point (0, 0.5): the tie is one step
+    np.testing.assert_allclose(pro, [0, 0.5, 1])
+    assert pro_auc(masks, maps) == pytest.approx(_brute_force_pro(masks, maps), abs=1e-12)
+
+
+def test_pro_refuses_nan_maps() -> None:
+    masks, maps = np.zeros((1, 4, 4), bool), np.random.default_rng(0).random((1, 4, 4))
+    masks[0, 0, 0] = True
+    maps[0, 2, 2] = np.nan
+    with pytest.raises(ValueError, match="1 NaN among 16"):
+        pro_curve(masks, maps)
+
+
+def test_pro_stops_at_a_point_exactly_at_the_limit_whatever_rises_above_it() -> None:
+    """10 good pixels: 3 of them highest put a point exactly at FPR 0.3; the defect's second half comes next,
+    with no good pixel between, a vertical step at 0.3 that adds no area (MVTec's trapezoid keeps x <= 0.3)."""
+    masks, maps = np.zeros((1, 3, 4), bool), np.zeros((1, 3, 4))
+    masks[0, 0, :2] = True  # one region of 2 pixels, 10 good pixels
+    maps[0, 0, 0] = 9.0  # half the region first
+    maps[0, 2, :3] = 8.0  # then 3 good pixels: FPR 0.3 exactly
+    maps[0, 0, 1] = 7.0  # then the other half: PRO 1 at FPR 0.3
+    fpr, pro = pro_curve(masks, maps)
+    np.testing.assert_allclose(fpr[:4], [0, 0, 0.3, 0.3])
+    np.testing.assert_allclose(pro[:4], [0, 0.5, 0.5, 1])
+    assert pro_auc(masks, maps) == pytest.approx(0.5, abs=1e-12)  # 0.5 all along [0, 0.3]
+    assert pro_auc(masks, maps) == pytest.approx(_brute_force_pro(masks, maps), abs=1e-12)
+
+
+def _nearest_exact_reference(source: np.ndarray, size: int) -> np.ndarray:
+    """Centre-on-centre nearest neighbour, written out: output pixel i takes source pixel floor((i + 1/2) n / size)."""
+    rows = np.floor((np.arange(size) + 0.5) * source.shape[0] / size).astype(int)
+    columns = np.floor((np.arange(size) + 0.5) * source.shape[1] / size).astype(int)
+    return source[rows][:, columns]
+
+
+@pytest.mark.parametrize(("shape", "size"), [((300, 400), 224), ((100, 60), 224), ((224, 224), 224)])
+def test_soft_edged_masks_are_cut_at_128_and_resized_by_nearest_neighbour(
+    tmp_path: Path, shape: tuple[int, int], size: int
+) -> None:
+    """A mask with anti-aliased edges (every grey level present): defective where >= 128, then each map pixel takes
+    the source pixel under its centre, never a blend (a blurred and re-thresholded mask would grow or shrink)."""
+    from models.report import _read_item_mask
+
+    rng = np.random.default_rng(1)
+    soft = cv2.GaussianBlur((rng.random(shape) < 0.004).astype(np.float32) * 255, (0, 0), 3) * 100
+    soft = np.clip(soft, 0, 255).astype(np.uint8)
+    soft.flat[:256] = np.arange(256)  # every grey level, 127 and 128 side by side
+    assert 0 < (soft >= 128).mean() < 0.5 and np.isin([1, 127, 128, 254], soft).all()
+    path = tmp_path / "mask.png"
+    cv2.imwrite(str(path), soft)
+    item = datasets.TestItem(tmp_path / "image.png", 1, "crack", path)
+    resized = _read_item_mask(item, shape, size)
+    assert resized.dtype == bool and resized.shape == (size, size)
+    np.testing.assert_array_equal(resized, _nearest_exact_reference(soft >= 128, size))

@@ -30,6 +30,11 @@ def false_reject_threshold(good_scores: np.ndarray, false_reject_rate: float) ->
         msg = f"false_reject_rate must be in (0, 1), got {false_reject_rate}"
         raise ValueError(msg)
     scores = np.sort(np.asarray(good_scores, dtype=np.float64))
+    finite = np.isfinite(scores)
+    if not finite.all():  # np.sort puts NaN last: a NaN threshold would pass every part (score > NaN is False)
+        msg = (f"{int((~finite).sum())} of {scores.size} good scores are not finite (NaN or infinite): the scorer "
+               "failed on those images; find out why before setting a threshold from them")  # fmt: skip
+        raise ValueError(msg)
     if scores.size < MIN_GOOD_IMAGES:
         msg = (f"a threshold needs at least {MIN_GOOD_IMAGES} good images, got {scores.size}: one image's score "
                f"has no spread to set a margin from, and a threshold at it fails about half of all good parts "
@@ -66,6 +71,9 @@ def best_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, fl
     if not labels.any():
         msg = "best-F1 threshold needs at least one defective image"
         raise ValueError(msg)
+    if np.isnan(scores).any():  # argsort puts NaN last: it would rank as the least anomalous, silently
+        msg = f"best-F1 threshold of scores with {int(np.isnan(scores).sum())} NaN among {scores.size}"
+        raise ValueError(msg)
     order = np.argsort(-scores, kind="mergesort")
     sorted_scores, sorted_labels = scores[order], labels[order]
     true_positives = np.cumsum(sorted_labels)
@@ -74,5 +82,9 @@ def best_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, fl
     # Only cut between distinct scores.
     valid = np.r_[sorted_scores[1:] < sorted_scores[:-1], True]
     best = int(np.argmax(np.where(valid, f1, -1)))
-    below = sorted_scores[best + 1] if best + 1 < scores.size else sorted_scores[best] - 1.0
-    return float((sorted_scores[best] + below) / 2), float(f1[best])
+    lowest_failing = sorted_scores[best]
+    below = sorted_scores[best + 1] if best + 1 < scores.size else lowest_failing - 1.0
+    middle = (lowest_failing + below) / 2
+    # between adjacent floats (or next to an infinity) the midpoint rounds onto an end: the score below then is
+    # the threshold, as "fail = above" needs
+    return float(middle if below <= middle < lowest_failing else below), float(f1[best])

@@ -62,3 +62,45 @@ def test_ties_at_the_threshold_never_reject_more_than_the_rate() -> None:
     scores = np.array([1.0] * 6 + [2.0] * 4)
     threshold = false_reject_threshold(scores, 0.2)  # 2 rejects allowed, but 4 share the top score
     assert threshold.value == 2.0 and (scores > threshold.value).sum() == 0  # any lower threshold rejects 4
+
+
+def test_the_threshold_is_the_lowest_good_score_rejecting_at_most_the_rate_by_brute_force() -> None:
+    """Against a plain search: among the good scores as candidates (fail = above), the lowest whose rejects are at
+    most floor(rate x n), counted exactly with fractions; with ties, at exactly the rate and below it."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(6)
+    for _ in range(200):
+        count = int(rng.integers(2, 400))
+        rate = float(rng.choice([0.005, 0.01, 0.02, 0.05, 0.1, 0.25]))
+        scores = np.round(rng.normal(5, 1, count), int(rng.integers(0, 3)))  # 0-2 decimals: many ties
+        allowed = int(Fraction(str(rate)) * count)
+        if allowed == 0:
+            continue  # the margin branch, tested above
+        expected = min(s for s in scores if (scores > s).sum() <= allowed)
+        assert false_reject_threshold(scores, rate).value == expected
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_good_scores_set_no_threshold(bad: float) -> None:
+    # np.sort puts NaN last: with more NaN than allowed rejects the threshold was NaN, and score > NaN passes every
+    # part; an infinite good score made an infinite threshold (with the margin) that nothing can exceed
+    scores = np.r_[np.random.default_rng(0).normal(10, 1, 300), [bad] * 3]
+    with pytest.raises(ValueError, match="3 of 303 good scores are not finite"):
+        false_reject_threshold(scores, 0.005)
+    with pytest.raises(ValueError, match="3 of 12 good scores are not finite"):  # the few-images branch too
+        false_reject_threshold(scores[-12:], 0.005)
+
+
+def test_best_f1_threshold_separates_adjacent_floats() -> None:
+    # the midpoint of two adjacent doubles rounds onto one of them: "fail = score > midpoint" then left the best
+    # defect passing while the reported F1 counted it caught
+    labels = np.array([1, 0, 0])
+    scores = np.array([1.0, np.nextafter(1.0, 0.0), 0.5])
+    value, f1 = best_f1_threshold(labels, scores)
+    assert f1 == 1.0 and ((scores > value) == labels.astype(bool)).all()
+
+
+def test_best_f1_threshold_refuses_nan_scores() -> None:
+    with pytest.raises(ValueError, match="1 NaN among 3"):
+        best_f1_threshold(np.array([1, 0, 0]), np.array([0.9, np.nan, 0.1]))

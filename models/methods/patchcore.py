@@ -159,12 +159,20 @@ class PatchCoreMethod(AnomalyMethod):
     def _reweighted_scores(
         self, patches: np.ndarray, patch_scores: torch.Tensor, nearest: np.ndarray, view_count: int
     ) -> torch.Tensor:
-        """PatchCore: max patch score times 1 - softmax weight of its nearest entry among that entry's neighbours."""
+        """PatchCore's Eq. 7: the max patch score s* (patch m_test, nearest entry m*) times 1 - the softmax weight of
+        m* among N_b(m*), the b entries nearest m* (itself first), by distance to m_test.
+
+        N_b(m*) is m* and the first b - 1 other entries the index returns from m*: an approximate index may return
+        m* itself later or not at all (HNSW missed 277 of 6,272 rows of a random 152-channel bank; none of MTD's).
+        """
         per_view = patch_scores.view(view_count, -1)
         top = per_view.argmax(dim=1).numpy() + np.arange(view_count) * per_view.shape[1]
-        anchors = self.bank.features[nearest[top]]
-        _, anchor_neighbours = self.index.search(anchors, REWEIGHT_NEIGHBOURS)
-        support = torch.from_numpy(self.bank.features[anchor_neighbours])  # (views, b, C)
+        anchor_rows = nearest[top]  # m* of each view
+        _, found = self.index.search(self.bank.features[anchor_rows], REWEIGHT_NEIGHBOURS)
+        # the others in the index's order: a stable sort moves m* (if found) behind them; keep b - 1
+        others_first = np.argsort(found == anchor_rows[:, None], axis=1, kind="stable")[:, : found.shape[1] - 1]
+        support_rows = np.concatenate([anchor_rows[:, None], np.take_along_axis(found, others_first, axis=1)], axis=1)
+        support = torch.from_numpy(self.bank.features[support_rows])  # (views, b, C), m* first
         test = torch.from_numpy(patches[top])[:, None]  # (views, 1, C)
         distances = torch.linalg.vector_norm(support - test, dim=2)
         weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]

@@ -48,7 +48,7 @@ from models.images import to_rgb
 from models.methods.base import AnomalyMethod, MethodOutput
 from models.normalisation import PositionStats
 from models.registration import Registration
-from models.shifting import align_and_aggregate, shift_offsets, shifted_views
+from models.shifting import aggregate_view_scores, align_and_aggregate, shift_offsets, shifted_views
 from models.tiling import frame_tiles, split_by_frame, stitch_tiles
 from pipeline.config import SHARED_SCORING_KEYS, IntensitySetting, ModelSettings, Resize, ScoringSettings
 
@@ -386,8 +386,7 @@ class Scorer:
         tiled = self.model_settings.resize == "tile"
         maps = gaussian_blur(stitch_tiles(aggregated, shapes) if tiled else aggregated, self.scoring.smoothing_sigma)
         if output.view_scores is not None:
-            view_scores = output.view_scores.float().view(-1, 1, 1)
-            scores = align_and_aggregate(view_scores, self.offsets, self.scoring.shift_aggregate).view(-1)
+            scores = aggregate_view_scores(output.view_scores.float(), self.offsets, self.scoring.shift_aggregate)
             if tiled:  # a frame scores as its worst piece
                 scores = torch.stack([pieces.amax() for pieces in split_by_frame(scores, shapes)])
         elif self.scoring.image_score == "max":

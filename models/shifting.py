@@ -5,8 +5,11 @@ bank; at one of a few nearby translations they do. ``shift_offsets(pixels, patte
 offsets (the unshifted view first), ``shifted_views(images, offsets)`` turns ``(batch, 3, H, W)`` into
 ``(batch * views, 3, H, W)`` (view-major within each image, so one backbone call covers all shifts of all
 frames), and ``align_and_aggregate(maps, offsets, how)`` moves each view's ``(batch * views, H, W)`` map back
-into the original image's coordinates and reduces it to ``(batch, H, W)``.
-Borders uncovered by a shift are filled by replicating the edge.
+into the original image's coordinates and reduces it to ``(batch, H, W)``: a view shifted by ``+d`` is moved back
+by ``-d``, and each pixel is reduced over the views whose content held it (a view shifted by ``+d`` lost the
+``d`` pixels along one border; the unshifted view holds every pixel). ``aggregate_view_scores`` reduces the
+views' image scores ``(batch * views,)`` to ``(batch,)``. The gap a shift opens in a view is filled by
+replicating the edge.
 """
 
 from __future__ import annotations
@@ -51,15 +54,40 @@ def shifted_views(images: torch.Tensor, offsets: list[tuple[int, int]]) -> torch
     return views.reshape(-1, *images.shape[1:])
 
 
+def held_pixels(height: int, width: int, offsets: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """``(views, H, W)`` bool: whether the view shifted by ``(dx, dy)`` shows pixel ``(y, x)`` of the original
+    image, i.e. ``(y + dy, x + dx)`` lies in the frame."""
+    rows = torch.arange(height, device=device)[:, None]
+    columns = torch.arange(width, device=device)[None, :]
+    return torch.stack([(rows + dy >= 0) & (rows + dy < height) & (columns + dx >= 0) & (columns + dx < width)
+                        for dx, dy in offsets])  # fmt: skip
+
+
 def align_and_aggregate(
     maps: torch.Tensor, offsets: list[tuple[int, int]], how: Literal["min", "mean"] = "min"
 ) -> torch.Tensor:
-    """``(batch * views, H, W)`` maps of shifted views -> ``(batch, H, W)`` in original coordinates."""
+    """``(batch * views, H, W)`` maps of shifted views -> ``(batch, H, W)`` in original coordinates, each pixel
+    the min or mean over the views that held it."""
     views = len(offsets)
     if views == 1:
         return maps
-    grouped = maps.reshape(-1, views, *maps.shape[-2:])
+    height, width = maps.shape[-2:]
+    grouped = maps.reshape(-1, views, height, width)
     aligned = torch.stack(
         [translate(grouped[:, v : v + 1], -dx, -dy)[:, 0] for v, (dx, dy) in enumerate(offsets)], dim=1
     )
-    return aligned.amin(dim=1) if how == "min" else aligned.mean(dim=1)
+    held = held_pixels(height, width, offsets, maps.device)
+    if not held.any(dim=0).all():
+        msg = f"shift offsets {offsets} leave pixels of a {height}x{width} map in no view: include (0, 0)"
+        raise ValueError(msg)
+    if how == "min":
+        return aligned.masked_fill(~held, torch.inf).amin(dim=1)
+    return (aligned * held).sum(dim=1) / held.sum(dim=0)
+
+
+def aggregate_view_scores(
+    scores: torch.Tensor, offsets: list[tuple[int, int]], how: Literal["min", "mean"] = "min"
+) -> torch.Tensor:
+    """``(batch * views,)`` image scores of shifted views -> ``(batch,)``, min or mean over each image's views."""
+    grouped = scores.reshape(-1, len(offsets))
+    return grouped.amin(dim=1) if how == "min" else grouped.mean(dim=1)

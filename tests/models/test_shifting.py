@@ -1,3 +1,5 @@
+from typing import Literal
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +7,9 @@ import torch
 from models.scorer import Scorer
 from models.shifting import align_and_aggregate, shift_offsets, shifted_views, translate
 from models.synthetic import make_part
+
+Aggregate = Literal["min", "mean"]
+Pattern = Literal["cross", "grid"]
 
 
 def test_offsets() -> None:
@@ -84,3 +89,50 @@ def test_only_frames_failing_unshifted_are_shifted_and_the_verdicts_are_those_of
     assert (every.scores <= plain.scores + 1e-5).all()  # why skipping passing frames keeps verdicts
     without = shifting.with_scoring(scoring.model_copy(update={"shift_only_failing": False})).score(parts)
     np.testing.assert_allclose(without.scores, every.scores, rtol=1e-5, atol=1e-5)
+
+
+def _seen_by_brute_force(maps: torch.Tensor, offsets: list[tuple[int, int]], how: Aggregate) -> torch.Tensor:
+    """Per pixel (y, x) of the original image, over the views whose content holds it (a view shifted by (dx, dy)
+    shows pixel (y, x) at (y + dy, x + dx) when that lies in the frame): the min or mean of those views' maps there."""
+    views = len(offsets)
+    grouped = maps.reshape(-1, views, *maps.shape[-2:])
+    height, width = maps.shape[-2:]
+    out = torch.empty(grouped.shape[0], height, width, dtype=maps.dtype)
+    for image in range(grouped.shape[0]):
+        for y in range(height):
+            for x in range(width):
+                values = [float(grouped[image, v, y + dy, x + dx]) for v, (dx, dy) in enumerate(offsets)
+                          if 0 <= y + dy < height and 0 <= x + dx < width]  # fmt: skip
+                out[image, y, x] = min(values) if how == "min" else sum(values) / len(values)
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["cross", "grid"])
+@pytest.mark.parametrize("how", ["min", "mean"])
+def test_each_pixel_aggregates_only_the_views_that_saw_it(pattern: Pattern, how: Aggregate) -> None:
+    """A view shifted by +d lost the pixels within d of one border; its aligned-back map there was its edge
+    replicated, a value from d pixels inside. With the minimum that hid a defect on the border strip."""
+    offsets = shift_offsets(3, pattern)
+    maps = torch.rand(2 * len(offsets), 10, 9, generator=torch.Generator().manual_seed(0))
+    expected = _seen_by_brute_force(maps, offsets, how)
+    torch.testing.assert_close(align_and_aggregate(maps, offsets, how), expected)
+
+
+def test_a_defect_on_the_border_strip_survives_the_minimum() -> None:
+    """Maps that are their views (an ideal scorer): shifting and aligning back gives every pixel its own value,
+    borders included; the spike in the last column used to be replaced by the +2 px view's 0."""
+    image = torch.zeros(1, 1, 12, 12)
+    image[0, 0, 5, 11] = image[0, 0, 0, 0] = 5.0
+    offsets = shift_offsets(2, "grid")
+    views = shifted_views(image, offsets)[:, 0]
+    torch.testing.assert_close(align_and_aggregate(views, offsets, "min"), image[:, 0])
+    torch.testing.assert_close(align_and_aggregate(views, offsets, "mean"), image[:, 0])
+
+
+def test_view_scores_aggregate_over_every_view() -> None:
+    from models.shifting import aggregate_view_scores
+
+    offsets = shift_offsets(2, "cross")
+    scores = torch.tensor([5.0, 3.0, 4.0, 6.0, 7.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    torch.testing.assert_close(aggregate_view_scores(scores, offsets, "min"), torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(aggregate_view_scores(scores, offsets, "mean"), torch.tensor([5.0, 1.8]))

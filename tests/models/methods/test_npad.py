@@ -105,6 +105,44 @@ def test_weighted_mixture_widens_where_neighbours_disagree_moderately() -> None:
     assert mixed_cov[0, 1, 1].item() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("radius", [1, 2])
+def test_neighbour_weighted_gaussians_equal_the_papers_mixture_written_out(radius: int) -> None:
+    """Every position p of a 3 x 4 grid of random Gaussians: weights exp(-D_B(p, q) / T) for each q within Chebyshev
+    ``radius`` on the grid (1 for q = p), D_B from numpy's determinants and inverse, and the moment-matched mixture
+    mu_p = sum w mu_q / W, Sigma_p = sum w (Sigma_q + mu_q mu_q^T) / W - mu_p mu_p^T, all in plain loops."""
+    height, width, channels, temperature = 3, 4, 3, 2.0
+    pairs = [_gaussian(channels, seed) for seed in range(height * width)]
+    means = torch.stack([mean for mean, _ in pairs])
+    covariances = torch.stack([cov for _, cov in pairs])
+    mu, sigma = means.numpy(), covariances.numpy()
+
+    def bhattacharyya(a: int, b: int) -> float:
+        pooled = (sigma[a] + sigma[b]) / 2
+        difference = mu[a] - mu[b]
+        determinants = np.linalg.det(pooled) / math.sqrt(np.linalg.det(sigma[a]) * np.linalg.det(sigma[b]))
+        return float(difference @ np.linalg.inv(pooled) @ difference / 8 + math.log(determinants) / 2)
+
+    weights = neighbour_weights(means, covariances, (height, width), radius, temperature)
+    mixed_means, mixed_cov = weighted_gaussians(means, covariances, weights, (height, width), radius)
+    for y, x in itertools.product(range(height), range(width)):
+        p = y * width + x
+        expected_mean, second, total = np.zeros(channels), np.zeros((channels, channels)), 0.0
+        for position, (dy, dx) in enumerate(neighbour_offsets(radius)):
+            if not (0 <= y + dy < height and 0 <= x + dx < width):
+                assert weights[position, y, x] == 0.0  # off the grid
+                continue
+            q = (y + dy) * width + x + dx
+            weight = 1.0 if q == p else math.exp(-bhattacharyya(p, q) / temperature)
+            assert weights[position, y, x].item() == pytest.approx(weight, rel=1e-9)
+            expected_mean += weight * mu[q]
+            second += weight * (sigma[q] + np.outer(mu[q], mu[q]))
+            total += weight
+        expected_mean /= total
+        np.testing.assert_allclose(mixed_means[p].numpy(), expected_mean, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(mixed_cov[p].numpy(), second / total - np.outer(expected_mean, expected_mean),
+                                   rtol=1e-9, atol=1e-12)  # fmt: skip
+
+
 # -- channel selection -----------------------------------------------------------------------------------------
 
 

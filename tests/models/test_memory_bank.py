@@ -130,3 +130,20 @@ def test_coreset_selection_equals_a_brute_force_greedy_k_center() -> None:
         chosen.append(int(distance.argmax()))
         distance = np.minimum(distance, ((points - points[chosen[-1]]) ** 2).sum(axis=1))
     assert selected.tolist() == chosen
+
+
+def test_coreset_in_a_random_projection_still_covers_every_cluster() -> None:
+    """64 channels projected to 8 for the greedy search (PatchCore's Johnson-Lindenstrauss step): the coreset of
+    60 rows, measured in the full space, reaches every one of 40 clusters (centres ~57 apart, points ~4 from theirs),
+    where a random choice of 60 rows leaves some cluster about a centre distance away."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 5, (40, 64))
+    points = (centres[rng.integers(40, size=3000)] + rng.normal(0, 0.5, (3000, 64))).astype(np.float32)
+
+    def cover_radius(selected: np.ndarray) -> float:
+        return float(np.sqrt(((points[:, None] - points[selected][None]) ** 2).sum(-1).min(axis=1)).max())
+
+    exact = cover_radius(coreset_select(points, 0.02, projection_dim=128))  # 64 channels: no projection
+    projected = cover_radius(coreset_select(points, 0.02, projection_dim=8))
+    random_choice = cover_radius(np.random.default_rng(1).choice(3000, 60, replace=False))
+    assert projected < 1.5 * exact < 15 < random_choice

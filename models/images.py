@@ -4,22 +4,117 @@ Frames arrive grayscale, RGB(A), 8- or 16-bit, of any size. Everything that feed
 ``to_rgb`` (RGB of the image's own depth: uint8, or uint16, whose grey levels the scorer keeps when it turns frames
 into floats) so that offline scoring (``lineinspect score``) and the streaming worker see identical pixels;
 ``to_rgb_uint8`` (16-bit scaled by 1/257) is for pictures and estimates that need no more than 8 bits.
+
+Files and frames decode the same way (``decode_image`` on their bytes): in their stored orientation, an EXIF
+orientation tag ignored (raw frames carry none), alpha dropped. Before decoding, the header is read
+(``read_header``): a file announcing more than ``MAX_FILE_PIXELS`` or holding several images (a multi-page TIFF)
+is refused, naming the file, rather than decoded whole or read as its first page.
 No torch here: the pipeline imports this module to decode frames.
 """
 
 from __future__ import annotations
 
+import io
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# Files announcing more pixels are refused before decoding (an 875 KB PNG of 30000 x 30000 took 3.6 GB to read);
+# below Pillow's own refusal (2 x 89.5 MP), which reads the headers of formats other than PNG and JPEG. Stream frames
+# have their own limit, ``streams.max_frame_pixels``.
+MAX_FILE_PIXELS = 2**27
+# Float pixels are read as [0, 1]; this much rounding beyond either end (half an 8-bit grey level) is clipped.
+FLOAT_RANGE_SLACK = 0.5 / 255.0
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8"
+# JPEG start-of-frame markers (SOF0-SOF15 less DHT C4, JPG C8, DAC CC) carry the image's height and width.
+JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+JPEG_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD8)])
 
 
 class ImageError(ValueError):
     """An image that cannot be read or converted; the message names the file or frame."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image whose header announces more pixels than allowed; nothing was decoded."""
+
+
+class Header(NamedTuple):
+    """What an encoded image's header says, nothing decoded."""
+
+    width: int
+    height: int
+    images: int  # pages of a TIFF, frames of an animated WebP; PNG and JPEG are read as one image
+
+
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a PNG's IHDR chunk, or None when ``data`` is not a PNG with one."""
+    if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 24:
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG's first start-of-frame segment, or None when none precedes the scan."""
+    if not data.startswith(JPEG_SIGNATURE):
+        return None
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in JPEG_STANDALONE_MARKERS:
+            position += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        if marker in JPEG_SOF_MARKERS:
+            if position + 9 > len(data):
+                return None
+            height = int.from_bytes(data[position + 5 : position + 7], "big")
+            return int.from_bytes(data[position + 7 : position + 9], "big"), height
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return None
+
+
+def cut_short(data: bytes) -> str | None:
+    """Why PNG or JPEG data ends before its last marker (end of image; a PNG's IEND chunk), or None. Checked before
+    decoding: OpenCV 4 decodes a JPEG cut short with a warning on stderr and grey where the data is missing."""
+    if data.startswith(JPEG_SIGNATURE) and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):  # EOI after last SOS
+        return "JPEG data ends before its end-of-image marker"
+    if data.startswith(PNG_SIGNATURE) and data.rfind(b"IEND") < 0:
+        return "PNG data ends before its IEND chunk"
+    return None
+
+
+def read_header(data: bytes, name: str) -> Header | None:
+    """The header of PNG or JPEG data (parsed here) or of another format Pillow knows (it reads headers only), or
+    None when none can be read (cv2 may still decode the data, up to its own limit of 2**30 pixels). Raises
+    ImageTooLargeError for a header beyond Pillow's own decompression-bomb limit."""
+    if data.startswith(PNG_SIGNATURE) or data.startswith(JPEG_SIGNATURE):
+        size = png_size(data) if data.startswith(PNG_SIGNATURE) else jpeg_size(data)
+        return None if size is None else Header(size[0], size[1], 1)
+    import PIL.Image  # headers of TIFF, BMP, WebP...; not needed for stream frames (PNG and JPEG)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)  # MAX_FILE_PIXELS decides
+            with PIL.Image.open(io.BytesIO(data)) as image:
+                return Header(image.size[0], image.size[1], int(getattr(image, "n_frames", 1)))
+    except PIL.Image.DecompressionBombError as error:
+        msg = f"{name}: {error}"
+        raise ImageTooLargeError(msg) from None
+    except Exception:  # anything Pillow cannot parse is left to cv2, which names no reason either
+        return None
 
 
 def to_rgb(array: np.ndarray, name: str = "<array>") -> np.ndarray:
@@ -38,7 +133,7 @@ def to_rgb(array: np.ndarray, name: str = "<array>") -> np.ndarray:
         msg = f"{name}: image of {array.shape[1]}x{array.shape[0]} pixels is too small (minimum 8x8)"
         raise ImageError(msg)
     if array.dtype.kind == "f":
-        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        array = _unit_floats_to_uint8(array, name)
     elif array.dtype not in (np.uint8, np.uint16):
         msg = f"{name}: unsupported pixel type {array.dtype} (use uint8, uint16 or float in [0, 1])"
         raise ImageError(msg)
@@ -47,6 +142,20 @@ def to_rgb(array: np.ndarray, name: str = "<array>") -> np.ndarray:
     elif array.shape[2] == 4:
         array = array[:, :, :3]
     return np.ascontiguousarray(array)
+
+
+def _unit_floats_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
+    """Floats in [0, 1] to uint8; other floats are an ImageError rather than clipped (a float image of 0-255 grey
+    levels would come out white)."""
+    if not np.isfinite(array).all():
+        msg = f"{name}: has float pixels that are not a number (NaN) or infinite; no grey level can stand for them"
+        raise ImageError(msg)
+    low, high = float(array.min()), float(array.max())
+    if low < -FLOAT_RANGE_SLACK or high > 1.0 + FLOAT_RANGE_SLACK:
+        msg = (f"{name}: float pixels span [{low:g}, {high:g}], but floats are read as 0 (black) to 1 (white): "
+               "scale them to [0, 1] or save the image as 8- or 16-bit")  # fmt: skip
+        raise ImageError(msg)
+    return (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def to_rgb_uint8(array: np.ndarray, name: str = "<array>") -> np.ndarray:
@@ -92,26 +201,42 @@ def _decoded_to_rgb(decoded: np.ndarray | None, name: str, keep_depth: bool) -> 
     return to_rgb(decoded, name) if keep_depth else to_rgb_uint8(decoded, name)
 
 
-def decode_image(data: bytes, name: str = "<bytes>", keep_depth: bool = False) -> np.ndarray:
+def decode_image(data: bytes, name: str = "<bytes>", keep_depth: bool = False,
+                 max_pixels: int | None = MAX_FILE_PIXELS) -> np.ndarray:  # fmt: skip
     """Decode JPEG/PNG/... bytes to RGB uint8 ``(H, W, 3)`` (``keep_depth``: 16-bit images stay uint16, as the
-    scorer wants them); raises ImageError naming ``name``."""
+    scorer wants them); raises ImageError naming ``name``. The header is read first: more than ``max_pixels`` (None:
+    checked by the caller) raises ImageTooLargeError, several images (a multi-page TIFF) ImageError."""
     if not data:
         msg = f"{name}: empty image data"
+        raise ImageError(msg)
+    header = read_header(data, name)
+    if header is not None and header.images > 1:
+        msg = (f"{name}: holds {header.images} images (pages), and lineinspect reads one image per file: only the "
+               "first would be scored; save each page as its own file")  # fmt: skip
+        raise ImageError(msg)
+    if header is not None and max_pixels is not None and header.width * header.height > max_pixels:
+        pixels = header.width * header.height
+        msg = (f"{name}: {header.width}x{header.height} is {pixels} pixels, more than the {max_pixels} an image may "
+               "hold; refused before decoding (scale it down if it is a real picture)")  # fmt: skip
+        raise ImageTooLargeError(msg)
+    truncation = cut_short(data)
+    if truncation is not None:
+        msg = f"{name}: {truncation}: truncated (a file still being written, or a copy or transfer cut short)"
         raise ImageError(msg)
     buffer = np.frombuffer(data, dtype=np.uint8)
     return _decoded_to_rgb(cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED), name, keep_depth)
 
 
-def read_image(path: Path | str, keep_depth: bool = False) -> np.ndarray:
+def read_image(path: Path | str, keep_depth: bool = False, max_pixels: int | None = MAX_FILE_PIXELS) -> np.ndarray:
     """Read an image file to RGB uint8 ``(H, W, 3)`` (``keep_depth``: 16-bit files stay uint16); raises ImageError
-    naming the path."""
+    naming the path (``decode_image``)."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as error:
         msg = f"{path}: cannot read file ({error.strerror or error})"
         raise ImageError(msg) from None
-    return decode_image(data, str(path), keep_depth)
+    return decode_image(data, str(path), keep_depth, max_pixels)
 
 
 def read_sample(paths: Sequence[Path], count: int, keep_depth: bool = False) -> list[np.ndarray]:
@@ -127,21 +252,37 @@ def read_sample(paths: Sequence[Path], count: int, keep_depth: bool = False) -> 
 
 
 def read_mask(path: Path | str, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a ground-truth mask as bool ``(H, W)`` (pixel >= 128 is defective), optionally resized to (w, h) centre
-    on centre. Like ``read_image`` it ignores an EXIF orientation, so a mask lies over its image as stored."""
-    gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
-    if gray is None:
-        msg = f"{path}: not a readable mask image"
+    """Read a ground-truth mask as bool ``(H, W)``, optionally resized to (w, h) centre on centre. A pixel is
+    defective where any colour channel reaches 128 (of 255; 16-bit masks scaled), so a pure red or blue annotation
+    counts; alpha is ignored. Read as ``read_image`` reads files (its EXIF orientation ignored), so a mask lies over
+    its image as stored. A mask with marks but none reaching 128 (a 0/1 label image) is an ImageError, not an empty
+    mask."""
+    try:
+        colour = read_image(path)
+    except ImageError as error:
+        msg = f"not a readable mask image: {error}"
+        raise ImageError(msg) from None
+    brightest = colour.max(axis=2)
+    peak = int(brightest.max())
+    if 0 < peak < 128:
+        msg = (f"{path}: the mask's brightest pixel is {peak}, so no pixel is marked defective (128 or more); "
+               "save masks as 0 (good) and 255 (defective)")  # fmt: skip
         raise ImageError(msg)
+    marked = (brightest >= 128).view(np.uint8)
     if size is not None:
-        gray = cv2.resize(gray, size, interpolation=cv2.INTER_NEAREST_EXACT)
-    return gray >= 128
+        marked = cv2.resize(marked, size, interpolation=cv2.INTER_NEAREST_EXACT)
+    return marked.view(bool)
 
 
 def list_images(directory: Path | str) -> list[Path]:
-    """Image files directly in ``directory``, sorted by name."""
+    """Image files directly in ``directory`` (by suffix, any case; symlinks to files too), sorted by name. Hidden
+    files are left out: macOS copies put an AppleDouble ``._name.jpg``, not an image, beside every image."""
     directory = Path(directory)
     if not directory.is_dir():
         msg = f"{directory}: not a directory"
         raise ImageError(msg)
-    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(
+        path
+        for path in directory.iterdir()
+        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+    )

@@ -181,8 +181,8 @@ def decode_pixels(frame: Frame, max_pixels: int | None = None) -> np.ndarray:
     name = f"frame {frame.frame_id}"
     try:
         if frame.encoding != "raw":
-            _check_encoded_size(frame, max_pixels)
-            return decode_image(frame.data, name=name, keep_depth=True)
+            _check_encoded_size(frame, max_pixels)  # the line's limit, so none of the files' limit
+            return decode_image(frame.data, name=name, keep_depth=True, max_pixels=None)
         return to_rgb(_raw_array(frame, max_pixels), name=name)
     except CodecError:
         raise
@@ -193,54 +193,28 @@ def decode_pixels(frame: Frame, max_pixels: int | None = None) -> np.ndarray:
         raise CodecError(CodecErrorReason.UNDECODABLE_IMAGE, msg) from None
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# JPEG start-of-frame markers (SOF0-SOF15 less DHT C4, JPG C8, DAC CC) carry the image's height and width.
-JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-JPEG_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD8)])
-
-
 def _check_encoded_size(frame: Frame, max_pixels: int | None) -> None:
     """Raise CodecError unless ``frame.data`` is a PNG or JPEG whose header size is within ``max_pixels``."""
+    from models.images import JPEG_SIGNATURE, PNG_SIGNATURE, jpeg_size, png_size
+
     data = frame.data
+    if not data:
+        msg = f"frame {frame.frame_id}: {frame.encoding} data is empty (0 bytes)"
+        raise CodecError(CodecErrorReason.UNDECODABLE_IMAGE, msg)
     if data.startswith(PNG_SIGNATURE):
-        if data[12:16] != b"IHDR" or len(data) < 24:
+        size = png_size(data)
+        if size is None:
             msg = f"frame {frame.frame_id}: PNG without an IHDR header"
             raise CodecError(CodecErrorReason.UNDECODABLE_IMAGE, msg)
-        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    elif data.startswith(b"\xff\xd8"):
-        size = _jpeg_size(data)
+    elif data.startswith(JPEG_SIGNATURE):
+        size = jpeg_size(data)
         if size is None:
             msg = f"frame {frame.frame_id}: JPEG without a frame (SOF) header"
             raise CodecError(CodecErrorReason.UNDECODABLE_IMAGE, msg)
-        width, height = size
     else:
         msg = f"frame {frame.frame_id}: {frame.encoding} data is neither PNG nor JPEG (starts {data[:8]!r})"
         raise CodecError(CodecErrorReason.UNDECODABLE_IMAGE, msg)
-    _check_pixels(frame, width, height, max_pixels)
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` from a JPEG's first start-of-frame segment, or None when none precedes the scan."""
-    position = 2
-    while position + 4 <= len(data):
-        if data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
-        if marker in JPEG_STANDALONE_MARKERS:
-            position += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
-            return None
-        if marker in JPEG_SOF_MARKERS:
-            if position + 9 > len(data):
-                return None
-            height = int.from_bytes(data[position + 5 : position + 7], "big")
-            return int.from_bytes(data[position + 7 : position + 9], "big"), height
-        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-    return None
+    _check_pixels(frame, size[0], size[1], max_pixels)
 
 
 def _check_pixels(frame: Frame, width: int, height: int, max_pixels: int | None) -> None:

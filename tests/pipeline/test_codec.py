@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import cv2
 import msgpack
 import numpy as np
 import pytest
@@ -142,8 +145,11 @@ def png_announcing(width: int, height: int, bit_depth: int, idat_bytes: int) -> 
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     header = struct.pack(">IIBBBBB", width, height, bit_depth, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(idat_bytes))) + chunk(
-        b"IEND", b""
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(idat_bytes)))
+        + chunk(b"IEND", b"")
     )
 
 
@@ -222,7 +228,7 @@ def test_data_that_is_neither_png_nor_jpeg_is_undecodable() -> None:
 def test_any_failure_while_decoding_pixels_is_a_codec_error(monkeypatch: pytest.MonkeyPatch) -> None:
     images = pytest.importorskip("models.images")
 
-    def explode(data: bytes, name: str = "", keep_depth: bool = False) -> np.ndarray:
+    def explode(data: bytes, name: str = "", keep_depth: bool = False, max_pixels: int | None = None) -> np.ndarray:
         raise MemoryError("out of memory")
 
     monkeypatch.setattr(images, "decode_image", explode)
@@ -286,3 +292,55 @@ def test_jpeg_refuses_16_bit_frames_rather_than_drop_their_grey_levels() -> None
     grey = np.full((16, 16), 4095, np.uint16)
     data, extra = encode_pixels(grey, "raw")
     assert extra == {"raw_shape": (16, 16), "raw_dtype": "uint16"} and len(data) == 16 * 16 * 2
+
+
+def test_an_empty_frame_says_it_is_empty() -> None:
+    pytest.importorskip("models.images")
+    with pytest.raises(CodecError) as caught:
+        decode_pixels(encoded_frame(b"", "jpeg"))
+    assert caught.value.reason is CodecErrorReason.UNDECODABLE_IMAGE
+    assert caught.value.detail == "frame f-1: jpeg data is empty (0 bytes)"
+
+
+def _stored_files(directory: Path) -> list[Path]:
+    """Files as an integrator's folder holds them, each written by another library than OpenCV where it can."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)
+    rgb[:, :20] = (200, 30, 30)  # a red band: a channel swap or a rotation would show
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(rgb).save(directory / "exif_rotated.jpg", quality=95, exif=exif)
+    Image.fromarray(rgb).convert("CMYK").save(directory / "cmyk.jpg", quality=95)
+    Image.fromarray(rgb).quantize(16).save(directory / "palette_transparent.png", transparency=0)
+    Image.fromarray(np.dstack([rgb[..., 0], rgb[..., 1]]), "LA").save(directory / "grey_alpha.png")
+    Image.fromarray(rgb[..., 0] > 128).save(directory / "one_bit.png")
+    opaque = np.full((40, 64, 1), 65535, np.uint16)
+    cv2.imwrite(str(directory / "rgba_16_bit.png"), np.concatenate([rgb[..., ::-1] * np.uint16(257), opaque], axis=2))
+    Image.fromarray(rgb).save(directory / "pièce_部品.jpg", quality=90)
+    return sorted(directory.iterdir())
+
+
+def test_a_streamed_file_decodes_to_the_pixels_read_from_the_file(tmp_path: Path) -> None:
+    # a model fitted on files and fed the same files' bytes as frames must see the same pixels: stored orientation
+    # (an EXIF rotation ignored on both paths), CMYK, palette, alpha and 16-bit files alike
+    images = pytest.importorskip("models.images")
+    for path in _stored_files(tmp_path):
+        encoding = "jpeg" if path.suffix == ".jpg" else "png"
+        streamed = decode_pixels(encoded_frame(path.read_bytes(), encoding), max_pixels=50_000_000)
+        offline = images.read_image(path, keep_depth=True)
+        assert streamed.shape == offline.shape == (40, 64, 3), path.name
+        assert streamed.dtype == offline.dtype and np.array_equal(streamed, offline), path.name
+        if path.name in ("exif_rotated.jpg", "palette_transparent.png", "rgba_16_bit.png"):
+            assert images.to_rgb_uint8(streamed)[:, :20].mean(axis=(0, 1))[0] > 150, path.name  # red stays red
+
+
+def test_a_jpeg_frame_cut_short_is_dead_lettered_as_truncated() -> None:
+    pytest.importorskip("models.images")
+    rng = np.random.default_rng(1)
+    data, _ = encode_pixels(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), "jpeg")
+    with pytest.raises(CodecError) as caught:
+        decode_pixels(encoded_frame(data[: len(data) * 2 // 3], "jpeg"))
+    assert caught.value.reason is CodecErrorReason.UNDECODABLE_IMAGE
+    assert caught.value.detail.startswith("frame f-1: JPEG data ends before its end-of-image marker: truncated")

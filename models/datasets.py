@@ -11,20 +11,21 @@
 ``good_images(path)``, ``test_items(path)`` and ``calibration_images(path)`` recognise the layout themselves.
 A defective image without a mask file gets ``mask=None``: the report leaves it out of pixel metrics and counts it.
 ``check_masks(items)`` checks every mask against its image (readable, same aspect ratio) before anything is scored.
+A split.json naming files that do not exist is an error naming them, before anything is fitted or scored.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import PIL.Image
 
-from models.images import ImageError, list_images, read_mask
+from models.images import ImageError, list_images, read_image, read_mask
 
 SPLIT_FILE = "split.json"
 SPLIT_LISTS = ("train", "test_good", "test_defective")
@@ -33,6 +34,7 @@ MASKS_KEY = "masks"
 # one pixel of rounding) it cannot be laid over the image.
 MASK_ASPECT_TOLERANCE = 0.02
 NAMED_MASK_PROBLEMS = 20  # masks a failed check names one by one
+NAMED_MISSING_FILES = 20  # files a split names but its folder lacks, named one by one
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,25 @@ def _read_split(root: Path) -> _Split:
     return _Split(lists["train"], lists["test_good"], lists["test_defective"], masks)
 
 
+def _split_files(root: Path, split: _Split, keys: Sequence[str]) -> dict[str, list[Path]]:
+    """The files of split.json's ``keys`` lists; raises DatasetError naming those that are not files (every list's
+    at once), rather than leave fit and evaluate to skip them one warning at a time."""
+    files = {key: [root / relative for relative in getattr(split, key)] for key in keys}
+    problems = []
+    for key, paths in files.items():
+        missing = [
+            str(relative) for relative, path in zip(getattr(split, key), paths, strict=True) if not path.is_file()
+        ]
+        if missing:
+            named = "\n  ".join(missing[:NAMED_MISSING_FILES])
+            more = f"\n  and {len(missing) - NAMED_MISSING_FILES} more" if len(missing) > NAMED_MISSING_FILES else ""
+            problems.append(f"{len(missing)} of {len(paths)} '{key}' files are missing:\n  {named}{more}")
+    if problems:
+        msg = f"{root / SPLIT_FILE}: " + "\n".join(problems)
+        raise DatasetError(msg)
+    return files
+
+
 def _split_mask(root: Path, split: _Split, relative: str) -> Path | None:
     """The mask file of a split.json defective image, or None when it has none (never the image itself)."""
     image = root / relative
@@ -145,14 +166,21 @@ def mask_shape_problem(mask: Path, mask_shape: tuple[int, int], image: Path,
 
 def image_shape(path: Path) -> tuple[int, int] | None:
     """``(height, width)`` of an image file from its header (nothing decoded), or None when it cannot be read.
-    Read as ``models.images.read_image`` reads files: the stored orientation, EXIF rotation ignored."""
+    Read as ``models.images.read_image`` reads files: the stored orientation, EXIF rotation ignored; a file Pillow
+    cannot open is read by ``read_image`` (which refuses a decompression bomb from its header)."""
     try:
-        with PIL.Image.open(path) as image:
-            width, height = image.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as image:
+                width, height = image.size
         return height, width
-    except (OSError, ValueError, PIL.Image.DecompressionBombError):
-        decoded = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # a format Pillow does not know
-        return None if decoded is None else (int(decoded.shape[0]), int(decoded.shape[1]))
+    except PIL.Image.DecompressionBombError:
+        return None  # read_image refuses it too: more pixels than models.images.MAX_FILE_PIXELS
+    except (OSError, ValueError):
+        try:
+            return read_image(path, keep_depth=True).shape[:2]
+        except ImageError:
+            return None
 
 
 def check_masks(items: Sequence[TestItem]) -> None:
@@ -187,7 +215,7 @@ def good_images(path: Path) -> list[Path]:
     """Good training images: split.json's ``train``, MVTec's ``train/good``, or the images in a folder."""
     path = Path(path)
     if (path / SPLIT_FILE).is_file():
-        return [path / relative for relative in _read_split(path).train]
+        return _split_files(path, _read_split(path), ["train"])["train"]
     if (path / "train" / "good").is_dir():
         return list_images(path / "train" / "good")
     return _folder_images(path)
@@ -218,7 +246,7 @@ def calibration_images(path: Path) -> tuple[list[Path], str]:
     """
     path = Path(path)
     if (path / SPLIT_FILE).is_file():
-        images = [path / relative for relative in _read_split(path).test_good]
+        images = _split_files(path, _read_split(path), ["test_good"])["test_good"]
         if not images:
             msg = (f"{path / SPLIT_FILE}: 'test_good' is empty, and 'train' was used for fitting: pass a folder of "
                    "good images the model was not fitted on")  # fmt: skip
@@ -240,7 +268,8 @@ def test_items(path: Path) -> list[TestItem]:
     path = Path(path)
     if (path / SPLIT_FILE).is_file():
         split = _read_split(path)
-        items = [TestItem(path / rel, 0, "good", None) for rel in split.test_good]
+        files = _split_files(path, split, ["test_good", "test_defective"])
+        items = [TestItem(image, 0, "good", None) for image in files["test_good"]]
         for relative in split.test_defective:
             mask = _split_mask(path, split, relative)
             items.append(TestItem(path / relative, 1, Path(relative).parts[0], mask))

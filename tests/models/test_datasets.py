@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,8 @@ def test_calibration_images_of_an_mvtec_root_are_its_held_out_good_images(tmp_pa
 
 
 def test_calibration_images_of_a_split_root_are_its_test_good_list(tmp_path: Path) -> None:
+    for name in ("Free/t.jpg", "Free/g1.jpg", "Free/g2.jpg"):
+        _image(tmp_path / name)
     root = _split_root(tmp_path, {"train": ["Free/t.jpg"], "test_good": ["Free/g1.jpg", "Free/g2.jpg"],
                                   "test_defective": ["Crack/d.jpg"]})  # fmt: skip
     images, description = datasets.calibration_images(root)
@@ -183,7 +186,7 @@ def test_split_paths_may_be_absolute(tmp_path: Path) -> None:
     """Images kept elsewhere (a shared archive) are listed by absolute path, as before masks were checked."""
     root, archive = tmp_path / "line", tmp_path / "archive"
     root.mkdir()
-    archive.mkdir()
+    _image(archive / "a.png")
     split = {"train": [str(archive / "a.png")], "test_good": ["b.png"], "test_defective": []}
     (root / "split.json").write_text(json.dumps(split))
     assert datasets.good_images(root) == [archive / "a.png"]
@@ -236,3 +239,56 @@ def test_check_masks_names_every_unusable_mask_at_once(tmp_path: Path) -> None:
     assert "crack_3_mask.png is 20x40 pixels but its image" in message
     assert "crack_2_mask.png" in message and "not a readable mask" in message
     assert "crack_0_mask" not in message and "other" not in message
+
+
+def test_a_split_naming_files_that_do_not_exist_is_an_error_naming_them(tmp_path: Path) -> None:
+    # fit skipped each missing training file with a warning and evaluate each missing test image with a message, so
+    # a split.json of another copy of the data trained and evaluated on whatever was left
+    for name in ("Free/t1.jpg", "Free/g1.jpg", "Crack/d1.jpg"):
+        _image(tmp_path / name)
+    (tmp_path / "Free" / "folder.jpg").mkdir()
+    root = _split_root(tmp_path, {"train": ["Free/t1.jpg", "Free/t2.jpg", "Free/folder.jpg"],
+                                  "test_good": ["Free/g1.jpg", "Free/g2.jpg"],
+                                  "test_defective": ["Crack/d1.jpg", "Crack/d2.jpg"]})  # fmt: skip
+    split_file = re.escape(str(root / "split.json"))
+    with pytest.raises(datasets.DatasetError, match=rf"{split_file}: 2 of 3 'train' files are missing") as raised:
+        datasets.good_images(root)
+    assert "Free/t2.jpg" in str(raised.value) and "Free/folder.jpg" in str(raised.value)
+    with pytest.raises(datasets.DatasetError, match=r"1 of 2 'test_good' files are missing:\n  Free/g2\.jpg$"):
+        datasets.calibration_images(root)
+    with pytest.raises(datasets.DatasetError, match=r"1 of 2 'test_good' files are missing") as raised:
+        datasets.test_items(root)
+    assert "Crack/d2.jpg" in str(raised.value)  # every list's missing files at once
+
+
+def test_a_mask_of_0_and_1_is_an_error_not_an_empty_mask(tmp_path: Path) -> None:
+    # read as "pixel >= 128 is defective", a 0/1 label image marked nothing: its defective image counted in pixel
+    # metrics as defect-free
+    items = _items_with_masks(tmp_path, [(40, 30)])
+    assert items[1].mask is not None
+    labels = np.zeros((40, 30), np.uint8)
+    labels[10:20, 5:15] = 1
+    _write(items[1].mask, labels)
+    with pytest.raises(datasets.DatasetError, match=r"crack_0_mask\.png: the mask's brightest pixel is 1"):
+        datasets.check_masks(items)
+    _write(items[1].mask, np.zeros((40, 30), np.uint8))  # an all-black mask is a defect nobody marked: kept
+    datasets.check_masks(items)
+
+
+def test_image_shape_of_a_decompression_bomb_decodes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pillow refuses to open it, and image_shape then decoded the whole image with cv2 to learn its shape
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decoded")
+
+    for function in ("imread", "imdecode"):
+        monkeypatch.setattr(cv2, function, no_decoding)
+    ihdr = (20_000).to_bytes(4, "big") + (10_000).to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + len(ihdr).to_bytes(4, "big")
+        + b"IHDR"
+        + ihdr
+        + zlib.crc32(b"IHDR" + ihdr).to_bytes(4, "big")
+    )
+    (tmp_path / "bomb.png").write_bytes(png)
+    assert datasets.image_shape(tmp_path / "bomb.png") is None

@@ -3,7 +3,8 @@
 A source spec on the command line is ``[CAMERA_ID=]KIND:TARGET``:
 
 - ``folder:DIR`` (``loop-folder:DIR`` repeats forever): PNG/JPEG files are sent as their original bytes, so a frame
-  scores exactly like ``lineinspect score`` on the file; other formats are sent as PNG.
+  scores exactly like ``lineinspect score`` on the file (one that does not decode is dead-lettered by the scoring
+  worker, with the reason); other formats are sent as PNG, and one that cannot be read is logged and passed over.
 - ``video:FILE``: frames of a video file, JPEG-encoded (``ingest.jpeg_quality``).
 - ``camera:0`` / ``camera:rtsp://...`` / ``camera:<GStreamer pipeline ending in appsink>``: a live camera through
   OpenCV ``VideoCapture``. Live sources drop their oldest frames when scoring falls behind; the others wait.
@@ -12,6 +13,7 @@ A source spec on the command line is ``[CAMERA_ID=]KIND:TARGET``:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from pipeline.codec import encode_pixels
 from pipeline.messages import Encoding, MetadataValue
 
 ENCODED_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,14 +63,20 @@ class FolderSource:
             msg = f"folder source {directory} holds no images (png, jpg, bmp, tif, webp)"
             raise ValueError(msg)
 
-    def _capture(self, path: Path) -> Capture:
-        from models.images import read_image
+    def _capture(self, path: Path) -> Capture | None:
+        """The file as a capture, or None (logged with the reason) when it cannot be read or re-encoded."""
+        from models.images import ImageError, read_image
 
         encoding = ENCODED_SUFFIXES.get(path.suffix.lower())
         metadata: dict[str, MetadataValue] = {"source_file": path.name}
-        if encoding is not None:
-            return Capture(path.read_bytes(), encoding, time.time_ns(), metadata=metadata)  # type: ignore[arg-type]
-        image = read_image(path, keep_depth=True)
+        try:
+            if encoding is not None:
+                return Capture(path.read_bytes(), encoding, time.time_ns(), metadata=metadata)  # type: ignore[arg-type]
+            image = read_image(path, keep_depth=True)
+        except (ImageError, OSError) as error:  # a file removed or unreadable since the folder was listed
+            reason = str(error) if isinstance(error, ImageError) else f"{path}: cannot read file ({error})"
+            logger.error("image file not sent", extra={"camera": self.camera_id, "file": str(path), "reason": reason})
+            return None
         if (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all():
             image = image[..., 0]  # a grey frame goes as one channel (16-bit RGB of 12 MP would pass 16 MB)
         data, _ = encode_pixels(image, "png")
@@ -75,9 +84,13 @@ class FolderSource:
 
     def captures(self) -> Iterator[Capture]:
         while True:
+            sent = 0
             for path in self.paths:
-                yield self._capture(path)
-            if not self.loop:
+                capture = self._capture(path)
+                if capture is not None:
+                    sent += 1
+                    yield capture
+            if not self.loop or not sent:  # a looping folder of which nothing could be sent would spin
                 return
 
 

@@ -1,0 +1,38 @@
+"""Frame sources read an integrator's folder as it is: a file that cannot be sent is named and passed over."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from workers.sources import FolderSource
+
+
+def test_a_folder_source_names_and_passes_over_files_it_cannot_send(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # an unreadable TIFF, BMP or WebP (those are re-encoded as PNG) raised out of the source: ingest logged "source
+    # failed" and sent none of the folder's later files
+    image = np.full((16, 24, 3), 80, np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), image)
+    (tmp_path / "b.tif").write_bytes(b"II*\x00 a TIFF cut off by a failed copy")
+    cv2.imwritemulti(str(tmp_path / "c.tif"), [image, image])
+    cv2.imwrite(str(tmp_path / "d.bmp"), image)
+    (tmp_path / "e.jpg").write_bytes(b"")  # sent as it is: the scoring worker dead-letters it with the reason
+    source = FolderSource("cam0", tmp_path, loop=False)
+    with caplog.at_level(logging.ERROR, logger="workers.sources"):
+        sent = [capture.metadata["source_file"] for capture in source.captures()]
+    assert sent == ["a.png", "d.bmp", "e.jpg"]
+    skipped = {record.file: record.reason for record in caplog.records}  # type: ignore[attr-defined]
+    assert set(skipped) == {str(tmp_path / "b.tif"), str(tmp_path / "c.tif")}
+    assert "not a readable image" in skipped[str(tmp_path / "b.tif")]
+    assert "holds 2 images (pages)" in skipped[str(tmp_path / "c.tif")]
+
+
+def test_a_looping_folder_of_which_nothing_can_be_sent_ends(tmp_path: Path) -> None:
+    (tmp_path / "a.tif").write_bytes(b"II*\x00 not a TIFF")
+    assert list(FolderSource("cam0", tmp_path, loop=True).captures()) == []

@@ -1,0 +1,697 @@
+"""Chaos soak of the streaming pipeline: under random faults, every frame gets exactly one decision or dead letter.
+
+    python benchmarks/chaos_soak.py [--duration-s 120] [--rate 5] [--seed 0] [--fault-every-s 6] [--json out.json]
+
+Starts its own redis-server (``EmbeddedRedis``, append-only file fsynced on every write, on a free port; never the
+machine's), fits a tiny model on a demo line (40 good 96 px parts, 64 px model input), and runs two scoring workers
+and a sink as real processes (``python -m workers.cli``, stable ``--name``s, ``streams.claim_idle_ms`` = 3000). This
+process publishes frames at ``--rate`` frames/s (good and defective demo parts, PNG) and, for ``--duration-s``
+seconds, injects one fault every ``--fault-every-s`` (drawn at 0.5x-1.5x), chosen with ``--seed``; faults on
+different processes overlap:
+
+- ``kill9_scorer`` / ``term_scorer`` / ``kill9_sink``: SIGKILL or SIGTERM the process, restart it under the same name
+  after 0.5-6 s (a SIGTERM'd scorer is waited for: it drains);
+- ``stop_worker``: SIGSTOP a scorer or the sink for ``claim_idle_ms`` + 0.5-3 s, then SIGCONT (peers claim its
+  entries meanwhile);
+- ``restart_redis``: stop the server cleanly and start it again on the same port with its data, 0.5-3 s down;
+- ``corrupt_frames`` / ``unknown_version``: publish 1-3 entries that are not msgpack, have fields of the wrong type,
+  carry undecodable image bytes, or a schema version of 2 (with and without a readable ``frame_id``).
+
+Then it stops the faults and the publisher, waits until the line drains (every published entry accounted for,
+nothing pending, the results stream empty) and checks, from the streams (``streams.maxlen`` is raised to
+``--maxlen`` so that nothing is trimmed):
+
+1. every published frames-stream entry has exactly one decision (``frame_entry_id``) or exactly one dead letter
+   (``source_entry_id``), or both where README allows it: a rejected frame whose ``frame_id`` can be read gets an
+   ``error`` decision whose ``error_reason`` is its dead letter's reason; each entry's outcome is the one its kind
+   calls for (good and defective parts: ``pass``/``fail``; a good part delivered more than ``streams.max_deliveries``
+   times is also allowed its documented ``max_deliveries_exceeded`` dead letter and error decision, and counted);
+2. no decision or frames-stream dead letter for an entry never published;
+3. no frame lost (neither decision nor dead letter);
+4. the ``scorers`` and ``sinks`` pending lists are empty, ``scorers`` lag is 0, the results stream is empty;
+5. metrics, scraped from every process's ``/metrics`` every second while it runs and once more after the drain: each
+   sink incarnation's ``lineinspect_frames_total{verdict}``, ``lineinspect_errors_total{reason}`` and its
+   ``lineinspect_dead_letters_total{reason}`` against the decisions and results-stream dead letters appended while
+   it was the line's sink (equal for the sink alive at the end; at most those for one that was killed, whose last
+   scrape may be older than its last publish); the scorers' ``lineinspect_dead_letters_total{reason}`` summed over
+   every incarnation at most the frames-stream dead letters (equal when no scorer was killed or stopped by SIGTERM).
+
+Prints progress every 10 s, a summary at the end, and exits 1 when an invariant fails (the worker logs are then
+kept; ``--keep`` keeps them anyway). CPU: a 64 px model, two scorers with one torch thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from pipeline.codec import decode_decision, encode_frame  # noqa: E402
+from pipeline.config import RedisSettings, StreamSettings, config_from_mapping  # noqa: E402
+from pipeline.messages import Decision, Frame  # noqa: E402
+from pipeline.redis_server import EmbeddedRedis, free_port  # noqa: E402
+from pipeline.streams import PAYLOAD, SCORER_GROUP, SINK_GROUP, LineKeys, StreamClient  # noqa: E402
+
+LINE = "chaos"
+CLAIM_IDLE_MS = 3000
+MAX_DELIVERIES = 3
+SCORERS = ("score-a", "score-b")
+SINK = "sink"
+FAULTS = ("kill9_scorer", "term_scorer", "kill9_sink", "stop_worker", "restart_redis", "corrupt_frames",
+          "unknown_version")  # fmt: skip
+
+
+# -- what each published entry should come to -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Expected:
+    """The outcome an entry's kind calls for: a dead letter with ``dead_letter`` as reason (None: none), and a
+    decision (``decision``) whose verdict is one of ``verdicts``."""
+
+    dead_letter: str | None
+    decision: bool
+    verdicts: tuple[str, ...] = ("pass", "fail")
+
+
+EXPECTED = {
+    "good": Expected(None, True),
+    "defect": Expected(None, True),
+    "not_msgpack": Expected("not_msgpack", False),
+    "invalid_fields": Expected("invalid_fields", True, ("error",)),
+    "undecodable_image": Expected("undecodable_image", True, ("error",)),
+    "unknown_version": Expected("unknown_schema_version", True, ("error",)),
+    "unknown_version_no_id": Expected("unknown_schema_version", False),
+}
+CORRUPT_KINDS = ("not_msgpack", "invalid_fields", "undecodable_image")
+VERSION_KINDS = ("unknown_version", "unknown_version_no_id")
+
+
+@dataclass(frozen=True)
+class Published:
+    entry_id: str
+    kind: str
+    frame_id: str
+
+
+class Payloads:
+    """Encoded payloads of each kind, from the demo line's test images; frame ids ``chaos-<n>`` are unique."""
+
+    def __init__(self, good: list[Path], defect: list[Path], rng: random.Random) -> None:
+        self.good = [path.read_bytes() for path in good]
+        self.defect = [path.read_bytes() for path in defect]
+        self.rng = rng
+        self.count = 0
+
+    def _frame(self, data: bytes, label: str) -> Frame:
+        self.count += 1
+        return Frame(line_id=LINE, camera_id="cam0", frame_id=f"chaos-{self.count:06d}", sequence=self.count,
+                     captured_at_ns=time.time_ns(), encoding="png", data=data,
+                     metadata={"label": label})  # fmt: skip
+
+    def make(self, kind: str) -> tuple[bytes, str]:
+        """``(payload, frame_id)`` of one entry of ``kind`` (frame_id '' where the payload has none)."""
+        if kind in ("good", "defect"):
+            frame = self._frame(self.rng.choice(self.good if kind == "good" else self.defect), kind)
+            return encode_frame(frame), frame.frame_id
+        frame = self._frame(self.good[0], kind)
+        fields = frame.model_dump(mode="python")
+        if kind == "not_msgpack":
+            return b"\xc1" + frame.frame_id.encode(), ""  # 0xc1 is never used in msgpack
+        if kind == "invalid_fields":
+            fields["captured_at_ns"] = float(fields["captured_at_ns"])  # README: a float timestamp is refused
+        elif kind == "undecodable_image":
+            fields["data"] = b"not an image " + frame.frame_id.encode()
+        elif kind == "unknown_version":
+            fields["version"] = 2
+        elif kind == "unknown_version_no_id":
+            fields = {"version": 2, "line_id": LINE, "note": frame.frame_id}
+            return _packed(fields), ""
+        return _packed(fields), frame.frame_id
+
+
+def _packed(fields: dict[str, Any]) -> bytes:
+    payload = msgpack.packb(fields, use_bin_type=True)
+    assert isinstance(payload, bytes)
+    return payload
+
+
+# -- processes --------------------------------------------------------------------------------------------------
+@dataclass
+class Incarnation:
+    """One run of one worker process: its /metrics port, the streams' last ids when it started (what it appends
+    comes after them), and the last metrics scraped from it."""
+
+    role: str
+    name: str
+    number: int
+    process: subprocess.Popen[bytes]
+    port: int
+    decisions_from: str
+    deadletter_from: str
+    ended: str = ""  # how it ended: kill9, term; '' while alive
+    stopped: bool = False  # SIGSTOP'd: not scraped
+    metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float] = field(default_factory=dict)
+    scraped_at: float = 0.0
+
+
+class Fleet:
+    """Starts, signals and scrapes the worker processes; one fault at a time per worker (``busy``)."""
+
+    def __init__(self, env: dict[str, str], model_dir: Path, logs: Path, client: StreamClient, keys: LineKeys) -> None:
+        self.env, self.model_dir, self.logs, self.client, self.keys = env, model_dir, logs, client, keys
+        self.incarnations: list[Incarnation] = []
+        self.current: dict[str, Incarnation] = {}
+        self.busy: set[str] = set()
+        self.lock = threading.Lock()
+
+    def start(self, name: str) -> Incarnation:
+        role = "sink" if name == SINK else "score"
+        port = free_port()
+        env = dict(self.env)
+        if role == "sink":
+            env["LINEINSPECT__SINK__METRICS_PORT"] = str(port)
+            command = ["sink"]
+        else:
+            env["LINEINSPECT__WORKER__HEALTH_PORT"] = str(port)
+            command = ["score-worker", "--model", str(self.model_dir)]
+        number = sum(inc.name == name for inc in self.incarnations) + 1
+        decisions_from = self.client.last_id(self.keys.decisions)
+        deadletter_from = self.client.last_id(self.keys.deadletter)
+        log = (self.logs / f"{name}-{number}.log").open("wb")
+        process = subprocess.Popen([sys.executable, "-m", "workers.cli", *command, "--line", LINE, "--name", name],
+                                   cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        log.close()
+        incarnation = Incarnation(role, name, number, process, port, decisions_from, deadletter_from)
+        with self.lock:
+            self.incarnations.append(incarnation)
+            self.current[name] = incarnation
+        return incarnation
+
+    def scrape(self, incarnation: Incarnation) -> bool:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        if incarnation.stopped or incarnation.ended or incarnation.process.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{incarnation.port}/metrics", timeout=3) as reply:
+                text = reply.read().decode()
+        except OSError:
+            return False  # not serving yet, or busy: the previous sample stands
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            if not family.name.startswith("lineinspect_"):
+                continue
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        incarnation.metrics, incarnation.scraped_at = samples, time.monotonic()
+        return True
+
+    def scrape_all(self) -> None:
+        with self.lock:
+            alive = list(self.current.values())
+        for incarnation in alive:
+            self.scrape(incarnation)
+
+    def stop_all(self) -> None:
+        for incarnation in self.current.values():
+            if incarnation.process.poll() is None:
+                incarnation.process.send_signal(signal.SIGCONT)
+                incarnation.process.send_signal(signal.SIGTERM)
+        for incarnation in self.current.values():
+            try:
+                incarnation.process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                incarnation.process.kill()
+                incarnation.process.wait()
+
+
+# -- the faults -------------------------------------------------------------------------------------------------
+class Chaos:
+    """Draws faults from ``rng`` in the main thread and runs each in a thread of its own."""
+
+    def __init__(self, fleet: Fleet, server: EmbeddedRedis, publisher: Publisher, rng: random.Random) -> None:
+        self.fleet, self.server, self.publisher, self.rng = fleet, server, publisher, rng
+        self.threads: list[threading.Thread] = []
+        self.done: Counter[str] = Counter()
+        self.events: list[str] = []
+        self.started = time.monotonic()
+
+    def log(self, text: str) -> None:
+        line = f"[{time.monotonic() - self.started:7.1f} s] {text}"
+        self.events.append(line)
+        print(line, flush=True)
+
+    def inject(self) -> None:
+        kind = self.rng.choice(FAULTS)
+        pause_s = self.rng.uniform(0.5, 6.0)
+        if kind in ("corrupt_frames", "unknown_version"):
+            kinds = [self.rng.choice(CORRUPT_KINDS if kind == "corrupt_frames" else VERSION_KINDS)
+                     for _ in range(self.rng.randint(1, 4))]  # fmt: skip
+            self.publisher.special.extend(kinds)
+            self.done[kind] += 1
+            self.log(f"{kind}: {', '.join(kinds)}")
+            return
+        if kind == "restart_redis":
+            target, down_s = "redis", self.rng.uniform(0.5, 3.0)
+            action: Callable[[], None] = lambda: self._restart_redis(down_s)  # noqa: E731
+        else:
+            choices = {"kill9_scorer": SCORERS, "term_scorer": SCORERS, "kill9_sink": (SINK,),
+                       "stop_worker": (*SCORERS, SINK)}[kind]  # fmt: skip
+            target = self.rng.choice(choices)
+            if kind == "stop_worker":
+                stop_s = CLAIM_IDLE_MS / 1000 + self.rng.uniform(0.5, 3.0)
+                action = lambda: self._stop(target, stop_s)  # noqa: E731
+            else:
+                how = signal.SIGTERM if kind == "term_scorer" else signal.SIGKILL
+                action = lambda: self._restart(target, how, pause_s)  # noqa: E731
+        with self.fleet.lock:
+            if target in self.fleet.busy:
+                return  # its previous fault is still under way: draw again next time
+            self.fleet.busy.add(target)
+        self.done[kind] += 1
+        thread = threading.Thread(target=self._run, args=(target, action), name=f"fault-{kind}")
+        self.threads.append(thread)
+        thread.start()
+
+    def _run(self, target: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        finally:
+            with self.fleet.lock:
+                self.fleet.busy.discard(target)
+
+    def _restart(self, name: str, how: signal.Signals, pause_s: float) -> None:
+        incarnation = self.fleet.current[name]
+        self.fleet.scrape(incarnation)  # its counters as late as they can be read
+        incarnation.ended = "term" if how == signal.SIGTERM else "kill9"
+        incarnation.process.send_signal(how)
+        try:
+            code = incarnation.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.log(f"{name}-{incarnation.number} did not exit 60 s after {how.name}: SIGKILL")
+            incarnation.process.kill()
+            code = incarnation.process.wait()
+        self.log(f"{how.name} {name}-{incarnation.number} (exit {code}); restart in {pause_s:.1f} s")
+        time.sleep(pause_s)
+        self.fleet.start(name)
+
+    def _stop(self, name: str, stop_s: float) -> None:
+        incarnation = self.fleet.current[name]
+        incarnation.stopped = True
+        incarnation.process.send_signal(signal.SIGSTOP)
+        self.log(f"SIGSTOP {name}-{incarnation.number} for {stop_s:.1f} s")
+        time.sleep(stop_s)
+        incarnation.process.send_signal(signal.SIGCONT)
+        incarnation.stopped = False
+
+    def _restart_redis(self, down_s: float) -> None:
+        self.log(f"restart redis, {down_s:.1f} s down")
+        self.server.restart(down_s=down_s)
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join()
+
+
+# -- publishing -------------------------------------------------------------------------------------------------
+class Publisher(threading.Thread):
+    """Publishes one entry every ``1 / rate`` s (the specials queued by the chaos first); records each entry id."""
+
+    def __init__(self, client: StreamClient, keys: LineKeys, payloads: Payloads, rate: float, rng: random.Random):
+        super().__init__(name="publisher", daemon=True)
+        self.client, self.keys, self.payloads, self.rate, self.rng = client, keys, payloads, rate, rng
+        self.special: list[str] = []
+        self.published: list[Published] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        last_id = self.client.last_id(self.keys.frames)
+        next_at = time.monotonic()
+        while not self.halt.is_set():
+            kind = self.special.pop(0) if self.special else ("defect" if self.rng.random() < 0.2 else "good")
+            payload, frame_id = self.payloads.make(kind)
+            # after_id: a retry after a reply lost to a Redis restart does not publish the entry twice
+            (last_id,) = self.client.publish_many(self.keys.frames, [payload], after_id=last_id)
+            self.published.append(Published(last_id, kind, frame_id))
+            next_at = max(next_at + 1.0 / self.rate, time.monotonic() - 1.0)
+            self.halt.wait(max(0.0, next_at - time.monotonic()))
+
+
+# -- checking ---------------------------------------------------------------------------------------------------
+@dataclass
+class LineState:
+    """Everything the checks read from Redis after the drain."""
+
+    decisions: list[tuple[str, Decision]]  # (decisions-stream entry id, decision)
+    dead_letters: list[tuple[str, dict[str, str]]]  # (dead-letter entry id, text fields)
+    scorers_pending: int
+    scorers_lag: int | None
+    sinks_pending: int
+    results_length: int
+
+
+def read_state(client: StreamClient, keys: LineKeys) -> LineState:
+    decisions = [(e.entry_id, decode_decision(e.payload)) for e in _all(client, keys.decisions) if e.payload]
+    rows = client.redis.xrange(keys.deadletter, "-", "+")
+    letters = [(_text(entry_id), {_text(k): v.decode(errors="replace") for k, v in fields.items()
+                                  if _text(k) != PAYLOAD}) for entry_id, fields in rows]  # fmt: skip
+    frames, results = client.group_stats(keys.frames), client.group_stats(keys.results)
+    scorers, sinks = frames.get(SCORER_GROUP), results.get(SINK_GROUP)
+    return LineState(decisions, letters, scorers.pending if scorers else -1, scorers.lag if scorers else None,
+                     sinks.pending if sinks else -1, client.length(keys.results))  # fmt: skip
+
+
+def _all(client: StreamClient, stream: str) -> list[Any]:
+    entries, after = [], "0-0"
+    while batch := client.read_range(stream, after, 5000):
+        entries += batch
+        after = batch[-1].entry_id
+    return entries
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    millis, _, sequence = entry_id.partition("-")
+    return int(millis), int(sequence or 0)
+
+
+def accounted(published: list[Published], state: LineState, keys: LineKeys) -> int:
+    """How many published entries have a decision or a frames-stream dead letter."""
+    seen = {decision.frame_entry_id for _, decision in state.decisions}
+    seen |= {fields["source_entry_id"] for _, fields in state.dead_letters if fields["source_stream"] == keys.frames}
+    return sum(item.entry_id in seen for item in published)
+
+
+def check_frames(published: list[Published], state: LineState, keys: LineKeys) -> tuple[list[str], dict[str, Any]]:
+    """Invariants 1-4: violations (text) and counts."""
+    violations: list[str] = []
+    decisions: defaultdict[str, list[Decision]] = defaultdict(list)
+    for _, published_decision in state.decisions:
+        decisions[published_decision.frame_entry_id or ""].append(published_decision)
+    frame_letters: defaultdict[str, list[dict[str, str]]] = defaultdict(list)
+    for _, fields in state.dead_letters:
+        if fields["source_stream"] == keys.frames:
+            frame_letters[fields["source_entry_id"]].append(fields)
+    outcomes: Counter[str] = Counter()
+    for item in published:
+        got_decisions, got_letters = decisions.get(item.entry_id, []), frame_letters.get(item.entry_id, [])
+        expected = EXPECTED[item.kind]
+        where = f"entry {item.entry_id} ({item.kind}, frame_id {item.frame_id or '-'})"
+        if not got_decisions and not got_letters:
+            violations.append(f"{where}: lost, neither a decision nor a dead letter")
+            outcomes["lost"] += 1
+            continue
+        if len(got_decisions) > 1:
+            violations.append(f"{where}: {len(got_decisions)} decisions")
+        if len(got_letters) > 1:
+            violations.append(f"{where}: {len(got_letters)} dead letters ({[f['reason'] for f in got_letters]})")
+        letter = got_letters[0]["reason"] if got_letters else None
+        decision = got_decisions[0] if got_decisions else None
+        if decision is not None and letter is not None and decision.error_reason != letter:
+            violations.append(f"{where}: decision ({decision.verdict}, {decision.error_reason}) and a dead letter "
+                              f"({letter}) that disagree")  # fmt: skip
+        redelivered = letter == "max_deliveries_exceeded" and decision is not None and expected.dead_letter is None
+        if redelivered:
+            outcomes["max_deliveries_exceeded"] += 1
+        elif letter != expected.dead_letter:
+            violations.append(f"{where}: dead letter {letter}, expected {expected.dead_letter}")
+        elif (decision is not None) != expected.decision:
+            violations.append(f"{where}: {'a' if decision else 'no'} decision, expected the opposite")
+        elif decision is not None and decision.verdict not in expected.verdicts:
+            violations.append(f"{where}: verdict {decision.verdict} ({decision.error_reason}: "
+                              f"{decision.error_detail}), expected {'/'.join(expected.verdicts)}")  # fmt: skip
+        else:
+            verdict = decision.verdict if decision else "no decision"
+            outcomes[f"{item.kind}: {verdict}, {letter or 'no dead letter'}"] += 1
+    known = {item.entry_id for item in published}
+    strays = [entry for entry in decisions if entry not in known]
+    for entry in strays:
+        violations.append(f"{len(decisions[entry])} decision(s) for entry {entry!r}, never published "
+                          f"(frame_id {decisions[entry][0].frame_id})")  # fmt: skip
+    for entry in (entry for entry in frame_letters if entry not in known):
+        reason = frame_letters[entry][0]["reason"]
+        violations.append(f"dead letter for frames entry {entry}, never published ({reason})")
+    if state.scorers_pending != 0 or state.scorers_lag not in (0, None):
+        violations.append(f"scorers group: {state.scorers_pending} pending, lag {state.scorers_lag}")
+    if state.sinks_pending != 0 or state.results_length != 0:
+        violations.append(f"sinks group: {state.sinks_pending} pending, results stream holds {state.results_length}")
+    counts = {
+        "published": len(published),
+        "published_by_kind": dict(Counter(item.kind for item in published)),
+        "decisions": len(state.decisions),
+        "dead_letters": len(state.dead_letters),
+        "dead_letters_by_source": dict(Counter(f["source_stream"].rsplit(":", 1)[1] for _, f in state.dead_letters)),
+        "outcomes": dict(sorted(outcomes.items())),
+        "scorers_pending": state.scorers_pending,
+        "sinks_pending": state.sinks_pending,
+        "results_length": state.results_length,
+    }
+    return violations, counts
+
+
+def _counter(incarnation: Incarnation, name: str, **labels: str) -> float:
+    wanted = set(labels.items())
+    return sum(value for (sample, sample_labels), value in incarnation.metrics.items()
+               if sample == name and wanted <= set(sample_labels))  # fmt: skip
+
+
+def check_metrics(fleet: Fleet, state: LineState, keys: LineKeys) -> tuple[list[str], list[str]]:
+    """Invariant 5: (violations, notes)."""
+    violations, notes = [], []
+    sinks = [inc for inc in fleet.incarnations if inc.role == "sink"]
+    ends = [inc.decisions_from for inc in sinks[1:]] + [None]
+    letter_ends = [inc.deadletter_from for inc in sinks[1:]] + [None]
+    for incarnation, end, letter_end in zip(sinks, ends, letter_ends, strict=True):
+        span = [d for entry_id, d in state.decisions if _within(entry_id, incarnation.decisions_from, end)]
+        letters = [fields["reason"] for entry_id, fields in state.dead_letters
+                   if fields["source_stream"] == keys.results
+                   and _within(entry_id, incarnation.deadletter_from, letter_end)]  # fmt: skip
+        stream: dict[str, float] = {}
+        metric: dict[str, float] = {}
+        for verdict in ("pass", "fail", "error"):
+            stream[f"frames_total{{verdict={verdict}}}"] = sum(d.verdict == verdict for d in span)
+            metric[f"frames_total{{verdict={verdict}}}"] = _counter(incarnation, "lineinspect_frames_total",
+                                                                    verdict=verdict)  # fmt: skip
+        for reason in {d.error_reason or "unknown" for d in span if d.verdict == "error"}:
+            stream[f"errors_total{{reason={reason}}}"] = sum(d.error_reason == reason for d in span)
+            metric[f"errors_total{{reason={reason}}}"] = _counter(incarnation, "lineinspect_errors_total",
+                                                                  reason=reason)  # fmt: skip
+        for reason in set(letters):
+            stream[f"dead_letters_total{{reason={reason}}}"] = letters.count(reason)
+            metric[f"dead_letters_total{{reason={reason}}}"] = _counter(
+                incarnation, "lineinspect_dead_letters_total", reason=reason
+            )
+        final = not incarnation.ended
+        who = f"sink-{incarnation.number} ({'alive at the end' if final else incarnation.ended})"
+        for key in stream:
+            if (final and metric[key] != stream[key]) or metric[key] > stream[key]:
+                violations.append(f"{who}: {key} = {metric[key]:.0f}, the streams hold {stream[key]:.0f} of its span")
+        notes.append(f"{who}: " + ", ".join(f"{key} {metric[key]:.0f}/{stream[key]:.0f}" for key in sorted(stream)))
+    scorers = [inc for inc in fleet.incarnations if inc.role == "score"]
+    frame_letters = Counter(f["reason"] for _, f in state.dead_letters if f["source_stream"] == keys.frames)
+    all_final = all(not inc.ended for inc in scorers)
+    for reason in sorted(frame_letters):
+        counted = sum(_counter(inc, "lineinspect_dead_letters_total", reason=reason) for inc in scorers)
+        if counted > frame_letters[reason] or (all_final and counted != frame_letters[reason]):
+            violations.append(f"scorers: dead_letters_total{{reason={reason}}} = {counted:.0f} over every "
+                              f"incarnation, the frames stream holds {frame_letters[reason]}")  # fmt: skip
+        notes.append(f"scorers: dead_letters_total{{reason={reason}}} {counted:.0f}/{frame_letters[reason]}")
+    duplicates = sum(_counter(inc, "lineinspect_duplicate_decisions_total") for inc in sinks)
+    notes.append(f"sinks: duplicate_decisions_total {duplicates:.0f} (redelivered results not published again)")
+    return violations, notes
+
+
+def _within(entry_id: str, after: str, until: str | None) -> bool:
+    return _id_key(entry_id) > _id_key(after) and (until is None or _id_key(entry_id) <= _id_key(until))
+
+
+# -- the run ----------------------------------------------------------------------------------------------------
+def fit_tiny_model(work: Path) -> tuple[Path, list[Path], list[Path]]:
+    """A demo line (96 px parts) and a model fitted on its 40 good parts at 64 px (threshold from held-out ones)."""
+    from models.fit import fit_scorer
+    from models.images import list_images
+    from models.synthetic import make_demo_line
+
+    demo = make_demo_line(work / "demo", n_train=40, n_test_good=12, n_test_defect=12, image_size=96, seed=1)
+    config = config_from_mapping({"model": {"image_size": 64, "device": "cpu"}, "bank": {"seed": 0}})
+    scorer = fit_scorer(list_images(demo.train_dir), config, progress=False)
+    model_dir = work / "model"
+    scorer.save(model_dir)
+    labels = dict(zip(demo.test_images, demo.test_labels, strict=True))
+    print(f"model {scorer.model_id}: threshold {scorer.threshold.value if scorer.threshold else None}", flush=True)
+    return model_dir, [p for p, label in labels.items() if label == 0], [p for p, label in labels.items() if label]
+
+
+def worker_env(url: str, prefix: str, maxlen: int, work: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "REDIS_URL": url,
+        "PYTHONPATH": str(REPO_ROOT),
+        "LINEINSPECT__STREAMS__PREFIX": prefix,
+        "LINEINSPECT__STREAMS__MAXLEN": str(maxlen),
+        "LINEINSPECT__STREAMS__CLAIM_IDLE_MS": str(CLAIM_IDLE_MS),
+        "LINEINSPECT__STREAMS__MAX_DELIVERIES": str(MAX_DELIVERIES),
+        "LINEINSPECT__REDIS__RECONNECT_MAX_BACKOFF_S": "0.5",
+        "LINEINSPECT__WORKER__MAX_BATCH": "4",
+        "LINEINSPECT__WORKER__TORCH_THREADS": "1",
+        "LINEINSPECT__WORKER__DRAIN_TIMEOUT_S": "20",
+        "LINEINSPECT__MODEL__DEVICE": "cpu",
+        "LINEINSPECT__SINK__HEATMAP_DIR": str(work / "heatmaps"),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def wait_ready(client: StreamClient, prefix: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ok = {(s.get("role"), s.get("name")) for s in client.read_health(prefix) if s.get("state") == "ok"}
+        if {("score", name) for name in SCORERS} | {("sink", SINK)} <= ok:
+            return
+        time.sleep(0.5)
+    msg = f"workers not ready within {timeout_s:.0f} s"
+    raise RuntimeError(msg)
+
+
+def progress(started: float, publisher: Publisher, client: StreamClient, keys: LineKeys, chaos: Chaos) -> str:
+    frames = client.group_stats(keys.frames).get(SCORER_GROUP)
+    return (f"[{time.monotonic() - started:7.1f} s] published {len(publisher.published)}, "
+            f"decisions {client.length(keys.decisions)}, dead letters {client.length(keys.deadletter)}, "
+            f"scorers pending {frames.pending if frames else '-'} lag {frames.lag if frames else '-'}, "
+            f"results waiting {client.length(keys.results)}, faults {sum(chaos.done.values())}, "
+            f"load {os.getloadavg()[0]:.1f}")  # fmt: skip
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    rng = random.Random(args.seed)
+    model_dir, good, defect = fit_tiny_model(work)
+    logs = work / "logs"
+    logs.mkdir()
+    prefix = f"chaos{args.seed}"
+    keys = LineKeys(prefix, LINE)
+    with EmbeddedRedis(persistent=True) as server:
+        client = StreamClient(server.url, RedisSettings(reconnect_max_backoff_s=0.5),
+                              StreamSettings(prefix=prefix, maxlen=args.maxlen))  # fmt: skip
+        client.ensure_group(keys.frames, SCORER_GROUP)
+        client.ensure_group(keys.results, SINK_GROUP)
+        fleet = Fleet(worker_env(server.url, prefix, args.maxlen, work), model_dir, logs, client, keys)
+        publisher = Publisher(client, keys, Payloads(good, defect, random.Random(args.seed + 1)), args.rate,
+                              random.Random(args.seed + 2))  # fmt: skip
+        chaos = Chaos(fleet, server, publisher, rng)
+        try:
+            for name in (*SCORERS, SINK):
+                fleet.start(name)
+            wait_ready(client, prefix, 300)
+            print(f"workers ready; redis {server.url}, work {work}", flush=True)
+            started = chaos.started = time.monotonic()
+            publisher.start()
+            next_fault = started + rng.uniform(0.5, 1.5) * args.fault_every_s
+            next_progress = started + 10
+            while (now := time.monotonic()) < started + args.duration_s:
+                if now >= next_fault:
+                    chaos.inject()
+                    next_fault = now + rng.uniform(0.5, 1.5) * args.fault_every_s
+                if now >= next_progress:
+                    next_progress = now + 10
+                    print(progress(started, publisher, client, keys, chaos), flush=True)
+                fleet.scrape_all()
+                time.sleep(1.0)
+            print("faults over: waiting for the running ones to finish, then for the line to drain", flush=True)
+            chaos.join()
+            publisher.halt.set()
+            publisher.join()
+            state = drain(client, keys, publisher, fleet, args.drain_timeout_s, started, chaos)
+            time.sleep(2.0)  # counters are raised just after the entries they count
+            fleet.scrape_all()
+            state = read_state(client, keys)
+            violations, counts = check_frames(publisher.published, state, keys)
+            metric_violations, notes = check_metrics(fleet, state, keys)
+            violations += metric_violations
+        finally:
+            fleet.stop_all()
+            client.close()
+    summary = {
+        "seed": args.seed,
+        "duration_s": args.duration_s,
+        "rate": args.rate,
+        "fault_every_s": args.fault_every_s,
+        "faults": dict(sorted(chaos.done.items())),
+        "incarnations": Counter(inc.name for inc in fleet.incarnations),
+        **counts,
+        "metrics": notes,
+        "violations": violations,
+        "load_1m_at_end": os.getloadavg()[0],
+        "cpu_count": os.cpu_count(),
+    }
+    print(json.dumps(summary, indent=2, default=str), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({**summary, "events": chaos.events}, indent=2, default=str))
+    print(f"{'FAILED' if violations else 'OK'}: {len(violations)} invariant violations "
+          f"over {counts['published']} published entries", flush=True)  # fmt: skip
+    return 1 if violations else 0
+
+
+def drain(client: StreamClient, keys: LineKeys, publisher: Publisher, fleet: Fleet, timeout_s: float,
+          started: float, chaos: Chaos) -> LineState:  # fmt: skip
+    """Wait until every published entry is accounted for and nothing is pending (or ``timeout_s`` passes)."""
+    deadline = time.monotonic() + timeout_s
+    next_progress = 0.0
+    while True:
+        state = read_state(client, keys)
+        done = accounted(publisher.published, state, keys)
+        idle = state.scorers_pending == 0 and state.sinks_pending == 0 and state.results_length == 0
+        if (done == len(publisher.published) and idle) or time.monotonic() > deadline:
+            print(f"drained: {done}/{len(publisher.published)} accounted for, idle {idle}", flush=True)
+            return state
+        if time.monotonic() >= next_progress:
+            next_progress = time.monotonic() + 10
+            print(progress(started, publisher, client, keys, chaos), flush=True)
+        fleet.scrape_all()
+        time.sleep(1.0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration-s", type=float, default=120.0, help="how long faults are injected")
+    parser.add_argument("--rate", type=float, default=5.0, help="frames published per second")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fault-every-s", type=float, default=6.0, help="mean time between faults")
+    parser.add_argument("--maxlen", type=int, default=100_000, help="streams.maxlen (high: nothing is trimmed)")
+    parser.add_argument("--drain-timeout-s", type=float, default=300.0)
+    parser.add_argument("--json", type=Path, default=None, help="write the summary and the fault log here")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) even when all is well")
+    args = parser.parse_args()
+    logging.getLogger("pipeline").setLevel(logging.ERROR)  # this process's own retries through Redis restarts
+    work = Path(tempfile.mkdtemp(prefix="lineinspect-chaos-"))
+    code = run(args, work)
+    if code == 0 and not args.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"logs kept in {work / 'logs'}", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -131,13 +131,17 @@ return taken
 # (MAXLEN ~ ARGV[4]; each as a field count and its field/value pairs). When none of the ids was still pending yet
 # some are still in the stream, the batch was already committed (a retry after a reply lost to a stalled Redis: the
 # MULTI/EXEC this replaces appended every result and dead letter a second time) or a peer that claimed it committed
-# it: nothing is appended and 0 returned. Ids gone from the stream (trimmed, or results deleted once acknowledged) do
-# not count, so a batch of trimmed frames still gets its dead letters. Returns the number acknowledged, -1 for none
-# asked; a failed XACK (group gone) appends anyway and then returns its error, as the MULTI/EXEC did.
+# it: nothing is appended. Ids gone from the stream (trimmed, or results deleted once acknowledged) do not count, so a
+# batch of trimmed frames still gets its dead letters. A dead letter is appended only when this commit acknowledged its
+# entry (its source_entry_id): one a peer's claim took from a stalled owner's batch and committed (claim pages do not
+# follow batch boundaries), or an earlier try of this commit acknowledged, was dead-lettered then and is not twice.
+# Returns {the number acknowledged (-1 for none asked), the positions (from 1) of the dead letters appended}; a failed
+# XACK (group gone) appends everything anyway and then returns its error, as the MULTI/EXEC did.
 _COMMIT = """
 local n_acks = tonumber(ARGV[5])
 local at = 6
 local acked, existing, ack_error = 0, 0, nil
+local not_acked_here = {}
 for index = 1, n_acks do
   local id = ARGV[at]
   at = at + 1
@@ -146,15 +150,18 @@ for index = 1, n_acks do
     ack_error = reply.err
   elseif reply == 1 then
     acked = acked + 1
-  elseif #redis.call('XRANGE', KEYS[1], id, id) > 0 then
-    existing = existing + 1
+  else
+    not_acked_here[id] = true
+    if #redis.call('XRANGE', KEYS[1], id, id) > 0 then
+      existing = existing + 1
+    end
   end
   if ARGV[2] == '1' then
     redis.call('XDEL', KEYS[1], id)
   end
 end
 if n_acks > 0 and ack_error == nil and acked == 0 and existing > 0 then
-  return 0
+  return {0, {}}
 end
 for key_index = 3, #KEYS do
   if ARGV[3] == '' then
@@ -164,19 +171,27 @@ for key_index = 3, #KEYS do
   end
   at = at + 1
 end
+local letters, appended = 0, {}
 while at <= #ARGV do
   local n_values = tonumber(ARGV[at])
-  local fields = {}
+  local fields, source = {}, nil
   for index = 1, n_values do
     fields[index] = ARGV[at + index]
+    if index % 2 == 0 and fields[index - 1] == 'source_entry_id' then
+      source = fields[index]
+    end
   end
   at = at + n_values + 1
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+  letters = letters + 1
+  if ack_error or not source or not not_acked_here[source] then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+    table.insert(appended, letters)
+  end
 end
 if ack_error then
   return redis.error_reply(ack_error)
 end
-return n_acks > 0 and acked or -1
+return {n_acks > 0 and acked or -1, appended}
 """
 
 # The groups of stream KEYS[1] (XINFO GROUPS), after setting right the read counter of each group that has been
@@ -624,11 +639,13 @@ class StreamClient:
             logger.info("forgot idle consumers", extra={"stream": stream, "group": group, "consumers": forgotten})
         return forgotten
 
-    def commit(self, stream: str, group: str, commit: Commit, deadletter_stream: str) -> None:
+    def commit(self, stream: str, group: str, commit: Commit, deadletter_stream: str) -> list[DeadLetter]:
         """Acknowledge, append results and dead letters, atomically and once (``_COMMIT``): retried after a lost
-        reply, or after a peer that claimed the batch committed it, nothing is appended twice."""
+        reply, or after a peer that claimed the batch committed it, nothing is appended twice, and no dead letter is
+        appended for an entry this commit did not acknowledge (a peer's claim took and committed it). Returns the
+        dead letters appended, for the worker's metrics (none for a retry whose first try's reply was lost)."""
         if not (commit.appends or commit.dead_letters or commit.acks):
-            return
+            return []
         keys = [stream, deadletter_stream, *(target for target, _ in commit.appends)]
         appends_maxlen = self.settings.maxlen if commit.trim_appends else ""
         args: list[str | bytes | int] = [group, "1" if commit.delete_acked else "0", appends_maxlen,
@@ -637,10 +654,15 @@ class StreamClient:
         for letter in commit.dead_letters:
             fields = [item for pair in _dead_letter_fields(letter, stream).items() for item in pair]
             args += [len(fields), *fields]
-        acked = self._call(lambda: self._commit(keys=keys, args=args), "commit")
+        acked, appended = self._call(lambda: self._commit(keys=keys, args=args), "commit")
+        written = [commit.dead_letters[position - 1] for position in appended]
         if acked == 0 and commit.acks and (commit.appends or commit.dead_letters):
             logger.info("batch already committed (a retried commit, or a peer's claim): nothing appended again",
                         extra={"stream": stream, "entries": len(commit.acks)})  # fmt: skip
+        elif len(written) < len(commit.dead_letters):
+            logger.info("dead letters of entries committed elsewhere (a peer's claim) not appended again",
+                        extra={"stream": stream, "skipped": len(commit.dead_letters) - len(written)})  # fmt: skip
+        return written
 
     def publish_decision_once(
         self, keys: LineKeys, frame_id: str, payload: bytes, marker_ttl_s: int, frame_entry_id: str = ""

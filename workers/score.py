@@ -431,9 +431,9 @@ class ScoreWorker:
             acks=[item.entry.entry_id for item in batch],
             trim_appends=False,  # results nobody has read yet must not be trimmed: see sink_is_behind
         )
-        self.runtime.client.commit(self.keys.frames, SCORER_GROUP, commit, self.keys.deadletter)
+        written = self.runtime.client.commit(self.keys.frames, SCORER_GROUP, commit, self.keys.deadletter)
         self.held.release(commit.acks)
-        self.runtime.report_dead_letters(self.keys.line_id, outcome.dead_letters)
+        self.runtime.report_dead_letters(self.keys.line_id, written)  # not those a peer's claim committed first
 
     def sink_is_behind(self) -> bool:
         """True while ``streams.maxlen`` results wait for the sink (it is down or slower than the scorers).

@@ -327,8 +327,8 @@ class SinkWorker:
         published = self._publish(plain)
         # results carry anomaly maps and are read by nobody else: delete them once acknowledged to bound memory
         commit = Commit(dead_letters=letters, acks=acks, delete_acked=True)
-        self.runtime.client.commit(self.keys.results, SINK_GROUP, commit, self.keys.deadletter)
-        self.runtime.report_dead_letters(self.keys.line_id, letters)
+        written = self.runtime.client.commit(self.keys.results, SINK_GROUP, commit, self.keys.deadletter)
+        self.runtime.report_dead_letters(self.keys.line_id, written)
         for job in jobs:
             self.writer.submit(job)
         return published

@@ -14,7 +14,7 @@ different processes overlap:
 - ``stop_worker``: SIGSTOP a scorer or the sink for ``claim_idle_ms`` + 0.5-3 s, then SIGCONT (peers claim its
   entries meanwhile);
 - ``restart_redis``: stop the server cleanly and start it again on the same port with its data, 0.5-3 s down;
-- ``corrupt_frames`` / ``unknown_version``: publish 1-3 entries that are not msgpack, have fields of the wrong type,
+- ``corrupt_frames`` / ``unknown_version``: publish 1-4 entries that are not msgpack, have fields of the wrong type,
   carry undecodable image bytes, or a schema version of 2 (with and without a readable ``frame_id``).
 
 Then it stops the faults and the publisher, waits until the line drains (every published entry accounted for,
@@ -28,7 +28,9 @@ nothing pending, the results stream empty) and checks, from the streams (``strea
    times is also allowed its documented ``max_deliveries_exceeded`` dead letter and error decision, and counted);
 2. no decision or frames-stream dead letter for an entry never published;
 3. no frame lost (neither decision nor dead letter);
-4. the ``scorers`` and ``sinks`` pending lists are empty, ``scorers`` lag is 0, the results stream is empty;
+4. the ``scorers`` and ``sinks`` pending lists are empty, the results stream is empty, and the ``scorers`` lag is 0
+   as Redis reports it (XINFO GROUPS, read directly: ``StreamClient.group_stats`` would set it right itself) and as
+   the sink exports it (``lineinspect_stream_lag``);
 5. metrics, scraped from every process's ``/metrics`` every second while it runs and once more after the drain: each
    sink incarnation's ``lineinspect_frames_total{verdict}``, ``lineinspect_errors_total{reason}`` and its
    ``lineinspect_dead_letters_total{reason}`` against the decisions and results-stream dead letters appended while
@@ -69,7 +71,14 @@ from pipeline.codec import decode_decision, encode_frame  # noqa: E402
 from pipeline.config import RedisSettings, StreamSettings, config_from_mapping  # noqa: E402
 from pipeline.messages import Decision, Frame  # noqa: E402
 from pipeline.redis_server import EmbeddedRedis, free_port  # noqa: E402
-from pipeline.streams import PAYLOAD, SCORER_GROUP, SINK_GROUP, LineKeys, StreamClient  # noqa: E402
+from pipeline.streams import (  # noqa: E402
+    PAYLOAD,
+    RETRIED_ERRORS,
+    SCORER_GROUP,
+    SINK_GROUP,
+    LineKeys,
+    StreamClient,
+)
 
 LINE = "chaos"
 CLAIM_IDLE_MS = 3000
@@ -181,8 +190,12 @@ class Fleet:
         self.current: dict[str, Incarnation] = {}
         self.busy: set[str] = set()
         self.lock = threading.Lock()
+        self.closing = False
 
-    def start(self, name: str) -> Incarnation:
+    def start(self, name: str) -> Incarnation | None:
+        """Start ``name`` (a restart keeps its name); None once ``stop_all`` has begun."""
+        if self.closing:
+            return None
         role = "sink" if name == SINK else "score"
         port = free_port()
         env = dict(self.env)
@@ -201,6 +214,10 @@ class Fleet:
         log.close()
         incarnation = Incarnation(role, name, number, process, port, decisions_from, deadletter_from)
         with self.lock:
+            if self.closing:  # stop_all began while it started
+                process.kill()
+                process.wait()
+                return None
             self.incarnations.append(incarnation)
             self.current[name] = incarnation
         return incarnation
@@ -231,6 +248,8 @@ class Fleet:
             self.scrape(incarnation)
 
     def stop_all(self) -> None:
+        with self.lock:
+            self.closing = True
         for incarnation in self.current.values():
             if incarnation.process.poll() is None:
                 incarnation.process.send_signal(signal.SIGCONT)
@@ -370,13 +389,30 @@ class LineState:
 
 def read_state(client: StreamClient, keys: LineKeys) -> LineState:
     decisions = [(e.entry_id, decode_decision(e.payload)) for e in _all(client, keys.decisions) if e.payload]
-    rows = client.redis.xrange(keys.deadletter, "-", "+")
+    rows = _retrying(lambda: client.redis.xrange(keys.deadletter, "-", "+"))
     letters = [(_text(entry_id), {_text(k): v.decode(errors="replace") for k, v in fields.items()
                                   if _text(k) != PAYLOAD}) for entry_id, fields in rows]  # fmt: skip
-    frames, results = client.group_stats(keys.frames), client.group_stats(keys.results)
-    scorers, sinks = frames.get(SCORER_GROUP), results.get(SINK_GROUP)
-    return LineState(decisions, letters, scorers.pending if scorers else -1, scorers.lag if scorers else None,
-                     sinks.pending if sinks else -1, client.length(keys.results))  # fmt: skip
+    scorers, sinks = raw_group(client, keys.frames, SCORER_GROUP), raw_group(client, keys.results, SINK_GROUP)
+    return LineState(decisions, letters, int(scorers.get("pending", -1)), scorers.get("lag"),
+                     int(sinks.get("pending", -1)), client.length(keys.results))  # fmt: skip
+
+
+def raw_group(client: StreamClient, stream: str, group: str) -> dict[str, Any]:
+    """XINFO GROUPS' row of ``group`` as Redis has it: ``StreamClient.group_stats`` sets a wrong lag right first, so
+    this process would repair what the line's workers must (the sink, every second)."""
+    for row in _retrying(lambda: client.redis.xinfo_groups(stream)):
+        if _text(row["name"]) == group:
+            return dict(row)
+    return {}
+
+
+def _retrying(call: Callable[[], Any]) -> Any:
+    """``call()``, again while Redis restarts (as ``StreamClient`` calls are)."""
+    while True:
+        try:
+            return call()
+        except RETRIED_ERRORS:
+            time.sleep(0.2)
 
 
 def _all(client: StreamClient, stream: str) -> list[Any]:
@@ -517,6 +553,11 @@ def check_metrics(fleet: Fleet, state: LineState, keys: LineKeys) -> tuple[list[
             violations.append(f"scorers: dead_letters_total{{reason={reason}}} = {counted:.0f} over every "
                               f"incarnation, the frames stream holds {frame_letters[reason]}")  # fmt: skip
         notes.append(f"scorers: dead_letters_total{{reason={reason}}} {counted:.0f}/{frame_letters[reason]}")
+    final_sink = sinks[-1]
+    exported_lag = _counter(final_sink, "lineinspect_stream_lag", stream=keys.frames, group=SCORER_GROUP)
+    if not final_sink.ended and exported_lag != 0:
+        violations.append(f"sink-{final_sink.number}: lineinspect_stream_lag of the scorers is {exported_lag:.0f} "
+                          "with every frame delivered")  # fmt: skip
     duplicates = sum(_counter(inc, "lineinspect_duplicate_decisions_total") for inc in sinks)
     notes.append(f"sinks: duplicate_decisions_total {duplicates:.0f} (redelivered results not published again)")
     return violations, notes
@@ -574,10 +615,10 @@ def wait_ready(client: StreamClient, prefix: str, timeout_s: float) -> None:
 
 
 def progress(started: float, publisher: Publisher, client: StreamClient, keys: LineKeys, chaos: Chaos) -> str:
-    frames = client.group_stats(keys.frames).get(SCORER_GROUP)
+    frames = raw_group(client, keys.frames, SCORER_GROUP)
     return (f"[{time.monotonic() - started:7.1f} s] published {len(publisher.published)}, "
             f"decisions {client.length(keys.decisions)}, dead letters {client.length(keys.deadletter)}, "
-            f"scorers pending {frames.pending if frames else '-'} lag {frames.lag if frames else '-'}, "
+            f"scorers pending {frames.get('pending', '-')} lag {frames.get('lag', '-')}, "
             f"results waiting {client.length(keys.results)}, faults {sum(chaos.done.values())}, "
             f"load {os.getloadavg()[0]:.1f}")  # fmt: skip
 

@@ -57,14 +57,15 @@ def main() -> None:
 
     backbone = load_backbone("efficientnet_lite0", ("blocks.2", "blocks.3", "blocks.4"))
     views = torch.rand(5 * IMAGES, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-    default_chunk = backbones.FORWARD_CHUNK
+    default_chunk, default_pixels = backbones.FORWARD_CHUNK, backbones.PASS_PIXELS
+    default_pass = backbones.images_per_pass(224, 224)
     with torch.inference_mode():
-        for chunk in (views.shape[0], 16, 8, 4):
-            backbones.FORWARD_CHUNK = chunk
+        for chunk in (views.shape[0], 16, 8, 5, 4):
+            backbones.FORWARD_CHUNK, backbones.PASS_PIXELS = chunk, chunk * 224 * 224
             seconds = seconds_per_call(lambda: backbone(views), max(1, args.rounds // 2))
             print(f"backbone, {views.shape[0]} views in passes of {chunk}: {1000 * seconds / views.shape[0]:.1f} "
-                  f"ms per view{' (default)' if chunk == default_chunk else ''}")  # fmt: skip
-    backbones.FORWARD_CHUNK = default_chunk
+                  f"ms per view{' (default)' if chunk == default_pass else ''}")  # fmt: skip
+    backbones.FORWARD_CHUNK, backbones.PASS_PIXELS = default_chunk, default_pixels
 
 
 if __name__ == "__main__":

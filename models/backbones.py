@@ -177,6 +177,16 @@ BACKBONES: dict[str, BackboneSpec] = {
 # Lite0's early activations for 40 views at 224 px are ~190 MB, far beyond the caches, and cost 18-25 ms per view
 # against ~10 in chunks of 4-8 on our 2-core CPU (benchmarks/RESULTS.md section 2, session 14). GPUs keep the batch.
 FORWARD_CHUNK = 8
+# A pass also takes at most PASS_PIXELS input pixels, so that its largest activation (Lite0's 96 channels at half
+# resolution: 96 bytes per input pixel, ~29 MB) stays under glibc's 32 MB mmap threshold (models.native). Larger
+# blocks are mapped afresh and page-faulted in on every pass: 8 images at 224 px took ~9,600 page faults a batch and
+# ~1 ms per image more than passes of 4 or 5 (RESULTS.md section 2, session 18).
+PASS_PIXELS = 300_000
+
+
+def images_per_pass(height: int, width: int) -> int:
+    """How many images of ``height x width`` one CPU forward pass takes: ``FORWARD_CHUNK``, fewer for large images."""
+    return max(1, min(FORWARD_CHUNK, PASS_PIXELS // (height * width)))
 
 
 class Backbone(nn.Module):
@@ -238,10 +248,11 @@ class Backbone(nn.Module):
         return [entry[1][layer] for layer in self.layers]
 
     def _run(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The network over ``images`` (on the CPU in chunks of at most ``FORWARD_CHUNK``; a GPU takes the whole
-        batch at once); captured maps concatenated."""
+        """The network over ``images`` (on the CPU in chunks of ``images_per_pass``; a GPU takes the whole batch at
+        once); captured maps concatenated."""
         captured: dict[str, list[torch.Tensor]] = {}
-        for chunk in images.split(FORWARD_CHUNK if images.device.type == "cpu" else max(1, images.shape[0])):
+        on_cpu = images.device.type == "cpu"
+        for chunk in images.split(images_per_pass(*images.shape[-2:]) if on_cpu else max(1, images.shape[0])):
             self._captured = {}
             with contextlib.suppress(_StopForward):
                 self.network(self.normalise(chunk))

@@ -141,6 +141,22 @@ def test_shared_pass_runs_equal_backbones_once_per_input() -> None:
     assert after[0] is not shared[1][0] and runs[-1] == "second"  # outside the block nothing is shared
 
 
+def test_a_pass_at_224_px_keeps_every_activation_under_the_mmap_threshold() -> None:
+    """Blocks above glibc's mmap threshold are mapped afresh and page-faulted in on every pass (models.native)."""
+    from models.backbones import images_per_pass
+    from models.native import MMAP_THRESHOLD_BYTES
+
+    backbone = load_backbone("efficientnet_lite0", ("blocks.2", "blocks.3", "blocks.4"))
+    largest: list[int] = []
+    for module in backbone.network.modules():
+        module.register_forward_hook(lambda _m, _i, out: largest.append(out.nbytes) if torch.is_tensor(out) else None)
+    per_pass = images_per_pass(224, 224)
+    with torch.inference_mode():
+        backbone(torch.rand(3 * per_pass, 3, 224, 224))
+    assert 4 <= per_pass <= 8  # the batch still amortises each layer's overheads
+    assert MMAP_THRESHOLD_BYTES / 2 < max(largest) < MMAP_THRESHOLD_BYTES  # under it, with little to spare
+
+
 def test_large_batches_run_in_chunks_with_the_same_maps() -> None:
     from models.backbones import FORWARD_CHUNK
 

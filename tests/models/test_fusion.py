@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from models.artifact import load_scorer
-from models.backbones import FORWARD_CHUNK
+from models.backbones import images_per_pass
 from models.errors import ArtifactError
 from models.fit import fit_scorer, holdout_split
 from models.images import read_image
@@ -74,7 +74,8 @@ def test_members_share_one_backbone_pass(fused: Scorer, demo_line: DemoLine) -> 
         fused.score(images)
         assert runs == ["patchcore"]
         fused.with_scoring(fused.scoring.model_copy(update={"shift_pixels": 2})).score(images, shift_every_frame=True)
-        chunks = math.ceil(len(images) * 5 / FORWARD_CHUNK)  # 5 views a frame, run in chunks of the network
+        size = fused.model_settings.image_size
+        chunks = math.ceil(len(images) * 5 / images_per_pass(size, size))  # 5 views a frame, in chunks of the network
         assert runs == ["patchcore"] * (1 + chunks)  # shifted views too: one pass for both members
     finally:
         for hook in hooks:

@@ -26,6 +26,7 @@ import numpy as np
 from select_defaults import VALIDATION_SETS, VARIANTS, fit_and_score, good_images, holdout_split, validation_set
 
 from models.evaluation import auroc
+from models.images import resize_mask
 
 SETS = ("standard", "surface", "large")
 DISTANCE_RINGS = (0, 5, 10, 20, 40, 80, 10_000)
@@ -34,8 +35,7 @@ DISTANCE_RINGS = (0, 5, 10, 20, 40, 80, 10_000)
 def lift(maps: np.ndarray, masks: list[np.ndarray], good: np.ndarray, margin: float) -> dict[str, float]:
     """``maps (N, S, S)``, masks at any size, ``good (N,)`` bool -> background means and defect-pixel AUROCs."""
     size = maps.shape[-1]
-    resized = np.stack([cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
-                        for m in masks])  # fmt: skip
+    resized = np.stack([resize_mask(m, (size, size)) for m in masks])
     defective_maps, defective_masks = maps[~good], resized[~good]
     far = [frame[cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, 5) > margin].mean()
            for frame, mask in zip(defective_maps, defective_masks, strict=True) if mask.any()]  # fmt: skip
@@ -67,7 +67,7 @@ def paired_lift(maps: np.ndarray, masks: list[np.ndarray]) -> list[float]:
     size = maps.shape[-1]
     per_ring: list[list[float]] = [[] for _ in RING_LABELS]
     for good_map, defective_map, mask in zip(maps[0::2], maps[1::2], masks[1::2], strict=True):
-        resized = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+        resized = resize_mask(mask, (size, size))
         if resized.any():
             for ring, mean in enumerate(ring_means(defective_map - good_map, resized)):
                 if mean is not None:

@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ from models.datasets import good_images
 from models.evaluation import image_auroc, pixel_auroc
 from models.features import flatten_patches
 from models.fit import TrainingImages, holdout_split
+from models.images import resize_mask
 from models.index import NearestNeighbourIndex
 from models.methods.cfa import (
     PatchDescriptor,
@@ -85,8 +85,7 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     fit_paths, validation_paths = holdout_split(good_images(args.data), 0.2)
     images, labels, raw_masks, _ = validation_set(validation_paths)
-    masks = np.stack([cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
-                      for m in raw_masks])  # fmt: skip
+    masks = np.stack([resize_mask(m, (size, size)) for m in raw_masks])
     extractor = build_extractor(config.model, torch.device("cpu"))
     fit_cache, validation_cache = args.cache / f"fit-{size}.pt", args.cache / f"validation-{size}.pt"
     if not fit_cache.exists():

@@ -39,7 +39,7 @@ from scoring_throughput import misaligned, misalignment
 from models.datasets import good_images
 from models.evaluation import image_auroc, pixel_auroc
 from models.fit import fit_scorer, holdout_split
-from models.images import read_image
+from models.images import read_image, resize_mask
 from models.scorer import resize_maps
 from models.synthetic import DEFECT_KINDS, LARGE_KINDS, SURFACE_KINDS, add_synthetic_defect
 from pipeline.config import config_from_mapping
@@ -251,7 +251,7 @@ def moved_set(
     for image, mask in zip(validation.images, validation.masks, strict=True):
         matrix = misalignment(size, rng, pixels, degrees)
         scaled = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-        scaled_mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+        scaled_mask = resize_mask(mask, (size, size)).view(np.uint8)
         result.images.append(misaligned(scaled, matrix))
         result.masks.append(misaligned(scaled_mask, matrix, cv2.INTER_NEAREST) > 0)
     return result
@@ -306,14 +306,11 @@ def fused(members: list[SetOutputs]) -> SetOutputs:
 
 def metrics(outputs: SetOutputs, sets: dict[str, ValidationSet]) -> dict:
     """Image and pixel AUROC per set, and image AUROC per defect kind (its defects against all good images)."""
-    import cv2
-
     result: dict = {}
     for set_name, (_, labels, masks, kinds) in sets.items():
         scores, maps = outputs[set_name]
         size = maps.shape[-1]
-        resized = np.stack([cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
-                            for m in masks])  # fmt: skip
+        resized = np.stack([resize_mask(m, (size, size)) for m in masks])
         result[f"{set_name}_image_auroc"] = image_auroc(labels, scores)
         result[f"{set_name}_pixel_auroc"] = pixel_auroc(resized, maps)
         is_good = np.array(kinds) == "good"

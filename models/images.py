@@ -268,10 +268,19 @@ def read_mask(path: Path | str, size: tuple[int, int] | None = None) -> np.ndarr
         msg = (f"{path}: the mask's brightest pixel is {peak}, so no pixel is marked defective (128 or more); "
                "save masks as 0 (good) and 255 (defective)")  # fmt: skip
         raise ImageError(msg)
-    marked = (brightest >= 128).view(np.uint8)
-    if size is not None:
-        marked = cv2.resize(marked, size, interpolation=cv2.INTER_NEAREST_EXACT)
-    return marked.view(bool)
+    marked = brightest >= 128
+    return marked if size is None else resize_mask(marked, size)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bool mask ``(H, W)`` -> bool ``(h, w)`` for ``size = (w, h)``, by nearest neighbour centre on centre (cv2's
+    ``INTER_NEAREST`` moves content half an output pixel down and right)."""
+    if mask.shape == (size[1], size[0]):
+        return mask.astype(bool, copy=False)
+    resized = cv2.resize(
+        np.ascontiguousarray(mask, dtype=bool).view(np.uint8), size, interpolation=cv2.INTER_NEAREST_EXACT
+    )
+    return resized.view(bool)
 
 
 def list_images(directory: Path | str) -> list[Path]:

@@ -47,7 +47,7 @@ from models.evaluation import (
     roc_curve,
 )
 from models.heatmap import overlay_heatmap
-from models.images import ImageError, read_image, read_mask
+from models.images import ImageError, read_image, read_mask, resize_mask
 from models.scorer import Scorer
 
 OVERLAYS_PER_GROUP = 4
@@ -84,9 +84,7 @@ def _read_item_mask(item: TestItem, image_shape: tuple[int, int], size: int) -> 
     if problem is not None:  # check_masks saw it from the image's header; the decoded image disagrees
         msg = f"{problem}; fix or replace the mask"
         raise DatasetError(msg)
-    if mask.shape != (size, size):  # _EXACT: cv2's INTER_NEAREST moves content half an output pixel down and right
-        mask = cv2.resize(mask.view(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST_EXACT).view(bool)
-    return mask
+    return resize_mask(mask, (size, size))
 
 
 def score_items(

@@ -199,7 +199,8 @@ return {n_acks > 0 and acked or -1, appended}
 # XREADGROUP to the append-only file as XCLAIMs without the group's read counter, so a restart brings back the counter
 # of the last AOF rewrite and the lag stays too high by every entry read since, for good (ingest then held back with
 # nothing waiting). XGROUP SETID to the id the group already has changes nothing else; in the same atomic step, so no
-# read moves the group meanwhile. Before Redis 7 (no entries-added, no lag) the groups are returned as they are.
+# read moves the group meanwhile. A server refusing writes (a replica, a demoted primary: READONLY; NOREPLICAS) leaves
+# the counter as it is, and so does Redis before 7 (no entries-added, no lag): the groups are returned as they are.
 _GROUP_STATS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {}
@@ -215,9 +216,9 @@ for _, row in ipairs(groups) do
   local group = {}
   for index = 1, #row, 2 do group[row[index]] = row[index + 1] end
   if group['last-delivered-id'] == stream['last-generated-id'] and group['lag'] ~= 0 then
-    redis.call('XGROUP', 'SETID', KEYS[1], group['name'], group['last-delivered-id'],
-               'ENTRIESREAD', stream['entries-added'])
-    repaired = true
+    local reply = redis.pcall('XGROUP', 'SETID', KEYS[1], group['name'], group['last-delivered-id'],
+                              'ENTRIESREAD', stream['entries-added'])
+    repaired = repaired or not reply.err
   end
 end
 if repaired then
@@ -774,13 +775,16 @@ class StreamClient:
     def group_stats(self, stream: str) -> dict[str, GroupStats]:
         """The consumer groups of ``stream`` (none when it is missing or not a stream). A group that has been
         delivered every entry has its read counter set right first (``_GROUP_STATS``), so its lag is 0 again after a
-        Redis 7.0 restart, in Redis too (for KEDA, camera software, redis-cli)."""
+        Redis 7.0 restart, in Redis too (for KEDA, camera software, redis-cli); a server refusing writes reports its
+        groups unrepaired."""
 
         def read() -> Any:
             try:
                 return self._group_stats(keys=[stream])
-            except redis.ResponseError:  # not a stream
-                return []
+            except redis.ResponseError as error:
+                if str(error).startswith("WRONGTYPE"):  # not a stream; any other error is not "no groups"
+                    return []
+                raise
 
         stats: dict[str, GroupStats] = {}
         for flat in self._call(read, "group_stats"):

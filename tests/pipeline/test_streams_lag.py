@@ -15,7 +15,7 @@ import time
 import pytest
 
 from pipeline.config import RedisSettings, StreamSettings
-from pipeline.redis_server import EmbeddedRedis
+from pipeline.redis_server import EmbeddedRedis, free_port
 from pipeline.streams import SCORER_GROUP, LineKeys, StreamClient
 
 
@@ -37,17 +37,24 @@ def rewrite_append_only_file(client: StreamClient) -> None:
         time.sleep(0.05)
 
 
+def lose_read_counter_to_a_restart(server: EmbeddedRedis) -> tuple[StreamClient, LineKeys]:
+    """A line whose scorers read 10 frames before an AOF rewrite and 100 after it, then a Redis restart: Redis 7.0
+    then reports lag 100 with nothing undelivered."""
+    client = StreamClient(server.url, RedisSettings(reconnect_max_backoff_s=0.5), StreamSettings(prefix="lag"))
+    if int(client.redis.info("server")["redis_version"].split(".")[0]) < 7:
+        pytest.skip("Redis before 7 reports no lag")
+    keys = LineKeys("lag", "line-1")
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    publish_and_score(client, keys, 10)
+    rewrite_append_only_file(client)
+    publish_and_score(client, keys, 100)
+    server.restart()
+    return client, keys
+
+
 def test_a_group_that_has_read_everything_has_lag_0_after_a_redis_restart() -> None:
     with EmbeddedRedis(persistent=True) as server:
-        client = StreamClient(server.url, RedisSettings(reconnect_max_backoff_s=0.5), StreamSettings(prefix="lag"))
-        if int(client.redis.info("server")["redis_version"].split(".")[0]) < 7:
-            pytest.skip("Redis before 7 reports no lag")
-        keys = LineKeys("lag", "line-1")
-        client.ensure_group(keys.frames, SCORER_GROUP)
-        publish_and_score(client, keys, 10)
-        rewrite_append_only_file(client)
-        publish_and_score(client, keys, 100)
-        server.restart()
+        client, keys = lose_read_counter_to_a_restart(server)
         stats = client.group_stats(keys.frames)[SCORER_GROUP]
         assert (stats.pending, stats.lag) == (0, 0)
         assert client.redis.xinfo_groups(keys.frames)[0]["lag"] == 0  # set right in Redis: KEDA and cameras read it
@@ -57,4 +64,18 @@ def test_a_group_that_has_read_everything_has_lag_0_after_a_redis_restart() -> N
         server.restart()  # what this repair wrote survives a restart as the XREADGROUPs do not
         publish_and_score(client, keys, 5)
         assert client.group_stats(keys.frames)[SCORER_GROUP].lag == 0
+        client.close()
+
+
+def test_a_server_refusing_writes_still_reports_its_groups_as_they_are() -> None:
+    # a replica or a demoted primary (READONLY; NOREPLICAS under min-replicas-to-write) refuses the repair's XGROUP
+    # SETID: the script's error read as "not a stream" and group_stats reported no group at all, so ingest saw no
+    # backlog and the sink exported no lag
+    with EmbeddedRedis(persistent=True) as server:
+        client, keys = lose_read_counter_to_a_restart(server)
+        client.redis.set("lag:not-a-stream", "text")
+        assert client.group_stats("lag:no-such-key") == {} and client.group_stats("lag:not-a-stream") == {}
+        client.redis.replicaof("127.0.0.1", free_port())  # of a primary nobody runs: read-only, its data kept
+        stats = client.group_stats(keys.frames)[SCORER_GROUP]
+        assert (stats.pending, stats.lag) == (0, 100)  # as Redis has it, not repaired
         client.close()

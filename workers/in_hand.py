@@ -76,8 +76,10 @@ class InHand:
             )
             return
         taken = self.runtime.client.keep_claimed(self.stream, self.group, self.runtime.name, held)
-        if taken:  # kept too late (this process stalled past claim_idle_ms): whichever commits first appends the
-            # results, the other finds them committed (and the sink publishes one decision per frame anyway)
+        if taken:  # kept too late (this process stalled past claim_idle_ms), and a claim page need not match this
+            # batch. Committing a batch none of whose entries is still pending (and still in the stream) appends
+            # nothing; one still holding some appends every result, again for the entries the peer committed (the sink
+            # publishes one decision per frame), but dead letters only for those it acknowledged (StreamClient.commit)
             self.release(taken)
             logger.warning("entries in hand were claimed by a peer",
                            extra={"stream": self.stream, "count": len(taken), "first": taken[0]})  # fmt: skip

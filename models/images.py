@@ -255,20 +255,20 @@ def read_mask(path: Path | str, size: tuple[int, int] | None = None) -> np.ndarr
     """Read a ground-truth mask as bool ``(H, W)``, optionally resized to (w, h) centre on centre. A pixel is
     defective where any colour channel reaches 128 (of 255; 16-bit masks scaled), so a pure red or blue annotation
     counts; alpha is ignored. Read as ``read_image`` reads files (its EXIF orientation ignored), so a mask lies over
-    its image as stored. A mask with marks but none reaching 128 (a 0/1 label image) is an ImageError, not an empty
-    mask."""
+    its image as stored. A mask with marks but none reaching 128 (a 0/1 label image, 8- or 16-bit) is an ImageError,
+    not an empty mask."""
     try:
-        colour = read_image(path)
+        colour = read_image(path, keep_depth=True)  # the check below sees a 16-bit mask's own values
     except ImageError as error:
         msg = f"not a readable mask image: {error}"
         raise ImageError(msg) from None
-    brightest = colour.max(axis=2)
-    peak = int(brightest.max())
-    if 0 < peak < 128:
-        msg = (f"{path}: the mask's brightest pixel is {peak}, so no pixel is marked defective (128 or more); "
-               "save masks as 0 (good) and 255 (defective)")  # fmt: skip
+    marked = to_rgb_uint8(colour).max(axis=2) >= 128
+    peak = int(colour.max())
+    if peak > 0 and not marked.any():
+        full = np.iinfo(colour.dtype).max
+        msg = (f"{path}: the mask's brightest pixel is {peak} (of {full}), so no pixel is marked defective (half of "
+               f"{full} or more); save masks as 0 (good) and {full} (defective)")  # fmt: skip
         raise ImageError(msg)
-    marked = brightest >= 128
     return marked if size is None else resize_mask(marked, size)
 
 

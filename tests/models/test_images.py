@@ -165,3 +165,16 @@ def test_a_jpeg_cut_short_after_its_exif_thumbnail_is_still_truncated(tmp_path: 
     assert decode_image(with_thumbnail).shape == (64, 96, 3)
     with pytest.raises(ImageError, match="truncated"):
         decode_image(with_thumbnail[:-100])
+
+
+def test_a_16_bit_label_mask_is_an_error_not_an_empty_mask(tmp_path: Path) -> None:
+    # scaled to 8 bits before the check, a 16-bit label image's 1, 2, ... (instance labels) became 0: the mask read
+    # as empty without an error, and its defective image's pixels counted as defect-free
+    labels = np.zeros((20, 30), np.uint16)
+    labels[4:8, 5:15] = 1
+    labels[10:12, 20:25] = 7
+    cv2.imwrite(str(tmp_path / "labels_mask.png"), labels)
+    with pytest.raises(ImageError, match=r"labels_mask\.png: the mask's brightest pixel is 7 \(of 65535\)"):
+        read_mask(tmp_path / "labels_mask.png")
+    cv2.imwrite(str(tmp_path / "full_mask.png"), labels.astype(bool) * np.uint16(65535))
+    assert read_mask(tmp_path / "full_mask.png").sum() == 50

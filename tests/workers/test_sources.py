@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import cv2
@@ -35,4 +36,11 @@ def test_a_folder_source_names_and_passes_over_files_it_cannot_send(
 
 def test_a_looping_folder_of_which_nothing_can_be_sent_ends(tmp_path: Path) -> None:
     (tmp_path / "a.tif").write_bytes(b"II*\x00 not a TIFF")
-    assert list(FolderSource("cam0", tmp_path, loop=True).captures()) == []
+    sent: list[object] = []
+    # in a daemon thread, so that a source spinning for good fails the test instead of hanging the suite
+    reader = threading.Thread(target=lambda: sent.extend(FolderSource("cam0", tmp_path, loop=True).captures()),
+                              daemon=True)  # fmt: skip
+    reader.start()
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "a looping folder with nothing to send never ended"
+    assert sent == []

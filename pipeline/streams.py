@@ -127,16 +127,20 @@ return taken
 """
 
 # Finish a batch atomically: acknowledge ARGV[5] ids of KEYS[1] for group ARGV[1] (and delete them when ARGV[2] is
-# '1'), append one payload to each of KEYS[3..] (MAXLEN ~ ARGV[3] unless it is ''), then the dead letters to KEYS[2]
-# (MAXLEN ~ ARGV[4]; each as a field count and its field/value pairs). When none of the ids was still pending yet
-# some are still in the stream, the batch was already committed (a retry after a reply lost to a stalled Redis: the
-# MULTI/EXEC this replaces appended every result and dead letter a second time) or a peer that claimed it committed
-# it: nothing is appended. Ids gone from the stream (trimmed, or results deleted once acknowledged) do not count, so a
-# batch of trimmed frames still gets its dead letters. A dead letter is appended only when this commit acknowledged its
-# entry (its source_entry_id): one a peer's claim took from a stalled owner's batch and committed (claim pages do not
-# follow batch boundaries), or an earlier try of this commit acknowledged, was dead-lettered then and is not twice.
-# Returns {the number acknowledged (-1 for none asked), the positions (from 1) of the dead letters appended}; a failed
-# XACK (group gone) appends everything anyway and then returns its error, as the MULTI/EXEC did.
+# '1'), append one payload to each of KEYS[3..] (MAXLEN ~ ARGV[3] unless it is ''; each payload followed by the id of
+# the entry it is the result of, or ''), then the dead letters to KEYS[2] (MAXLEN ~ ARGV[4]; each as a field count and
+# its field/value pairs). When none of the ids was still pending yet some are still in the stream, the batch was
+# already committed (a retry after a reply lost to a stalled Redis: the MULTI/EXEC this replaces appended every result
+# and dead letter a second time) or a peer that claimed it committed it: nothing is appended. Ids gone from the stream
+# (trimmed, or results deleted once acknowledged) do not count, so a batch of trimmed frames still gets its dead
+# letters. A result or dead letter naming an entry (its source id; a dead letter's source_entry_id) is appended only
+# when this commit acknowledged that entry: otherwise a peer's claim took it from a stalled owner's batch and committed
+# it (claim pages do not follow batch boundaries), or found it trimmed and dead-lettered it entry_trimmed (a result
+# appended then gave the frame a decision beside that dead letter), or an earlier try of this commit acknowledged it
+# and appended then. When the group is gone (Redis restarted without its data: XACK answers 0, nobody else can have the
+# entries) everything is appended. Returns {the number acknowledged (-1 for none asked), the positions (from 1) of the
+# dead letters appended}; a failed XACK (not a stream) appends everything anyway and then returns its error, as the
+# MULTI/EXEC did.
 _COMMIT = """
 local n_acks = tonumber(ARGV[5])
 local at = 6
@@ -163,13 +167,30 @@ end
 if n_acks > 0 and ack_error == nil and acked == 0 and existing > 0 then
   return {0, {}}
 end
-for key_index = 3, #KEYS do
-  if ARGV[3] == '' then
-    redis.call('XADD', KEYS[key_index], '*', 'payload', ARGV[at])
-  else
-    redis.call('XADD', KEYS[key_index], 'MAXLEN', '~', ARGV[3], '*', 'payload', ARGV[at])
+local group_gone = false
+if n_acks > 0 and ack_error == nil and acked == 0 then
+  group_gone = true
+  local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
+  if not groups.err then
+    for _, row in ipairs(groups) do
+      for index = 1, #row, 2 do
+        if row[index] == 'name' and row[index + 1] == ARGV[1] then group_gone = false end
+      end
+    end
   end
-  at = at + 1
+end
+local function ours(source)
+  return ack_error or group_gone or not source or source == '' or not not_acked_here[source]
+end
+for key_index = 3, #KEYS do
+  if ours(ARGV[at + 1]) then
+    if ARGV[3] == '' then
+      redis.call('XADD', KEYS[key_index], '*', 'payload', ARGV[at])
+    else
+      redis.call('XADD', KEYS[key_index], 'MAXLEN', '~', ARGV[3], '*', 'payload', ARGV[at])
+    end
+  end
+  at = at + 2
 end
 local letters, appended = 0, {}
 while at <= #ARGV do
@@ -183,7 +204,7 @@ while at <= #ARGV do
   end
   at = at + n_values + 1
   letters = letters + 1
-  if ack_error or not source or not not_acked_here[source] then
+  if ours(source) then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
     table.insert(appended, letters)
   end
@@ -360,6 +381,8 @@ class Commit:
     ``trim_appends=False`` appends without ``MAXLEN``: for a stream whose entries are deleted once consumed (the
     results stream), trimming can only drop entries nobody has read; its writers bound it instead (scorers pause
     while the sink is ``streams.maxlen`` behind).
+    ``append_sources`` (empty, or one per append) names the acknowledged entry each append is the result of: it is
+    appended only when this commit acknowledged that entry, as a dead letter is (see ``StreamClient.commit``).
     """
 
     appends: list[tuple[str, bytes]] = field(default_factory=list)
@@ -367,6 +390,7 @@ class Commit:
     acks: list[str] = field(default_factory=list)
     delete_acked: bool = False
     trim_appends: bool = True
+    append_sources: list[str] = field(default_factory=list)  # per append: the entry it is the result of ('': none)
 
 
 def _text(value: bytes | str) -> str:
@@ -642,16 +666,22 @@ class StreamClient:
 
     def commit(self, stream: str, group: str, commit: Commit, deadletter_stream: str) -> list[DeadLetter]:
         """Acknowledge, append results and dead letters, atomically and once (``_COMMIT``): retried after a lost
-        reply, or after a peer that claimed the batch committed it, nothing is appended twice, and no dead letter is
-        appended for an entry this commit did not acknowledge (a peer's claim took and committed it). Returns the
-        dead letters appended, for the worker's metrics (none for a retry whose first try's reply was lost)."""
+        reply, or after a peer that claimed the batch committed it, nothing is appended twice, and no dead letter, nor
+        result naming its entry in ``append_sources``, is appended for an entry this commit did not acknowledge (a
+        peer's claim took and committed it, or dead-lettered it as trimmed). Returns the dead letters appended, for the
+        worker's metrics (none for a retry whose first try's reply was lost)."""
+        if commit.append_sources and len(commit.append_sources) != len(commit.appends):
+            msg = f"append_sources names {len(commit.append_sources)} entries for {len(commit.appends)} appends"
+            raise ValueError(msg)
         if not (commit.appends or commit.dead_letters or commit.acks):
             return []
         keys = [stream, deadletter_stream, *(target for target, _ in commit.appends)]
         appends_maxlen = self.settings.maxlen if commit.trim_appends else ""
+        sources = commit.append_sources or [""] * len(commit.appends)
         args: list[str | bytes | int] = [group, "1" if commit.delete_acked else "0", appends_maxlen,
-                                         self.settings.maxlen, len(commit.acks), *commit.acks,
-                                         *(payload for _, payload in commit.appends)]  # fmt: skip
+                                         self.settings.maxlen, len(commit.acks), *commit.acks]  # fmt: skip
+        for (_, payload), source in zip(commit.appends, sources, strict=True):
+            args += [payload, source]
         for letter in commit.dead_letters:
             fields = [item for pair in _dead_letter_fields(letter, stream).items() for item in pair]
             args += [len(fields), *fields]

@@ -78,8 +78,8 @@ class InHand:
         taken = self.runtime.client.keep_claimed(self.stream, self.group, self.runtime.name, held)
         if taken:  # kept too late (this process stalled past claim_idle_ms), and a claim page need not match this
             # batch. Committing a batch none of whose entries is still pending (and still in the stream) appends
-            # nothing; one still holding some appends every result, again for the entries the peer committed (the sink
-            # publishes one decision per frame), but dead letters only for those it acknowledged (StreamClient.commit)
+            # nothing; one still holding some appends results and dead letters only for the entries it acknowledged
+            # (StreamClient.commit), not for those the peer committed or, trimmed, dead-lettered
             self.release(taken)
             logger.warning("entries in hand were claimed by a peer",
                            extra={"stream": self.stream, "count": len(taken), "first": taken[0]})  # fmt: skip

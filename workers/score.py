@@ -430,6 +430,7 @@ class ScoreWorker:
             dead_letters=outcome.dead_letters,
             acks=[item.entry.entry_id for item in batch],
             trim_appends=False,  # results nobody has read yet must not be trimmed: see sink_is_behind
+            append_sources=[decision.frame_entry_id or "" for decision in outcome.decisions],
         )
         written = self.runtime.client.commit(self.keys.frames, SCORER_GROUP, commit, self.keys.deadletter)
         self.held.release(commit.acks)

@@ -1,4 +1,5 @@
-"""Commits that overlap another commit of the same entries (a peer's claim, a retry): each dead letter written once.
+"""Commits that overlap another commit or claim of the same entries (a peer's, a retry): each dead letter and result
+written once, and no result for an entry a peer's claim dead-lettered.
 
 A claim page (``worker.max_batch`` idle entries in id order, any consumer's) does not follow the stalled owner's batch
 boundaries, so a peer can claim and commit part of a batch the owner, resumed, then commits whole; a retried commit
@@ -6,6 +7,8 @@ boundaries, so a peer can claim and commit part of a batch the owner, resumed, t
 """
 
 from __future__ import annotations
+
+import pytest
 
 from pipeline.streams import SCORER_GROUP, SINK_GROUP, Commit, DeadLetter, LineKeys, StreamClient
 
@@ -44,3 +47,58 @@ def test_a_sink_commit_retried_after_its_reply_was_lost_dead_letters_once(client
     assert [row["source_entry_id"] for row in client.dead_letters(keys)] == [ids[0]]
     assert (first, retried) == ([letter], [])
     assert client.length(keys.results) == 0
+
+
+def test_results_of_entries_a_peer_dead_lettered_as_trimmed_are_not_appended(
+    client: StreamClient, keys: LineKeys
+) -> None:
+    # A line trimming faster than a stalled scorer's batch: a peer's claim finds the batch's entries trimmed and
+    # dead-letters them entry_trimmed; the scorer resumed and appended their results, so each frame had a dead letter
+    # and a decision (the chaos soak at streams.maxlen 300). A result goes out only for an entry its commit acked.
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = [client.publish(keys.frames, f"frame-{index}".encode()) for index in range(3)]
+    client.read_new(keys.frames, SCORER_GROUP, "stalled", count=3, block_ms=None)
+    client.redis.xtrim(keys.frames, maxlen=0, approximate=False)
+    claimed = client.claim_stale(keys.frames, SCORER_GROUP, "peer", 0, 10, keys.deadletter)
+    assert [letter.entry_id for letter in claimed.dead_letters] == ids
+    results = [(keys.results, f"result-{index}".encode()) for index in range(3)]
+    resumed = Commit(appends=results, append_sources=ids, acks=ids, trim_appends=False)
+    assert client.commit(keys.frames, SCORER_GROUP, resumed, keys.deadletter) == []
+    assert client.length(keys.results) == 0
+    assert [row["reason"] for row in client.dead_letters(keys)] == ["entry_trimmed"] * 3
+
+
+def test_a_result_is_appended_for_each_entry_the_commit_acknowledged(client: StreamClient, keys: LineKeys) -> None:
+    # The batch's other entries still get theirs; an append naming no entry (or one outside the acks) always goes out.
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = [client.publish(keys.frames, f"frame-{index}".encode()) for index in range(3)]
+    client.read_new(keys.frames, SCORER_GROUP, "stalled", count=3, block_ms=None)
+    client.redis.xtrim(keys.frames, maxlen=1, approximate=False)  # ids[2] stays
+    client.claim_stale(keys.frames, SCORER_GROUP, "peer", 0, 1, keys.deadletter)  # dead-letters ids[0] only
+    results = [(keys.results, f"result-{index}".encode()) for index in range(3)] + [(keys.results, b"unnamed")]
+    resumed = Commit(appends=results, append_sources=[*ids, ""], acks=ids, trim_appends=False)
+    client.commit(keys.frames, SCORER_GROUP, resumed, keys.deadletter)
+    appended = [entry.payload for entry in client.read_range(keys.results, "0-0", 10)]
+    assert appended == [b"result-1", b"result-2", b"unnamed"]
+    assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
+
+
+def test_append_sources_name_one_entry_per_append(client: StreamClient, keys: LineKeys) -> None:
+    commit = Commit(appends=[(keys.results, b"r")], append_sources=["1-0", "2-0"], acks=["1-0"])
+    with pytest.raises(ValueError, match="append_sources"):
+        client.commit(keys.frames, SCORER_GROUP, commit, keys.deadletter)
+
+
+def test_a_commit_after_the_group_is_gone_appends_everything(client: StreamClient, keys: LineKeys) -> None:
+    # Redis restarted without its data: XACK answers 0 for every entry as if a peer had committed them, yet nobody
+    # else has them; the frames the worker had in hand keep their results and dead letters.
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = [client.publish(keys.frames, f"frame-{index}".encode()) for index in range(2)]
+    client.read_new(keys.frames, SCORER_GROUP, "a", count=2, block_ms=None)
+    client.redis.delete(keys.frames)
+    letter = DeadLetter(ids[1], b"frame-1", "not_msgpack", "bad bytes")
+    commit = Commit(appends=[(keys.results, b"result-0")], append_sources=ids[:1], dead_letters=[letter], acks=ids,
+                    trim_appends=False)  # fmt: skip
+    assert client.commit(keys.frames, SCORER_GROUP, commit, keys.deadletter) == [letter]
+    assert [entry.payload for entry in client.read_range(keys.results, "0-0", 10)] == [b"result-0"]
+    assert [row["source_entry_id"] for row in client.dead_letters(keys)] == [ids[1]]

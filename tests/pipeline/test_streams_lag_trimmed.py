@@ -1,0 +1,57 @@
+"""A consumer group's lag on a line that trims frames no scorer has read: at most the frames the stream holds.
+
+Redis 7.0 keeps counting a group's reads (``entries-read``) one by one across a trim, so XINFO GROUPS' ``lag`` also
+counts every entry trimmed before the group read it, for good (redis/redis issue 13957; pull 13473 fixed only the
+moment before the next read). The chaos soak at ``streams.maxlen`` 300 and 250 frames/s saw lag 10,020 with at most
+~400 frames in the stream: ``lineinspect_stream_lag``, KEDA's ``lagCount`` and the saturation alerts read that.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.streams import SCORER_GROUP, LineKeys, StreamClient
+
+
+def redis_lag(client: StreamClient, keys: LineKeys) -> int:
+    """The lag as Redis reports it (``group_stats`` sets it right first)."""
+    (row,) = [row for row in client.redis.xinfo_groups(keys.frames) if row["name"] in (SCORER_GROUP, b"scorers")]
+    return int(row["lag"])
+
+
+def test_frames_trimmed_before_the_scorers_read_them_do_not_count_in_the_lag(
+    client: StreamClient, keys: LineKeys
+) -> None:
+    if int(client.redis.info("server")["redis_version"].split(".")[0]) < 7:
+        pytest.skip("Redis before 7 reports no lag")
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    client.publish(keys.frames, b"frame-0")
+    client.read_new(keys.frames, SCORER_GROUP, "score-a", count=1, block_ms=None)
+    for index in range(1, 11):  # a producer outrunning the scorers: each XADD trims the stream to 3 entries
+        client.redis.xadd(keys.frames, {"payload": f"frame-{index}".encode()}, maxlen=3, approximate=False)
+    assert client.group_stats(keys.frames)[SCORER_GROUP].lag == 3  # Redis 7.0 alone: 10
+    client.read_new(keys.frames, SCORER_GROUP, "score-a", count=1, block_ms=None)
+    assert redis_lag(client, keys) == 2  # set right in Redis too, and counted on from there by Redis itself
+    assert client.group_stats(keys.frames)[SCORER_GROUP].lag == 2
+    client.read_new(keys.frames, SCORER_GROUP, "score-a", count=10, block_ms=None)
+    assert client.group_stats(keys.frames)[SCORER_GROUP].lag == 0
+
+
+def test_a_lag_above_the_stream_length_is_cut_to_it_when_the_group_is_inside_the_stream(
+    client: StreamClient, keys: LineKeys
+) -> None:
+    # Trimmed past the group and read on before anything set it right: how many of the stream's entries the group has
+    # read is not known without reading them, so the lag becomes the stream's length, an upper bound (a producer
+    # holding back on it never publishes more than the line can take), and 0 once the group has read everything.
+    if int(client.redis.info("server")["redis_version"].split(".")[0]) < 7:
+        pytest.skip("Redis before 7 reports no lag")
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    client.publish(keys.frames, b"frame-0")
+    client.read_new(keys.frames, SCORER_GROUP, "score-a", count=1, block_ms=None)
+    for index in range(1, 11):
+        client.redis.xadd(keys.frames, {"payload": f"frame-{index}".encode()}, maxlen=3, approximate=False)
+    client.read_new(keys.frames, SCORER_GROUP, "score-a", count=1, block_ms=None)
+    # Redis 7.0 reports lag 9 here; 2 are undelivered
+    assert client.group_stats(keys.frames)[SCORER_GROUP].lag == 3
+    client.read_new(keys.frames, SCORER_GROUP, "score-a", count=10, block_ms=None)
+    assert client.group_stats(keys.frames)[SCORER_GROUP].lag == 0

@@ -219,10 +219,12 @@ return {n_acks > 0 and acked or -1, appended}
 # lag is impossible. (1) A group that has been delivered everything (its last-delivered-id is the stream's last id)
 # yet whose lag is not 0: Redis 7.0 logs XREADGROUP to the append-only file as XCLAIMs without the group's read
 # counter, so a restart brings back the counter of the last AOF rewrite and the lag stays too high by every entry read
-# since, for good (ingest then held back with nothing waiting). (2) A lag above the stream's length: Redis 7.0 counts
-# reads on one by one across a trim, so every entry trimmed before the group read it stays in the lag, for good (a line
-# outrunning its scorers reported 10,020 with ~400 entries held); it is set to the length (exact when the trim passed
-# the group's last-delivered-id, an upper bound otherwise, counted down by Redis from there). XGROUP SETID to the id the
+# since, for good (ingest then held back with nothing waiting). (2) A lag above the stream's length, or none (nil):
+# Redis 7.0 counts reads on one by one across a trim, so every entry trimmed before the group read it stays in the
+# lag, for good (a line outrunning its scorers reported 10,020 with ~400 entries held), and a counter a restart left
+# unknown cannot be estimated inside a trimmed stream (no lag until the group has read everything). It is set to the
+# length (exact when the trim passed the group's last-delivered-id, an upper bound otherwise, counted down by Redis
+# from there; a stream with entries deleted after that id keeps no counter and stays nil). XGROUP SETID to the id the
 # group already has changes nothing else; in the same atomic step, so no read moves the group meanwhile. A server
 # refusing writes (a replica, a demoted primary: READONLY; NOREPLICAS) leaves the counter as it is, and so does Redis
 # before 7 (no entries-added, no lag): the groups are returned as they are.
@@ -243,7 +245,7 @@ for _, row in ipairs(groups) do
   local entries_read = nil
   if group['last-delivered-id'] == stream['last-generated-id'] and group['lag'] ~= 0 then
     entries_read = stream['entries-added']
-  elseif type(group['lag']) == 'number' and group['lag'] > stream['length'] then
+  elseif type(group['lag']) ~= 'number' or group['lag'] > stream['length'] then
     entries_read = stream['entries-added'] - stream['length']
   end
   if entries_read then
@@ -814,10 +816,10 @@ class StreamClient:
 
     def group_stats(self, stream: str) -> dict[str, GroupStats]:
         """The consumer groups of ``stream`` (none when it is missing or not a stream). A group that has been
-        delivered every entry, or whose lag exceeds the stream's length, has its read counter set right first
-        (``_GROUP_STATS``), so its lag is 0 again after a Redis 7.0 restart and no longer counts entries trimmed
-        before it read them, in Redis too (for KEDA, camera software, redis-cli); a server refusing writes reports its
-        groups unrepaired."""
+        delivered every entry, or whose lag exceeds the stream's length or is unknown, has its read counter set
+        right first (``_GROUP_STATS``), so its lag is 0 again after a Redis 7.0 restart, never counts entries trimmed
+        before it read them and is a number (at most the stream's length) after a restart on a trimmed stream, in
+        Redis too (for KEDA, camera software, redis-cli); a server refusing writes reports its groups unrepaired."""
 
         def read() -> Any:
             try:

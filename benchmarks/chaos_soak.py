@@ -1,6 +1,7 @@
 """Chaos soak of the streaming pipeline: under random faults, every frame gets exactly one decision or dead letter.
 
     python benchmarks/chaos_soak.py [--duration-s 120] [--rate 5] [--seed 0] [--fault-every-s 6] [--json out.json]
+    python benchmarks/chaos_soak.py --maxlen 300 --rate 250 [--hold-back-at 64] ...   # overload: the line trims
 
 Starts its own redis-server (``EmbeddedRedis``, append-only file fsynced on every write, on a free port; never the
 machine's), fits a tiny model on a demo line (40 good 96 px parts, 64 px model input), and runs two scoring workers
@@ -17,26 +18,45 @@ different processes overlap:
 - ``corrupt_frames`` / ``unknown_version``: publish 1-4 entries that are not msgpack, have fields of the wrong type,
   carry undecodable image bytes, or a schema version of 2 (with and without a readable ``frame_id``).
 
+Each entry is published as README tells camera software to (``XADD P:L:frames MAXLEN ~ <streams.maxlen> * payload
+...``), in a script that also reads, in the same atomic step, the stream's oldest entry and the ``scorers`` group's
+last-delivered id: so for every frame the trimming removed it knows whether a scorer had read it by then (entry id
+up to the last-delivered id) or not. A retry after a lost reply does not publish twice (the script remembers its
+last publish). A reader of its own, as a PLC bridge would be, follows the decisions and dead-letter streams with
+XREAD from the last id it saw while the line runs, so what those streams trim later is still seen; at the end it
+must have read every entry either stream was ever given (``entries-added``), or the checks could not see them all.
+
+``--maxlen`` sets ``streams.maxlen`` for every process (default 100,000: nothing is trimmed). With a small one
+(200-500, the default 2000's scale) and ``--rate`` above what the scorers can do, the line falls behind and trims,
+as README's "When the line is behind" describes. ``--hold-back-at N`` makes the publisher follow README's advice
+instead (a live camera: while the scorers' lag is at ``N``, well under ``maxlen``, the frame due is dropped and
+counted): then no frame may be trimmed before a scorer read it.
+
 Then it stops the faults and the publisher, waits until the line drains (every published entry accounted for,
-nothing pending, the results stream empty) and checks, from the streams (``streams.maxlen`` is raised to
-``--maxlen`` so that nothing is trimmed):
+nothing pending, the results stream empty) and checks, from what its reader saw:
 
 1. every published frames-stream entry has exactly one decision (``frame_entry_id``) or exactly one dead letter
    (``source_entry_id``), or both where README allows it: a rejected frame whose ``frame_id`` can be read gets an
    ``error`` decision whose ``error_reason`` is its dead letter's reason; each entry's outcome is the one its kind
    calls for (good and defective parts: ``pass``/``fail``; a good part delivered more than ``streams.max_deliveries``
    times is also allowed its documented ``max_deliveries_exceeded`` dead letter and error decision, and counted);
+   an entry trimmed after a scorer read it may instead have one ``entry_trimmed`` dead letter and no decision (the
+   claim that found it trimmed while pending), never that dead letter and a decision too;
 2. no decision or frames-stream dead letter for an entry never published;
-3. no frame lost (neither decision nor dead letter);
+3. no frame lost (neither decision nor dead letter) but those trimmed before any scorer read them (README: they get
+   neither; counted) and none of those with a decision or dead letter;
 4. the ``scorers`` and ``sinks`` pending lists are empty, the results stream is empty, and the ``scorers`` lag is 0
    as Redis reports it (XINFO GROUPS, read directly: ``StreamClient.group_stats`` would set it right itself) and as
-   the sink exports it (``lineinspect_stream_lag``);
+   the sink exports it (``lineinspect_stream_lag``), which never exceeded, on any scrape while it ran, the frames the
+   stream can hold (``streams.maxlen`` + 100: ``MAXLEN ~`` trims whole nodes of up to 100 entries);
 5. metrics, scraped from every process's ``/metrics`` every second while it runs and once more after the drain: each
    sink incarnation's ``lineinspect_frames_total{verdict}``, ``lineinspect_errors_total{reason}`` and its
    ``lineinspect_dead_letters_total{reason}`` against the decisions and results-stream dead letters appended while
    it was the line's sink (equal for the sink alive at the end; at most those for one that was killed, whose last
    scrape may be older than its last publish); the scorers' ``lineinspect_dead_letters_total{reason}`` summed over
-   every incarnation at most the frames-stream dead letters (equal when no scorer was killed or stopped by SIGTERM).
+   every incarnation at most the frames-stream dead letters (equal when no scorer was killed or stopped by SIGTERM);
+   no process exports ``lineinspect_dropped_frames_total`` above 0 (only ingest counts drops, and there is none:
+   frames trimmed unread are counted by no metric, only here).
 
 Prints progress every 10 s, a summary at the end, and exits 1 when an invariant fails (the worker logs are then
 kept; ``--keep`` keeps them anyway). CPU: a 64 px model, two scorers with one torch thread each.
@@ -45,6 +65,7 @@ kept; ``--keep`` keeps them anyway). CPU: a 64 px model, two scorers with one to
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import logging
 import os
@@ -67,11 +88,12 @@ import msgpack
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline.codec import decode_decision, encode_frame  # noqa: E402
+from pipeline.codec import CodecError, decode_decision, encode_frame  # noqa: E402
 from pipeline.config import RedisSettings, StreamSettings, config_from_mapping  # noqa: E402
 from pipeline.messages import Decision, Frame  # noqa: E402
 from pipeline.redis_server import EmbeddedRedis, free_port  # noqa: E402
 from pipeline.streams import (  # noqa: E402
+    ENTRY_TRIMMED,
     PAYLOAD,
     RETRIED_ERRORS,
     SCORER_GROUP,
@@ -85,6 +107,7 @@ CLAIM_IDLE_MS = 3000
 MAX_DELIVERIES = 3
 SCORERS = ("score-a", "score-b")
 SINK = "sink"
+STREAM_NODE_ENTRIES = 100  # Redis stream-node-max-entries: MAXLEN ~ trims whole nodes, the stream holds < maxlen + this
 FAULTS = ("kill9_scorer", "term_scorer", "kill9_sink", "stop_worker", "restart_redis", "corrupt_frames",
           "unknown_version")  # fmt: skip
 
@@ -179,6 +202,7 @@ class Incarnation:
     stopped: bool = False  # SIGSTOP'd: not scraped
     metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float] = field(default_factory=dict)
     scraped_at: float = 0.0
+    max_frames_lag: float = 0.0  # the largest lineinspect_stream_lag of the scorers it exported (sinks)
 
 
 class Fleet:
@@ -239,6 +263,8 @@ class Fleet:
             for sample in family.samples:
                 samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
         incarnation.metrics, incarnation.scraped_at = samples, time.monotonic()
+        lag = _counter(incarnation, "lineinspect_stream_lag", stream=self.keys.frames, group=SCORER_GROUP)
+        incarnation.max_frames_lag = max(incarnation.max_frames_lag, lag)
         return True
 
     def scrape_all(self) -> None:
@@ -351,33 +377,178 @@ class Chaos:
 
 
 # -- publishing -------------------------------------------------------------------------------------------------
-class Publisher(threading.Thread):
-    """Publishes one entry every ``1 / rate`` s (the specials queued by the chaos first); records each entry id."""
+# KEYS: the frames stream, this publisher's memo. ARGV: publish number, MAXLEN, payload, the scorers' group. XADD as
+# README tells camera software to, then, in the same atomic step, the stream's oldest entry and the group's
+# last-delivered id: whatever the XADD trimmed and was newer than that id no scorer had read. The memo holds the last
+# publish's reply, so a retry after a lost reply (a Redis restart) returns it instead of publishing again.
+_OBSERVED_PUBLISH = """
+local memo = redis.call('GET', KEYS[2])
+if memo and string.sub(memo, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+  return string.sub(memo, #ARGV[1] + 2)
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV[3])
+local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1]
+local delivered = '0-0'
+for _, row in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local group = {}
+  for index = 1, #row, 2 do group[row[index]] = row[index + 1] end
+  if group['name'] == ARGV[4] then delivered = group['last-delivered-id'] end
+end
+local reply = id .. ' ' .. oldest .. ' ' .. delivered
+redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. reply)
+return reply
+"""
 
-    def __init__(self, client: StreamClient, keys: LineKeys, payloads: Payloads, rate: float, rng: random.Random):
+
+@dataclass(frozen=True)
+class Trim:
+    """The frames stream after a publish that trimmed it: its oldest entry, and the scorers' last-delivered id then."""
+
+    oldest: str
+    last_delivered: str
+
+
+class TrimLog:
+    """Every trim of the frames stream (only the publisher appends to it, so only its XADDs trim it), in order."""
+
+    NEVER = "never trimmed"
+    UNREAD = "trimmed before any scorer read it"
+    READ = "trimmed after a scorer read it"
+
+    def __init__(self) -> None:
+        self.trims: list[Trim] = []
+        self._oldest_keys: list[tuple[int, int]] = []
+
+    def observe(self, oldest: str, last_delivered: str) -> None:
+        key = _id_key(oldest)
+        if not self._oldest_keys or key > self._oldest_keys[-1]:
+            self.trims.append(Trim(oldest, last_delivered))
+            self._oldest_keys.append(key)
+
+    def fate(self, entry_id: str) -> str:
+        """Whether ``entry_id`` was trimmed, and whether the ``scorers`` had read it by then (XREADGROUP delivers in
+        id order: an entry after the last-delivered id had not been delivered; once trimmed it never is)."""
+        key = _id_key(entry_id)
+        at = bisect.bisect_right(self._oldest_keys, key)  # the first trim whose oldest entry is newer than it
+        if at == len(self.trims):
+            return self.NEVER
+        return self.READ if key <= _id_key(self.trims[at].last_delivered) else self.UNREAD
+
+
+class Publisher(threading.Thread):
+    """Publishes one entry every ``1 / rate`` s (the specials queued by the chaos first); records each entry id and
+    every trim it caused. With ``hold_back_at`` it follows README's advice to camera software: while the scorers' lag
+    (``StreamClient.group_stats``, as ingest reads it) is at that limit, a frame due is dropped (a live camera) and
+    queued specials wait."""
+
+    def __init__(self, client: StreamClient, keys: LineKeys, payloads: Payloads, rate: float, rng: random.Random,
+                 hold_back_at: int = 0):  # fmt: skip
         super().__init__(name="publisher", daemon=True)
         self.client, self.keys, self.payloads, self.rate, self.rng = client, keys, payloads, rate, rng
+        self.hold_back_at = hold_back_at
         self.special: list[str] = []
         self.published: list[Published] = []
+        self.dropped = 0  # frames not published, held back
+        self.trims = TrimLog()
         self.halt = threading.Event()
+        self._script = client.redis.register_script(_OBSERVED_PUBLISH)
+
+    def held_back(self) -> bool:
+        if not self.hold_back_at:
+            return False
+        stats = self.client.group_stats(self.keys.frames).get(SCORER_GROUP)
+        return stats is not None and stats.lag is not None and stats.lag >= self.hold_back_at
+
+    def publish(self, payload: bytes) -> str:
+        """XADD ``payload`` (once, whatever Redis does meanwhile); returns its entry id."""
+        number = str(len(self.published) + 1)
+        memo = f"{self.keys.frames}:soak-publisher"
+        args = [number, self.client.settings.maxlen, payload, SCORER_GROUP]
+        reply = _text(_retrying(lambda: self._script(keys=[self.keys.frames, memo], args=args)))
+        entry_id, oldest, last_delivered = reply.split(" ")
+        self.trims.observe(oldest, last_delivered)
+        return entry_id
 
     def run(self) -> None:
-        last_id = self.client.last_id(self.keys.frames)
         next_at = time.monotonic()
         while not self.halt.is_set():
-            kind = self.special.pop(0) if self.special else ("defect" if self.rng.random() < 0.2 else "good")
-            payload, frame_id = self.payloads.make(kind)
-            # after_id: a retry after a reply lost to a Redis restart does not publish the entry twice
-            (last_id,) = self.client.publish_many(self.keys.frames, [payload], after_id=last_id)
-            self.published.append(Published(last_id, kind, frame_id))
+            if self.held_back():
+                self.dropped += 0 if self.special else 1
+            else:
+                kind = self.special.pop(0) if self.special else ("defect" if self.rng.random() < 0.2 else "good")
+                payload, frame_id = self.payloads.make(kind)
+                self.published.append(Published(self.publish(payload), kind, frame_id))
             next_at = max(next_at + 1.0 / self.rate, time.monotonic() - 1.0)
             self.halt.wait(max(0.0, next_at - time.monotonic()))
+
+
+# -- reading the line's output, as a PLC bridge would -----------------------------------------------------------
+class LineTail(threading.Thread):
+    """Follows the decisions and dead-letter streams with XREAD from the last id seen (README's advice to a consumer
+    of the line), so entries trimmed from them later are still seen."""
+
+    def __init__(self, client: StreamClient, keys: LineKeys) -> None:
+        super().__init__(name="line-tail", daemon=True)
+        self.client, self.keys = client, keys
+        self.positions = {keys.decisions: "0-0", keys.deadletter: "0-0"}
+        self.decisions: list[tuple[str, Decision]] = []  # (decisions-stream entry id, decision)
+        self.dead_letters: list[tuple[str, dict[str, str]]] = []  # (dead-letter entry id, text fields)
+        self.undecodable: list[str] = []  # decisions-stream entries that are not a Decision
+        self.halt = threading.Event()
+        self.lock = threading.Lock()
+
+    def read_once(self, block_ms: int | None) -> int:
+        """One XREAD of both streams after the last ids seen; returns how many entries it read."""
+        with self.lock:
+            positions = dict(self.positions)
+            reply = _retrying(lambda: self.client.redis.xread(positions, count=1000, block=block_ms))
+            read = 0
+            for raw_stream, rows in reply or []:
+                stream = _text(raw_stream)
+                for raw_id, fields in rows:
+                    entry_id, read = _text(raw_id), read + 1
+                    self.positions[stream] = entry_id
+                    if stream == self.keys.deadletter:
+                        self.dead_letters.append((entry_id, _letter_fields(fields)))
+                        continue
+                    try:
+                        self.decisions.append((entry_id, decode_decision(fields.get(PAYLOAD.encode(), b""))))
+                    except CodecError:
+                        self.undecodable.append(entry_id)
+            return read
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.read_once(block_ms=500)
+
+    def catch_up(self) -> None:
+        """Stop following and read whatever is left."""
+        self.halt.set()
+        self.join()
+        while self.read_once(block_ms=None):
+            pass
+
+    def missed(self) -> dict[str, int]:
+        """Entries each stream was ever given (XINFO STREAM entries-added, Redis 7) that this reader did not read:
+        it fell more than ``streams.maxlen`` behind (0 for both, or the checks did not see everything)."""
+        read = {self.keys.decisions: len(self.decisions) + len(self.undecodable),
+                self.keys.deadletter: len(self.dead_letters)}  # fmt: skip
+        missed = {}
+        for stream, count in read.items():
+            added = self.client.position(stream).entries_added
+            missed[stream.rsplit(":", 1)[1]] = -1 if added is None else added - count
+        return missed
+
+
+def _letter_fields(fields: dict[bytes, bytes]) -> dict[str, str]:
+    return {_text(k): v.decode(errors="replace") for k, v in fields.items() if _text(k) != PAYLOAD}
 
 
 # -- checking ---------------------------------------------------------------------------------------------------
 @dataclass
 class LineState:
-    """Everything the checks read from Redis after the drain."""
+    """Everything the checks read after the drain: the streams' entries as the reader saw them, the groups from
+    Redis."""
 
     decisions: list[tuple[str, Decision]]  # (decisions-stream entry id, decision)
     dead_letters: list[tuple[str, dict[str, str]]]  # (dead-letter entry id, text fields)
@@ -387,11 +558,9 @@ class LineState:
     results_length: int
 
 
-def read_state(client: StreamClient, keys: LineKeys) -> LineState:
-    decisions = [(e.entry_id, decode_decision(e.payload)) for e in _all(client, keys.decisions) if e.payload]
-    rows = _retrying(lambda: client.redis.xrange(keys.deadletter, "-", "+"))
-    letters = [(_text(entry_id), {_text(k): v.decode(errors="replace") for k, v in fields.items()
-                                  if _text(k) != PAYLOAD}) for entry_id, fields in rows]  # fmt: skip
+def read_state(client: StreamClient, keys: LineKeys, tail: LineTail) -> LineState:
+    with tail.lock:
+        decisions, letters = list(tail.decisions), list(tail.dead_letters)
     scorers, sinks = raw_group(client, keys.frames, SCORER_GROUP), raw_group(client, keys.results, SINK_GROUP)
     return LineState(decisions, letters, int(scorers.get("pending", -1)), scorers.get("lag"),
                      int(sinks.get("pending", -1)), client.length(keys.results))  # fmt: skip
@@ -415,14 +584,6 @@ def _retrying(call: Callable[[], Any]) -> Any:
             time.sleep(0.2)
 
 
-def _all(client: StreamClient, stream: str) -> list[Any]:
-    entries, after = [], "0-0"
-    while batch := client.read_range(stream, after, 5000):
-        entries += batch
-        after = batch[-1].entry_id
-    return entries
-
-
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -432,14 +593,16 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(millis), int(sequence or 0)
 
 
-def accounted(published: list[Published], state: LineState, keys: LineKeys) -> int:
-    """How many published entries have a decision or a frames-stream dead letter."""
+def accounted(published: list[Published], state: LineState, keys: LineKeys, trims: TrimLog) -> int:
+    """How many published entries have a decision or a frames-stream dead letter, or were trimmed unread."""
     seen = {decision.frame_entry_id for _, decision in state.decisions}
     seen |= {fields["source_entry_id"] for _, fields in state.dead_letters if fields["source_stream"] == keys.frames}
-    return sum(item.entry_id in seen for item in published)
+    return sum(item.entry_id in seen or trims.fate(item.entry_id) == TrimLog.UNREAD for item in published)
 
 
-def check_frames(published: list[Published], state: LineState, keys: LineKeys) -> tuple[list[str], dict[str, Any]]:
+def check_frames(
+    published: list[Published], state: LineState, keys: LineKeys, trims: TrimLog
+) -> tuple[list[str], dict[str, Any]]:
     """Invariants 1-4: violations (text) and counts."""
     violations: list[str] = []
     decisions: defaultdict[str, list[Decision]] = defaultdict(list)
@@ -453,17 +616,32 @@ def check_frames(published: list[Published], state: LineState, keys: LineKeys) -
     for item in published:
         got_decisions, got_letters = decisions.get(item.entry_id, []), frame_letters.get(item.entry_id, [])
         expected = EXPECTED[item.kind]
-        where = f"entry {item.entry_id} ({item.kind}, frame_id {item.frame_id or '-'})"
+        fate = trims.fate(item.entry_id)
+        where = f"entry {item.entry_id} ({item.kind}, frame_id {item.frame_id or '-'}, {fate})"
         if not got_decisions and not got_letters:
-            violations.append(f"{where}: lost, neither a decision nor a dead letter")
-            outcomes["lost"] += 1
+            if fate == TrimLog.UNREAD:
+                outcomes[TrimLog.UNREAD] += 1  # README: gets neither (the documented loss)
+            else:
+                violations.append(f"{where}: lost, neither a decision nor a dead letter")
+                outcomes["lost"] += 1
             continue
+        if fate == TrimLog.UNREAD:
+            violations.append(f"{where}: has {len(got_decisions)} decision(s) and {len(got_letters)} dead letter(s)")
         if len(got_decisions) > 1:
             violations.append(f"{where}: {len(got_decisions)} decisions")
         if len(got_letters) > 1:
             violations.append(f"{where}: {len(got_letters)} dead letters ({[f['reason'] for f in got_letters]})")
         letter = got_letters[0]["reason"] if got_letters else None
         decision = got_decisions[0] if got_decisions else None
+        if letter == ENTRY_TRIMMED:  # trimmed while pending: the claim that found it dead-lettered it
+            if decision is not None:
+                violations.append(f"{where}: dead letter {ENTRY_TRIMMED} and a decision ({decision.verdict}, "
+                                  f"{decision.error_reason})")  # fmt: skip
+            elif fate != TrimLog.READ:
+                violations.append(f"{where}: dead letter {ENTRY_TRIMMED}")
+            else:
+                outcomes[f"{item.kind}: no decision, {ENTRY_TRIMMED}"] += 1
+            continue
         if decision is not None and letter is not None and decision.error_reason != letter:
             violations.append(f"{where}: decision ({decision.verdict}, {decision.error_reason}) and a dead letter "
                               f"({letter}) that disagree")  # fmt: skip
@@ -495,6 +673,8 @@ def check_frames(published: list[Published], state: LineState, keys: LineKeys) -
     counts = {
         "published": len(published),
         "published_by_kind": dict(Counter(item.kind for item in published)),
+        "fates": dict(Counter(trims.fate(item.entry_id) for item in published)),
+        "trims": len(trims.trims),
         "decisions": len(state.decisions),
         "dead_letters": len(state.dead_letters),
         "dead_letters_by_source": dict(Counter(f["source_stream"].rsplit(":", 1)[1] for _, f in state.dead_letters)),
@@ -512,9 +692,15 @@ def _counter(incarnation: Incarnation, name: str, **labels: str) -> float:
                if sample == name and wanted <= set(sample_labels))  # fmt: skip
 
 
-def check_metrics(fleet: Fleet, state: LineState, keys: LineKeys) -> tuple[list[str], list[str]]:
+def check_metrics(fleet: Fleet, state: LineState, keys: LineKeys, maxlen: int) -> tuple[list[str], list[str]]:
     """Invariant 5: (violations, notes)."""
     violations, notes = [], []
+    max_lag = max((inc.max_frames_lag for inc in fleet.incarnations if inc.role == "sink"), default=0.0)
+    notes.append(f"sinks: largest lineinspect_stream_lag of the scorers exported {max_lag:.0f}")
+    if max_lag > maxlen + STREAM_NODE_ENTRIES:
+        violations.append(f"a sink exported lineinspect_stream_lag {max_lag:.0f} for the scorers, more frames than "
+                          f"the stream holds (streams.maxlen {maxlen}, trimmed by whole nodes of up to "
+                          f"{STREAM_NODE_ENTRIES})")  # fmt: skip
     sinks = [inc for inc in fleet.incarnations if inc.role == "sink"]
     ends = [inc.decisions_from for inc in sinks[1:]] + [None]
     letter_ends = [inc.deadletter_from for inc in sinks[1:]] + [None]
@@ -558,6 +744,9 @@ def check_metrics(fleet: Fleet, state: LineState, keys: LineKeys) -> tuple[list[
     if not final_sink.ended and exported_lag != 0:
         violations.append(f"sink-{final_sink.number}: lineinspect_stream_lag of the scorers is {exported_lag:.0f} "
                           "with every frame delivered")  # fmt: skip
+    dropped = sum(_counter(inc, "lineinspect_dropped_frames_total") for inc in fleet.incarnations)
+    if dropped:
+        violations.append(f"dropped_frames_total {dropped:.0f} over every incarnation, with no ingest to drop any")
     duplicates = sum(_counter(inc, "lineinspect_duplicate_decisions_total") for inc in sinks)
     notes.append(f"sinks: duplicate_decisions_total {duplicates:.0f} (redelivered results not published again)")
     return violations, notes
@@ -614,10 +803,12 @@ def wait_ready(client: StreamClient, prefix: str, timeout_s: float) -> None:
     raise RuntimeError(msg)
 
 
-def progress(started: float, publisher: Publisher, client: StreamClient, keys: LineKeys, chaos: Chaos) -> str:
+def progress(started: float, publisher: Publisher, client: StreamClient, keys: LineKeys, chaos: Chaos,
+             tail: LineTail) -> str:  # fmt: skip
     frames = raw_group(client, keys.frames, SCORER_GROUP)
     return (f"[{time.monotonic() - started:7.1f} s] published {len(publisher.published)}, "
-            f"decisions {client.length(keys.decisions)}, dead letters {client.length(keys.deadletter)}, "
+            f"decisions {len(tail.decisions)}, dead letters {len(tail.dead_letters)} (read), "
+            f"frames trimmed {len(publisher.trims.trims)} times, "
             f"scorers pending {frames.get('pending', '-')} lag {frames.get('lag', '-')}, "
             f"results waiting {client.length(keys.results)}, faults {sum(chaos.done.values())}, "
             f"load {os.getloadavg()[0]:.1f}")  # fmt: skip
@@ -637,9 +828,12 @@ def run(args: argparse.Namespace, work: Path) -> int:
         client.ensure_group(keys.results, SINK_GROUP)
         fleet = Fleet(worker_env(server.url, prefix, args.maxlen, work), model_dir, logs, client, keys)
         publisher = Publisher(client, keys, Payloads(good, defect, random.Random(args.seed + 1)), args.rate,
-                              random.Random(args.seed + 2))  # fmt: skip
+                              random.Random(args.seed + 2), args.hold_back_at)  # fmt: skip
+        tail_settings = StreamSettings(prefix=prefix, maxlen=args.maxlen, block_ms=1000)  # its XREAD blocks 500 ms
+        tail = LineTail(StreamClient(server.url, RedisSettings(reconnect_max_backoff_s=0.5), tail_settings), keys)
         chaos = Chaos(fleet, server, publisher, rng)
         try:
+            tail.start()
             for name in (*SCORERS, SINK):
                 fleet.start(name)
             wait_ready(client, prefix, 300)
@@ -654,27 +848,40 @@ def run(args: argparse.Namespace, work: Path) -> int:
                     next_fault = now + rng.uniform(0.5, 1.5) * args.fault_every_s
                 if now >= next_progress:
                     next_progress = now + 10
-                    print(progress(started, publisher, client, keys, chaos), flush=True)
+                    print(progress(started, publisher, client, keys, chaos, tail), flush=True)
                 fleet.scrape_all()
                 time.sleep(1.0)
             print("faults over: waiting for the running ones to finish, then for the line to drain", flush=True)
             chaos.join()
             publisher.halt.set()
             publisher.join()
-            state = drain(client, keys, publisher, fleet, args.drain_timeout_s, started, chaos)
+            drain(client, keys, publisher, fleet, tail, args.drain_timeout_s, started, chaos)
             time.sleep(2.0)  # counters are raised just after the entries they count
             fleet.scrape_all()
-            state = read_state(client, keys)
-            violations, counts = check_frames(publisher.published, state, keys)
-            metric_violations, notes = check_metrics(fleet, state, keys)
+            tail.catch_up()
+            state = read_state(client, keys, tail)
+            violations, counts = check_frames(publisher.published, state, keys, publisher.trims)
+            metric_violations, notes = check_metrics(fleet, state, keys, args.maxlen)
             violations += metric_violations
+            counts["held_back_dropped"] = publisher.dropped
+            if args.hold_back_at and counts["fates"].get(TrimLog.UNREAD):
+                violations.append(f"{counts['fates'][TrimLog.UNREAD]} frames trimmed before any scorer read them, "
+                                  f"from a publisher holding back at lag {args.hold_back_at}")  # fmt: skip
+            counts["reader_missed"] = tail.missed()
+            if any(missed != 0 for missed in counts["reader_missed"].values()) or tail.undecodable:
+                violations.append(f"the reader did not read every entry (missed, by stream: {counts['reader_missed']}; "
+                                  f"undecodable decisions: {tail.undecodable[:5]})")  # fmt: skip
         finally:
+            tail.halt.set()
             fleet.stop_all()
             client.close()
+            tail.client.close()
     summary = {
         "seed": args.seed,
         "duration_s": args.duration_s,
         "rate": args.rate,
+        "maxlen": args.maxlen,
+        "hold_back_at": args.hold_back_at,
         "fault_every_s": args.fault_every_s,
         "faults": dict(sorted(chaos.done.items())),
         "incarnations": Counter(inc.name for inc in fleet.incarnations),
@@ -692,21 +899,21 @@ def run(args: argparse.Namespace, work: Path) -> int:
     return 1 if violations else 0
 
 
-def drain(client: StreamClient, keys: LineKeys, publisher: Publisher, fleet: Fleet, timeout_s: float,
-          started: float, chaos: Chaos) -> LineState:  # fmt: skip
+def drain(client: StreamClient, keys: LineKeys, publisher: Publisher, fleet: Fleet, tail: LineTail,
+          timeout_s: float, started: float, chaos: Chaos) -> None:  # fmt: skip
     """Wait until every published entry is accounted for and nothing is pending (or ``timeout_s`` passes)."""
     deadline = time.monotonic() + timeout_s
     next_progress = 0.0
     while True:
-        state = read_state(client, keys)
-        done = accounted(publisher.published, state, keys)
+        state = read_state(client, keys, tail)
+        done = accounted(publisher.published, state, keys, publisher.trims)
         idle = state.scorers_pending == 0 and state.sinks_pending == 0 and state.results_length == 0
         if (done == len(publisher.published) and idle) or time.monotonic() > deadline:
             print(f"drained: {done}/{len(publisher.published)} accounted for, idle {idle}", flush=True)
-            return state
+            return
         if time.monotonic() >= next_progress:
             next_progress = time.monotonic() + 10
-            print(progress(started, publisher, client, keys, chaos), flush=True)
+            print(progress(started, publisher, client, keys, chaos, tail), flush=True)
         fleet.scrape_all()
         time.sleep(1.0)
 
@@ -717,7 +924,12 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=5.0, help="frames published per second")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fault-every-s", type=float, default=6.0, help="mean time between faults")
-    parser.add_argument("--maxlen", type=int, default=100_000, help="streams.maxlen (high: nothing is trimmed)")
+    parser.add_argument("--maxlen", type=int, default=100_000,
+                        help="streams.maxlen (the default: nothing is trimmed; 200-500 with a --rate above what the "
+                             "scorers can do: overload, the line trims)")  # fmt: skip
+    parser.add_argument("--hold-back-at", type=int, default=0,
+                        help="drop frames while the scorers' lag is at this limit, as README advises camera software "
+                             "(0: publish regardless; then no frame may be trimmed unread)")  # fmt: skip
     parser.add_argument("--drain-timeout-s", type=float, default=300.0)
     parser.add_argument("--json", type=Path, default=None, help="write the summary and the fault log here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) even when all is well")

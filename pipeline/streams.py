@@ -224,10 +224,12 @@ return {n_acks > 0 and acked or -1, appended}
 # lag, for good (a line outrunning its scorers reported 10,020 with ~400 entries held), and a counter a restart left
 # unknown cannot be estimated inside a trimmed stream (no lag until the group has read everything). It is set to the
 # length (exact when the trim passed the group's last-delivered-id, an upper bound otherwise, counted down by Redis
-# from there; a stream with entries deleted after that id keeps no counter and stays nil). XGROUP SETID to the id the
-# group already has changes nothing else; in the same atomic step, so no read moves the group meanwhile. A server
-# refusing writes (a replica, a demoted primary: READONLY; NOREPLICAS) leaves the counter as it is, and so does Redis
-# before 7 (no entries-added, no lag): the groups are returned as they are.
+# from there). Not while entries deleted with XDEL (results the sink has published) lie at or after the stream's first
+# entry: Redis then reports nil because it cannot count across them, not because the counter was lost, and the length
+# would count results the sink read and still holds (heatmaps in flight) as undelivered, for good. XGROUP SETID to
+# the id the group already has changes nothing else; in the same atomic step, so no read moves the group meanwhile. A
+# server refusing writes (a replica, a demoted primary: READONLY; NOREPLICAS) leaves the counter as it is, and so does
+# Redis before 7 (no entries-added, no lag): the groups are returned as they are.
 _GROUP_STATS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {}
@@ -238,6 +240,15 @@ local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
 if not stream['entries-added'] then
   return groups
 end
+local function id_before(a, b)
+  local a_ms, a_seq = string.match(a, '(%d+)-(%d+)')
+  local b_ms, b_seq = string.match(b, '(%d+)-(%d+)')
+  a_ms, a_seq, b_ms, b_seq = tonumber(a_ms), tonumber(a_seq), tonumber(b_ms), tonumber(b_seq)
+  return a_ms < b_ms or (a_ms == b_ms and a_seq < b_seq)
+end
+local deleted = stream['max-deleted-entry-id']
+local first = stream['first-entry']
+local holes = deleted and deleted ~= '0-0' and first and not id_before(deleted, first[1])
 local repaired = false
 for _, row in ipairs(groups) do
   local group = {}
@@ -245,7 +256,7 @@ for _, row in ipairs(groups) do
   local entries_read = nil
   if group['last-delivered-id'] == stream['last-generated-id'] and group['lag'] ~= 0 then
     entries_read = stream['entries-added']
-  elseif type(group['lag']) ~= 'number' or group['lag'] > stream['length'] then
+  elseif not holes and (type(group['lag']) ~= 'number' or group['lag'] > stream['length']) then
     entries_read = stream['entries-added'] - stream['length']
   end
   if entries_read then

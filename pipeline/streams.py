@@ -133,19 +133,21 @@ return taken
 # already committed (a retry after a reply lost to a stalled Redis: the MULTI/EXEC this replaces appended every result
 # and dead letter a second time) or a peer that claimed it committed it: nothing is appended. Ids gone from the stream
 # (trimmed, or results deleted once acknowledged) do not count, so a batch of trimmed frames still gets its dead
-# letters. A result or dead letter naming an entry (its source id; a dead letter's source_entry_id) is appended only
-# when this commit acknowledged that entry: otherwise a peer's claim took it from a stalled owner's batch and committed
-# it (claim pages do not follow batch boundaries), or found it trimmed and dead-lettered it entry_trimmed (a result
-# appended then gave the frame a decision beside that dead letter), or an earlier try of this commit acknowledged it
-# and appended then. When the group is gone (Redis restarted without its data: XACK answers 0, nobody else can have the
-# entries) everything is appended. Returns {the number acknowledged (-1 for none asked), the positions (from 1) of the
-# dead letters appended}; a failed XACK (not a stream) appends everything anyway and then returns its error, as the
-# MULTI/EXEC did.
+# letters. A result or dead letter naming an entry (its source id; a dead letter's source_entry_id) that this commit
+# did not acknowledge is left out when the entry is still in the stream (a peer's claim took it from a stalled owner's
+# batch and committed it: claim pages do not follow batch boundaries; or an earlier try of this commit did) or when a
+# dead letter in KEYS[2] since the entry's time names it (a peer's claim found it trimmed and dead-lettered it
+# entry_trimmed: a result appended then gave the frame a decision beside that dead letter; or an earlier try of this
+# commit dead-lettered it). Otherwise it is appended: Redis restarted without its data, and a peer's read may have
+# recreated the group already, so XACK answers 0 though nobody else has the entry (an entry a peer, or an earlier try,
+# committed and that was trimmed since gets its result again, which the sink publishes once per frame). Returns {the
+# number acknowledged (-1 for none asked), the positions (from 1) of the dead letters appended}; a failed XACK (not a
+# stream) appends everything anyway and then returns its error, as the MULTI/EXEC did.
 _COMMIT = """
 local n_acks = tonumber(ARGV[5])
 local at = 6
 local acked, existing, ack_error = 0, 0, nil
-local not_acked_here = {}
+local not_acked_here, gone, oldest = {}, {}, nil
 for index = 1, n_acks do
   local id = ARGV[at]
   at = at + 1
@@ -154,11 +156,13 @@ for index = 1, n_acks do
     ack_error = reply.err
   elseif reply == 1 then
     acked = acked + 1
-  else
+  elseif #redis.call('XRANGE', KEYS[1], id, id) > 0 then
+    existing = existing + 1
     not_acked_here[id] = true
-    if #redis.call('XRANGE', KEYS[1], id, id) > 0 then
-      existing = existing + 1
-    end
+  else
+    gone[id] = true
+    local since = string.match(id, '^(%d+)')
+    if since and (not oldest or tonumber(since) < tonumber(oldest)) then oldest = since end
   end
   if ARGV[2] == '1' then
     redis.call('XDEL', KEYS[1], id)
@@ -167,20 +171,16 @@ end
 if n_acks > 0 and ack_error == nil and acked == 0 and existing > 0 then
   return {0, {}}
 end
-local group_gone = false
-if n_acks > 0 and ack_error == nil and acked == 0 then
-  group_gone = true
-  local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
-  if not groups.err then
-    for _, row in ipairs(groups) do
-      for index = 1, #row, 2 do
-        if row[index] == 'name' and row[index + 1] == ARGV[1] then group_gone = false end
-      end
-    end
+if oldest and ack_error == nil then
+  for _, letter in ipairs(redis.call('XRANGE', KEYS[2], oldest, '+')) do
+    local fields, named = letter[2], {}
+    for index = 1, #fields, 2 do named[fields[index]] = fields[index + 1] end
+    local source = named['source_entry_id']
+    if source and gone[source] and named['source_stream'] == KEYS[1] then not_acked_here[source] = true end
   end
 end
 local function ours(source)
-  return ack_error or group_gone or not source or source == '' or not not_acked_here[source]
+  return ack_error or not source or source == '' or not not_acked_here[source]
 end
 for key_index = 3, #KEYS do
   if ours(ARGV[at + 1]) then
@@ -690,9 +690,10 @@ class StreamClient:
     def commit(self, stream: str, group: str, commit: Commit, deadletter_stream: str) -> list[DeadLetter]:
         """Acknowledge, append results and dead letters, atomically and once (``_COMMIT``): retried after a lost
         reply, or after a peer that claimed the batch committed it, nothing is appended twice, and no dead letter, nor
-        result naming its entry in ``append_sources``, is appended for an entry this commit did not acknowledge (a
-        peer's claim took and committed it, or dead-lettered it as trimmed). Returns the dead letters appended, for the
-        worker's metrics (none for a retry whose first try's reply was lost)."""
+        result naming its entry in ``append_sources``, is appended for an entry this commit did not acknowledge that
+        is still in the stream (a peer's claim took and committed it) or that a dead letter names (a peer's claim
+        found it trimmed); one that is neither (Redis lost its data) keeps them. Returns the dead letters appended, for
+        the worker's metrics (none for a retry whose first try's reply was lost)."""
         if commit.append_sources and len(commit.append_sources) != len(commit.appends):
             msg = f"append_sources names {len(commit.append_sources)} entries for {len(commit.appends)} appends"
             raise ValueError(msg)

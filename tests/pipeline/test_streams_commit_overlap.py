@@ -102,3 +102,21 @@ def test_a_commit_after_the_group_is_gone_appends_everything(client: StreamClien
     assert client.commit(keys.frames, SCORER_GROUP, commit, keys.deadletter) == [letter]
     assert [entry.payload for entry in client.read_range(keys.results, "0-0", 10)] == [b"result-0"]
     assert [row["source_entry_id"] for row in client.dead_letters(keys)] == [ids[1]]
+
+
+def test_a_commit_after_redis_lost_its_data_and_a_peer_recreated_the_group_appends_everything(
+    client: StreamClient, keys: LineKeys
+) -> None:
+    # Redis restarted empty, a camera published again and a peer's read recreated the group before this worker
+    # committed its batch in hand: XACK answers 0 as for entries a peer dead-lettered, but nobody else has them.
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = [client.publish(keys.frames, f"frame-{index}".encode()) for index in range(2)]
+    client.read_new(keys.frames, SCORER_GROUP, "a", count=2, block_ms=None)
+    client.redis.delete(keys.frames, keys.deadletter, keys.results)
+    client.publish(keys.frames, b"after the restart")
+    client.read_new(keys.frames, SCORER_GROUP, "peer", count=1, block_ms=None)  # NOGROUP: recreated
+    letter = DeadLetter(ids[1], b"frame-1", "not_msgpack", "bad bytes")
+    commit = Commit(appends=[(keys.results, b"result-0")], append_sources=ids[:1], dead_letters=[letter], acks=ids,
+                    trim_appends=False)  # fmt: skip
+    assert client.commit(keys.frames, SCORER_GROUP, commit, keys.deadletter) == [letter]
+    assert [entry.payload for entry in client.read_range(keys.results, "0-0", 10)] == [b"result-0"]

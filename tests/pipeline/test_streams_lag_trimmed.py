@@ -13,6 +13,12 @@ import pytest
 from pipeline.streams import SCORER_GROUP, SINK_GROUP, Commit, LineKeys, StreamClient
 
 
+@pytest.fixture(autouse=True)
+def _redis_reports_a_lag(client: StreamClient) -> None:
+    if int(client.redis.info("server")["redis_version"].split(".")[0]) < 7:
+        pytest.skip("Redis before 7 reports no lag")
+
+
 def redis_lag(client: StreamClient, keys: LineKeys) -> int:
     """The lag as Redis reports it (``group_stats`` sets it right first)."""
     (row,) = [row for row in client.redis.xinfo_groups(keys.frames) if row["name"] in (SCORER_GROUP, b"scorers")]
@@ -22,8 +28,6 @@ def redis_lag(client: StreamClient, keys: LineKeys) -> int:
 def test_frames_trimmed_before_the_scorers_read_them_do_not_count_in_the_lag(
     client: StreamClient, keys: LineKeys
 ) -> None:
-    if int(client.redis.info("server")["redis_version"].split(".")[0]) < 7:
-        pytest.skip("Redis before 7 reports no lag")
     client.ensure_group(keys.frames, SCORER_GROUP)
     client.publish(keys.frames, b"frame-0")
     client.read_new(keys.frames, SCORER_GROUP, "score-a", count=1, block_ms=None)
@@ -43,8 +47,6 @@ def test_a_lag_above_the_stream_length_is_cut_to_it_when_the_group_is_inside_the
     # Trimmed past the group and read on before anything set it right: how many of the stream's entries the group has
     # read is not known without reading them, so the lag becomes the stream's length, an upper bound (a producer
     # holding back on it never publishes more than the line can take), and 0 once the group has read everything.
-    if int(client.redis.info("server")["redis_version"].split(".")[0]) < 7:
-        pytest.skip("Redis before 7 reports no lag")
     client.ensure_group(keys.frames, SCORER_GROUP)
     client.publish(keys.frames, b"frame-0")
     client.read_new(keys.frames, SCORER_GROUP, "score-a", count=1, block_ms=None)
@@ -63,8 +65,6 @@ def test_a_lag_redis_cannot_tell_on_a_trimmed_stream_becomes_the_stream_length(
     # A Redis restart can leave the read counter unknown (the soak after restarts at maxlen 300); on a trimmed stream
     # Redis cannot estimate it while the group is inside the stream and reports no lag at all (nil) until the group
     # has read everything: camera software holding back on the lag, KEDA and lineinspect_stream_lag had no number.
-    if int(client.redis.info("server")["redis_version"].split(".")[0]) < 7:
-        pytest.skip("Redis before 7 reports no lag")
     client.ensure_group(keys.frames, SCORER_GROUP)
     for index in range(10):
         client.redis.xadd(keys.frames, {"payload": f"frame-{index}".encode()}, maxlen=8, approximate=False)
@@ -84,8 +84,6 @@ def test_the_sinks_lag_on_the_results_stream_is_not_set_from_its_length_while_de
     # The sink deletes results once acknowledged; while one it read earlier is still pending (a heatmap in flight)
     # behind the last one deleted, Redis reports no lag (deleted entries ahead) though its read counter is right.
     # Setting that counter from the stream's length counted the pending results as undelivered, for good.
-    if int(client.redis.info("server")["redis_version"].split(".")[0]) < 7:
-        pytest.skip("Redis before 7 reports no lag")
     client.ensure_group(keys.results, SINK_GROUP)
     ids = [client.publish(keys.results, f"result-{index}".encode()) for index in range(10)]
     client.read_new(keys.results, SINK_GROUP, "sink", count=8, block_ms=None)

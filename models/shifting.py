@@ -14,6 +14,7 @@ replicating the edge.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -54,13 +55,19 @@ def shifted_views(images: torch.Tensor, offsets: list[tuple[int, int]]) -> torch
     return views.reshape(-1, *images.shape[1:])
 
 
-def held_pixels(height: int, width: int, offsets: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def held_pixels(height: int, width: int, offsets: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
     """``(views, H, W)`` bool: whether the view shifted by ``(dx, dy)`` shows pixel ``(y, x)`` of the original
-    image, i.e. ``(y + dy, x + dx)`` lies in the frame."""
+    image, i.e. ``(y + dy, x + dx)`` lies in the frame. Built once per map size and offsets (read-only: shared by
+    every batch); offsets that leave a pixel in no view are a ValueError."""
     rows = torch.arange(height, device=device)[:, None]
     columns = torch.arange(width, device=device)[None, :]
-    return torch.stack([(rows + dy >= 0) & (rows + dy < height) & (columns + dx >= 0) & (columns + dx < width)
+    held = torch.stack([(rows + dy >= 0) & (rows + dy < height) & (columns + dx >= 0) & (columns + dx < width)
                         for dx, dy in offsets])  # fmt: skip
+    if not held.any(dim=0).all():
+        msg = f"shift offsets {list(offsets)} leave pixels of a {height}x{width} map in no view: include (0, 0)"
+        raise ValueError(msg)
+    return held
 
 
 def align_and_aggregate(
@@ -76,10 +83,7 @@ def align_and_aggregate(
     aligned = torch.stack(
         [translate(grouped[:, v : v + 1], -dx, -dy)[:, 0] for v, (dx, dy) in enumerate(offsets)], dim=1
     )
-    held = held_pixels(height, width, offsets, maps.device)
-    if not held.any(dim=0).all():
-        msg = f"shift offsets {offsets} leave pixels of a {height}x{width} map in no view: include (0, 0)"
-        raise ValueError(msg)
+    held = held_pixels(height, width, tuple(offsets), maps.device)
     if how == "min":
         return aligned.masked_fill(~held, torch.inf).amin(dim=1)
     return (aligned * held).sum(dim=1) / held.sum(dim=0)

@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -333,11 +333,14 @@ def health_key(prefix: str, role: str, name: str) -> str:
 
 @dataclass(frozen=True)
 class StreamEntry:
-    """One stream entry as read. ``payload`` is None when the entry was trimmed or deleted before it was read."""
+    """One stream entry as read. ``payload`` is None when the entry was trimmed or deleted before it was read, or
+    when it has no ``payload`` field (a producer of its own named it otherwise): ``other_fields`` then names the
+    fields it has, and is empty for an entry that is gone."""
 
     entry_id: str
     payload: bytes | None
     deliveries: int = 1
+    other_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -595,7 +598,7 @@ class StreamClient:
         entries: list[StreamEntry] = []
         for _stream, items in reply or []:
             for entry_id, fields in items:
-                entries.append(StreamEntry(_text(entry_id), (fields or {}).get(PAYLOAD.encode())))
+                entries.append(_read_entry(entry_id, fields))
         return entries
 
     def read_new(self, stream: str, group: str, consumer: str, count: int, block_ms: int | None) -> list[StreamEntry]:
@@ -617,7 +620,7 @@ class StreamClient:
             "pending_counts",
         )
         counts = {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
-        return [StreamEntry(e.entry_id, e.payload, counts.get(e.entry_id, 1)) for e in entries]
+        return [replace(entry, deliveries=counts.get(entry.entry_id, 1)) for entry in entries]
 
     def read_own_pending(
         self, stream: str, group: str, consumer: str, count: int, after_id: str = "0"
@@ -652,7 +655,7 @@ class StreamClient:
 
         trimmed, reply = self._call(lambda: self._in_group(stream, group, claim), "claim_stale")
         letters = [DeadLetter(_text(entry_id), None, ENTRY_TRIMMED, _text(detail)) for entry_id, detail in trimmed]
-        claimed = [StreamEntry(_text(entry_id), _payload_field(fields)) for entry_id, fields in reply]
+        claimed = [_read_entry(entry_id, _flat_fields(fields)) for entry_id, fields in reply]
         if letters:
             logger.warning(
                 "pending entries were trimmed before they were claimed: dead-lettered",
@@ -894,13 +897,19 @@ def _dead_letter_fields(letter: DeadLetter, source_stream: str) -> dict[str, str
     return fields
 
 
-def _payload_field(fields: Any) -> bytes | None:
-    """The payload of an entry as a Lua script returns it: a flat ``[name, value, ...]`` list (None: no fields)."""
-    if not fields:
-        return None
-    values = dict(zip(fields[::2], fields[1::2], strict=True))
-    payload = values.get(PAYLOAD.encode())
-    return payload if isinstance(payload, bytes) else None
+def _flat_fields(fields: Any) -> dict[bytes, Any]:
+    """The fields of an entry as a Lua script returns them: a flat ``[name, value, ...]`` list (None: no fields)."""
+    return dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {}
+
+
+def _read_entry(entry_id: bytes | str, fields: dict[bytes, Any] | None) -> StreamEntry:
+    """An entry from its id and fields as read (none: trimmed or deleted), naming its fields when ``payload`` is not
+    one of them."""
+    payload = (fields or {}).get(PAYLOAD.encode())
+    if isinstance(payload, bytes):
+        return StreamEntry(_text(entry_id), payload)
+    names = tuple(name.decode(errors="replace") for name in fields or {})
+    return StreamEntry(_text(entry_id), None, other_fields=names)
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -33,7 +33,16 @@ from pipeline.batching import check_one_to_one, collect_batch
 from pipeline.codec import CodecError, CodecErrorReason, decode_frame, decode_pixels, encode_decision, peek_frame_ref
 from pipeline.config import Config
 from pipeline.messages import Decision, Frame, StageTimings, Verdict, error_decision, now_ns, pack_anomaly_map
-from pipeline.streams import ENTRY_TRIMMED, SCORER_GROUP, Commit, DeadLetter, LineKeys, StreamEntry, entry_time_s
+from pipeline.streams import (
+    ENTRY_TRIMMED,
+    PAYLOAD,
+    SCORER_GROUP,
+    Commit,
+    DeadLetter,
+    LineKeys,
+    StreamEntry,
+    entry_time_s,
+)
 from workers.in_hand import InHand
 from workers.lifecycle import WorkerRuntime
 
@@ -283,6 +292,13 @@ class ScoreWorker:
         for entry in entries:
             item = Pending(entry, read_at_s=time.time())
             prepared.append(item)
+            if entry.payload is None and entry.other_fields:  # published without the payload field
+                detail = (
+                    f"entry has no '{PAYLOAD}' field (its fields: {', '.join(entry.other_fields)}); publish "
+                    f"frames as XADD {self.keys.frames} MAXLEN ~ <streams.maxlen> * {PAYLOAD} <msgpack map>"
+                )
+                self._reject(item, CodecErrorReason.NOT_A_MESSAGE.value, detail)
+                continue
             if entry.payload is None:  # only when re-reading own pending entries: claims dead-letter these themselves
                 detail = "trimmed from the stream before this worker re-read it"
                 item.dead_letter = DeadLetter(entry.entry_id, None, ENTRY_TRIMMED, detail)

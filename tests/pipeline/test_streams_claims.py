@@ -89,3 +89,20 @@ def test_keeping_leaves_a_trimmed_entry_pending_for_its_dead_letter(client: Stre
     client.redis.xtrim(keys.frames, maxlen=1, approximate=False)
     assert client.keep_claimed(keys.frames, SCORER_GROUP, "owner", ids) == []
     assert pending_on(client, keys) == {ids[0]: "owner", ids[1]: "owner"}
+
+
+def test_an_entry_without_a_payload_field_is_told_from_a_trimmed_one_however_it_is_read(
+    client: StreamClient, keys: LineKeys
+) -> None:
+    # An entry that camera software of its own published under another field name was read as a trimmed one: the
+    # scorer dead-lettered it entry_trimmed, sending its integrator looking for a backlog the line did not have.
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    misnamed = client.redis.xadd(keys.frames, {"frame": b"x", "camera": b"c"}).decode()
+    gone = client.publish(keys.frames, b"frame")
+    new, _ = client.read_new(keys.frames, SCORER_GROUP, "killed", 10, None)
+    client.redis.xdel(keys.frames, gone)
+    own, own_gone = client.read_own_pending(keys.frames, SCORER_GROUP, "killed", 10)
+    (claimed,) = client.claim_stale(keys.frames, SCORER_GROUP, "claimer", 0, 10, keys.deadletter).entries
+    for entry in (new, own, claimed):
+        assert (entry.entry_id, entry.payload, entry.other_fields) == (misnamed, None, ("frame", "camera"))
+    assert (own_gone.entry_id, own_gone.payload, own_gone.other_fields) == (gone, None, ())

@@ -8,7 +8,9 @@ into floats) so that offline scoring (``lineinspect score``) and the streaming w
 Files and frames decode the same way (``decode_image`` on their bytes): in their stored orientation, an EXIF
 orientation tag ignored (raw frames carry none), alpha dropped. Before decoding, the header is read
 (``read_header``): a file announcing more than ``MAX_FILE_PIXELS`` or holding several images (a multi-page TIFF)
-is refused, naming the file, rather than decoded whole or read as its first page.
+is refused, naming the file, rather than decoded whole or read as its first page; so is PNG or JPEG data that does
+not hold its whole image (cut short; for JPEG, whose structure is walked to its end in ``models.jpeg``, also
+malformed or missing data inside).
 No torch here: the pipeline imports this module to decode frames.
 """
 
@@ -23,6 +25,8 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from models.jpeg import JPEG_SIGNATURE, TRUNCATED, walk_jpeg
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Files announcing more pixels are refused before decoding (an 875 KB PNG of 30000 x 30000 took 3.6 GB to read);
 # below Pillow's own refusal (2 x 89.5 MP), which reads the headers of formats other than PNG and JPEG. Stream frames
@@ -31,10 +35,6 @@ MAX_FILE_PIXELS = 2**27
 # Float pixels are read as [0, 1]; this much rounding beyond either end (half an 8-bit grey level) is clipped.
 FLOAT_RANGE_SLACK = 0.5 / 255.0
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-JPEG_SIGNATURE = b"\xff\xd8"
-# JPEG start-of-frame markers (SOF0-SOF15 less DHT C4, JPG C8, DAC CC) carry the image's height and width.
-JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-JPEG_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD8)])
 
 
 class ImageError(ValueError):
@@ -46,11 +46,12 @@ class ImageTooLargeError(ImageError):
 
 
 class Header(NamedTuple):
-    """What an encoded image's header says, nothing decoded."""
+    """What an encoded image's header says, nothing decoded; for PNG and JPEG also whether the data is whole."""
 
     width: int
     height: int
     images: int  # pages of a TIFF, frames of an animated WebP; PNG and JPEG are read as one image
+    damage: str | None = None  # PNG, JPEG: why the data does not hold the whole image (cut short...), None if it does
 
 
 def png_size(data: bytes) -> tuple[int, int] | None:
@@ -60,49 +61,24 @@ def png_size(data: bytes) -> tuple[int, int] | None:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` from a JPEG's first start-of-frame segment, or None when none precedes the scan."""
-    if not data.startswith(JPEG_SIGNATURE):
-        return None
-    position = 2
-    while position + 4 <= len(data):
-        if data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
-        if marker in JPEG_STANDALONE_MARKERS:
-            position += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
-            return None
-        if marker in JPEG_SOF_MARKERS:
-            if position + 9 > len(data):
-                return None
-            height = int.from_bytes(data[position + 5 : position + 7], "big")
-            return int.from_bytes(data[position + 7 : position + 9], "big"), height
-        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-    return None
-
-
-def cut_short(data: bytes) -> str | None:
-    """Why PNG or JPEG data ends before its last marker (end of image; a PNG's IEND chunk), or None. Checked before
-    decoding: OpenCV 4 decodes a JPEG cut short with a warning on stderr and grey where the data is missing."""
-    if data.startswith(JPEG_SIGNATURE) and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):  # EOI after last SOS
-        return "JPEG data ends before its end-of-image marker"
-    if data.startswith(PNG_SIGNATURE) and data.rfind(b"IEND") < 0:
-        return "PNG data ends before its IEND chunk"
-    return None
-
-
 def read_header(data: bytes, name: str) -> Header | None:
-    """The header of PNG or JPEG data (parsed here) or of another format Pillow knows (it reads headers only), or
-    None when none can be read (cv2 may still decode the data, up to its own limit of 2**30 pixels). Raises
+    """The header of PNG or JPEG data (parsed here, and the data's structure checked to its end: ``damage``) or of
+    another format Pillow knows (it reads headers only), or None when none can be read (cv2 may still decode the
+    data, up to its own limit of 2**30 pixels). Raises ImageError for PNG or JPEG data whose size cannot be read, and
     ImageTooLargeError for a header beyond Pillow's own decompression-bomb limit."""
-    if data.startswith(PNG_SIGNATURE) or data.startswith(JPEG_SIGNATURE):
-        size = png_size(data) if data.startswith(PNG_SIGNATURE) else jpeg_size(data)
-        return None if size is None else Header(size[0], size[1], 1)
+    if data.startswith(JPEG_SIGNATURE):
+        layout = walk_jpeg(data)
+        if layout.size is None:
+            msg = f"{name}: {layout.problem}"
+            raise ImageError(msg)
+        return Header(layout.size[0], layout.size[1], 1, layout.problem)
+    if data.startswith(PNG_SIGNATURE):
+        size = png_size(data)
+        if size is None:
+            msg = f"{name}: PNG without the IHDR chunk that must follow its signature"
+            raise ImageError(msg)
+        cut_short = None if data.rfind(b"IEND") >= 0 else f"PNG data ends before its IEND chunk: {TRUNCATED}"
+        return Header(size[0], size[1], 1, cut_short)
     import PIL.Image  # headers of TIFF, BMP, WebP...; not needed for stream frames (PNG and JPEG)
 
     try:
@@ -205,7 +181,8 @@ def decode_image(data: bytes, name: str = "<bytes>", keep_depth: bool = False,
                  max_pixels: int | None = MAX_FILE_PIXELS) -> np.ndarray:  # fmt: skip
     """Decode JPEG/PNG/... bytes to RGB uint8 ``(H, W, 3)`` (``keep_depth``: 16-bit images stay uint16, as the
     scorer wants them); raises ImageError naming ``name``. The header is read first: more than ``max_pixels`` (None:
-    checked by the caller) raises ImageTooLargeError, several images (a multi-page TIFF) ImageError."""
+    checked by the caller) raises ImageTooLargeError; several images (a multi-page TIFF), or PNG or JPEG data not
+    holding its whole image (``Header.damage``), ImageError."""
     if not data:
         msg = f"{name}: empty image data"
         raise ImageError(msg)
@@ -219,9 +196,8 @@ def decode_image(data: bytes, name: str = "<bytes>", keep_depth: bool = False,
         msg = (f"{name}: {header.width}x{header.height} is {pixels} pixels, more than the {max_pixels} an image may "
                "hold; refused before decoding (scale it down if it is a real picture)")  # fmt: skip
         raise ImageTooLargeError(msg)
-    truncation = cut_short(data)
-    if truncation is not None:
-        msg = f"{name}: {truncation}: truncated (a file still being written, or a copy or transfer cut short)"
+    if header is not None and header.damage is not None:  # checked after the size: a header alone is too large
+        msg = f"{name}: {header.damage}"
         raise ImageError(msg)
     buffer = np.frombuffer(data, dtype=np.uint8)
     return _decoded_to_rgb(cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED), name, keep_depth)

@@ -176,16 +176,18 @@ def decode_pixels(frame: Frame, max_pixels: int | None = None) -> np.ndarray:
     decode TIFF, WebP and more, whose sizes are not checked here and whose pixel types it cannot always convert.
     Any other failure while decoding becomes an ``undecodable_image`` CodecError for this frame alone.
     """
-    from models.images import ImageError, decode_image, to_rgb
+    from models.images import ImageError, ImageTooLargeError, decode_image, to_rgb
 
     name = f"frame {frame.frame_id}"
     try:
         if frame.encoding != "raw":
-            _check_encoded_size(frame, max_pixels)  # the line's limit, so none of the files' limit
-            return decode_image(frame.data, name=name, keep_depth=True, max_pixels=None)
+            _check_png_or_jpeg(frame)
+            return decode_image(frame.data, name=name, keep_depth=True, max_pixels=max_pixels)  # the line's limit
         return to_rgb(_raw_array(frame, max_pixels), name=name)
     except CodecError:
         raise
+    except ImageTooLargeError as error:
+        raise CodecError(CodecErrorReason.IMAGE_TOO_LARGE, f"{error}; the limit is streams.max_frame_pixels") from None
     except ImageError as error:
         raise CodecError(CodecErrorReason.UNDECODABLE_IMAGE, str(error)) from None
     except Exception as error:  # cv2.error, MemoryError...: one frame's pixels must never fail its batch
@@ -193,28 +195,19 @@ def decode_pixels(frame: Frame, max_pixels: int | None = None) -> np.ndarray:
         raise CodecError(CodecErrorReason.UNDECODABLE_IMAGE, msg) from None
 
 
-def _check_encoded_size(frame: Frame, max_pixels: int | None) -> None:
-    """Raise CodecError unless ``frame.data`` is a PNG or JPEG whose header size is within ``max_pixels``."""
-    from models.images import JPEG_SIGNATURE, PNG_SIGNATURE, jpeg_size, png_size
+def _check_png_or_jpeg(frame: Frame) -> None:
+    """Raise CodecError unless ``frame.data`` starts as a PNG or a JPEG, the formats whose headers ``decode_image``
+    reads itself (size, and whether the data is whole) before decoding."""
+    from models.images import PNG_SIGNATURE
+    from models.jpeg import JPEG_SIGNATURE
 
     data = frame.data
     if not data:
         msg = f"frame {frame.frame_id}: {frame.encoding} data is empty (0 bytes)"
         raise CodecError(CodecErrorReason.UNDECODABLE_IMAGE, msg)
-    if data.startswith(PNG_SIGNATURE):
-        size = png_size(data)
-        if size is None:
-            msg = f"frame {frame.frame_id}: PNG without an IHDR header"
-            raise CodecError(CodecErrorReason.UNDECODABLE_IMAGE, msg)
-    elif data.startswith(JPEG_SIGNATURE):
-        size = jpeg_size(data)
-        if size is None:
-            msg = f"frame {frame.frame_id}: JPEG without a frame (SOF) header"
-            raise CodecError(CodecErrorReason.UNDECODABLE_IMAGE, msg)
-    else:
+    if not data.startswith(PNG_SIGNATURE) and not data.startswith(JPEG_SIGNATURE):
         msg = f"frame {frame.frame_id}: {frame.encoding} data is neither PNG nor JPEG (starts {data[:8]!r})"
         raise CodecError(CodecErrorReason.UNDECODABLE_IMAGE, msg)
-    _check_pixels(frame, size[0], size[1], max_pixels)
 
 
 def _check_pixels(frame: Frame, width: int, height: int, max_pixels: int | None) -> None:

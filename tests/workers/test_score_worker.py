@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -74,6 +75,8 @@ def test_bad_frames_are_dead_lettered_with_their_reason_and_the_worker_keeps_goi
     assert len(by_frame) == 6
     named = {letter["reason"]: letter["frame_id"] for letter in client.dead_letters(keys)}
     assert named["unknown_schema_version"] == "from-the-future" and named["oversized_frame"] == oversized.frame_id
+    details = {letter["reason"]: letter["detail"] for letter in client.dead_letters(keys)}
+    assert re.search(r"JPEG data ends inside its APP0 segment .*: truncated", details["undecodable_image"])
     assert named["not_msgpack"] == ""
     assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
     assert (

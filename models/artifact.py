@@ -11,6 +11,8 @@
                       state dicts read back with ``weights_only=True``
       position_stats.npz  per-pixel mean and std of held-out good maps (``models.normalisation``), when fitted
       registration.npz    the good frames' reference pose (``models.registration``), when frames are registered
+      inspection_mask.png the pixels inspected, 0/255 (``models.inspection_mask``), when the model has a mask (also in
+                      each fusion member)
       fusion-1-padim/ ... one complete artifact per ``[fusion]`` member (no threshold of its own), recorded in the
                       manifest by directory and content hash
 
@@ -44,6 +46,8 @@ import numpy as np
 import torch
 
 from models.errors import ArtifactError
+from models.inspection_mask import FILE as MASK_FILE
+from models.inspection_mask import InspectionMask, MaskError
 from models.methods import method_class
 from models.normalisation import STATS_FILE, PositionStats
 from models.registration import FILE as REGISTRATION_FILE
@@ -237,6 +241,11 @@ def _write_scorer(scorer: Scorer, model_dir: Path, member: bool) -> str:
     registration = None if member else scorer.registration
     if registration is not None:
         files.append(registration.save(model_dir))
+    model = scorer.model_settings.model_dump(mode="json")
+    del model["inspection_mask"]  # recorded only with a mask: lineinspect before masks loads the other models
+    if scorer.inspection_mask is not None:  # the name of the stored copy, not the path it was read from
+        model["inspection_mask"] = scorer.inspection_mask.save(model_dir)
+        files.append(model["inspection_mask"])
     fusion = []
     for position, companion in enumerate(scorer.companions, start=1):
         name = f"fusion-{position}-{companion.method.name}"
@@ -244,7 +253,7 @@ def _write_scorer(scorer: Scorer, model_dir: Path, member: bool) -> str:
         fusion.append({"dir": name, "content_hash": read_manifest(model_dir / name)["content_hash"]})
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
-        "model": scorer.model_settings.model_dump(mode="json"),
+        "model": model,
         "method": {"name": scorer.method.name} | section,
         "scoring": scorer.scoring.model_dump(mode="json"),
         "threshold": asdict(scorer.threshold) if scorer.threshold else None,
@@ -347,6 +356,7 @@ def load_scorer(model_dir: Path, device: str = "auto") -> Scorer:
         msg = f"{model_dir}/{MANIFEST} records a registration but does not list {REGISTRATION_FILE}"
         raise ArtifactError(msg)
     registration = Registration.load(model_dir) if registered else None
+    mask = _inspection_mask(model_dir, model_settings, manifest)
     method = cls.load(model_dir, section, model_settings, resolve_device(device))
     companions = []
     for name, content_hash in fusion:
@@ -354,10 +364,24 @@ def load_scorer(model_dir: Path, device: str = "auto") -> Scorer:
         companions.append(load_scorer(model_dir / name, device))
     try:
         return Scorer(method, model_settings, scoring, training, threshold, str(manifest["model_id"]), stats,
-                      companions, registration)  # fmt: skip
+                      companions, registration, mask)  # fmt: skip
     except ValueError as error:
         msg = f"{model_dir}: {error}"
         raise ArtifactError(msg) from None
+
+
+def _inspection_mask(model_dir: Path, model_settings: ModelSettings, manifest: dict[str, Any]) -> InspectionMask | None:
+    """The model's stored inspection mask, or None; raises ArtifactError when the manifest and files disagree."""
+    name = model_settings.inspection_mask
+    if name is None:
+        return None
+    if str(name) != MASK_FILE or MASK_FILE not in manifest.get("files", {}):
+        msg = f"{model_dir}/{MANIFEST} records an inspection mask ({name}) but does not list {MASK_FILE}"
+        raise ArtifactError(msg)
+    try:
+        return InspectionMask.load(model_dir)
+    except MaskError as error:
+        raise ArtifactError(str(error)) from None
 
 
 def update_threshold(model_dir: Path, threshold: Threshold) -> str:

@@ -30,7 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.datasets import image_shape
 from models.images import ImageError, read_image
+from models.inspection_mask import InspectionMask, MaskError
 from models.intensity import choose_intensity
 from models.methods import method_class
 from models.normalisation import PositionStatsBuilder
@@ -91,6 +93,7 @@ class TrainingImages:
     intensity: IntensitySetting = "raw"
     skipped: list[str] = field(default_factory=list)
     registration: Registration | None = None  # frames moved into the good frames' pose first
+    inspection_mask: InspectionMask | None = None  # ignored pixels flat grey (models.inspection_mask)
     _unreadable: set[Path] = field(default_factory=set)
     _pieces: dict[Path, int] = field(default_factory=dict)
 
@@ -143,7 +146,7 @@ class TrainingImages:
     def _prepared(self, batch: list[np.ndarray]) -> torch.Tensor:
         if self.registration is not None:
             batch = self.registration.align(batch)[0]
-        return preprocess(batch, self.image_size, self.resize, self.intensity)
+        return preprocess(batch, self.image_size, self.resize, self.intensity, self.inspection_mask)
 
 
 def fit_scorer(
@@ -164,6 +167,7 @@ def fit_scorer(
                     "synthetic defects rose from 54 with 10 good images to 73 with 50, 85 with 200 and 92 with 591 "
                     "(benchmarks/RESULTS.md section 7); fit again as more good images come",
                     len(image_paths))  # fmt: skip
+    mask = _inspection_mask(config.model.inspection_mask, image_paths)
     fit_paths, holdout_paths = holdout_split(image_paths, holdout_fraction)
     if len(holdout_paths) < MIN_GOOD_IMAGES or len(fit_paths) < MIN_FIT_IMAGES:
         if holdout_fraction > 0:
@@ -198,16 +202,16 @@ def fit_scorer(
         normalisation_paths = []
     skipped: list[str] = []
     registered = registration.registration
-    scorer = _fit_one(config, fit_paths, normalisation_paths, progress, skipped, source, registered)
+    scorer = _fit_one(config, fit_paths, normalisation_paths, progress, skipped, source, registered, mask)
     if config.fusion_members and scorer.position_stats is None:
         log.warning("fusion averages per-pixel z-scores and these good images are too few for position statistics: "
                     "fitted %s alone", config.model.method)  # fmt: skip
     elif config.fusion_members:
         companions = [_fit_one(config.member_config(member), fit_paths, normalisation_paths, progress, [], source,
-                               registered) for member in config.fusion_members]  # fmt: skip
+                               registered, mask) for member in config.fusion_members]  # fmt: skip
         scorer = Scorer(scorer.method, scorer.model_settings, scoring, scorer.training,
                         position_stats=scorer.position_stats, companions=companions,
-                        registration=registered)  # fmt: skip
+                        registration=registered, inspection_mask=mask)  # fmt: skip
     if holdout_paths:
         good_scores = score_paths(scorer, holdout_paths, config.scoring.batch_size, progress,
                                   "fit: calibrating on held-out good", skipped)  # fmt: skip
@@ -232,17 +236,18 @@ def _fit_one(
     skipped: list[str],
     source: str,
     registration: Registration | None,
+    inspection_mask: InspectionMask | None,
 ) -> Scorer:
     """``config.model.method`` fitted on ``fit_paths``, position statistics from ``normalisation_paths``; files that
     cannot be read are added to ``skipped``."""
     scoring = config.scoring
     model = config.model
     images = TrainingImages(fit_paths, model.image_size, scoring.batch_size, model.resize, model.intensity, skipped,
-                            registration)  # fmt: skip
+                            registration, inspection_mask)  # fmt: skip
     images.require_one()
     method = method_class(config.model.method).fit(images, config, resolve_device(config.model.device), progress)
     scorer = Scorer(method, config.model, scoring, TrainingSummary(images=images.frames, source=source),
-                    registration=registration)  # fmt: skip
+                    registration=registration, inspection_mask=inspection_mask)  # fmt: skip
     if normalisation_paths:
         builder = PositionStatsBuilder()
         desc = f"fit: position statistics ({method.name})"
@@ -253,6 +258,28 @@ def _fit_one(
     elif scoring.normalise_positions:
         log.warning("too few good images to keep some out for position statistics: maps stay unnormalised")
     return scorer
+
+
+def _inspection_mask(path: Path | None, image_paths: Sequence[Path]) -> InspectionMask | None:
+    """The mask ``[model] inspection_mask`` names, checked against every training image's aspect (from headers;
+    unreadable images are left to the warnings that skip them). Raises MaskError naming the problem."""
+    if path is None:
+        return None
+    mask = InspectionMask.from_image(path)
+    mismatched: list[str] = []
+    for image_path in image_paths:
+        shape = image_shape(image_path)
+        try:
+            if shape is not None:
+                mask.check_frame(shape[0], shape[1], str(image_path))
+        except MaskError as error:
+            mismatched.append(str(error))
+    if mismatched:
+        msg = (f"{len(mismatched)} of {len(image_paths)} good images do not have the aspect of the inspection mask "
+               f"{path}, e.g. {mismatched[0]}")  # fmt: skip
+        raise MaskError(msg)
+    log.info("inspection mask %s: %s", path, mask.describe())
+    return mask
 
 
 def score_paths(

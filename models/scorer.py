@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from models.backbones import shared_backbone_pass
 from models.images import to_rgb
+from models.inspection_mask import InspectionMask, apply_to_inputs, input_shares
 from models.methods.base import AnomalyMethod, MethodOutput
 from models.normalisation import PositionStats
 from models.registration import Registration
@@ -136,7 +137,11 @@ STANDARD_MEAN, STANDARD_STD = 0.449, 0.226  # ImageNet's pixel mean and standard
 
 
 def preprocess(
-    images: Sequence[np.ndarray], image_size: int, resize: Resize = "stretch", intensity: IntensitySetting = "raw"
+    images: Sequence[np.ndarray],
+    image_size: int,
+    resize: Resize = "stretch",
+    intensity: IntensitySetting = "raw",
+    mask: InspectionMask | None = None,
 ) -> torch.Tensor:
     """Frames -> ``(T, 3, S, S)`` float32, in [0, 1] when ``intensity="raw"``; ``T = N`` unless ``resize="tile"``,
     then the frames' pieces in order (``models.tiling``).
@@ -147,10 +152,14 @@ def preprocess(
     frame (all channels alike, so colours keep their balance; all of a frame's pieces alike) to mean
     ``STANDARD_MEAN`` and standard deviation ``STANDARD_STD`` over its content: exposure and gain differences
     between frames no longer reach the features. ``intensity="auto"`` is an error: fitting resolves it
-    (``models.intensity``) and models store the result.
+    (``models.intensity``) and models store the result. With an inspection ``mask`` (``models.inspection_mask``;
+    not when tiling) the standardisation looks at inspected pixels only and the ignored ones end flat grey.
     """
     if intensity == "auto":
         msg = "intensity 'auto' must be resolved to 'raw' or 'standardise' when fitting (models/intensity.py)"
+        raise ValueError(msg)
+    if mask is not None and resize == "tile":
+        msg = "an inspection mask cannot be used with resize 'tile' (pieces of frames of any length)"
         raise ValueError(msg)
     resized: list[np.ndarray] = []
     boxes: list[tuple[int, int, int, int]] = []
@@ -176,14 +185,24 @@ def preprocess(
             resized.append(scaled)
             boxes.append((top, left, box_h, box_w))
     batch = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float().div_(255.0)
+    shares = [input_shares(mask, box, image_size) for box in boxes]
     if intensity == "standardise":
         for rows, grey_level in zip(frame_rows, grey_levels, strict=True):
-            content = torch.cat([batch[row, :, top : top + h, left : left + w].reshape(-1)
-                                 for row, (top, left, h, w) in ((row, boxes[row]) for row in rows)])  # fmt: skip
+            content = torch.cat([_content(batch[row], boxes[row], shares[row]) for row in rows])
             mean, std = content.mean(), content.std().clamp_min(grey_level)
             for row in rows:
                 batch[row].sub_(mean).mul_(STANDARD_STD / std).add_(STANDARD_MEAN)
+    apply_to_inputs(batch, shares)
     return batch
+
+
+def _content(frame: torch.Tensor, box: tuple[int, int, int, int], shares: np.ndarray | None) -> torch.Tensor:
+    """The values of ``frame`` ``(3, S, S)`` inside its content ``box``, only its inspected pixels with ``shares``."""
+    top, left, height, width = box
+    content = frame[:, top : top + height, left : left + width]
+    if shares is None:
+        return content.reshape(-1)
+    return content[:, torch.from_numpy(shares[top : top + height, left : left + width] > 0.5)].reshape(-1)
 
 
 def crop_to_frames(maps: torch.Tensor, shapes: Sequence[tuple[int, int]], resize: Resize) -> torch.Tensor:
@@ -228,6 +247,7 @@ class Scorer:
         position_stats: PositionStats | None = None,
         companions: Sequence[Scorer] = (),
         registration: Registration | None = None,
+        inspection_mask: InspectionMask | None = None,
     ) -> None:
         if position_stats is not None and position_stats.image_size != model_settings.image_size:
             msg = f"position statistics of {position_stats.image_size} px for a {model_settings.image_size} px model"
@@ -242,9 +262,16 @@ class Scorer:
         self.offsets = shift_offsets(scoring.shift_pixels, scoring.shift_pattern)
         self.companions: tuple[Scorer, ...] = tuple(companions)
         self.registration = registration
+        self.inspection_mask = inspection_mask
+        if inspection_mask is not None and model_settings.resize == "tile":
+            msg = "an inspection mask cannot be used with resize 'tile' (pieces of frames of any length)"
+            raise ValueError(msg)
         ours = _shared_settings(model_settings, scoring)
         for companion in companions:
             theirs = _shared_settings(companion.model_settings, companion.scoring)
+            if companion.inspection_mask != inspection_mask:
+                msg = f"cannot fuse {companion.method.name} with {method.name}: their inspection masks differ"
+                raise ValueError(msg)
             if ours != theirs or companion.companions:
                 msg = (
                     f"cannot fuse {companion.method.name} with {method.name}: resize, intensity and "
@@ -263,7 +290,8 @@ class Scorer:
             size = "" if member.image_size == self.image_size else f" at {member.image_size} px"
             parts.append(f"{member.method.name}{size} ({member.method.describe()})")
         registered = ", frames registered to the good frames' pose" if self.registration is not None else ""
-        return " + ".join(parts) + registered
+        masked = f", {self.inspection_mask.describe()}" if self.inspection_mask is not None else ""
+        return " + ".join(parts) + registered + masked
 
     def with_scoring(self, scoring: ScoringSettings) -> Scorer:
         """The same fitted model scored with other settings (e.g. shifting on), sharing its fitted state; companions
@@ -271,7 +299,7 @@ class Scorer:
         shared = {key: getattr(scoring, key) for key in SHARED_SCORING_KEYS}
         companions = [c.with_scoring(c.scoring.model_copy(update=shared)) for c in self.companions]
         return Scorer(self.method, self.model_settings, scoring, self.training, self.threshold, self.model_id,
-                      self.position_stats, companions, self.registration)  # fmt: skip
+                      self.position_stats, companions, self.registration, self.inspection_mask)  # fmt: skip
 
     def _views(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Preprocessed, shifted views ``(N * V, 3, S, S)`` and the frames' ``(height, width)``."""
@@ -279,7 +307,8 @@ class Scorer:
             msg = "score() needs at least one image"
             raise ValueError(msg)
         model = self.model_settings
-        views = shifted_views(preprocess(images, self.image_size, model.resize, model.intensity), self.offsets)
+        batch = preprocess(images, self.image_size, model.resize, model.intensity, self.inspection_mask)
+        views = shifted_views(batch, self.offsets)
         return views, [(image.shape[0], image.shape[1]) for image in images]
 
     def _raw_maps(self, views: torch.Tensor, shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, MethodOutput, float]:
@@ -384,7 +413,11 @@ class Scorer:
         if self.position_stats is not None and self.scoring.normalise_positions:
             aggregated = self.position_stats.apply(aggregated)
         tiled = self.model_settings.resize == "tile"
-        maps = gaussian_blur(stitch_tiles(aggregated, shapes) if tiled else aggregated, self.scoring.smoothing_sigma)
+        mask, sigma = self.inspection_mask, self.scoring.smoothing_sigma
+        if mask is not None:
+            maps = self._masked_smoothing(aggregated, mask)
+        else:
+            maps = gaussian_blur(stitch_tiles(aggregated, shapes) if tiled else aggregated, sigma)
         if output.view_scores is not None:
             scores = aggregate_view_scores(output.view_scores.float(), self.offsets, self.scoring.shift_aggregate)
             if tiled:  # a frame scores as its worst piece
@@ -392,7 +425,14 @@ class Scorer:
         elif self.scoring.image_score == "max":
             scores = maps.flatten(1).amax(dim=1)
         else:  # mean of the top_k patch scores among all of the frame's patches (all its pieces' when tiling)
-            grid_scores = F.adaptive_avg_pool2d(aggregated[:, None], (grid_h, grid_w)).flatten(1)
+            if mask is None:
+                grid_scores = F.adaptive_avg_pool2d(aggregated[:, None], (grid_h, grid_w)).flatten(1)
+            else:  # each cell's mean over its inspected pixels, cells mostly ignored left out
+                inspected = mask.pixels(self.image_size).float()[None, None]
+                sums = F.adaptive_avg_pool2d(aggregated[:, None] * inspected, (grid_h, grid_w)).flatten(1)
+                shares = F.adaptive_avg_pool2d(inspected, (grid_h, grid_w)).flatten(1)
+                counted = mask.cells(self.image_size, grid_h, grid_w)
+                grid_scores = (sums / shares.clamp_min(1e-6))[:, counted]
             frames = split_by_frame(grid_scores, shapes) if tiled else grid_scores[:, None]
             scores = torch.stack([cells.flatten().topk(min(self.scoring.top_k, cells.numel())).values.mean()
                                   for cells in frames])  # fmt: skip
@@ -403,6 +443,16 @@ class Scorer:
         timings = StageTimings(output.embed_s, output.search_s, finished - started_post)
         shifted = np.full(len(shapes), len(self.offsets) > 1)
         return ScoreBatch(scores.numpy().astype(np.float32), maps.numpy().astype(np.float32), timings, shifted)
+
+    def _masked_smoothing(self, maps: torch.Tensor, mask: InspectionMask) -> torch.Tensor:
+        """``(N, S, S)`` maps smoothed over inspected pixels only (each pixel's Gaussian average of its inspected
+        neighbours), ignored pixels set to their frame's lowest inspected value."""
+        inspected = mask.pixels(self.image_size)
+        weights = inspected.float()
+        sigma = self.scoring.smoothing_sigma
+        smoothed = gaussian_blur(maps * weights, sigma) / gaussian_blur(weights[None], sigma).clamp_min(1e-6)
+        lowest = smoothed[:, inspected].amin(dim=1)
+        return torch.where(inspected, smoothed, lowest[:, None, None])
 
     def verdicts(self, scores: np.ndarray) -> list[bool]:
         """True = fail (anomalous). Raises when the model has no threshold yet."""

@@ -81,6 +81,12 @@ class ModelSettings(_Section):
         "its heatmap moved back, for parts that sit a few pixels or degrees off on their fixture; auto: on when "
         "fitting finds the good frames share a layout (models/registration.py), off for textures and free tiles.",
     )
+    inspection_mask: Path | None = Field(
+        default=None,
+        description="An image drawn over a good frame as the camera delivers it: white (grey >= 128) is inspected, "
+        "black ignored (a lot code, a label, a clamp). Read when fitting and stored in the model; frames must have "
+        "its aspect. None inspects every pixel. Not with resize 'tile' (models/inspection_mask.py).",
+    )
     feature_dim: int | None = Field(
         default=None, ge=8, description="Reduce patch features to this many channels; None keeps all of them."
     )
@@ -93,6 +99,14 @@ class ModelSettings(_Section):
     @classmethod
     def _odd_kernel(cls, value: int) -> int:
         return _odd("model.aggregation_kernel", value)
+
+    @model_validator(mode="after")
+    def _mask_needs_one_geometry(self) -> ModelSettings:
+        if self.inspection_mask is not None and self.resize == "tile":
+            msg = ("model.inspection_mask cannot be used with model.resize = 'tile': tiling cuts frames of any length "
+                   "into pieces, and a mask needs frames of one geometry")  # fmt: skip
+            raise ValueError(msg)
+        return self
 
 
 class BankSettings(_Section):
@@ -369,7 +383,7 @@ class NpadSettings(_Section):
 # Fused methods see the frames preprocessed and shifted alike and their maps are averaged pixel by pixel: these
 # must be the same for every member, so a member may not override them. A member may have its own image_size (its
 # maps are resized to [model] image_size before the mean).
-SHARED_MODEL_KEYS = ("method", "resize", "intensity", "registration", "device")
+SHARED_MODEL_KEYS = ("method", "resize", "intensity", "registration", "inspection_mask", "device")
 SHARED_SCORING_KEYS = (
     "shift_pixels", "shift_pattern", "shift_aggregate", "shift_only_failing", "batch_size", "normalise_positions",
     "normalisation_fraction", "map_baseline",

@@ -1,0 +1,155 @@
+"""Inspection masks: the part of the frame a line inspects; the rest (a lot code printed on every part, a label, a
+clamp of the fixture) is ignored.
+
+A mask is an image drawn over a good frame as the camera delivers it (with registration on, in the good frames'
+pose, which a good frame has): pixels of grey level 128 or more are inspected, darker ones ignored. It is stored at
+its own resolution as ``inspected`` ``(H0, W0)`` bool and resized to wherever it is used, so it may be drawn at any
+scale of the frame (same aspect).
+
+It acts twice, in fitting and scoring alike (``models.scorer``):
+
+1. Before the backbone (``preprocess``): each frame's ignored pixels of its ``(3, S, S)`` input are set to one flat
+   grey (``FILL``) after its intensity standardisation, whose mean and spread are taken over inspected pixels only.
+   Whatever appears there never reaches the features: every method, its image score included, sees the same grey in
+   every frame.
+2. After the method (``Scorer``): maps ``(N, S, S)`` are smoothed over inspected pixels only (a normalised
+   convolution, so a defect at the mask's edge is not diluted by the grey), image scores come from inspected pixels
+   and patch cells only, and ignored pixels of the heatmap read as the frame's lowest inspected value.
+
+``resize = "tile"`` cannot take a mask (it cuts frames of any length into pieces; a mask needs one geometry).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from models.images import ImageError, read_image
+
+FILE = "inspection_mask.png"
+FILL = 0.449  # ImageNet's pixel mean, averaged over channels (scorer.STANDARD_MEAN): the grey ignored pixels become
+ASPECT_TOLERANCE = 0.02  # a mask and the frames it is fitted on may differ this much in aspect (rounding of scales)
+MIN_CELL_SHARE = 0.5  # a patch cell counts for the image score when at least this share of its pixels is inspected
+
+
+class MaskError(ValueError):
+    """A mask that cannot be used: unreadable, inspecting nothing, or not of the frames' geometry."""
+
+
+@dataclass(eq=False)
+class InspectionMask:
+    """Which pixels of a frame are inspected: ``inspected`` ``(H0, W0)`` bool at the drawing's resolution."""
+
+    inspected: np.ndarray
+    _resized: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.inspected.ndim != 2 or self.inspected.dtype != np.bool_ or min(self.inspected.shape) < 1:
+            msg = f"an inspection mask is a (H, W) bool array, got {self.inspected.dtype} {self.inspected.shape}"
+            raise MaskError(msg)
+        if not self.inspected.any():
+            msg = "the inspection mask inspects nothing: draw the inspected region in white (grey level >= 128)"
+            raise MaskError(msg)
+
+    @classmethod
+    def from_image(cls, path: Path | str) -> InspectionMask:
+        """The mask drawn in an image file (any format and depth lineinspect reads): white inspected, black not."""
+        try:
+            rgb = read_image(path)
+        except ImageError as error:
+            msg = f"inspection mask {error}"
+            raise MaskError(msg) from None
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        try:
+            return cls(grey >= 128)
+        except MaskError as error:
+            msg = f"{path}: {error}"
+            raise MaskError(msg) from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, InspectionMask) and np.array_equal(self.inspected, other.inspected)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable cache inside: equal by content, not hashable
+
+    @property
+    def share(self) -> float:
+        """The share of the frame inspected, in [0, 1]."""
+        return float(self.inspected.mean())
+
+    def describe(self) -> str:
+        height, width = self.inspected.shape
+        return f"inspects {100 * self.share:.1f}% of the frame (mask drawn at {width}x{height})"
+
+    def at(self, height: int, width: int) -> np.ndarray:
+        """``(height, width)`` float32 in [0, 1]: the inspected share of each pixel at that size (area-weighted,
+        so a pixel on the mask's edge is partly inspected). Cached per size."""
+        key = (height, width)
+        if key not in self._resized:
+            source = self.inspected.astype(np.float32)
+            shrinking = height < source.shape[0] or width < source.shape[1]
+            interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+            self._resized[key] = np.clip(cv2.resize(source, (width, height), interpolation=interpolation), 0.0, 1.0)
+        return self._resized[key]
+
+    def pixels(self, size: int) -> torch.Tensor:
+        """``(size, size)`` bool: the pixels of a square map that are inspected (more than half their area)."""
+        return torch.from_numpy(self.at(size, size) > 0.5)
+
+    def cells(self, size: int, grid_h: int, grid_w: int) -> torch.Tensor:
+        """``(grid_h * grid_w,)`` bool: the patch cells of a ``(size, size)`` map that count for the image score
+        (``MIN_CELL_SHARE`` of them inspected; where no cell has that much, every cell with any inspected pixel)."""
+        shares = torch.nn.functional.adaptive_avg_pool2d(self.pixels(size).float()[None, None], (grid_h, grid_w))
+        shares = shares.flatten()
+        counted = shares >= MIN_CELL_SHARE
+        return counted if bool(counted.any()) else shares > 0
+
+    def check_frame(self, height: int, width: int, name: str) -> None:
+        """Raise MaskError when a ``height x width`` frame's aspect differs from the mask's beyond rounding."""
+        mask_h, mask_w = self.inspected.shape
+        if abs((width / height) / (mask_w / mask_h) - 1.0) > ASPECT_TOLERANCE:
+            msg = (f"{name} is {width}x{height} but the inspection mask is {mask_w}x{mask_h}: a mask is drawn over a "
+                   "frame as the camera delivers it, at any scale of the same aspect")  # fmt: skip
+            raise MaskError(msg)
+
+    def save(self, model_dir: Path) -> str:
+        """Write the mask into ``model_dir`` as a 0/255 PNG; returns its file name."""
+        if not cv2.imwrite(str(model_dir / FILE), np.where(self.inspected, 255, 0).astype(np.uint8)):
+            msg = f"cannot write {model_dir / FILE}"
+            raise OSError(msg)
+        return FILE
+
+    @classmethod
+    def load(cls, model_dir: Path) -> InspectionMask:
+        path = model_dir / FILE
+        grey = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if grey is None or grey.ndim != 2 or grey.dtype != np.uint8 or not np.isin(grey, (0, 255)).all():
+            msg = f"{path}: not an inspection mask lineinspect wrote (a 0/255 8-bit grey PNG)"
+            raise MaskError(msg)
+        try:
+            return cls(grey == 255)
+        except MaskError as error:
+            msg = f"{path}: {error}"
+            raise MaskError(msg) from None
+
+
+def input_shares(mask: InspectionMask | None, box: tuple[int, int, int, int], size: int) -> np.ndarray | None:
+    """The ``(size, size)`` inspected share of a frame placed at ``box`` = ``(top, left, height, width)`` of the
+    square input (padding outside it counts as inspected: it is flat already), or None without a mask."""
+    if mask is None:
+        return None
+    top, left, height, width = box
+    shares = np.ones((size, size), np.float32)
+    shares[top : top + height, left : left + width] = mask.at(height, width)
+    return shares
+
+
+def apply_to_inputs(batch: torch.Tensor, shares: list[np.ndarray | None]) -> None:
+    """Set the ignored pixels of ``batch`` ``(T, 3, S, S)`` to ``FILL`` in place; ``shares[t]`` is row t's
+    ``input_shares`` (None: the row is inspected whole). A pixel is ignored when most of it is."""
+    for row, row_shares in enumerate(shares):
+        if row_shares is not None:
+            batch[row][:, torch.from_numpy(row_shares <= 0.5)] = FILL

@@ -1,0 +1,142 @@
+"""Inspection masks: what happens in an ignored region never changes a score, a verdict or a heatmap, and a masked
+model stores its mask (models/inspection_mask.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from models.errors import ArtifactError
+from models.images import read_image
+from models.inspection_mask import FILE, FILL, InspectionMask, MaskError
+from models.scorer import Scorer, preprocess
+from models.synthetic import DemoLine
+from pipeline.config import Config, ConfigError, config_from_mapping
+from tests.models.conftest import TINY
+
+IGNORED_FROM_X = 0.75  # the demo frames' right quarter is ignored (a lot code would sit there)
+
+
+def write_mask(path: Path, height: int, width: int) -> Path:
+    """White inspected, black ignored: the right quarter of a ``height x width`` drawing."""
+    mask = np.full((height, width), 255, np.uint8)
+    mask[:, int(IGNORED_FROM_X * width) :] = 0
+    cv2.imwrite(str(path), mask)
+    return path
+
+
+def mark(frame: np.ndarray, left: float, right: float) -> np.ndarray:
+    """A copy of ``frame`` with a dark, noisy block between ``left`` and ``right`` (shares of its width)."""
+    height, width = frame.shape[:2]
+    marked = frame.copy()
+    block = marked[height // 3 : 2 * height // 3, int(left * width) : int(right * width)]
+    block[:] = np.random.default_rng(3).integers(0, 60, size=block.shape, dtype=np.uint8)
+    return marked
+
+
+@pytest.fixture(scope="module")
+def masked_scorer(demo_line: DemoLine, tmp_path_factory: pytest.TempPathFactory) -> Scorer:
+    from models.fit import fit_scorer
+
+    mask = write_mask(tmp_path_factory.mktemp("mask") / "mask.png", 80, 80)  # half the frames' scale: any scale goes
+    config = config_from_mapping(TINY | {"model": TINY["model"] | {"inspection_mask": str(mask)}})
+    return fit_scorer(sorted(demo_line.train_dir.iterdir()), config, progress=False, holdout_fraction=0.2)
+
+
+@pytest.fixture(scope="module")
+def good_frame(demo_line: DemoLine) -> np.ndarray:
+    return read_image(next(p for p, label in zip(demo_line.test_images, demo_line.test_labels, strict=True) if not label))
+
+
+def test_a_mask_is_white_where_inspected(tmp_path: Path) -> None:
+    mask = InspectionMask.from_image(write_mask(tmp_path / "m.png", 40, 60))
+    assert mask.inspected.shape == (40, 60)
+    assert mask.inspected[:, :45].all() and not mask.inspected[:, 45:].any()
+    assert mask.share == pytest.approx(0.75)
+    assert "75.0%" in mask.describe()
+
+
+def test_a_mask_inspecting_nothing_or_unreadable_is_refused_naming_the_file(tmp_path: Path) -> None:
+    black = tmp_path / "black.png"
+    cv2.imwrite(str(black), np.zeros((20, 20), np.uint8))
+    with pytest.raises(MaskError, match=r"black\.png.*inspects nothing"):
+        InspectionMask.from_image(black)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a picture")
+    with pytest.raises(MaskError, match=r"inspection mask .*broken\.png"):
+        InspectionMask.from_image(broken)
+
+
+def test_ignored_pixels_reach_the_backbone_flat_and_do_not_move_the_standardisation(tmp_path: Path) -> None:
+    mask = InspectionMask.from_image(write_mask(tmp_path / "m.png", 64, 64))
+    frame = np.random.default_rng(0).integers(60, 200, size=(64, 64, 3), dtype=np.uint8)
+    marked = mark(frame, 0.8, 0.95)  # inside the ignored quarter only
+    for intensity in ("raw", "standardise"):
+        plain = preprocess([frame, marked], 32, intensity=intensity)
+        assert not np.allclose(plain[0], plain[1])  # without the mask the mark shows
+        masked = preprocess([frame, marked], 32, intensity=intensity, mask=mask)
+        assert np.array_equal(masked[0], masked[1])
+        assert (masked[:, :, :, 24:] == np.float32(FILL)).all() and not (masked[:, :, :, :24] == FILL).all()
+    padded = preprocess([frame[:32]], 32, "pad", mask=mask)[0]  # a frame of another aspect keeps its padding
+    assert (padded[:, :8] != FILL).any()
+
+
+def test_what_happens_in_the_ignored_region_changes_no_score_and_no_heatmap(
+    masked_scorer: Scorer, fitted_scorer: Scorer, good_frame: np.ndarray
+) -> None:
+    assert masked_scorer.threshold is not None and fitted_scorer.threshold is not None
+    assert all(member.inspection_mask == masked_scorer.inspection_mask for member in masked_scorer.companions)
+    in_ignored, in_inspected = mark(good_frame, 0.8, 0.95), mark(good_frame, 0.3, 0.45)
+    masked = masked_scorer.score([good_frame, in_ignored, in_inspected], shift_every_frame=True)
+    assert masked.scores[1] == masked.scores[0]
+    assert np.array_equal(masked.maps[1], masked.maps[0])
+    assert masked.scores[2] > masked_scorer.threshold.value > masked.scores[0]  # a defect where it looks is caught
+    ignored = ~masked_scorer.inspection_mask.pixels(masked_scorer.image_size).numpy()
+    assert (masked.maps[2][ignored] == masked.maps[2][~ignored].min()).all()  # ignored pixels read calm
+    shifting = masked_scorer.with_scoring(masked_scorer.scoring.model_copy(update={"shift_pixels": 2}))
+    shifted = shifting.score([good_frame, in_ignored], shift_every_frame=True)
+    assert shifted.shifted.all() and shifted.scores[1] == shifted.scores[0]  # views moved 2 px take no grey for it
+    unmasked = fitted_scorer.score([good_frame, in_ignored], shift_every_frame=True)
+    assert unmasked.scores[1] > unmasked.scores[0] + 1.0  # without the mask the same mark counts
+
+
+def test_a_masked_model_stores_its_mask_and_reloads_to_the_same_scores(
+    masked_scorer: Scorer, good_frame: np.ndarray, tmp_path: Path
+) -> None:
+    from models.artifact import load_scorer
+
+    model_dir = tmp_path / "model"
+    masked_scorer.save(model_dir)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert manifest["model"]["inspection_mask"] == FILE and FILE in manifest["files"]
+    reloaded = load_scorer(model_dir, device="cpu")
+    assert reloaded.inspection_mask == masked_scorer.inspection_mask
+    frames = [good_frame, mark(good_frame, 0.3, 0.45)]
+    assert np.array_equal(reloaded.score(frames).scores, masked_scorer.score(frames).scores)
+    cv2.imwrite(str(model_dir / FILE), np.full((80, 80), 255, np.uint8))  # someone "widens" the mask by hand
+    with pytest.raises(ArtifactError, match=FILE):
+        load_scorer(model_dir, device="cpu")
+
+
+def test_a_model_without_mask_records_none(saved_model: Path) -> None:
+    """Older lineinspect versions, which know no masks, still load the models that have none."""
+    manifest = json.loads((saved_model / "manifest.json").read_text())
+    assert "inspection_mask" not in manifest["model"] and FILE not in manifest["files"]
+
+
+def test_fitting_refuses_a_mask_drawn_on_frames_of_another_aspect(demo_line: DemoLine, tmp_path: Path) -> None:
+    from models.fit import fit_scorer
+
+    mask = write_mask(tmp_path / "wide.png", 80, 120)
+    config: Config = config_from_mapping(TINY | {"model": TINY["model"] | {"inspection_mask": str(mask)}})
+    with pytest.raises(MaskError, match=r"14 of 14 good images do not have the aspect .*wide\.png.* is 160x160"):
+        fit_scorer(sorted(demo_line.train_dir.iterdir()), config, progress=False)
+
+
+def test_a_mask_and_tiling_are_refused_together() -> None:
+    with pytest.raises(ConfigError, match="inspection_mask cannot be used with model.resize = 'tile'"):
+        config_from_mapping({"model": {"inspection_mask": "mask.png", "resize": "tile"}})

@@ -12,7 +12,9 @@ from fewer than 20 images are unreliable and say so (``models.threshold``, bench
 set on the fused scores. Unreadable images are skipped with a warning; fitting fails only when no valid image is
 left. With ``[model] intensity = "auto"`` the good images outside the threshold slice first choose standardised or
 raw frames (``models.intensity``) and, with ``registration`` on or "auto", a reference pose that every frame is
-moved into (``models.registration``); the model stores both choices and how they were made.
+moved into (``models.registration``); the model stores both choices and how they were made. An inspection mask
+(``[model] inspection_mask``) is read first and checked against every good image's aspect; every member fits and
+scores with it, and the model stores it.
 """
 
 from __future__ import annotations

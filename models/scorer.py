@@ -6,6 +6,7 @@
    or with ``[model] resize = "pad"`` scaled keeping its aspect and padded, or with ``"tile"`` cut into
    near-square pieces each stretched, ``models.tiling``), by default with its brightness and contrast
    standardised (``[model] intensity``); batch ``(N, 3, S, S)`` floats (``(T, 3, S, S)``, T pieces, when tiling).
+   With an inspection mask (``[model] inspection_mask``, ``models.inspection_mask``) ignored pixels end flat grey.
 2. N-pad shifting: ``(N * V, 3, S, S)``, V views per frame (V = 1 when shifting is off). With a threshold, only
    the frames that fail unshifted are shifted (``[scoring] shift_only_failing``, ``Scorer.score``).
 3. The method (``models.methods``; PatchCore by default: one backbone call, one index search for the whole batch)
@@ -13,10 +14,12 @@
 4. Maps upsampled to ``(S, S)``, shifted views aligned back and aggregated per pixel, padding cropped off (each map
    covers its whole frame, stretched to the square, whatever the resize mode) -> ``(N, S, S)``; with
    position statistics (``models.normalisation``, fitted on held-out good images) turned into per-pixel z-scores;
-   when tiling, pieces stitched into their frames; Gaussian-smoothed (sigma 4).
+   when tiling, pieces stitched into their frames; Gaussian-smoothed (sigma 4; with an inspection mask over
+   inspected pixels only, ignored ones set to their frame's lowest inspected value).
 5. Image score ``(N,)``: the method's own (aggregated over views like the maps), else the mean of the ``top_k``
    highest patch scores (default; chosen on a validation split of MTD training images with synthetic defects, where
-   it beat the map's maximum: 0.913 vs 0.859 image AUROC) or the smoothed map's maximum.
+   it beat the map's maximum: 0.913 vs 0.859 image AUROC) or the smoothed map's maximum; with an inspection mask,
+   of inspected patch cells and pixels only.
 6. Fusion (``[fusion] members``): companion Scorers, each a fitted method with its own settings and position
    statistics, score the same views (steps 3-5; backbones with the same weights run once when one's layers lie
    within the other's pass, see ``models.backbones.shared_backbone_pass``), or, for a companion with its own

@@ -11,8 +11,10 @@ resized), and writes to ``out_dir``:
   threshold with its false-reject / detection rates. Image metrics use every readable image; pixel metrics only
   those with a known mask (good images: all zero), and ``defective_without_mask`` counts the defective images left
   out (a warning names a few);
-- ``roc.png`` (image and pixel ROC) and ``pro.png`` (PRO curve): the curves whose areas ``metrics.json`` reports;
-- ``overlays/``: heatmap overlays named by their verdict at the model's threshold (``overlay_groups``): the
+- ``roc.png`` (image and pixel ROC with the threshold's operating point, and each defect type's image ROC beside
+  them) and ``pro.png`` (PRO curve to FPR 0.3): the curves whose areas ``metrics.json`` reports;
+- ``overlays/``: heatmap overlays (``models.heatmap``: verdict, score and colour scale written under each, the
+  ground-truth mask outlined in magenta) named by their verdict at the model's threshold (``overlay_groups``): the
   highest-scoring caught defects (``detected``), the lowest-scoring missed ones (``missed``), the highest-scoring
   rejected good images (``false_alarm``) and the good images that passed closest to the threshold
   (``good_passed``); a previous run's overlays there are removed first.
@@ -40,7 +42,6 @@ from models.datasets import DatasetError, TestItem, check_masks, mask_shape_prob
 from models.evaluation import (
     area_under_curve,
     f1_max,
-    image_auroc,
     pixel_auroc,
     pro_auc_from_curve,
     pro_curve,
@@ -143,25 +144,59 @@ def _thinned(x: np.ndarray, y: np.ndarray, points: int = PLOTTED_POINTS) -> Curv
     return x[keep], y[keep]
 
 
-def _plot_curves(out_dir: Path, image_roc: Curve, pixel_roc: Curve | None, pro: Curve | None,
-                 metrics: dict[str, Any]) -> None:  # fmt: skip
-    """``roc.png`` and ``pro.png`` from the very curves whose areas ``metrics`` reports (pixel curves thinned)."""
-    figure, axis = plt.subplots(figsize=(5, 5))
-    axis.plot(*image_roc, label=f"image AUROC {metrics['image_auroc']:.4f}")
-    if pixel_roc is not None:
-        axis.plot(*_thinned(*pixel_roc), label=f"pixel AUROC {metrics['pixel_auroc']:.4f}")
+class Curves(NamedTuple):
+    """What the report plots: the curves whose areas ``metrics.json`` reports (pixel ones thinned), each defect
+    type's image ROC (its images with the good ones) and the threshold's operating point ``(fpr, tpr)`` on the
+    image ROC (None without a threshold)."""
+
+    image_roc: Curve
+    pixel_roc: Curve | None
+    pro: Curve | None
+    image_roc_by_type: dict[str, Curve]
+    operating_point: tuple[float, float] | None
+
+
+def _plot_curves(out_dir: Path, curves: Curves, metrics: dict[str, Any]) -> None:
+    """``roc.png`` (image and pixel ROC with the threshold's operating point; beside it, with more than one defect
+    type, each type's image ROC) and ``pro.png`` (up to FPR 0.3, the integrated area shaded)."""
+    source = f"model {metrics['model_id']}: {metrics['images']} images, {metrics['defective_images']} defective"
+    by_type = curves.image_roc_by_type if len(curves.image_roc_by_type) > 1 else {}
+    figure, axes = plt.subplots(1, 2 if by_type else 1, figsize=(10 if by_type else 5.4, 5.4), squeeze=False)
+    axis = axes[0, 0]
+    axis.plot(*curves.image_roc, label=f"image AUROC {metrics['image_auroc']:.4f}")
+    if curves.pixel_roc is not None:
+        axis.plot(*curves.pixel_roc, label=f"pixel AUROC {metrics['pixel_auroc']:.4f}")
+    if curves.operating_point is not None:
+        fpr, tpr = curves.operating_point
+        label = f"threshold {metrics['threshold']:.3g}: {fpr:.1%} good rejected, {tpr:.1%} defective caught"
+        axis.plot([fpr], [tpr], "o", color="black", markersize=7, fillstyle="none", label=label)
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    axis.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC")
-    axis.legend(loc="lower right")
+    axis.set(xlabel="false-positive rate (good images / good pixels)", ylabel="true-positive rate", title="ROC",
+             xlim=(0, 1), ylim=(0, 1.01))  # fmt: skip
+    axis.legend(loc="lower right", fontsize="small")
+    if by_type:
+        axis = axes[0, 1]
+        pixel_by_type = metrics["pixel_auroc_by_type"]
+        for defect_type, curve in by_type.items():
+            pixel = f", pixel {pixel_by_type[defect_type]:.3f}" if defect_type in pixel_by_type else ""
+            auroc_text = f"{metrics['image_auroc_by_type'][defect_type]:.3f}"
+            axis.plot(*curve, label=f"{defect_type}: image {auroc_text}{pixel}")
+        axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        axis.set(xlabel="false-positive rate (good images)", ylabel="true-positive rate",
+                 title="image ROC by defect type (each with the good images)", xlim=(0, 1), ylim=(0, 1.01))  # fmt: skip
+        axis.legend(loc="lower right", fontsize="small")
+    figure.suptitle(source, fontsize="small")
     figure.tight_layout()
     figure.savefig(out_dir / "roc.png", dpi=110)
     plt.close(figure)
-    if pro is not None:
-        figure, axis = plt.subplots(figsize=(5, 5))
-        axis.plot(*_thinned(*pro), label=f"PRO (FPR<=0.3) {metrics['pro']:.4f}")
-        axis.set(xlabel="false-positive rate (good pixels)", ylabel="per-region overlap", title="PRO", xlim=(0, 0.3),
-                 ylim=(0, 1))  # fmt: skip
-        axis.legend(loc="lower right")
+    if curves.pro is not None:
+        figure, axis = plt.subplots(figsize=(5.4, 5.4))
+        axis.plot(*curves.pro, label=f"PRO area to FPR 0.3 (normalised) {metrics['pro']:.4f}")
+        axis.fill_between(*curves.pro, alpha=0.15)
+        axis.set(xlabel="false-positive rate (good pixels), integrated to 0.3", ylabel="per-region overlap",
+                 title="PRO", xlim=(0, 0.3), ylim=(0, 1))  # fmt: skip
+        axis.legend(loc="lower right", fontsize="small")
+        figure.suptitle(source, fontsize="small")
         figure.tight_layout()
         figure.savefig(out_dir / "pro.png", dpi=110)
         plt.close(figure)
@@ -211,7 +246,9 @@ def _write_overlays(out_dir: Path, scorer: Scorer, items: list[TestItem], scores
     for group, positions in overlay_groups(labels, scores, threshold).items():
         for position in positions:
             item = items[position]
-            picture = overlay_heatmap(read_image(item.image, keep_depth=True), maps[position], threshold)
+            mask = read_mask(item.mask) if item.mask is not None else None  # outlined at the frame's resolution
+            picture = overlay_heatmap(read_image(item.image, keep_depth=True), maps[position], threshold,
+                                      float(scores[position]), mask)  # fmt: skip
             name = f"{group}_{item.defect_type}_{item.image.stem}_score{scores[position]:.3f}.png"
             cv2.imwrite(str(overlay_dir / name), picture)
 
@@ -262,21 +299,24 @@ def evaluate(
         pro_plotted = _thinned(pro_fpr, pro)
     else:
         metrics["pixel_auroc"] = metrics["pro"] = None
-    per_type, pixel_per_type = {}, {}
+    per_type, pixel_per_type, roc_by_type = {}, {}, {}
     for defect_type in sorted({item.defect_type for item in kept} - {"good"}):  # the type's images + the good ones
         chosen = np.array([item.defect_type in ("good", defect_type) for item in kept])
-        per_type[defect_type] = image_auroc(labels[chosen], scores[chosen])
+        roc_by_type[defect_type] = roc_curve(labels[chosen], scores[chosen])
+        per_type[defect_type] = area_under_curve(*roc_by_type[defect_type])
         chosen &= known
         if masks[chosen].any():
             pixel_per_type[defect_type] = pixel_auroc(masks[chosen], maps[chosen])
     metrics["image_auroc_by_type"] = per_type
     metrics["pixel_auroc_by_type"] = pixel_per_type
+    operating_point = None
     if scorer.threshold is not None:
         failed = np.array(scorer.verdicts(scores))
         metrics["threshold"] = scorer.threshold.value
         metrics["false_reject_rate"] = float(failed[labels == 0].mean()) if (labels == 0).any() else None
         metrics["detection_rate"] = float(failed[labels == 1].mean()) if (labels == 1).any() else None
-    _plot_curves(out_dir, image_roc, pixel_roc, pro_plotted, metrics)
+        operating_point = (float(failed[labels == 0].mean()), float(failed[labels == 1].mean()))  # both classes: ROC
+    _plot_curves(out_dir, Curves(image_roc, pixel_roc, pro_plotted, roc_by_type, operating_point), metrics)
     _write_overlays(out_dir, scorer, kept, scores, maps)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     scores_table = [{"image": str(item.image), "label": item.label, "score": float(score)}

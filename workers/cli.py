@@ -134,7 +134,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         results.append({"image": str(path), "score": score, "verdict": verdict, "model_id": scorer.model_id})
         if args.heatmaps:
             name = _unique_name(f"{path.stem}_{verdict}", written)
-            cv2.imwrite(str(args.heatmaps / f"{name}.png"), overlay_heatmap(image, batch.maps[0], threshold))
+            cv2.imwrite(str(args.heatmaps / f"{name}.png"), overlay_heatmap(image, batch.maps[0], threshold, score))
             results[-1]["heatmap"] = str(args.heatmaps / f"{name}.png")
         if not args.json:
             print(f"{verdict:7s} {score:10.4f}  {path}")

@@ -63,12 +63,14 @@ class HeatmapStore:
         name = safe_name(frame_id) if frame_entry_id is None else f"{safe_name(frame_id)}@{safe_name(frame_entry_id)}"
         return self.directory / safe_name(line_id) / f"{name}.png"
 
-    def write(self, path: Path, image_rgb: np.ndarray, anomaly_map: np.ndarray, threshold: float | None) -> Path:
-        """Draw the overlay (``models.heatmap``) and write it to ``path`` (from ``path_for``); returns the path."""
+    def write(self, path: Path, image_rgb: np.ndarray, anomaly_map: np.ndarray, threshold: float | None,
+              score: float | None) -> Path:  # fmt: skip
+        """Draw the overlay (``models.heatmap``: the frame with its map, verdict, score and colour scale) and write
+        it to ``path`` (from ``path_for``); returns the path."""
         from models.heatmap import overlay_heatmap
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        overlay_bgr = overlay_heatmap(image_rgb, anomaly_map, threshold)
+        overlay_bgr = overlay_heatmap(image_rgb, anomaly_map, threshold, score)
         partial = path.with_name(f".{path.stem}.tmp.png")  # no id's file name starts with "."
         if not cv2.imwrite(str(partial), overlay_bgr):
             msg = f"could not write heatmap {partial}: check that sink.heatmap_dir is writable"

@@ -164,7 +164,7 @@ class SinkWorker:
         decision = job.decision
         try:
             image = self._overlay_image(decision, job.anomaly_map, payload)
-            written = self.heatmaps.write(path, image, job.anomaly_map, decision.threshold)
+            written = self.heatmaps.write(path, image, job.anomaly_map, decision.threshold, decision.score)
         except Exception as error:  # one frame's overlay must never hold up the other decisions
             logger.error(
                 "heatmap not written; decision published without it",

@@ -275,24 +275,85 @@ def test_thinned_curves_keep_their_ends_and_steps() -> None:
     assert np.trapezoid(y, x) == pytest.approx(np.trapezoid(tpr, fpr), abs=2e-4)
 
 
+def _plotted_curves(scorer: Scorer, data: Path, out_dir: Path,
+                    monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """What evaluate hands to ``_plot_curves`` (which still draws them), and its metrics."""
+    from models import report
+
+    plotted: list[Any] = []
+    plot = report._plot_curves
+
+    def capture(out_dir: Path, curves: Any, metrics: dict[str, Any]) -> None:
+        plotted.append(curves)
+        plot(out_dir, curves, metrics)
+
+    monkeypatch.setattr(report, "_plot_curves", capture)
+    metrics = _evaluate(scorer, data, out_dir)
+    return plotted[0], metrics
+
+
 def test_the_plotted_curves_are_the_ones_whose_areas_are_reported(
     fitted_scorer: Scorer, demo_line: DemoLine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from models import report
-
-    plotted: dict[str, Any] = {}
-    plot = report._plot_curves
-
-    def capture(out_dir: Path, image_roc: Any, pixel_roc: Any, pro: Any, metrics: dict[str, Any]) -> None:
-        plotted.update(image=image_roc, pixel=pixel_roc, pro=pro)
-        plot(out_dir, image_roc, pixel_roc, pro, metrics)
-
-    monkeypatch.setattr(report, "_plot_curves", capture)
-    metrics = _evaluate(fitted_scorer, demo_line.root, tmp_path / "report")
-    assert np.trapezoid(plotted["image"][1], plotted["image"][0]) == metrics["image_auroc"]
-    assert np.trapezoid(plotted["pixel"][1], plotted["pixel"][0]) == pytest.approx(metrics["pixel_auroc"], abs=1e-3)
-    assert pro_auc_from_curve(*plotted["pro"]) == pytest.approx(metrics["pro"], abs=1e-3)
+    curves, metrics = _plotted_curves(fitted_scorer, demo_line.root, tmp_path / "report", monkeypatch)
+    assert np.trapezoid(curves.image_roc[1], curves.image_roc[0]) == metrics["image_auroc"]
+    assert np.trapezoid(curves.pixel_roc[1], curves.pixel_roc[0]) == pytest.approx(metrics["pixel_auroc"], abs=1e-3)
+    assert pro_auc_from_curve(*curves.pro) == pytest.approx(metrics["pro"], abs=1e-3)
     assert (tmp_path / "report" / "roc.png").is_file() and (tmp_path / "report" / "pro.png").is_file()
+    # the threshold's operating point: the reported rates, a point of the image ROC
+    fpr, tpr = curves.operating_point
+    assert (fpr, tpr) == (metrics["false_reject_rate"], metrics["detection_rate"])
+    assert np.any((curves.image_roc[0] == fpr) & (curves.image_roc[1] == tpr))
+
+
+def test_the_report_plots_each_defect_types_image_roc(
+    fitted_scorer: Scorer, demo_line: DemoLine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _copy_demo(demo_line, tmp_path / "data")
+    for name in ("test", "ground_truth"):
+        (data / name / "stain").mkdir()
+    for image in sorted((data / "test" / "defect").iterdir())[:3]:  # half the defects become another type
+        image.rename(data / "test" / "stain" / image.name)
+        mask = f"{image.stem}_mask.png"
+        (data / "ground_truth" / "defect" / mask).rename(data / "ground_truth" / "stain" / mask)
+    curves, metrics = _plotted_curves(fitted_scorer, data, tmp_path / "report", monkeypatch)
+    assert sorted(curves.image_roc_by_type) == ["defect", "stain"]
+    for defect_type, (fpr, tpr) in curves.image_roc_by_type.items():
+        assert np.trapezoid(tpr, fpr) == metrics["image_auroc_by_type"][defect_type]
+    _evaluate(fitted_scorer, demo_line.root, tmp_path / "one_type")
+    two_types, one_type = (cv2.imread(str(tmp_path / report / "roc.png")) for report in ("report", "one_type"))
+    assert two_types is not None and one_type is not None
+    assert two_types.shape[1] > 1.5 * one_type.shape[1]  # the types' curves in a panel beside the ROC
+
+
+def test_report_overlays_outline_the_ground_truth_where_the_defect_is(
+    fitted_scorer: Scorer, demo_line: DemoLine, tmp_path: Path
+) -> None:
+    """An engineer needs to see whether the heat lies on the defect: the MTD report's highest-scoring "detected"
+    blowhole was hot at the bottom edge of its tile, far from the blowhole; the overlay did not show where that was."""
+    from models.heatmap import MASK_BGR, enlargement
+
+    _evaluate(fitted_scorer, demo_line.root, tmp_path / "report")
+    overlays = sorted((tmp_path / "report" / "overlays").glob("*.png"))
+    outlined = 0
+    for overlay_path in overlays:
+        name = overlay_path.name
+        stem = name.split("_defect_", 1)[1].rsplit("_score", 1)[0] if "_defect_" in name else None
+        overlay = cv2.imread(str(overlay_path))
+        assert overlay is not None
+        magenta = np.abs(overlay.astype(int) - MASK_BGR).max(axis=2) == 0
+        if stem is None:  # a good image: no mask, no outline
+            assert not magenta.any(), overlay_path.name
+            continue
+        mask = np.asarray(cv2.imread(str(demo_line.root / "ground_truth" / "defect" / f"{stem}_mask.png"), 0), np.uint8)
+        factor = enlargement(mask.shape[1])
+        picture = magenta[: mask.shape[0] * factor]
+        edge = cv2.morphologyEx(np.asarray(mask > 127, np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
+        near_edge = cv2.dilate(cv2.resize(edge, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST),
+                               np.ones((2 * factor + 3, 2 * factor + 3), np.uint8)).astype(bool)  # fmt: skip
+        assert picture.sum() > 20 and not (picture & ~near_edge).any(), overlay_path.name
+        outlined += 1
+    assert outlined >= 2
 
 
 def test_masks_resized_to_the_map_stay_on_their_defect(tmp_path: Path) -> None:

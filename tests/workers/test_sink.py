@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
+from models.heatmap import enlargement
 from pipeline.codec import encode_decision, encode_frame, encode_pixels
 from pipeline.messages import Decision, Frame, StageTimings, now_ns, pack_anomaly_map
 from pipeline.streams import SINK_GROUP
@@ -80,10 +81,10 @@ def test_each_frame_is_published_once_with_a_heatmap_for_failures(make_runtime: 
     assert all(d.anomaly_map is None and d.published_at_ns > 0 for d in published)
     by_frame = {d.frame_id: d for d in published}
     assert by_frame["f1"].heatmap_ref is None
-    heatmap = cv2.imread(str(by_frame["f0"].heatmap_ref))
-    assert heatmap is not None and heatmap.shape == (48, 64, 3)
-    grey_canvas = cv2.imread(str(by_frame["f2"].heatmap_ref))
-    assert grey_canvas is not None and grey_canvas.shape == (32, 32, 3)
+    heatmap = cv2.imread(str(by_frame["f0"].heatmap_ref))  # drawn over the frame (enlarged), a caption below it
+    assert heatmap is not None and heatmap.shape[1] == 64 * enlargement(64) and heatmap.shape[0] > 48 * enlargement(64)
+    grey_canvas = cv2.imread(str(by_frame["f2"].heatmap_ref))  # its frame trimmed: over a canvas of the map's size
+    assert grey_canvas is not None and grey_canvas.shape[1] == 32 * enlargement(32)
     assert [letter["reason"] for letter in client.dead_letters(keys)] == ["not_msgpack"]
     assert client.group_stats(keys.results)[SINK_GROUP].pending == 0
     assert client.length(keys.results) == 0  # acknowledged results (with their maps) are deleted
@@ -105,7 +106,7 @@ def test_heatmap_store_prunes_files_on_disk(tmp_path: Path) -> None:
     store = HeatmapStore(tmp_path, max_files=2, max_age_s=3600, prune_every_s=0)
     for index in range(4):
         path = store.write(store.path_for("line/1", f"frame {index}"), np.zeros((16, 16, 3), np.uint8), np.ones((8, 8)),
-                           0.5)  # fmt: skip
+                           0.5, 0.7)  # fmt: skip
         os.utime(path, (time.time() - 100 + index, time.time() - 100 + index))
     assert store.maybe_prune(now_monotonic=0.0) == 2
     kept = sorted(p.name for p in store.path_for("line/1", "frame 0").parent.iterdir())
@@ -163,7 +164,7 @@ def test_writer_writes_each_failed_frames_overlay_once_across_redeliveries(
     paths = {Path(str(d.heatmap_ref)) for d in published}
     assert paths == set((sink.config.sink.heatmap_dir / "line-1").iterdir())
     overlays = [cv2.imread(str(path)) for path in paths]
-    assert all(overlay is not None and overlay.shape == (40, 40, 3) for overlay in overlays)
+    assert all(overlay is not None and overlay.shape[1] == 40 * enlargement(40) for overlay in overlays)
     value = runtime.metrics.registry.get_sample_value
     assert value("lineinspect_heatmaps_written_total", {"line": "line-1"}) == 5
     assert value("lineinspect_duplicate_decisions_total", {"line": "line-1"}) == 5

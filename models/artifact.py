@@ -51,7 +51,7 @@ from models.inspection_mask import InspectionMask, MaskError
 from models.methods import method_class
 from models.normalisation import STATS_FILE, PositionStats
 from models.registration import FILE as REGISTRATION_FILE
-from models.registration import Registration
+from models.registration import Registration, ignored_grid
 from models.scorer import Scorer, Threshold, TrainingSummary, resolve_device
 from pipeline.config import ModelSettings, ScoringSettings
 
@@ -355,8 +355,8 @@ def load_scorer(model_dir: Path, device: str = "auto") -> Scorer:
     if registered and REGISTRATION_FILE not in manifest.get("files", {}):
         msg = f"{model_dir}/{MANIFEST} records a registration but does not list {REGISTRATION_FILE}"
         raise ArtifactError(msg)
-    registration = Registration.load(model_dir) if registered else None
     mask = _inspection_mask(model_dir, model_settings, manifest)
+    registration = Registration.load(model_dir, ignored_grid(mask)) if registered else None
     method = cls.load(model_dir, section, model_settings, resolve_device(device))
     companions = []
     for name, content_hash in fusion:

@@ -38,7 +38,7 @@ from models.inspection_mask import InspectionMask, MaskError
 from models.intensity import choose_intensity
 from models.methods import method_class
 from models.normalisation import PositionStatsBuilder
-from models.registration import Registration, choose_registration
+from models.registration import Registration, choose_registration, ignored_grid
 from models.scorer import Scorer, TrainingSummary, preprocess, resolve_device
 from models.threshold import MIN_GOOD_IMAGES, RELIABLE_GOOD_IMAGES, false_reject_threshold
 from models.tiling import tile_count
@@ -190,7 +190,7 @@ def fit_scorer(
     # resolution when tiling (pieces are scored at the frame's resolution)
     sizes = [config.model.image_size] + [config.member_config(m).model.image_size for m in config.fusion_members]
     max_side = None if config.model.resize == "tile" else 2 * max(sizes)
-    registration = choose_registration(fit_paths, config.model.registration, max_side)
+    registration = choose_registration(fit_paths, config.model.registration, max_side, ignored_grid(mask))
     if registration.description:
         log.info("registration %s", registration.description)
     resolved = "on" if registration.registration is not None else "off"  # the model states what it does, as intensity

@@ -12,6 +12,10 @@ heatmaps stay in the frame's own coordinates.
   ``(2, 3)`` affine maps reference coordinates on the ``R x R`` grid to the frame's; ECC failing keeps the
   translation. A frame is left as it is when its response falls below ``ACCEPT_FRACTION`` of the good frames'
   median or the pose goes beyond ``MAX_SHIFT`` / ``MAX_DEGREES`` (a different or badly framed part: scored unmoved).
+- With an inspection mask (``models.inspection_mask``, drawn in the good frames' pose, which is the reference's),
+  ``ignored`` ``(R, R)`` bool marks the grid pixels it ignores: phase correlation sees them flat (the grid's mean
+  elsewhere) in the reference and the frame, and ECC leaves them out (a template mask), so a lot code or a pen mark
+  there does not move the pose.
 - ``registration = "auto"`` turns it on only when the good frames share a layout: their median response is at
   least ``MIN_RESPONSE``. Measured (``choose_registration``): a cup on a fixture 0.96, coins 0.95, the demo
   line's brick part 0.95; no common layout, left off: MTD's tiles 0.06, gravel 0.15 (0.10 under exposure drift),
@@ -36,6 +40,7 @@ import numpy as np
 
 from models.errors import ArtifactError
 from models.images import full_scale, read_sample, to_rgb, to_uint8_of_own_range, to_unit_range
+from models.inspection_mask import InspectionMask
 
 SIDE = 128  # reference grid
 FILL_SIDE = 256  # colour median of the registered good frames, filling what a moved frame does not show
@@ -71,13 +76,36 @@ def scaled(transform: np.ndarray, width: float, height: float) -> np.ndarray:
     return (grid @ np.vstack([transform, [0, 0, 1]]) @ np.linalg.inv(grid))[:2]
 
 
-def estimate_pose(reference: np.ndarray, frame: np.ndarray) -> tuple[np.ndarray, float]:
-    """``(2, 3)`` float32 transform (reference grid -> ``frame``'s grid) and the phase-correlation response.
-    Copies go to OpenCV: its phase correlation writes its window into the arrays it is given."""
-    (shift_x, shift_y), response = cv2.phaseCorrelate(reference.copy(), frame.copy(), WINDOW)
+def ignored_grid(mask: InspectionMask | None) -> np.ndarray | None:
+    """``(R, R)`` bool: the grid pixels an inspection mask mostly ignores, or None without a mask."""
+    return None if mask is None else mask.at(SIDE, SIDE) <= 0.5
+
+
+def _flattened(grid: np.ndarray, ignored: np.ndarray) -> np.ndarray:
+    """A copy of ``grid`` with its ``ignored`` pixels at the mean of the others."""
+    flat = grid.copy()
+    flat[ignored] = grid[~ignored].mean()
+    return flat
+
+
+def estimate_pose(
+    reference: np.ndarray, frame: np.ndarray, ignored: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
+    """``(2, 3)`` float32 transform (reference grid -> ``frame``'s grid) and the phase-correlation response, the
+    ``ignored`` grid pixels (reference pose) left out. Copies go to OpenCV: its phase correlation writes its window
+    into the arrays it is given."""
+    flat_reference, flat_frame = (reference, frame) if ignored is None else (
+        _flattened(reference, ignored), _flattened(frame, ignored))  # fmt: skip
+    (shift_x, shift_y), response = cv2.phaseCorrelate(flat_reference.copy(), flat_frame.copy(), WINDOW)
     transform = np.array([[1, 0, shift_x], [0, 1, shift_y]], np.float32)
     try:
-        _, refined = cv2.findTransformECC(reference, frame, transform.copy(), cv2.MOTION_EUCLIDEAN, ECC_CRITERIA)
+        if ignored is None:
+            _, refined = cv2.findTransformECC(reference, frame, transform.copy(), cv2.MOTION_EUCLIDEAN, ECC_CRITERIA)
+        else:
+            inspected = np.where(ignored, 0, 255).astype(np.uint8)
+            everywhere = np.full_like(inspected, 255)
+            _, refined = cv2.findTransformECCWithMask(reference, frame, inspected, everywhere, transform.copy(),
+                                                      cv2.MOTION_EUCLIDEAN, ECC_CRITERIA, 5)  # fmt: skip
         transform = np.asarray(refined, np.float32)
     except cv2.error:  # ECC did not converge: keep the translation
         pass
@@ -117,12 +145,14 @@ def _is_identity(transform: np.ndarray) -> bool:
 class Registration:
     """The reference ``(R, R)``, the good frames' median response (``fit_response``), ``fill`` ``(F, F, 3)``
     uint8: the median of the registered good frames in colour, which fills what a moved frame does not show, and
-    ``max_side``: the long side frames are scaled down to first (None: kept, as tiling needs)."""
+    ``max_side``: the long side frames are scaled down to first (None: kept, as tiling needs); ``ignored``: the
+    grid pixels an inspection mask ignores (``ignored_grid``; not stored: the model stores the mask)."""
 
     reference: np.ndarray
     fit_response: float
     fill: np.ndarray
     max_side: int | None = None
+    ignored: np.ndarray | None = field(default=None, compare=False)
     _fills: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def _fill(self, width: int, height: int) -> np.ndarray:
@@ -135,7 +165,7 @@ class Registration:
         """``(2, 3)`` grid transforms of RGB uint8 frames; None where the pose is not trusted."""
         poses: list[np.ndarray | None] = []
         for image in images:
-            transform, response = estimate_pose(self.reference, _grid(image))
+            transform, response = estimate_pose(self.reference, _grid(image), self.ignored)
             trusted = response >= ACCEPT_FRACTION * self.fit_response and _within_limits(transform)
             poses.append(transform if trusted else None)
         return poses
@@ -180,7 +210,7 @@ class Registration:
         return FILE
 
     @classmethod
-    def load(cls, model_dir: Path) -> Registration:
+    def load(cls, model_dir: Path, ignored: np.ndarray | None = None) -> Registration:
         try:
             with np.load(model_dir / FILE, allow_pickle=False) as data:
                 reference, fit_response = data["reference"].astype(np.float32), float(data["fit_response"])
@@ -193,7 +223,7 @@ class Registration:
             msg = (f"{model_dir / FILE}: reference and fill of shapes {reference.shape} and {fill.shape}, expected "
                    f"{(SIDE, SIDE)} and {(FILL_SIDE, FILL_SIDE, 3)}")  # fmt: skip
             raise ArtifactError(msg)
-        return cls(reference, fit_response, fill, max_side)
+        return cls(reference, fit_response, fill, max_side, ignored)
 
 
 @dataclass(frozen=True)
@@ -220,29 +250,34 @@ def _registered_median(images: Sequence[np.ndarray], poses: Sequence[np.ndarray]
     return median.astype(images[0].dtype) if images[0].dtype != np.uint8 else median.round().astype(np.uint8)
 
 
-def build_registration(images: Sequence[np.ndarray], max_side: int | None = None) -> Registration:
+def build_registration(
+    images: Sequence[np.ndarray], max_side: int | None = None, ignored: np.ndarray | None = None
+) -> Registration:
     """A registration from good RGB frames (any sizes): the reference is the grids' median, then the median again of
-    the grids registered to it; the fill likewise, in colour; ``fit_response`` the frames' median response."""
+    the grids registered to it; the fill likewise, in colour; ``fit_response`` the frames' median response; poses
+    estimated without the ``ignored`` grid pixels."""
     grids = [_grid(image) for image in images]
     first = np.median(np.stack(grids), axis=0).astype(np.float32)
-    reference = _registered_median(grids, [estimate_pose(first, grid)[0] for grid in grids])
-    poses, responses = zip(*(estimate_pose(reference, grid) for grid in grids), strict=True)
+    reference = _registered_median(grids, [estimate_pose(first, grid, ignored)[0] for grid in grids])
+    poses, responses = zip(*(estimate_pose(reference, grid, ignored) for grid in grids), strict=True)
     colour = [cv2.resize(to_uint8_of_own_range(image), (FILL_SIDE, FILL_SIDE), interpolation=cv2.INTER_AREA)
               for image in images]  # fmt: skip
     fill = _registered_median(colour, poses)
-    return Registration(reference, float(np.median(responses)), fill, max_side)
+    return Registration(reference, float(np.median(responses)), fill, max_side, ignored)
 
 
-def choose_registration(paths: Sequence[Path], setting: str, max_side: int | None = None) -> RegistrationChoice:
+def choose_registration(
+    paths: Sequence[Path], setting: str, max_side: int | None = None, ignored: np.ndarray | None = None
+) -> RegistrationChoice:
     """``setting`` "off", "on" or "auto" resolved on good image files (up to ``REFERENCE_FRAMES``, evenly spaced;
-    unreadable ones passed over: the fit reports them); ``max_side`` as in ``Registration``."""
+    unreadable ones passed over: the fit reports them); ``max_side`` and ``ignored`` as in ``Registration``."""
     if setting == "off":
         return RegistrationChoice(None, "")
     images = read_sample(paths, REFERENCE_FRAMES, keep_depth=True)
     if not images or (setting == "auto" and len(images) < MIN_FRAMES):
         too_few = f"only {len(images)} readable good frames; {MIN_FRAMES} needed to decide"
         return RegistrationChoice(None, f"{setting}: off ({too_few})")
-    registration = build_registration(images, max_side)
+    registration = build_registration(images, max_side, ignored)
     response = registration.fit_response
     measured = f"the good frames' median phase-correlation response {response:.2f}, over {len(images)} frames"
     if setting == "auto" and response < MIN_RESPONSE:

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from models.errors import ArtifactError
 from models.images import read_image
@@ -49,7 +50,8 @@ def masked_scorer(demo_line: DemoLine, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture(scope="module")
 def good_frame(demo_line: DemoLine) -> np.ndarray:
-    return read_image(next(p for p, label in zip(demo_line.test_images, demo_line.test_labels, strict=True) if not label))
+    labelled = zip(demo_line.test_images, demo_line.test_labels, strict=True)
+    return read_image(next(path for path, label in labelled if not label))
 
 
 def test_a_mask_is_white_where_inspected(tmp_path: Path) -> None:
@@ -80,9 +82,9 @@ def test_ignored_pixels_reach_the_backbone_flat_and_do_not_move_the_standardisat
         assert not np.allclose(plain[0], plain[1])  # without the mask the mark shows
         masked = preprocess([frame, marked], 32, intensity=intensity, mask=mask)
         assert np.array_equal(masked[0], masked[1])
-        assert (masked[:, :, :, 24:] == np.float32(FILL)).all() and not (masked[:, :, :, :24] == FILL).all()
+        assert torch.eq(masked[:, :, :, 24:], FILL).all() and not torch.eq(masked[:, :, :, :24], FILL).all()
     padded = preprocess([frame[:32]], 32, "pad", mask=mask)[0]  # a frame of another aspect keeps its padding
-    assert (padded[:, :8] != FILL).any()
+    assert torch.ne(padded[:, :8], FILL).any()
 
 
 def test_what_happens_in_the_ignored_region_changes_no_score_and_no_heatmap(
@@ -95,6 +97,7 @@ def test_what_happens_in_the_ignored_region_changes_no_score_and_no_heatmap(
     assert masked.scores[1] == masked.scores[0]
     assert np.array_equal(masked.maps[1], masked.maps[0])
     assert masked.scores[2] > masked_scorer.threshold.value > masked.scores[0]  # a defect where it looks is caught
+    assert masked_scorer.inspection_mask is not None
     ignored = ~masked_scorer.inspection_mask.pixels(masked_scorer.image_size).numpy()
     assert (masked.maps[2][ignored] == masked.maps[2][~ignored].min()).all()  # ignored pixels read calm
     shifting = masked_scorer.with_scoring(masked_scorer.scoring.model_copy(update={"shift_pixels": 2}))
@@ -138,5 +141,25 @@ def test_fitting_refuses_a_mask_drawn_on_frames_of_another_aspect(demo_line: Dem
 
 
 def test_a_mask_and_tiling_are_refused_together() -> None:
-    with pytest.raises(ConfigError, match="inspection_mask cannot be used with model.resize = 'tile'"):
+    with pytest.raises(ConfigError, match=r"inspection_mask cannot be used with model\.resize = 'tile'"):
         config_from_mapping({"model": {"inspection_mask": "mask.png", "resize": "tile"}})
+
+
+def test_a_registered_masked_model_reloads_its_registration_blind_to_the_ignored_pixels(
+    masked_scorer: Scorer, demo_line: DemoLine, tmp_path: Path
+) -> None:
+    from models.artifact import load_scorer
+    from models.registration import build_registration, ignored_grid
+
+    ignored = ignored_grid(masked_scorer.inspection_mask)
+    assert ignored is not None and ignored[:, -10:].all() and not ignored[:, :80].any()
+    frames = [read_image(path) for path in sorted(demo_line.train_dir.iterdir())[:8]]
+    registration = build_registration(frames, ignored=ignored)
+    registered = Scorer(masked_scorer.method, masked_scorer.model_settings, masked_scorer.scoring,
+                        masked_scorer.training, masked_scorer.threshold, position_stats=masked_scorer.position_stats,
+                        companions=masked_scorer.companions, registration=registration,
+                        inspection_mask=masked_scorer.inspection_mask)  # fmt: skip
+    registered.save(tmp_path / "model")
+    reloaded = load_scorer(tmp_path / "model", device="cpu")
+    assert reloaded.registration is not None and reloaded.registration.ignored is not None
+    assert np.array_equal(reloaded.registration.ignored, ignored)

@@ -205,3 +205,22 @@ def test_pixels_no_good_frame_shows_are_filled_without_a_numpy_warning() -> None
         warnings.simplefilter("error")
         registration = build_registration(frames)
     assert np.isfinite(registration.reference).all() and registration.fill.shape[:2] == (FILL_SIDE, FILL_SIDE)
+
+
+def test_what_an_inspection_mask_ignores_does_not_move_the_pose() -> None:
+    """A label the part's pose does not move (stuck on its fixture, or its content differing part to part) pulls an
+    unmasked pose towards itself; with the label's pixels ignored the part's own pose is found."""
+    registration = _registration()
+    frame = part(dx=6, dy=-4)
+    frame[0:100, 80:200] = 250  # a bright label where the reference has coins, standing still
+    frame[20:80, 100:180] = 10
+    scale = SIDE / PART
+    ignored = np.zeros((SIDE, SIDE), bool)
+    ignored[: round(100 * scale) + 6, round(80 * scale) - 6 :] = True  # the label's grid pixels and a margin
+    plain, _ = estimate_pose(registration.reference, _grid(frame))
+    masked, response = estimate_pose(registration.reference, _grid(frame), ignored)
+    assert masked[:, 2] == pytest.approx(np.array([6, -4]) * scale, abs=0.3)
+    assert np.abs(plain[:, 2] - np.array([6, -4]) * scale).max() > 2.0  # without the mask it is pulled away
+    assert response > 0.5
+    reloaded = Registration(registration.reference, registration.fit_response, registration.fill, ignored=ignored)
+    assert reloaded.poses([frame])[0] == pytest.approx(masked)

@@ -1,9 +1,11 @@
 """Heatmap overlays an operator can read.
 
 ``overlay_heatmap(image_rgb (H, W, 3) or (H, W), anomaly_map (h, w), threshold, score, defect_mask (H, W) | None)``
--> BGR uint8 ``(k * H + caption, k * W, 3)`` for ``cv2.imwrite``: the frame (enlarged by a whole factor ``k`` when
-narrower than ``MIN_WIDTH``, so the caption is legible on MTD's 105-px tiles) with the map blended over it, and a
-caption band below it that covers nothing of the part.
+-> BGR uint8 ``(k * H + caption, max(k * W, MIN_WIDTH), 3)`` for ``cv2.imwrite``: the frame (enlarged by a whole
+factor ``k`` when narrower than ``MIN_WIDTH``, so the caption is legible on MTD's 105-px tiles) with the map blended
+over it, and a caption band below it that covers nothing of the part. Enlarging stops at ``MAX_ENLARGED_PIXELS``;
+a frame still narrower than ``MIN_WIDTH`` is padded to it on the right, and one far taller than wide (more than
+``MAX_ENLARGED_PIXELS / MIN_WIDTH`` rows) is drawn without a caption, so an overlay costs about what its frame does.
 
 The colour scale is fixed in units of the threshold, the same for every frame of a model, so the same map value
 always gets the same colour (it used to be stretched to a frame's own peak beyond twice the threshold, which painted
@@ -30,6 +32,9 @@ import numpy as np
 from models.images import to_rgb, to_uint8_of_own_range
 
 MIN_WIDTH = 256  # narrower frames are enlarged by a whole factor, pixels kept (nearest neighbour)
+# Enlarging (and padding to MIN_WIDTH) stops at this many pixels, a 2048 x 2048 frame: unbounded, an 8 x 60000 frame
+# became 256 x 1.9 million pixels, 11 GB and 26 s in the sink
+MAX_ENLARGED_PIXELS = 2**22
 SCALE_TOP = 16.0  # the colour scale ends at this many thresholds (MTD's defects reach 2-4, the demo's 30-50)
 OPACITY = 0.5  # of the colours at and above the threshold
 THRESHOLD_LEVEL = 0.5  # the threshold's place on the colour scale
@@ -40,9 +45,14 @@ TEXT_BGR = (235, 235, 235)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
-def enlargement(width: int) -> int:
-    """The whole factor a frame ``width`` pixels wide is enlarged by in its overlay (1 from ``MIN_WIDTH`` up)."""
-    return max(1, math.ceil(MIN_WIDTH / max(width, 1)))
+def enlargement(height: int, width: int) -> int:
+    """The whole factor a ``height x width`` frame is enlarged by in its overlay: up to the one making it
+    ``MIN_WIDTH`` wide, as far as its picture (padded to ``MIN_WIDTH`` wide) stays within ``MAX_ENLARGED_PIXELS``;
+    1 from ``MIN_WIDTH`` up."""
+    factor = max(1, math.ceil(MIN_WIDTH / max(width, 1)))
+    while factor > 1 and max(factor * width, MIN_WIDTH) * factor * height > MAX_ENLARGED_PIXELS:
+        factor -= 1
+    return factor
 
 
 def colour_levels(anomaly_map: np.ndarray, threshold: float | None) -> np.ndarray:
@@ -63,7 +73,7 @@ def colour_levels(anomaly_map: np.ndarray, threshold: float | None) -> np.ndarra
 def overlay_heatmap(image_rgb: np.ndarray, anomaly_map: np.ndarray, threshold: float | None, score: float | None,
                     defect_mask: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     image = to_uint8_of_own_range(to_rgb(image_rgb))  # 12-bit data in 16 bits is not shown near black
-    factor = enlargement(image.shape[1])
+    factor = enlargement(*image.shape[:2])
     if factor > 1:
         image = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
     height, width = image.shape[:2]
@@ -84,8 +94,13 @@ def overlay_heatmap(image_rgb: np.ndarray, anomaly_map: np.ndarray, threshold: f
         mask = cv2.resize(defect_mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(picture, contours, -1, MASK_BGR, max(2, line))
-    caption = _caption(width, threshold if with_threshold else None, score, float(anomaly_map.max()),
-                       with_mask=defect_mask is not None and bool(defect_mask.any()))  # fmt: skip
+    if width < MIN_WIDTH:  # enlarging stopped short of it
+        if MIN_WIDTH * height > MAX_ENLARGED_PIXELS:
+            return picture  # far taller than wide: no room for a legible caption within the budget
+        picture = cv2.copyMakeBorder(picture, 0, 0, 0, MIN_WIDTH - width, cv2.BORDER_CONSTANT, value=BAND_BGR)
+    with_mask = defect_mask is not None and bool(defect_mask.any())
+    caption = _caption(picture.shape[1], min(picture.shape[:2]), threshold if with_threshold else None, score,
+                       float(anomaly_map.max()), with_mask)  # fmt: skip
     return np.vstack([picture, caption])
 
 
@@ -93,15 +108,17 @@ def _text_width(text: str, scale: float = 1.0) -> int:
     return int(cv2.getTextSize(text, FONT, scale, 1)[0][0])
 
 
-def _text_scale(line_widths: list[float], width: int, margin: int) -> float:
-    """A font scale of about ``width / 1000`` (at least 0.45: legible on a 256-px overlay; in proportion on large
-    frames), smaller where a line (``line_widths``: its width at scale 1) would not fit inside the margins."""
-    return min(max(0.45, width / 1000), 0.95 * (width - 2 * margin) / max(line_widths))
+def _text_scale(line_widths: list[float], width: int, side: int, margin: int) -> float:
+    """A font scale of about ``side / 1000``, ``side`` the picture's shorter side (at least 0.45: legible on a 256-px
+    overlay; in proportion on large frames, not growing with a line-scan frame's width), smaller where a line
+    (``line_widths``: its width at scale 1) would not fit inside the margins."""
+    return min(max(0.45, side / 1000), 0.95 * (width - 2 * margin) / max(line_widths))
 
 
-def _caption(width: int, threshold: float | None, score: float | None, peak: float, with_mask: bool) -> np.ndarray:
-    """The band under the picture: verdict and score; a colour bar with its ends and the threshold labelled; what
-    the outlines mean."""
+def _caption(width: int, side: int, threshold: float | None, score: float | None, peak: float,
+             with_mask: bool) -> np.ndarray:  # fmt: skip
+    """The band under a picture ``width`` wide, its shorter side ``side``: verdict and score; a colour bar with its
+    ends and the threshold labelled; what the outlines mean."""
     margin = max(4, width // 50)
     if score is None:
         verdict, colour = "NO SCORE", UNKNOWN_BGR
@@ -119,7 +136,7 @@ def _caption(width: int, threshold: float | None, score: float | None, peak: flo
     tick_line = "  ".join([longer_end, ticks[1][1], longer_end] if threshold is not None else [t for _, t in ticks])
     headline = 1.4 * _text_width(f"{verdict}  ") + _text_width(score_text)  # the verdict is written 1.4 times larger
     legend_width = _text_width("   ".join(text for text, _ in legend))
-    scale = _text_scale([headline, _text_width(tick_line), legend_width], width, margin)
+    scale = _text_scale([headline, _text_width(tick_line), legend_width], width, side, margin)
     thickness = max(1, round(scale * 1.6))
     text_height = cv2.getTextSize("Ag", FONT, scale, thickness)[0][1]
     gap = max(3, text_height // 2)

@@ -346,7 +346,7 @@ def test_report_overlays_outline_the_ground_truth_where_the_defect_is(
             assert not magenta.any(), overlay_path.name
             continue
         mask = np.asarray(cv2.imread(str(demo_line.root / "ground_truth" / "defect" / f"{stem}_mask.png"), 0), np.uint8)
-        factor = enlargement(mask.shape[1])
+        factor = enlargement(*mask.shape[:2])
         picture = magenta[: mask.shape[0] * factor]
         edge = cv2.morphologyEx(np.asarray(mask > 127, np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
         near_edge = cv2.dilate(cv2.resize(edge, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST),

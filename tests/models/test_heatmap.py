@@ -7,7 +7,16 @@ import cv2
 import numpy as np
 import pytest
 
-from models.heatmap import FAIL_BGR, MASK_BGR, PASS_BGR, SCALE_TOP, enlargement, overlay_heatmap
+from models.heatmap import (
+    FAIL_BGR,
+    MASK_BGR,
+    MAX_ENLARGED_PIXELS,
+    MIN_WIDTH,
+    PASS_BGR,
+    SCALE_TOP,
+    enlargement,
+    overlay_heatmap,
+)
 
 THRESHOLD = 4.0
 GREY = np.full((256, 256, 3), 128, np.uint8)
@@ -15,12 +24,12 @@ GREY = np.full((256, 256, 3), 128, np.uint8)
 
 def _picture(overlay: np.ndarray, frame: np.ndarray) -> np.ndarray:
     """The part of an overlay showing the frame (the caption band lies below it)."""
-    factor = enlargement(frame.shape[1])
+    factor = enlargement(*frame.shape[:2])
     return overlay[: frame.shape[0] * factor, : frame.shape[1] * factor]
 
 
 def _band(overlay: np.ndarray, frame: np.ndarray) -> np.ndarray:
-    return overlay[frame.shape[0] * enlargement(frame.shape[1]) :]
+    return overlay[frame.shape[0] * enlargement(*frame.shape[:2]) :]
 
 
 def _headline(band: np.ndarray) -> np.ndarray:
@@ -95,7 +104,7 @@ def test_the_caption_fits_inside_the_picture_at_every_frame_size(height: int, wi
     mask = np.zeros((height, width), bool)
     mask[height // 3 : height // 2, width // 3 : width // 2] = True
     overlay = overlay_heatmap(frame, map_, THRESHOLD, 8.5, mask)
-    factor = enlargement(width)
+    factor = enlargement(height, width)
     assert overlay.shape[1] == width * factor >= 256 and overlay.dtype == np.uint8
     band = _band(overlay, frame)
     background = np.all(band == band[0, 0], axis=2)
@@ -129,3 +138,25 @@ def test_without_threshold_the_map_is_scaled_by_its_own_maximum_and_the_caption_
     assert headline.shape[0] > 10 and (headline != headline[0, 0]).any()  # something is written: NO THRESHOLD
     assert not _pixels_of(headline, FAIL_BGR).any() and not _pixels_of(headline, PASS_BGR).any()  # no verdict
     assert not _pixels_of(_picture(overlay, GREY), (255, 255, 255), tolerance=0).any()  # no threshold outline
+
+
+@pytest.mark.parametrize(("height", "width"), [(4000, 10), (600, 12000), (30000, 8)])
+def test_an_overlay_is_about_the_size_of_its_frame_whatever_its_shape(height: int, width: int) -> None:
+    """A tall, narrow frame was enlarged to 256 px wide whatever its height (8 x 60000 became 256 x 1.9 million:
+    11 GB and 26 s in the sink), and a wide one's caption grew with its width (a 16384 x 1000 line-scan frame got a
+    caption three times its own height). Enlarging and padding now stop at ``MAX_ENLARGED_PIXELS`` and the text
+    follows the frame's shorter side."""
+    frame = np.random.default_rng(4).integers(0, 256, (height, width), dtype=np.uint8)
+    map_ = np.zeros((32, 32), np.float32)
+    map_[10:20, 10:20] = 3 * THRESHOLD
+    overlay = overlay_heatmap(frame, map_, THRESHOLD, 8.5)
+    factor = enlargement(height, width)
+    assert overlay.shape[0] * overlay.shape[1] <= 1.2 * max(height * width, MAX_ENLARGED_PIXELS)
+    np.testing.assert_array_equal(_picture(overlay, frame)[: factor * 8, : factor * 8, 1],
+                                  np.repeat(np.repeat(frame[:8, :8], factor, 0), factor, 1))  # fmt: skip
+    if MIN_WIDTH * height * factor <= MAX_ENLARGED_PIXELS or width * factor >= MIN_WIDTH:  # room for a caption
+        band = _band(overlay, frame)
+        assert band.shape[0] <= max(height * factor, 2 * MIN_WIDTH) and band.shape[1] >= MIN_WIDTH
+        assert np.flatnonzero(_pixels_of(_headline(band), FAIL_BGR).any(axis=1)).size >= 10  # the verdict, legible
+    else:  # far taller than wide: the frame alone, no caption squeezed beside it
+        assert overlay.shape == (height * factor, width * factor, 3)

@@ -44,8 +44,8 @@ def test_an_overlay_states_the_verdict_its_score_makes_at_the_threshold(tmp_path
     frame, anomaly_map = np.full((64, 64, 3), 100, np.uint8), np.zeros((8, 8), np.float32)
     for score, shown, not_shown in ((5.5, FAIL_BGR, PASS_BGR), (4.5, PASS_BGR, FAIL_BGR)):
         overlay = cv2.imread(str(store.write(store.path_for("line-1", f"s{score}"), frame, anomaly_map, 5.0, score)))
-        assert overlay is not None and overlay.shape[1] == 64 * enlargement(64)
-        caption = overlay[64 * enlargement(64) :]
+        assert overlay is not None and overlay.shape[1] == 64 * enlargement(64, 64)
+        caption = overlay[64 * enlargement(64, 64) :]
         headline = caption[: caption.shape[0] // 3]  # the verdict's row, above the colour bar
         assert (np.abs(headline.astype(int) - shown).max(axis=2) <= 40).sum() > 30
         assert not (np.abs(headline.astype(int) - not_shown).max(axis=2) <= 40).any()

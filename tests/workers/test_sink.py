@@ -82,9 +82,10 @@ def test_each_frame_is_published_once_with_a_heatmap_for_failures(make_runtime: 
     by_frame = {d.frame_id: d for d in published}
     assert by_frame["f1"].heatmap_ref is None
     heatmap = cv2.imread(str(by_frame["f0"].heatmap_ref))  # drawn over the frame (enlarged), a caption below it
-    assert heatmap is not None and heatmap.shape[1] == 64 * enlargement(64) and heatmap.shape[0] > 48 * enlargement(64)
+    factor = enlargement(48, 64)
+    assert heatmap is not None and heatmap.shape[1] == 64 * factor and heatmap.shape[0] > 48 * factor
     grey_canvas = cv2.imread(str(by_frame["f2"].heatmap_ref))  # its frame trimmed: over a canvas of the map's size
-    assert grey_canvas is not None and grey_canvas.shape[1] == 32 * enlargement(32)
+    assert grey_canvas is not None and grey_canvas.shape[1] == 32 * enlargement(32, 32)
     assert [letter["reason"] for letter in client.dead_letters(keys)] == ["not_msgpack"]
     assert client.group_stats(keys.results)[SINK_GROUP].pending == 0
     assert client.length(keys.results) == 0  # acknowledged results (with their maps) are deleted
@@ -164,7 +165,7 @@ def test_writer_writes_each_failed_frames_overlay_once_across_redeliveries(
     paths = {Path(str(d.heatmap_ref)) for d in published}
     assert paths == set((sink.config.sink.heatmap_dir / "line-1").iterdir())
     overlays = [cv2.imread(str(path)) for path in paths]
-    assert all(overlay is not None and overlay.shape[1] == 40 * enlargement(40) for overlay in overlays)
+    assert all(overlay is not None and overlay.shape[1] == 40 * enlargement(40, 40) for overlay in overlays)
     value = runtime.metrics.registry.get_sample_value
     assert value("lineinspect_heatmaps_written_total", {"line": "line-1"}) == 5
     assert value("lineinspect_duplicate_decisions_total", {"line": "line-1"}) == 5

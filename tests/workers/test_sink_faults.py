@@ -66,7 +66,7 @@ def test_a_frame_id_too_long_for_a_file_name_holds_up_nothing(make_runtime: Call
     assert sorted(by_frame) == sorted([long_id, "defect-1"])
     for decision in by_frame.values():
         overlay = cv2.imread(str(decision.heatmap_ref))
-        assert overlay is not None and overlay.shape[1] == 40 * enlargement(40)  # the frame, enlarged, and a caption
+        assert overlay is not None and overlay.shape[1] == 40 * enlargement(40, 40)  # the frame enlarged, a caption
         assert Path(str(decision.heatmap_ref)).parent == sink.config.sink.heatmap_dir / "line-1"
     assert runtime.client.group_stats(sink.keys.results)[SINK_GROUP].pending == 0
 
@@ -183,7 +183,7 @@ def test_a_different_frame_reusing_a_frame_id_gets_its_own_decision_and_overlay(
     assert published[0].heatmap_ref != published[1].heatmap_ref
     assert Path(str(published[0].heatmap_ref)).read_bytes() == first_overlay  # first frame's overlay untouched
     second_overlay = cv2.imread(str(published[1].heatmap_ref))
-    assert second_overlay is not None and second_overlay.shape[1] == 40 * enlargement(40)
+    assert second_overlay is not None and second_overlay.shape[1] == 40 * enlargement(40, 40)
     value = runtime.metrics.registry.get_sample_value
     assert value("lineinspect_duplicate_decisions_total", {"line": "line-1"}) == 1  # only the real redelivery
 

@@ -13,8 +13,8 @@ set on the fused scores. Unreadable images are skipped with a warning; fitting f
 left. With ``[model] intensity = "auto"`` the good images outside the threshold slice first choose standardised or
 raw frames (``models.intensity``) and, with ``registration`` on or "auto", a reference pose that every frame is
 moved into (``models.registration``); the model stores both choices and how they were made. An inspection mask
-(``[model] inspection_mask``) is read first and checked against every good image's aspect; every member fits and
-scores with it, and the model stores it.
+(``[model] inspection_mask``) is read first and checked against every good image's aspect; the intensity choice,
+the registration and every member look at its inspected pixels only, and the model stores it.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def fit_scorer(
         fit_paths, holdout_paths = list(image_paths), []
     intensity_choice = ""
     if config.model.intensity == "auto":
-        choice = choose_intensity(fit_paths)
+        choice = choose_intensity(fit_paths, mask)
         intensity_choice = choice.describe()
         log.info("intensity %s", intensity_choice)
         config = config.model_copy(update={"model": config.model.model_copy(update={"intensity": choice.intensity})})

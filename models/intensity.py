@@ -15,6 +15,10 @@ unless standardising makes some level spread ``RAW_RATIO`` times or more than ra
 channels). Levels where the raw frames sit at the clipping limits (saturated or black in most frames) are left
 out: clipping, not content, holds them.
 
+With an inspection mask (``models.inspection_mask``) the quantiles, means and spreads are taken over inspected pixels
+only, as ``preprocess`` standardises: a lot code's dark print in the ignored region, at one grey level in every frame,
+otherwise reads as a level raw frames hold steady and turns the choice to raw.
+
 Measured on good frames (the largest ratio over levels): MTD 0.40 (seven exposures), gravel 0.79, a cup on a
 fixture 0.44, tissue 2.65 (content varies), gravel and tissue under exposure drift 0.20 and 0.64. On validation
 with synthetic defects (benchmarks/select_defaults.py) raw frames won on tissue alone (summed +21 image / +26 pixel
@@ -32,6 +36,7 @@ import cv2
 import numpy as np
 
 from models.images import read_sample, to_unit_range
+from models.inspection_mask import InspectionMask
 from pipeline.config import Intensity
 
 SIDE = 64  # frames are downsized to SIDE x SIDE before their quantiles are taken
@@ -62,12 +67,13 @@ class IntensityChoice:
         return f"auto: standardise ({measured}, the most of any level; {RAW_RATIO}x would choose raw)"
 
 
-def level_quantiles(image: np.ndarray) -> tuple[np.ndarray, float, float]:
+def level_quantiles(image: np.ndarray, inspected: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
     """``(H, W, C)`` uint8 or uint16 -> its ``(L, C)`` quantiles in [0, 1] of its own range (``full_scale``: 10- or
     12-bit data in 16 bits keeps its grey levels against ``NOISE_FLOOR`` and ``CLIPPED``) at ``LEVELS``, and its
-    mean and spread (over all channels, as ``preprocess`` standardises)."""
+    mean and spread (over all channels, as ``preprocess`` standardises); over the ``inspected`` pixels ``(SIDE,
+    SIDE)`` bool only, when given."""
     small = to_unit_range(cv2.resize(image, (SIDE, SIDE), interpolation=cv2.INTER_AREA), image)
-    pixels = small.reshape(SIDE * SIDE, -1)
+    pixels = small.reshape(SIDE * SIDE, -1) if inspected is None else small[inspected].reshape(-1, small.shape[-1])
     return np.quantile(pixels, LEVELS, axis=0), float(pixels.mean()), max(float(pixels.std()), 1.0 / 255.0)
 
 
@@ -84,11 +90,15 @@ def spread_ratios(quantiles: np.ndarray, means: np.ndarray, stds: np.ndarray) ->
     return np.where(kept > 0, summed / np.maximum(kept, 1), np.nan)
 
 
-def choose_intensity_from(images: Sequence[np.ndarray]) -> IntensityChoice:
-    """The choice for RGB uint8 frames (any sizes)."""
+def choose_intensity_from(images: Sequence[np.ndarray], mask: InspectionMask | None = None) -> IntensityChoice:
+    """The choice for RGB uint8 frames (any sizes), on the pixels an inspection ``mask`` inspects."""
     if len(images) < MIN_FRAMES:
         return IntensityChoice("standardise", float("nan"), float("nan"), len(images))
-    stats = [level_quantiles(image) for image in images]
+    inspected = None
+    if mask is not None:  # pixels mostly inspected, or where none is at SIDE px (a thin band), any partly inspected
+        shares = mask.at(SIDE, SIDE)
+        inspected = shares > 0.5 if (shares > 0.5).any() else shares > 0
+    stats = [level_quantiles(image, inspected) for image in images]
     quantiles = np.stack([quantile for quantile, _, _ in stats])
     means = np.array([mean for _, mean, _ in stats])
     stds = np.array([std for _, _, std in stats])
@@ -100,7 +110,7 @@ def choose_intensity_from(images: Sequence[np.ndarray]) -> IntensityChoice:
     return IntensityChoice(intensity, float(ratios[worst]), float(LEVELS[worst]), len(images))
 
 
-def choose_intensity(paths: Sequence[Path]) -> IntensityChoice:
+def choose_intensity(paths: Sequence[Path], mask: InspectionMask | None = None) -> IntensityChoice:
     """The choice for good image files: up to ``MAX_FRAMES`` of them, evenly spaced; unreadable ones are passed
     over (the fit reports them)."""
-    return choose_intensity_from(read_sample(paths, MAX_FRAMES, keep_depth=True))
+    return choose_intensity_from(read_sample(paths, MAX_FRAMES, keep_depth=True), mask)

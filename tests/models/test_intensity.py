@@ -123,3 +123,31 @@ def test_camera_data_of_10_or_12_bits_in_16_is_judged_on_its_own_range(bits: int
         choice = choose_intensity_from(deep)
         assert choice.intensity == expected == choose_intensity_from(frames).intensity
         assert choice.ratio == pytest.approx(choose_intensity_from(frames).ratio, rel=0.1)
+
+
+def test_what_an_inspection_mask_ignores_does_not_choose_the_intensity(tmp_path: Path) -> None:
+    """Frames are standardised over their inspected pixels only, so those decide. A lot code's dark print in the
+    ignored quarter, at one grey level in every frame whatever the exposure, made fitting choose raw frames for a
+    line whose inspected surface (one part, seen brighter or darker) only drifts in exposure."""
+    from models.fit import fit_scorer
+    from models.inspection_mask import InspectionMask
+
+    part = _crops(skimage.data.brick(), 1, np.random.default_rng(5))[0]
+    good = tmp_path / "good"
+    good.mkdir()
+    for number in range(16):
+        frame = np.clip(part.astype(np.float32) * (0.7 + 0.04 * number), 0, 255).astype(np.uint8)
+        frame[:, 72:] = 235  # the label
+        frame[: 24 + 4 * number, 72:] = 15  # its print, longer on each part
+        cv2.imwrite(str(good / f"frame_{number:02d}.png"), frame)
+    drawing = np.full((96, 96), 255, np.uint8)
+    drawing[:, 72:] = 0
+    cv2.imwrite(str(tmp_path / "mask.png"), drawing)
+    mask = InspectionMask.from_image(tmp_path / "mask.png")
+    assert choose_intensity(sorted(good.iterdir())).intensity == "raw"  # the print alone decides without the mask
+    assert choose_intensity(sorted(good.iterdir()), mask).intensity == "standardise"
+    model = {**TINY["model"], "intensity": "auto", "inspection_mask": str(tmp_path / "mask.png")}
+    scorer = fit_scorer(sorted(good.iterdir()), config_from_mapping(TINY | {"model": model}), progress=False,
+                        holdout_fraction=0.2)  # fmt: skip
+    assert scorer.model_settings.intensity == "standardise"
+    assert scorer.training.intensity_choice.startswith("auto: standardise")

@@ -39,7 +39,7 @@ from models.intensity import choose_intensity
 from models.methods import method_class
 from models.normalisation import PositionStatsBuilder
 from models.registration import Registration, choose_registration, ignored_grid
-from models.scorer import Scorer, TrainingSummary, preprocess, resolve_device
+from models.scorer import Scorer, TrainingSummary, check_mask_size, preprocess, resolve_device
 from models.threshold import MIN_GOOD_IMAGES, RELIABLE_GOOD_IMAGES, false_reject_threshold
 from models.tiling import tile_count
 from pipeline.config import Config, IntensitySetting, Resize
@@ -169,7 +169,7 @@ def fit_scorer(
                     "synthetic defects rose from 54 with 10 good images to 73 with 50, 85 with 200 and 92 with 591 "
                     "(benchmarks/RESULTS.md section 7); fit again as more good images come",
                     len(image_paths))  # fmt: skip
-    mask = _inspection_mask(config.model.inspection_mask, image_paths)
+    mask = _inspection_mask(config, image_paths)
     fit_paths, holdout_paths = holdout_split(image_paths, holdout_fraction)
     if len(holdout_paths) < MIN_GOOD_IMAGES or len(fit_paths) < MIN_FIT_IMAGES:
         if holdout_fraction > 0:
@@ -190,7 +190,8 @@ def fit_scorer(
     # resolution when tiling (pieces are scored at the frame's resolution)
     sizes = [config.model.image_size] + [config.member_config(m).model.image_size for m in config.fusion_members]
     max_side = None if config.model.resize == "tile" else 2 * max(sizes)
-    registration = choose_registration(fit_paths, config.model.registration, max_side, ignored_grid(mask))
+    ignored = ignored_grid(mask) if config.model.registration != "off" else None
+    registration = choose_registration(fit_paths, config.model.registration, max_side, ignored)
     if registration.description:
         log.info("registration %s", registration.description)
     resolved = "on" if registration.registration is not None else "off"  # the model states what it does, as intensity
@@ -262,12 +263,16 @@ def _fit_one(
     return scorer
 
 
-def _inspection_mask(path: Path | None, image_paths: Sequence[Path]) -> InspectionMask | None:
-    """The mask ``[model] inspection_mask`` names, checked against every training image's aspect (from headers;
-    unreadable images are left to the warnings that skip them). Raises MaskError naming the problem."""
+def _inspection_mask(config: Config, image_paths: Sequence[Path]) -> InspectionMask | None:
+    """The mask ``[model] inspection_mask`` names, checked against each member's input size and every training
+    image's aspect (from headers; unreadable images are left to the warnings that skip them). Raises MaskError naming
+    the problem."""
+    path = config.model.inspection_mask
     if path is None:
         return None
     mask = InspectionMask.from_image(path)
+    for model in [config.model] + [config.member_config(member).model for member in config.fusion_members]:
+        check_mask_size(mask, model.image_size, model.resize, model.method)
     mismatched: list[str] = []
     for image_path in image_paths:
         shape = image_shape(image_path)

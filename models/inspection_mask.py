@@ -16,7 +16,9 @@ It acts twice, in fitting and scoring alike (``models.scorer``):
    convolution, so a defect at the mask's edge is not diluted by the grey), image scores come from inspected pixels
    and patch cells only, and ignored pixels of the heatmap read as the frame's lowest inspected value.
 
-``resize = "tile"`` cannot take a mask (it cuts frames of any length into pieces; a mask needs one geometry).
+``resize = "tile"`` cannot take a mask (it cuts frames of any length into pieces; a mask needs one geometry). A mask
+must inspect a whole pixel at every size it is used at (each method's input and maps, the registration grid):
+fitting refuses a thinner one before it starts (``check_size``).
 """
 
 from __future__ import annotations
@@ -106,6 +108,14 @@ class InspectionMask:
         shares = shares.flatten()
         counted = shares >= MIN_CELL_SHARE
         return counted if bool(counted.any()) else shares > 0
+
+    def check_size(self, height: int, width: int, use: str) -> None:
+        """Raise MaskError unless some pixel is mostly inspected at ``height x width``, where the mask is used as
+        ``use`` says: an input's standardisation, a map's smoothing and lowest value, a pose need one."""
+        if not (self.at(height, width) > 0.5).any():
+            msg = (f"the inspection mask inspects no whole pixel at {width}x{height} px ({use}): its inspected region, "
+                   f"{100 * self.share:.2f}% of the frame, is thinner than a pixel there; draw it wider")  # fmt: skip
+            raise MaskError(msg)
 
     def check_frame(self, height: int, width: int, name: str) -> None:
         """Raise MaskError when a ``height x width`` frame's aspect differs from the mask's beyond rounding."""

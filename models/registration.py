@@ -77,8 +77,12 @@ def scaled(transform: np.ndarray, width: float, height: float) -> np.ndarray:
 
 
 def ignored_grid(mask: InspectionMask | None) -> np.ndarray | None:
-    """``(R, R)`` bool: the grid pixels an inspection mask mostly ignores, or None without a mask."""
-    return None if mask is None else mask.at(SIDE, SIDE) <= 0.5
+    """``(R, R)`` bool: the grid pixels an inspection mask mostly ignores, or None without a mask; MaskError when it
+    ignores them all."""
+    if mask is None:
+        return None
+    mask.check_size(SIDE, SIDE, 'the registration grid; or [model] registration = "off"')
+    return mask.at(SIDE, SIDE) <= 0.5
 
 
 def _flattened(grid: np.ndarray, ignored: np.ndarray) -> np.ndarray:

@@ -230,6 +230,15 @@ def resize_maps(maps: np.ndarray, size: int) -> np.ndarray:
     return resized[:, 0].numpy()
 
 
+def check_mask_size(mask: InspectionMask, image_size: int, resize: Resize, name: str) -> None:
+    """Raise MaskError unless ``mask`` inspects a whole pixel of the ``image_size`` input (a frame of its aspect,
+    placed as ``resize`` places it) and of the maps of method ``name``."""
+    height, width = mask.inspected.shape
+    box_h, box_w = content_box(height, width, image_size, resize)[2:]
+    mask.check_size(box_h, box_w, f"{name}'s input of {image_size} px")
+    mask.check_size(image_size, image_size, f"{name}'s maps of {image_size} px")
+
+
 def _shared_settings(model: ModelSettings, scoring: ScoringSettings) -> tuple[object, ...]:
     """What fused Scorers must agree on: they see the frames alike (each at its own input size) and average maps
     pixel by pixel."""
@@ -269,6 +278,8 @@ class Scorer:
         if inspection_mask is not None and model_settings.resize == "tile":
             msg = "an inspection mask cannot be used with resize 'tile' (pieces of frames of any length)"
             raise ValueError(msg)
+        if inspection_mask is not None:
+            check_mask_size(inspection_mask, model_settings.image_size, model_settings.resize, method.name)
         ours = _shared_settings(model_settings, scoring)
         for companion in companions:
             theirs = _shared_settings(companion.model_settings, companion.scoring)

@@ -163,3 +163,20 @@ def test_a_registered_masked_model_reloads_its_registration_blind_to_the_ignored
     reloaded = load_scorer(tmp_path / "model", device="cpu")
     assert reloaded.registration is not None and reloaded.registration.ignored is not None
     assert np.array_equal(reloaded.registration.ignored, ignored)
+
+
+def test_a_mask_too_thin_for_the_models_size_is_refused_before_fitting(demo_line: DemoLine, tmp_path: Path) -> None:
+    """A seam band 3 px high in a 1000-px drawing covers no whole pixel of a 96-px model: fitting ran to its end
+    and then failed with torch's "amin(): Expected reduction dim 1 to have non-zero size"."""
+    from models.fit import fit_scorer
+
+    drawing = np.zeros((1000, 1000), np.uint8)
+    drawing[500:503, 100:900] = 255
+    cv2.imwrite(str(tmp_path / "seam.png"), drawing)
+    config = config_from_mapping(TINY | {"model": TINY["model"] | {"inspection_mask": str(tmp_path / "seam.png")}})
+    with pytest.raises(MaskError, match=r"no whole pixel at 96x96 px .*patchcore.*draw it wider"):
+        fit_scorer(sorted(demo_line.train_dir.iterdir()), config, progress=False)
+    registered = config_from_mapping(TINY | {"model": TINY["model"] | {"inspection_mask": str(tmp_path / "seam.png"),
+                                                                       "image_size": 320, "registration": "on"}})
+    with pytest.raises(MaskError, match=r"no whole pixel at 128x128 px .*registration"):
+        fit_scorer(sorted(demo_line.train_dir.iterdir()), registered, progress=False)

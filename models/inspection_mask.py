@@ -6,7 +6,9 @@ pose, which a good frame has): pixels of grey level 128 or more are inspected, d
 its own resolution as ``inspected`` ``(H0, W0)`` bool and resized to wherever it is used, so it may be drawn at any
 scale of the frame (same aspect).
 
-It acts twice, in fitting and scoring alike (``models.scorer``):
+Fitting's automatic choices leave ignored pixels out: the intensity choice (``models.intensity``) and the poses of
+registration (``models.registration.ignored_grid``). Then the mask acts twice, in fitting and scoring alike
+(``models.scorer``):
 
 1. Before the backbone (``preprocess``): each frame's ignored pixels of its ``(3, S, S)`` input are set to one flat
    grey (``FILL``) after its intensity standardisation, whose mean and spread are taken over inspected pixels only.
@@ -35,6 +37,7 @@ from models.images import ImageError, read_image
 FILE = "inspection_mask.png"
 FILL = 0.449  # ImageNet's pixel mean, averaged over channels (scorer.STANDARD_MEAN): the grey ignored pixels become
 ASPECT_TOLERANCE = 0.02  # a mask and the frames it is fitted on may differ this much in aspect (rounding of scales)
+MAX_CACHED_SIZES = 64  # sizes ``at`` keeps the resized mask of (a line's frames have one or a few)
 MIN_CELL_SHARE = 0.5  # a patch cell counts for the image score when at least this share of its pixels is inspected
 
 
@@ -91,6 +94,8 @@ class InspectionMask:
         so a pixel on the mask's edge is partly inspected). Cached per size."""
         key = (height, width)
         if key not in self._resized:
+            if len(self._resized) >= MAX_CACHED_SIZES:  # padded frames of many aspects: keep the cache bounded
+                self._resized.clear()
             source = self.inspected.astype(np.float32)
             shrinking = height < source.shape[0] or width < source.shape[1]
             interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR

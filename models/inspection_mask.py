@@ -25,6 +25,7 @@ fitting refuses a thinner one before it starts (``check_size``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class InspectionMask:
 
     inspected: np.ndarray
     _resized: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
+    _derived: dict[Hashable, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.inspected.ndim != 2 or self.inspected.dtype != np.bool_ or min(self.inspected.shape) < 1:
@@ -102,17 +104,36 @@ class InspectionMask:
             self._resized[key] = np.clip(cv2.resize(source, (width, height), interpolation=interpolation), 0.0, 1.0)
         return self._resized[key]
 
+    def derived(self, key: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """What ``compute`` derives from the mask, computed once per ``key`` (a scorer's per-size constants: they
+        would otherwise be recomputed on every batch)."""
+        if key not in self._derived:
+            if len(self._derived) >= MAX_CACHED_SIZES:
+                self._derived.clear()
+            self._derived[key] = compute()
+        return self._derived[key]
+
     def pixels(self, size: int) -> torch.Tensor:
         """``(size, size)`` bool: the pixels of a square map that are inspected (more than half their area)."""
-        return torch.from_numpy(self.at(size, size) > 0.5)
+        return self.derived(("pixels", size), lambda: torch.from_numpy(self.at(size, size) > 0.5))
+
+    def cell_shares(self, size: int, grid_h: int, grid_w: int) -> torch.Tensor:
+        """``(grid_h * grid_w,)`` float: the inspected share of each patch cell of a ``(size, size)`` map."""
+        def compute() -> torch.Tensor:
+            inspected = self.pixels(size).float()[None, None]
+            return torch.nn.functional.adaptive_avg_pool2d(inspected, (grid_h, grid_w)).flatten()
+
+        return self.derived(("cell shares", size, grid_h, grid_w), compute)
 
     def cells(self, size: int, grid_h: int, grid_w: int) -> torch.Tensor:
         """``(grid_h * grid_w,)`` bool: the patch cells of a ``(size, size)`` map that count for the image score
         (``MIN_CELL_SHARE`` of them inspected; where no cell has that much, every cell with any inspected pixel)."""
-        shares = torch.nn.functional.adaptive_avg_pool2d(self.pixels(size).float()[None, None], (grid_h, grid_w))
-        shares = shares.flatten()
-        counted = shares >= MIN_CELL_SHARE
-        return counted if bool(counted.any()) else shares > 0
+        def compute() -> torch.Tensor:
+            shares = self.cell_shares(size, grid_h, grid_w)
+            counted = shares >= MIN_CELL_SHARE
+            return counted if bool(counted.any()) else shares > 0
+
+        return self.derived(("cells", size, grid_h, grid_w), compute)
 
     def check_size(self, height: int, width: int, use: str) -> None:
         """Raise MaskError unless some pixel is mostly inspected at ``height x width``, where the mask is used as
@@ -157,6 +178,8 @@ def input_shares(mask: InspectionMask | None, box: tuple[int, int, int, int], si
     if mask is None:
         return None
     top, left, height, width = box
+    if (height, width) == (size, size):  # the frame fills the input (stretched): the cached mask as it is
+        return mask.at(size, size)
     shares = np.ones((size, size), np.float32)
     shares[top : top + height, left : left + width] = mask.at(height, width)
     return shares

@@ -444,7 +444,7 @@ class Scorer:
             else:  # each cell's mean over its inspected pixels, cells mostly ignored left out
                 inspected = mask.pixels(self.image_size).float()[None, None]
                 sums = F.adaptive_avg_pool2d(aggregated[:, None] * inspected, (grid_h, grid_w)).flatten(1)
-                shares = F.adaptive_avg_pool2d(inspected, (grid_h, grid_w)).flatten(1)
+                shares = mask.cell_shares(self.image_size, grid_h, grid_w)
                 counted = mask.cells(self.image_size, grid_h, grid_w)
                 grid_scores = (sums / shares.clamp_min(1e-6))[:, counted]
             frames = split_by_frame(grid_scores, shapes) if tiled else grid_scores[:, None]
@@ -464,7 +464,9 @@ class Scorer:
         inspected = mask.pixels(self.image_size)
         weights = inspected.float()
         sigma = self.scoring.smoothing_sigma
-        smoothed = gaussian_blur(maps * weights, sigma) / gaussian_blur(weights[None], sigma).clamp_min(1e-6)
+        reach = mask.derived(("smoothed weights", self.image_size, sigma),
+                             lambda: gaussian_blur(weights[None], sigma).clamp_min(1e-6))  # fmt: skip
+        smoothed = gaussian_blur(maps * weights, sigma) / reach
         lowest = smoothed[:, inspected].amin(dim=1)
         return torch.where(inspected, smoothed, lowest[:, None, None])
 

@@ -60,7 +60,20 @@ def _unpack(payload: bytes, model: type[MessageT], max_bytes: int | None) -> Mes
     except Exception as error:  # msgpack raises ValueError subclasses, TypeError (unhashable keys), RecursionError
         why = str(error) or type(error).__name__
         msg = f"payload of {len(payload)} bytes starting {payload[:16]!r} is not msgpack ({why})"
-        raise CodecError(CodecErrorReason.NOT_MSGPACK, msg) from None
+        data = _unpack_leniently(payload)  # msgpack after all, with a key that is not str or a str that is not UTF-8?
+        if data is None:
+            raise CodecError(CodecErrorReason.NOT_MSGPACK, msg) from None
+        if isinstance(data, dict) and type(data.get("version")) is int and data["version"] == SCHEMA_VERSION:
+            not_utf8 = _not_utf8(data)
+            if not_utf8:
+                raise CodecError(CodecErrorReason.INVALID_FIELDS, "; ".join(not_utf8)) from None
+        _checked(data, model)  # raises the CodecError that names the field (or the version, or not a map)
+        raise CodecError(CodecErrorReason.NOT_MSGPACK, msg) from None  # no field's problem after all
+    return _checked(data, model)
+
+
+def _checked(data: Any, model: type[MessageT]) -> MessageT:
+    """The message ``data`` (unpacked msgpack) holds; CodecError saying why when it holds none."""
     if not isinstance(data, dict):
         msg = f"payload is msgpack {type(data).__name__}, expected a map with a 'version' key"
         raise CodecError(CodecErrorReason.NOT_A_MESSAGE, msg)
@@ -73,6 +86,43 @@ def _unpack(payload: bytes, model: type[MessageT], max_bytes: int | None) -> Mes
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise CodecError(CodecErrorReason.INVALID_FIELDS, problems) from None
+
+
+def _unpack_leniently(payload: bytes) -> Any:
+    """``payload`` unpacked with any map key and invalid UTF-8 in str kept (as surrogates), or None when that fails
+    too: only to name the field of a payload the strict unpacking refused."""
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False, unicode_errors="surrogateescape")
+    except Exception:
+        return None
+
+
+def _not_utf8(data: Any, limit: int = 5) -> list[str]:
+    """Where a leniently unpacked payload holds msgpack str that is not UTF-8 (``metadata.lot: ...``), at most
+    ``limit`` of them; the top-level ``data`` is left to the model, which refuses any str there."""
+    found: list[str] = []
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack and len(found) < limit:
+        path, value = stack.pop()
+        if isinstance(value, str) and _has_surrogates(value) and path != "data":
+            found.append(f"{path or 'payload'}: msgpack str that is not UTF-8 (send bytes as bin, text as UTF-8)")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{path}.{key!s:.40}" if path else f"{key!s:.40}"
+                if isinstance(key, str) and _has_surrogates(key):
+                    found.append(f"{path or 'payload'}: a key is msgpack str that is not UTF-8")
+                stack.append((name, item))
+        elif isinstance(value, list | tuple):
+            stack.extend((f"{path}.{index}", item) for index, item in enumerate(value))
+    return found
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def encode_frame(frame: Frame) -> bytes:

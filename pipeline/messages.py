@@ -13,6 +13,8 @@ Frame pixels travel as ``encoding``:
 
 Integer fields (``version``, ``sequence``, ``captured_at_ns``, ``raw_shape``) are strict: ``1.0``, ``True`` or
 ``"5"`` are rejected rather than coerced, so a producer's type bug surfaces as ``invalid_fields`` at the first frame.
+So are a Frame's msgpack types: text (``line_id``, ``camera_id``, ``frame_id``, metadata keys) must be str, not bin,
+``data`` must be bin, not str (an old encoder's raw type), and metadata values str, int, float, bool or nil.
 
 A Decision on the internal results stream may carry the anomaly map (``(map_size, map_size)`` float16 bytes) so
 the sink can draw a heatmap; the sink strips it before publishing the decision on the line's output stream.
@@ -50,6 +52,46 @@ def _exact_version(value: Any) -> Any:
     return value
 
 
+_WIRE_TYPES = {bytes: "bin", str: "str", bool: "bool", int: "int", float: "float", list: "array", tuple: "array",
+               dict: "map", type(None): "nil"}  # fmt: skip
+
+
+def wire_type(value: Any) -> str:
+    """The msgpack type a decoded value came as (``bin``, ``str``, ``int``, ``map``...), for error messages."""
+    return next((name for kind, name in _WIRE_TYPES.items() if isinstance(value, kind)), type(value).__name__)
+
+
+def _wire_text(value: Any) -> Any:
+    """A text field must come as msgpack str: bin would be decoded as UTF-8 by pydantic, silently."""
+    if isinstance(value, bytes | bytearray):
+        msg = "msgpack bin, expected str: send text as msgpack str"
+        raise ValueError(msg)
+    return value
+
+
+def _wire_data(value: Any) -> Any:
+    """``data`` must come as msgpack bin: str (what old encoders make of bytes) would be encoded back to UTF-8."""
+    if isinstance(value, str):
+        msg = "msgpack str, expected bin: pack the image bytes as bin (msgpack-python: packb(..., use_bin_type=True))"
+        raise ValueError(msg)
+    return value
+
+
+def _wire_metadata(value: Any) -> Any:
+    """Metadata keys must be str and values str, int, float, bool or nil, as msgpack sent them: a bin key or value
+    would be decoded as UTF-8 by pydantic, silently."""
+    if not isinstance(value, dict):
+        return value  # pydantic says it is not a map
+    for key, item in value.items():
+        if not isinstance(key, str):
+            msg = f"key {key!r:.40} is msgpack {wire_type(key)}; metadata keys must be str"
+            raise ValueError(msg)
+        if item is not None and not isinstance(item, str | int | float):  # bool is an int
+            msg = f"{key!r:.40} is msgpack {wire_type(item)}; metadata values must be str, int, float, bool or nil"
+            raise ValueError(msg)
+    return value
+
+
 class Frame(_Message):
     """One captured image plus where and when it was taken."""
 
@@ -66,6 +108,9 @@ class Frame(_Message):
     metadata: dict[str, MetadataValue] = Field(default_factory=dict, description="Part number, recipe, source file.")
 
     _version_is_int = field_validator("version", mode="before")(_exact_version)
+    _text_is_str = field_validator("line_id", "camera_id", "frame_id", mode="before")(_wire_text)
+    _data_is_bin = field_validator("data", mode="before")(_wire_data)
+    _metadata_types = field_validator("metadata", mode="before")(_wire_metadata)
 
 
 class FrameRef(NamedTuple):

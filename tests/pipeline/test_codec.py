@@ -355,3 +355,41 @@ def test_a_jpeg_frame_cut_short_or_broken_is_dead_lettered_saying_why(why: str) 
         decode_pixels(encoded_frame(_broken_jpeg_frames()[why], "jpeg"))
     assert caught.value.reason is CodecErrorReason.UNDECODABLE_IMAGE
     assert re.match(f"frame f-1: JPEG .*{why}", caught.value.detail), caught.value.detail
+
+
+@pytest.mark.parametrize(
+    ("overrides", "use_bin_type", "named"),
+    [
+        ({"metadata": {5: "x"}}, True, "metadata: Value error, key 5 is msgpack int; metadata keys must be str"),
+        ({"metadata": {b"lot": "x"}}, True, "metadata: Value error, key b'lot' is msgpack bin"),
+        ({"metadata": {"lot": b"A7"}}, True, "metadata: Value error, 'lot' is msgpack bin"),
+        ({7: "x"}, True, "7: "),
+        ({"frame_id": b"f-1"}, True, "frame_id: Value error, msgpack bin, expected str"),
+        ({"camera_id": b"cam0"}, True, "camera_id: Value error, msgpack bin, expected str"),
+        # bytes packed by an old encoder (msgpack-python's use_bin_type=False) arrive as msgpack str
+        ({"data": b"\x89PNG\r\n\x1a\n"}, False, "data: Value error, msgpack str, expected bin"),  # not UTF-8
+        ({"data": bytes(18)}, False, "data: Value error, msgpack str, expected bin"),  # UTF-8 after all
+        ({"data": b"\x89PNG", "frame_id": b"\xff"}, False, "frame_id: msgpack str that is not UTF-8"),
+        ({"metadata": {"lot": b"\xff"}}, False, "metadata.lot: msgpack str that is not UTF-8"),
+    ],
+)
+def test_msgpack_types_other_than_the_documented_ones_are_invalid_fields_naming_the_field(
+    overrides: dict[object, object], use_bin_type: bool, named: str
+) -> None:
+    """README's wire table: text is msgpack str, data is bin, metadata has str keys. A key that is not str, or a str
+    that is not UTF-8, was dead-lettered not_msgpack, as if the payload were garbage; a bin frame id was accepted."""
+    fields = {**msgpack.unpackb(encode_frame(make_frame())), **overrides}
+    with pytest.raises(CodecError) as caught:
+        decode_frame(msgpack.packb(fields, use_bin_type=use_bin_type))
+    assert caught.value.reason is CodecErrorReason.INVALID_FIELDS
+    assert named in caught.value.detail
+
+
+def test_a_frame_refused_for_its_msgpack_types_is_still_named_for_its_error_decision() -> None:
+    from pipeline.codec import peek_frame_ref
+
+    fields = {**msgpack.unpackb(encode_frame(make_frame())), "data": b"\x89PNG\r\n\x1a\n"}
+    ref = peek_frame_ref(msgpack.packb(fields, use_bin_type=False), "line-1", 0)
+    assert ref is not None and ref.frame_id == "f-1"
+    binary_id = {**fields, "frame_id": b"f-1"}  # not a str id: no decision names it
+    assert peek_frame_ref(msgpack.packb(binary_id, use_bin_type=True), "line-1", 0) is None

@@ -356,6 +356,31 @@ def test_an_entry_without_a_payload_field_is_not_called_trimmed(line: Line) -> N
     assert misnamed_id not in camera.seen
 
 
+def test_msgpack_types_other_than_the_documented_ones_are_invalid_fields_naming_the_field(line: Line) -> None:
+    """README's table: text is msgpack str, ``data`` bin, metadata keys str. An int metadata key and bytes packed as
+    str by an old encoder were dead-lettered not_msgpack (garbage, no field named); a bin frame id was accepted."""
+    camera = line.camera
+    png = png_bytes(line.good_rgb[1])
+    int_key = frame_map(data=png, metadata={7: "station"})
+    int_key_id = camera.xadd({"payload": msgpack.packb(int_key, use_bin_type=True)})
+    old_encoder = frame_map(data=png)  # msgpack-python's use_bin_type=False: the PNG's bytes go as msgpack str
+    old_encoder_id = camera.xadd({"payload": msgpack.packb(old_encoder, use_bin_type=False)})
+    binary_id = camera.xadd({"payload": msgpack.packb(frame_map(data=png, frame_id=b"ext-bin"), use_bin_type=True)})
+    after_id = camera.publish(frame_map(data=png))
+
+    decisions = camera.decisions_for([int_key_id, old_encoder_id, after_id])
+    assert decisions[after_id]["verdict"] in ("pass", "fail")
+    letters = camera.dead_letters()
+    for entry_id, frame, field_named in [(int_key_id, int_key, b"metadata"), (old_encoder_id, old_encoder, b"data")]:
+        assert letters[entry_id]["reason"] == b"invalid_fields"
+        assert letters[entry_id]["detail"].startswith(field_named + b": ")
+        assert letters[entry_id]["frame_id"].decode() == frame["frame_id"]
+        assert (decisions[entry_id]["verdict"], decisions[entry_id]["error_reason"]) == ("error", "invalid_fields")
+    assert letters[binary_id]["reason"] == b"invalid_fields"
+    assert letters[binary_id]["detail"].startswith(b"frame_id: ")
+    assert binary_id not in camera.seen  # no text frame id to decide it under
+
+
 def test_a_reused_frame_id_is_decided_again_flagged(line: Line) -> None:
     camera = line.camera
     frame_id = f"reused-{uuid.uuid4().hex[:8]}"

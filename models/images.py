@@ -9,8 +9,8 @@ Files and frames decode the same way (``decode_image`` on their bytes): in their
 orientation tag ignored (raw frames carry none), alpha dropped. Before decoding, the header is read
 (``read_header``): a file announcing more than ``MAX_FILE_PIXELS`` or holding several images (a multi-page TIFF)
 is refused, naming the file, rather than decoded whole or read as its first page; so is PNG or JPEG data that does
-not hold its whole image (cut short; for JPEG, whose structure is walked to its end in ``models.jpeg``, also
-malformed or missing data inside).
+not hold its whole image (cut short, malformed, or for JPEG missing data inside and for PNG a damaged chunk: both
+structures are walked to their end, in ``models.jpeg`` and ``models.png``; bytes after the end are not read).
 No torch here: the pipeline imports this module to decode frames.
 """
 
@@ -25,7 +25,8 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from models.jpeg import JPEG_SIGNATURE, TRUNCATED, walk_jpeg
+from models.jpeg import JPEG_SIGNATURE, walk_jpeg
+from models.png import PNG_SIGNATURE, walk_png
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Files announcing more pixels are refused before decoding (an 875 KB PNG of 30000 x 30000 took 3.6 GB to read);
@@ -34,7 +35,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MAX_FILE_PIXELS = 2**27
 # Float pixels are read as [0, 1]; this much rounding beyond either end (half an 8-bit grey level) is clipped.
 FLOAT_RANGE_SLACK = 0.5 / 255.0
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class ImageError(ValueError):
@@ -54,31 +54,17 @@ class Header(NamedTuple):
     damage: str | None = None  # PNG, JPEG: why the data does not hold the whole image (cut short...), None if it does
 
 
-def png_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` from a PNG's IHDR chunk, or None when ``data`` is not a PNG with one."""
-    if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 24:
-        return None
-    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-
-
 def read_header(data: bytes, name: str) -> Header | None:
     """The header of PNG or JPEG data (parsed here, and the data's structure checked to its end: ``damage``) or of
     another format Pillow knows (it reads headers only), or None when none can be read (cv2 may still decode the
     data, up to its own limit of 2**30 pixels). Raises ImageError for PNG or JPEG data whose size cannot be read, and
     ImageTooLargeError for a header beyond Pillow's own decompression-bomb limit."""
-    if data.startswith(JPEG_SIGNATURE):
-        layout = walk_jpeg(data)
+    if data.startswith(JPEG_SIGNATURE) or data.startswith(PNG_SIGNATURE):
+        layout = walk_jpeg(data) if data.startswith(JPEG_SIGNATURE) else walk_png(data)
         if layout.size is None:
             msg = f"{name}: {layout.problem}"
             raise ImageError(msg)
         return Header(layout.size[0], layout.size[1], 1, layout.problem)
-    if data.startswith(PNG_SIGNATURE):
-        size = png_size(data)
-        if size is None:
-            msg = f"{name}: PNG without the IHDR chunk that must follow its signature"
-            raise ImageError(msg)
-        cut_short = None if data.rfind(b"IEND") >= 0 else f"PNG data ends before its IEND chunk: {TRUNCATED}"
-        return Header(size[0], size[1], 1, cut_short)
     import PIL.Image  # headers of TIFF, BMP, WebP...; not needed for stream frames (PNG and JPEG)
 
     try:

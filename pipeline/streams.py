@@ -795,15 +795,16 @@ class StreamClient:
     def read_range(self, stream: str, after_id: str, count: int) -> list[StreamEntry]:
         """Entries after ``after_id`` (exclusive), oldest first, without a consumer group."""
         rows = self._call(lambda: self.redis.xrange(stream, f"({after_id}", "+", count=count), "read_range")
-        return [StreamEntry(_text(entry_id), fields.get(PAYLOAD.encode())) for entry_id, fields in rows]
+        return [_read_entry(entry_id, fields) for entry_id, fields in rows]
 
     def tail(self, positions: dict[str, str], count: int, block_ms: int | None) -> list[tuple[str, StreamEntry]]:
-        """XREAD from several streams after the given ids (``$`` = only new entries), without a consumer group."""
+        """XREAD from several streams after the given ids (``$`` = only new entries), without a consumer group; an
+        entry without a ``payload`` field comes with ``payload`` None and its fields named."""
         reply = self._call(lambda: self.redis.xread(positions, count=count, block=block_ms), "tail")
         found: list[tuple[str, StreamEntry]] = []
         for stream, items in reply or []:
             for entry_id, fields in items:
-                found.append((_text(stream), StreamEntry(_text(entry_id), fields.get(PAYLOAD.encode()))))
+                found.append((_text(stream), _read_entry(entry_id, fields)))
         return found
 
     def last_id(self, stream: str) -> str:

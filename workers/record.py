@@ -489,8 +489,9 @@ def _match_v1(waiting: dict[str, deque[tuple[int, str]]], decision: Decision) ->
 
 
 class RecordCounts(NamedTuple):
-    """What a recorder saw: frames and decisions recorded, entries skipped (not a frame or decision: the pipeline
-    dead-letters those, the recording leaves them out), and frames-stream entries trimmed before it read them."""
+    """What a recorder saw: frames and decisions recorded, entries skipped (not a frame or decision, or without a
+    ``payload`` field: the pipeline dead-letters those, the recording leaves them out), and frames-stream entries
+    trimmed before it read them."""
 
     frames: int
     decisions: int
@@ -583,19 +584,25 @@ def record_line(
                 trimmed, added_through_read = trimmed + lost, added_through_read + lost + len(read)
             for stream, entry in page:
                 positions[stream] = entry.entry_id
+                if entry.payload is None:  # published without the payload field: no frame or decision to record
+                    if stream == keys.frames:
+                        matcher.frame_read(entry.entry_id, None)
+                    if stream != keys.frames or not frames_done():
+                        skipped += 1
+                        where = {"stream": stream, "entry_id": entry.entry_id, "fields": list(entry.other_fields)}
+                        logger.warning("entry skipped: it has no payload field", extra=where)
+                    continue
                 try:
                     if stream == keys.frames:
-                        frame_id = None
-                        if entry.payload is not None and not frames_done():
-                            frame_id = decode_frame(entry.payload).frame_id
+                        frame_id = None if frames_done() else decode_frame(entry.payload).frame_id
                         early = matcher.frame_read(entry.entry_id, frame_id)
                         if frame_id is not None:
-                            writer.frame(entry.entry_id, entry.payload or b"")
+                            writer.frame(entry.entry_id, entry.payload)
                             recorded += 1
                         if early is not None:
                             writer.decision(entry.entry_id, early)
                             decided += 1
-                    elif entry.payload is not None:
+                    else:
                         decision = decode_decision(entry.payload)
                         frame_entry_id = matcher.decision_read(decision, entry.payload, positions[keys.frames])
                         if frame_entry_id is not None:

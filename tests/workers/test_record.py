@@ -355,6 +355,33 @@ def test_a_recorder_skips_entries_that_are_not_frames_and_goes_on(
     assert [f.frame_id for f in read_recording(tmp_path / "rec.lir").frames()] == ["f0", "f1"]
 
 
+def test_a_recorder_skips_entries_without_a_payload_field_counting_them(
+    make_runtime: Callable[..., WorkerRuntime], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry published without the ``payload`` field (camera software naming it ``frame``) is no frame of the line
+    (the scorers dead-letter it not_a_message) and no decision: the recording leaves it out, counted and logged with
+    its fields, so a replay sends only frames the line was sent and nothing went unnoticed."""
+    runtime = make_runtime("record", "r3-fields")
+    client, keys = runtime.client, LineKeys(runtime.config.streams.prefix, "line-1")
+    recorder, counts = _record_in_thread(runtime, tmp_path / "rec.lir", 2)
+    frames = [tiny_frame(f"f{n}") for n in range(2)]
+    entry_ids = [client.publish(keys.frames, encode_frame(frames[0]))]
+    client.redis.xadd(keys.frames, {"frame": encode_frame(tiny_frame("misnamed"))})
+    entry_ids.append(client.publish(keys.frames, encode_frame(frames[1])))
+    client.redis.xadd(keys.decisions, {"decision": encode_decision(decision_for("misnamed"))})
+    for frame, entry_id in zip(frames, entry_ids, strict=True):
+        client.publish(keys.decisions, encode_decision(decision_for(frame.frame_id, frame_entry_id=entry_id)))
+    with caplog.at_level("WARNING", logger="workers.record"):
+        recorder.join(timeout=60)
+    assert counts == [(2, 2, 2, 0)]
+    skipped = [record for record in caplog.records if "no payload field" in record.getMessage()]
+    assert sorted(str(getattr(record, "fields", None)) for record in skipped) == ["['decision']", "['frame']"]
+    recording = read_recording(tmp_path / "rec.lir")
+    assert recording.entry_ids == entry_ids and len(recording.decisions) == 2
+    replayed = list(ReplaySource("x", tmp_path / "rec.lir", speed=0).captures())
+    assert [capture.metadata["replay_of"] for capture in replayed] == ["f0", "f1"]
+
+
 def test_frames_trimmed_before_the_recorder_read_them_are_counted(
     make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
 ) -> None:

@@ -33,10 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.codec import CodecError, decode_decision, decode_frame, decode_pixels, encode_decision
+from pipeline.codec import CodecError, CodecErrorReason, decode_decision, decode_frame, decode_pixels, encode_decision
 from pipeline.messages import Decision, StageTimings, now_ns
 from pipeline.streams import (
     ENTRY_TRIMMED,
+    PAYLOAD,
     SINK_GROUP,
     Commit,
     DeadLetter,
@@ -297,12 +298,21 @@ class SinkWorker:
 
         A result with a map that cannot get a heatmap (malformed map, or delivered more than
         ``streams.max_deliveries`` times) is dead-lettered and its decision published here, without heatmap and
-        flagged ``heatmap_error``."""
+        flagged ``heatmap_error``. An entry without a ``payload`` field holds no decision: dead-lettered
+        ``not_a_message`` naming its fields (one gone before it was re-read is ``entry_trimmed``)."""
         letters: list[DeadLetter] = []
         plain: list[ToPublish] = []
         acks: list[str] = []
         jobs: list[HeatmapJob] = []
         for entry in entries:
+            if entry.payload is None and entry.other_fields:  # not written by a scoring worker: no decision in it
+                detail = (
+                    f"entry has no '{PAYLOAD}' field (its fields: {', '.join(entry.other_fields)}); scoring workers "
+                    f"publish results as XADD {self.keys.results} * {PAYLOAD} <msgpack Decision>"
+                )
+                letters.append(DeadLetter(entry.entry_id, None, CodecErrorReason.NOT_A_MESSAGE.value, detail))
+                acks.append(entry.entry_id)
+                continue
             if entry.payload is None:  # re-reading its own pending results: claims dead-letter these themselves
                 letters.append(DeadLetter(entry.entry_id, None, ENTRY_TRIMMED, "result gone before the sink reread it"))
                 acks.append(entry.entry_id)

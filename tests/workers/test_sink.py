@@ -240,3 +240,26 @@ def test_drain_finishes_the_writers_queue(make_runtime: Callable[..., WorkerRunt
     assert not thread.is_alive()
     assert len(decisions_in(runtime.client, sink.keys.decisions)) == 4
     assert runtime.client.group_stats(sink.keys.results)[SINK_GROUP].pending == 0
+
+
+def test_a_result_without_a_payload_field_is_not_a_message_not_trimmed(
+    make_runtime: Callable[..., WorkerRuntime],
+) -> None:
+    """A results entry someone wrote without the ``payload`` field holds no decision; read as trimmed it was
+    dead-lettered entry_trimmed and counted as a result lost to trimming, which the results stream never does."""
+    runtime = make_runtime("sink", "s-fields")
+    sink = SinkWorker(runtime, "line-1")
+    client, keys = runtime.client, sink.keys
+    frames, results = _frames_with_results(sink, 1, verdict="pass")
+    client.ensure_group(keys.results, SINK_GROUP)
+    misnamed_id = client.redis.xadd(keys.results, {"decision": encode_decision(results[0])}).decode()
+    client.publish(keys.results, encode_decision(results[0]))
+    assert sink.handle(client.read_new(keys.results, SINK_GROUP, "s-fields", 100, None)) == 1
+    (letter,) = client.dead_letters(keys)
+    assert (letter["reason"], letter["source_entry_id"]) == ("not_a_message", misnamed_id)
+    assert "no 'payload' field" in letter["detail"] and "decision" in letter["detail"]
+    assert client.group_stats(keys.results)[SINK_GROUP].pending == 0 and client.length(keys.results) == 0
+    value = runtime.metrics.registry.get_sample_value
+    assert value("lineinspect_dead_letters_total", {"line": "line-1", "reason": "not_a_message"}) == 1
+    assert value("lineinspect_dead_letters_total", {"line": "line-1", "reason": "entry_trimmed"}) is None
+    assert [d.frame_id for d in decisions_in(client, keys.decisions)] == [frames[0].frame_id]

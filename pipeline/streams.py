@@ -26,6 +26,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -46,6 +47,9 @@ ENTRY_TRIMMED = "entry_trimmed"  # dead-letter reason: an entry trimmed from its
 # do not fill Redis (the dead-letter stream holds up to ~streams.maxlen entries).
 DEAD_LETTER_PAYLOAD_BYTES = 64 * 1024
 DEAD_LETTER_FRAME_ID_CHARS = 1000
+# How long a commit with dead letters keeps its reply for a retry whose first try's reply was lost (a Redis stall or
+# restart): longer than such outages last; only commits with dead letters (rare) keep one.
+COMMIT_REPLY_TTL_S = 3600
 RETRIED_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionError, OSError)
 
 # KEYS: the frame_id's published marker (a sorted set: frames-stream entry id -> when its decision was published),
@@ -142,10 +146,22 @@ return taken
 # recreated the group already, so XACK answers 0 though nobody else has the entry (an entry a peer, or an earlier try,
 # committed and that was trimmed since gets its result again, which the sink publishes once per frame). Returns {the
 # number acknowledged (-1 for none asked), the positions (from 1) of the dead letters appended}; a failed XACK (not a
-# stream) appends everything anyway and then returns its error, as the MULTI/EXEC did.
+# stream) appends everything anyway and then returns its error, as the MULTI/EXEC did. A commit with dead letters
+# names a reply key (KEYS[3], ARGV[6] its token, else ''): its reply is kept there ARGV[7] s, and a retry of the same
+# call (its reply lost) gets it back without running again. Without it the retry answered "already committed, none
+# appended", and the worker's lineinspect_dead_letters_total missed the letters its first try had appended.
 _COMMIT = """
+if ARGV[6] ~= '' then
+  local earlier = redis.call('GET', KEYS[3])
+  if earlier then
+    local acked_before, positions = string.match(earlier, '^(-?%d+):(.*)$')
+    local appended_before = {}
+    for position in string.gmatch(positions, '%d+') do table.insert(appended_before, tonumber(position)) end
+    return {tonumber(acked_before), appended_before}
+  end
+end
 local n_acks = tonumber(ARGV[5])
-local at = 6
+local at = 8
 local acked, existing, ack_error = 0, 0, nil
 local not_acked_here, gone, oldest = {}, {}, nil
 for index = 1, n_acks do
@@ -182,7 +198,7 @@ end
 local function ours(source)
   return ack_error or not source or source == '' or not not_acked_here[source]
 end
-for key_index = 3, #KEYS do
+for key_index = 4, #KEYS do
   if ours(ARGV[at + 1]) then
     if ARGV[3] == '' then
       redis.call('XADD', KEYS[key_index], '*', 'payload', ARGV[at])
@@ -212,7 +228,11 @@ end
 if ack_error then
   return redis.error_reply(ack_error)
 end
-return {n_acks > 0 and acked or -1, appended}
+local reply = {n_acks > 0 and acked or -1, appended}
+if ARGV[6] ~= '' then
+  redis.call('SET', KEYS[3], reply[1] .. ':' .. table.concat(appended, ','), 'EX', ARGV[7])
+end
+return reply
 """
 
 # The groups of stream KEYS[1] (XINFO GROUPS), after setting right the read counter (entries-read) of each group whose
@@ -696,17 +716,21 @@ class StreamClient:
         result naming its entry in ``append_sources``, is appended for an entry this commit did not acknowledge that
         is still in the stream (a peer's claim took and committed it) or that a dead letter names (a peer's claim
         found it trimmed); one that is neither (Redis lost its data) keeps them. Returns the dead letters appended, for
-        the worker's metrics (none for a retry whose first try's reply was lost)."""
+        the worker's metrics: by the first try when a retry follows a lost reply (the script keeps the reply of a
+        commit with dead letters for ``COMMIT_REPLY_TTL_S``), none when a peer committed them."""
         if commit.append_sources and len(commit.append_sources) != len(commit.appends):
             msg = f"append_sources names {len(commit.append_sources)} entries for {len(commit.appends)} appends"
             raise ValueError(msg)
         if not (commit.appends or commit.dead_letters or commit.acks):
             return []
-        keys = [stream, deadletter_stream, *(target for target, _ in commit.appends)]
+        token = uuid.uuid4().hex if commit.dead_letters else ""  # one per call: _call's retries share it
+        reply_key = f"{deadletter_stream}:commit:{token}" if token else deadletter_stream
+        keys = [stream, deadletter_stream, reply_key, *(target for target, _ in commit.appends)]
         appends_maxlen = self.settings.maxlen if commit.trim_appends else ""
         sources = commit.append_sources or [""] * len(commit.appends)
         args: list[str | bytes | int] = [group, "1" if commit.delete_acked else "0", appends_maxlen,
-                                         self.settings.maxlen, len(commit.acks), *commit.acks]  # fmt: skip
+                                         self.settings.maxlen, len(commit.acks), token, COMMIT_REPLY_TTL_S,
+                                         *commit.acks]  # fmt: skip
         for (_, payload), source in zip(commit.appends, sources, strict=True):
             args += [payload, source]
         for letter in commit.dead_letters:

@@ -8,7 +8,10 @@ boundaries, so a peer can claim and commit part of a batch the owner, resumed, t
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+import redis
 
 from pipeline.streams import SCORER_GROUP, SINK_GROUP, Commit, DeadLetter, LineKeys, StreamClient
 
@@ -120,3 +123,54 @@ def test_a_commit_after_redis_lost_its_data_and_a_peer_recreated_the_group_appen
                     trim_appends=False)  # fmt: skip
     assert client.commit(keys.frames, SCORER_GROUP, commit, keys.deadletter) == [letter]
     assert [entry.payload for entry in client.read_range(keys.results, "0-0", 10)] == [b"result-0"]
+
+
+class ReplyLost:
+    """The commit script as Redis runs it, whose first reply never reaches the client (Redis stalled past the socket
+    timeout, or restarted right after): ``StreamClient._call`` retries the same call."""
+
+    def __init__(self, script: Any) -> None:
+        self.script, self.calls = script, 0
+
+    def __call__(self, **arguments: Any) -> Any:
+        self.calls += 1
+        reply = self.script(**arguments)
+        if self.calls == 1:
+            raise redis.TimeoutError("reply lost")
+        return reply
+
+
+def test_a_scorer_commit_whose_reply_was_lost_reports_the_dead_letters_its_first_try_appended(
+    client: StreamClient, keys: LineKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The retry found the batch acknowledged ("already committed") and returned no dead letters, so the worker's
+    # lineinspect_dead_letters_total missed the letters the first try had appended.
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = [client.publish(keys.frames, f"frame-{index}".encode()) for index in range(3)]
+    client.read_new(keys.frames, SCORER_GROUP, "a", count=3, block_ms=None)
+    letter = DeadLetter(ids[2], b"frame-2", "not_msgpack", "bad bytes")
+    commit = Commit(appends=[(keys.results, b"result-0"), (keys.results, b"result-1")], append_sources=ids[:2],
+                    dead_letters=[letter], acks=ids, trim_appends=False)  # fmt: skip
+    lost = ReplyLost(client._commit)
+    monkeypatch.setattr(client, "_commit", lost)
+    assert client.commit(keys.frames, SCORER_GROUP, commit, keys.deadletter) == [letter]
+    assert lost.calls == 2
+    assert [entry.payload for entry in client.read_range(keys.results, "0-0", 10)] == [b"result-0", b"result-1"]
+    assert [row["source_entry_id"] for row in client.dead_letters(keys)] == [ids[2]]
+    assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
+
+
+def test_a_sink_commit_whose_reply_was_lost_reports_its_dead_letter_once(
+    client: StreamClient, keys: LineKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client.ensure_group(keys.results, SINK_GROUP)
+    ids = [client.publish(keys.results, f"result-{index}".encode()) for index in range(2)]
+    client.read_new(keys.results, SINK_GROUP, "sink", count=2, block_ms=None)
+    letter = DeadLetter(ids[0], b"result-0", "invalid_anomaly_map", "map of 3 bytes", frame_id="f-0")
+    monkeypatch.setattr(client, "_commit", ReplyLost(client._commit))
+    commit = Commit(dead_letters=[letter], acks=ids, delete_acked=True)
+    assert client.commit(keys.results, SINK_GROUP, commit, keys.deadletter) == [letter]
+    assert [row["source_entry_id"] for row in client.dead_letters(keys)] == [ids[0]]
+    assert client.length(keys.results) == 0
+    # a second commit of the same letters (another call, not a retry: a peer's, say) appends and reports none
+    assert client.commit(keys.results, SINK_GROUP, commit, keys.deadletter) == []

@@ -8,6 +8,8 @@ dead-lettered. The entries in hand are kept from peers' claims, and the heartbea
 up to ``worker.max_batch_duration_s`` (``workers.in_hand``). A frame that cannot be decoded gets a dead-letter
 entry and, when its frame_id can be read, an ``error`` decision; the rest of its batch is scored. A frame of another
 line (its ``line_id`` is not this worker's) is dead-lettered (``wrong_line``) and gets no decision on this line.
+A frame the model cannot score as it is (of another aspect than its inspection mask: a camera set to another
+region) gets an ``error`` decision (``wrong_aspect``) and is not scored; the rest of its batch is.
 An uncalibrated model yields ``error`` decisions (reason ``uncalibrated``) that still carry the score. The model
 follows the line's Redis model key: a new directory is loaded in the background and swapped in between batches, so no
 frame is lost or scored twice.
@@ -75,12 +77,17 @@ class ScorerLike(Protocol):
 
     def score(self, images: Sequence[np.ndarray]) -> ScoredBatch: ...
 
+    def aspect_mismatch(self, height: int, width: int) -> str | None:
+        """Why the model cannot score a frame of this size (its inspection mask would not fit), or None."""
+        ...
+
 
 ModelLoader = Callable[[Path], ScorerLike]
 
 
 UNCALIBRATED = "the model has no pass/fail threshold: run `lineinspect calibrate --model DIR --good DIR`"
 WRONG_LINE = "wrong_line"  # dead-letter reason: a frame whose line_id is another line's
+WRONG_ASPECT = "wrong_aspect"  # error reason: a frame of another aspect than the model's inspection mask
 
 
 # GNU OpenMP's default: a thread that finishes its share of a parallel region busy-waits ~300,000 spins for the next
@@ -118,7 +125,7 @@ def load_model(device: str) -> ModelLoader:
         logger.info("native libraries", extra={"openblas_core_type": native.openblas_core_type,
                                                "faiss_openblas_core": faiss_openblas_core(),
                                                "malloc_tuned": native.malloc_tuned})  # fmt: skip
-        scorer.score([np.full((scorer.image_size, scorer.image_size, 3), 128, dtype=np.uint8)])  # warm-up
+        scorer.warm_up()  # a grey frame of the shape the model takes
         return scorer  # type: ignore[return-value]
 
     return load
@@ -372,6 +379,9 @@ class ScoreWorker:
 
     def _score_images(self, ready: list[tuple[Pending, np.ndarray, float]]) -> list[Decision]:
         scorer = self.models.scorer
+        refused, ready = self._refuse_mismatched(scorer, ready)
+        if not ready:
+            return refused
         try:
             result = scorer.score([image for _, image, _ in ready])
             check_one_to_one(len(ready), result.scores, "scores")
@@ -379,7 +389,7 @@ class ScoreWorker:
             check_one_to_one(len(ready), result.shifted, "shift flags")
         except Exception as error:
             logger.exception("scoring failed for a batch", extra={"frames": len(ready)})
-            return [
+            return refused + [
                 error_decision(
                     item.frame,
                     "scoring_failed",
@@ -397,7 +407,7 @@ class ScoreWorker:
             self.runtime.metrics.unregistered_frames.labels(self.keys.line_id).inc(unregistered)
         threshold = None if scorer.threshold is None else float(scorer.threshold.value)
         decided_at = now_ns()
-        decisions = []
+        decisions = refused
         for (item, _, decode_s), score, anomaly_map in zip(ready, result.scores, result.maps, strict=True):
             assert item.frame is not None
             verdict: Verdict = "error" if threshold is None else ("fail" if float(score) > threshold else "pass")
@@ -435,6 +445,25 @@ class ScoreWorker:
             )
         return decisions
 
+    def _refuse_mismatched(
+        self, scorer: ScorerLike, ready: list[tuple[Pending, np.ndarray, float]]
+    ) -> tuple[list[Decision], list[tuple[Pending, np.ndarray, float]]]:
+        """Error decisions (``wrong_aspect``) for the frames the model cannot score as they are, and the others."""
+        refused: list[Decision] = []
+        kept = []
+        for item, image, decode_s in ready:
+            mismatch = scorer.aspect_mismatch(image.shape[0], image.shape[1])
+            if mismatch is None:
+                kept.append((item, image, decode_s))
+                continue
+            assert item.frame is not None
+            detail = (f"frame {item.frame.frame_id} is {mismatch}; send frames of the region the mask was drawn "
+                      "over, or fit a model with a mask drawn over this camera's frames")  # fmt: skip
+            timings = StageTimings(queue_wait_s=self._queue_timings(item).queue_wait_s, decode_s=decode_s)
+            decision = error_decision(item.frame, WRONG_ASPECT, detail, timings, item.entry.entry_id)
+            refused.append(decision.model_copy(update={"model_id": scorer.model_id}))  # whose mask refused it
+        return refused, kept
+
     def finish(self, batch: Sequence[Pending]) -> None:
         """Score a prepared batch and commit results, dead letters and acks in one transaction."""
         if not batch:
@@ -458,7 +487,11 @@ class ScoreWorker:
         Scorers then take no new frames: the frames' lag grows, ingest stops publishing at
         ``ingest.live_queue_limit`` (file sources wait, live cameras drop their oldest frames, counted), and the
         results stream, which is never trimmed, stays bounded. Trimming it instead dropped the decisions of every
-        frame scored beyond ``maxlen`` while the sink was away, without a dead letter."""
+        frame scored beyond ``maxlen`` while the sink was away, without a dead letter.
+
+        The bound is ``maxlen`` plus up to two batches per scorer: the batch in hand and the one read beside it are
+        still scored and committed (holding them until the sink returns would outlast ``max_batch_duration_s`` and
+        turn the scorer unhealthy), which costs memory (their anomaly maps), never a decision."""
         backlog = self.runtime.client.length(self.keys.results)
         behind = backlog >= self.config.streams.maxlen
         now = time.monotonic()

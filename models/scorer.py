@@ -27,8 +27,9 @@
    at that size, its maps ``(N, s, s)`` resized to ``(N, S, S)``; scores and maps are the mean over this Scorer
    and its companions, all in z units. The threshold applies to the fused score.
 7. Optionally (``[scoring] map_baseline = "median"``, off by default) heatmaps relative to their frame: each map
-   less its own median, so a frame whose whole map sits higher does not outrank other frames' defect-free pixels;
-   it flattens defects covering much of the frame. Scores and verdicts come from steps 5-6, unaffected.
+   less its own median (with an inspection mask, over inspected pixels; taken in the good frames' pose when
+   registered), so a frame whose whole map sits higher does not outrank other frames' defect-free pixels; it
+   flattens defects covering much of the frame. Scores and verdicts come from steps 5-6, unaffected.
 
 Returns a typed ``ScoreBatch(scores, maps, timings, shifted)``. Models never do I/O here; see ``models.artifact``.
 """
@@ -368,19 +369,24 @@ class Scorer:
             batch = self._shifting_failing(images, self.threshold.value)
         else:
             batch = self._fused(images)
-        if poses is not None:
-            started = time.perf_counter()
+        started = time.perf_counter()
+        medians = self._inspected_medians(batch.maps) if scoring.map_baseline == "median" else None
+        if poses is not None:  # maps back into each frame's pose (linear, borders replicated: the medians still hold)
             maps = Registration.restore(batch.maps, poses)
+            batch = batch._replace(maps=maps, unregistered=np.array([pose is None for pose in poses], dtype=bool))
+        if medians is not None:
+            batch = batch._replace(maps=(batch.maps - medians[:, None, None]).astype(np.float32))
+        if poses is not None or medians is not None:
             postprocess_s = batch.timings.postprocess_s + registration_s + time.perf_counter() - started
-            batch = batch._replace(maps=maps, timings=replace(batch.timings, postprocess_s=postprocess_s),
-                                   unregistered=np.array([pose is None for pose in poses], dtype=bool))  # fmt: skip
-        if self.scoring.map_baseline == "median":
-            started = time.perf_counter()
-            maps = batch.maps - np.median(batch.maps.reshape(len(batch.maps), -1), axis=1)[:, None, None]
-            postprocess_s = batch.timings.postprocess_s + time.perf_counter() - started
-            timings = replace(batch.timings, postprocess_s=postprocess_s)
-            batch = batch._replace(maps=maps.astype(np.float32), timings=timings)
+            batch = batch._replace(timings=replace(batch.timings, postprocess_s=postprocess_s))
         return batch
+
+    def _inspected_medians(self, maps: np.ndarray) -> np.ndarray:
+        """``(N,)``: each of the ``(N, S, S)`` maps' median over its inspected pixels (all of them without a mask;
+        ignored pixels, set to the frame's lowest inspected value, would pull it down)."""
+        if self.inspection_mask is None:
+            return np.median(maps.reshape(len(maps), -1), axis=1)
+        return np.median(maps[:, self.inspection_mask.pixels(self.image_size).numpy()], axis=1)
 
     def _shifting_failing(self, images: Sequence[np.ndarray], threshold: float) -> ScoreBatch:
         """Unshifted scores and maps, those of frames scoring above ``threshold`` replaced by their shifted ones.

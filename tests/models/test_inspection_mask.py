@@ -180,3 +180,18 @@ def test_a_mask_too_thin_for_the_models_size_is_refused_before_fitting(demo_line
                                                                        "image_size": 320, "registration": "on"}})
     with pytest.raises(MaskError, match=r"no whole pixel at 128x128 px .*registration"):
         fit_scorer(sorted(demo_line.train_dir.iterdir()), registered, progress=False)
+
+
+def test_a_median_baseline_is_the_median_of_inspected_pixels(masked_scorer: Scorer, good_frame: np.ndarray) -> None:
+    # the ignored quarter reads as the frame's lowest inspected value: in the median it pulled every map's zero down
+    relative = masked_scorer.with_scoring(masked_scorer.scoring.model_copy(update={"map_baseline": "median"}))
+    frames = [good_frame, mark(good_frame, 0.3, 0.45)]
+    absolute, shifted = masked_scorer.score(frames), relative.score(frames)
+    assert masked_scorer.inspection_mask is not None
+    inspected = masked_scorer.inspection_mask.pixels(masked_scorer.image_size).numpy()
+    for plain, baselined in zip(absolute.maps, shifted.maps, strict=True):
+        median = float(np.median(plain[inspected]))
+        assert median > float(np.median(plain))  # the ignored pixels would move it
+        np.testing.assert_allclose(baselined, plain - median, atol=1e-5)
+        assert abs(float(np.median(baselined[inspected]))) < 1e-5
+    np.testing.assert_array_equal(shifted.scores, absolute.scores)

@@ -2,9 +2,11 @@
 clamp of the fixture) is ignored.
 
 A mask is an image drawn over a good frame as the camera delivers it (with registration on, in the good frames'
-pose, which a good frame has): pixels of grey level 128 or more are inspected, darker ones ignored. It is stored at
-its own resolution as ``inspected`` ``(H0, W0)`` bool and resized to wherever it is used, so it may be drawn at any
-scale of the frame (same aspect).
+pose, which a good frame has): opaque pixels of grey level 128 or more are inspected, darker ones ignored. A drawing
+with transparent pixels is refused: editors differ on what a transparent pixel means (and reading it dropped the
+alpha channel, so an "ignored" region left transparent over white read as inspected). It is stored at its own
+resolution as ``inspected`` ``(H0, W0)`` bool and resized to wherever it is used, so it may be drawn at any scale of
+the frame (same aspect).
 
 Fitting's automatic choices leave ignored pixels out: the intensity choice (``models.intensity``) and the poses of
 registration (``models.registration.ignored_grid``). Then the mask acts twice, in fitting and scoring alike
@@ -25,6 +27,8 @@ fitting refuses a thinner one before it starts (``check_size``).
 
 from __future__ import annotations
 
+import io
+import warnings
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +37,7 @@ import cv2
 import numpy as np
 import torch
 
-from models.images import ImageError, read_image
+from models.images import ImageError, decode_image
 
 FILE = "inspection_mask.png"
 FILL = 0.449  # ImageNet's pixel mean, averaged over channels (scorer.STANDARD_MEAN): the grey ignored pixels become
@@ -64,12 +68,23 @@ class InspectionMask:
 
     @classmethod
     def from_image(cls, path: Path | str) -> InspectionMask:
-        """The mask drawn in an image file (any format and depth lineinspect reads): white inspected, black not."""
+        """The mask drawn in an image file (any format and depth lineinspect reads): white inspected, black not.
+        Raises MaskError naming the file when it cannot be read, inspects nothing or has transparent pixels."""
         try:
-            rgb = read_image(path)
+            data = Path(path).read_bytes()
+            rgb = decode_image(data, str(path))
+        except OSError as error:
+            msg = f"inspection mask {path}: cannot read file ({error.strerror or error})"
+            raise MaskError(msg) from None
         except ImageError as error:
             msg = f"inspection mask {error}"
             raise MaskError(msg) from None
+        transparent = transparent_share(data)
+        if transparent > 0:
+            msg = (f"{path}: {100 * transparent:.2f}% of the inspection mask's pixels are transparent, and editors "
+                   "differ on whether a transparent pixel is inspected or ignored: flatten the drawing onto an opaque "
+                   "background and save it without transparency (opaque white inspected, black ignored)")  # fmt: skip
+            raise MaskError(msg)
         grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         try:
             return cls(grey >= 128)
@@ -170,6 +185,29 @@ class InspectionMask:
         except MaskError as error:
             msg = f"{path}: {error}"
             raise MaskError(msg) from None
+
+
+def transparent_share(data: bytes) -> float:
+    """The share of an encoded image's pixels that are not fully opaque: of its alpha channel (any format and depth
+    OpenCV reads, a PNG palette's transparency included) below full, or of a PNG's transparent colour (a tRNS chunk on
+    a grey or RGB image, which OpenCV drops). 0.0 for an image without transparency."""
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if decoded is not None and decoded.ndim == 3 and decoded.shape[2] == 4:
+        alpha = decoded[..., 3]
+        opaque = 1.0 if alpha.dtype.kind == "f" else np.iinfo(alpha.dtype.name).max
+        return float((alpha < opaque).mean())
+    import PIL.Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)  # decode_image's limit applied
+            with PIL.Image.open(io.BytesIO(data)) as picture:
+                if "transparency" not in picture.info:
+                    return 0.0
+                alpha = np.asarray(picture.convert("RGBA"))[..., 3]
+    except (OSError, ValueError):  # a format Pillow does not read: one whose alpha OpenCV reported above, if any
+        return 0.0
+    return float((alpha < 255).mean())
 
 
 def input_shares(mask: InspectionMask | None, box: tuple[int, int, int, int], size: int) -> np.ndarray | None:

@@ -195,3 +195,46 @@ def test_a_median_baseline_is_the_median_of_inspected_pixels(masked_scorer: Scor
         np.testing.assert_allclose(baselined, plain - median, atol=1e-5)
         assert abs(float(np.median(baselined[inspected]))) < 1e-5
     np.testing.assert_array_equal(shifted.scores, absolute.scores)
+
+
+def rgba_mask(path: Path, transparent_ignored: bool) -> Path:
+    """The right quarter ignored: drawn white everywhere and left transparent there (``transparent_ignored``), as an
+    editor's eraser leaves it, or black and opaque."""
+    bgra = np.full((40, 60, 4), 255, np.uint8)
+    if transparent_ignored:
+        bgra[:, 45:, 3] = 0
+    else:
+        bgra[:, 45:, :3] = 0
+    cv2.imwrite(str(path), bgra)
+    return path
+
+
+def test_a_mask_with_transparent_pixels_is_refused_naming_the_file(tmp_path: Path) -> None:
+    # the alpha channel was dropped: an "ignored" region left transparent over white read as inspected, every pixel
+    with pytest.raises(MaskError, match=r"erased\.png: 25\.00% of the inspection mask's pixels are transparent"):
+        InspectionMask.from_image(rgba_mask(tmp_path / "erased.png", transparent_ignored=True))
+    opaque = InspectionMask.from_image(rgba_mask(tmp_path / "opaque.png", transparent_ignored=False))
+    assert opaque == InspectionMask.from_image(write_mask(tmp_path / "grey.png", 40, 60))  # alpha all opaque: fine
+
+
+@pytest.mark.parametrize("layout", ["grey_alpha", "palette", "grey_colour_key", "rgba_16_bit"])
+def test_transparency_is_refused_however_the_file_holds_it(layout: str, tmp_path: Path) -> None:
+    from PIL import Image
+
+    grey = np.full((40, 60), 255, np.uint8)
+    grey[:, 45:] = 0
+    path = tmp_path / f"{layout}.png"
+    if layout == "grey_alpha":  # GIMP's grey image with an alpha channel
+        Image.fromarray(np.dstack([grey, np.where(grey > 0, 255, 128).astype(np.uint8)]), "LA").save(path)
+    elif layout == "palette":
+        Image.fromarray(grey).convert("P").save(path, transparency=0)
+    elif layout == "grey_colour_key":  # a tRNS chunk naming black transparent, which OpenCV drops
+        Image.fromarray(grey).save(path, transparency=0)
+    else:
+        bgra = np.full((40, 60, 4), 65535, np.uint16)
+        bgra[:, 45:, 3] = 30000
+        cv2.imwrite(str(path), bgra)
+    with pytest.raises(MaskError, match=rf"{layout}\.png: 25\.00% of the inspection mask's pixels are transparent"):
+        InspectionMask.from_image(path)
+    Image.fromarray(grey).save(tmp_path / "plain.png")
+    assert InspectionMask.from_image(tmp_path / "plain.png").share == pytest.approx(0.75)

@@ -6,7 +6,8 @@ pose, which a good frame has): opaque pixels of grey level 128 or more are inspe
 with transparent pixels is refused: editors differ on what a transparent pixel means (and reading it dropped the
 alpha channel, so an "ignored" region left transparent over white read as inspected). It is stored at its own
 resolution as ``inspected`` ``(H0, W0)`` bool and resized to wherever it is used, so it may be drawn at any scale of
-the frame (same aspect).
+the frame, of the same aspect: a frame of another aspect (a camera set to another region of interest) is refused at
+fitting and at scoring (``aspect_mismatch``), where stretching the mask over it would inspect the wrong places.
 
 Fitting's automatic choices leave ignored pixels out: the intensity choice (``models.intensity``) and the poses of
 registration (``models.registration.ignored_grid``). Then the mask acts twice, in fitting and scoring alike
@@ -158,13 +159,28 @@ class InspectionMask:
                    f"{100 * self.share:.2f}% of the frame, is thinner than a pixel there; draw it wider")  # fmt: skip
             raise MaskError(msg)
 
-    def check_frame(self, height: int, width: int, name: str) -> None:
-        """Raise MaskError when a ``height x width`` frame's aspect differs from the mask's beyond rounding."""
+    def aspect_mismatch(self, height: int, width: int) -> str | None:
+        """Why a ``height x width`` frame does not fit the mask, its aspect differing from the mask's beyond rounding
+        (``ASPECT_TOLERANCE``), as "<width>x<height> but the inspection mask is ..."; None when it fits."""
         mask_h, mask_w = self.inspected.shape
-        if abs((width / height) / (mask_w / mask_h) - 1.0) > ASPECT_TOLERANCE:
-            msg = (f"{name} is {width}x{height} but the inspection mask is {mask_w}x{mask_h}: a mask is drawn over a "
-                   "frame as the camera delivers it, at any scale of the same aspect")  # fmt: skip
+        if abs((width / height) / (mask_w / mask_h) - 1.0) <= ASPECT_TOLERANCE:
+            return None
+        return (f"{width}x{height} but the inspection mask is {mask_w}x{mask_h}: a mask is drawn over a frame as the "
+                "camera delivers it, at any scale of the same aspect")  # fmt: skip
+
+    def check_frame(self, height: int, width: int, name: str) -> None:
+        """Raise MaskError naming ``name`` when a ``height x width`` frame does not fit (``aspect_mismatch``)."""
+        mismatch = self.aspect_mismatch(height, width)
+        if mismatch is not None:
+            msg = f"{name} is {mismatch}"
             raise MaskError(msg)
+
+    def frame_shape(self, image_size: int) -> tuple[int, int]:
+        """``(height, width)`` of a frame of the mask's aspect whose longer side is about ``image_size`` (its shorter
+        side at least 64 px, so rounding keeps the aspect well within ``ASPECT_TOLERANCE``)."""
+        mask_h, mask_w = self.inspected.shape
+        scale = max(image_size / max(mask_h, mask_w), 64 / min(mask_h, mask_w))
+        return round(mask_h * scale), round(mask_w * scale)
 
     def save(self, model_dir: Path) -> str:
         """Write the mask into ``model_dir`` as a 0/255 PNG; returns its file name."""

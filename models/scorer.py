@@ -31,6 +31,9 @@
    registered), so a frame whose whole map sits higher does not outrank other frames' defect-free pixels; it
    flattens defects covering much of the frame. Scores and verdicts come from steps 5-6, unaffected.
 
+With an inspection mask, frames of another aspect than the mask's are refused (``aspect_mismatch``): stretched over
+them, the mask would inspect the wrong places.
+
 Returns a typed ``ScoreBatch(scores, maps, timings, shifted)``. Models never do I/O here; see ``models.artifact``.
 """
 
@@ -316,6 +319,24 @@ class Scorer:
         return Scorer(self.method, self.model_settings, scoring, self.training, self.threshold, self.model_id,
                       self.position_stats, companions, self.registration, self.inspection_mask)  # fmt: skip
 
+    def aspect_mismatch(self, height: int, width: int) -> str | None:
+        """Why this model cannot score a ``height x width`` frame, or None when it can: with an inspection mask, a
+        frame of another aspect (``InspectionMask.aspect_mismatch``: a camera set to another region of interest)."""
+        return None if self.inspection_mask is None else self.inspection_mask.aspect_mismatch(height, width)
+
+    def _check_aspects(self, images: Sequence[np.ndarray]) -> None:
+        """Raise MaskError naming the first frame the inspection mask does not fit (see ``aspect_mismatch``)."""
+        if self.inspection_mask is not None:
+            for position, image in enumerate(images):
+                self.inspection_mask.check_frame(image.shape[0], image.shape[1], f"image {position}")
+
+    def warm_up(self) -> None:
+        """Score one grey frame of a shape the model takes (its mask's aspect, else square), so that lazy
+        initialisation is done before the first real frame."""
+        mask, size = self.inspection_mask, self.image_size
+        shape = (size, size) if mask is None else mask.frame_shape(size)
+        self.score([np.full((*shape, 3), 128, dtype=np.uint8)])
+
     def _views(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Preprocessed, shifted views ``(N * V, 3, S, S)`` and the frames' ``(height, width)``."""
         if len(images) == 0:
@@ -344,6 +365,7 @@ class Scorer:
     def unnormalised_maps(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """``(T, S, S)`` maps of this Scorer's own method (not its companions') before position normalisation and
         smoothing, one per frame or, when tiling, per piece: what its ``PositionStats`` are fitted on."""
+        self._check_aspects(images)
         if self.registration is not None:
             images = self.registration.align(images)[0]
         return self._raw_maps(*self._views(images))[0]
@@ -359,6 +381,7 @@ class Scorer:
         (counted in post-processing time).
         """
         scoring = self.scoring
+        self._check_aspects(images)
         poses, registration_s = None, 0.0
         if self.registration is not None:
             started = time.perf_counter()

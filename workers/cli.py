@@ -128,6 +128,11 @@ def cmd_score(args: argparse.Namespace) -> int:
             print(f"error: {error}", file=sys.stderr)
             failures += 1
             continue
+        mismatch = scorer.aspect_mismatch(image.shape[0], image.shape[1])
+        if mismatch is not None:  # the model's inspection mask does not fit it (the worker's wrong_aspect)
+            print(f"error: {path} is {mismatch}", file=sys.stderr)
+            failures += 1
+            continue
         batch = scorer.score([image])
         score = float(batch.scores[0])
         verdict = "unknown" if threshold is None else ("fail" if scorer.verdicts(batch.scores)[0] else "pass")

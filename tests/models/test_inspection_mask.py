@@ -182,19 +182,44 @@ def test_a_mask_too_thin_for_the_models_size_is_refused_before_fitting(demo_line
         fit_scorer(sorted(demo_line.train_dir.iterdir()), registered, progress=False)
 
 
-def test_a_median_baseline_is_the_median_of_inspected_pixels(masked_scorer: Scorer, good_frame: np.ndarray) -> None:
-    # the ignored quarter reads as the frame's lowest inspected value: in the median it pulled every map's zero down
-    relative = masked_scorer.with_scoring(masked_scorer.scoring.model_copy(update={"map_baseline": "median"}))
-    frames = [good_frame, mark(good_frame, 0.3, 0.45)]
-    absolute, shifted = masked_scorer.score(frames), relative.score(frames)
-    assert masked_scorer.inspection_mask is not None
-    inspected = masked_scorer.inspection_mask.pixels(masked_scorer.image_size).numpy()
-    for plain, baselined in zip(absolute.maps, shifted.maps, strict=True):
-        median = float(np.median(plain[inspected]))
-        assert median > float(np.median(plain))  # the ignored pixels would move it
-        np.testing.assert_allclose(baselined, plain - median, atol=1e-5)
-        assert abs(float(np.median(baselined[inspected]))) < 1e-5
-    np.testing.assert_array_equal(shifted.scores, absolute.scores)
+def test_scoring_refuses_a_frame_of_another_aspect_than_the_mask_within_fittings_tolerance(
+    masked_scorer: Scorer, fitted_scorer: Scorer, good_frame: np.ndarray
+) -> None:
+    # a camera set to another region of interest: its frames were scored with the mask stretched over them, so the
+    # lot code's place was inspected and part of the surface ignored, without a word
+    wide = cv2.resize(good_frame, (240, 160))
+    assert masked_scorer.aspect_mismatch(160, 240) == (
+        "240x160 but the inspection mask is 80x80: a mask is drawn over a frame as the camera delivers it, at any "
+        "scale of the same aspect"
+    )
+    with pytest.raises(MaskError, match=r"image 1 is 240x160 but the inspection mask is 80x80"):
+        masked_scorer.score([good_frame, wide])
+    with pytest.raises(MaskError, match=r"image 0 is 240x160"):
+        masked_scorer.unnormalised_maps([wide])
+    assert masked_scorer.aspect_mismatch(160, 163) is None  # rounding of a scale (1.9%), as fitting accepts
+    assert masked_scorer.aspect_mismatch(160, 164) is not None  # 2.5%: as fitting refuses
+    assert len(masked_scorer.score([cv2.resize(good_frame, (163, 160)), good_frame]).scores) == 2
+    assert fitted_scorer.aspect_mismatch(160, 240) is None  # without a mask any frame goes
+
+
+@pytest.mark.parametrize("shape", [(80, 80), (32, 48), (10, 1000), (1000, 7), (3, 5)])
+def test_a_masked_models_warm_up_frame_has_the_masks_aspect(shape: tuple[int, int]) -> None:
+    # the worker warmed every model up on a square grey frame: a mask of another aspect now refuses that
+    inspected = np.ones(shape, bool)
+    mask = InspectionMask(inspected)
+    height, width = mask.frame_shape(96)
+    assert mask.aspect_mismatch(height, width) is None
+    assert min(height, width) >= 64 and (max(height, width) == 96 or min(height, width) == 64)
+
+
+def test_a_masked_model_warms_up_on_a_frame_it_takes(masked_scorer: Scorer) -> None:
+    wide = InspectionMask(np.ones((30, 60), bool))
+    scorer = Scorer(masked_scorer.method, masked_scorer.model_settings, masked_scorer.scoring,
+                    masked_scorer.training, masked_scorer.threshold, position_stats=masked_scorer.position_stats,
+                    inspection_mask=wide)  # fmt: skip
+    scorer.warm_up()  # a square frame would be refused
+    with pytest.raises(MaskError, match="image 0 is 96x96"):
+        scorer.score([np.full((96, 96, 3), 128, np.uint8)])
 
 
 def rgba_mask(path: Path, transparent_ignored: bool) -> Path:
@@ -238,3 +263,34 @@ def test_transparency_is_refused_however_the_file_holds_it(layout: str, tmp_path
         InspectionMask.from_image(path)
     Image.fromarray(grey).save(tmp_path / "plain.png")
     assert InspectionMask.from_image(tmp_path / "plain.png").share == pytest.approx(0.75)
+
+
+def test_a_median_baseline_is_the_median_of_inspected_pixels(masked_scorer: Scorer, good_frame: np.ndarray) -> None:
+    # the ignored quarter reads as the frame's lowest inspected value: in the median it pulled every map's zero down
+    relative = masked_scorer.with_scoring(masked_scorer.scoring.model_copy(update={"map_baseline": "median"}))
+    frames = [good_frame, mark(good_frame, 0.3, 0.45)]
+    absolute, shifted = masked_scorer.score(frames), relative.score(frames)
+    assert masked_scorer.inspection_mask is not None
+    inspected = masked_scorer.inspection_mask.pixels(masked_scorer.image_size).numpy()
+    for plain, baselined in zip(absolute.maps, shifted.maps, strict=True):
+        median = float(np.median(plain[inspected]))
+        assert median > float(np.median(plain))  # the ignored pixels would move it
+        np.testing.assert_allclose(baselined, plain - median, atol=1e-5)
+        assert abs(float(np.median(baselined[inspected]))) < 1e-5
+    np.testing.assert_array_equal(shifted.scores, absolute.scores)
+
+
+def test_lineinspect_score_reports_a_file_of_another_aspect_and_scores_the_others(
+    masked_scorer: Scorer, good_frame: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from workers.cli import main
+
+    masked_scorer.save(tmp_path / "model")
+    cv2.imwrite(str(tmp_path / "wide.png"), cv2.resize(good_frame, (240, 160)))
+    cv2.imwrite(str(tmp_path / "good.png"), good_frame)
+    code = main(["score", "--model", str(tmp_path / "model"), str(tmp_path / "wide.png"), str(tmp_path / "good.png"),
+                 "--json"])  # fmt: skip
+    output = capsys.readouterr()
+    assert code == 1
+    assert f"error: {tmp_path / 'wide.png'} is 240x160 but the inspection mask is 80x80" in output.err
+    assert [Path(result["image"]).name for result in json.loads(output.out)] == ["good.png"]

@@ -31,6 +31,9 @@ class GatedScorer:
         self.model_id, self.threshold = scorer.model_id, scorer.threshold
         self.entered = threading.Event()
 
+    def aspect_mismatch(self, height: int, width: int) -> str | None:
+        return self.scorer.aspect_mismatch(height, width)
+
     def score(self, images: Sequence[np.ndarray]) -> ScoredBatch:
         self.entered.set()
         assert self.gate.wait(timeout=120), "the test never opened the gate"
@@ -183,6 +186,9 @@ class SteppedScorer:
         self.model_id, self.threshold = scorer.model_id, scorer.threshold
         self.entered = [threading.Event() for _ in gates]
         self.batches = 0
+
+    def aspect_mismatch(self, height: int, width: int) -> str | None:
+        return self.scorer.aspect_mismatch(height, width)
 
     def score(self, images: Sequence[np.ndarray]) -> ScoredBatch:
         index, self.batches = self.batches, self.batches + 1

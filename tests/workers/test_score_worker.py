@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -347,6 +348,9 @@ class MiscountingScorer:
     model_id = "broken"
     threshold = SimpleNamespace(value=1.0)
 
+    def aspect_mismatch(self, height: int, width: int) -> str | None:
+        return None
+
     def score(self, images: Sequence[np.ndarray]) -> SimpleNamespace:
         return scored(np.zeros(1))
 
@@ -379,6 +383,9 @@ class UncalibratedScorer:
     model_id = "uncalibrated"
     threshold = None
 
+    def aspect_mismatch(self, height: int, width: int) -> str | None:
+        return None
+
     def score(self, images: Sequence[np.ndarray]) -> SimpleNamespace:
         return scored(np.full(len(images), 2.5))
 
@@ -399,6 +406,9 @@ class HalfShiftingScorer:
 
     model_id = "shifting"
     threshold = SimpleNamespace(value=1.0)
+
+    def aspect_mismatch(self, height: int, width: int) -> str | None:
+        return None
 
     def score(self, images: Sequence[np.ndarray]) -> SimpleNamespace:
         shifted = np.arange(len(images)) % 2 == 0
@@ -596,3 +606,50 @@ def test_a_broken_announced_model_without_a_usable_model_option_is_a_one_line_er
     assert "\n" not in str(caught.value)
     if with_model_option:
         assert f"--model {model_option}" in str(caught.value)
+
+
+def masked(scorer: Any, mask: Any) -> Any:
+    """The fitted ``models.scorer.Scorer`` and its fused members with an inspection ``mask`` given after fitting."""
+    from models.scorer import Scorer
+
+    companions = [masked(companion, mask) for companion in scorer.companions]
+    return Scorer(scorer.method, scorer.model_settings, scorer.scoring, scorer.training, scorer.threshold,
+                  scorer.model_id, scorer.position_stats, companions, scorer.registration, mask)  # fmt: skip
+
+
+def test_frames_of_another_aspect_than_the_inspection_mask_get_wrong_aspect_errors_and_the_rest_are_scored(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    # a camera set to another region of interest: the worker stretched the mask over its frames and scored them, the
+    # mask's ignored region over part of the surface and its inspected one over the lot code
+    import cv2
+
+    from models.artifact import load_scorer
+    from models.images import read_image
+    from models.inspection_mask import InspectionMask
+
+    inspected = np.ones((32, 48), bool)  # drawn over the camera's 96 x 64 frames at half scale
+    inspected[:, 36:] = False  # a label's place
+    masked(load_scorer(tiny_line.model_dir, device="cpu"), InspectionMask(inspected)).save(tmp_path / "masked")
+    crops = []
+    for index, path in enumerate([*tiny_line.good_images[:2], tiny_line.defect_images[0]]):
+        crops.append(tmp_path / f"crop-{index}.png")
+        cv2.imwrite(str(crops[-1]), read_image(path)[16:80, :, ::-1])  # 96 x 64
+    runtime = make_runtime("score", "w1")
+    worker = start_worker(runtime, tmp_path / "masked")  # loaded and warmed up on a frame of the mask's aspect
+    model_id = worker.models.scorer.model_id
+    frames, outcome = score_directly(worker, [crops[0], tiny_line.good_images[0], crops[1], crops[2]])
+
+    assert outcome.dead_letters == []  # the frame is whole: nothing to replay, another model may score it
+    by_frame = {decision.frame_id: decision for decision in outcome.decisions}
+    assert len(by_frame) == 4 and {decision.model_id for decision in outcome.decisions} == {model_id}
+    refused = by_frame[frames[1].frame_id]
+    assert (refused.verdict, refused.error_reason, refused.score) == ("error", "wrong_aspect", None)
+    assert f"frame {frames[1].frame_id} is 96x96 but the inspection mask is 48x32" in (refused.error_detail or "")
+    scored = [by_frame[frame.frame_id] for frame in (frames[0], frames[2], frames[3])]
+    assert all(decision.verdict in ("pass", "fail") for decision in scored)
+    offline = load_scorer(tmp_path / "masked", device="cpu").score([read_image(path) for path in crops]).scores
+    streamed = [np.nan if decision.score is None else decision.score for decision in scored]
+    np.testing.assert_allclose(streamed, offline, rtol=1e-5, atol=1e-5)
+    _, alone = score_directly(worker, tiny_line.good_images[1:2])  # a batch of refused frames only
+    assert [decision.error_reason for decision in alone.decisions] == ["wrong_aspect"]

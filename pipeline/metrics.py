@@ -142,6 +142,16 @@ class Metrics:
         self.stream_pending = Gauge(
             "lineinspect_stream_pending", "Entries delivered but not acknowledged.", ["stream", "group"], registry=reg
         )
+        self.stream_trimmed_unread = Counter(
+            "lineinspect_stream_trimmed_unread",
+            "Entries trimmed from the stream (MAXLEN) before the group read them: on the frames stream, frames no "
+            "scorer saw (no decision, no dead letter). The line's total as Redis keeps it (Redis 7+, from the group's "
+            "first read on), counted once the group catches up or its lag exceeds the stream's length; every sink of "
+            "the line reports the same.",
+            ["stream", "group"],
+            registry=reg,
+        )
+        self._trimmed_unread_seen: dict[tuple[str, str], int] = {}  # (stream, group) -> Redis's total last observed
         self.model_info = Gauge(
             "lineinspect_model_info", "1 for the model version in use on a line.", ["line", "model_id"], registry=reg
         )
@@ -174,10 +184,18 @@ class Metrics:
         self.model_info.labels(line, model_id).set(1)
 
     def observe_groups(self, stream: str, stats: dict[str, GroupStats]) -> None:
+        """Lag and pending of each group, and what Redis's total of entries trimmed before the group read them grew
+        by since this process last looked (all of it the first time: Prometheus sees a sink that restarted carry on
+        from its last value; a total that fell, Redis having lost its data, counts on from its new value)."""
         for group, group_stats in stats.items():
             self.stream_pending.labels(stream, group).set(group_stats.pending)
             if group_stats.lag is not None:
                 self.stream_lag.labels(stream, group).set(group_stats.lag)
+            total = group_stats.trimmed_unread
+            if total is not None:
+                seen = self._trimmed_unread_seen.get((stream, group), 0)
+                self.stream_trimmed_unread.labels(stream, group).inc(max(0, total - seen))
+                self._trimmed_unread_seen[stream, group] = total
 
     def watch_redis(self, ping: Callable[[], bool]) -> None:
         """Export ``lineinspect_redis_up``: 1 if ``ping()`` answers true when ``/metrics`` is scraped, else 0.

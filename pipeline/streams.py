@@ -250,15 +250,21 @@ return reply
 # the id the group already has changes nothing else; in the same atomic step, so no read moves the group meanwhile. A
 # server refusing writes (a replica, a demoted primary: READONLY; NOREPLICAS) leaves the counter as it is, and so does
 # Redis before 7 (no entries-added, no lag): the groups are returned as they are.
+# What a repair raises the counter by (outside XDEL holes) is how many entries were trimmed before the group read them,
+# as Redis counted them in its lag: given KEYS[2], it is added up per group in that hash (field <group>;
+# <group>:entries-read keeps the counter as this script left it). A counter found lower than that (a Redis 7.0
+# restart's stale one, or a hand-made XGROUP SETID) marks the group (<group>:restarted): its next repair mends that
+# staleness and is not counted. Returns {the groups (XINFO GROUPS), {group, its total of entries trimmed unread, ...}}
+# (the second {} for Redis before 7 or without KEYS[2]).
 _GROUP_STATS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  return {}
+  return {{}, {}}
 end
 local stream, info = {}, redis.call('XINFO', 'STREAM', KEYS[1])
 for index = 1, #info, 2 do stream[info[index]] = info[index + 1] end
 local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
 if not stream['entries-added'] then
-  return groups
+  return {groups, {}}
 end
 local function id_before(a, b)
   local a_ms, a_seq = string.match(a, '(%d+)-(%d+)')
@@ -269,26 +275,53 @@ end
 local deleted = stream['max-deleted-entry-id']
 local first = stream['first-entry']
 local holes = deleted and deleted ~= '0-0' and first and not id_before(deleted, first[1])
-local repaired = false
+local repaired, totals, counting = false, {}, #KEYS > 1
 for _, row in ipairs(groups) do
   local group = {}
   for index = 1, #row, 2 do group[row[index]] = row[index + 1] end
+  local name, read_now = group['name'], group['entries-read']
+  local seen, restarted = nil, false
+  if counting then
+    seen = tonumber(redis.call('HGET', KEYS[2], name .. ':entries-read'))
+    restarted = redis.call('HEXISTS', KEYS[2], name .. ':restarted') == 1
+  end
+  if type(read_now) == 'number' and seen and read_now < seen then
+    restarted = true
+  end
   local entries_read = nil
   if group['last-delivered-id'] == stream['last-generated-id'] and group['lag'] ~= 0 then
     entries_read = stream['entries-added']
   elseif not holes and (type(group['lag']) ~= 'number' or group['lag'] > stream['length']) then
     entries_read = stream['entries-added'] - stream['length']
   end
+  local counter = read_now
   if entries_read then
-    local reply = redis.pcall('XGROUP', 'SETID', KEYS[1], group['name'], group['last-delivered-id'],
-                              'ENTRIESREAD', entries_read)
-    repaired = repaired or not reply.err
+    local reply = redis.pcall('XGROUP', 'SETID', KEYS[1], name, group['last-delivered-id'], 'ENTRIESREAD', entries_read)
+    if not reply.err then
+      repaired = true
+      if counting and type(read_now) == 'number' and not holes and not restarted and entries_read > read_now then
+        redis.pcall('HINCRBY', KEYS[2], name, entries_read - read_now)
+      end
+      restarted, counter = false, entries_read
+    end
+  end
+  if counting then
+    if type(counter) == 'number' and counter ~= seen then
+      redis.pcall('HSET', KEYS[2], name .. ':entries-read', counter)
+    end
+    if restarted then
+      redis.pcall('HSET', KEYS[2], name .. ':restarted', 1)
+    else
+      redis.pcall('HDEL', KEYS[2], name .. ':restarted')
+    end
+    table.insert(totals, name)
+    table.insert(totals, tonumber(redis.call('HGET', KEYS[2], name)) or 0)
   end
 end
 if repaired then
-  return redis.call('XINFO', 'GROUPS', KEYS[1])
+  return {redis.call('XINFO', 'GROUPS', KEYS[1]), totals}
 end
-return groups
+return {groups, totals}
 """
 
 # Forget consumers of a group that hold nothing and have been idle long enough (pods that went away). Atomic, so a
@@ -403,9 +436,22 @@ class Claimed:
 
 @dataclass(frozen=True)
 class GroupStats:
+    """A consumer group as ``group_stats`` reports it; ``trimmed_unread`` is None where Redis does not count it."""
+
     pending: int
     lag: int | None
     last_delivered_id: str
+    trimmed_unread: int | None = None  # entries trimmed from the stream before the group read them, in all
+
+
+def commit_reply_key(deadletter_stream: str, token: str) -> str:
+    """Where ``StreamClient.commit`` keeps, for ``COMMIT_REPLY_TTL_S``, the reply of the commit call ``token``."""
+    return f"{deadletter_stream}:commit:{token}"
+
+
+def trimmed_unread_key(stream: str) -> str:
+    """The hash in which ``group_stats`` adds up, per group of ``stream``, the entries trimmed before it read them."""
+    return f"{stream}:trimmed_unread"
 
 
 @dataclass(frozen=True)
@@ -724,7 +770,7 @@ class StreamClient:
         if not (commit.appends or commit.dead_letters or commit.acks):
             return []
         token = uuid.uuid4().hex if commit.dead_letters else ""  # one per call: _call's retries share it
-        reply_key = f"{deadletter_stream}:commit:{token}" if token else deadletter_stream
+        reply_key = commit_reply_key(deadletter_stream, token) if token else deadletter_stream
         keys = [stream, deadletter_stream, reply_key, *(target for target, _ in commit.appends)]
         appends_maxlen = self.settings.maxlen if commit.trim_appends else ""
         sources = commit.append_sources or [""] * len(commit.appends)
@@ -854,29 +900,38 @@ class StreamClient:
         return StreamPosition(_text(info["last-generated-id"]), None if added is None else int(added),
                               _text(first[0]) if first else None, int(info["length"]))  # fmt: skip
 
-    def group_stats(self, stream: str) -> dict[str, GroupStats]:
+    def group_stats(self, stream: str, count_trimmed: bool = True) -> dict[str, GroupStats]:
         """The consumer groups of ``stream`` (none when it is missing or not a stream). A group that has been
         delivered every entry, or whose lag exceeds the stream's length or is unknown, has its read counter set
         right first (``_GROUP_STATS``), so its lag is 0 again after a Redis 7.0 restart, never counts entries trimmed
         before it read them and is a number (at most the stream's length) after a restart on a trimmed stream, in
-        Redis too (for KEDA, camera software, redis-cli); a server refusing writes reports its groups unrepaired."""
+        Redis too (for KEDA, camera software, redis-cli); a server refusing writes reports its groups unrepaired.
+        ``trimmed_unread`` is each group's running total of entries trimmed before it read them (Redis 7 and later;
+        kept in ``trimmed_unread_key(stream)``; from the group's first read on: Redis's estimate of a counter it does
+        not know, at that read, skips them), known once the group catches up or its lag exceeds the stream's
+        length: counted by whichever process calls this first (the sink every second, ingest while it publishes).
+        ``count_trimmed=False`` (a stream nothing trims: results) keeps no such count (``trimmed_unread`` None)."""
 
         def read() -> Any:
             try:
-                return self._group_stats(keys=[stream])
+                return self._group_stats(keys=[stream, trimmed_unread_key(stream)] if count_trimmed else [stream])
             except redis.ResponseError as error:
                 if str(error).startswith("WRONGTYPE"):  # not a stream; any other error is not "no groups"
-                    return []
+                    return [[], []]
                 raise
 
+        groups, totals = self._call(read, "group_stats")
+        trimmed = {_text(name): int(total) for name, total in zip(totals[::2], totals[1::2], strict=True)}
         stats: dict[str, GroupStats] = {}
-        for flat in self._call(read, "group_stats"):
+        for flat in groups:
             row = {_text(name): value for name, value in zip(flat[::2], flat[1::2], strict=True)}
             lag = row.get("lag")
-            stats[_text(row["name"])] = GroupStats(
+            name = _text(row["name"])
+            stats[name] = GroupStats(
                 pending=int(row["pending"]),
                 lag=None if lag is None else int(lag),
                 last_delivered_id=_text(row["last-delivered-id"]),
+                trimmed_unread=trimmed.get(name),
             )
         return stats
 

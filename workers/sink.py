@@ -347,8 +347,9 @@ class SinkWorker:
         now = time.monotonic()
         if now >= self._next_stats:
             self._next_stats = now + 1.0
-            for stream in (self.keys.frames, self.keys.results):
-                self.runtime.metrics.observe_groups(stream, self.runtime.client.group_stats(stream))
+            for stream in (self.keys.frames, self.keys.results):  # results are never trimmed: nothing to count
+                stats = self.runtime.client.group_stats(stream, count_trimmed=stream == self.keys.frames)
+                self.runtime.metrics.observe_groups(stream, stats)
 
     def run(self) -> None:
         client, name, stop = self.runtime.client, self.runtime.name, self.runtime.stop

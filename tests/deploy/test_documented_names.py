@@ -24,7 +24,7 @@ from pipeline.codec import CodecErrorReason
 from pipeline.config import Config, load_config
 from pipeline.messages import Decision, Frame
 from pipeline.metrics import Metrics
-from pipeline.streams import DEAD_LETTER_PAYLOAD_BYTES, LineKeys, health_key
+from pipeline.streams import DEAD_LETTER_PAYLOAD_BYTES, LineKeys, commit_reply_key, health_key, trimmed_unread_key
 from tests.workers.processes import REPO_ROOT
 from workers.cli import build_parser
 
@@ -215,7 +215,8 @@ def test_the_readmes_redis_key_table_is_what_the_streams_module_uses() -> None:
     table = readme_section("### Redis keys", "Every stream")
     documented = set(re.findall(r"^\| `([^`]+)` \|", table, re.M))
     keys = LineKeys("P", "L")
-    used = {keys.frames, keys.results, keys.decisions, keys.deadletter, keys.model, keys.published("<frame_id>")}
+    used = {keys.frames, keys.results, keys.decisions, keys.deadletter, keys.model, keys.published("<frame_id>"),
+            trimmed_unread_key(keys.frames), commit_reply_key(keys.deadletter, "<token>")}  # fmt: skip
     assert documented == used | {health_key("P", "<role>", "<name>")}
 
 

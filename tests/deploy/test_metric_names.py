@@ -94,9 +94,8 @@ def exported() -> tuple[set[str], set[str]]:
     metrics.duplicates.labels("line-1").inc()
     metrics.heatmaps.labels("line-1").inc()
     metrics.heatmap_failures.labels("line-1").inc()
-    metrics.observe_groups(
-        "lineinspect:line-1:frames", {"scorers": GroupStats(pending=1, lag=2, last_delivered_id="1-0")}
-    )
+    frames_group = GroupStats(pending=1, lag=2, last_delivered_id="1-0", trimmed_unread=3)
+    metrics.observe_groups("lineinspect:line-1:frames", {"scorers": frames_group})
     metrics.set_model("line-1", "0123456789ab")
     metrics.model_reloads.labels("line-1", "ok").inc()
     metrics.worker_up.labels("score", "a").set(1)

@@ -77,6 +77,23 @@ def test_group_stats_become_lag_and_pending_gauges_and_registries_are_separate()
     assert b"lineinspect_stream_lag" in metrics.render()
 
 
+def test_redis_total_of_entries_trimmed_unread_becomes_a_counter() -> None:
+    metrics = Metrics()
+    labels = {"stream": "p:l:frames", "group": "scorers"}
+
+    def observe(total: int | None) -> float | None:
+        stats = GroupStats(pending=0, lag=0, last_delivered_id="1-0", trimmed_unread=total)
+        metrics.observe_groups("p:l:frames", {"scorers": stats})
+        return metrics.registry.get_sample_value("lineinspect_stream_trimmed_unread_total", labels)
+
+    assert observe(None) is None  # Redis before 7 counts none: no series
+    assert [observe(total) for total in (0, 7, 7, 14)] == [0, 7, 7, 14]
+    assert [observe(total) for total in (2, 5)] == [14, 17]  # Redis lost its data: counted on from its new total
+    restarted = Metrics()  # a restarted sink carries on from Redis's total
+    restarted.observe_groups("p:l:frames", {"scorers": GroupStats(0, 0, "1-0", trimmed_unread=5)})
+    assert restarted.registry.get_sample_value("lineinspect_stream_trimmed_unread_total", labels) == 5
+
+
 def test_latency_buckets_resolve_a_steady_line_a_backlog_and_a_claimed_frame() -> None:
     metrics = Metrics()
     # a steady line (0.1-0.5 s), a 200-frame burst (p50 ~5 s), a claimed frame (30-45 s), a scorer restart

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.streams import SCORER_GROUP, SINK_GROUP, Commit, LineKeys, StreamClient
+from pipeline.config import RedisSettings, StreamSettings
+from pipeline.streams import SCORER_GROUP, SINK_GROUP, Commit, LineKeys, StreamClient, trimmed_unread_key
 
 
 @pytest.fixture(autouse=True)
@@ -94,3 +95,63 @@ def test_the_sinks_lag_on_the_results_stream_is_not_set_from_its_length_while_de
         client.publish(keys.results, f"result-{index}".encode())
     client.read_new(keys.results, SINK_GROUP, "sink", count=2, block_ms=None)
     assert client.group_stats(keys.results)[SINK_GROUP].lag == 4  # results 10 to 13
+
+
+def outrun(client: StreamClient, keys: LineKeys, count: int, keep: int = 3) -> None:
+    """A producer outrunning the scorers: ``count`` frames, each XADD trimming the stream to ``keep`` entries."""
+    for index in range(count):
+        client.redis.xadd(keys.frames, {"payload": f"frame-{index}".encode()}, maxlen=keep, approximate=False)
+
+
+def test_frames_trimmed_before_the_scorers_read_them_are_counted_once(client: StreamClient, keys: LineKeys) -> None:
+    # They get no decision and no dead letter; only the lag, for a moment, showed them (lineinspect_stream_lag near
+    # streams.maxlen). Redis counts them in the lag until group_stats sets it right: that correction is the count.
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    assert client.group_stats(keys.frames)[SCORER_GROUP].trimmed_unread == 0
+    client.publish(keys.frames, b"frame-0")
+    client.read_new(keys.frames, SCORER_GROUP, "score-a", count=1, block_ms=None)
+    outrun(client, keys, 10)  # 7 of them trimmed before a scorer read them, 3 wait
+    assert client.group_stats(keys.frames)[SCORER_GROUP].trimmed_unread == 7
+    assert client.group_stats(keys.frames)[SCORER_GROUP].trimmed_unread == 7  # counted once
+    client.read_new(keys.frames, SCORER_GROUP, "score-a", count=10, block_ms=None)
+    assert client.group_stats(keys.frames)[SCORER_GROUP].trimmed_unread == 7
+    # Trimmed past the group and read on before anything looked: counted as the group catches up.
+    outrun(client, keys, 10)
+    client.read_new(keys.frames, SCORER_GROUP, "score-a", count=1, block_ms=None)
+    assert client.group_stats(keys.frames)[SCORER_GROUP].lag == 3  # an upper bound: 2 wait
+    client.read_new(keys.frames, SCORER_GROUP, "score-a", count=10, block_ms=None)
+    stats = client.group_stats(keys.frames)[SCORER_GROUP]
+    assert (stats.lag, stats.trimmed_unread) == (0, 14)
+    other = StreamClient(client.url, RedisSettings(), StreamSettings())  # another process (ingest) sees the same
+    assert other.group_stats(keys.frames)[SCORER_GROUP].trimmed_unread == 14
+    other.close()
+
+
+def test_a_read_counter_a_restart_set_back_is_set_right_without_counting_frames_as_trimmed(
+    client: StreamClient, keys: LineKeys
+) -> None:
+    # Redis 7.0 restarted from its append-only file brings back the read counter of the last rewrite: the lag is too
+    # high by the frames read since, none of them trimmed.
+    client.ensure_group(keys.frames, SCORER_GROUP)
+    ids = [client.publish(keys.frames, f"frame-{index}".encode()) for index in range(6)]
+    client.read_new(keys.frames, SCORER_GROUP, "score-a", count=4, block_ms=None)
+    assert client.group_stats(keys.frames)[SCORER_GROUP].lag == 2
+    client.redis.execute_command("XGROUP", "SETID", keys.frames, SCORER_GROUP, ids[3], "ENTRIESREAD", 1)  # stale
+    client.read_new(keys.frames, SCORER_GROUP, "score-a", count=1, block_ms=None)
+    assert client.group_stats(keys.frames)[SCORER_GROUP].lag == 4  # too high by 3, not yet known to be wrong
+    client.read_new(keys.frames, SCORER_GROUP, "score-a", count=10, block_ms=None)
+    stats = client.group_stats(keys.frames)[SCORER_GROUP]
+    assert (stats.lag, stats.trimmed_unread) == (0, 0)
+    client.read_new(keys.frames, SCORER_GROUP, "score-a", count=1, block_ms=None)
+    outrun(client, keys, 10)  # frames trimmed after that are counted again
+    client.read_new(keys.frames, SCORER_GROUP, "score-a", count=10, block_ms=None)
+    assert client.group_stats(keys.frames)[SCORER_GROUP].trimmed_unread == 7
+
+
+def test_a_stream_nothing_trims_keeps_no_count(client: StreamClient, keys: LineKeys) -> None:
+    client.ensure_group(keys.results, SINK_GROUP)
+    ids = [client.publish(keys.results, f"result-{index}".encode()) for index in range(3)]
+    client.read_new(keys.results, SINK_GROUP, "sink", count=3, block_ms=None)
+    client.commit(keys.results, SINK_GROUP, Commit(acks=ids, delete_acked=True), keys.deadletter)
+    assert client.group_stats(keys.results, count_trimmed=False)[SINK_GROUP].trimmed_unread is None
+    assert not client.redis.exists(trimmed_unread_key(keys.results))

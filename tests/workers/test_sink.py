@@ -263,3 +263,22 @@ def test_a_result_without_a_payload_field_is_not_a_message_not_trimmed(
     assert value("lineinspect_dead_letters_total", {"line": "line-1", "reason": "not_a_message"}) == 1
     assert value("lineinspect_dead_letters_total", {"line": "line-1", "reason": "entry_trimmed"}) is None
     assert [d.frame_id for d in decisions_in(client, keys.decisions)] == [frames[0].frame_id]
+
+
+def test_the_sink_exports_frames_trimmed_before_a_scorer_read_them(make_runtime: Callable[..., WorkerRuntime]) -> None:
+    runtime = make_runtime("sink", "s-trimmed")
+    sink = SinkWorker(runtime, "line-1")
+    client, keys = runtime.client, sink.keys
+    if int(client.redis.info("server")["redis_version"].split(".")[0]) < 7:
+        pytest.skip("Redis before 7 counts no entries added")
+    client.ensure_group(keys.frames, "scorers")
+    client.ensure_group(keys.results, SINK_GROUP)
+    client.publish(keys.frames, b"frame-0")
+    client.read_new(keys.frames, "scorers", "score-a", count=1, block_ms=None)
+    for index in range(1, 11):  # a camera outrunning a stalled scorer: 7 frames trimmed before any scorer read them
+        client.redis.xadd(keys.frames, {"payload": f"frame-{index}".encode()}, maxlen=3, approximate=False)
+    client.read_new(keys.frames, "scorers", "score-a", count=10, block_ms=None)
+    sink._housekeeping()
+    value = runtime.metrics.registry.get_sample_value
+    assert value("lineinspect_stream_trimmed_unread_total", {"stream": keys.frames, "group": "scorers"}) == 7
+    assert value("lineinspect_stream_trimmed_unread_total", {"stream": keys.results, "group": SINK_GROUP}) is None

@@ -8,6 +8,8 @@ Keys for line ``L`` with prefix ``P`` (``streams.prefix``):
 - ``P:L:deadletter``  entries that could not be processed: ``reason``, ``detail``, ``source_stream``,
                       ``source_entry_id``, ``frame_id`` and the original ``payload`` (its first 64 KiB when larger,
                       then with ``payload_bytes``, the original size, and ``payload_truncated`` = ``1``)
+- ``P:L:frames:trimmed_unread``  hash: per consumer group, the entries trimmed before it read them (``group_stats``)
+- ``P:L:deadletter:commit:<token>``  a commit's reply, kept an hour for its retry (commits with dead letters only)
 - ``P:L:model``       the model directory the line's scoring workers should use (set it to hot-reload)
 - ``P:L:published:<frame_id>``  sorted set of the frame entry ids decided under that frame_id within a TTL: makes
                                 the sink's publish idempotent per frame, while a frame that reuses a frame_id still

@@ -289,6 +289,26 @@ def _inspection_mask(config: Config, image_paths: Sequence[Path]) -> InspectionM
     return mask
 
 
+def check_aspects(scorer: Scorer, paths: Sequence[Path], what: str) -> None:
+    """Before any of ``paths`` is scored: raise MaskError when some have another aspect than the scorer's inspection
+    mask (``Scorer.aspect_mismatch``, which would refuse them mid-run), giving their count and the first of them.
+    Sizes come from headers (nothing decoded); files whose header cannot be read are left to scoring, which skips
+    them with a warning. ``what`` names the files in the message ("good images")."""
+    if scorer.inspection_mask is None:
+        return
+    mismatched: list[str] = []
+    for path in paths:
+        shape = image_shape(path)
+        mismatch = None if shape is None else scorer.aspect_mismatch(shape[0], shape[1])
+        if mismatch is not None:
+            mismatched.append(f"{path} is {mismatch}")
+    if mismatched:
+        msg = (f"{len(mismatched)} of {len(paths)} {what} do not have the aspect of the model's inspection mask, "
+               f"e.g. {mismatched[0]}; nothing was scored: leave them out, or score them with a model whose mask "
+               "was drawn on their frames")  # fmt: skip
+        raise MaskError(msg)
+
+
 def score_paths(
     scorer: Scorer,
     paths: Sequence[Path],
@@ -298,7 +318,9 @@ def score_paths(
     skipped: list[str] | None = None,
 ) -> np.ndarray:
     """Image scores ``(readable images,)`` of image files, every frame shifted when shifting is on (thresholds are
-    chosen from these); unreadable ones are warned about and added to ``skipped``."""
+    chosen from these); unreadable ones are warned about and added to ``skipped``. With an inspection mask,
+    ``check_aspects`` first: a file of another aspect than the mask's stops scoring where it is met
+    (``Scorer.score``)."""
     skipped = [] if skipped is None else skipped
     batches = _progress_batches(paths, batch_size, progress, desc, skipped)
     scores = [scorer.score(batch, shift_every_frame=True).scores for batch in batches]

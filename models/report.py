@@ -1,10 +1,11 @@
 """Evaluating a Scorer on a labelled dataset and writing the report a person looks at.
 
-``evaluate(scorer, items, out_dir)`` first checks every mask against its image (``models.datasets.check_masks``: one
-that cannot be read or has another aspect ratio than its image is a DatasetError naming it, before anything is
-scored), scores every test image in batches (progress bar; with shifting on, every frame shifted unless
-``shift_every_frame=False``), resizes masks to the map size ``(S, S)`` (nearest, centre on centre as the frames are
-resized), and writes to ``out_dir``:
+``evaluate(scorer, items, out_dir)`` first checks, before anything is scored, every image against the model's
+inspection mask (``models.fit.check_aspects``: images of another aspect, which the model refuses, are a MaskError
+giving their count and one of them) and every mask against its image (``models.datasets.check_masks``: one that
+cannot be read or has another aspect ratio than its image is a DatasetError naming it), scores every test image in
+batches (progress bar; with shifting on, every frame shifted unless ``shift_every_frame=False``), resizes masks to
+the map size ``(S, S)`` (nearest, centre on centre as the frames are resized), and writes to ``out_dir``:
 
 - ``metrics.json``: image_auroc, pixel_auroc, pro (FPR <= 0.3, normalised), f1_max, images_per_second,
   per-defect-type image and pixel AUROC (each type's images with the good ones), score summaries, and the model's
@@ -47,6 +48,7 @@ from models.evaluation import (
     pro_curve,
     roc_curve,
 )
+from models.fit import check_aspects
 from models.heatmap import overlay_heatmap
 from models.images import ImageError, read_image, read_mask, resize_mask
 from models.scorer import Scorer
@@ -92,10 +94,12 @@ def score_items(
     scorer: Scorer, items: Sequence[TestItem], batch_size: int, progress: bool, shift_every_frame: bool = True
 ) -> ScoredItems:
     """Score the readable items (unreadable images are skipped with a message) and read their masks, resized
-    (nearest, centre-aligned) to the map size. Every mask is checked first (``models.datasets.check_masks``): an
-    unusable one is a DatasetError naming it before anything is scored. With shifting on, every frame is shifted by
-    default (``Scorer.score``): threshold-free metrics then rank shifting's own scores, not the unshifted ones of
-    frames that pass (the verdicts are the same either way)."""
+    (nearest, centre-aligned) to the map size. Every image's aspect (``models.fit.check_aspects``, with an inspection
+    mask) and every mask (``models.datasets.check_masks``) are checked first: images the model would refuse or an
+    unusable mask stop evaluation before anything is scored. With shifting on, every frame is shifted by default
+    (``Scorer.score``): threshold-free metrics then rank shifting's own scores, not the unshifted ones of frames
+    that pass (the verdicts are the same either way)."""
+    check_aspects(scorer, [item.image for item in items], "test images")
     check_masks(items)
     size = scorer.image_size
     kept: list[TestItem] = []

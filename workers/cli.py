@@ -182,7 +182,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from models.artifact import MANIFEST, load_scorer, update_threshold
     from models.datasets import calibration_images, is_dataset_root, test_items
     from models.errors import ArtifactError
-    from models.fit import score_paths
+    from models.fit import check_aspects, score_paths
     from models.threshold import best_f1_threshold, false_reject_threshold
 
     rate = args.false_reject_rate if args.false_reject_rate is not None else _config(args).threshold.false_reject_rate
@@ -209,14 +209,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             raise ValueError(msg)
 
     refuse_too_few(len(paths))
+    # everything that can be refused is refused before the images are scored (minutes), not after
+    items = test_items(args.data) if args.data is not None else []
+    check_aspects(scorer, paths, "good images")
+    check_aspects(scorer, [item.image for item in items], "labelled images")
     print(f"calibrating on {description}")
     batch = scorer.scoring.batch_size
     good_scores = score_paths(scorer, paths, batch, not args.quiet, "calibrate: scoring good images")
     refuse_too_few(len(good_scores))
     threshold = false_reject_threshold(good_scores, rate)
-    if args.data is not None:
-        items = test_items(args.data)
-        scores = score_paths(scorer, [item.image for item in items], scorer.scoring.batch_size, not args.quiet,
+    if items:
+        scores = score_paths(scorer, [item.image for item in items], batch, not args.quiet,
                              "calibrate: scoring labelled images")  # fmt: skip
         labels = np.array([item.label for item in items])
         if labels.any():

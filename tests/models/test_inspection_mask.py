@@ -4,6 +4,7 @@ model stores its mask (models/inspection_mask.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -294,3 +295,62 @@ def test_lineinspect_score_reports_a_file_of_another_aspect_and_scores_the_other
     assert code == 1
     assert f"error: {tmp_path / 'wide.png'} is 240x160 but the inspection mask is 80x80" in output.err
     assert [Path(result["image"]).name for result in json.loads(output.out)] == ["good.png"]
+
+
+def wide_copy(good_frame: np.ndarray, path: Path) -> Path:
+    """``good_frame`` stretched to 240x160: a camera set to another region of interest than the mask was drawn on."""
+    cv2.imwrite(str(path), cv2.resize(good_frame, (240, 160)))
+    return path
+
+
+def test_lineinspect_evaluate_refuses_test_images_of_another_aspect_before_scoring(
+    masked_scorer: Scorer, demo_line: DemoLine, good_frame: np.ndarray, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    # it scored the images before it, then stopped with "image 0 is 240x160 ...", naming no file
+    from workers.cli import main
+
+    masked_scorer.save(tmp_path / "model")
+    data = tmp_path / "data"
+    shutil.copytree(demo_line.root, data)
+    wide = wide_copy(good_frame, data / "test" / "good" / "zz_wide.png")  # listed last: the others come first
+    report = tmp_path / "report"
+    code = main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(data), "--out", str(report)])
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error
+    assert (f"lineinspect evaluate: error: 1 of 13 test images do not have the aspect of the model's inspection mask, "
+            f"e.g. {wide} is 240x160 but the inspection mask is 80x80") in error  # fmt: skip
+    assert "nothing was scored" in error and "evaluate: scoring" not in error  # refused before the progress bar
+    assert not (report / "metrics.json").exists()
+
+
+def test_lineinspect_calibrate_refuses_images_of_another_aspect_before_scoring_and_keeps_the_threshold(
+    masked_scorer: Scorer, demo_line: DemoLine, good_frame: np.ndarray, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from workers.cli import main
+
+    model = tmp_path / "model"
+    masked_scorer.save(model)
+    before = json.loads((model / "manifest.json").read_text())
+    good = tmp_path / "good"
+    shutil.copytree(demo_line.root / "test" / "good", good)
+    wide = wide_copy(good_frame, good / "zz_wide.png")
+    calibrate = ["calibrate", "--model", str(model), "--false-reject-rate", "0.2"]
+    assert main([*calibrate, "--good", str(good)]) == 2
+    error = capsys.readouterr().err
+    assert (f"lineinspect calibrate: error: 1 of 7 good images do not have the aspect of the model's inspection mask, "
+            f"e.g. {wide} is 240x160 but the inspection mask is 80x80") in error  # fmt: skip
+    assert "nothing was scored" in error and "calibrate: scoring" not in error and "Traceback" not in error
+    # labelled images (--data) are checked before the good ones are scored, not after
+    wide.unlink()
+    data = tmp_path / "data"
+    shutil.copytree(demo_line.root, data)
+    wide = wide_copy(good_frame, data / "test" / "defect" / "zz_wide.png")
+    assert main([*calibrate, "--good", str(good), "--data", str(data)]) == 2
+    error = capsys.readouterr().err
+    assert f"1 of 13 labelled images do not have the aspect of the model's inspection mask, e.g. {wide} is" in error
+    assert "calibrate: scoring" not in error
+    assert json.loads((model / "manifest.json").read_text()) == before
+    wide.unlink()
+    assert main([*calibrate, "--good", str(good), "--data", str(data), "--quiet"]) == 0  # the rest calibrate as before

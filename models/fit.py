@@ -66,7 +66,9 @@ def holdout_split(paths: Sequence[Path], fraction: float, salt: str = "") -> tup
     return fit, holdout
 
 
-def _readable_batches(paths: Sequence[Path], batch_size: int, skipped: list[str]) -> Iterator[list[np.ndarray]]:
+def _readable_batches(
+    paths: Sequence[Path], batch_size: int, skipped: list[str], kept: list[Path] | None = None
+) -> Iterator[list[np.ndarray]]:
     batch: list[np.ndarray] = []
     for path in paths:
         try:
@@ -75,6 +77,8 @@ def _readable_batches(paths: Sequence[Path], batch_size: int, skipped: list[str]
             log.warning("skipping unreadable training image: %s", error)
             skipped.append(str(error))
             continue
+        if kept is not None:
+            kept.append(path)
         if len(batch) == batch_size:
             yield batch
             batch = []
@@ -316,21 +320,23 @@ def score_paths(
     progress: bool = True,
     desc: str = "scoring",
     skipped: list[str] | None = None,
+    kept: list[Path] | None = None,
 ) -> np.ndarray:
     """Image scores ``(readable images,)`` of image files, every frame shifted when shifting is on (thresholds are
-    chosen from these); unreadable ones are warned about and added to ``skipped``. With an inspection mask,
-    ``check_aspects`` first: a file of another aspect than the mask's stops scoring where it is met
-    (``Scorer.score``)."""
+    chosen from these); unreadable ones are warned about and added to ``skipped``, the scored ones to ``kept`` (in
+    the order of the scores). With an inspection mask, ``check_aspects`` first: a file of another aspect than the
+    mask's stops scoring where it is met (``Scorer.score``)."""
     skipped = [] if skipped is None else skipped
-    batches = _progress_batches(paths, batch_size, progress, desc, skipped)
+    batches = _progress_batches(paths, batch_size, progress, desc, skipped, kept)
     scores = [scorer.score(batch, shift_every_frame=True).scores for batch in batches]
     return np.concatenate(scores) if scores else np.empty(0, dtype=np.float32)
 
 
 def _progress_batches(
-    paths: Sequence[Path], batch_size: int, progress: bool, desc: str, skipped: list[str]
-) -> Iterator[list[np.ndarray]]:
+    paths: Sequence[Path], batch_size: int, progress: bool, desc: str, skipped: list[str],
+    kept: list[Path] | None = None,
+) -> Iterator[list[np.ndarray]]:  # fmt: skip
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
-        for batch in _readable_batches(paths, batch_size, skipped):
+        for batch in _readable_batches(paths, batch_size, skipped, kept):
             yield batch
             bar.update(len(batch))

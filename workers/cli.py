@@ -219,9 +219,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     refuse_too_few(len(good_scores))
     threshold = false_reject_threshold(good_scores, rate)
     if items:
+        scored: list[Path] = []  # the readable ones, which have scores: their labels, not every item's
         scores = score_paths(scorer, [item.image for item in items], batch, not args.quiet,
-                             "calibrate: scoring labelled images")  # fmt: skip
-        labels = np.array([item.label for item in items])
+                             "calibrate: scoring labelled images", kept=scored)  # fmt: skip
+        label_of = {item.image: item.label for item in items}
+        labels = np.array([label_of[path] for path in scored])
         if labels.any():
             best, f1 = best_f1_threshold(labels, scores)
             threshold = type(threshold)(**{**threshold.__dict__, "best_f1_value": best})

@@ -221,3 +221,24 @@ def test_a_warning_is_one_line_naming_the_command_not_python_source() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == ["lineinspect demo: warning: only 3 good images"]
+
+
+def test_calibrate_leaves_an_unreadable_labelled_image_out_with_its_label(
+    cli_model: Path, demo_line: DemoLine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Scores skipped the unreadable file but labels did not: every later image's score met its neighbour's label,
+    and the best-F1 threshold came from that mismatch without a word."""
+    model = tmp_path / "model"
+    shutil.copytree(cli_model, model)
+    data = tmp_path / "data"
+    shutil.copytree(demo_line.root, data)
+    calibrate = ["calibrate", "--model", str(model), "--good", str(demo_line.root / "test" / "good"),
+                 "--false-reject-rate", "0.2", "--data", str(data), "--quiet"]  # fmt: skip
+    assert main(calibrate) == 0
+    clean = capsys.readouterr().out
+    for folder in ("good", "defect"):  # listed first in each class
+        (data / "test" / folder / "a_broken.png").write_bytes(b"garbage")
+    assert main(calibrate) == 0
+    out = capsys.readouterr().out
+    best_f1 = [line for line in clean.splitlines() if line.startswith("best-F1 threshold")]
+    assert best_f1 and best_f1 == [line for line in out.splitlines() if line.startswith("best-F1 threshold")]

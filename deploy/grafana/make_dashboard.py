@@ -220,7 +220,7 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                     ),
                 ),
                 unit="reqps",
-                width=6,
+                width=5,
             ),
             Panel(
                 "Dropped frames per camera",
@@ -233,7 +233,20 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                 unit="reqps",
                 description="Frames not sent, by reason: backpressure (a live camera's oldest frames, while the "
                 "scorers' backlog is at ingest.live_queue_limit) or too_large (over streams.max_frame_bytes).",
-                width=6,
+                width=5,
+            ),
+            Panel(
+                "Frames trimmed unread, 15 min",
+                (
+                    Query(
+                        f'line_stream_group:lineinspect_stream_trimmed_unread:increase15m{{{LINE}, group="scorers"}}',
+                        "lost, no decision",
+                    ),
+                ),
+                description="Frames trimmed from the frames stream (streams.maxlen) before any scorer read them: no "
+                "decision, no dead letter. Redis 7+ counts them once the scorers catch up or their lag exceeds the "
+                "stream's length, and the sink exports them. Alert LineinspectFramesTrimmedUnread.",
+                width=4,
             ),
             Panel(
                 "Dead letters and error decisions by reason",
@@ -250,7 +263,7 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                 unit="reqps",
                 description="Dead letters: entries that could not be processed (frames with a readable id also get an "
                 "error decision). Error decisions: frames decided 'error' (stale, undecodable, uncalibrated model).",
-                width=6,
+                width=5,
             ),
             Panel(
                 "Heatmaps written and failed",
@@ -262,7 +275,7 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                 description="Overlays the sink wrote (failed frames, or all with sink.save_all_heatmaps) and "
                 "decisions published without theirs (disk full, heatmap_dir not writable; the sink logs the error; "
                 "alert LineinspectHeatmapFailures).",
-                width=6,
+                width=5,
             ),
         ),
     ),

@@ -40,6 +40,7 @@ def test_dashboard_is_per_line_and_covers_what_a_supervisor_needs(deploy_dir: Pa
         "stream_pending",
         "lineinspect_dropped_frames_total",
         "lineinspect_dead_letters_total",
+        "lineinspect_stream_trimmed_unread",  # frames lost before any scorer read them
         "lineinspect_model_info",
         "sum by (line) (rate(lineinspect_frames_total[5m]))",  # is every line being inspected now
         "lineinspect_heatmap_failures_total",

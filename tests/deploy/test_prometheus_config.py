@@ -54,8 +54,10 @@ def test_every_requested_alert_and_recording_rule_exists(deploy_dir: Path) -> No
         "LineinspectLineStopped",
         "LineinspectHeatmapFailures",
         "LineinspectWorkerRestarting",
+        "LineinspectFramesTrimmedUnread",
     } <= alerts
     assert {f"line:lineinspect_end_to_end_latency_seconds:p{q}" for q in (50, 95, 99)} <= recorded
+    assert "line_stream_group:lineinspect_stream_trimmed_unread:increase15m" in recorded
     tested = yaml.safe_load((deploy_dir / "prometheus" / "alerts_test.yml").read_text())["tests"]
     exercised = {case["alertname"] for test in tested for case in test.get("alert_rule_test", [])}
     assert alerts - exercised == set()  # every alert has a promtool case

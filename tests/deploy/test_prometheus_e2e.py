@@ -39,6 +39,7 @@ ALWAYS_DATA = {
     "Stage latency p50",
     "Batch size",
     "Stream lag (not yet delivered)",
+    "Frames trimmed unread, 15 min",  # 0 while none are lost (Redis 7 and later)
     "Frames in per camera",
     "Workers up / reaching Redis (every line)",
     "Worker restarts, last hour (every line)",
@@ -185,6 +186,10 @@ def test_prometheus_scrapes_the_pipeline_and_answers_the_p99_rule(
         while (empty := empty_panels()) and time.monotonic() < deadline:
             time.sleep(0.5)  # each poll runs every query
         assert empty == []
+        trimmed = api.query('line_stream_group:lineinspect_stream_trimmed_unread:increase15m{line="line-1"}')
+        assert [(item["metric"]["stream"], item["metric"]["group"], float(item["value"][1])) for item in trimmed] == [
+            (f"{stream_prefix}:line-1:frames", "scorers", 0.0)  # the sink's total, with a line label; nothing lost
+        ]
         (workers,) = [
             api.query(query)
             for title, query in zip(titles, queries, strict=True)

@@ -74,7 +74,7 @@ def _readable_batches(
         try:
             batch.append(read_image(path, keep_depth=True))
         except ImageError as error:
-            log.warning("skipping unreadable training image: %s", error)
+            log.warning("skipping unreadable image: %s", error)
             skipped.append(str(error))
             continue
         if kept is not None:
@@ -277,39 +277,33 @@ def _inspection_mask(config: Config, image_paths: Sequence[Path]) -> InspectionM
     mask = InspectionMask.from_image(path)
     for model in [config.model] + [config.member_config(member).model for member in config.fusion_members]:
         check_mask_size(mask, model.image_size, model.resize, model.method)
-    mismatched: list[str] = []
-    for image_path in image_paths:
-        shape = image_shape(image_path)
-        try:
-            if shape is not None:
-                mask.check_frame(shape[0], shape[1], str(image_path))
-        except MaskError as error:
-            mismatched.append(str(error))
-    if mismatched:
-        msg = (f"{len(mismatched)} of {len(image_paths)} good images do not have the aspect of the inspection mask "
-               f"{path}, e.g. {mismatched[0]}")  # fmt: skip
-        raise MaskError(msg)
+    check_aspects(mask, image_paths, "good images", f"the inspection mask {path}",
+                  "leave them out, or draw the mask over a frame as this camera delivers it")  # fmt: skip
     log.info("inspection mask %s: %s", path, mask.describe())
     return mask
 
 
-def check_aspects(scorer: Scorer, paths: Sequence[Path], what: str) -> None:
-    """Before any of ``paths`` is scored: raise MaskError when some have another aspect than the scorer's inspection
-    mask (``Scorer.aspect_mismatch``, which would refuse them mid-run), giving their count and the first of them.
-    Sizes come from headers (nothing decoded); files whose header cannot be read are left to scoring, which skips
-    them with a warning. ``what`` names the files in the message ("good images")."""
-    if scorer.inspection_mask is None:
+MODEL_MASK = "the model's inspection mask"
+NOTHING_SCORED = "nothing was scored: leave them out, or score them with a model whose mask was drawn on their frames"
+
+
+def check_aspects(mask: InspectionMask | None, paths: Sequence[Path], what: str, mask_name: str, remedy: str) -> None:
+    """Before any of ``paths`` is fitted or scored: raise MaskError when some have another aspect than the
+    inspection ``mask`` (``InspectionMask.aspect_mismatch``; ``Scorer.score`` would refuse them mid-run), giving
+    their count, the first of them and ``remedy``. Sizes come from headers (nothing decoded); files whose header
+    cannot be read are left to the reading, which skips them with a warning. ``what`` names the files in the message
+    ("good images"), ``mask_name`` the mask ("the model's inspection mask")."""
+    if mask is None:
         return
     mismatched: list[str] = []
     for path in paths:
         shape = image_shape(path)
-        mismatch = None if shape is None else scorer.aspect_mismatch(shape[0], shape[1])
+        mismatch = None if shape is None else mask.aspect_mismatch(shape[0], shape[1])
         if mismatch is not None:
             mismatched.append(f"{path} is {mismatch}")
     if mismatched:
-        msg = (f"{len(mismatched)} of {len(paths)} {what} do not have the aspect of the model's inspection mask, "
-               f"e.g. {mismatched[0]}; nothing was scored: leave them out, or score them with a model whose mask "
-               "was drawn on their frames")  # fmt: skip
+        msg = (f"{len(mismatched)} of {len(paths)} {what} do not have the aspect of {mask_name}, "
+               f"e.g. {mismatched[0]}; {remedy}")  # fmt: skip
         raise MaskError(msg)
 
 

@@ -48,7 +48,7 @@ from models.evaluation import (
     pro_curve,
     roc_curve,
 )
-from models.fit import check_aspects
+from models.fit import MODEL_MASK, NOTHING_SCORED, check_aspects
 from models.heatmap import overlay_heatmap
 from models.images import ImageError, read_image, read_mask, resize_mask
 from models.scorer import Scorer
@@ -99,7 +99,7 @@ def score_items(
     unusable mask stop evaluation before anything is scored. With shifting on, every frame is shifted by default
     (``Scorer.score``): threshold-free metrics then rank shifting's own scores, not the unshifted ones of frames
     that pass (the verdicts are the same either way)."""
-    check_aspects(scorer, [item.image for item in items], "test images")
+    check_aspects(scorer.inspection_mask, [item.image for item in items], "test images", MODEL_MASK, NOTHING_SCORED)
     check_masks(items)
     size = scorer.image_size
     kept: list[TestItem] = []

@@ -255,9 +255,13 @@ return reply
 # What a repair raises the counter by (outside XDEL holes) is how many entries were trimmed before the group read them,
 # as Redis counted them in its lag: given KEYS[2], it is added up per group in that hash (field <group>;
 # <group>:entries-read keeps the counter as this script left it). A counter found lower than that (a Redis 7.0
-# restart's stale one, or a hand-made XGROUP SETID) marks the group (<group>:restarted): its next repair mends that
-# staleness and is not counted. Returns {the groups (XINFO GROUPS), {group, its total of entries trimmed unread, ...}}
-# (the second {} for Redis before 7 or without KEYS[2]).
+# restart's stale one, or a hand-made XGROUP SETID) marks the group (<group>:restarted), and so does an unknown
+# (nil) one that (2) sets: the repairs that mend it are not counted until the counter is exact again (the group
+# delivered everything). (2) alone does not end the mark: its counter assumes the group read nothing the stream
+# holds, so when the group catches up, (1) raises it by what the group had read of the stream before (2) (nearly
+# all of it on a live line at maxlen), which is no loss when (2) was not counted. Frames trimmed unread meanwhile
+# go uncounted: after a restart the count falls short rather than count frames read. Returns {the groups (XINFO
+# GROUPS), {group, its total of entries trimmed unread, ...}} (the second {} for Redis before 7 or without KEYS[2]).
 _GROUP_STATS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {{}, {}}
@@ -290,9 +294,10 @@ for _, row in ipairs(groups) do
   if type(read_now) == 'number' and seen and read_now < seen then
     restarted = true
   end
-  local entries_read = nil
-  if group['last-delivered-id'] == stream['last-generated-id'] and group['lag'] ~= 0 then
-    entries_read = stream['entries-added']
+  local entries_read, exact = nil, false
+  local caught_up = group['last-delivered-id'] == stream['last-generated-id']
+  if caught_up and group['lag'] ~= 0 then
+    entries_read, exact = stream['entries-added'], true
   elseif not holes and (type(group['lag']) ~= 'number' or group['lag'] > stream['length']) then
     entries_read = stream['entries-added'] - stream['length']
   end
@@ -301,11 +306,14 @@ for _, row in ipairs(groups) do
     local reply = redis.pcall('XGROUP', 'SETID', KEYS[1], name, group['last-delivered-id'], 'ENTRIESREAD', entries_read)
     if not reply.err then
       repaired = true
-      if counting and type(read_now) == 'number' and not holes and not restarted and entries_read > read_now then
+      local counted = type(read_now) == 'number' and not restarted
+      if counting and counted and not holes and entries_read > read_now then
         redis.pcall('HINCRBY', KEYS[2], name, entries_read - read_now)
       end
-      restarted, counter = false, entries_read
+      restarted, counter = not counted and not exact, entries_read
     end
+  elseif caught_up and group['lag'] == 0 then
+    restarted = false
   end
   if counting then
     if type(counter) == 'number' and counter ~= seen then
@@ -911,7 +919,9 @@ class StreamClient:
         ``trimmed_unread`` is each group's running total of entries trimmed before it read them (Redis 7 and later;
         kept in ``trimmed_unread_key(stream)``; from the group's first read on: Redis's estimate of a counter it does
         not know, at that read, skips them), known once the group catches up or its lag exceeds the stream's
-        length: counted by whichever process calls this first (the sink every second, ingest while it publishes).
+        length (after a restart that set its read counter back, only from when it next catches up: a shortfall rather
+        than a false count): counted by whichever process calls this first (the sink every second, ingest while it
+        publishes).
         ``count_trimmed=False`` (a stream nothing trims: results) keeps no such count (``trimmed_unread`` None)."""
 
         def read() -> Any:

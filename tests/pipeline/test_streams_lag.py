@@ -79,3 +79,44 @@ def test_a_server_refusing_writes_still_reports_its_groups_as_they_are() -> None
         stats = client.group_stats(keys.frames)[SCORER_GROUP]
         assert (stats.pending, stats.lag) == (0, 100)  # as Redis has it, not repaired
         client.close()
+
+
+def test_a_restart_on_a_live_line_at_maxlen_counts_no_frame_as_trimmed_unread() -> None:
+    # The frames stream of a running line is always at maxlen. After a Redis 7.0 restart the stale counter puts the
+    # lag above the length while a camera keeps publishing, so the counter is set to the estimate "read nothing of
+    # what the stream holds" (not counted: the counter was stale). The scorers had read all but the last few of them:
+    # when they caught up, that estimate's shortfall (the stream's length less the frames waiting) was counted as
+    # frames trimmed before any scorer read them, a critical alert for frames that all got decisions.
+    with EmbeddedRedis(persistent=True) as server:
+        client = StreamClient(server.url, RedisSettings(reconnect_max_backoff_s=0.5), StreamSettings(prefix="lag"))
+        if int(client.redis.info("server")["redis_version"].split(".")[0]) < 7:
+            pytest.skip("Redis before 7 reports no lag")
+        keys = LineKeys("lag", "line-1")
+        client.ensure_group(keys.frames, SCORER_GROUP)
+
+        def publish(count: int, name: str) -> None:
+            for index in range(count):
+                client.redis.xadd(keys.frames, {"payload": f"{name}-{index}".encode()}, maxlen=20, approximate=False)
+
+        def keep_up(count: int) -> None:  # each frame read as it comes, the sink looking after each
+            for index in range(count):
+                publish(1, f"kept-{index}")
+                entries = client.read_new(keys.frames, SCORER_GROUP, "score-a", count=10, block_ms=None)
+                client.ack(keys.frames, SCORER_GROUP, [entry.entry_id for entry in entries])
+                assert client.group_stats(keys.frames)[SCORER_GROUP].trimmed_unread == 0
+
+        keep_up(30)
+        rewrite_append_only_file(client)
+        keep_up(100)
+        server.restart()
+        publish(5, "live")  # the camera goes on: 5 frames wait when the sink first looks
+        assert client.redis.xinfo_groups(keys.frames)[0]["lag"] > 20  # stale: above the stream's length
+        assert client.group_stats(keys.frames)[SCORER_GROUP].trimmed_unread == 0
+        assert len(client.read_new(keys.frames, SCORER_GROUP, "score-a", count=100, block_ms=None)) == 5
+        stats = client.group_stats(keys.frames)[SCORER_GROUP]
+        assert (stats.lag, stats.trimmed_unread) == (0, 0)
+        # frames trimmed before a scorer read them are counted again once the counter is exact
+        publish(30, "outrun")  # 10 trimmed before a scorer read them, 20 wait
+        client.read_new(keys.frames, SCORER_GROUP, "score-a", count=100, block_ms=None)
+        assert client.group_stats(keys.frames)[SCORER_GROUP].trimmed_unread == 10
+        client.close()

@@ -9,6 +9,7 @@ exception: its size is checked from the PNG/JPEG header or the raw shape before 
 
 from __future__ import annotations
 
+import itertools
 import math
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -97,24 +98,37 @@ def _unpack_leniently(payload: bytes) -> Any:
         return None
 
 
+# The values _not_utf8 looks at, at most: a Frame holds a dozen and its metadata a few more; a payload holding
+# millions (a 16 MiB array) would cost seconds and gigabytes of paths in Python, on the scorer's hot path.
+MAX_WALKED_VALUES = 10_000
+
+
 def _not_utf8(data: Any, limit: int = 5) -> list[str]:
     """Where a leniently unpacked payload holds msgpack str that is not UTF-8 (``metadata.lot: ...``), at most
-    ``limit`` of them; the top-level ``data`` is left to the model, which refuses any str there."""
+    ``limit`` of them among its first ``MAX_WALKED_VALUES`` values; the top-level ``data`` is left to the model,
+    which refuses any str there."""
     found: list[str] = []
-    stack: list[tuple[str, Any]] = [("", data)]
-    while stack and len(found) < limit:
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), data)]
+    walked = 0
+    while stack and len(found) < limit and walked < MAX_WALKED_VALUES:
         path, value = stack.pop()
-        if isinstance(value, str) and _has_surrogates(value) and path != "data":
-            found.append(f"{path or 'payload'}: msgpack str that is not UTF-8 (send bytes as bin, text as UTF-8)")
+        walked += 1
+        room = max(0, MAX_WALKED_VALUES - walked - len(stack))  # children beyond it would never be looked at
+        if isinstance(value, str) and path != ("data",) and _has_surrogates(value):
+            found.append(f"{_path_name(path)}: msgpack str that is not UTF-8 (send bytes as bin, text as UTF-8)")
         elif isinstance(value, dict):
-            for key, item in value.items():
-                name = f"{path}.{key!s:.40}" if path else f"{key!s:.40}"
+            for key, item in itertools.islice(value.items(), room):
                 if isinstance(key, str) and _has_surrogates(key):
-                    found.append(f"{path or 'payload'}: a key is msgpack str that is not UTF-8")
-                stack.append((name, item))
+                    found.append(f"{_path_name(path)}: a key is msgpack str that is not UTF-8")
+                stack.append(((*path, key), item))
         elif isinstance(value, list | tuple):
-            stack.extend((f"{path}.{index}", item) for index, item in enumerate(value))
-    return found
+            stack.extend(((*path, index), item) for index, item in enumerate(value[:room]))
+    return found[:limit]
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    """``metadata.lot`` for the keys and indexes leading to a value (each key cut to 40 characters), or ``payload``."""
+    return ".".join(f"{part!s:.40}" for part in path) or "payload"
 
 
 def _has_surrogates(text: str) -> bool:

@@ -393,3 +393,32 @@ def test_a_frame_refused_for_its_msgpack_types_is_still_named_for_its_error_deci
     assert ref is not None and ref.frame_id == "f-1"
     binary_id = {**fields, "frame_id": b"f-1"}  # not a str id: no decision names it
     assert peek_frame_ref(msgpack.packb(binary_id, use_bin_type=True), "line-1", 0) is None
+
+
+def test_naming_a_wire_type_field_costs_memory_in_proportion_to_the_payload() -> None:
+    # A payload the strict unpacking refused (an int metadata key) was searched for non-UTF-8 str value by value in
+    # Python, building a path for each: a 1 MB array took 138 MB and 3 s, a 16 MiB one (under max_frame_bytes) 2.5 GB
+    # and 9 s, in the scorer's loop, per frame.
+    import tracemalloc
+
+    values = 1_000_000
+    fields = {**msgpack.unpackb(encode_frame(make_frame())), "raw_shape": [1] * values, "metadata": {7: "x"}}
+    payload = msgpack.packb(fields, use_bin_type=True)
+    del fields
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError) as caught:
+            decode_frame(payload)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert caught.value.reason is CodecErrorReason.INVALID_FIELDS
+    assert "metadata: Value error, key 7 is msgpack int" in caught.value.detail
+    assert peak < 3 * 8 * values, peak  # 8 bytes per value unpacked: a few copies, not 138 bytes per value
+
+
+def test_a_non_utf8_str_is_named_among_a_payloads_first_values() -> None:
+    fields = {**msgpack.unpackb(encode_frame(make_frame())), "metadata": {"lot": b"\xff", 7: "x"}}
+    with pytest.raises(CodecError) as caught:
+        decode_frame(msgpack.packb(fields, use_bin_type=False))
+    assert caught.value.detail.startswith("metadata.lot: msgpack str that is not UTF-8")

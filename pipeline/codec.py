@@ -41,9 +41,19 @@ class CodecError(ValueError):
     """A payload or frame that cannot be decoded; ``reason`` says which check failed."""
 
     def __init__(self, reason: CodecErrorReason, detail: str) -> None:
+        detail = _printable(detail)  # it goes into a dead letter and an error decision, both UTF-8
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+def _printable(text: str) -> str:
+    """``text`` as UTF-8 holds it: bytes the lenient unpacking kept as lone surrogates (``surrogateescape``) are shown
+    as ``\\xff``, as the producer sent them (redis-py and msgpack refuse to encode a lone surrogate)."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate surrogateescape does not make
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _pack(message: BaseModel) -> bytes:

@@ -422,3 +422,15 @@ def test_a_non_utf8_str_is_named_among_a_payloads_first_values() -> None:
     with pytest.raises(CodecError) as caught:
         decode_frame(msgpack.packb(fields, use_bin_type=False))
     assert caught.value.detail.startswith("metadata.lot: msgpack str that is not UTF-8")
+
+
+def test_a_field_named_under_a_key_that_is_not_utf8_is_named_in_text_redis_can_hold() -> None:
+    # the detail named the key as the lenient unpacking kept it (a lone surrogate): the scorer's dead letter and error
+    # decision then failed to encode (UnicodeEncodeError) and the worker stopped on the batch, again at each restart
+    fields = {**msgpack.unpackb(encode_frame(make_frame())), "data": b"\x89PNG", "metadata": {b"\xffk": b"\xfe"}}
+    with pytest.raises(CodecError) as caught:
+        decode_frame(msgpack.packb(fields, use_bin_type=False))
+    assert caught.value.reason is CodecErrorReason.INVALID_FIELDS
+    assert "metadata.\\xffk: msgpack str that is not UTF-8" in caught.value.detail
+    caught.value.detail.encode("utf-8")  # strict, as redis-py and msgpack encode it
+    msgpack.packb(error_decision(make_frame(), caught.value.reason.value, caught.value.detail).model_dump())

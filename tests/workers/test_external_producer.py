@@ -381,6 +381,25 @@ def test_msgpack_types_other_than_the_documented_ones_are_invalid_fields_naming_
     assert binary_id not in camera.seen  # no text frame id to decide it under
 
 
+def test_a_frame_whose_metadata_key_and_value_are_not_utf8_is_dead_lettered_and_the_worker_goes_on(
+    line: Line,
+) -> None:
+    """An old encoder's str that is not UTF-8, as a metadata key holding another: the detail naming it held a lone
+    surrogate, so the dead letter could not be written (UnicodeEncodeError) and the scorer stopped on the batch."""
+    camera = line.camera
+    png = png_bytes(line.good_rgb[0])
+    broken = frame_map(data=png, metadata={b"\xfflot": b"\xfe"})
+    broken_id = camera.xadd({"payload": msgpack.packb(broken, use_bin_type=False)})
+    after_id = camera.publish(frame_map(data=png))
+    decisions = camera.decisions_for([broken_id, after_id])
+    assert decisions[after_id]["verdict"] in ("pass", "fail")
+    assert (decisions[broken_id]["verdict"], decisions[broken_id]["error_reason"]) == ("error", "invalid_fields")
+    letter = camera.dead_letters()[broken_id]
+    assert letter["reason"] == b"invalid_fields"
+    assert b"metadata.\\xfflot: msgpack str that is not UTF-8" in letter["detail"]
+    assert line.scorer.poll() is None
+
+
 def test_a_reused_frame_id_is_decided_again_flagged(line: Line) -> None:
     camera = line.camera
     frame_id = f"reused-{uuid.uuid4().hex[:8]}"

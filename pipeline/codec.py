@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from pipeline.messages import SCHEMA_VERSION, Decision, Encoding, Frame, FrameRef
+from pipeline.messages import RECORDED_BEFORE_WIRE_TYPES, SCHEMA_VERSION, Decision, Encoding, Frame, FrameRef
 
 MessageT = TypeVar("MessageT", bound=BaseModel)
 
@@ -62,7 +62,9 @@ def _pack(message: BaseModel) -> bytes:
     return packed
 
 
-def _unpack(payload: bytes, model: type[MessageT], max_bytes: int | None) -> MessageT:
+def _unpack(
+    payload: bytes, model: type[MessageT], max_bytes: int | None, context: dict[str, Any] | None = None
+) -> MessageT:
     if max_bytes is not None and len(payload) > max_bytes:
         msg = f"payload is {len(payload)} bytes, limit is {max_bytes} (streams.max_frame_bytes)"
         raise CodecError(CodecErrorReason.OVERSIZED, msg)
@@ -78,12 +80,12 @@ def _unpack(payload: bytes, model: type[MessageT], max_bytes: int | None) -> Mes
             not_utf8 = _not_utf8(data)
             if not_utf8:
                 raise CodecError(CodecErrorReason.INVALID_FIELDS, "; ".join(not_utf8)) from None
-        _checked(data, model)  # raises the CodecError that names the field (or the version, or not a map)
+        _checked(data, model, context)  # raises the CodecError that names the field (or the version, or not a map)
         raise CodecError(CodecErrorReason.NOT_MSGPACK, msg) from None  # no field's problem after all
-    return _checked(data, model)
+    return _checked(data, model, context)
 
 
-def _checked(data: Any, model: type[MessageT]) -> MessageT:
+def _checked(data: Any, model: type[MessageT], context: dict[str, Any] | None = None) -> MessageT:
     """The message ``data`` (unpacked msgpack) holds; CodecError saying why when it holds none."""
     if not isinstance(data, dict):
         msg = f"payload is msgpack {type(data).__name__}, expected a map with a 'version' key"
@@ -93,7 +95,7 @@ def _checked(data: Any, model: type[MessageT]) -> MessageT:
         msg = f"schema version {version!r}; this worker reads version {SCHEMA_VERSION}"
         raise CodecError(CodecErrorReason.UNKNOWN_VERSION, msg)
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise CodecError(CodecErrorReason.INVALID_FIELDS, problems) from None
@@ -156,6 +158,13 @@ def encode_frame(frame: Frame) -> bytes:
 def decode_frame(payload: bytes, max_bytes: int | None = None) -> Frame:
     """Bytes from the frames stream to a Frame; raises CodecError (oversized, not msgpack, version, fields)."""
     return _unpack(payload, Frame, max_bytes)
+
+
+def decode_recorded_frame(payload: bytes) -> Frame:
+    """A frame from a recording (``workers.record``): as ``decode_frame``, but taking the msgpack types lineinspect
+    took before it checked them (text and metadata as bin, ``data`` as str), which recordings made then may hold;
+    a replay sends such a frame with the documented types."""
+    return _unpack(payload, Frame, None, {RECORDED_BEFORE_WIRE_TYPES: True})
 
 
 # A frame id longer than this is not taken as a name for the frame (it would be copied into every record about it).

@@ -26,7 +26,7 @@ import time
 from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -61,27 +61,37 @@ def wire_type(value: Any) -> str:
     return next((name for kind, name in _WIRE_TYPES.items() if isinstance(value, kind)), type(value).__name__)
 
 
-def _wire_text(value: Any) -> Any:
+# Validation context (``{RECORDED_BEFORE_WIRE_TYPES: True}``) under which a Frame takes the msgpack types lineinspect
+# took before it checked them (text as bin, ``data`` as str, metadata as bin): recordings made then hold such frames
+# (``pipeline.codec.decode_recorded_frame``). Never for frames on a stream.
+RECORDED_BEFORE_WIRE_TYPES = "recorded_before_wire_types"
+
+
+def _recorded_before(info: ValidationInfo) -> bool:
+    return isinstance(info.context, dict) and bool(info.context.get(RECORDED_BEFORE_WIRE_TYPES))
+
+
+def _wire_text(value: Any, info: ValidationInfo) -> Any:
     """A text field must come as msgpack str: bin would be decoded as UTF-8 by pydantic, silently."""
-    if isinstance(value, bytes | bytearray):
+    if isinstance(value, bytes | bytearray) and not _recorded_before(info):
         msg = "msgpack bin, expected str: send text as msgpack str"
         raise ValueError(msg)
     return value
 
 
-def _wire_data(value: Any) -> Any:
+def _wire_data(value: Any, info: ValidationInfo) -> Any:
     """``data`` must come as msgpack bin: str (what old encoders make of bytes) would be encoded back to UTF-8."""
-    if isinstance(value, str):
+    if isinstance(value, str) and not _recorded_before(info):
         msg = "msgpack str, expected bin: pack the image bytes as bin (msgpack-python: packb(..., use_bin_type=True))"
         raise ValueError(msg)
     return value
 
 
-def _wire_metadata(value: Any) -> Any:
+def _wire_metadata(value: Any, info: ValidationInfo) -> Any:
     """Metadata keys must be str and values str, int, float, bool or nil, as msgpack sent them: a bin key or value
     would be decoded as UTF-8 by pydantic, silently."""
-    if not isinstance(value, dict):
-        return value  # pydantic says it is not a map
+    if not isinstance(value, dict) or _recorded_before(info):
+        return value  # pydantic says it is not a map; or a recorded frame, taken as it was then
     for key, item in value.items():
         if not isinstance(key, str):
             msg = f"key {key!r:.40} is msgpack {wire_type(key)}; metadata keys must be str"

@@ -48,7 +48,7 @@ from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 import msgpack
 
-from pipeline.codec import CodecError, decode_decision, decode_frame
+from pipeline.codec import CodecError, decode_decision, decode_frame, decode_recorded_frame
 from pipeline.messages import Decision, Frame, MetadataValue
 from pipeline.streams import LineKeys, StreamClient, StreamPosition
 from workers.lifecycle import install_stop_handlers
@@ -419,7 +419,7 @@ class Recording:
                     msg = (f"{self.path} changed since it was read: its frame {sent + 1} is now stream entry "
                            f"{entry.entry_id}, was {self.entry_ids[sent]} (replaced?)")  # fmt: skip
                     raise RecordingError(msg)
-                yield _decoded(self.path, entry, decode_frame)
+                yield _decoded(self.path, entry, decode_recorded_frame)
                 sent += 1
                 if sent == self.frame_count:
                     return
@@ -450,7 +450,7 @@ def read_recording(path: Path) -> Recording:
         if isinstance(entry, Gap):
             gaps.append(entry)
         elif entry.kind == "frame":
-            frame: Frame = _decoded(path, entry, decode_frame)
+            frame: Frame = _decoded(path, entry, decode_recorded_frame)
             entry_ids.append(entry.entry_id)
             number = len(entry_ids)
             reused += frame.frame_id in seen_frame_ids

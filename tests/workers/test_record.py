@@ -18,7 +18,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from pipeline.codec import encode_decision, encode_frame
+from pipeline.codec import decode_frame, encode_decision, encode_frame
 from pipeline.config import Config, RedisSettings, StreamSettings
 from pipeline.messages import Frame, MetadataValue
 from pipeline.redis_server import EmbeddedRedis
@@ -221,6 +221,30 @@ def test_version_1_recordings_are_still_read(tmp_path: Path) -> None:
     cut_recording = read_recording(cut)
     assert cut_recording.cut and cut_recording.truncated_bytes > 0 and cut_recording.frame_count == 4
     assert set(cut_recording.decisions) == {1, 3}
+
+
+def test_frames_recorded_before_msgpack_types_were_checked_still_read_and_replay(tmp_path: Path) -> None:
+    """Until the scorers refused text sent as msgpack bin and bytes sent as str (invalid_fields), the recorder took
+    such frames as they decoded then (the text as UTF-8, the str's bytes as data). Read with today's checks, a
+    recording holding one was refused as damaged and could not be replayed."""
+    frame = tiny_frame("f-old")
+    old_encoder = {**msgpack.unpackb(encode_frame(frame)), "camera_id": b"cam0", "metadata": {"lot": b"A7"},
+                   "encoding": "raw", "data": "raw bytes", "raw_shape": [1, 9], "raw_dtype": "uint8"}  # fmt: skip
+    with RecordingWriter(tmp_path / "rec.lir", "line-1") as writer:
+        writer.frame("1-0", msgpack.packb(old_encoder, use_bin_type=True))
+        writer.decision("1-0", encode_decision(decision_for("f-old", frame_entry_id="1-0")))
+    recording = read_recording(tmp_path / "rec.lir")
+    assert recording.frame_count == 1 and recording.decisions[1].verdict == "pass"
+    (read,) = recording.frames()
+    assert (read.camera_id, read.metadata, read.data) == ("cam0", {"lot": "A7"}, b"raw bytes")
+    (replayed,) = ReplaySource("x", tmp_path / "rec.lir", speed=0).captures()
+    assert (replayed.camera_id, replayed.data, replayed.metadata["lot"]) == ("cam0", b"raw bytes", "A7")
+    sent = Frame.model_validate({  # as ingest makes it
+        "line_id": "line-2", "camera_id": replayed.camera_id, "frame_id": "f-replay", "sequence": 0,
+        "captured_at_ns": replayed.captured_at_ns, "encoding": replayed.encoding, "data": replayed.data,
+        "raw_shape": replayed.raw_shape, "raw_dtype": replayed.raw_dtype, "metadata": replayed.metadata,
+    })  # fmt: skip
+    assert decode_frame(encode_frame(sent)) == sent  # sent with the documented types: the scorers take it
 
 
 def test_a_newer_version_is_refused_and_a_recording_never_overwritten(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
 """Worker liveness: a ``Heartbeat`` (in-process state + Redis key with a TTL) and an HTTP server for it.
 
-The worker's loop beats between steps; during one long step (a batch being scored) ``workers.in_hand.InHand``
-refreshes the beat from its own thread, but only up to ``worker.max_batch_duration_s``, so a hung model still turns
-the worker unhealthy.
+The worker's loop beats between steps; during one long step (a batch being scored, a sink's overlays being written)
+``workers.in_hand.InHand`` refreshes the beat from its own thread, but only up to ``worker.max_batch_duration_s``, so
+a hung model still turns the worker unhealthy. Writes to Redis go one at a time, each built when its turn comes, so
+a beat never lands after a newer one (a keeper's "ok" after the loop's "draining"), and none after the key is removed
+at stop.
 
 The HTTP server answers ``/healthz`` (readiness: 200 when the heartbeat is fresh, else 503; JSON body), ``/livez``
 (liveness: as ``/healthz``, but also 200 while the worker is waiting for an unreachable Redis, since restarting it
@@ -39,11 +41,15 @@ class Heartbeat:
         self.last_beat = time.monotonic()
         self._last_write = 0.0
         self._busy: dict[str, Any] = {}  # fields of a refresh during a long step, shown until the next beat
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the state, for the loop, the keeper and /healthz
+        self._writing = threading.Lock()  # one write to Redis at a time, in the order their statuses are built
+        self._stopped = False
 
     def beat(self, state: str = "ok", force: bool = False, **fields: Any) -> None:
-        """Record progress; writes to Redis at most once a second (always when ``force``)."""
+        """Record progress; writes to Redis at most once a second (always when ``force``). Nothing once stopped."""
         with self._lock:
+            if self._stopped:
+                return
             self.state = state
             self.status.update(fields)
             self._busy = {}
@@ -61,9 +67,23 @@ class Heartbeat:
             self.last_beat = time.monotonic()
             if not force and self.last_beat - self._last_write < 1.0:
                 return
-            self._last_write = self.last_beat
-            status = {**self.status, **self._busy, "state": self.state, "updated_at": time.time()}
-        self.client.write_health(self.key, status, self.ttl_s)
+        self._write()
+
+    def _write(self) -> None:
+        """Write the status as it is now. One write at a time, its status built once the previous has landed, so an
+        older status never overwrites a newer one; a write that lands after ``clear`` gave up waiting for it removes
+        the key again."""
+        with self._writing:
+            with self._lock:
+                if self._stopped:
+                    return
+                self._last_write = time.monotonic()
+                status = {**self.status, **self._busy, "state": self.state, "updated_at": time.time()}
+            self.client.write_health(self.key, status, self.ttl_s)
+            with self._lock:
+                stopped_meanwhile = self._stopped
+            if stopped_meanwhile:
+                self._delete()
 
     def healthy(self) -> tuple[bool, dict[str, Any]]:
         with self._lock:
@@ -82,7 +102,25 @@ class Heartbeat:
         waiting = now - last_attempt < self.ttl_s + self.client.max_backoff_s
         return ok or waiting, {**status, "redis_unreachable_s": round(now - since, 3)}
 
-    def clear(self) -> None:
+    def stop(self) -> None:
+        """The worker has stopped: /healthz turns 503 and nothing more is written to Redis (the key expires)."""
+        with self._lock:
+            self.state = "stopped"
+            self._stopped = True
+
+    def clear(self, wait_s: float = 1.0) -> None:
+        """``stop``, then remove the key, once a write in flight (from another thread) has landed: waiting up to
+        ``wait_s`` for it, else it removes the key itself when it lands."""
+        self.stop()
+        if self._writing.acquire(timeout=wait_s):
+            try:
+                self._delete()
+            finally:
+                self._writing.release()
+        else:
+            logger.debug("a heartbeat write is in flight; it removes the key when it lands", extra={"key": self.key})
+
+    def _delete(self) -> None:
         try:
             self.client.redis.delete(self.key)
         except Exception:  # best effort at exit; the key expires anyway

@@ -86,8 +86,9 @@ class WorkerRuntime:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.metrics.worker_up.labels(self.role, self.name).set(0)
-        self.heartbeat.state = "stopped"
-        if not isinstance(exc, StreamsUnavailable):  # else it waits a socket timeout more; the key expires by itself
+        if isinstance(exc, StreamsUnavailable):  # deleting the key would wait a socket timeout more; it expires
+            self.heartbeat.stop()
+        else:
             self.heartbeat.clear()
         self.server.stop()
         self.client.close()

@@ -89,3 +89,67 @@ def test_a_refresh_keeps_the_state_and_shows_its_fields_until_the_next_beat(
     heartbeat.beat("ok", force=True)
     assert "in_hand" not in heartbeat.healthy()[1] and "in_hand" not in client.read_health(config.streams.prefix)[0]
     heartbeat.clear()
+
+
+class HeldWrites(StreamClient):
+    """A real StreamClient whose heartbeat writes carrying ``in_hand`` (a keeper's refresh) wait, once built, until
+    ``release`` is set: the refresh's SET is in flight while the worker's own thread goes on."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config.redis.url or "", config.redis, config.streams)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def write_health(self, key: str, status: dict[str, object], ttl_s: float) -> None:
+        if "in_hand" in status:
+            self.entered.set()
+            assert self.release.wait(timeout=30), "the test never released the held write"
+        super().write_health(key, status, ttl_s)
+
+
+def _refresh_in_flight(config: Config) -> tuple[HeldWrites, Heartbeat, threading.Thread]:
+    client = HeldWrites(config)
+    heartbeat = Heartbeat(client, config.streams.prefix, "sink", "w1", ttl_s=30)
+    keeper = threading.Thread(target=heartbeat.refresh, kwargs={"in_hand": 4, "busy_s": 20.0}, daemon=True)
+    keeper.start()  # the keeper thread's beat: built with the state of the moment, then held on its way to Redis
+    assert client.entered.wait(timeout=10)
+    return client, heartbeat, keeper
+
+
+def test_a_keepers_beat_in_flight_never_lands_after_the_loops_newer_one(config: Config) -> None:
+    # The keeper thread (InHand) built its status, then the loop beat "draining" (forced) and its SET went first: the
+    # keeper's older one overwrote it, so Redis showed the draining worker as it was before (here "starting", with the
+    # refresh's in_hand) until the next beat.
+    client, heartbeat, keeper = _refresh_in_flight(config)
+    try:
+        loop = threading.Thread(target=heartbeat.beat, args=("draining",), kwargs={"force": True}, daemon=True)
+        loop.start()
+        loop.join(timeout=1.0)  # unserialised, its write lands now; serialised, it waits behind the keeper's
+        client.release.set()
+        keeper.join(timeout=10)
+        loop.join(timeout=10)
+        assert not keeper.is_alive() and not loop.is_alive()
+        (written,) = client.read_health(config.streams.prefix)
+        assert written["state"] == "draining" and "in_hand" not in written
+    finally:
+        client.release.set()
+        client.redis.delete(heartbeat.key)
+        client.close()
+
+
+def test_a_beat_in_flight_at_stop_does_not_bring_the_key_back(config: Config) -> None:
+    # A keeper's write still on its way (Redis slow) when the worker stopped and deleted its key landed after the
+    # delete: `lineinspect check` then saw the stopped worker healthy for the key's whole TTL.
+    client, heartbeat, keeper = _refresh_in_flight(config)
+    try:
+        heartbeat.clear(wait_s=0.0)
+        assert not heartbeat.healthy()[0]
+        client.release.set()
+        keeper.join(timeout=10)
+        assert not keeper.is_alive()
+        assert client.read_health(config.streams.prefix) == []
+        heartbeat.beat("ok", force=True)  # nothing is written, nor made healthy again, once stopped
+        assert client.read_health(config.streams.prefix) == [] and not heartbeat.healthy()[0]
+    finally:
+        client.release.set()
+        client.redis.delete(heartbeat.key)
+        client.close()

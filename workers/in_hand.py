@@ -1,12 +1,14 @@
 """The entries a worker holds (read, not yet committed), kept from peers' claims while it works on them.
 
-A batch slower than ``streams.claim_idle_ms`` (the full model on an overloaded host) was claimed by a peer and scored
-again, and one slower than the heartbeat's TTL (15 s) turned /healthz 503, though the worker was only slow. While
-entries are held, ``InHand``'s thread resets their idle time every ``min(claim_idle_ms, heartbeat TTL) / 3``
-(``StreamClient.keep_claimed``: only those still pending on this worker, so an entry a peer has claimed is never
-taken back) and refreshes the heartbeat. It does so only while the worker makes progress: once the worker has spent
-``worker.max_batch_duration_s`` on one step (a hung model) it stops, so a peer claims the entries
-``claim_idle_ms`` later and /healthz and /livez turn 503. A killed worker's thread dies with it.
+A batch slower than ``streams.claim_idle_ms`` (the full model on an overloaded host; a sink's overlays on a stalled
+disk) was claimed by a peer, or by the worker's own claims, and handled again, and one slower than the heartbeat's
+TTL (15 s) turned /healthz 503, though the worker was only slow. While entries are held, ``InHand``'s thread resets
+their idle time every ``min(claim_idle_ms, heartbeat TTL) / 3`` (``StreamClient.keep_claimed``: only those still
+pending on this worker, so an entry a peer has claimed is never taken back) and refreshes the heartbeat. It does so
+only while the worker makes progress: once the worker has spent ``worker.max_batch_duration_s`` on one step (a hung
+model, a hung disk; counted from the step's start, or from when entries came in hand after none were) it stops, so
+the claims take the entries ``claim_idle_ms`` later and a worker whose loop is stuck in that step turns /healthz and
+/livez 503. A killed worker's thread dies with it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class InHand:
 
     def hold(self, entry_ids: Iterable[str]) -> None:
         with self._lock:
+            if not self._held:  # a step's time in hand counts from here, not from a step begun while idle
+                self._step_started = time.monotonic()
             self._held.update(dict.fromkeys(entry_ids))
 
     def release(self, entry_ids: Iterable[str]) -> None:

@@ -12,6 +12,9 @@ overlays never holds up the other decisions: it fetches the original frame from 
 overlay, then publishes the decision (whose ``heatmap_ref`` therefore names a file that exists) and only then
 acknowledges the result. A crash in between leaves the result pending, to be redelivered; an overlay already on disk
 is not drawn again, so each failed frame's overlay is written once. The writer also applies heatmap retention.
+The results handed to the writer are kept from claims (the sink's own too) and the heartbeat fresh while it is slow
+(a disk stall), as a scorer keeps a slow batch (``workers.in_hand``): up to ``worker.max_batch_duration_s`` on one
+batch of overlays, after which they are left to the claims.
 
 Every result is handled on its own. A decision is never held back for its heatmap: an overlay that cannot be written
 leaves the decision published without ``heatmap_ref`` and with ``metadata["heatmap_error"]`` saying why; a result
@@ -48,6 +51,7 @@ from pipeline.streams import (
     StreamsUnavailable,
 )
 from workers.heatmaps import HeatmapStore
+from workers.in_hand import InHand
 from workers.lifecycle import WorkerRuntime
 
 logger = logging.getLogger(__name__)
@@ -121,6 +125,7 @@ class HeatmapWriter:
             jobs = [job for job in taken if job is not None]
             try:
                 if jobs:
+                    self.sink.held.step()
                     self.sink.write_and_publish(jobs)
                 self.sink.heatmaps.maybe_prune()
             except StreamsUnavailable as error:  # only once the drain deadline has passed: results stay pending
@@ -128,6 +133,7 @@ class HeatmapWriter:
             except Exception:
                 logger.exception("heatmap writer failed; results stay pending for redelivery")
             finally:
+                self.sink.held.release(job.entry_id for job in jobs)  # committed, or left pending for redelivery
                 for _ in taken:
                     self.jobs.task_done()
             if taken and taken[-1] is None:
@@ -143,6 +149,7 @@ class SinkWorker:
         self.keys = LineKeys(self.config.streams.prefix, line_id)
         sink = self.config.sink
         self.heatmaps = HeatmapStore(sink.heatmap_dir, sink.heatmap_max_files, sink.heatmap_max_age_s)
+        self.held = InHand(runtime, self.keys.results, SINK_GROUP, self.config.worker.max_batch_duration_s)
         self.writer = HeatmapWriter(self)
         self._next_stats = 0.0
         self._next_claim = 0.0
@@ -339,6 +346,7 @@ class SinkWorker:
         commit = Commit(dead_letters=letters, acks=acks, delete_acked=True)
         written = self.runtime.client.commit(self.keys.results, SINK_GROUP, commit, self.keys.deadletter)
         self.runtime.report_dead_letters(self.keys.line_id, written)
+        self.held.hold(job.entry_id for job in jobs)  # until the writer is done with them (its queue may be full)
         for job in jobs:
             self.writer.submit(job)
         return published
@@ -352,9 +360,13 @@ class SinkWorker:
                 self.runtime.metrics.observe_groups(stream, stats)
 
     def run(self) -> None:
+        self.runtime.client.ensure_group(self.keys.results, SINK_GROUP)
+        with self.held:
+            self._serve()
+
+    def _serve(self) -> None:
         client, name, stop = self.runtime.client, self.runtime.name, self.runtime.stop
         streams = self.config.streams
-        client.ensure_group(self.keys.results, SINK_GROUP)
         after_id = "0"  # walk the pending list once: an entry that stays pending is left to the claims
         while not stop.is_set():
             own = client.read_own_pending(self.keys.results, SINK_GROUP, name, READ_COUNT, after_id)

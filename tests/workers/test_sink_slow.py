@@ -1,0 +1,159 @@
+"""A sink whose overlay writer is slow (a disk stall), against a real Redis: the results it holds are kept from
+claims, its own included, and it stays healthy while its loop waits on the writer's full queue, until the writer has
+spent worker.max_batch_duration_s on one batch; then its results go to the claims like a crashed sink's."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.codec import encode_decision
+from pipeline.config import Config, config_from_mapping
+from pipeline.messages import Decision
+from pipeline.streams import SINK_GROUP, StreamClient
+from tests.workers.helpers import decisions_in, start_thread, wait_until
+from tests.workers.test_score_slow_batches import HEARTBEAT_TTL_S, status
+from tests.workers.test_sink import _frames_with_results
+from workers.lifecycle import WorkerRuntime
+from workers.sink import HEATMAP_QUEUE, READ_COUNT, SinkWorker
+
+
+class StalledDisk:
+    """The sink's real overlay writing, each overlay waiting until ``gate`` opens: a disk stall as long as the test
+    wants (a test hook on the heatmap store, Redis untouched)."""
+
+    def __init__(self, sink: SinkWorker, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.gate, self.entered = threading.Event(), threading.Event()
+        write = sink.heatmaps.write
+
+        def stalled_write(*args: Any) -> Path:
+            self.entered.set()
+            assert self.gate.wait(timeout=120), "the test never ended the stall"
+            return write(*args)
+
+        monkeypatch.setattr(sink.heatmaps, "write", stalled_write)
+
+
+@pytest.fixture
+def slow_sink(
+    make_runtime: Callable[..., WorkerRuntime], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., tuple[SinkWorker, StalledDisk]]:
+    """``make(name, config=None)``: a sink (heartbeat TTL scaled down like claim_idle_ms) with a stalled disk."""
+
+    def make(name: str, config: Config | None = None) -> tuple[SinkWorker, StalledDisk]:
+        runtime = make_runtime("sink", name, config)
+        runtime.heartbeat.ttl_s = HEARTBEAT_TTL_S
+        sink = SinkWorker(runtime, "line-1")
+        return sink, StalledDisk(sink, monkeypatch)
+
+    return make
+
+
+def _publish(sink: SinkWorker, results: list[Decision]) -> None:
+    sink.runtime.client.ensure_group(sink.keys.results, SINK_GROUP)
+    for result in results:
+        sink.runtime.client.publish(sink.keys.results, encode_decision(result))
+
+
+def _stop(sink: SinkWorker, disk: StalledDisk, thread: threading.Thread) -> None:
+    disk.gate.set()
+    sink.runtime.stop.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_a_stalled_writer_keeps_its_results_from_peers_and_the_sink_healthy(
+    slow_sink: Callable[..., tuple[SinkWorker, StalledDisk]], worker_config: Config
+) -> None:
+    # Past claim_idle_ms a peer sink claimed the results waiting for the stalled writer and drew and published them
+    # as well; and with the writer's queue full the sink's loop, blocked handing it more, beat no more: /healthz and
+    # /livez turned 503 a heartbeat TTL later and the liveness probe restarted a sink that was only slow.
+    sink, disk = slow_sink("slow")
+    client, keys = sink.runtime.client, sink.keys
+    _frames, results = _frames_with_results(sink, READ_COUNT + HEATMAP_QUEUE + 8)  # more than the writer takes + queues
+    _publish(sink, results)
+    thread = start_thread(sink.run)
+    peer = StreamClient(worker_config.redis.url or "", worker_config.redis, worker_config.streams)
+    idle_ms = worker_config.streams.claim_idle_ms
+    try:
+        assert disk.entered.wait(timeout=30)
+        wait_until(lambda: client.group_stats(keys.results)[SINK_GROUP].lag == 0, what="the sink to read them all")
+        claimed, codes = [], set()
+        stalled_until = time.monotonic() + max(4 * idle_ms / 1000.0, 3 * HEARTBEAT_TTL_S)
+        while time.monotonic() < stalled_until:
+            claimed += peer.claim_stale(keys.results, SINK_GROUP, "peer", idle_ms, 100, keys.deadletter).entries
+            codes |= {status(sink.runtime.server.port, "/healthz"), status(sink.runtime.server.port, "/livez")}
+            time.sleep(0.05)
+        assert claimed == [], "a peer claimed results the slow sink was writing"
+        assert codes == {200}
+        (health,) = client.read_health(worker_config.streams.prefix)
+        assert health["state"] == "ok" and health["in_hand"] > 0
+        assert decisions_in(client, keys.decisions) == []
+        disk.gate.set()
+        wait_until(lambda: len(decisions_in(client, keys.decisions)) == len(results), what="the decisions")
+    finally:
+        peer.close()
+        _stop(sink, disk, thread)
+    published = decisions_in(client, keys.decisions)
+    assert sorted(d.frame_id for d in published) == sorted(r.frame_id for r in results)
+    assert all(d.heatmap_ref and "heatmap_error" not in d.metadata for d in published)
+    assert client.dead_letters(keys) == []
+    assert sink.runtime.metrics.registry.get_sample_value("lineinspect_duplicate_decisions_total",
+                                                          {"line": "line-1"}) is None  # fmt: skip
+    assert client.group_stats(keys.results)[SINK_GROUP].pending == 0
+
+
+def test_a_lone_sink_does_not_take_back_its_own_slow_results_and_dead_letter_them(
+    slow_sink: Callable[..., tuple[SinkWorker, StalledDisk]], worker_config: Config
+) -> None:
+    # The sink's claims take idle results from every consumer, itself included: a result waiting on a stalled writer
+    # came back to its own loop every claim_idle_ms, and after streams.max_deliveries it was dead-lettered
+    # max_deliveries_exceeded and its decision published without heatmap, though nothing was wrong with it. The
+    # overlay written once the disk came back was then referenced by no decision.
+    sink, disk = slow_sink("lone")
+    client, keys = sink.runtime.client, sink.keys
+    _frames, results = _frames_with_results(sink, 1)
+    _publish(sink, results)
+    thread = start_thread(sink.run)
+    try:
+        assert disk.entered.wait(timeout=30)
+        deliveries = worker_config.streams.max_deliveries + 2
+        time.sleep(deliveries * worker_config.streams.claim_idle_ms / 1000.0)  # that many claims' worth of stall
+        assert decisions_in(client, keys.decisions) == [] and client.dead_letters(keys) == []
+        disk.gate.set()
+        wait_until(lambda: decisions_in(client, keys.decisions) != [], what="the decision")
+    finally:
+        _stop(sink, disk, thread)
+    (published,) = decisions_in(client, keys.decisions)
+    assert published.heatmap_ref and Path(published.heatmap_ref).exists() and "heatmap_error" not in published.metadata
+    assert client.dead_letters(keys) == []
+
+
+def test_a_writer_hung_past_max_batch_duration_leaves_its_results_to_the_claims(
+    slow_sink: Callable[..., tuple[SinkWorker, StalledDisk]], worker_config: Config
+) -> None:
+    # Kept for ever, a hung writer's failing frames would never get a decision: past worker.max_batch_duration_s its
+    # results are left to the claims, and after streams.max_deliveries published without heatmap (dead-lettered).
+    data = worker_config.model_dump(mode="json")
+    data["worker"]["max_batch_duration_s"] = 1.5
+    sink, disk = slow_sink("hung", config_from_mapping(data))
+    client, keys = sink.runtime.client, sink.keys
+    _frames, results = _frames_with_results(sink, 1)
+    _publish(sink, results)
+    thread = start_thread(sink.run)
+    try:
+        assert disk.entered.wait(timeout=30)
+        started = time.monotonic()
+        wait_until(lambda: decisions_in(client, keys.decisions) != [], timeout_s=30, what="the hung frame's decision")
+        assert time.monotonic() - started >= 1.5  # kept until the bound
+    finally:
+        _stop(sink, disk, thread)  # the writer, back, finds the decision out: not published again
+    (published,) = decisions_in(client, keys.decisions)
+    assert published.heatmap_ref is None and published.metadata["heatmap_error"] == "max_deliveries_exceeded"
+    assert [letter["reason"] for letter in client.dead_letters(keys)] == ["max_deliveries_exceeded"]
+    assert client.group_stats(keys.results)[SINK_GROUP].pending == 0

@@ -21,8 +21,9 @@ leaves the decision published without ``heatmap_ref`` and with ``metadata["heatm
 whose map is malformed (at once) or that was delivered more than ``streams.max_deliveries`` times (e.g. it crashed
 the sink) is also dead-lettered. On start the sink walks its own pending results once, then leaves what is still
 pending to the claims.
-On drain the writer finishes its queue before the sink exits. Stream lag and pending counts of both consumer
-groups are exported every second."""
+On drain the writer finishes its queue before the sink exits, within ``worker.drain_timeout_s``: a stop comes through
+a reader waiting on a stalled writer's full queue, and what the writer has not committed by then stays pending, for a
+peer's claims. Stream lag and pending counts of both consumer groups are exported every second."""
 
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ from workers.lifecycle import WorkerRuntime
 logger = logging.getLogger(__name__)
 READ_COUNT = 64
 HEATMAP_QUEUE = 32  # results (anomaly map ~100 kB each) waiting for the writer; a full queue holds up the reader
+STOP_POLL_S = 0.1  # how soon a reader waiting on the writer's full queue sees a stop
 
 
 # metadata keys the sink adds to a published decision
@@ -91,20 +93,39 @@ class HeatmapWriter:
         self._thread = threading.Thread(target=self._run, name="heatmap-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, job: HeatmapJob) -> None:
-        """Queue ``job``; blocks while the queue is full (backpressure on the sink's reader)."""
-        self.jobs.put(job)
+    def submit(self, job: HeatmapJob) -> bool:
+        """Queue ``job``; waits while the queue is full (backpressure on the sink's reader), but only until the sink
+        is told to stop: False then, ``job`` not queued."""
+        stop = self.sink.runtime.stop
+        while True:
+            try:
+                self.jobs.put(job, timeout=STOP_POLL_S)
+                return True
+            except queue.Full:
+                if stop.is_set():
+                    return False
 
     def flush(self) -> None:
-        """Wait until every job queued so far has been written, published and acknowledged."""
-        self.jobs.join()
+        """Wait until every job queued so far has been written, published and acknowledged, or the sink is told to
+        stop."""
+        stop = self.sink.runtime.stop
+        with self.jobs.all_tasks_done:
+            while self.jobs.unfinished_tasks and not stop.is_set():
+                self.jobs.all_tasks_done.wait(STOP_POLL_S)
 
-    def close(self, timeout_s: float | None = None) -> None:
-        """Finish the queued jobs and stop the thread."""
-        self.jobs.put(None)
-        self._thread.join(timeout_s)
+    def close(self, timeout_s: float) -> None:
+        """Finish the queued jobs and stop the thread, waiting at most ``timeout_s`` (a stalled disk: what it has
+        not committed stays pending, for the claims)."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            self.jobs.put(None, timeout=timeout_s)
+        except queue.Full:
+            pass
+        else:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
-            logger.error("heatmap writer did not finish its queue in time", extra={"queued": self.jobs.qsize()})
+            logger.error("heatmap writer did not finish its queue in time; its results stay pending for the claims",
+                         extra={"queued": self.jobs.qsize()})  # fmt: skip
 
     def _take(self) -> list[HeatmapJob | None]:
         """The next job (waiting up to the prune interval) and whatever else is queued behind it."""
@@ -347,8 +368,12 @@ class SinkWorker:
         written = self.runtime.client.commit(self.keys.results, SINK_GROUP, commit, self.keys.deadletter)
         self.runtime.report_dead_letters(self.keys.line_id, written)
         self.held.hold(job.entry_id for job in jobs)  # until the writer is done with them (its queue may be full)
-        for job in jobs:
-            self.writer.submit(job)
+        for position, job in enumerate(jobs):
+            if not self.writer.submit(job):  # stopping while the writer is stalled: left pending, for the claims
+                self.held.release(left.entry_id for left in jobs[position:])
+                logger.info("stopping: results not handed to the stalled heatmap writer stay pending",
+                            extra={"count": len(jobs) - position, "first": job.entry_id})  # fmt: skip
+                break
         return published
 
     def _housekeeping(self) -> None:

@@ -157,3 +157,41 @@ def test_a_writer_hung_past_max_batch_duration_leaves_its_results_to_the_claims(
     assert published.heatmap_ref is None and published.metadata["heatmap_error"] == "max_deliveries_exceeded"
     assert [letter["reason"] for letter in client.dead_letters(keys)] == ["max_deliveries_exceeded"]
     assert client.group_stats(keys.results)[SINK_GROUP].pending == 0
+
+
+def test_a_stop_while_the_writer_is_stalled_and_its_queue_full_exits_and_leaves_the_results_pending(
+    slow_sink: Callable[..., tuple[SinkWorker, StalledDisk]],
+    make_runtime: Callable[..., WorkerRuntime],
+    worker_config: Config,
+) -> None:
+    # SIGTERM while the loop was blocked handing the stalled writer more results (its queue full): the loop never saw
+    # the stop, and the sink ran past its drain timeout into the supervisor's SIGKILL. It now stops handing over,
+    # waits for the writer up to worker.drain_timeout_s and exits; what the writer has not committed stays pending,
+    # and a peer sink claims and publishes it (each decision once, with its overlay).
+    sink, disk = slow_sink("stalled-stop")
+    client, keys = sink.runtime.client, sink.keys
+    _frames, results = _frames_with_results(sink, READ_COUNT + HEATMAP_QUEUE + 8)  # more than the writer takes + queues
+    _publish(sink, results)
+    thread = start_thread(sink.run)
+    try:
+        assert disk.entered.wait(timeout=30)
+        wait_until(lambda: sink.writer.jobs.full(), what="the writer's queue to fill")
+        sink.runtime.stop.set()
+        thread.join(timeout=worker_config.worker.drain_timeout_s + 10)  # a hang guard: drain_timeout_s 5 s
+        assert not thread.is_alive(), "the sink did not exit while its writer was stalled"
+        assert decisions_in(client, keys.decisions) == [] and client.dead_letters(keys) == []
+        assert client.group_stats(keys.results)[SINK_GROUP].pending == len(results)
+        peer = SinkWorker(make_runtime("sink", "peer"), "line-1")
+        peer_thread = start_thread(peer.run)
+        try:
+            wait_until(lambda: len(decisions_in(client, keys.decisions)) == len(results), what="the peer's decisions")
+        finally:
+            peer.runtime.stop.set()
+            peer_thread.join(timeout=30)
+    finally:
+        disk.gate.set()
+        sink.runtime.stop.set()
+        thread.join(timeout=30)
+    published = decisions_in(client, keys.decisions)
+    assert sorted(d.frame_id for d in published) == sorted(r.frame_id for r in results)
+    assert all(d.heatmap_ref and "heatmap_error" not in d.metadata for d in published)

@@ -195,3 +195,24 @@ def test_a_stop_while_the_writer_is_stalled_and_its_queue_full_exits_and_leaves_
     published = decisions_in(client, keys.decisions)
     assert sorted(d.frame_id for d in published) == sorted(r.frame_id for r in results)
     assert all(d.heatmap_ref and "heatmap_error" not in d.metadata for d in published)
+
+
+def test_a_stop_during_the_startup_walk_with_the_writer_stalled_exits(
+    slow_sink: Callable[..., tuple[SinkWorker, StalledDisk]], worker_config: Config
+) -> None:
+    # On start the sink walks its own pending results, waiting (writer.flush) for the writer after each page: with the
+    # disk stalled that wait ignored SIGTERM, and the sink ran into the supervisor's SIGKILL.
+    sink, disk = slow_sink("restarted")
+    client, keys = sink.runtime.client, sink.keys
+    _frames, results = _frames_with_results(sink, 3)
+    _publish(sink, results)
+    assert len(client.read_new(keys.results, SINK_GROUP, "restarted", 10, None)) == 3  # its previous run's, pending
+    thread = start_thread(sink.run)
+    try:
+        assert disk.entered.wait(timeout=30)
+        sink.runtime.stop.set()
+        thread.join(timeout=worker_config.worker.drain_timeout_s + 10)  # a hang guard: drain_timeout_s 5 s
+        assert not thread.is_alive(), "the sink did not exit while its writer was stalled"
+        assert client.group_stats(keys.results)[SINK_GROUP].pending == len(results)
+    finally:
+        _stop(sink, disk, thread)

@@ -61,6 +61,13 @@ class InHand:
                 self._gave_up = False
                 logger.warning("the step taken for hung has ended", extra={"stream": self.stream})
 
+    def hung(self) -> bool:
+        """Whether entries are held and the current step has taken longer than ``max_step_s`` (taken for hung): a
+        loop that goes on while another thread holds them (a sink's, while its writer is stuck) then stops beating
+        too, so the worker turns unhealthy as one stuck in that step does."""
+        with self._lock:
+            return bool(self._held) and time.monotonic() - self._step_started > self.max_step_s
+
     def keep(self) -> None:
         """One round: reset the held entries' idle time and refresh the heartbeat, unless nothing is held or the
         current step has taken longer than ``max_step_s``."""

@@ -14,7 +14,8 @@ acknowledges the result. A crash in between leaves the result pending, to be red
 is not drawn again, so each failed frame's overlay is written once. The writer also applies heatmap retention.
 The results handed to the writer are kept from claims (the sink's own too) and the heartbeat fresh while it is slow
 (a disk stall), as a scorer keeps a slow batch (``workers.in_hand``): up to ``worker.max_batch_duration_s`` on one
-batch of overlays, after which they are left to the claims.
+batch of overlays, after which they are left to the claims and the loop stops beating (/healthz and /livez turn 503)
+until the writer is back.
 
 Every result is handled on its own. A decision is never held back for its heatmap: an overlay that cannot be written
 leaves the decision published without ``heatmap_ref`` and with ``metadata["heatmap_error"]`` saying why; a result
@@ -401,7 +402,8 @@ class SinkWorker:
             self.writer.flush()  # the writer's results stay pending until done: do not read them again
             after_id = own[-1].entry_id
         while not stop.is_set():
-            self.runtime.heartbeat.beat("ok", line=self.keys.line_id)
+            if not self.held.hung():  # a writer stuck past the bound: no beat, so the sink turns 503 as a scorer does
+                self.runtime.heartbeat.beat("ok", line=self.keys.line_id)
             if time.monotonic() >= self._next_claim:
                 self._next_claim = time.monotonic() + streams.claim_idle_ms / 2000.0
                 claimed = client.claim_stale(self.keys.results, SINK_GROUP, name, streams.claim_idle_ms, READ_COUNT,

@@ -216,3 +216,26 @@ def test_a_stop_during_the_startup_walk_with_the_writer_stalled_exits(
         assert client.group_stats(keys.results)[SINK_GROUP].pending == len(results)
     finally:
         _stop(sink, disk, thread)
+
+
+def test_a_writer_hung_past_max_batch_duration_turns_the_sink_unhealthy_until_it_is_back(
+    slow_sink: Callable[..., tuple[SinkWorker, StalledDisk]], worker_config: Config
+) -> None:
+    # Past the bound the keeper stopped refreshing the heartbeat, but the sink's loop, not blocked while the writer's
+    # queue had room, went on beating "ok": a sink whose disk hung for good (no overlay written, each failing frame's
+    # decision out only after streams.max_deliveries claims, without heatmap) stayed healthy, unlike a hung scorer.
+    data = worker_config.model_dump(mode="json")
+    data["worker"]["max_batch_duration_s"] = 1.5
+    sink, disk = slow_sink("hung-health", config_from_mapping(data))
+    port = sink.runtime.server.port
+    _frames, results = _frames_with_results(sink, 1)
+    _publish(sink, results)
+    thread = start_thread(sink.run)
+    try:
+        assert disk.entered.wait(timeout=30)
+        wait_until(lambda: status(port, "/healthz") == 503, timeout_s=1.5 + 4 * HEARTBEAT_TTL_S, what="503")
+        assert status(port, "/livez") == 503
+        disk.gate.set()  # the disk is back: the writer finishes, the loop beats again
+        wait_until(lambda: status(port, "/healthz") == 200, timeout_s=10, what="/healthz to turn 200 again")
+    finally:
+        _stop(sink, disk, thread)

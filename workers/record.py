@@ -78,7 +78,7 @@ class RecordingError(ValueError):
 
 class DecisionSummary(NamedTuple):
     """What a replay report uses of a decision. A whole Decision (timings, metadata) takes about 4.8 kB in memory
-    and a day at 10 fps holds 864,000 of them; this takes about 0.3 kB."""
+    and a day at 10 fps holds 864,000 of them; this takes about 0.3 kB (0.4 kB with a heatmap path)."""
 
     frame_id: str
     verdict: str
@@ -87,6 +87,7 @@ class DecisionSummary(NamedTuple):
     model_id: str | None
     error_reason: str | None
     label: str | None  # metadata["label"] (frames ingested with --metadata label=...)
+    heatmap_ref: str | None = None  # the overlay the line's sink wrote (failing frames, unless save_all_heatmaps)
 
 
 def summarise(decision: Decision) -> DecisionSummary:
@@ -97,7 +98,7 @@ def summarise(decision: Decision) -> DecisionSummary:
 
     return DecisionSummary(decision.frame_id, sys.intern(decision.verdict), decision.score, decision.threshold,
                            shared(decision.model_id), shared(decision.error_reason),
-                           None if label is None else shared(str(label)))  # fmt: skip
+                           None if label is None else shared(str(label)), decision.heatmap_ref)  # fmt: skip
 
 
 class Entry(NamedTuple):

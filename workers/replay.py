@@ -257,6 +257,15 @@ def compare_decisions(
                     "candidate": after.verdict,
                     "baseline_score": before.score,
                     "candidate_score": after.score,
+                    # why: the threshold each side applied to this frame (a line promoted while it was recorded
+                    # has several), its label, an error's reason, and the overlay of the side that failed it
+                    "label": before.label,
+                    "baseline_threshold": before.threshold,
+                    "candidate_threshold": after.threshold,
+                    "baseline_error_reason": before.error_reason,
+                    "candidate_error_reason": after.error_reason,
+                    "baseline_heatmap": before.heatmap_ref,
+                    "candidate_heatmap": after.heatmap_ref,
                 }
             )
     score_pairs = [(baseline[number].score, candidate[number].score) for number in shared]

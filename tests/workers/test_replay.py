@@ -56,7 +56,7 @@ def test_comparison_counts_verdict_changes_and_score_shift() -> None:
     assert report["verdict_changes"] == 1
     changed = {"frame": 2, "frame_id": "b", "entry_id": "2-0", "baseline": "fail", "candidate": "pass",
                "baseline_score": 3.0, "candidate_score": 2.0}  # fmt: skip
-    assert report["changed_frames"] == [changed]
+    assert [{key: c[key] for key in changed} for c in report["changed_frames"]] == [changed]
     assert report["mean_abs_score_change"] == pytest.approx(0.75)
     assert report["candidate_models"] == ["n"]
     assert report["baseline_scores"]["max"] == 3.0
@@ -89,6 +89,28 @@ def test_the_report_says_which_flips_are_false_alarms_and_misses_and_with_what_t
     assert (report["baseline_thresholds"], report["candidate_thresholds"]) == ([3.2], [2.7])
     assert report["candidate_errors"] == {"stale": 1} and report["changed_frames_truncated"] is False
     assert report["changed_frames"][0]["entry_id"] is None  # no entry ids given
+
+
+def test_each_changed_frame_says_why_with_its_thresholds_label_errors_and_heatmaps() -> None:
+    """A verdict change is read against the threshold each model applied to that frame (a line promoted while it was
+    recorded has two), its label, and the overlay of the side that failed it: the report names them per frame."""
+
+    def decided(verdict: str, score: float | None, threshold: float, heatmap: str | None) -> Decision:
+        decision = decision_for("g", verdict, score, metadata={"label": "good"}, threshold=threshold)
+        return decision.model_copy(update={"heatmap_ref": heatmap})
+
+    baseline = {1: decided("pass", 3.1, 3.2, None), 2: decided("fail", 3.3, 3.0, "/live/g@2-0.png"),
+                3: decided("pass", 1.0, 3.0, None)}  # fmt: skip
+    candidate = {1: decided("fail", 3.0, 2.7, "/shadow/g@9-0.png"), 2: decided("pass", 2.0, 2.7, None),
+                 3: decided("error", None, 2.7, None)}  # fmt: skip
+    changed = compare_decisions(summaries(baseline), summaries(candidate))["changed_frames"]
+    why = ["frame", "label", "baseline_threshold", "candidate_threshold", "baseline_heatmap", "candidate_heatmap",
+           "candidate_error_reason"]  # fmt: skip
+    assert [[c[key] for key in why] for c in changed] == [
+        [1, "good", 3.2, 2.7, None, "/shadow/g@9-0.png", None],
+        [2, "good", 3.0, 2.7, "/live/g@2-0.png", None, None],
+        [3, "good", 3.0, 2.7, None, None, "stale"],
+    ]
 
 
 def test_replay_onto_a_candidate_line_compares_every_recorded_frame(
@@ -129,6 +151,8 @@ def test_replay_onto_a_candidate_line_compares_every_recorded_frame(
     changed = report["changed_frames"]
     assert changed and {c["frame_id"] for c in changed} <= {"cam0-0", "cam0-1"}
     assert all(c["entry_id"] == f"{c['frame']}-0" for c in changed)
+    failed = [c for c in changed if c["candidate"] == "fail"]
+    assert failed and all(Path(c["candidate_heatmap"]).is_file() for c in failed)  # the candidate sink's overlays
 
 
 def test_replay_refuses_the_recorded_line_and_says_when_a_recording_was_cut(

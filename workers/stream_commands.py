@@ -298,11 +298,16 @@ def add_stream_commands(subparsers: argparse._SubParsersAction) -> None:  # type
     record.set_defaults(func=cmd_record)
 
     replay = subparsers.add_parser("replay", help="push a recording through a line and compare its decisions")
-    _common(replay)
+    _common(replay, line=False)
     replay.add_argument("file", help="recording made by `lineinspect record`")
-    replay.add_argument("--speed", type=float, default=0.0, help="1 = recorded pace, N = N x faster, 0 = flat out")
+    replay.add_argument("--line", default=None, help="required: the shadow line whose scoring worker and sink run "
+                        "the candidate model, never the recorded line")  # fmt: skip
+    replay.add_argument(
+        "--speed", type=float, default=0.0, help="1 = recorded pace, N = N x faster, 0 = flat out (default 0)"
+    )
     replay.add_argument("--report", default=None, help="write the comparison report (JSON) here")
-    replay.add_argument("--timeout-s", type=float, default=120.0, help="give up waiting for decisions after this")
+    replay.add_argument("--timeout-s", type=float, default=120.0, help="seconds to wait for the last decisions after "
+                        "the last frame, or with no frame taken and no decision (default 120)")  # fmt: skip
     replay.set_defaults(func=cmd_replay)
 
     promote = subparsers.add_parser("promote", help="hot-swap a line's model (workers reload between batches)")

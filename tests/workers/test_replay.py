@@ -322,3 +322,15 @@ def test_the_report_warns_of_frames_it_could_not_compare(
     warnings = report["warnings"]
     assert any("2 of 3 recorded frames have no recorded decision" in warning for warning in warnings), warnings
     assert any("holds 1 decision for no recorded frame" in warning for warning in warnings), warnings
+
+
+def test_replay_help_says_line_is_the_shadow_line_and_gives_the_defaults() -> None:
+    """`lineinspect replay --help` matched the other commands, not replay: it offered worker.line_id as --line's
+    default, which replay refuses (it needs the shadow line), and named no default for --speed or --timeout-s."""
+    from workers.cli import build_parser
+
+    subparsers = next(action for action in build_parser()._actions if action.dest == "command")
+    options = {action.dest: action.help or "" for action in subparsers.choices["replay"]._actions}
+    assert "worker.line_id" not in options["line"] and "required" in options["line"]
+    assert "candidate" in options["line"] and "never the recorded line" in options["line"]
+    assert "default 0" in options["speed"] and "default 120" in options["timeout_s"]

@@ -330,6 +330,7 @@ def test_replay_help_says_line_is_the_shadow_line_and_gives_the_defaults() -> No
     from workers.cli import build_parser
 
     subparsers = next(action for action in build_parser()._actions if action.dest == "command")
+    assert isinstance(subparsers.choices, dict)
     options = {action.dest: action.help or "" for action in subparsers.choices["replay"]._actions}
     assert "worker.line_id" not in options["line"] and "required" in options["line"]
     assert "candidate" in options["line"] and "never the recorded line" in options["line"]

@@ -181,8 +181,9 @@ def cmd_record(args: argparse.Namespace) -> int:
     install_record_stop_handlers(stop, stop_waiting)  # a second Ctrl-C still closes the file with its end record
     client.stop_retrying_after(stop, config.worker.drain_timeout_s)  # Ctrl-C during an outage ends the recording
     try:
+        max_frames = None if args.frames == 0 else args.frames  # 0: until Ctrl-C, as `run --frames 0`
         counts = record_line(client, LineKeys(config.streams.prefix, _line(args, config)), Path(args.out), stop,
-                             args.frames, stop_waiting=stop_waiting)  # fmt: skip
+                             max_frames, stop_waiting=stop_waiting)  # fmt: skip
     except StreamsUnavailable:  # the recording keeps what it had, closed with its end record; cli.main exits 1
         print(f"lineinspect record: {args.out} holds what was recorded before Redis was lost", file=sys.stderr)
         raise
@@ -294,7 +295,9 @@ def add_stream_commands(subparsers: argparse._SubParsersAction) -> None:  # type
     record = subparsers.add_parser("record", help="save a line's new frames and decisions to a file")
     _common(record)
     record.add_argument("--out", required=True, help="recording file to write")
-    record.add_argument("--frames", type=int, default=None, help="stop after this many frames (default: Ctrl-C)")
+    record.add_argument(
+        "--frames", type=int, default=None, help="stop after this many frames (default, or 0: until Ctrl-C / SIGTERM)"
+    )
     record.set_defaults(func=cmd_record)
 
     replay = subparsers.add_parser("replay", help="push a recording through a line and compare its decisions")

@@ -459,12 +459,12 @@ def test_record_refuses_a_negative_frame_count_and_records_zero_frames(
 
 @contextmanager
 def running_recorder(
-    redis_url: str, prefix: str, out: Path, **env: str
+    redis_url: str, prefix: str, out: Path, *options: str, **env: str
 ) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
     """``lineinspect record --line line-1 --out OUT`` as a process, started and recording; yields it and its stderr
     lines as they come (read by a thread: ``communicate()`` returns only what that thread has not read yet)."""
     environment = {**os.environ, "REDIS_URL": redis_url, "LINEINSPECT__STREAMS__PREFIX": prefix, **env}
-    command = [sys.executable, "-m", "workers.cli", "record", "--line", "line-1", "--out", str(out)]
+    command = [sys.executable, "-m", "workers.cli", "record", "--line", "line-1", "--out", str(out), *options]
     process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)  # fmt: skip
     log: list[str] = []
@@ -500,6 +500,27 @@ def test_lineinspect_record_stopped_by_a_signal(
     else:
         assert process.returncode == 0 and recording.complete, log
         assert "recorded 3 frames and 3 decisions" in output
+
+
+def test_lineinspect_record_frames_0_records_until_stopped_as_run_does(
+    config: Config, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    """`lineinspect run --frames 0` runs until Ctrl-C; `record --frames 0` wrote an empty recording at once and
+    exited 0, so an engineer who stopped it an hour later had nothing to replay."""
+    runtime = make_runtime("record", "r9")
+    client, keys = runtime.client, LineKeys(config.streams.prefix, "line-1")
+    out = tmp_path / "rec.lir"
+    with running_recorder(config.redis.url or "", config.streams.prefix, out, "--frames", "0") as (process, log):
+        frames = [tiny_frame(f"f{n}") for n in range(2)]
+        for frame in frames:
+            entry_id = client.publish(keys.frames, encode_frame(frame))
+            client.publish(keys.decisions, encode_decision(decision_for(frame.frame_id, frame_entry_id=entry_id)))
+        wait_until(lambda: process.poll() is not None or len(read_recording(out).decisions) == 2, 30,
+                   "the frames to be written")  # fmt: skip
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert "recorded 2 frames and 2 decisions" in output, (output, log)
+    assert read_recording(out).complete
 
 
 def test_a_recording_is_read_one_frame_at_a_time(tmp_path: Path) -> None:

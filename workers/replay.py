@@ -100,6 +100,7 @@ def replay_and_compare(
     runtime.stop.set()
     sender.join(timeout=10)
     report = compare_decisions(recording.decisions, candidate, recording.entry_ids)
+    line_model_dir = client.get_model_dir(keys)  # what the shadow line's scorers load, whatever their --model said
     report.update(
         {
             "recording": str(path),
@@ -114,6 +115,7 @@ def replay_and_compare(
             "recording_gaps_truncated": len(recording.gaps) > GAPS_SHOWN,
             "frames_reusing_an_id": recording.reused_frame_ids,
             "line_id": line_id,
+            "candidate_line_model_dir": line_model_dir,
             "frames_replayed": ingestor.published,
             "decisions_received": len(candidate),
             "duplicate_decisions": duplicates,
@@ -121,10 +123,34 @@ def replay_and_compare(
             "stopped": stopped,
             "warnings": _warnings(
                 path, recording, source, ingestor.published, len(candidate), stopped, stalled, line_id, timeout_s
-            ),
+            )
+            + _model_warnings(report["baseline_models"], report["candidate_models"], line_id, line_model_dir),
         }
     )
     return report
+
+
+def _model_warnings(
+    baseline_models: Sequence[str], candidate_models: Sequence[str], line_id: str, line_model_dir: str | None
+) -> list[str]:
+    """Warnings about which models the comparison is between: the live model against itself (the shadow line's model
+    key names another model than the engineer meant: a score-worker's --model counts only on a line without one),
+    or several models on either side."""
+    baseline, candidate = [m for m in baseline_models if m], [m for m in candidate_models if m]
+    warnings = []
+    for model_id in sorted(set(baseline) & set(candidate)):
+        warnings.append(f"line {line_id} scored with model {model_id}, which also decided the recording: this "
+                        f"compares the live model with itself. The line's model key names {line_model_dir}; to "
+                        f"score the candidate there, run `lineinspect promote --line {line_id} --model CANDIDATE` (a "
+                        "score-worker's --model is used only on a line that names no model yet)")  # fmt: skip
+    if len(candidate) > 1:
+        warnings.append(f"line {line_id} scored with {len(candidate)} models ({', '.join(candidate)}): its model "
+                        "changed during the replay, so the candidate's figures mix them")  # fmt: skip
+    if len(baseline) > 1:
+        warnings.append(f"the recording was decided by {len(baseline)} models ({', '.join(baseline)}; the line's "
+                        "model changed while it was recorded), so the baseline's figures mix them; each changed "
+                        "frame gives the threshold it was decided with")  # fmt: skip
+    return warnings
 
 
 def gap_report(gap: Gap) -> dict[str, Any]:

@@ -144,6 +144,7 @@ def test_replay_onto_a_candidate_line_compares_every_recorded_frame(
     assert report["frames_replayed"] == report["decisions_received"] == report["frames_compared"] == len(frames)
     assert report["frames_reusing_an_id"] == len(frames) - 2
     assert not report["timed_out"] and report["recording_complete"] and report["warnings"] == []
+    assert report["candidate_line_model_dir"] == str(tiny_line.other_model_dir)
     assert report["candidate_models"] == [str(read_manifest(tiny_line.other_model_dir)["model_id"])]
     assert report["baseline_models"] == ["production"]
     assert sum(report["transitions"].values()) == len(frames)
@@ -153,6 +154,49 @@ def test_replay_onto_a_candidate_line_compares_every_recorded_frame(
     assert all(c["entry_id"] == f"{c['frame']}-0" for c in changed)
     failed = [c for c in changed if c["candidate"] == "fail"]
     assert failed and all(Path(c["candidate_heatmap"]).is_file() for c in failed)  # the candidate sink's overlays
+
+
+def test_a_shadow_line_running_the_live_model_is_named_and_warned_about(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    """The shadow line scores with the model its key names, whatever a later `score-worker --model` says: an engineer
+    who tried another candidate there before, or started it on the live model, compared the live model with itself
+    and read no verdict change as 'the candidate is as good'. The report names the line's model directory and warns."""
+    from models.artifact import read_manifest
+
+    live_id = str(read_manifest(tiny_line.other_model_dir)["model_id"])
+    frames = [frame_from_file(path) for path in tiny_line.good_images[:3]]
+    with RecordingWriter(tmp_path / "rec.lir", "line-1") as writer:
+        for number, frame in enumerate(frames, start=1):
+            writer.frame(f"{number}-0", encode_frame(frame))
+            writer.decision(f"{number}-0", encode_decision(decision_for(frame.frame_id, "pass", 0.0,
+                                                                        model_id=live_id)))  # fmt: skip
+    scorer_runtime, sink_runtime = make_runtime("score", "w3"), make_runtime("sink", "s3")
+    keys = LineKeys(scorer_runtime.config.streams.prefix, "shadow3")
+    slot = ModelSlot(scorer_runtime, keys, load_model("cpu"), tiny_line.other_model_dir)
+    threads = [
+        start_thread(ScoreWorker(scorer_runtime, "shadow3", slot).run),
+        start_thread(SinkWorker(sink_runtime, "shadow3").run),
+    ]
+    report = replay(make_runtime("replay", "rp3"), tmp_path / "rec.lir", "shadow3", 0.0, "run3", 120.0)
+    for runtime in (scorer_runtime, sink_runtime):
+        runtime.stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert report["frames_compared"] == 3 and report["candidate_models"] == [live_id]
+    assert report["candidate_line_model_dir"] == str(tiny_line.other_model_dir)
+    assert any(f"line shadow3 scored with model {live_id}, which also decided the recording" in warning
+               and str(tiny_line.other_model_dir) in warning for warning in report["warnings"])  # fmt: skip
+
+
+def test_a_model_change_on_either_side_is_warned_about() -> None:
+    from workers.replay import _model_warnings
+
+    assert _model_warnings(["live"], ["", "cand"], "shadow", "/m/cand") == []  # "": an error decision's model
+    mixed = _model_warnings(["live", "live2"], ["cand", "cand2"], "shadow", "/m/cand2")
+    assert len(mixed) == 2 and "line shadow scored with 2 models (cand, cand2)" in mixed[0]
+    assert "the recording was decided by 2 models (live, live2;" in mixed[1]
 
 
 def test_replay_refuses_the_recorded_line_and_says_when_a_recording_was_cut(

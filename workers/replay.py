@@ -1,8 +1,9 @@
 """``lineinspect replay``: push a recording through a line, collect the decisions, compare with the recording's.
 
-To try a candidate model on yesterday's production: run a scoring worker with the candidate on a shadow line
-(``lineinspect score-worker --line shadow --model CANDIDATE`` plus a sink), then
-``lineinspect replay FILE --line shadow --report report.json``.
+To try a candidate model on yesterday's production: put the candidate on a shadow line (``lineinspect promote
+--line shadow --model CANDIDATE``: a score-worker's ``--model`` counts only on a line whose model key is unset), run a
+scoring worker and a sink there (``--line shadow``), then ``lineinspect replay FILE --line shadow --report
+report.json``.
 
 Each recorded frame is compared on its own, by its number in the recording (sent as ``metadata["replay_frame"]``
 and carried into its decision): cameras reuse frame ids, so two recorded frames may share one. The report shows the

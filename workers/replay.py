@@ -39,6 +39,7 @@ from workers.record import (
     ReplaySource,
     summarise,
 )
+from workers.score import manifest_model_id
 
 logger = logging.getLogger(__name__)
 CHANGED_FRAMES_SHOWN = 200  # frames listed in a report's changed_frames (all are counted)
@@ -102,6 +103,7 @@ def replay_and_compare(
     sender.join(timeout=10)
     report = compare_decisions(recording.decisions, candidate, recording.entry_ids)
     line_model_dir = client.get_model_dir(keys)  # what the shadow line's scorers load, whatever their --model said
+    line_model_id = manifest_model_id(Path(line_model_dir)) if line_model_dir else None  # None: not readable here
     report.update(
         {
             "recording": str(path),
@@ -125,20 +127,32 @@ def replay_and_compare(
             "warnings": _warnings(
                 path, recording, source, ingestor.published, len(candidate), stopped, stalled, line_id, timeout_s
             )
-            + _model_warnings(report["baseline_models"], report["candidate_models"], line_id, line_model_dir),
+            + _model_warnings(
+                report["baseline_models"], report["candidate_models"], line_id, line_model_dir, line_model_id
+            ),
         }
     )
     return report
 
 
 def _model_warnings(
-    baseline_models: Sequence[str], candidate_models: Sequence[str], line_id: str, line_model_dir: str | None
+    baseline_models: Sequence[str],
+    candidate_models: Sequence[str],
+    line_id: str,
+    line_model_dir: str | None,
+    line_model_id: str | None = None,
 ) -> list[str]:
     """Warnings about which models the comparison is between: the live model against itself (the shadow line's model
     key names another model than the engineer meant: a score-worker's --model counts only on a line without one),
-    or several models on either side."""
+    a key naming a model (``line_model_id``, None when its manifest cannot be read here) that made none of the
+    candidate decisions, or several models on either side."""
     baseline, candidate = [m for m in baseline_models if m], [m for m in candidate_models if m]
     warnings = []
+    if line_model_id is not None and candidate and line_model_id not in candidate:
+        warnings.append(f"line {line_id}'s model key names {line_model_dir} (model {line_model_id}), but its "
+                        f"decisions came from {', '.join(candidate)}: its scorers did not load that model (see their "
+                        "log), had not swapped to it yet, or it was promoted after the replay; the candidate figures "
+                        "are not that model's")  # fmt: skip
     for model_id in sorted(set(baseline) & set(candidate)):
         warnings.append(f"line {line_id} scored with model {model_id}, which also decided the recording: this "
                         f"compares the live model with itself. The line's model key names {line_model_dir}; to "

@@ -31,7 +31,7 @@ from tests.workers.recordings import (
 from workers.lifecycle import WorkerRuntime
 from workers.record import DecisionSummary, RecordingError, RecordingWriter, ReplaySource, summarise
 from workers.replay import compare_decisions, replay_and_compare
-from workers.score import ModelSlot, ScoreWorker, load_model
+from workers.score import ModelSlot, ScoreWorker, load_model, manifest_model_id
 from workers.sink import SinkWorker
 
 
@@ -188,6 +188,43 @@ def test_a_shadow_line_running_the_live_model_is_named_and_warned_about(
     assert report["candidate_line_model_dir"] == str(tiny_line.other_model_dir)
     assert any(f"line shadow3 scored with model {live_id}, which also decided the recording" in warning
                and str(tiny_line.other_model_dir) in warning for warning in report["warnings"])  # fmt: skip
+
+
+def test_a_shadow_line_whose_key_names_a_model_its_scorers_did_not_load_is_warned_about(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    """candidate_line_model_dir is read after the replay: a candidate promoted onto the shadow line that its scorers did
+    not load (the load failed there, they had not swapped yet, or it was promoted after the last decision) was named
+    as the line's model with no warning, while every decision came from the model before it."""
+    import shutil
+
+    from models.artifact import read_manifest
+
+    scoring_id = str(read_manifest(tiny_line.model_dir)["model_id"])
+    unloadable = tmp_path / "candidate"  # its manifest (another model's id) but none of its files: does not load
+    unloadable.mkdir()
+    shutil.copy(tiny_line.other_model_dir / "manifest.json", unloadable / "manifest.json")
+    unloadable_id = manifest_model_id(unloadable)
+    frames = [frame_from_file(path) for path in tiny_line.good_images[:2]]
+    write_recording(tmp_path / "rec.lir", frames, [0.0, 0.0])
+    scorer_runtime, sink_runtime = make_runtime("score", "w4"), make_runtime("sink", "s4")
+    keys = LineKeys(scorer_runtime.config.streams.prefix, "shadow4")
+    slot = ModelSlot(scorer_runtime, keys, load_model("cpu"), tiny_line.model_dir)
+    scorer_runtime.client.set_model_dir(keys, str(unloadable))  # `lineinspect promote` (its check passed, say)
+    threads = [
+        start_thread(ScoreWorker(scorer_runtime, "shadow4", slot).run),
+        start_thread(SinkWorker(sink_runtime, "shadow4").run),
+    ]
+    report = replay(make_runtime("replay", "rp4"), tmp_path / "rec.lir", "shadow4", 0.0, "run4", 120.0)
+    for runtime in (scorer_runtime, sink_runtime):
+        runtime.stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert report["frames_compared"] == 2 and report["candidate_models"] == [scoring_id]
+    assert report["candidate_line_model_dir"] == str(unloadable)
+    assert any(f"names {unloadable} (model {unloadable_id}), but its decisions came from {scoring_id}" in warning
+               for warning in report["warnings"]), report["warnings"]  # fmt: skip
 
 
 def test_a_model_change_on_either_side_is_warned_about() -> None:

@@ -32,9 +32,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.datasets import image_shape
 from models.images import ImageError, read_image
-from models.inspection_mask import InspectionMask, MaskError
+from models.inspection_mask import InspectionMask
 from models.intensity import choose_intensity
 from models.methods import method_class
 from models.normalisation import PositionStatsBuilder
@@ -277,34 +276,10 @@ def _inspection_mask(config: Config, image_paths: Sequence[Path]) -> InspectionM
     mask = InspectionMask.from_image(path)
     for model in [config.model] + [config.member_config(member).model for member in config.fusion_members]:
         check_mask_size(mask, model.image_size, model.resize, model.method)
-    check_aspects(mask, image_paths, "good images", f"the inspection mask {path}",
-                  "leave them out, or draw the mask over a frame as this camera delivers it")  # fmt: skip
+    mask.check_files(image_paths, "good images", f"the inspection mask {path}",
+                     "leave them out, or draw the mask over a frame as this camera delivers it")  # fmt: skip
     log.info("inspection mask %s: %s", path, mask.describe())
     return mask
-
-
-MODEL_MASK = "the model's inspection mask"
-NOTHING_SCORED = "nothing was scored: leave them out, or score them with a model whose mask was drawn on their frames"
-
-
-def check_aspects(mask: InspectionMask | None, paths: Sequence[Path], what: str, mask_name: str, remedy: str) -> None:
-    """Before any of ``paths`` is fitted or scored: raise MaskError when some have another aspect than the
-    inspection ``mask`` (``InspectionMask.aspect_mismatch``; ``Scorer.score`` would refuse them mid-run), giving
-    their count, the first of them and ``remedy``. Sizes come from headers (nothing decoded); files whose header
-    cannot be read are left to the reading, which skips them with a warning. ``what`` names the files in the message
-    ("good images"), ``mask_name`` the mask ("the model's inspection mask")."""
-    if mask is None:
-        return
-    mismatched: list[str] = []
-    for path in paths:
-        shape = image_shape(path)
-        mismatch = None if shape is None else mask.aspect_mismatch(shape[0], shape[1])
-        if mismatch is not None:
-            mismatched.append(f"{path} is {mismatch}")
-    if mismatched:
-        msg = (f"{len(mismatched)} of {len(paths)} {what} do not have the aspect of {mask_name}, "
-               f"e.g. {mismatched[0]}; {remedy}")  # fmt: skip
-        raise MaskError(msg)
 
 
 def score_paths(
@@ -318,8 +293,8 @@ def score_paths(
 ) -> np.ndarray:
     """Image scores ``(readable images,)`` of image files, every frame shifted when shifting is on (thresholds are
     chosen from these); unreadable ones are warned about and added to ``skipped``, the scored ones to ``kept`` (in
-    the order of the scores). With an inspection mask, ``check_aspects`` first: a file of another aspect than the
-    mask's stops scoring where it is met (``Scorer.score``)."""
+    the order of the scores). With an inspection mask, ``InspectionMask.check_files`` first: a file of another
+    aspect than the mask's stops scoring where it is met (``Scorer.score``)."""
     skipped = [] if skipped is None else skipped
     batches = _progress_batches(paths, batch_size, progress, desc, skipped, kept)
     scores = [scorer.score(batch, shift_every_frame=True).scores for batch in batches]

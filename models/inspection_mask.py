@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,12 +38,14 @@ import cv2
 import numpy as np
 import torch
 
+from models.datasets import image_shape
 from models.images import ImageError, decode_image
 
 FILE = "inspection_mask.png"
 FILL = 0.449  # ImageNet's pixel mean, averaged over channels (scorer.STANDARD_MEAN): the grey ignored pixels become
 ASPECT_TOLERANCE = 0.02  # a mask and the frames it is fitted on may differ this much in aspect (rounding of scales)
 MAX_CACHED_SIZES = 64  # sizes ``at`` keeps the resized mask of (a line's frames have one or a few)
+NOTHING_SCORED = "nothing was scored: leave them out, or score them with a model whose mask was drawn on their frames"
 MIN_CELL_SHARE = 0.5  # a patch cell counts for the image score when at least this share of its pixels is inspected
 
 
@@ -173,6 +175,23 @@ class InspectionMask:
         mismatch = self.aspect_mismatch(height, width)
         if mismatch is not None:
             msg = f"{name} is {mismatch}"
+            raise MaskError(msg)
+
+    def check_files(self, paths: Sequence[Path], what: str, name: str = "the model's inspection mask",
+                    remedy: str = NOTHING_SCORED) -> None:  # fmt: skip
+        """Before any of the image files ``paths`` is fitted or scored: raise MaskError when some do not fit
+        (``aspect_mismatch``; scoring would refuse them mid-run), giving their count, the first of them and
+        ``remedy``. Sizes come from headers (nothing decoded); a file whose header cannot be read is left to the
+        reading, which skips it with a warning. ``what`` names the files in the message ("good images")."""
+        mismatched: list[str] = []
+        for path in paths:
+            shape = image_shape(path)
+            mismatch = None if shape is None else self.aspect_mismatch(shape[0], shape[1])
+            if mismatch is not None:
+                mismatched.append(f"{path} is {mismatch}")
+        if mismatched:
+            msg = (f"{len(mismatched)} of {len(paths)} {what} do not have the aspect of {name}, e.g. {mismatched[0]}; "
+                   f"{remedy}")  # fmt: skip
             raise MaskError(msg)
 
     def frame_shape(self, image_size: int) -> tuple[int, int]:

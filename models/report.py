@@ -1,7 +1,7 @@
 """Evaluating a Scorer on a labelled dataset and writing the report a person looks at.
 
 ``evaluate(scorer, items, out_dir)`` first checks, before anything is scored, every image against the model's
-inspection mask (``models.fit.check_aspects``: images of another aspect, which the model refuses, are a MaskError
+inspection mask (``InspectionMask.check_files``: images of another aspect, which the model refuses, are a MaskError
 giving their count and one of them) and every mask against its image (``models.datasets.check_masks``: one that
 cannot be read or has another aspect ratio than its image is a DatasetError naming it), scores every test image in
 batches (progress bar; with shifting on, every frame shifted unless ``shift_every_frame=False``), resizes masks to
@@ -48,7 +48,6 @@ from models.evaluation import (
     pro_curve,
     roc_curve,
 )
-from models.fit import MODEL_MASK, NOTHING_SCORED, check_aspects
 from models.heatmap import overlay_heatmap
 from models.images import ImageError, read_image, read_mask, resize_mask
 from models.scorer import Scorer
@@ -94,12 +93,13 @@ def score_items(
     scorer: Scorer, items: Sequence[TestItem], batch_size: int, progress: bool, shift_every_frame: bool = True
 ) -> ScoredItems:
     """Score the readable items (unreadable images are skipped with a message) and read their masks, resized
-    (nearest, centre-aligned) to the map size. Every image's aspect (``models.fit.check_aspects``, with an inspection
+    (nearest, centre-aligned) to the map size. Every image's aspect (``InspectionMask.check_files``, with an inspection
     mask) and every mask (``models.datasets.check_masks``) are checked first: images the model would refuse or an
     unusable mask stop evaluation before anything is scored. With shifting on, every frame is shifted by default
     (``Scorer.score``): threshold-free metrics then rank shifting's own scores, not the unshifted ones of frames
     that pass (the verdicts are the same either way)."""
-    check_aspects(scorer.inspection_mask, [item.image for item in items], "test images", MODEL_MASK, NOTHING_SCORED)
+    if scorer.inspection_mask is not None:
+        scorer.inspection_mask.check_files([item.image for item in items], "test images")
     check_masks(items)
     size = scorer.image_size
     kept: list[TestItem] = []

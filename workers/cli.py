@@ -182,7 +182,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from models.artifact import MANIFEST, load_scorer, update_threshold
     from models.datasets import calibration_images, is_dataset_root, test_items
     from models.errors import ArtifactError
-    from models.fit import MODEL_MASK, NOTHING_SCORED, check_aspects, score_paths
+    from models.fit import score_paths
     from models.threshold import best_f1_threshold, false_reject_threshold
 
     rate = args.false_reject_rate if args.false_reject_rate is not None else _config(args).threshold.false_reject_rate
@@ -211,8 +211,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     refuse_too_few(len(paths))
     # everything that can be refused is refused before the images are scored (minutes), not after
     items = test_items(args.data) if args.data is not None else []
-    check_aspects(scorer.inspection_mask, paths, "good images", MODEL_MASK, NOTHING_SCORED)
-    check_aspects(scorer.inspection_mask, [item.image for item in items], "labelled images", MODEL_MASK, NOTHING_SCORED)
+    if scorer.inspection_mask is not None:
+        scorer.inspection_mask.check_files(paths, "good images")
+        scorer.inspection_mask.check_files([item.image for item in items], "labelled images")
     print(f"calibrating on {description}")
     batch = scorer.scoring.batch_size
     good_scores = score_paths(scorer, paths, batch, not args.quiet, "calibrate: scoring good images")

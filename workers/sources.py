@@ -5,6 +5,9 @@ A source spec on the command line is ``[CAMERA_ID=]KIND:TARGET``:
 - ``folder:DIR`` (``loop-folder:DIR`` repeats forever): PNG/JPEG files are sent as their original bytes, so a frame
   scores exactly like ``lineinspect score`` on the file (one that does not decode is dead-lettered by the scoring
   worker, with the reason); other formats are sent as PNG, and one that cannot be read is logged and passed over.
+  A test folder of an MVTec-layout dataset (``ROOT/test/<type>/`` beside ``ROOT/train/good/``, as ``lineinspect
+  run``'s demo line and ``lineinspect evaluate`` use) knows its frames' truth: each is sent with
+  ``metadata["label"]`` = ``<type>`` (``good``, or the defect type), which a replay reports accuracy by.
 - ``video:FILE``: frames of a video file, JPEG-encoded (``ingest.jpeg_quality``).
 - ``camera:0`` / ``camera:rtsp://...`` / ``camera:<GStreamer pipeline ending in appsink>``: a live camera through
   OpenCV ``VideoCapture``. Live sources drop their oldest frames when scoring falls behind; the others wait.
@@ -26,6 +29,7 @@ from pipeline.codec import encode_pixels
 from pipeline.messages import Encoding, MetadataValue
 
 ENCODED_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+LABEL_KEY = "label"  # frame metadata naming the part's truth: "good" or a defect type (replay reports by it)
 logger = logging.getLogger(__name__)
 
 
@@ -59,6 +63,7 @@ class FolderSource:
 
         self.camera_id, self.directory, self.loop = camera_id, directory, loop
         self.paths = list_images(directory)
+        self.label = dataset_test_label(directory)
         if not self.paths:
             msg = f"folder source {directory} holds no images (png, jpg, bmp, tif, webp)"
             raise ValueError(msg)
@@ -69,6 +74,8 @@ class FolderSource:
 
         encoding = ENCODED_SUFFIXES.get(path.suffix.lower())
         metadata: dict[str, MetadataValue] = {"source_file": path.name}
+        if self.label is not None:
+            metadata[LABEL_KEY] = self.label
         try:
             if encoding is not None:
                 return Capture(path.read_bytes(), encoding, time.time_ns(), metadata=metadata)  # type: ignore[arg-type]
@@ -92,6 +99,17 @@ class FolderSource:
                     yield capture
             if not self.loop or not sent:  # a looping folder of which nothing could be sent would spin
                 return
+
+
+def dataset_test_label(directory: Path) -> str | None:
+    """The truth of every image in ``directory`` when it is a test folder of an MVTec-layout dataset,
+    ``ROOT/test/<type>/`` with ``ROOT/train/good/`` (``models.datasets``): ``<type>``, i.e. ``good`` or the defect
+    type, as ``lineinspect evaluate`` labels them; None for any other folder."""
+    directory = Path(directory).resolve()
+    root = directory.parent.parent
+    if directory.parent.name != "test" or not (root / "train" / "good").is_dir():
+        return None
+    return directory.name
 
 
 class VideoSource:

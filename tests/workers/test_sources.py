@@ -44,3 +44,24 @@ def test_a_looping_folder_of_which_nothing_can_be_sent_ends(tmp_path: Path) -> N
     reader.join(timeout=30)
     assert not reader.is_alive(), "a looping folder with nothing to send never ended"
     assert sent == []
+
+
+def test_a_test_folder_of_a_dataset_sends_each_frame_with_its_label(tmp_path: Path) -> None:
+    """The demo line (and any MVTec-layout dataset) keeps its truth in its folders: frames of ROOT/test/<type> carry
+    metadata label=<type>, as README documents labels for replay's by-label report; other folders carry none."""
+    image = np.full((16, 24, 3), 80, np.uint8)
+    root = tmp_path / "demo"
+    for folder in ("train/good", "test/good", "test/crack", "other/good"):
+        (root / folder).mkdir(parents=True)
+        cv2.imwrite(str(root / folder / "a.png"), image)
+    cv2.imwrite(str(root / "test" / "crack" / "b.bmp"), image)  # re-encoded as PNG: labelled all the same
+
+    def labels(folder: Path) -> list[object]:
+        return [capture.metadata.get("label") for capture in FolderSource("cam0", folder, loop=False).captures()]
+
+    assert labels(root / "test" / "good") == ["good"]
+    assert labels(root / "test" / "crack") == ["crack", "crack"]
+    assert labels(root / "other" / "good") == [None]  # not a dataset's test folder
+    (tmp_path / "plain" / "test" / "good").mkdir(parents=True)  # a test/ folder of no dataset (no train/good)
+    cv2.imwrite(str(tmp_path / "plain" / "test" / "good" / "a.png"), image)
+    assert labels(tmp_path / "plain" / "test" / "good") == [None]

@@ -52,7 +52,7 @@ from pipeline.codec import CodecError, decode_decision, decode_frame, decode_rec
 from pipeline.messages import Decision, Frame, MetadataValue
 from pipeline.streams import LineKeys, StreamClient, StreamPosition
 from workers.lifecycle import install_stop_handlers
-from workers.sources import Capture
+from workers.sources import LABEL_KEY, Capture
 
 logger = logging.getLogger(__name__)
 MessageT = TypeVar("MessageT", Frame, Decision)
@@ -91,7 +91,7 @@ class DecisionSummary(NamedTuple):
 
 
 def summarise(decision: Decision) -> DecisionSummary:
-    label = decision.metadata.get("label")
+    label = decision.metadata.get(LABEL_KEY)
 
     def shared(text: str | None) -> str | None:  # a few distinct values repeated per frame: one copy each
         return None if text is None else sys.intern(text)

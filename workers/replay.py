@@ -40,6 +40,7 @@ from workers.record import (
     summarise,
 )
 from workers.score import manifest_model_id
+from workers.sources import GOOD_LABEL
 
 logger = logging.getLogger(__name__)
 CHANGED_FRAMES_SHOWN = 200  # frames listed in a report's changed_frames (all are counted)
@@ -272,6 +273,34 @@ def _distribution(scores: list[float]) -> dict[str, float | int]:
     }
 
 
+def score_ratio(decision: DecisionSummary) -> float | None:
+    """The decision's score over the threshold it was decided with (above 1 fails), as
+    ``lineinspect_score_threshold_ratio`` measures it: two models' raw scores are on scales of their own, their ratios
+    on one. None without a score or with a threshold that is not positive (a ratio would not order the scores)."""
+    if decision.score is None or decision.threshold is None or not decision.threshold > 0:
+        return None
+    return decision.score / decision.threshold
+
+
+def _accuracy(decided: Sequence[tuple[str | None, DecisionSummary]]) -> dict[str, Any]:
+    """How one side decided the frames with a label (``(label, decision)``): label ``good`` is a good part, any other
+    names a defect (as a dataset's test folders do). Rates are None without such frames; errors count in neither."""
+    good = [d.verdict for label, d in decided if label == GOOD_LABEL]
+    defective = [d.verdict for label, d in decided if label is not None and label != GOOD_LABEL]
+    rejected, caught = good.count("fail"), defective.count("fail")
+    decided_good, decided_defective = rejected + good.count("pass"), caught + defective.count("pass")
+    return {
+        "good_frames": len(good),
+        "good_rejected": rejected,
+        "good_errors": good.count("error"),
+        "false_reject_rate": rejected / decided_good if decided_good else None,
+        "defective_frames": len(defective),
+        "defective_caught": caught,
+        "defective_errors": defective.count("error"),
+        "catch_rate": caught / decided_defective if decided_defective else None,
+    }
+
+
 def compare_decisions(
     baseline: Mapping[int, DecisionSummary], candidate: Mapping[int, DecisionSummary], entry_ids: Sequence[str] = ()
 ) -> dict[str, Any]:
@@ -307,9 +336,13 @@ def compare_decisions(
                     "candidate_error_reason": after.error_reason,
                     "baseline_heatmap": before.heatmap_ref,
                     "candidate_heatmap": after.heatmap_ref,
+                    # the two scores on one scale: each over its own threshold, above 1 fails
+                    "baseline_score_ratio": score_ratio(before),
+                    "candidate_score_ratio": score_ratio(after),
                 }
             )
     score_pairs = [(baseline[number].score, candidate[number].score) for number in shared]
+    ratio_pairs = [(score_ratio(baseline[number]), score_ratio(candidate[number])) for number in shared]
     errors = Counter(d.error_reason or "unknown" for d in candidate.values() if d.verdict == "error")
     differences = [abs(b - c) for b, c in score_pairs if b is not None and c is not None]
     return {
@@ -329,4 +362,10 @@ def compare_decisions(
         "baseline_scores": _distribution([s for s, _ in score_pairs if s is not None]),
         "candidate_scores": _distribution([s for _, s in score_pairs if s is not None]),
         "mean_abs_score_change": float(np.mean(differences)) if differences else None,
+        "baseline_score_ratios": _distribution([r for r, _ in ratio_pairs if r is not None]),
+        "candidate_score_ratios": _distribution([r for _, r in ratio_pairs if r is not None]),
+        "accuracy": {  # by the recorded label of the frames both sides decided
+            side: _accuracy([(baseline[number].label, decided[number]) for number in shared])
+            for side, decided in (("baseline", baseline), ("candidate", candidate))
+        },
     }

@@ -30,6 +30,7 @@ from pipeline.messages import Encoding, MetadataValue
 
 ENCODED_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 LABEL_KEY = "label"  # frame metadata naming the part's truth: "good" or a defect type (replay reports by it)
+GOOD_LABEL = "good"  # the label of a good part; any other label names a defect
 logger = logging.getLogger(__name__)
 
 

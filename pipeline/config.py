@@ -514,6 +514,12 @@ class WorkerSettings(_Section):
         "batch keeps its frames from peers' claims and /healthz at 200; past it the worker stops both: a peer claims "
         "the frames streams.claim_idle_ms later, /healthz and /livez turn 503 15 s later.",
     )  # fmt: skip
+    max_startup_s: float = Field(
+        default=180.0, gt=0,
+        description="How long a scoring worker may take to load its model at start. Meanwhile it is shown starting "
+        "(/livez 200, /healthz 503, its health key fresh); past it the start is taken for hung: /livez turns 503 and "
+        "the key expires 15 s later. Kubernetes' startup probe should allow at least as long.",
+    )  # fmt: skip
     health_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
 
 

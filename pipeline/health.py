@@ -4,12 +4,16 @@ The worker's loop beats between steps; during one long step (a batch being score
 ``workers.in_hand.InHand`` refreshes the beat from its own thread, but only up to ``worker.max_batch_duration_s``, so
 a hung model still turns the worker unhealthy. Writes to Redis go one at a time, each built when its turn comes, so
 a beat never lands after a newer one (a keeper's "ok" after the loop's "draining"), and none after the key is removed
-at stop.
+at stop, unless Redis stalls past ``clear``'s wait and the process exits before the write lands.
 
-The HTTP server answers ``/healthz`` (readiness: 200 when the heartbeat is fresh, else 503; JSON body), ``/livez``
-(liveness: as ``/healthz``, but also 200 while the worker is waiting for an unreachable Redis, since restarting it
-cannot bring Redis back and a restarted worker reloads its model and loops in back-off once Redis returns) and
-``/metrics`` (Prometheus text from the worker's ``Metrics``). ``lineinspect check`` reads the Redis keys instead.
+While a worker starts (a scorer loading its model, which may outlast the TTL), ``StartingBeat`` beats "starting"
+from its own thread, up to ``worker.max_startup_s``; past it the beats stop, as for a hung batch.
+
+The HTTP server answers ``/healthz`` (readiness: 200 when the heartbeat is fresh and the worker serves, "ok" or
+"draining"; 503 while starting or once stale; JSON body), ``/livez`` (liveness: as ``/healthz``, but also 200 while a
+fresh beat says "starting", and while the worker is waiting for an unreachable Redis, since restarting it cannot bring
+Redis back and a restarted worker reloads its model and loops in back-off once Redis returns) and ``/metrics``
+(Prometheus text from the worker's ``Metrics``). ``lineinspect check`` reads the Redis keys instead.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
 from typing import Any
 
 from pipeline.metrics import Metrics
@@ -55,12 +60,12 @@ class Heartbeat:
             self._busy = {}
         self._record(force)
 
-    def refresh(self, **busy_fields: Any) -> None:
+    def refresh(self, force: bool = False, **busy_fields: Any) -> None:
         """Beat for a loop that is busy on one long step, from another thread: the state stays what the loop last
         beat, and ``busy_fields`` (e.g. how long the step has taken) are shown until its next ``beat``."""
         with self._lock:
             self._busy = busy_fields
-        self._record(force=False)
+        self._record(force)
 
     def _record(self, force: bool) -> None:
         with self._lock:
@@ -86,15 +91,20 @@ class Heartbeat:
                 self._delete()
 
     def healthy(self) -> tuple[bool, dict[str, Any]]:
+        """Ready: the worker serves ("ok", or "draining" what it holds) and has beaten within the TTL."""
+        return self._fresh_in("ok", "draining")
+
+    def _fresh_in(self, *states: str) -> tuple[bool, dict[str, Any]]:
         with self._lock:
             age_s = time.monotonic() - self.last_beat
-            ok = self.state in ("ok", "draining", "starting") and age_s < self.ttl_s
+            ok = self.state in states and age_s < self.ttl_s
             return ok, {**self.status, **self._busy, "state": self.state, "seconds_since_beat": round(age_s, 3)}
 
     def alive(self) -> tuple[bool, dict[str, Any]]:
-        """``healthy()``, or waiting for Redis: the loop stopped beating because a Redis call is retrying through an
-        outage, and its last attempt is recent (attempts come at least every ``redis.reconnect_max_backoff_s``)."""
-        ok, status = self.healthy()
+        """``healthy()``, or starting (a fresh "starting" beat: ``StartingBeat`` keeps it so up to its bound), or
+        waiting for Redis: the loop stopped beating because a Redis call is retrying through an outage, and its last
+        attempt is recent (attempts come at least every ``redis.reconnect_max_backoff_s``)."""
+        ok, status = self._fresh_in("ok", "draining", "starting")
         since, last_attempt = self.client.unreachable_since, self.client.last_attempt_at
         if since is None or last_attempt is None:
             return ok, status
@@ -110,7 +120,8 @@ class Heartbeat:
 
     def clear(self, wait_s: float = 1.0) -> None:
         """``stop``, then remove the key, once a write in flight (from another thread) has landed: waiting up to
-        ``wait_s`` for it, else it removes the key itself when it lands."""
+        ``wait_s`` for it, else it removes the key itself when it lands, if the process still runs then (a write
+        already sent lands even after the process has exited: wait one Redis attempt's socket timeout to cover it)."""
         self.stop()
         if self._writing.acquire(timeout=wait_s):
             try:
@@ -125,6 +136,52 @@ class Heartbeat:
             self.client.redis.delete(self.key)
         except Exception:  # best effort at exit; the key expires anyway
             logger.debug("could not delete health key", extra={"key": self.key})
+
+
+class StartingBeat:
+    """A context manager that keeps the "starting" beat fresh from its own thread while the block runs (a scorer
+    loading its model: a big model, a slow disk), for up to ``max_s``: the worker is alive (``/livez`` 200) and
+    shown starting in Redis, not ready (``/healthz`` 503). Past ``max_s`` the start is taken for hung: the beats
+    stop, so ``/livez`` turns 503 and the key expires a TTL later (a load that ends after all beats again)."""
+
+    def __init__(self, heartbeat: Heartbeat, max_s: float, **fields: Any) -> None:
+        """``fields`` (e.g. the model directory being loaded) are shown with the "starting" beats, not after."""
+        if max_s <= 0:
+            msg = f"max_s must be > 0 (worker.max_startup_s), got {max_s}"
+            raise ValueError(msg)
+        self.heartbeat, self.max_s, self.fields = heartbeat, max_s, fields
+        self.interval_s = heartbeat.ttl_s / 3.0
+        self._started = time.monotonic()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="keep-starting", daemon=True)
+
+    def __enter__(self) -> StartingBeat:
+        self._started = time.monotonic()
+        self.heartbeat.beat("starting")
+        self.heartbeat.refresh(force=True, **self.fields, starting_s=0.0)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._closed.wait(self.interval_s):
+            starting_s = time.monotonic() - self._started
+            if starting_s > self.max_s:
+                logger.error(
+                    "still starting after worker.max_startup_s: taken for hung, the heartbeat stops (/livez turns "
+                    "503 and the health key expires); raise worker.max_startup_s if loading is only slow",
+                    extra={"starting_s": round(starting_s, 1), "max_s": self.max_s, **self.fields},
+                )
+                return
+            try:
+                self.heartbeat.refresh(**self.fields, starting_s=round(starting_s, 1))
+            except Exception as error:  # an outage past the drain deadline, or a Redis error: try again next round
+                logger.warning("could not beat 'starting'", extra={"error": str(error)[:500]})
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._closed.set()  # a write in flight (Redis slow) is left to finish: the thread is a daemon
+        self._thread.join(timeout=1.0)
 
 
 class HealthServer:

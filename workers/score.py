@@ -34,6 +34,7 @@ import numpy as np
 from pipeline.batching import check_one_to_one, collect_batch
 from pipeline.codec import CodecError, CodecErrorReason, decode_frame, decode_pixels, encode_decision, peek_frame_ref
 from pipeline.config import Config
+from pipeline.health import StartingBeat
 from pipeline.messages import Decision, Frame, StageTimings, Verdict, error_decision, now_ns, pack_anomaly_map
 from pipeline.streams import (
     ENTRY_TRIMMED,
@@ -132,7 +133,8 @@ def load_model(device: str) -> ModelLoader:
 
 
 class ModelSlot:
-    """The line's current model; follows the Redis model key, loading new versions in a background thread."""
+    """The line's current model; follows the Redis model key, loading new versions in a background thread. The first
+    load beats "starting" (alive, not ready) up to ``worker.max_startup_s`` (``pipeline.health.StartingBeat``)."""
 
     def __init__(self, runtime: WorkerRuntime, keys: LineKeys, loader: ModelLoader, initial_dir: Path | None) -> None:
         self.runtime, self.keys, self.loader = runtime, keys, loader
@@ -146,7 +148,8 @@ class ModelSlot:
         elif initial_dir is not None and Path(announced) != initial_dir:
             logger.warning("line's model key overrides --model", extra={"model_dir": announced})
         self._failed: tuple[str, str | None] | None = None
-        self.model_dir, self.scorer = self._first_model(announced, initial_dir)
+        with StartingBeat(runtime.heartbeat, runtime.config.worker.max_startup_s, loading=announced):
+            self.model_dir, self.scorer = self._first_model(announced, initial_dir)
         runtime.metrics.set_model(keys.line_id, self.scorer.model_id)
         self._loading: threading.Thread | None = None
         self._ready: tuple[str, ScorerLike] | None = None

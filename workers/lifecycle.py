@@ -61,6 +61,12 @@ class WorkerRuntime:
         self.metrics = Metrics()
         self.metrics.watch_redis(self.client.ping)  # lineinspect_redis_up: an outage shows on every worker's /metrics
         self.heartbeat = Heartbeat(self.client, config.streams.prefix, role, name)
+        # At exit, how long to wait for a beat in flight from another thread (Redis slow) before removing the key: one
+        # attempt's socket timeout (StreamClient's), by when Redis has answered it or the attempt has timed out. A
+        # shorter wait let the process exit first, and the write, already sent, land later: the stopped worker's key
+        # read "ok" for its whole TTL. Exiting waits at most this much more, within the supervisors' slack after
+        # worker.drain_timeout_s (Kubernetes 40 s, systemd 30 s against the 25 s drain).
+        self.exit_wait_s = config.redis.connect_timeout_s + config.streams.block_ms / 1000.0
         try:
             self.server = HealthServer(self.heartbeat, self.metrics, port)
         except OSError as error:
@@ -89,7 +95,7 @@ class WorkerRuntime:
         if isinstance(exc, StreamsUnavailable):  # deleting the key would wait a socket timeout more; it expires
             self.heartbeat.stop()
         else:
-            self.heartbeat.clear()
+            self.heartbeat.clear(wait_s=self.exit_wait_s)
         self.server.stop()
         self.client.close()
         logger.info("worker stopped", extra={"worker": self.name, "error": repr(exc) if exc else None})

@@ -1,15 +1,24 @@
-"""WorkerRuntime: what every worker exports about its Redis, against a real one and a closed port."""
+"""WorkerRuntime: what every worker exports about its Redis, and its health key at exit, against real ones (a
+closed port, a stalled server)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
+import uuid
 
 import pytest
 
-from pipeline.config import Config
-from pipeline.redis_server import free_port
-from pipeline.streams import StreamsUnavailable
+from pipeline.config import Config, load_config
+from pipeline.redis_server import EmbeddedRedis, free_port
+from pipeline.streams import StreamClient, StreamsUnavailable
+from tests.workers.processes import REPO_ROOT
 from workers.lifecycle import WorkerRuntime
 
 
@@ -36,3 +45,50 @@ def test_a_worker_giving_up_on_a_hung_redis_exits_without_waiting_on_it_again(co
             started = time.monotonic()
             raise StreamsUnavailable(f"redis at {url} unreachable during read_new")
         assert time.monotonic() - started < 1.5  # the health server's own stop takes up to 0.5 s
+
+
+def exit_with_a_beat_in_flight() -> None:
+    """A worker process (run by the test below) that stops and exits while a beat from another thread (a keeper's) is
+    on its way to a Redis the parent has stalled once the worker printed "ready"."""
+    config = load_config()
+    with WorkerRuntime(config, config.redis.url or "", "score", "w1", port=0) as runtime:
+        runtime.heartbeat.beat("ok", force=True)
+        print("ready", flush=True)
+        sys.stdin.readline()  # Redis is stalled now
+        threading.Thread(target=runtime.heartbeat.beat, args=("ok",), kwargs={"force": True}, daemon=True).start()
+        time.sleep(0.5)  # its SET is sent and waits for Redis
+        runtime.stop.set()
+
+
+def test_a_beat_in_flight_when_the_worker_exits_does_not_outlive_it(config: Config) -> None:
+    # clear() waited 1 s for a write in flight, then the process exited: the write, already sent, landed once Redis
+    # answered again, and the stopped worker's key read "ok" for its whole TTL (15 s). Redis stalled for 3 s here
+    # (SIGSTOP: it takes connections and commands meanwhile, and runs them when continued, as after a fork or fsync
+    # stall), within one socket timeout (redis.connect_timeout_s + streams.block_ms).
+    prefix = f"test-{uuid.uuid4().hex[:10]}"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "LINEINSPECT__STREAMS__PREFIX": prefix}
+    with EmbeddedRedis() as server:
+        client = StreamClient(server.url, config.redis, config.streams)
+        redis_pid = int(client.redis.info("server")["process_id"])
+        code = "from tests.workers.test_lifecycle import exit_with_a_beat_in_flight; exit_with_a_beat_in_flight()"
+        worker = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env={**env, "REDIS_URL": server.url},
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+        try:
+            assert worker.stdout is not None and worker.stdin is not None
+            assert worker.stdout.readline() == b"ready\n"
+            os.kill(redis_pid, signal.SIGSTOP)
+            try:
+                worker.stdin.write(b"stalled\n")
+                worker.stdin.flush()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    worker.wait(timeout=3.0)  # gone before Redis answers: its write lands later
+            finally:
+                os.kill(redis_pid, signal.SIGCONT)
+            assert worker.wait(timeout=30) == 0
+            assert client.ping()
+            time.sleep(0.2)  # a write sent before the ping has run by now
+            assert client.read_health(prefix) == []
+        finally:
+            worker.kill()
+            worker.wait()
+            client.close()

@@ -9,6 +9,12 @@ Each recorded frame is compared on its own, by its number in the recording (sent
 and carried into its decision): cameras reuse frame ids, so two recorded frames may share one. The report shows the
 frame id and the recorded stream entry id beside the number.
 
+Two models' raw scores are on scales of their own: the report sets each against the threshold it was decided with
+(``score_ratio``: above 1 fails), says how each side did on frames whose ``label`` metadata gives their truth
+(``accuracy``), and how each side's threshold was set and whether that makes the comparison misleading
+(``workers.replay_thresholds``: the live model's as the recorded line's model key names it now, when that is the
+model that decided the recording).
+
 The recording is read and verified whole (``ReplaySource``) and the target line checked (``shadow_line``) before
 the replay's worker runtime starts: a file that cannot be replayed is refused before anything touches Redis.
 """
@@ -39,6 +45,7 @@ from workers.record import (
     ReplaySource,
     summarise,
 )
+from workers.replay_thresholds import threshold_basis, threshold_warnings
 from workers.score import manifest_model_id
 from workers.sources import GOOD_LABEL
 
@@ -105,6 +112,9 @@ def replay_and_compare(
     report = compare_decisions(recording.decisions, candidate, recording.entry_ids)
     line_model_dir = client.get_model_dir(keys)  # what the shadow line's scorers load, whatever their --model said
     line_model_id = manifest_model_id(Path(line_model_dir)) if line_model_dir else None  # None: not readable here
+    live_model_dir = client.get_model_dir(LineKeys(keys.prefix, recording.line_id))  # now; checked against the ids
+    baseline_basis = threshold_basis(live_model_dir, report["baseline_models"])
+    candidate_basis = threshold_basis(line_model_dir, report["candidate_models"])
     report.update(
         {
             "recording": str(path),
@@ -120,6 +130,8 @@ def replay_and_compare(
             "frames_reusing_an_id": recording.reused_frame_ids,
             "line_id": line_id,
             "candidate_line_model_dir": line_model_dir,
+            "baseline_threshold_basis": baseline_basis,
+            "candidate_threshold_basis": candidate_basis,
             "frames_replayed": ingestor.published,
             "decisions_received": len(candidate),
             "duplicate_decisions": duplicates,
@@ -130,6 +142,14 @@ def replay_and_compare(
             )
             + _model_warnings(
                 report["baseline_models"], report["candidate_models"], line_id, line_model_dir, line_model_id
+            )
+            + threshold_warnings(
+                baseline_basis,
+                candidate_basis,
+                report["baseline_models"],
+                report["candidate_errors"],
+                recording.line_id,
+                live_model_dir,
             ),
         }
     )

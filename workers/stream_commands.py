@@ -205,6 +205,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not args.line:
         msg = "replay needs --line: the shadow line whose workers run the candidate model (never the recorded line)"
         raise ConfigError(msg)
+    if not args.timeout_s > 0:  # NaN too
+        msg = f"--timeout-s must be more than 0 seconds, got {args.timeout_s:g}"
+        raise ConfigError(msg)
     report_path = Path(args.report) if args.report else None
     if report_path is not None:  # before the replay: a path that cannot be written must not cost the run
         try:

@@ -420,3 +420,18 @@ def test_replay_help_says_line_is_the_shadow_line_and_gives_the_defaults() -> No
     assert "worker.line_id" not in options["line"] and "required" in options["line"]
     assert "candidate" in options["line"] and "never the recorded line" in options["line"]
     assert "default 0" in options["speed"] and "default 120" in options["timeout_s"]
+
+
+@pytest.mark.parametrize("timeout_s", ["-5", "0", "nan"])
+def test_replay_refuses_a_timeout_that_waits_for_no_decision(
+    timeout_s: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--timeout-s -5 (or 0) was taken: the replay sent every frame, stopped waiting at once and reported most of
+    them undecided 'within -5 s of the last frame sent', as if the shadow line were broken."""
+    from workers.cli import main
+
+    recording = write_recording(tmp_path / "rec.lir", [tiny_frame(f"f{n}") for n in range(2)])
+    assert main(["replay", str(recording), "--line", "shadow", "--timeout-s", timeout_s]) == 2
+    assert f"lineinspect replay: error: --timeout-s must be more than 0 seconds, got {timeout_s}" in (
+        capsys.readouterr().err
+    )

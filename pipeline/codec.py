@@ -5,10 +5,14 @@ scoring workers turn it into a dead-letter entry with that reason. Pixels come b
 ``(height, width, 3)`` arrays through ``models.images`` (which imports no torch), so a frame decodes exactly as
 ``lineinspect score`` reads the same file. Nothing a frame carries gets past ``decode_pixels`` as another
 exception: its size is checked from the PNG/JPEG header or the raw shape before any pixel buffer is allocated.
+Nor does any payload get past ``decode_frame`` as another exception, or cost more than a bounded amount of memory
+and time: msgpack arrays and maps of more than ``MAX_CONTAINER_ITEMS`` items are refused before they are built
+(``tests/pipeline/test_codec_fuzz.py`` fuzzes both).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 from enum import StrEnum
@@ -19,7 +23,15 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from pipeline.messages import RECORDED_BEFORE_WIRE_TYPES, SCHEMA_VERSION, Decision, Encoding, Frame, FrameRef
+from pipeline.messages import (
+    RECORDED_BEFORE_WIRE_TYPES,
+    SCHEMA_VERSION,
+    Decision,
+    Encoding,
+    Frame,
+    FrameRef,
+    brief_repr,
+)
 
 MessageT = TypeVar("MessageT", bound=BaseModel)
 
@@ -56,6 +68,18 @@ def _printable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+# Items a msgpack array or map in a message may hold (a Frame's map has 11 fields, its metadata at most
+# messages.MAX_METADATA_ENTRIES, its one array, raw_shape, 2 or 3 sides); a payload holding a larger one is
+# not_msgpack, refused before any of it is built. msgpack allocates an array's declared length before reading its
+# items and by default takes any length up to the payload's size: 1,000 nested headers declaring 5,000 items each (a
+# 25 kB payload) allocated 82 MB and took 0.2 s; a 1 MB raw_shape of 1M strings took 4 s and 1.3 GB for pydantic's 1M
+# errors; a map of 1M keys (7 MB) 0.9 s to build.
+MAX_CONTAINER_ITEMS = 1024
+_CONTAINER_LIMITS = {"max_array_len": MAX_CONTAINER_ITEMS, "max_map_len": MAX_CONTAINER_ITEMS}
+# Problems an invalid_fields detail names per field, at most (pydantic reports one per bad item of raw_shape).
+MAX_PROBLEMS_PER_FIELD = 3
+
+
 def _pack(message: BaseModel) -> bytes:
     packed = msgpack.packb(message.model_dump(mode="python"), use_bin_type=True)
     assert isinstance(packed, bytes)
@@ -69,7 +93,7 @@ def _unpack(
         msg = f"payload is {len(payload)} bytes, limit is {max_bytes} (streams.max_frame_bytes)"
         raise CodecError(CodecErrorReason.OVERSIZED, msg)
     try:
-        data: Any = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        data: Any = msgpack.unpackb(payload, raw=False, strict_map_key=True, **_CONTAINER_LIMITS)
     except Exception as error:  # msgpack raises ValueError subclasses, TypeError (unhashable keys), RecursionError
         why = str(error) or type(error).__name__
         msg = f"payload of {len(payload)} bytes starting {payload[:16]!r} is not msgpack ({why})"
@@ -92,20 +116,28 @@ def _checked(data: Any, model: type[MessageT], context: dict[str, Any] | None = 
         raise CodecError(CodecErrorReason.NOT_A_MESSAGE, msg)
     version = data.get("version")
     if type(version) is not int or version != SCHEMA_VERSION:  # 1.0 and True equal 1 but are not version 1
-        msg = f"schema version {version!r}; this worker reads version {SCHEMA_VERSION}"
+        msg = f"schema version {brief_repr(version)}; this worker reads version {SCHEMA_VERSION}"
         raise CodecError(CodecErrorReason.UNKNOWN_VERSION, msg)
     try:
         return model.model_validate(data, context=context)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise CodecError(CodecErrorReason.INVALID_FIELDS, problems) from None
+        problems, per_field = [], collections.Counter[Any]()
+        for problem in error.errors(include_url=False):
+            per_field[problem["loc"][:1]] += 1
+            if per_field[problem["loc"][:1]] <= MAX_PROBLEMS_PER_FIELD:
+                problems.append(f"{_path_name(problem['loc'])}: {problem['msg']}")
+        more = error.error_count() - len(problems)
+        detail = "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
+        raise CodecError(CodecErrorReason.INVALID_FIELDS, detail) from None
 
 
 def _unpack_leniently(payload: bytes) -> Any:
     """``payload`` unpacked with any map key and invalid UTF-8 in str kept (as surrogates), or None when that fails
     too: only to name the field of a payload the strict unpacking refused."""
     try:
-        return msgpack.unpackb(payload, raw=False, strict_map_key=False, unicode_errors="surrogateescape")
+        return msgpack.unpackb(
+            payload, raw=False, strict_map_key=False, unicode_errors="surrogateescape", **_CONTAINER_LIMITS
+        )
     except Exception:
         return None
 
@@ -200,12 +232,15 @@ def peek_frame_ref(payload: bytes | None, line_id: str, received_at_ns: int) -> 
 
 
 def _peek_fields(payload: bytes, wanted: tuple[str, ...]) -> dict[str, Any]:
-    """The ``wanted`` top-level keys of a msgpack map payload, as far as it can be read (stops at the first error)."""
+    """The ``wanted`` top-level keys of a msgpack map payload, as far as it can be read (stops at the first error,
+    and after ``MAX_CONTAINER_ITEMS`` keys)."""
     found: dict[str, Any] = {}
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(payload), 1))
+    unpacker = msgpack.Unpacker(
+        raw=False, strict_map_key=False, max_buffer_size=max(len(payload), 1), **_CONTAINER_LIMITS
+    )
     try:
         unpacker.feed(payload)
-        for _ in range(unpacker.read_map_header()):
+        for _ in range(min(unpacker.read_map_header(), MAX_CONTAINER_ITEMS)):  # a Frame's map has 11 keys
             key = unpacker.unpack()
             if isinstance(key, str) and key in wanted:
                 found[key] = unpacker.unpack()

@@ -14,7 +14,8 @@ Frame pixels travel as ``encoding``:
 Integer fields (``version``, ``sequence``, ``captured_at_ns``, ``raw_shape``) are strict: ``1.0``, ``True`` or
 ``"5"`` are rejected rather than coerced, so a producer's type bug surfaces as ``invalid_fields`` at the first frame.
 So are a Frame's msgpack types: text (``line_id``, ``camera_id``, ``frame_id``, metadata keys) must be str, not bin,
-``data`` must be bin, not str (an old encoder's raw type), and metadata values str, int, float, bool or nil.
+``data`` must be bin, not str (an old encoder's raw type), and metadata values str, int, float, bool or nil, at most
+``MAX_METADATA_ENTRIES`` (256) of them.
 
 A Decision on the internal results stream may carry the anomaly map (``(map_size, map_size)`` float16 bytes) so
 the sink can draw a heatmap; the sink strips it before publishing the decision on the line's output stream.
@@ -22,6 +23,7 @@ the sink can draw a heatmap; the sink strips it before publishing the decision o
 
 from __future__ import annotations
 
+import reprlib
 import time
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -61,10 +63,25 @@ def wire_type(value: Any) -> str:
     return next((name for kind, name in _WIRE_TYPES.items() if isinstance(value, kind)), type(value).__name__)
 
 
+def brief_repr(value: Any) -> str:
+    """A repr of ``value`` of at most about 100 characters, for error messages, built without the repr of the whole
+    of a huge or deeply nested value (seconds, or a RecursionError, on what a 16 MiB payload can hold)."""
+    if isinstance(value, bytes | bytearray):
+        return repr(bytes(value[:40])) + ("..." if len(value) > 40 else "")
+    return _BRIEF.repr(value)
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 3, 60, 60
+
+
 # Validation context (``{RECORDED_BEFORE_WIRE_TYPES: True}``) under which a Frame takes the msgpack types lineinspect
 # took before it checked them (text as bin, ``data`` as str, metadata as bin): recordings made then hold such frames
 # (``pipeline.codec.decode_recorded_frame``). Never for frames on a stream.
 RECORDED_BEFORE_WIRE_TYPES = "recorded_before_wire_types"
+# Entries a frame's metadata may hold (part number, recipe, source file, label...): it is copied into the frame's
+# decision on the results and decisions streams, and 200,000 of them (2 MB) cost the scorer 40 MB to validate.
+MAX_METADATA_ENTRIES = 256
 
 
 def _recorded_before(info: ValidationInfo) -> bool:
@@ -92,12 +109,16 @@ def _wire_metadata(value: Any, info: ValidationInfo) -> Any:
     would be decoded as UTF-8 by pydantic, silently."""
     if not isinstance(value, dict) or _recorded_before(info):
         return value  # pydantic says it is not a map; or a recorded frame, taken as it was then
+    if len(value) > MAX_METADATA_ENTRIES:
+        msg = f"holds {len(value)} entries; a frame's metadata holds at most {MAX_METADATA_ENTRIES}"
+        raise ValueError(msg)
     for key, item in value.items():
         if not isinstance(key, str):
-            msg = f"key {key!r:.40} is msgpack {wire_type(key)}; metadata keys must be str"
+            msg = f"key {brief_repr(key):.40} is msgpack {wire_type(key)}; metadata keys must be str"
             raise ValueError(msg)
         if item is not None and not isinstance(item, str | int | float):  # bool is an int
-            msg = f"{key!r:.40} is msgpack {wire_type(item)}; metadata values must be str, int, float, bool or nil"
+            kind = wire_type(item)
+            msg = f"{brief_repr(key):.40} is msgpack {kind}; metadata values must be str, int, float, bool or nil"
             raise ValueError(msg)
     return value
 

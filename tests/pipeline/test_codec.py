@@ -401,10 +401,11 @@ def test_naming_a_wire_type_field_costs_memory_in_proportion_to_the_payload() ->
     # and 9 s, in the scorer's loop, per frame.
     import tracemalloc
 
-    values = 1_000_000
-    fields = {**msgpack.unpackb(encode_frame(make_frame())), "raw_shape": [1] * values, "metadata": {7: "x"}}
+    values = 1_000_000  # in arrays of 1000: a longer one is not_msgpack (codec.MAX_CONTAINER_ITEMS)
+    nested = [[1] * 1000 for _ in range(values // 1000)]
+    fields = {**msgpack.unpackb(encode_frame(make_frame())), "raw_shape": nested, "metadata": {7: "x"}}
     payload = msgpack.packb(fields, use_bin_type=True)
-    del fields
+    del fields, nested
     tracemalloc.start()
     try:
         with pytest.raises(CodecError) as caught:

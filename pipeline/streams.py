@@ -9,7 +9,8 @@ Keys for line ``L`` with prefix ``P`` (``streams.prefix``):
                       ``source_entry_id``, ``frame_id`` and the original ``payload`` (its first 64 KiB when larger,
                       then with ``payload_bytes``, the original size, and ``payload_truncated`` = ``1``)
 - ``P:L:frames:trimmed_unread``  hash: per consumer group, the entries trimmed before it read them (``group_stats``)
-- ``P:L:deadletter:commit:<token>``  a commit's reply, kept an hour for its retry (commits with dead letters only)
+- ``P:L:deadletter:commit:<token>``  a commit's reply, for its retry after a lost reply (commits with dead letters
+                                     only), deleted by the client's next commit, else after an hour
 - ``P:L:model``       the model directory the line's scoring workers should use (set it to hot-reload)
 - ``P:L:published:<frame_id>``  sorted set of the frame entry ids decided under that frame_id within a TTL: makes
                                 the sink's publish idempotent per frame, while a frame that reuses a frame_id still
@@ -50,7 +51,8 @@ ENTRY_TRIMMED = "entry_trimmed"  # dead-letter reason: an entry trimmed from its
 DEAD_LETTER_PAYLOAD_BYTES = 64 * 1024
 DEAD_LETTER_FRAME_ID_CHARS = 1000
 # How long a commit with dead letters keeps its reply for a retry whose first try's reply was lost (a Redis stall or
-# restart): longer than such outages last; only commits with dead letters (rare) keep one.
+# restart): longer than such outages last. The client's next commit deletes it once the reply came back, so this
+# bounds only the key of a client that commits no more (stopped, or killed while retrying).
 COMMIT_REPLY_TTL_S = 3600
 RETRIED_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionError, OSError)
 
@@ -132,27 +134,33 @@ end
 return taken
 """
 
-# Finish a batch atomically: acknowledge ARGV[5] ids of KEYS[1] for group ARGV[1] (and delete them when ARGV[2] is
-# '1'), append one payload to each of KEYS[3..] (MAXLEN ~ ARGV[3] unless it is ''; each payload followed by the id of
-# the entry it is the result of, or ''), then the dead letters to KEYS[2] (MAXLEN ~ ARGV[4]; each as a field count and
-# its field/value pairs). When none of the ids was still pending yet some are still in the stream, the batch was
+# Finish a batch atomically: acknowledge ARGV[5] ids of KEYS[1] for group ARGV[1] (and delete them when ARGV[2] is '1'),
+# append one payload to each of KEYS[4 + ARGV[8]..] (MAXLEN ~ ARGV[3] unless it is ''; each payload followed by the id
+# of the entry it is the result of, or ''), then the dead letters to KEYS[2] (MAXLEN ~ ARGV[4]; each as a field count
+# and its field/value pairs). When none of the ids was still pending yet some are still in the stream, the batch was
 # already committed (a retry after a reply lost to a stalled Redis: the MULTI/EXEC this replaces appended every result
 # and dead letter a second time) or a peer that claimed it committed it: nothing is appended. Ids gone from the stream
 # (trimmed, or results deleted once acknowledged) do not count, so a batch of trimmed frames still gets its dead
-# letters. A result or dead letter naming an entry (its source id; a dead letter's source_entry_id) that this commit
-# did not acknowledge is left out when the entry is still in the stream (a peer's claim took it from a stalled owner's
-# batch and committed it: claim pages do not follow batch boundaries; or an earlier try of this commit did) or when a
-# dead letter in KEYS[2] since the entry's time names it (a peer's claim found it trimmed and dead-lettered it
-# entry_trimmed: a result appended then gave the frame a decision beside that dead letter; or an earlier try of this
-# commit dead-lettered it). Otherwise it is appended: Redis restarted without its data, and a peer's read may have
-# recreated the group already, so XACK answers 0 though nobody else has the entry (an entry a peer, or an earlier try,
-# committed and that was trimmed since gets its result again, which the sink publishes once per frame). Returns {the
-# number acknowledged (-1 for none asked), the positions (from 1) of the dead letters appended}; a failed XACK (not a
-# stream) appends everything anyway and then returns its error, as the MULTI/EXEC did. A commit with dead letters
-# names a reply key (KEYS[3], ARGV[6] its token, else ''): its reply is kept there ARGV[7] s, and a retry of the same
-# call (its reply lost) gets it back without running again. Without it the retry answered "already committed, none
-# appended", and the worker's lineinspect_dead_letters_total missed the letters its first try had appended.
+# letters. A result or dead letter naming an entry (its source id; a dead letter's source_entry_id) that this commit did
+# not acknowledge is left out when the entry is still in the stream (a peer's claim took it from a stalled owner's batch
+# and committed it: claim pages do not follow batch boundaries; or an earlier try of this commit did) or when a dead
+# letter in KEYS[2] since the entry's time names it (a peer's claim found it trimmed and dead-lettered it entry_trimmed:
+# a result appended then gave the frame a decision beside that dead letter; or an earlier try of this commit
+# dead-lettered it). Otherwise it is appended: Redis restarted without its data, and a peer's read may have recreated
+# the group already, so XACK answers 0 though nobody else has the entry (an entry a peer, or an earlier try, committed
+# and that was trimmed since gets its result again, which the sink publishes once per frame). Returns {the number
+# acknowledged (-1 for none asked), the positions (from 1) of the dead letters appended}; a failed XACK (not a stream)
+# appends everything anyway and then returns its error, as the MULTI/EXEC did. A commit with dead letters names a reply
+# key (KEYS[3], ARGV[6] its token, else ''): its reply is kept there ARGV[7] s, and a retry of the same call (its reply
+# lost) gets it back without running again. Without it the retry answered "already committed, none appended", and the
+# worker's lineinspect_dead_letters_total missed the letters its first try had appended. The ARGV[8] keys KEYS[4..] are
+# reply keys of the client's earlier commits whose replies it has received: deleted first, so reply keys do not pile up
+# for their TTL (a flood of garbage frames made one per batch: ~690 a second per scorer).
 _COMMIT = """
+local n_forget = tonumber(ARGV[8])
+for index = 4, 3 + n_forget do
+  redis.call('DEL', KEYS[index])
+end
 if ARGV[6] ~= '' then
   local earlier = redis.call('GET', KEYS[3])
   if earlier then
@@ -163,7 +171,7 @@ if ARGV[6] ~= '' then
   end
 end
 local n_acks = tonumber(ARGV[5])
-local at = 8
+local at = 9
 local acked, existing, ack_error = 0, 0, nil
 local not_acked_here, gone, oldest = {}, {}, nil
 for index = 1, n_acks do
@@ -200,7 +208,7 @@ end
 local function ours(source)
   return ack_error or not source or source == '' or not not_acked_here[source]
 end
-for key_index = 4, #KEYS do
+for key_index = 4 + n_forget, #KEYS do
   if ours(ARGV[at + 1]) then
     if ARGV[3] == '' then
       redis.call('XADD', KEYS[key_index], '*', 'payload', ARGV[at])
@@ -531,6 +539,9 @@ class StreamClient:
         self._claim_idle = self.redis.register_script(_CLAIM_IDLE)
         self._keep_claimed = self.redis.register_script(_KEEP_CLAIMED)
         self._commit = self.redis.register_script(_COMMIT)
+        # Reply keys of this client's commits whose replies came back: the next commit deletes them (``_COMMIT``).
+        self._replies_received: list[str] = []
+        self._replies_lock = threading.Lock()  # the sink commits from two threads
         self._group_stats = self.redis.register_script(_GROUP_STATS)
 
     def close(self) -> None:
@@ -773,7 +784,8 @@ class StreamClient:
         is still in the stream (a peer's claim took and committed it) or that a dead letter names (a peer's claim
         found it trimmed); one that is neither (Redis lost its data) keeps them. Returns the dead letters appended, for
         the worker's metrics: by the first try when a retry follows a lost reply (the script keeps the reply of a
-        commit with dead letters for ``COMMIT_REPLY_TTL_S``), none when a peer committed them."""
+        commit with dead letters until this client's next commit, which deletes it, or ``COMMIT_REPLY_TTL_S`` when
+        none follows: so a client leaves at most one reply key behind), none when a peer committed them."""
         if commit.append_sources and len(commit.append_sources) != len(commit.appends):
             msg = f"append_sources names {len(commit.append_sources)} entries for {len(commit.appends)} appends"
             raise ValueError(msg)
@@ -781,18 +793,28 @@ class StreamClient:
             return []
         token = uuid.uuid4().hex if commit.dead_letters else ""  # one per call: _call's retries share it
         reply_key = commit_reply_key(deadletter_stream, token) if token else deadletter_stream
-        keys = [stream, deadletter_stream, reply_key, *(target for target, _ in commit.appends)]
+        with self._replies_lock:
+            forget, self._replies_received = self._replies_received, []
+        keys = [stream, deadletter_stream, reply_key, *forget, *(target for target, _ in commit.appends)]
         appends_maxlen = self.settings.maxlen if commit.trim_appends else ""
         sources = commit.append_sources or [""] * len(commit.appends)
         args: list[str | bytes | int] = [group, "1" if commit.delete_acked else "0", appends_maxlen,
                                          self.settings.maxlen, len(commit.acks), token, COMMIT_REPLY_TTL_S,
-                                         *commit.acks]  # fmt: skip
+                                         len(forget), *commit.acks]  # fmt: skip
         for (_, payload), source in zip(commit.appends, sources, strict=True):
             args += [payload, source]
         for letter in commit.dead_letters:
             fields = [item for pair in _dead_letter_fields(letter, stream).items() for item in pair]
             args += [len(fields), *fields]
-        acked, appended = self._call(lambda: self._commit(keys=keys, args=args), "commit")
+        try:
+            acked, appended = self._call(lambda: self._commit(keys=keys, args=args), "commit")
+        except Exception:
+            with self._replies_lock:  # maybe not deleted: the next commit tries again (DEL of a missing key is a no-op)
+                self._replies_received[:0] = forget
+            raise
+        if token:  # the reply is in hand: its key is needed no longer (a retry of this call can come no more)
+            with self._replies_lock:
+                self._replies_received.append(reply_key)
         written = [commit.dead_letters[position - 1] for position in appended]
         if acked == 0 and commit.acks and (commit.appends or commit.dead_letters):
             logger.info("batch already committed (a retried commit, or a peer's claim): nothing appended again",

@@ -102,6 +102,19 @@ def test_deployments_run_real_commands_drain_and_probe_healthz(documents: list[d
         assert any(mount["mountPath"] == "/tmp" for mount in container["volumeMounts"])
 
 
+def test_only_livez_restarts_a_pod(documents: list[dict[str, Any]]) -> None:
+    """Kubernetes restarts a container whose startup or liveness probe fails. /healthz is readiness: 503 while a
+    scorer loads its model (tests/workers/test_score_startup.py) and while a worker waits for an unreachable Redis,
+    which no restart fixes. /livez stays 200 through both and turns 503 by itself once a load outlasts
+    worker.max_startup_s or a batch worker.max_batch_duration_s, so it alone may restart a pod."""
+    for deployment in of_kind(documents, "Deployment"):
+        (container,) = pod_spec(deployment)["containers"]
+        restarting = {kind: container[kind] for kind in ("startupProbe", "livenessProbe") if kind in container}
+        assert "livenessProbe" in restarting, deployment["metadata"]["name"]
+        for kind, probe in restarting.items():
+            assert probe["httpGet"]["path"] == "/livez", f"{deployment['metadata']['name']}: {kind}"
+
+
 def test_scorers_request_a_gpu_and_mount_the_model_read_only(documents: list[dict[str, Any]]) -> None:
     (scorer,) = [
         d for d in of_kind(documents, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "score"
@@ -110,7 +123,6 @@ def test_scorers_request_a_gpu_and_mount_the_model_read_only(documents: list[dic
     (container,) = spec["containers"]
     resources = container["resources"]
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
-    assert "startupProbe" in container  # model loading may outlast the liveness probe's patience
     mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
     volumes = {volume["name"]: volume for volume in spec["volumes"]}
     assert mounts["models"]["readOnly"] is True

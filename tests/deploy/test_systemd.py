@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.config import load_config
 from tests.deploy.conftest import drain_timeout_s, parse_lineinspect
@@ -87,6 +88,25 @@ def test_ports_in_the_example_env_files_match_prometheus_yml(deploy_dir: Path) -
     for example in ("score-line-1-a.env", "ingest-cam1.env", "sink-line-1.env"):
         ports = [value for key, value in env_file(deploy_dir / "systemd" / "env" / example).items() if "PORT" in key]
         assert ports and all(f"127.0.0.1:{port}" in scrape for port in ports), example
+
+
+def test_prometheus_yml_scrapes_no_worker_the_examples_do_not_start(deploy_dir: Path) -> None:
+    """deploy/README.md's steps start the example units only: a target with nothing behind it is `up == 0`, and
+    LineinspectWorkerDown (critical) would page from the first minute of a correct install."""
+    config = yaml.safe_load((deploy_dir / "prometheus" / "prometheus.yml").read_text())
+    scraped = {
+        (scrape["job_name"], target)
+        for scrape in config["scrape_configs"]
+        if scrape["job_name"].startswith("lineinspect-")
+        for group in scrape["static_configs"]
+        for target in group["targets"]
+    }
+    started = set()
+    for unit, (_, example, _) in UNITS.items():
+        job = "lineinspect-" + unit.removeprefix("lineinspect-").split("@")[0]
+        ports = [value for key, value in env_file(deploy_dir / "systemd" / "env" / example).items() if "PORT" in key]
+        started |= {(job, f"127.0.0.1:{port}") for port in ports}
+    assert scraped == started
 
 
 def test_systemd_analyze_verify_accepts_the_units(deploy_dir: Path, tmp_path: Path) -> None:

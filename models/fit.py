@@ -9,9 +9,10 @@ fewer than 2 (its threshold would fail about half of all good parts) is fitted o
 threshold, and no slice is kept out that would leave fewer than 2 images to fit (``MIN_FIT_IMAGES``); thresholds
 from fewer than 20 images are unreliable and say so (``models.threshold``, benchmarks/RESULTS.md section 7). Each
 ``[fusion]`` member is fitted the same way on the same slices, with its own position statistics; the threshold is
-set on the fused scores. Unreadable images are skipped with a warning; fitting fails only when no valid image is
-left. With ``[model] intensity = "auto"`` the good images outside the threshold slice first choose standardised or
-raw frames (``models.intensity``) and, with ``registration`` on or "auto", a reference pose that every frame is
+set on the fused scores. Unreadable images are skipped with a warning, those whose header cannot be read before
+the slices are cut (so every count above is of readable images); fitting fails only when no valid image is left.
+With ``[model] intensity = "auto"`` the good images outside the threshold slice first choose standardised or raw
+frames (``models.intensity``) and, with ``registration`` on or "auto", a reference pose that every frame is
 moved into (``models.registration``); the model stores both choices and how they were made. An inspection mask
 (``[model] inspection_mask``) is read first and checked against every good image's aspect; the intensity choice,
 the registration and every member look at its inspected pixels only, and the model stores it.
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.datasets import image_shape
 from models.images import ImageError, read_image
 from models.inspection_mask import InspectionMask
 from models.intensity import choose_intensity
@@ -46,6 +48,7 @@ from pipeline.config import Config, IntensitySetting, Resize
 log = logging.getLogger(__name__)
 MIN_FIT_IMAGES = 2  # PaDiM, N-pad and the Gaussian method estimate covariances: no slice is kept out below this
 FEW_GOOD_IMAGES = 100  # fewer: the model is much weaker, and says so (benchmarks/RESULTS.md section 7)
+NAMED_UNREADABLE = 20  # unreadable files an error names one by one
 
 
 def holdout_split(paths: Sequence[Path], fraction: float, salt: str = "") -> tuple[list[Path], list[Path]]:
@@ -167,6 +170,10 @@ def fit_scorer(
     if not image_paths:
         msg = "no training images given"
         raise ValueError(msg)
+    # unreadable files are dropped before the slices are cut: counted as images, they could leave a slice or the
+    # fit with too few readable ones (3 good images and 3 empty files failed in PaDiM's covariances) and made every
+    # count told to the user wrong
+    image_paths, skipped = _drop_unreadable(image_paths)
     if len(image_paths) < FEW_GOOD_IMAGES:
         log.warning("%d good images are few: on MTD's validation split the default model's image AUROC on subtle "
                     "synthetic defects rose from 54 with 10 good images to 73 with 50, 85 with 200 and 92 with 591 "
@@ -206,7 +213,6 @@ def fit_scorer(
         fit_paths = remaining
     else:
         normalisation_paths = []
-    skipped: list[str] = []
     registered = registration.registration
     scorer = _fit_one(config, fit_paths, normalisation_paths, progress, skipped, source, registered, mask)
     if config.fusion_members and scorer.position_stats is None:
@@ -232,6 +238,31 @@ def fit_scorer(
                                           registration_choice=registration.description)  # fmt: skip
     log.info("fitted %s from %d images in %.1f s", scorer.describe(), scorer.training.images, fit_seconds)
     return scorer
+
+
+def _drop_unreadable(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
+    """``(readable, reasons)``: the files whose header can be read (``models.datasets.image_shape``: nothing is
+    decoded), and why each other one cannot, warned about once here. A file whose header reads but whose pixels do
+    not (cut short, damaged) is still skipped where it is read. Raises ValueError when none is readable."""
+    readable: list[Path] = []
+    reasons: list[str] = []
+    for path in paths:
+        if image_shape(path) is not None:
+            readable.append(path)
+            continue
+        try:
+            read_image(path, keep_depth=True)
+        except ImageError as error:
+            log.warning("skipping unreadable training image: %s", error)
+            reasons.append(str(error))
+        else:
+            readable.append(path)
+    if not readable:
+        named = "\n  ".join(reasons[:NAMED_UNREADABLE])
+        more = f"\n  and {len(reasons) - NAMED_UNREADABLE} more" if len(reasons) > NAMED_UNREADABLE else ""
+        msg = f"no readable training image among {len(paths)} files:\n  {named}{more}"
+        raise ValueError(msg)
+    return readable, reasons
 
 
 def _fit_one(

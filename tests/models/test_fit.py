@@ -47,3 +47,35 @@ def test_a_threshold_slice_of_two_images_sets_a_threshold_and_warns_it_is_unreli
     with pytest.warns(UserWarning, match="From fewer than 20 good images such a threshold is unreliable"):
         scorer = fit_scorer(paths, tiny_config, progress=False, holdout_fraction=0.1)
     assert scorer.threshold is not None and scorer.threshold.good_images == 2
+
+
+def test_unreadable_files_are_dropped_before_the_slices_are_cut(
+    demo_line: DemoLine, tiny_config: Config, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # three good images and three empty files (a copy that failed): counted as images, the empty files put one good
+    # image in a threshold slice it could not fill and left one readable image to fit, and PaDiM failed on it
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for source, name in zip(sorted(demo_line.train_dir.iterdir()), ("good0", "good1", "good5"), strict=False):
+        (folder / f"{name}.png").write_bytes(source.read_bytes())
+    for number in range(3):
+        (folder / f"junk{number}.png").write_bytes(b"")
+    paths = sorted(folder.iterdir())
+    assert [path.name for path in holdout_split(paths, 0.1)[1]] == ["good5.png", "junk2.png"]  # the trap, as it was
+    with caplog.at_level(logging.WARNING, logger="models.fit"):
+        scorer = fit_scorer(paths, tiny_config, progress=False, holdout_fraction=0.1)
+    statistics = scorer.position_stats.images if scorer.position_stats else 0
+    assert scorer.training.images + statistics == 3 and scorer.threshold is None  # every good image fitted
+    assert sorted(reason.split(":")[0] for reason in scorer.training.skipped) == [
+        str(folder / f"junk{number}.png") for number in range(3)
+    ]
+    assert "3 good images are few" in caplog.text  # the readable ones, not 6
+    assert caplog.text.count("junk0.png: empty image data") == 1  # warned once, not once per fusion member
+
+
+def test_fitting_on_no_readable_image_names_the_files(tmp_path: Path, tiny_config: Config) -> None:
+    paths = [tmp_path / "a.png", tmp_path / "b.jpg"]
+    paths[0].write_bytes(b"")
+    paths[1].write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"no readable training image among 2 files:\n  .*a.png.*\n  .*b.jpg"):
+        fit_scorer(paths, tiny_config, progress=False)

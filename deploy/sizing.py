@@ -8,7 +8,8 @@
 ``resized`` stretches one tile to the frame size (smooth, a lower bound) and ``mosaic`` tiles native-resolution
 tiles side by side (sensor-like detail at every pixel). ``redis`` runs, on one connection each, what a line does
 per frame: ingest's ``XADD ... MAXLEN ~`` of an incompressible payload, and a scorer's ``XREADGROUP`` + ``XACK``;
-it deletes its stream afterwards. Both print one JSON object.
+it deletes its stream afterwards, having measured what the stream (``--maxlen`` entries once full) holds in Redis'
+memory. Both print one JSON object.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def measure_redis(url: str, payload_kb: int, seconds: float, maxlen: int) -> dic
             client.xack(stream, "scorers", *ids)
             read += len(ids)
         read_s = time.perf_counter() - start
-        memory = client.info("memory")["used_memory"]
+        stream_bytes = client.memory_usage(stream, samples=0)  # every entry, not a sample
+        stream_entries = client.xlen(stream)
     finally:
         client.delete(stream)
         client.close()
@@ -109,7 +111,8 @@ def measure_redis(url: str, payload_kb: int, seconds: float, maxlen: int) -> dic
         "xadd_mb_per_s": round(added * len(payload) / xadd_s / 1e6, 1),
         "xreadgroup_ack_per_s": round(read / read_s, 1) if read else None,
         "entries_read": read,
-        "used_memory_mb_with_stream": round(memory / 1e6, 1),
+        "stream_entries": stream_entries,
+        "stream_memory_mb": round(stream_bytes / 1e6, 1),
     }
 
 

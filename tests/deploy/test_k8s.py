@@ -26,22 +26,35 @@ ROLE_OF_COMMAND = {"ingest": "ingest", "score-worker": "score", "sink": "sink"}
 RUNTIME_SECTIONS = ("redis", "streams", "worker", "ingest", "sink")
 
 
-@pytest.fixture(scope="module")
-def documents(deploy_dir: Path) -> list[dict[str, Any]]:
+def load_documents(folder: Path) -> list[dict[str, Any]]:
+    """What ``kubectl apply -f FOLDER`` applies: the folder's own manifests, not its subfolders' (no ``-R``)."""
     docs = []
-    for path in sorted((deploy_dir / "k8s").glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
     return docs
+
+
+@pytest.fixture(scope="module")
+def documents(deploy_dir: Path) -> list[dict[str, Any]]:
+    return load_documents(deploy_dir / "k8s")
+
+
+@pytest.fixture(scope="module")
+def examples(deploy_dir: Path) -> list[dict[str, Any]]:
+    """Manifests an operator adapts and creates once (deploy/k8s/example/), never applied with the folder."""
+    return load_documents(deploy_dir / "k8s" / "example")
 
 
 def of_kind(documents: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [doc for doc in documents if doc["kind"] == kind]
 
 
-def test_manifests_validate_against_the_kubernetes_schemas(documents: list[dict[str, Any]]) -> None:
-    kinds = {doc["kind"] for doc in documents}
+def test_manifests_validate_against_the_kubernetes_schemas(
+    documents: list[dict[str, Any]], examples: list[dict[str, Any]]
+) -> None:
+    kinds = {doc["kind"] for doc in documents + examples}
     assert {"Namespace", "ConfigMap", "Secret", "PersistentVolumeClaim", "Deployment", "ScaledObject"} <= kinds
-    for doc in documents:
+    for doc in documents + examples:
         if doc["apiVersion"].startswith("keda.sh/"):
             continue  # a CRD: checked in test_keda_scales_scorers_on_the_frames_stream_lag
         for version in K8S_VERSIONS:
@@ -100,6 +113,24 @@ def test_deployments_run_real_commands_drain_and_probe_healthz(documents: list[d
         assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": port["name"]}
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert any(mount["mountPath"] == "/tmp" for mount in container["volumeMounts"])
+
+
+def test_applying_the_folder_never_overwrites_the_redis_secret(
+    documents: list[dict[str, Any]], examples: list[dict[str, Any]]
+) -> None:
+    """The operator creates the Redis Secret with the password; `kubectl apply -f deploy/k8s/`, run again for any
+    change, must not replace it with an example's password-less URL (pods restarted later would fail to connect)."""
+    assert of_kind(documents, "Secret") == []
+    (secret,) = of_kind(examples, "Secret")
+    name = secret["metadata"]["name"]
+    for deployment in of_kind(documents, "Deployment"):
+        (container,) = pod_spec(deployment)["containers"]
+        refs = [item["valueFrom"]["secretKeyRef"] for item in container["env"] if "valueFrom" in item]
+        assert {ref["name"] for ref in refs} == {name}
+        assert {ref["key"] for ref in refs} <= set(secret["stringData"])
+    (scaled,) = of_kind(documents, "ScaledObject")
+    database = secret["stringData"]["url"].rsplit("/", 1)[1]
+    assert scaled["spec"]["triggers"][0]["metadata"]["databaseIndex"] == database  # KEDA reads where workers write
 
 
 def test_only_livez_restarts_a_pod(documents: list[dict[str, Any]]) -> None:

@@ -52,6 +52,13 @@ def parse_lineinspect(argv: list[str]) -> argparse.Namespace:
         pytest.fail(f"lineinspect rejects {argv}")
 
 
-def drain_timeout_s() -> float:
-    """worker.drain_timeout_s as config.toml sets it: grace periods must exceed it."""
-    return load_config(REPO_ROOT / "config.toml", environ={}).worker.drain_timeout_s
+def stop_bound_s() -> float:
+    """How long a worker may take to exit after SIGTERM with config.toml's settings, which supervisors' grace periods
+    must exceed: worker.drain_timeout_s to finish what it holds (retries through a Redis outage end there too), then
+    joining its in-hand keeper, which may be inside one Redis call (redis.connect_timeout_s + 1 s, workers/in_hand.py),
+    then waiting for a heartbeat write in flight before removing its key (one socket timeout, connect_timeout_s +
+    streams.block_ms, WorkerRuntime.exit_wait_s)."""
+    config = load_config(REPO_ROOT / "config.toml", environ={})
+    keeper_join_s = config.redis.connect_timeout_s + 1.0
+    key_removal_s = config.redis.connect_timeout_s + config.streams.block_ms / 1000.0
+    return config.worker.drain_timeout_s + keeper_join_s + key_removal_s

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.conftest import drain_timeout_s, parse_lineinspect
+from tests.deploy.conftest import parse_lineinspect, stop_bound_s
 from tests.workers.processes import REPO_ROOT
 from workers.lifecycle import default_worker_name
 
@@ -45,7 +45,7 @@ def test_compose_has_the_services_with_real_commands_and_drain_time(compose: dic
         assert getattr(args, "name", None) is None  # the health check finds the default <hostname>-<role> name
         assert service["environment"]["LINEINSPECT_ROLE"] == command
         assert service["environment"]["REDIS_URL"].startswith("redis://redis:6379")
-        assert seconds(service["stop_grace_period"]) > drain_timeout_s()
+        assert seconds(service["stop_grace_period"]) > stop_bound_s()
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "--appendonly" in services["redis"]["command"]
     model_mounts = [mount for mount in services["score-worker"]["volumes"] if ":/models/" in mount]

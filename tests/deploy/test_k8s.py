@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.config import config_from_mapping, load_config
 from pipeline.streams import SCORER_GROUP, LineKeys
-from tests.deploy.conftest import drain_timeout_s, parse_lineinspect
+from tests.deploy.conftest import parse_lineinspect, stop_bound_s
 from tests.workers.processes import REPO_ROOT
 
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())  # an older, still common cluster, and the newest
@@ -94,7 +94,7 @@ def test_deployments_run_real_commands_drain_and_probe_healthz(documents: list[d
     assert components == {"score", "ingest", "sink"}
     for deployment in deployments:
         spec = pod_spec(deployment)
-        assert spec["terminationGracePeriodSeconds"] > drain_timeout_s()
+        assert spec["terminationGracePeriodSeconds"] > stop_bound_s()
         assert spec["securityContext"]["runAsNonRoot"] is True
         (container,) = spec["containers"]
         args = parse_lineinspect(container["args"])

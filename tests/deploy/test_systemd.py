@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from tests.deploy.conftest import drain_timeout_s, parse_lineinspect
+from tests.deploy.conftest import parse_lineinspect, stop_bound_s
 from tests.workers.processes import REPO_ROOT
 
 INSTALLED = "/opt/lineinspect/.venv/bin/lineinspect"
@@ -58,7 +58,7 @@ def test_unit_restarts_on_failure_and_stops_with_a_drain(deploy_dir: Path, unit:
     assert service["Restart"] == "on-failure"
     assert service["KillSignal"] == "SIGTERM"
     assert service["KillMode"] == "mixed"  # SIGTERM to the worker only, not to every thread/child at once
-    assert float(service["TimeoutStopSec"]) > drain_timeout_s()
+    assert float(service["TimeoutStopSec"]) > stop_bound_s()
     assert "ExecStop" not in service  # systemd would send KillSignal after it: a second SIGTERM skips the drain
     assert service["User"] not in ("root", "0")
     env_files = [value for key, value in entries["Service"] if key == "EnvironmentFile"]

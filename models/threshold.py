@@ -16,15 +16,21 @@ from models.scorer import Threshold
 
 MIN_GOOD_IMAGES = 2  # one score has no spread for a margin: its threshold would fail half of all good parts
 RELIABLE_GOOD_IMAGES = 20  # fewer: thresholds rejected 1-50% of other good images on validation (RESULTS.md 7)
+# Share of other good parts that thresholds set from k good images (their largest score plus one inter-quartile
+# range) rejected on MTD's validation split: the mean over 13 models of 2,000 draws each (RESULTS.md section 7)
+VALIDATION_REJECTS = {2: 0.231, 3: 0.129, 5: 0.066, 10: 0.021, 20: 0.007, 50: 0.003}
+
+
+class ThresholdWarning(UserWarning):
+    """A threshold set from too few good images to measure its rate (the text of ``threshold_reliability``)."""
 
 
 def false_reject_threshold(good_scores: np.ndarray, false_reject_rate: float) -> Threshold:
     """Smallest threshold that rejects at most ``false_reject_rate`` of ``good_scores``.
 
     With fewer than ``1 / false_reject_rate`` good images the rate cannot be resolved: the threshold is then the
-    largest good score plus a margin of one inter-quartile range, and a warning says so (and, below
-    ``RELIABLE_GOOD_IMAGES``, how many good parts such thresholds rejected on validation). At least
-    ``MIN_GOOD_IMAGES`` are needed.
+    largest good score plus a margin of one inter-quartile range, and a warning says how far it can be trusted
+    (``threshold_reliability``). At least ``MIN_GOOD_IMAGES`` are needed.
     """
     if not 0 < false_reject_rate < 1:
         msg = f"false_reject_rate must be in (0, 1), got {false_reject_rate}"
@@ -40,28 +46,48 @@ def false_reject_threshold(good_scores: np.ndarray, false_reject_rate: float) ->
                f"has no spread to set a margin from, and a threshold at it fails about half of all good parts "
                f"(use at least {RELIABLE_GOOD_IMAGES} good images the model has not seen)")  # fmt: skip
         raise ValueError(msg)
-    # rounded first: a decimal rate times a count is often just below the integer it stands for in binary floats
-    # (0.009 x 3000 = 26.999999999999996 would allow 26 rejects, not 27)
-    allowed_rejects = math.floor(round(false_reject_rate * scores.size, 6))
+    allowed_rejects = _allowed_rejects(scores.size, false_reject_rate)
     if allowed_rejects == 0:
         spread = float(np.subtract(*np.percentile(scores, [75, 25])))  # at least MIN_GOOD_IMAGES scores
         value = float(scores[-1] + max(spread, 1e-6 * abs(scores[-1]), 1e-9))
-        unreliable = ""
-        if scores.size < RELIABLE_GOOD_IMAGES:
-            unreliable = (f" From fewer than {RELIABLE_GOOD_IMAGES} good images such a threshold is unreliable: on "
-                          "validation, thresholds from 2 good images rejected 23% of other good images on average, "
-                          "from 5 about 7%, from 10 about 2% (benchmarks/RESULTS.md section 7).")  # fmt: skip
-        warnings.warn(
-            f"{scores.size} good images cannot resolve a false-reject rate of {false_reject_rate:.2%}; "
-            f"threshold set just above the largest good score ({value:.4f}).{unreliable} Calibrate with at least "
-            f"{math.ceil(1 / false_reject_rate)} good images.",
-            stacklevel=2,
-        )
+        warnings.warn(f"threshold {value:.4f}: {threshold_reliability(scores.size, false_reject_rate)}",
+                      ThresholdWarning, stacklevel=2)  # fmt: skip
     else:
         # Everything strictly above the threshold fails; put it at the score that leaves allowed_rejects above it.
         value = float(scores[scores.size - allowed_rejects - 1])
     return Threshold(value=value, method="false_reject_rate", false_reject_rate=false_reject_rate,
                      good_images=int(scores.size))  # fmt: skip
+
+
+def _allowed_rejects(good_images: int, false_reject_rate: float) -> int:
+    # rounded first: a decimal rate times a count is often just below the integer it stands for in binary floats
+    # (0.009 x 3000 = 26.999999999999996 would allow 26 rejects, not 27)
+    return math.floor(round(false_reject_rate * good_images, 6))
+
+
+def threshold_reliability(good_images: int, false_reject_rate: float) -> str:
+    """How far a threshold that ``false_reject_threshold`` set from ``good_images`` scores can be trusted and what
+    to do about it, in words for the user; "" when the images measure the rate. Below ``RELIABLE_GOOD_IMAGES`` it
+    gives the share of good parts such thresholds rejected on validation (``VALIDATION_REJECTS``)."""
+    if _allowed_rejects(good_images, false_reject_rate) > 0:
+        return ""
+    needed = math.ceil(round(1 / false_reject_rate, 6))
+    text = (f"{good_images} good images cannot resolve a false-reject rate of {false_reject_rate:.2%} ({needed} "
+            "can): the threshold is set just above their largest score.")  # fmt: skip
+    if good_images >= RELIABLE_GOOD_IMAGES:
+        return (f"{text} On validation such thresholds rejected 0.7% of other good parts from 20 good images and "
+                f"0.3% from 50 (benchmarks/RESULTS.md section 7); for the rate itself calibrate on {needed} or more "
+                "good images the model has not seen.")  # fmt: skip
+    measured = sorted(VALIDATION_REJECTS)
+    below = max((count for count in measured if count <= good_images), default=measured[0])
+    above = min(count for count in measured if count >= good_images)
+    rejected = f"{VALIDATION_REJECTS[below]:.1%} of other good parts when set from {below} good images"
+    if above != below:
+        rejected += f" and {VALIDATION_REJECTS[above]:.1%} from {above}"
+    more = f"{RELIABLE_GOOD_IMAGES}, better {needed}," if needed > RELIABLE_GOOD_IMAGES else str(RELIABLE_GOOD_IMAGES)
+    return (f"{text} From fewer than {RELIABLE_GOOD_IMAGES} good images such a threshold is unreliable: on "
+            f"validation such thresholds rejected {rejected} (benchmarks/RESULTS.md section 7). Before trusting its "
+            f"verdicts, calibrate on at least {more} good images the model has not seen.")  # fmt: skip
 
 
 def best_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from workers.stream_commands import add_stream_commands
 
 if TYPE_CHECKING:
+    from models.scorer import Threshold
     from pipeline.config import Config
 
 log = logging.getLogger("lineinspect")
@@ -89,14 +90,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from models.artifact import check_model_destination
     from models.datasets import good_images
     from models.fit import fit_scorer
+    from models.threshold import RELIABLE_GOOD_IMAGES, ThresholdWarning
 
     config = _config(args)
     check_model_destination(args.out)  # before minutes of fitting, not after
     paths = good_images(args.good)
-    scorer = fit_scorer(paths, config, progress=not args.quiet, holdout_fraction=args.holdout,
-                         source=str(Path(args.good).resolve()))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ThresholdWarning)  # said with the command's result, below
+        scorer = fit_scorer(paths, config, progress=not args.quiet, holdout_fraction=args.holdout,
+                            source=str(Path(args.good).resolve()))  # fmt: skip
     model_id = scorer.save(args.out)
-    threshold = f"{scorer.threshold.value:.4f}" if scorer.threshold else "none (run calibrate)"
+    threshold = f"{scorer.threshold.value:.4f}" if scorer.threshold else "none"
     print(f"model {model_id} written to {args.out}: {scorer.describe()} "
           f"from {scorer.training.images} images in {scorer.training.fit_seconds:.1f} s; "
           f"threshold {threshold}")  # fmt: skip
@@ -104,7 +108,24 @@ def cmd_fit(args: argparse.Namespace) -> int:
                          ("registration", scorer.training.registration_choice)):  # fmt: skip
         if choice:
             print(f"{name} {choice}")
+    calibrate = f"`lineinspect calibrate --model {args.out} --good GOOD_IMAGES`"
+    if scorer.threshold is None:
+        print(f"no threshold: the model scores but gives no pass/fail verdicts until {calibrate} sets one from at "
+              f"least {RELIABLE_GOOD_IMAGES}, better {math.ceil(round(1 / config.threshold.false_reject_rate, 6))}, "
+              "good images it has not seen")  # fmt: skip
+    else:
+        _print_reliability(scorer.threshold, calibrate)
     return 0
+
+
+def _print_reliability(threshold: Threshold, calibrate: str) -> None:
+    """Say how far a threshold from few good images can be trusted (nothing when its images measure its rate)."""
+    from models.threshold import threshold_reliability
+
+    if threshold.method == "false_reject_rate" and threshold.false_reject_rate is not None:
+        reliability = threshold_reliability(threshold.good_images, threshold.false_reject_rate)
+        if reliability:
+            print(f"threshold {threshold.value:.4f}: {reliability.removesuffix('.')}: {calibrate}")
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -183,7 +204,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from models.datasets import calibration_images, is_dataset_root, test_items
     from models.errors import ArtifactError
     from models.fit import score_paths
-    from models.threshold import best_f1_threshold, false_reject_threshold
+    from models.threshold import ThresholdWarning, best_f1_threshold, false_reject_threshold
 
     rate = args.false_reject_rate if args.false_reject_rate is not None else _config(args).threshold.false_reject_rate
     scorer = load_scorer(args.model, args.device)
@@ -218,7 +239,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     batch = scorer.scoring.batch_size
     good_scores = score_paths(scorer, paths, batch, not args.quiet, "calibrate: scoring good images")
     refuse_too_few(len(good_scores))
-    threshold = false_reject_threshold(good_scores, rate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ThresholdWarning)  # said with the command's result, below
+        threshold = false_reject_threshold(good_scores, rate)
     if items:
         scored: list[Path] = []  # the readable ones, which have scores: their labels, not every item's
         scores = score_paths(scorer, [item.image for item in items], batch, not args.quiet,
@@ -230,8 +253,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             threshold = type(threshold)(**{**threshold.__dict__, "best_f1_value": best})
             print(f"best-F1 threshold on {args.data}: {best:.4f} (F1 {f1:.3f}); not applied")
     model_id = update_threshold(args.model, threshold)
-    print(f"threshold {threshold.value:.4f} (false-reject rate {rate:.2%} on "
-          f"{threshold.good_images} good images) written; model id is now {model_id}")  # fmt: skip
+    print(f"threshold {threshold.value:.4f} (false-reject rate {rate:.2%} asked, from {threshold.good_images} good "
+          f"images) written; model id is now {model_id}")  # fmt: skip
+    _print_reliability(threshold, f"`lineinspect calibrate --model {args.model} --good MORE_GOOD_IMAGES`")
     return 0
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from models.threshold import best_f1_threshold, false_reject_threshold
+from models.threshold import best_f1_threshold, false_reject_threshold, threshold_reliability
 
 
 def test_false_reject_rate_is_met_on_the_good_scores() -> None:
@@ -38,6 +38,21 @@ def test_fewer_than_20_good_images_are_called_unreliable_and_more_are_not() -> N
         false_reject_threshold(np.arange(20.0), 0.005)
     assert len(caught) == 1 and "cannot resolve" in str(caught[0].message)
     assert "unreliable" not in str(caught[0].message)
+
+
+def test_a_threshold_from_few_images_says_what_such_thresholds_rejected_and_what_to_do() -> None:
+    three = threshold_reliability(3, 0.005)
+    assert "rejected 12.9% of other good parts when set from 3 good images (benchmarks" in three
+    assert three.endswith("calibrate on at least 20, better 200, good images the model has not seen.")
+    # between two measured counts: both, the one below first
+    assert "rejected 6.6% of other good parts when set from 5 good images and 2.1% from 10" in threshold_reliability(
+        7, 0.005
+    )
+    # a rate 20 images can measure still asks for 20: fewer are unreliable whatever the rate
+    assert threshold_reliability(5, 0.1).endswith("calibrate on at least 20 good images the model has not seen.")
+    fifty = threshold_reliability(50, 0.005)
+    assert "unreliable" not in fifty and "calibrate on 200 or more" in fifty
+    assert threshold_reliability(200, 0.005) == "" and threshold_reliability(20, 0.05) == ""
 
 
 def test_best_f1_separates_separable_scores() -> None:

@@ -13,6 +13,7 @@ and time: msgpack arrays and maps of more than ``MAX_CONTAINER_ITEMS`` items are
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import math
 from enum import StrEnum
@@ -24,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from pipeline.messages import (
+    CONTROL_CHARACTER,
     RECORDED_BEFORE_WIRE_TYPES,
     SCHEMA_VERSION,
     Decision,
@@ -31,6 +33,7 @@ from pipeline.messages import (
     Frame,
     FrameRef,
     brief_repr,
+    id_problem,
 )
 
 MessageT = TypeVar("MessageT", bound=BaseModel)
@@ -199,36 +202,48 @@ def decode_recorded_frame(payload: bytes) -> Frame:
     return _unpack(payload, Frame, None, {RECORDED_BEFORE_WIRE_TYPES: True})
 
 
-# A frame id longer than this is not taken as a name for the frame (it would be copied into every record about it).
-MAX_PEEKED_ID_CHARS = 200
+# Characters of a refused id a stand-in keeps readable (with ``~`` and ``ID_HASH_CHARS`` of the id's hash).
+STAND_IN_PREFIX_CHARS = 64
+ID_HASH_CHARS = 16
 
 
 def peek_frame_ref(payload: bytes | None, line_id: str, received_at_ns: int) -> FrameRef | None:
     """Best effort, for a payload ``decode_frame`` rejected: what it says about the frame's identity, or None when
-    it holds no usable ``frame_id`` (a non-empty string in a msgpack map). Fields that are missing or of the wrong
-    type fall back to ``line_id``, camera ``unknown``, sequence 0 and ``received_at_ns``. Reads the map's keys one
-    by one, skipping values, so an oversized payload is never unpacked whole."""
+    it holds no ``frame_id`` (a non-empty string in a msgpack map). Fields that are missing, of the wrong type or no
+    valid id (``messages.id_problem``) fall back to ``line_id``, camera ``unknown``, sequence 0 and
+    ``received_at_ns``; a ``frame_id`` that is no valid id (over ``MAX_ID_CHARS``, a control character) is named by
+    a stand-in (``stand_in_id``), so its frame still gets an error decision without the decision, its Redis key or
+    a log line carrying the id. Reads the map's keys one by one, skipping values, so an oversized payload is never
+    unpacked whole."""
     fields = _peek_fields(payload or b"", ("frame_id", "line_id", "camera_id", "sequence", "captured_at_ns"))
     frame_id = fields.get("frame_id")
-    if not isinstance(frame_id, str) or not 0 < len(frame_id) <= MAX_PEEKED_ID_CHARS:
+    if not isinstance(frame_id, str) or not frame_id:
         return None
 
     def text(key: str, default: str) -> str:
         value = fields.get(key)
-        return value if isinstance(value, str) and 0 < len(value) <= MAX_PEEKED_ID_CHARS else default
+        return value if isinstance(value, str) and value and id_problem(value) is None else default
 
     def count(key: str, default: int) -> int:
         value = fields.get(key)
         return value if type(value) is int and value >= 0 else default
 
     return FrameRef(
-        frame_id=frame_id,
+        frame_id=frame_id if id_problem(frame_id) is None else stand_in_id(frame_id),
         line_id=text("line_id", line_id),
         camera_id=text("camera_id", "unknown"),
         sequence=count("sequence", 0),
         captured_at_ns=count("captured_at_ns", received_at_ns),
         metadata={},  # not trusted: the payload failed validation
     )
+
+
+def stand_in_id(frame_id: str) -> str:
+    """A valid id naming ``frame_id``, which is none: its first ``STAND_IN_PREFIX_CHARS`` characters (control
+    characters as ``_``), ``~`` and a hash of the whole id, so two refused ids never share a stand-in."""
+    digest = hashlib.sha256(frame_id.encode("utf-8", "surrogatepass")).hexdigest()[:ID_HASH_CHARS]
+    readable = CONTROL_CHARACTER.sub("_", frame_id[:STAND_IN_PREFIX_CHARS])
+    return f"{readable}~{digest}"
 
 
 def _peek_fields(payload: bytes, wanted: tuple[str, ...]) -> dict[str, Any]:

@@ -15,7 +15,9 @@ Integer fields (``version``, ``sequence``, ``captured_at_ns``, ``raw_shape``) ar
 ``"5"`` are rejected rather than coerced, so a producer's type bug surfaces as ``invalid_fields`` at the first frame.
 So are a Frame's msgpack types: text (``line_id``, ``camera_id``, ``frame_id``, metadata keys) must be str, not bin,
 ``data`` must be bin, not str (an old encoder's raw type), and metadata values str, int, float, bool or nil, at most
-``MAX_METADATA_ENTRIES`` (256) of them.
+``MAX_METADATA_ENTRIES`` (256) of them. What one frame makes the pipeline and Redis hold is bounded too: ids are at
+most ``MAX_ID_CHARS`` (256) characters, none of them a control character, and metadata keys and text values at most
+``MAX_METADATA_BYTES`` (64 KiB) of UTF-8 in all.
 
 A Decision on the internal results stream may carry the anomaly map (``(map_size, map_size)`` float16 bytes) so
 the sink can draw a heatmap; the sink strips it before publishing the decision on the line's output stream.
@@ -23,6 +25,7 @@ the sink can draw a heatmap; the sink strips it before publishing the decision o
 
 from __future__ import annotations
 
+import re
 import reprlib
 import time
 from typing import Annotated, Any, Literal, NamedTuple
@@ -82,6 +85,17 @@ RECORDED_BEFORE_WIRE_TYPES = "recorded_before_wire_types"
 # Entries a frame's metadata may hold (part number, recipe, source file, label...): it is copied into the frame's
 # decision on the results and decisions streams, and 200,000 of them (2 MB) cost the scorer 40 MB to validate.
 MAX_METADATA_ENTRIES = 256
+# Characters a line_id, camera_id or frame_id may hold: the frame id names a Redis key (``P:L:published:<frame_id>``,
+# kept streams.published_ttl_s) and is copied into the frame's decision, dead letter and logs, so a 10 MB id would
+# be a 10 MB key name. Serials, UUIDs, timestamps and paths-like names fit with a wide margin.
+MAX_ID_CHARS = 256
+# Control characters (Unicode Cc: C0, DEL, C1) are refused in ids: a trailing CR/LF from a serial line or a file
+# makes an id that prints like another one and splits plain log lines. Colons, spaces and any printable text are ids.
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# UTF-8 bytes a frame's metadata keys and str values may hold together (lot numbers, serials, recipe, labels, a
+# source path, timestamps: a few kB at most): it is copied into the results and decisions streams, up to
+# streams.maxlen decisions of it, where the payload limit (16 MiB) alone would let one value take 16 MiB.
+MAX_METADATA_BYTES = 64 * 1024
 
 
 def _recorded_before(info: ValidationInfo) -> bool:
@@ -104,6 +118,44 @@ def _wire_data(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+def id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a frame's line, camera or frame id (too long, a control character), or None."""
+    if len(value) > MAX_ID_CHARS:
+        return f"is {len(value)} characters; ids hold at most {MAX_ID_CHARS}"
+    control = CONTROL_CHARACTER.search(value)
+    if control is not None:
+        where = control.start()
+        return f"holds control character U+{ord(control.group()):04X} at {where}; ids are printable text (strip CR/LF)"
+    return None
+
+
+def _bounded_id(value: str, info: ValidationInfo) -> str:
+    """An id the pipeline can name keys, decisions and log lines by; taken as it was in recordings made before."""
+    problem = None if _recorded_before(info) else id_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _text_bytes(text: str) -> int:
+    """UTF-8 length of ``text``; its character count (a lower bound) when that alone is over the metadata limit,
+    so a 16 MiB string is not encoded to be measured."""
+    return len(text) if len(text) > MAX_METADATA_BYTES else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _metadata_size_problem(metadata: dict[str, Any]) -> str | None:
+    """Why ``metadata``'s keys and str values are too much text for a frame to carry, or None."""
+    sizes = {}
+    for key, item in metadata.items():
+        sizes[key] = _text_bytes(key) + (_text_bytes(item) if isinstance(item, str) else 0)
+    total = sum(sizes.values())
+    if total <= MAX_METADATA_BYTES:
+        return None
+    largest = max(sizes, key=lambda key: sizes[key])
+    return (f"keys and str values hold at least {total} bytes of UTF-8 (largest {largest:.40}: {sizes[largest]}); "
+            f"a frame's metadata holds at most {MAX_METADATA_BYTES} (64 KiB) in all")  # fmt: skip
+
+
 def _wire_metadata(value: Any, info: ValidationInfo) -> Any:
     """Metadata keys must be str and values str, int, float, bool or nil, as msgpack sent them: a bin key or value
     would be decoded as UTF-8 by pydantic, silently."""
@@ -120,6 +172,9 @@ def _wire_metadata(value: Any, info: ValidationInfo) -> Any:
             kind = wire_type(item)
             msg = f"{brief_repr(key):.40} is msgpack {kind}; metadata values must be str, int, float, bool or nil"
             raise ValueError(msg)
+    problem = _metadata_size_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
@@ -140,6 +195,7 @@ class Frame(_Message):
 
     _version_is_int = field_validator("version", mode="before")(_exact_version)
     _text_is_str = field_validator("line_id", "camera_id", "frame_id", mode="before")(_wire_text)
+    _ids_bounded = field_validator("line_id", "camera_id", "frame_id")(_bounded_id)
     _data_is_bin = field_validator("data", mode="before")(_wire_data)
     _metadata_types = field_validator("metadata", mode="before")(_wire_metadata)
 

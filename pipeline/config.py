@@ -518,7 +518,7 @@ class WorkerSettings(_Section):
         default=180.0, gt=0,
         description="How long a scoring worker may take to load its model at start. Meanwhile it is shown starting "
         "(/livez 200, /healthz 503, its health key fresh); past it the start is taken for hung: /livez turns 503 and "
-        "the key expires 15 s later. Kubernetes' startup probe should allow at least as long.",
+        "the key expires 15 s later. Probes that restart a worker should ask /livez, which covers the load.",
     )  # fmt: skip
     health_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
 

@@ -65,7 +65,7 @@ class WorkerRuntime:
         # attempt's socket timeout (StreamClient's), by when Redis has answered it or the attempt has timed out. A
         # shorter wait let the process exit first, and the write, already sent, land later: the stopped worker's key
         # read "ok" for its whole TTL. Exiting waits at most this much more, within the supervisors' slack after
-        # worker.drain_timeout_s (Kubernetes 40 s, systemd 30 s against the 25 s drain).
+        # worker.drain_timeout_s (45 s in deploy/'s units, pods and Compose against the 25 s drain).
         self.exit_wait_s = config.redis.connect_timeout_s + config.streams.block_ms / 1000.0
         try:
             self.server = HealthServer(self.heartbeat, self.metrics, port)

@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.messages import id_problem
+
 ENV_PREFIX = "LINEINSPECT__"
 Resize = Literal["stretch", "pad", "tile"]  # how frames reach the model's square input (ModelSettings.resize)
 Intensity = Literal["raw", "standardise"]  # photometric normalisation of each frame (models.scorer.preprocess)
@@ -521,6 +523,17 @@ class WorkerSettings(_Section):
         "the key expires 15 s later. Probes that restart a worker should ask /livez, which covers the load.",
     )  # fmt: skip
     health_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
+
+    @field_validator("line_id")
+    @classmethod
+    def _line_id_is_an_id(cls, line_id: str) -> str:
+        """Every key of the line is named by it and every frame carries it: the wire's id rules (length, no control
+        character) apply, so a line's own frames are not refused as ``invalid_fields``."""
+        problem = id_problem(line_id)
+        if problem is not None:
+            msg = f"line id {line_id[:40]!r}{'...' if len(line_id) > 40 else ''} {problem}"
+            raise ValueError(msg)
+        return line_id
 
 
 class IngestSettings(_Section):

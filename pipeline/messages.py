@@ -143,7 +143,7 @@ def _text_bytes(text: str) -> int:
     return len(text) if len(text) > MAX_METADATA_BYTES else len(text.encode("utf-8", "surrogatepass"))
 
 
-def _metadata_size_problem(metadata: dict[str, Any]) -> str | None:
+def metadata_size_problem(metadata: dict[str, Any]) -> str | None:
     """Why ``metadata``'s keys and str values are too much text for a frame to carry, or None."""
     sizes = {}
     for key, item in metadata.items():
@@ -172,7 +172,7 @@ def _wire_metadata(value: Any, info: ValidationInfo) -> Any:
             kind = wire_type(item)
             msg = f"{brief_repr(key):.40} is msgpack {kind}; metadata values must be str, int, float, bool or nil"
             raise ValueError(msg)
-    problem = _metadata_size_problem(value)
+    problem = metadata_size_problem(value)
     if problem is not None:
         raise ValueError(problem)
     return value

@@ -16,7 +16,6 @@ import itertools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ from pipeline.codec import encode_frame
 from pipeline.messages import Frame
 from pipeline.streams import SCORER_GROUP, LineKeys
 from workers.lifecycle import WorkerRuntime
-from workers.sources import Capture, Source
+from workers.sources import Capture, Source, new_frame_id
 
 logger = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.2  # longest the publisher sleeps without a frame (heartbeats, stop)
@@ -183,7 +182,7 @@ class Ingestor:
         frame = Frame(
             line_id=self.line_id,
             camera_id=camera_id,
-            frame_id=f"{camera_id}-{uuid.uuid4().hex[:16]}",
+            frame_id=new_frame_id(camera_id),
             sequence=next(feed.sequence),
             captured_at_ns=capture.captured_at_ns,
             encoding=capture.encoding,

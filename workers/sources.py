@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Protocol
 import cv2
 
 from pipeline.codec import encode_pixels
-from pipeline.messages import Encoding, MetadataValue
+from pipeline.messages import Encoding, MetadataValue, id_problem
 
 ENCODED_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 LABEL_KEY = "label"  # frame metadata naming the part's truth: "good" or a defect type (replay reports by it)
@@ -149,6 +150,11 @@ class VideoSource:
             capture.release()
 
 
+def new_frame_id(camera_id: str) -> str:
+    """A frame id unique across restarts and ingest workers: the camera's id and 16 random hex digits."""
+    return f"{camera_id}-{uuid.uuid4().hex[:16]}"
+
+
 def parse_source(spec: str, default_camera_id: str, encoding: Encoding, jpeg_quality: int, speed: float) -> Source:
     """Build a source from ``[CAMERA_ID=]KIND:TARGET`` (see the module docstring)."""
     camera_id, _, rest = spec.partition("=") if "=" in spec.split(":", 1)[0] else ("", "", spec)
@@ -157,6 +163,11 @@ def parse_source(spec: str, default_camera_id: str, encoding: Encoding, jpeg_qua
         msg = f"source {spec!r} must look like [CAMERA_ID=]KIND:TARGET, e.g. cam1=folder:images/"
         raise ValueError(msg)
     camera_id = camera_id or default_camera_id
+    problem = id_problem(new_frame_id(camera_id))
+    if problem is not None:  # checked here, or the ingest worker would stop at its first frame
+        msg = (f"camera id {camera_id[:40]!r}{'...' if len(camera_id) > 40 else ''} in {spec[:80]!r}: a frame id "
+               f"made from it (CAMERA_ID-<16 hex digits>) {problem}")  # fmt: skip
+        raise ValueError(msg)
     if kind in ("folder", "loop-folder"):
         return FolderSource(camera_id, Path(target), loop=kind == "loop-folder")
     if kind == "video":

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.logs import setup_logging
+from pipeline.messages import id_problem, metadata_size_problem
 from pipeline.streams import LineKeys, StreamClient, StreamsUnavailable
 from workers.lifecycle import WorkerRuntime, default_worker_name, install_stop_handlers
 
@@ -47,7 +48,13 @@ def _one_shot_client(config: Config) -> StreamClient:
 
 
 def _line(args: argparse.Namespace, config: Config) -> str:
-    return str(args.line or config.worker.line_id)
+    """``--line``, else ``worker.line_id`` (checked by the config), under the wire's id rules."""
+    line_id = str(args.line or config.worker.line_id)
+    problem = id_problem(line_id)
+    if problem is not None:
+        msg = f"--line {line_id[:40]!r}{'...' if len(line_id) > 40 else ''} {problem}"
+        raise ValueError(msg)
+    return line_id
 
 
 def _one_opencv_thread() -> None:
@@ -116,9 +123,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if len(metadata) != len(args.metadata):
         msg = f"--metadata takes KEY=VALUE, got {args.metadata}"
         raise ValueError(msg)
+    problem = metadata_size_problem(metadata)
+    if problem is not None:
+        msg = f"--metadata: {problem}"
+        raise ValueError(msg)
+    line_id = _line(args, config)
     with WorkerRuntime(config, _redis_url(config), "ingest", name, config.worker.health_port) as runtime:
         install_stop_handlers(runtime.stop)
-        Ingestor(runtime, _line(args, config), sources, args.frames, metadata).run()
+        Ingestor(runtime, line_id, sources, args.frames, metadata).run()
     return 0
 
 

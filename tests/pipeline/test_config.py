@@ -149,3 +149,11 @@ def test_config_paths_that_are_not_toml_files_are_named(tmp_path: Path) -> None:
     binary.write_bytes(b"\xd0\xff\x00\x81")
     with pytest.raises(ConfigError, match=f"config file {binary} is not valid TOML"):
         load_config(binary)
+
+
+@pytest.mark.parametrize(("line_id", "message"), [("l" * 257, "is 257 characters"), ("line-1\r", "control character")])
+def test_a_line_id_its_own_frames_could_not_carry_is_refused(line_id: str, message: str) -> None:
+    # every frame carries worker.line_id and the wire refuses such ids: the line's frames were all dead-lettered
+    with pytest.raises(ConfigError, match=rf"worker\.line_id: .*{message}"):
+        load_config(None, environ={"LINEINSPECT__WORKER__LINE_ID": line_id})
+    assert load_config(None, environ={"LINEINSPECT__WORKER__LINE_ID": "hall 2: line-7"}).worker.line_id

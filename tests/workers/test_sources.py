@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from workers.sources import FolderSource
+from workers.sources import FolderSource, parse_source
 
 
 def test_a_folder_source_names_and_passes_over_files_it_cannot_send(
@@ -65,3 +65,15 @@ def test_a_test_folder_of_a_dataset_sends_each_frame_with_its_label(tmp_path: Pa
     (tmp_path / "plain" / "test" / "good").mkdir(parents=True)  # a test/ folder of no dataset (no train/good)
     cv2.imwrite(str(tmp_path / "plain" / "test" / "good" / "a.png"), image)
     assert labels(tmp_path / "plain" / "test" / "good") == [None]
+
+
+@pytest.mark.parametrize(("camera_id", "message"), [("c" * 240, "is 257 characters"), ("cam\n1", "control character")])
+def test_a_camera_id_its_frame_ids_could_not_carry_is_refused_before_sending(
+    tmp_path: Path, camera_id: str, message: str
+) -> None:
+    # a frame id is the camera id and 17 characters: ingest stopped at its first frame with a pydantic traceback
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8), np.uint8))
+    made_from_it = r"a frame id made from it \(CAMERA_ID-<16 hex digits>\)"
+    with pytest.raises(ValueError, match=rf"camera id .*{made_from_it} .*{message}"):
+        parse_source(f"{camera_id}=folder:{tmp_path}", "cam0", "jpeg", 90, 1.0)
+    assert parse_source(f"{'c' * 239}=folder:{tmp_path}", "cam0", "jpeg", 90, 1.0).camera_id == "c" * 239

@@ -161,3 +161,18 @@ def test_verbose_flag_turns_on_the_workers_debug_logs(
         ).items()
     finally:
         root.handlers[:], root.level = saved[0], saved[1]
+
+
+def test_ingest_refuses_ids_and_metadata_its_frames_could_not_carry(
+    client: StreamClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # each was accepted, then every frame was refused (ingest stopped at its first frame, or the scorer
+    # dead-lettered them all as invalid_fields)
+    (tmp_path / "a.png").write_bytes(b"sent as it is")
+    source = f"folder:{tmp_path}"
+    assert main(["ingest", "--source", source, "--line", "line\n1"]) == 2
+    assert "--line 'line\\n1' holds control character U+000A" in capsys.readouterr().err
+    assert main(["ingest", "--source", f"{'c' * 300}={source}"]) == 2
+    assert "is 317 characters; ids hold at most 256" in capsys.readouterr().err
+    assert main(["ingest", "--source", source, "--metadata", f"recipe={'x' * 70_000}"]) == 2
+    assert "--metadata: keys and str values hold at least 70006 bytes" in capsys.readouterr().err

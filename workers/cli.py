@@ -86,13 +86,22 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
 
+def _limit_threads(config: Config) -> None:
+    """Fit and calibrate share a line's host with its scorers: they keep to ``[worker] torch_threads`` as a scorer
+    does, and to its short OpenMP busy-wait (``workers.score.limit_threads``). Called before torch is imported."""
+    from workers.score import limit_threads
+
+    limit_threads(config.worker.torch_threads)
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
+    config = _config(args)
+    _limit_threads(config)
     from models.artifact import check_model_destination
     from models.datasets import good_images
     from models.fit import fit_scorer
     from models.threshold import RELIABLE_GOOD_IMAGES, ThresholdWarning
 
-    config = _config(args)
     check_model_destination(args.out)  # before minutes of fitting, not after
     paths = good_images(args.good)
     with warnings.catch_warnings():
@@ -198,6 +207,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    _limit_threads(config)
     import numpy as np
 
     from models.artifact import MANIFEST, load_scorer, update_threshold
@@ -206,7 +217,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from models.fit import score_paths
     from models.threshold import ThresholdWarning, best_f1_threshold, false_reject_threshold
 
-    rate = args.false_reject_rate if args.false_reject_rate is not None else _config(args).threshold.false_reject_rate
+    rate = args.false_reject_rate if args.false_reject_rate is not None else config.threshold.false_reject_rate
     scorer = load_scorer(args.model, args.device)
     if not os.access(args.model / MANIFEST, os.W_OK) or not os.access(args.model, os.W_OK):
         msg = f"{args.model} is not writable: calibrate writes the threshold into the model"

@@ -282,3 +282,29 @@ def test_calibrate_leaves_an_unreadable_labelled_image_out_with_its_label(
     best_f1 = [line for line in clean.splitlines() if line.startswith("best-F1 threshold")]
     assert best_f1 and best_f1 == [line for line in out.splitlines() if line.startswith("best-F1 threshold")]
 
+
+def test_fit_and_calibrate_keep_to_the_configured_torch_threads(demo_line: DemoLine, tmp_path: Path) -> None:
+    """A fit or calibrate beside the line's scorers keeps to [worker] torch_threads and OpenMP's short busy-wait, as
+    the scorers do (oversubscribed spinning threads slowed a scorer 6x, benchmarks/RESULTS.md section 2)."""
+    environment = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    show = "import torch; torch.ones(64, 64) @ torch.ones(64, 64); print(torch.get_num_threads())"
+    default = int(subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, check=True,
+                                 env=environment, timeout=120).stdout)  # fmt: skip
+    if default == 1:
+        pytest.skip("one core: torch's own default is already the cap asked for")  # torch takes no more than cores
+    good = tmp_path / "good"
+    good.mkdir()
+    for path in sorted(demo_line.train_dir.iterdir())[:5]:
+        shutil.copy(path, good / path.name)
+    config = tmp_path / "config.toml"
+    config.write_text(TINY_TOML + "[worker]\ntorch_threads = 1\n")  # a host shared with busy software
+    model, held_out = tmp_path / "model", demo_line.root / "test" / "good"
+    for command in (["fit", "--good", str(good), "--out", str(model)],
+                    ["calibrate", "--model", str(model), "--good", str(held_out)]):  # fmt: skip
+        arguments = [*command, "--config", str(config), "--quiet"]
+        code = (f"from workers.cli import main; assert main({arguments!r}) == 0; import os; {show}; "
+                "print(os.environ['GOMP_SPINCOUNT'])")  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                              timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[-2:] == ["1", "10000"], command[0]

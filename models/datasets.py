@@ -227,9 +227,37 @@ def _folder_images(path: Path) -> list[Path]:
     except ImageError as error:
         raise DatasetError(str(error)) from None
     if not images:
-        msg = f"{path}: no images found (expected image files, train/good/, or {SPLIT_FILE})"
+        held = _subfolder_images(path)
+        if not held:
+            msg = f"{path}: no images found (expected image files, train/good/, or {SPLIT_FILE})"
+            raise DatasetError(msg)
+        example = path / next(iter(held))
+        msg = (f"{path}: no images in the folder itself, and sub-folders are not searched (a folder of rejects "
+               f"among them would be taken for good parts); {_listed(held)}. Pass a folder whose images are all "
+               f"good parts (e.g. {example}), or list the good ones in {path / SPLIT_FILE}, relative to it: "
+               '{"train": ["day1/a.png", ...], "test_good": [], "test_defective": []}')  # fmt: skip
         raise DatasetError(msg)
     return images
+
+
+NAMED_SUBFOLDERS = 5  # sub-folders holding images that a layout error names
+
+
+def _subfolder_images(path: Path) -> dict[str, int]:
+    """How many image files each sub-folder of ``path`` holds directly (hidden ones left out; one level only, so a
+    mistaken ``--good ~`` answers at once), for sub-folders that hold any; by name."""
+    counts: dict[str, int] = {}
+    for folder in sorted(child for child in path.iterdir() if child.is_dir() and not child.name.startswith(".")):
+        if count := len(list_images(folder)):
+            counts[folder.name] = count
+    return counts
+
+
+def _listed(held: dict[str, int]) -> str:
+    """``held`` (sub-folder: images) in words."""
+    named = [f"{name}/ ({count})" for name, count in list(held.items())[:NAMED_SUBFOLDERS]]
+    more = f" and {len(held) - NAMED_SUBFOLDERS} more" if len(held) > NAMED_SUBFOLDERS else ""
+    return f"images are in its sub-folders {', '.join(named)}{more}"
 
 
 def is_dataset_root(path: Path) -> bool:
@@ -276,7 +304,12 @@ def test_items(path: Path) -> list[TestItem]:
         return items
     test_root = path / "test"
     if not test_root.is_dir():
-        msg = f"{path}: expected {SPLIT_FILE} or an MVTec layout with test/<type>/ folders"
+        held = _subfolder_images(path) if path.is_dir() else {}
+        found = f" ({_listed(held)})" if held else ""
+        msg = (f"{path}: expected {SPLIT_FILE} or an MVTec layout with test/<type>/ folders{found}. Put the labelled "
+               f"images in {path}/test/good/ (good parts) and {path}/test/<defect type>/ (one folder per type; a "
+               "mask is optional, as ground_truth/<defect type>/<image name without extension>_mask.png), or list "
+               f"them in {path / SPLIT_FILE}")  # fmt: skip
         raise DatasetError(msg)
     items = []
     for type_dir in sorted(p for p in test_root.iterdir() if p.is_dir()):

@@ -292,3 +292,32 @@ def test_image_shape_of_a_decompression_bomb_decodes_nothing(tmp_path: Path, mon
     )
     (tmp_path / "bomb.png").write_bytes(png)
     assert datasets.image_shape(tmp_path / "bomb.png") is None
+
+
+def test_a_folder_of_sub_folders_is_refused_naming_them_and_what_to_do(tmp_path: Path) -> None:
+    # images in a folder per day: sub-folders are not searched (a rejects folder among them would be fitted as good)
+    for day in ("2025-06-01", "2025-06-02"):
+        for number in range(2):
+            _image(tmp_path / "good" / day / f"cam1_{number}.png")
+    _image(tmp_path / "good" / "2025-06-02" / "cam1_9.png")
+    (tmp_path / "good" / ".thumbnails").mkdir()
+    _image(tmp_path / "good" / ".thumbnails" / "cam1_0.png")
+    for find in (datasets.good_images, datasets.calibration_images):
+        with pytest.raises(datasets.DatasetError) as caught:
+            find(tmp_path / "good")
+        message = str(caught.value)
+        assert "sub-folders are not searched" in message
+        assert "its sub-folders 2025-06-01/ (2), 2025-06-02/ (3)." in message
+        assert f"e.g. {tmp_path / 'good' / '2025-06-01'}" in message and '"test_good": []' in message
+
+
+def test_evaluating_a_folder_without_labelled_layout_says_how_to_lay_it_out(tmp_path: Path) -> None:
+    # a user's own folders: good parts and rejects side by side, no test/ folder
+    _image(tmp_path / "parts" / "good" / "a.png")
+    _image(tmp_path / "parts" / "rejects" / "b.JPG")
+    with pytest.raises(datasets.DatasetError) as caught:
+        datasets.test_items(tmp_path / "parts")
+    message = str(caught.value)
+    assert "(images are in its sub-folders good/ (1), rejects/ (1))" in message
+    assert f"Put the labelled images in {tmp_path / 'parts'}/test/good/ (good parts) and " in message
+    assert "ground_truth/<defect type>/<image name without extension>_mask.png" in message

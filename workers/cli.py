@@ -146,6 +146,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     scorer = load_scorer(args.model, args.device)
     threshold = scorer.threshold.value if scorer.threshold else None
+    if threshold is None:
+        print(f"lineinspect score: the model has no threshold, so every verdict is 'unknown': run `lineinspect "
+              f"calibrate --model {args.model} --good GOOD_IMAGES` on good images it has not seen", file=sys.stderr)
     if args.heatmaps:
         _writable_directory(args.heatmaps, "heatmap directory")
     written: set[str] = set()
@@ -202,7 +205,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                        shift_every_frame=not args.shift_only_failing)  # fmt: skip
     shown = {key: metrics[key] for key in ("image_auroc", "pixel_auroc", "pro", "f1_max", "images_per_second")}
     print(json.dumps(shown, indent=1))
-    print(f"report written to {args.out} (metrics.json, roc.png, pro.png, overlays/)")
+    written = [name for name in ("metrics.json", "scores.json", "roc.png", "pro.png") if (args.out / name).exists()]
+    print(f"report written to {args.out} ({', '.join([*written, 'overlays/'])})")  # no pro.png without masks
     return 0
 
 

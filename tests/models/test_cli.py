@@ -308,3 +308,32 @@ def test_fit_and_calibrate_keep_to_the_configured_torch_threads(demo_line: DemoL
                               timeout=600)  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert done.stdout.split()[-2:] == ["1", "10000"], command[0]
+
+
+def test_score_says_why_an_uncalibrated_models_verdicts_are_unknown(
+    demo_line: DemoLine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "good"
+    good.mkdir()
+    for path in sorted(demo_line.train_dir.iterdir())[:3]:  # too few for a threshold
+        shutil.copy(path, good / path.name)
+    (tmp_path / "config.toml").write_text(TINY_TOML)
+    model = tmp_path / "model"
+    assert main(["fit", "--good", str(good), "--config", str(tmp_path / "config.toml"), "--out", str(model),
+                 "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["score", "--model", str(model), str(demo_line.test_images[0])]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("unknown")
+    assert f"no threshold, so every verdict is 'unknown': run `lineinspect calibrate --model {model}" in err
+
+
+def test_evaluate_without_masks_names_only_the_files_it_wrote(
+    cli_model: Path, demo_line: DemoLine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(demo_line.root / "test", data / "test")  # no ground_truth/: no PRO curve
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", str(cli_model), "--data", str(data), "--out", str(out), "--quiet"]) == 0
+    assert not (out / "pro.png").exists()
+    assert f"report written to {out} (metrics.json, scores.json, roc.png, overlays/)" in capsys.readouterr().out

@@ -124,14 +124,18 @@ def _checked(data: Any, model: type[MessageT], context: dict[str, Any] | None = 
     try:
         return model.model_validate(data, context=context)
     except ValidationError as error:
-        problems, per_field = [], collections.Counter[Any]()
-        for problem in error.errors(include_url=False):
-            per_field[problem["loc"][:1]] += 1
-            if per_field[problem["loc"][:1]] <= MAX_PROBLEMS_PER_FIELD:
-                problems.append(f"{_path_name(problem['loc'])}: {problem['msg']}")
-        more = error.error_count() - len(problems)
-        detail = "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
-        raise CodecError(CodecErrorReason.INVALID_FIELDS, detail) from None
+        raise CodecError(CodecErrorReason.INVALID_FIELDS, validation_problems(error)) from None
+
+
+def validation_problems(error: ValidationError) -> str:
+    """An ``invalid_fields`` detail: each problem as ``field: why``, at most ``MAX_PROBLEMS_PER_FIELD`` per field."""
+    problems, per_field = [], collections.Counter[Any]()
+    for problem in error.errors(include_url=False):
+        per_field[problem["loc"][:1]] += 1
+        if per_field[problem["loc"][:1]] <= MAX_PROBLEMS_PER_FIELD:
+            problems.append(f"{_path_name(problem['loc'])}: {problem['msg']}")
+    more = error.error_count() - len(problems)
+    return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
 
 
 def _unpack_leniently(payload: bytes) -> Any:

@@ -119,7 +119,8 @@ class Metrics:
         self.dropped_frames = Counter(
             "lineinspect_dropped_frames_total",
             "Frames ingest did not send, by reason: backpressure (a live camera's oldest frames, while the scorers' "
-            "backlog is at ingest.live_queue_limit) or too_large (over streams.max_frame_bytes).",
+            "backlog is at ingest.live_queue_limit), too_large (over streams.max_frame_bytes) or invalid (no valid "
+            "Frame: ids or metadata over the wire's limits, e.g. a replayed frame with the replay's own keys).",
             ["line", "camera", "reason"],
             registry=reg,
         )

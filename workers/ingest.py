@@ -19,8 +19,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pipeline.codec import encode_frame
-from pipeline.messages import Frame
+from pydantic import ValidationError
+
+from pipeline.codec import encode_frame, stand_in_id, validation_problems
+from pipeline.messages import Frame, id_problem
 from pipeline.streams import SCORER_GROUP, LineKeys
 from workers.lifecycle import WorkerRuntime
 from workers.sources import Capture, Source, new_frame_id
@@ -139,6 +141,7 @@ class Ingestor:
         for feed in self.feeds:  # a series at 0 from the start, so a camera that never sends is visible
             runtime.metrics.ingested_frames.labels(line_id, feed.source.camera_id)
         self.published = 0
+        self.not_sent: collections.Counter[str] = collections.Counter()  # captures not sent, by dropped reason
         self.stop_captures = threading.Event()  # set when publishing ends, whatever the reason
         self._published_ids: collections.deque[str] = collections.deque(maxlen=4 * limit)
         self._start_id = "0-0"  # the stream's last entry when publishing began
@@ -177,29 +180,42 @@ class Ingestor:
         return sum(1 for entry_id in self._published_ids if tuple(int(p) for p in entry_id.split("-")) > last)
 
     def _frame_payload(self, feed: Feed, capture: Capture) -> tuple[str, bytes] | None:
-        """``(camera_id, encoded Frame)``, or None (logged and counted as dropped) when it is too large to send."""
+        """``(camera_id, encoded Frame)``, or None (logged and counted as dropped) when it is too large to send or
+        is no valid Frame: a replayed frame whose camera id makes too long a frame id, or whose metadata the
+        replay's own keys take over the limits, must not stop the frames after it."""
         camera_id = capture.camera_id or feed.source.camera_id
-        frame = Frame(
-            line_id=self.line_id,
-            camera_id=camera_id,
-            frame_id=new_frame_id(camera_id),
-            sequence=next(feed.sequence),
-            captured_at_ns=capture.captured_at_ns,
-            encoding=capture.encoding,
-            data=capture.data,
-            raw_shape=capture.raw_shape,
-            raw_dtype=capture.raw_dtype,  # type: ignore[arg-type]
-            metadata={**capture.metadata, **self.metadata},
-        )
+        try:
+            frame = Frame(
+                line_id=self.line_id,
+                camera_id=camera_id,
+                frame_id=new_frame_id(camera_id),
+                sequence=next(feed.sequence),
+                captured_at_ns=capture.captured_at_ns,
+                encoding=capture.encoding,
+                data=capture.data,
+                raw_shape=capture.raw_shape,
+                raw_dtype=capture.raw_dtype,  # type: ignore[arg-type]
+                metadata={**capture.metadata, **self.metadata},
+            )
+        except ValidationError as error:
+            camera = camera_id if id_problem(camera_id) is None else stand_in_id(camera_id)  # for logs and labels
+            logger.error("frame the wire refuses (invalid_fields), not sent",
+                         extra={"camera": camera, "problems": validation_problems(error)})  # fmt: skip
+            self._not_sent(camera, "invalid")
+            return None
         payload = encode_frame(frame)
         if len(payload) > self.config.streams.max_frame_bytes:
             logger.error(
                 "frame larger than streams.max_frame_bytes, not sent",
                 extra={"camera": camera_id, "bytes": len(payload)},
             )
-            self.runtime.metrics.dropped_frames.labels(self.line_id, camera_id, "too_large").inc()
+            self._not_sent(camera_id, "too_large")
             return None
         return camera_id, payload
+
+    def _not_sent(self, camera_id: str, reason: str) -> None:
+        self.not_sent[reason] += 1
+        self.runtime.metrics.dropped_frames.labels(self.line_id, camera_id, reason).inc()
 
     def _publish(self, taken: Sequence[tuple[Feed, Capture]]) -> None:
         """Publish captures in one round trip (pipelined XADDs)."""

@@ -138,7 +138,8 @@ def replay_and_compare(
             "timed_out": len(candidate) < expected and not stopped,
             "stopped": stopped,
             "warnings": _warnings(
-                path, recording, source, ingestor.published, len(candidate), stopped, stalled, line_id, timeout_s
+                path, recording, source, ingestor.published, len(candidate), stopped, stalled, line_id, timeout_s,
+                ingestor.not_sent,
             )
             + _model_warnings(
                 report["baseline_models"], report["candidate_models"], line_id, line_model_dir, line_model_id
@@ -223,8 +224,10 @@ def _warnings(
     stalled: bool,
     line_id: str,
     timeout_s: float,
+    not_sent: Mapping[str, int],
 ) -> list[str]:
-    """What an engineer must know before trusting the report, in plain words."""
+    """What an engineer must know before trusting the report, in plain words (``not_sent``: frames the replay's
+    ingest could not send, by reason)."""
     warnings = []
     expected = recording.frame_count
     if source.failure is not None:
@@ -261,8 +264,14 @@ def _warnings(
     if stopped:
         warnings.append(f"the replay was stopped (Ctrl-C or SIGTERM) after sending {sent} of {expected} frames")
     elif sent < expected and source.failure is None:
-        warnings.append(f"{expected - sent} of {expected} frames were not sent (larger than streams.max_frame_bytes? "
-                        "see the log)")  # fmt: skip
+        too_large, invalid = not_sent.get("too_large", 0), not_sent.get("invalid", 0)
+        why = [f"{too_large} larger than streams.max_frame_bytes"] if too_large else []
+        if invalid:
+            why.append(f"{invalid} that no frame may carry (a camera id too long for a frame id made from "
+                       "it, or metadata over 256 entries or 64 KiB with the replay's own keys: replay_of, "
+                       "replay_frame, replay_run)")  # fmt: skip
+        warnings.append(f"{expected - sent} of {expected} frames were not sent ({'; '.join(why) or 'see the log'}; "
+                        "the log says why for each)")  # fmt: skip
     if stalled:
         warnings.append(f"line {line_id} took no frame and gave no decision for {timeout_s:.0f} s, {sent} of "
                         f"{expected} frames sent: its scorers' backlog is full (ingest.live_queue_limit); is a scoring "

@@ -435,3 +435,28 @@ def test_replay_refuses_a_timeout_that_waits_for_no_decision(
     assert f"lineinspect replay: error: --timeout-s must be more than 0 seconds, got {timeout_s}" in (
         capsys.readouterr().err
     )
+
+
+def test_recorded_frames_the_replay_cannot_send_are_counted_and_the_others_still_sent(
+    make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    """Frames valid on the wire that the replay cannot send as they are: a 250-character camera id (valid; the frame
+    id ingest makes from it, CAMERA_ID-<16 hex>, is not) and 255 metadata entries (valid; with replay_of,
+    replay_frame and replay_run 258 are not). The replay's ingest raised a ValidationError at the first of them and
+    sent nothing more, and the report blamed streams.max_frame_bytes."""
+    frames = [tiny_frame("long-camera").model_copy(update={"camera_id": "c" * 250}),
+              tiny_frame("full-metadata").model_copy(update={"metadata": {f"k{n}": n for n in range(255)}}),
+              tiny_frame("fine")]  # fmt: skip
+    path = write_recording(tmp_path / "rec.lir", frames)
+    runtime = make_runtime("replay", "rp10")
+    report = replay(runtime, path, "nobody-scores-this", 0.0, "run10", 0.5)
+    assert report["frames_replayed"] == 1
+    sent = runtime.client.read_range(LineKeys(runtime.config.streams.prefix, "nobody-scores-this").frames, "0-0", 10)
+    assert [msgpack.unpackb(entry.payload or b"")["metadata"]["replay_of"] for entry in sent] == ["fine"]
+    (not_sent,) = [warning for warning in report["warnings"] if "were not sent" in warning]
+    assert not_sent.startswith("2 of 3 frames were not sent (2 that no frame may carry (a camera id too long")
+    assert "max_frame_bytes" not in not_sent
+    dropped = runtime.metrics.registry.get_sample_value(
+        "lineinspect_dropped_frames_total", {"line": "nobody-scores-this", "camera": "c" * 250, "reason": "invalid"}
+    )
+    assert dropped == 1

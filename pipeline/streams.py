@@ -17,6 +17,9 @@ Keys for line ``L`` with prefix ``P`` (``streams.prefix``):
                                 gets its decision
 - ``P:health:<role>:<name>``    JSON heartbeat of each worker, expiring after a TTL
 
+``StreamClient.line_footprint`` finds a line's keys of these names (and only those: ids may hold colons, so a key that
+another line's names could also give is left alone) and ``unlink`` removes them, for ``lineinspect forget-line``.
+
 Every stream but the results stream is trimmed with ``MAXLEN ~ streams.maxlen``; results are deleted once the sink
 has published them, and scorers stop taking frames while ``streams.maxlen`` of them wait for the sink. Calls retry on
 connection loss with exponential backoff (capped at ``redis.reconnect_max_backoff_s``) until ``retry_deadline`` (a
@@ -27,12 +30,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from functools import partial
 from typing import Any, TypeVar
 
 import redis
@@ -54,6 +59,8 @@ DEAD_LETTER_FRAME_ID_CHARS = 1000
 # restart): longer than such outages last. The client's next commit deletes it once the reply came back, so this
 # bounds only the key of a client that commits no more (stopped, or killed while retrying).
 COMMIT_REPLY_TTL_S = 3600
+UNLINK_BATCH = 500  # keys per UNLINK (and per pipeline of size queries) when a line is forgotten
+_COMMIT_TOKEN = re.compile(r"[0-9a-f]{32}")  # StreamClient.commit's reply-key tokens: uuid4().hex
 RETRIED_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionError, OSError)
 
 # KEYS: the frame_id's published marker (a sorted set: frames-stream entry id -> when its decision was published),
@@ -462,6 +469,35 @@ class GroupStats:
     trimmed_unread: int | None = None  # entries trimmed from the stream before the group read them, in all
 
 
+@dataclass(frozen=True)
+class KeyUsage:
+    """One key of a line: its Redis type, what it holds (stream entries, hash fields, sorted-set members, string
+    bytes) and its MEMORY USAGE in bytes (Redis's estimate; None where the server refuses the command)."""
+
+    key: str
+    kind: str
+    items: int
+    memory_bytes: int | None
+
+
+@dataclass(frozen=True)
+class LineFootprint:
+    """What a line holds in Redis (``StreamClient.line_footprint``): its ``keys``, and its frames that have no
+    published decision yet: ``frames_pending`` (delivered to a scorer, not acknowledged), ``frames_unread`` (not yet
+    delivered to any scorer; None: some, which this Redis cannot count) and ``results_waiting`` (scored, not yet
+    published by the sink). ``left_alone`` names keys under the line's name that another line's could also be."""
+
+    keys: list[KeyUsage]
+    frames_pending: int
+    frames_unread: int | None
+    results_waiting: int
+    left_alone: list[str]
+
+    @property
+    def undecided(self) -> bool:
+        return bool(self.frames_pending or self.frames_unread is None or self.frames_unread or self.results_waiting)
+
+
 def commit_reply_key(deadletter_stream: str, token: str) -> str:
     """Where ``StreamClient.commit`` keeps, for ``COMMIT_REPLY_TTL_S``, the reply of the commit call ``token``."""
     return f"{deadletter_stream}:commit:{token}"
@@ -470,6 +506,40 @@ def commit_reply_key(deadletter_stream: str, token: str) -> str:
 def trimmed_unread_key(stream: str) -> str:
     """The hash in which ``group_stats`` adds up, per group of ``stream``, the entries trimmed before it read them."""
     return f"{stream}:trimmed_unread"
+
+
+def _glob_escaped(text: str) -> str:
+    """``text`` as a SCAN MATCH pattern matching itself only (ids may hold ``*``, ``?``, ``[``)."""
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
+
+
+def _line_key_type(keys: LineKeys, name: str) -> str | None:
+    """The Redis type ``name`` has as one of the line's keys (the module docstring's list), None when the line uses no
+    such name. Commit-reply keys are known by their token (32 hex digits), which no other line's key name ends with."""
+    streams = (keys.frames, keys.results, keys.decisions, keys.deadletter)
+    if name in streams:
+        return "stream"
+    if name in {trimmed_unread_key(stream) for stream in streams}:
+        return "hash"
+    if name == keys.model:
+        return "string"
+    commit_prefix = commit_reply_key(keys.deadletter, "")
+    if name.startswith(commit_prefix) and _COMMIT_TOKEN.fullmatch(name[len(commit_prefix) :]):
+        return "string"
+    return "zset" if name.startswith(keys.published("")) else None
+
+
+def _another_line_could_own(keys: LineKeys, name: str, kind: str, expires: bool) -> bool:
+    """Whether ``name``, a key of the line of type ``kind``, could as well be another line's published marker (a
+    sorted set, or the plain string older sinks wrote; both expire). Ids may hold colons:
+    ``P:a:published:b:published:x`` is line ``a``'s marker of frame ``b:published:x`` and line ``a:published:b``'s of
+    frame ``x``. Markers expire by themselves; streams, hashes and strings that never expire (the model key) are never
+    markers."""
+    if not (kind == "zset" or (kind == "string" and expires)):
+        return False
+    body = name[len(keys.prefix) + 1 :]
+    own = len(keys.line_id) if name.startswith(keys.published("")) else -1  # where the line's own marker name splits
+    return any(match.start() != own for match in re.finditer("(?=:published:)", body))
 
 
 @dataclass(frozen=True)
@@ -992,6 +1062,83 @@ class StreamClient:
         values = self._call(lambda: self.redis.mget(keys) if keys else [], "read_health")
         return [json.loads(value) for value in values if value is not None]
 
+
+    def line_footprint(self, keys: LineKeys) -> LineFootprint:
+        """The line's keys (by SCAN, never KEYS, matching only its own names, each checked for the type the line
+        gives it) with their sizes, and its frames that have no published decision yet. Writes nothing."""
+        pattern = _glob_escaped(f"{keys.prefix}:{keys.line_id}:") + "*"
+        names = self._call(lambda: {_text(name) for name in self.redis.scan_iter(match=pattern, count=1000)},
+                           "line_footprint")  # fmt: skip
+        candidates = sorted((name, kind) for name in names if (kind := _line_key_type(keys, name)) is not None)
+        usages: list[KeyUsage] = []
+        left_alone: list[str] = []
+        for start in range(0, len(candidates), UNLINK_BATCH):
+            batch = candidates[start : start + UNLINK_BATCH]
+            types = self._call(partial(self._types, [name for name, _kind in batch]), "line_footprint")
+            owned = []
+            for (name, kind), (found, expires) in zip(batch, types, strict=True):
+                if found == kind and not _another_line_could_own(keys, name, kind, expires):
+                    owned.append((name, kind))
+                elif found != "none":  # "none": gone since the scan
+                    left_alone.append(name)
+            usages.extend(self._call(partial(self._usages, owned), "line_footprint"))
+        pending, unread = self._call(partial(self._scorers_behind, keys.frames), "line_footprint")
+        results_waiting = self._call(partial(self._stream_length, keys.results), "line_footprint")
+        return LineFootprint(usages, pending, unread, results_waiting, left_alone)
+
+    def _types(self, names: list[str]) -> list[tuple[str, bool]]:
+        """Each key's type and whether it expires."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.type(name)
+            pipe.pttl(name)
+        replies = pipe.execute()
+        return [(_text(found), ttl_ms >= 0) for found, ttl_ms in zip(replies[::2], replies[1::2], strict=True)]
+
+    def _usages(self, named: list[tuple[str, str]]) -> list[KeyUsage]:
+        """Each key's item count and MEMORY USAGE, in one round trip; a key gone meanwhile counts 0 items."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name, kind in named:
+            {"stream": pipe.xlen, "hash": pipe.hlen, "zset": pipe.zcard, "string": pipe.strlen}[kind](name)
+            pipe.memory_usage(name)
+        replies = pipe.execute(raise_on_error=False)
+        return [
+            KeyUsage(name, kind, items if isinstance(items, int) else 0, memory if isinstance(memory, int) else None)
+            for (name, kind), items, memory in zip(named, replies[::2], replies[1::2], strict=True)
+        ]
+
+    def _stream_length(self, stream: str) -> int:
+        """XLEN, 0 for a missing key or one of another type (then not the line's stream)."""
+        try:
+            return int(self.redis.xlen(stream))
+        except redis.ResponseError:
+            return 0
+
+    def _scorers_behind(self, frames: str) -> tuple[int, int | None]:
+        """Frames pending on the scorers, and frames not yet delivered to any (all of them before a scorer joined).
+        Redis 7's lag counts those, but only once checked against the stream: after a restart it may count frames
+        delivered before (or trimmed ones), and Redis 6 has none (then None: some, uncounted)."""
+        try:
+            groups = self.redis.xinfo_groups(frames)
+        except redis.ResponseError:  # no such key, or not a stream
+            return 0, 0
+        length = self._stream_length(frames)
+        scorers = next((group for group in groups if _text(group["name"]) == SCORER_GROUP), None)
+        if scorers is None:
+            return 0, length
+        millis, sequence = _id_key(_text(scorers["last-delivered-id"]))
+        if not self.redis.xrange(frames, f"{millis}-{sequence + 1}", "+", count=1):
+            return int(scorers["pending"]), 0
+        lag = scorers.get("lag")
+        return int(scorers["pending"]), min(int(lag), length) if lag else None
+
+    def unlink(self, names: Sequence[str]) -> int:
+        """UNLINK ``names`` (Redis frees their memory in the background), ``UNLINK_BATCH`` at a time; returns how many
+        existed."""
+        removed = 0
+        for start in range(0, len(names), UNLINK_BATCH):
+            removed += int(self._call(partial(self.redis.unlink, *names[start : start + UNLINK_BATCH]), "unlink"))
+        return removed
 
 def _dead_letter_fields(letter: DeadLetter, source_stream: str) -> dict[str, str | bytes]:
     """The stream fields of a dead letter; a payload over ``DEAD_LETTER_PAYLOAD_BYTES`` keeps only its first bytes,

@@ -133,6 +133,7 @@ def test_every_command_is_registered_with_a_handler() -> None:
         ["record", "--out", "f"],
         ["replay", "f"],
         ["promote", "--model", "m"],
+        ["forget-line", "--line", "l"],
     ):
         args = parser.parse_args(argv)
         assert callable(args.func) and args.config is None

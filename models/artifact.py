@@ -24,19 +24,18 @@ exists, is not empty and holds no ``manifest.json`` is never replaced.
 
 ``load_scorer`` checks the format version, every file's sha256 and the content hash, then lets the method check
 its own files against the manifest (PatchCore: the backbone really produces features of the recorded shape);
-anything wrong raises ``ArtifactError`` naming the problem.
+anything wrong raises ``ArtifactError`` naming the problem. Reading and verifying the manifest alone needs no torch
+(``models.manifest``).
 The model id is the first 12 hex digits of the content hash, so a recalibrated model is a new version.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,8 @@ import torch
 from models.errors import ArtifactError
 from models.inspection_mask import FILE as MASK_FILE
 from models.inspection_mask import InspectionMask, MaskError
+from models.manifest import FORMAT_VERSION, MANIFEST, check_member, file_sha256, manifest_content_hash, read_manifest
+from models.manifest import verify_model as verify_model  # re-exported: its callers import it from here
 from models.methods import method_class
 from models.normalisation import STATS_FILE, PositionStats
 from models.registration import FILE as REGISTRATION_FILE
@@ -56,21 +57,6 @@ from models.scorer import Scorer, Threshold, TrainingSummary, resolve_device
 from pipeline.config import ModelSettings, ScoringSettings
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2
-MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _content_hash(manifest: dict[str, Any]) -> str:
-    body = {key: value for key, value in manifest.items() if key not in ("content_hash", "model_id")}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -87,7 +73,7 @@ def library_versions() -> dict[str, str]:
 
 
 def _write_manifest(model_dir: Path, manifest: dict[str, Any]) -> str:
-    manifest["content_hash"] = _content_hash(manifest)
+    manifest["content_hash"] = manifest_content_hash(manifest)
     manifest["model_id"] = manifest["content_hash"][:12]
     temporary = model_dir / f".manifest-{uuid.uuid4().hex[:8]}.json"
     with temporary.open("x") as stream:  # the umask's permissions, so workers running as another user can read it
@@ -262,67 +248,9 @@ def _write_scorer(scorer: Scorer, model_dir: Path, member: bool) -> str:
         "fusion": fusion,
         "training": asdict(scorer.training),
         "libraries": library_versions(),
-        "files": {name: _sha256(model_dir / name) for name in files},
+        "files": {name: file_sha256(model_dir / name) for name in files},
     }
     return _write_manifest(model_dir, manifest)
-
-
-def read_manifest(model_dir: Path) -> dict[str, Any]:
-    """The verified manifest of ``model_dir``: files and content hash checked."""
-    model_dir = Path(model_dir)
-    path = model_dir / MANIFEST
-    if not model_dir.exists():
-        msg = f"model directory {model_dir} does not exist"
-        raise ArtifactError(msg)
-    if not path.is_file():
-        msg = f"{model_dir} is not a lineinspect model: {MANIFEST} is missing (create one with `lineinspect fit`)"
-        raise ArtifactError(msg)
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        msg = f"{path} is corrupt: not valid JSON ({error})"
-        raise ArtifactError(msg) from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
-        msg = f"{path} is corrupt: not a lineinspect manifest (expected a JSON object with a 'files' object)"
-        raise ArtifactError(msg)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        msg = f"{path}: format version {manifest.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
-        raise ArtifactError(msg)
-    for name, expected in manifest.get("files", {}).items():
-        file = model_dir / name
-        if not file.is_file():
-            msg = f"{model_dir}: {name} is missing"
-            raise ArtifactError(msg)
-        if _sha256(file) != expected:
-            msg = f"{model_dir}: {name} does not match its sha256 in the manifest (corrupt or replaced file)"
-            raise ArtifactError(msg)
-    if manifest.get("content_hash") != _content_hash(manifest):
-        msg = f"{path}: content hash does not match (the manifest was edited by hand or is corrupt)"
-        raise ArtifactError(msg)
-    return dict(manifest)
-
-
-def verify_model(model_dir: Path) -> dict[str, Any]:
-    """The verified manifest of ``model_dir`` with every fusion member's files and content hash checked too, as
-    ``load_scorer`` checks them, without loading anything (no backbone, no bank in memory)."""
-    model_dir = Path(model_dir)
-    manifest = read_manifest(model_dir)
-    for entry in manifest.get("fusion", []):
-        name, content_hash = (str(entry.get("dir")), entry.get("content_hash")) if isinstance(entry, dict) else ("", "")
-        _check_member(model_dir, name, content_hash, verify_model)
-    return manifest
-
-
-def _check_member(model_dir: Path, name: str, content_hash: object,
-                  read: Callable[[Path], dict[str, Any]]) -> None:  # fmt: skip
-    """Raise unless ``model_dir/name`` is a member directory whose manifest (``read``, which verifies it) has the
-    content hash the fused model recorded."""
-    if not name or Path(name).name != name or not (model_dir / name).is_dir():
-        msg = f"{model_dir}: fusion member directory {name!r} is missing"
-        raise ArtifactError(msg)
-    if read(model_dir / name)["content_hash"] != content_hash:
-        msg = f"{model_dir}/{name} is not the fusion member this model was saved with (content hash differs)"
-        raise ArtifactError(msg)
 
 
 # Settings added after models were first written, with the value that reproduces a model written before them
@@ -360,7 +288,7 @@ def load_scorer(model_dir: Path, device: str = "auto") -> Scorer:
     method = cls.load(model_dir, section, model_settings, resolve_device(device))
     companions = []
     for name, content_hash in fusion:
-        _check_member(model_dir, name, content_hash, read_manifest)
+        check_member(model_dir, name, content_hash, read_manifest)
         companions.append(load_scorer(model_dir / name, device))
     try:
         return Scorer(method, model_settings, scoring, training, threshold, str(manifest["model_id"]), stats,

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.scorer import Threshold
+if TYPE_CHECKING:  # imported where it is built: judging a threshold (lineinspect replay) needs no torch
+    from models.scorer import Threshold
 
 MIN_GOOD_IMAGES = 2  # one score has no spread for a margin: its threshold would fail half of all good parts
 RELIABLE_GOOD_IMAGES = 20  # fewer: thresholds rejected 1-50% of other good images on validation (RESULTS.md 7)
@@ -46,6 +48,8 @@ def false_reject_threshold(good_scores: np.ndarray, false_reject_rate: float) ->
                f"has no spread to set a margin from, and a threshold at it fails about half of all good parts "
                f"(use at least {RELIABLE_GOOD_IMAGES} good images the model has not seen)")  # fmt: skip
         raise ValueError(msg)
+    from models.scorer import Threshold
+
     allowed_rejects = _allowed_rejects(scores.size, false_reject_rate)
     if allowed_rejects == 0:
         spread = float(np.subtract(*np.percentile(scores, [75, 25])))  # at least MIN_GOOD_IMAGES scores

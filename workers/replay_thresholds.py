@@ -24,8 +24,8 @@ def threshold_basis(model_dir: str | None, decided_by: Sequence[str]) -> dict[st
     without one), when the verified manifest is that of the one model in ``decided_by`` (the decisions' model ids,
     "" for errors without a model). None when that cannot be told: no directory, one that cannot be read here (it is
     verified as a worker verifies it), another model's, or decisions from several models."""
-    from models.artifact import read_manifest
     from models.errors import ArtifactError
+    from models.manifest import read_manifest  # not models.artifact: that imports torch and faiss (seconds)
 
     models = {model_id for model_id in decided_by if model_id}
     if model_dir is None or len(models) != 1:

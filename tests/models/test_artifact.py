@@ -124,7 +124,8 @@ def _hidden_siblings(model: Path) -> list[str]:
 
 def test_saving_over_a_model_replaces_its_files_and_keeps_the_users(fitted_scorer: Scorer, saved_model: Path,
                                                                      tmp_path: Path) -> None:  # fmt: skip
-    from models.artifact import _sha256, _write_manifest
+    from models.artifact import _write_manifest
+    from models.manifest import file_sha256
 
     model = _copy(saved_model, tmp_path)
     # an older model here was fused and registered: its manifest lists a registration file and a member directory
@@ -132,7 +133,7 @@ def test_saving_over_a_model_replaces_its_files_and_keeps_the_users(fitted_score
     (model / "fusion-1-padim").mkdir()
     (model / "fusion-1-padim" / "manifest.json").write_text("{}")
     manifest = read_manifest(model)
-    manifest["files"]["registration.npz"] = _sha256(model / "registration.npz")
+    manifest["files"]["registration.npz"] = file_sha256(model / "registration.npz")
     manifest["fusion"] = [{"dir": "fusion-1-padim", "content_hash": "0" * 64}]
     _write_manifest(model, manifest)
     # and the user keeps notes, a report and arrays of their own in it

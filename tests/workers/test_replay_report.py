@@ -5,6 +5,8 @@ set, with a warning where that makes the comparison misleading (few good images,
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from pipeline.messages import MetadataValue
 from pipeline.streams import LineKeys
 from tests.workers.conftest import TinyLine
 from tests.workers.helpers import start_thread
+from tests.workers.processes import REPO_ROOT
 from tests.workers.recordings import decision_for, tiny_frame
 from workers.lifecycle import WorkerRuntime
 from workers.record import DecisionSummary, RecordingWriter, ReplaySource, summarise
@@ -213,3 +216,22 @@ def test_a_replay_of_demo_frames_reports_accuracy_and_warns_of_the_candidates_th
     assert f"the candidate's threshold (model {candidate_id}, {candidate_dir}) rests on 3 good images" in weak
     assert rates.startswith("the candidate's threshold was set for a false-reject rate of 5.00%, the live model's "
                             "for a false-reject rate of 0.50%")  # fmt: skip
+
+
+def test_reading_how_the_thresholds_were_set_imports_no_torch(tiny_line: TinyLine) -> None:
+    """A replay reads both sides' manifests and judges their thresholds: that imported torch and faiss (through
+    models.artifact and models.threshold), seconds of a replay's start (4.5 s measured on this host, 1.5 s warm)
+    for a JSON file and a constant."""
+    from models.artifact import read_manifest
+
+    model_dir, model_id = str(tiny_line.model_dir), str(read_manifest(tiny_line.model_dir)["model_id"])
+    code = ("import sys\n"
+            "import workers.replay\n"
+            "from workers.replay_thresholds import threshold_basis, threshold_warnings\n"
+            f"basis = threshold_basis({model_dir!r}, [{model_id!r}])\n"
+            "assert basis is not None and basis['good_images'] == 2, basis\n"
+            "assert threshold_warnings(basis, basis, [basis['model_id']], {}, 'line-1', None)  # 2 images: weak\n"
+            "print(sorted(name for name in ('torch', 'faiss', 'timm') if name in sys.modules))\n")  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from workers.stream_commands import add_stream_commands
 
 if TYPE_CHECKING:
-    from models.scorer import Threshold
+    from models.scorer import Scorer, Threshold
     from pipeline.config import Config
 
 log = logging.getLogger("lineinspect")
@@ -110,9 +110,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                             source=str(Path(args.good).resolve()))  # fmt: skip
     model_id = scorer.save(args.out)
     threshold = f"{scorer.threshold.value:.4f}" if scorer.threshold else "none"
-    print(f"model {model_id} written to {args.out}: {scorer.describe()} "
-          f"from {scorer.training.images} images in {scorer.training.fit_seconds:.1f} s; "
-          f"threshold {threshold}")  # fmt: skip
+    print(f"model {model_id} written to {args.out}: {scorer.describe()} from {_training_images(scorer)} in "
+          f"{scorer.training.fit_seconds:.1f} s; threshold {threshold}")  # fmt: skip
     for name, choice in (("intensity", scorer.training.intensity_choice),
                          ("registration", scorer.training.registration_choice)):  # fmt: skip
         if choice:
@@ -125,6 +124,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
     else:
         _print_reliability(scorer.threshold, calibrate)
     return 0
+
+
+def _training_images(scorer: Scorer) -> str:
+    """Where a fit's good images went: "40 good images (34 fitted on, 3 for position statistics, 3 for the
+    threshold; 2 unreadable files skipped)"."""
+    statistics = scorer.position_stats.images if scorer.position_stats is not None else 0
+    threshold = scorer.threshold.good_images if scorer.threshold is not None else 0
+    uses = [f"{scorer.training.images} fitted on"]
+    uses += [f"{statistics} for position statistics"] if statistics else []
+    uses += [f"{threshold} for the threshold"] if threshold else []
+    skipped = len(scorer.training.skipped)
+    unreadable = f"; {skipped} unreadable file{'s' if skipped > 1 else ''} skipped" if skipped else ""
+    return f"{scorer.training.images + statistics + threshold} good images ({', '.join(uses)}{unreadable})"
 
 
 def _print_reliability(threshold: Threshold, calibrate: str) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -147,14 +148,18 @@ def test_fit_and_calibrate_say_how_far_a_threshold_from_few_good_images_can_be_t
     good.mkdir()
     for path in sorted(demo_line.train_dir.iterdir())[:5]:  # 2 of them make fit's threshold slice
         shutil.copy(path, good / path.name)
+    (good / "zz_empty.png").write_bytes(b"")
     (tmp_path / "config.toml").write_text(TINY_TOML)
     fitted = tmp_path / "fitted"
     assert main(["fit", "--good", str(good), "--config", str(tmp_path / "config.toml"), "--out", str(fitted),
                  "--quiet"]) == 0  # fmt: skip
     out, err = capsys.readouterr()
     assert "23.1% of other good parts when set from 2 good images" in out and "unreliable" not in err
+    # where the 5 went (the line said "from 3 images" or fewer: those fitted on alone)
+    assert re.search(r"from 5 good images \(\d fitted on(, \d for position statistics)?, 2 for the threshold; 1 "
+                     r"unreadable file skipped\) in", out)  # fmt: skip
     assert f"`lineinspect calibrate --model {fitted} --good GOOD_IMAGES`" in out
-    for path in sorted(good.iterdir())[:2]:
+    for path in sorted(good.iterdir())[:2]:  # 3 good images left: too few for a threshold
         path.unlink()
     assert main(["fit", "--good", str(good), "--config", str(tmp_path / "config.toml"), "--out", str(fitted),
                  "--quiet"]) == 0  # fmt: skip
@@ -226,7 +231,7 @@ def test_fit_on_too_few_images_for_its_held_out_slices_fits_them_all_and_says_to
     with caplog.at_level(logging.WARNING):
         code = main(["fit", "--good", str(good), "--config", str(tmp_path / "config.toml"), "--out",
                      str(tmp_path / "m"), "--holdout", "0.4", "--quiet"])  # fmt: skip
-    assert code == 0 and "from 3 images" in capsys.readouterr().out
+    assert code == 0 and "from 3 good images (3 fitted on) in" in capsys.readouterr().out
     assert "all 3 are fitted and the model has no threshold: run `lineinspect calibrate`" in caplog.text
     assert json.loads((tmp_path / "m" / "manifest.json").read_text())["threshold"] is None
 

@@ -152,8 +152,8 @@ def metadata_size_problem(metadata: dict[str, Any]) -> str | None:
     if total <= MAX_METADATA_BYTES:
         return None
     largest = max(sizes, key=lambda key: sizes[key])
-    return (f"keys and str values hold at least {total} bytes of UTF-8 (largest {largest:.40}: {sizes[largest]}); "
-            f"a frame's metadata holds at most {MAX_METADATA_BYTES} (64 KiB) in all")  # fmt: skip
+    return (f"keys and str values hold at least {total} bytes of UTF-8 (largest {brief_repr(largest):.40}: "
+            f"{sizes[largest]}); a frame's metadata holds at most {MAX_METADATA_BYTES} (64 KiB) in all")  # fmt: skip
 
 
 def _wire_metadata(value: Any, info: ValidationInfo) -> Any:

@@ -163,8 +163,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     threshold): the key outlives the workers, and a model that cannot load would otherwise be what every restarted
     or added worker is told to use. Verifying reads the files but loads no backbone, so promote can run inside a
     scorer's container without a second model's memory."""
-    from models.artifact import verify_model
     from models.errors import ArtifactError
+    from models.manifest import verify_model
 
     config = _config(args)
     model_dir = Path(args.model).resolve()

@@ -51,7 +51,7 @@ def _model(basis: Mapping[str, Any]) -> str:
 
 def _weak(side: str, basis: Mapping[str, Any]) -> str | None:
     """What is weak about one side's threshold, or None."""
-    from models.threshold import RELIABLE_GOOD_IMAGES
+    from models.threshold import threshold_reliability
 
     model, model_dir = _model(basis), basis["model_dir"]
     calibrate = f"`lineinspect calibrate --model {model_dir} --good GOOD_IMAGES`"
@@ -62,16 +62,9 @@ def _weak(side: str, basis: Mapping[str, Any]) -> str | None:
     if basis.get("method") != FALSE_REJECT_RATE_METHOD:
         return None  # set by hand: no image count to judge it by (the comparison of the two sides says so)
     images, rate = basis["good_images"], basis.get("false_reject_rate") or 0.0
-    needed = math.ceil(round(1 / rate, 6)) if rate > 0 else 0
-    if images < RELIABLE_GOOD_IMAGES:
-        return (f"{side}'s threshold {model} rests on {images} good images: thresholds set from fewer than "
-                f"{RELIABLE_GOOD_IMAGES} rejected 2-50% of other good parts where 0.5% was asked (benchmarks/"
-                f"RESULTS.md section 7), so its verdicts say as much about that threshold as about the model; run "
-                f"{calibrate} on at least {max(needed, RELIABLE_GOOD_IMAGES)} good images it has not seen")  # fmt: skip
-    if math.floor(round(rate * images, 6)) == 0:  # as models.threshold.false_reject_threshold decides it
-        return (f"{side}'s threshold {model} rests on {images} good images, too few to resolve its false-reject "
-                f"rate of {rate:.2%} (that takes {needed}): it sits just above their largest score; run {calibrate} "
-                f"on {needed} or more")  # fmt: skip
+    reliability = threshold_reliability(images, rate) if rate > 0 else ""
+    if reliability:  # the words fit and calibrate print for that threshold
+        return f"{side}'s threshold {model}: {reliability} Run {calibrate}"
     return None
 
 

@@ -147,7 +147,7 @@ def test_replay_onto_a_candidate_line_compares_every_recorded_frame(
     # the only warnings: the tiny candidate's threshold rests on 2 good images, and the live model ("production")
     # has no directory on line-1's key to tell how its threshold was set
     weak, unknown = report["warnings"]
-    assert "rests on 2 good images" in weak and "line line-1's model key is not set" in unknown
+    assert "2 good images cannot resolve" in weak and "line line-1's model key is not set" in unknown
     assert report["candidate_line_model_dir"] == str(tiny_line.other_model_dir)
     assert report["candidate_models"] == [str(read_manifest(tiny_line.other_model_dir)["model_id"])]
     assert report["baseline_models"] == ["production"]

@@ -109,14 +109,14 @@ def test_thresholds_set_the_same_way_from_enough_good_images_need_no_warning() -
 def test_a_threshold_from_few_good_images_is_warned_about_naming_the_count_on_either_side() -> None:
     live, weak = basis(9, model_id="live"), basis(3)
     candidate_warning, live_warning = threshold_warnings(live, weak, ["live"], {}, "line-1", "/models/live")
-    assert "the candidate's threshold (model cand, /models/cand) rests on 3 good images" in candidate_warning
-    assert "the live model's threshold (model live, /models/live) rests on 9 good images" in live_warning
-    assert "--model /models/cand" in candidate_warning and "at least 200 good images" in candidate_warning
+    assert "the candidate's threshold (model cand, /models/cand): 3 good images cannot resolve" in candidate_warning
+    assert "the live model's threshold (model live, /models/live): 9 good images cannot resolve" in live_warning
+    assert "--model /models/cand" in candidate_warning and "at least 20, better 200, good images" in candidate_warning
 
 
 def test_a_threshold_from_too_few_images_to_resolve_its_rate_is_warned_about() -> None:
     (warning,) = threshold_warnings(basis(400, model_id="live"), basis(60), ["live"], {}, "line-1", None)
-    assert "rests on 60 good images, too few to resolve its false-reject rate of 0.50% (that takes 200)" in warning
+    assert "(model cand, /models/cand): 60 good images cannot resolve a false-reject rate of 0.50% (200 can)" in warning
     assert threshold_warnings(basis(400, model_id="live"), basis(60, rate=0.02), ["live"], {}, "line-1", None) == [
         "the candidate's threshold was set for a false-reject rate of 2.00%, the live model's for a false-reject rate "
         "of 0.50%: verdict changes come from that choice as much as from the models; calibrate the candidate as the "
@@ -213,7 +213,7 @@ def test_a_replay_of_demo_frames_reports_accuracy_and_warns_of_the_candidates_th
                                                    "threshold": 3.0, "method": "false_reject_rate",
                                                    "false_reject_rate": 0.05, "good_images": 3}  # fmt: skip
     weak, rates = report["warnings"]
-    assert f"the candidate's threshold (model {candidate_id}, {candidate_dir}) rests on 3 good images" in weak
+    assert f"the candidate's threshold (model {candidate_id}, {candidate_dir}): 3 good images cannot resolve" in weak
     assert rates.startswith("the candidate's threshold was set for a false-reject rate of 5.00%, the live model's "
                             "for a false-reject rate of 0.50%")  # fmt: skip
 

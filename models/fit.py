@@ -177,10 +177,10 @@ def fit_scorer(
     # count told to the user wrong
     image_paths, skipped = _drop_unreadable(image_paths)
     if len(image_paths) < FEW_GOOD_IMAGES:
-        log.warning("%d good images are few: on MTD's validation split the default model's image AUROC on subtle "
+        log.warning("%d good image%s few: on MTD's validation split the default model's image AUROC on subtle "
                     "synthetic defects rose from 54 with 10 good images to 73 with 50, 85 with 200 and 92 with 591 "
                     "(benchmarks/RESULTS.md section 7); fit again as more good images come",
-                    len(image_paths))  # fmt: skip
+                    len(image_paths), " is" if len(image_paths) == 1 else "s are")  # fmt: skip
     mask = _inspection_mask(config, image_paths)
     fit_paths, holdout_paths = holdout_split(image_paths, holdout_fraction)
     if len(holdout_paths) < MIN_GOOD_IMAGES or len(fit_paths) < MIN_FIT_IMAGES:

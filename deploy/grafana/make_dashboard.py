@@ -232,7 +232,8 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                 ),
                 unit="reqps",
                 description="Frames not sent, by reason: backpressure (a live camera's oldest frames, while the "
-                "scorers' backlog is at ingest.live_queue_limit) or too_large (over streams.max_frame_bytes).",
+                "scorers' backlog is at ingest.live_queue_limit), too_large (over streams.max_frame_bytes) or invalid "
+                "(ids or metadata over the wire's limits).",
                 width=5,
             ),
             Panel(

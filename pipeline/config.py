@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.messages import id_problem
+from pipeline.messages import line_id_problem
 
 ENV_PREFIX = "LINEINSPECT__"
 Resize = Literal["stretch", "pad", "tile"]  # how frames reach the model's square input (ModelSettings.resize)
@@ -529,7 +529,7 @@ class WorkerSettings(_Section):
     def _line_id_is_an_id(cls, line_id: str) -> str:
         """Every key of the line is named by it and every frame carries it: the wire's id rules (length, no control
         character) apply, so a line's own frames are not refused as ``invalid_fields``."""
-        problem = id_problem(line_id)
+        problem = line_id_problem(line_id)
         if problem is not None:
             msg = f"line id {line_id[:40]!r}{'...' if len(line_id) > 40 else ''} {problem}"
             raise ValueError(msg)

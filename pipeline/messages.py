@@ -89,6 +89,7 @@ MAX_METADATA_ENTRIES = 256
 # kept streams.published_ttl_s) and is copied into the frame's decision, dead letter and logs, so a 10 MB id would
 # be a 10 MB key name. Serials, UUIDs, timestamps and paths-like names fit with a wide margin.
 MAX_ID_CHARS = 256
+HEALTH_NAMESPACE = "health"  # P:health:<role>:<name> (pipeline.streams.health_key): not a line id
 # Control characters (Unicode Cc: C0, DEL, C1) are refused in ids: a trailing CR/LF from a serial line or a file
 # makes an id that prints like another one and splits plain log lines. Colons, spaces and any printable text are ids.
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -127,6 +128,13 @@ def id_problem(value: str) -> str | None:
         where = control.start()
         return f"holds control character U+{ord(control.group()):04X} at {where}; ids are printable text (strip CR/LF)"
     return None
+
+
+def line_id_problem(line_id: str) -> str | None:
+    """Why ``line_id`` cannot name a line (an id the wire refuses, or the heartbeats' key space), or None."""
+    if line_id == HEALTH_NAMESPACE:  # P:health:* holds every worker's heartbeat: the line's keys would mix with them
+        return f"is reserved: {HEALTH_NAMESPACE!r} names the workers' heartbeat keys"
+    return id_problem(line_id)
 
 
 def _bounded_id(value: str, info: ValidationInfo) -> str:

@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 import redis
 
 from pipeline.config import RedisSettings, StreamSettings
+from pipeline.messages import HEALTH_NAMESPACE
 
 logger = logging.getLogger(__name__)
 
@@ -406,7 +407,7 @@ class LineKeys:
 
 
 def health_key(prefix: str, role: str, name: str) -> str:
-    return f"{prefix}:health:{role}:{name}"
+    return f"{prefix}:{HEALTH_NAMESPACE}:{role}:{name}"
 
 
 @dataclass(frozen=True)
@@ -1058,7 +1059,8 @@ class StreamClient:
         self._call(lambda: self.redis.set(key, json.dumps(status), px=int(ttl_s * 1000)), "write_health")
 
     def read_health(self, prefix: str) -> list[dict[str, Any]]:
-        keys = self._call(lambda: list(self.redis.scan_iter(match=f"{prefix}:health:*", count=500)), "read_health")
+        pattern = health_key(prefix, "*", "*")
+        keys = self._call(lambda: list(self.redis.scan_iter(match=pattern, count=500)), "read_health")
         values = self._call(lambda: self.redis.mget(keys) if keys else [], "read_health")
         return [json.loads(value) for value in values if value is not None]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.logs import setup_logging
-from pipeline.messages import id_problem, metadata_size_problem
+from pipeline.messages import line_id_problem, metadata_size_problem
 from pipeline.streams import KeyUsage, LineFootprint, LineKeys, StreamClient, StreamsUnavailable
 from workers.lifecycle import WorkerRuntime, default_worker_name, install_stop_handlers
 
@@ -51,7 +51,7 @@ def _one_shot_client(config: Config) -> StreamClient:
 def _line(args: argparse.Namespace, config: Config) -> str:
     """``--line``, else ``worker.line_id`` (checked by the config), under the wire's id rules."""
     line_id = str(args.line or config.worker.line_id)
-    problem = id_problem(line_id)
+    problem = line_id_problem(line_id)
     if problem is not None:
         msg = f"--line {line_id[:40]!r}{'...' if len(line_id) > 40 else ''} {problem}"
         raise ValueError(msg)

@@ -157,3 +157,6 @@ def test_a_line_id_its_own_frames_could_not_carry_is_refused(line_id: str, messa
     with pytest.raises(ConfigError, match=rf"worker\.line_id: .*{message}"):
         load_config(None, environ={"LINEINSPECT__WORKER__LINE_ID": line_id})
     assert load_config(None, environ={"LINEINSPECT__WORKER__LINE_ID": "hall 2: line-7"}).worker.line_id
+    # "health" names the heartbeats' keys (P:health:<role>:<name>): its model key broke `lineinspect check`
+    with pytest.raises(ConfigError, match=r"worker\.line_id: .*'health' is reserved"):
+        load_config(None, environ={"LINEINSPECT__WORKER__LINE_ID": "health"})

@@ -16,28 +16,19 @@ from pipeline.codec import (
     decode_frame,
     decode_recorded_frame,
     encode_decision,
+    encode_frame,
     peek_frame_ref,
 )
 from pipeline.messages import MAX_ID_CHARS, MAX_METADATA_BYTES, error_decision
 from pipeline.streams import DecisionToPublish, LineKeys, StreamClient
+from tests.pipeline.test_codec import make_frame
 
 ID_FIELDS = ("line_id", "camera_id", "frame_id")
 
 
 def frame_fields(**overrides: Any) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "version": 1,
-        "line_id": "line-1",
-        "camera_id": "cam0",
-        "frame_id": "f-1",
-        "sequence": 7,
-        "captured_at_ns": 123,
-        "encoding": "raw",
-        "data": bytes(2 * 3 * 3),
-        "raw_shape": [2, 3, 3],
-        "raw_dtype": "uint8",
-        "metadata": {"lot": "L-2291", "serial": "SN0001"},
-    }
+    """A valid frame's wire fields, as a producer packs them, with ``overrides`` put in unchecked."""
+    fields: dict[str, Any] = msgpack.unpackb(encode_frame(make_frame()), raw=False)
     fields.update(overrides)
     return fields
 

@@ -583,6 +583,13 @@ def entry_time_s(entry_id: str) -> float:
     return int(entry_id.split("-", 1)[0]) / 1000.0
 
 
+def redis_attempt_timeout_s(redis_settings: RedisSettings, stream_settings: StreamSettings) -> float:
+    """How long one attempt of a Redis call may wait (its socket timeout): ``redis.connect_timeout_s`` +
+    ``streams.block_ms`` (a blocking read's wait on top of the connect budget). ``StreamClient.attempt_timeout_s``
+    of a client made with these settings."""
+    return redis_settings.connect_timeout_s + stream_settings.block_ms / 1000.0
+
+
 class StreamClient:
     """A Redis connection with the stream operations the workers need, retrying through outages."""
 
@@ -598,7 +605,7 @@ class StreamClient:
         self._stop: threading.Event | None = None
         self._stop_grace_s = 0.0
         self._stop_seen_at: float | None = None
-        self._attempt_timeout_s = redis_settings.connect_timeout_s + stream_settings.block_ms / 1000.0
+        self._attempt_timeout_s = redis_attempt_timeout_s(redis_settings, stream_settings)
         self.redis: Any = redis.Redis.from_url(
             url,
             socket_connect_timeout=redis_settings.connect_timeout_s,
@@ -614,6 +621,12 @@ class StreamClient:
         self._replies_received: list[str] = []
         self._replies_lock = threading.Lock()  # the sink commits from two threads
         self._group_stats = self.redis.register_script(_GROUP_STATS)
+
+    @property
+    def attempt_timeout_s(self) -> float:
+        """How long one attempt of a call may wait on Redis (the socket timeout, ``redis_attempt_timeout_s``): a
+        command sent has been answered, or its attempt has given up, this long after it was sent."""
+        return self._attempt_timeout_s
 
     def close(self) -> None:
         self.redis.close()

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable
 from types import TracebackType
 
-from workers.lifecycle import WorkerRuntime
+from workers.lifecycle import WorkerRuntime, keeper_join_s
 
 logger = logging.getLogger(__name__)
 
@@ -111,4 +111,4 @@ class InHand:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self._closed.set()
-        self._thread.join(timeout=self.runtime.config.redis.connect_timeout_s + 1.0)
+        self._thread.join(timeout=keeper_join_s(self.runtime.config))

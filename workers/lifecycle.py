@@ -16,7 +16,7 @@ from types import FrameType, TracebackType
 from pipeline.config import Config, ConfigError
 from pipeline.health import HealthServer, Heartbeat
 from pipeline.metrics import Metrics
-from pipeline.streams import DeadLetter, StreamClient, StreamsUnavailable
+from pipeline.streams import DeadLetter, StreamClient, StreamsUnavailable, redis_attempt_timeout_s
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,22 @@ def default_worker_name(role: str) -> str:
     return f"{socket.gethostname()}-{role}"
 
 
+def keeper_join_s(config: Config) -> float:
+    """How long a stopping worker waits for its in-hand keeper thread (``workers.in_hand``), which may be inside one
+    Redis call."""
+    return config.redis.connect_timeout_s + 1.0
+
+
+def stop_bound_s(config: Config) -> float:
+    """How long a worker may take to exit after SIGTERM: ``worker.drain_timeout_s`` to finish what it holds (retries
+    through a Redis outage end there too), then joining its in-hand keeper (``keeper_join_s``), then waiting for a
+    heartbeat write in flight before removing its key (one Redis attempt, ``WorkerRuntime.exit_wait_s``): 36.2 s with
+    config.toml's values. Whatever stops workers must wait longer before SIGKILL: deploy/'s grace periods (45 s) and
+    ``lineinspect run``."""
+    exit_wait_s = redis_attempt_timeout_s(config.redis, config.streams)
+    return config.worker.drain_timeout_s + keeper_join_s(config) + exit_wait_s
+
+
 class WorkerRuntime:
     """Redis client, Metrics, Heartbeat and the health/metrics HTTP server of one worker."""
 
@@ -62,11 +78,10 @@ class WorkerRuntime:
         self.metrics.watch_redis(self.client.ping)  # lineinspect_redis_up: an outage shows on every worker's /metrics
         self.heartbeat = Heartbeat(self.client, config.streams.prefix, role, name)
         # At exit, how long to wait for a beat in flight from another thread (Redis slow) before removing the key: one
-        # attempt's socket timeout (StreamClient's), by when Redis has answered it or the attempt has timed out. A
-        # shorter wait let the process exit first, and the write, already sent, land later: the stopped worker's key
-        # read "ok" for its whole TTL. Exiting waits at most this much more, within the supervisors' slack after
-        # worker.drain_timeout_s (45 s in deploy/'s units, pods and Compose against the 25 s drain).
-        self.exit_wait_s = config.redis.connect_timeout_s + config.streams.block_ms / 1000.0
+        # attempt's socket timeout, by when Redis has answered it or the attempt has timed out. A shorter wait let
+        # the process exit first, and the write, already sent, land later: the stopped worker's key read "ok" for its
+        # whole TTL. Exiting waits at most this much more (``stop_bound_s``).
+        self.exit_wait_s = self.client.attempt_timeout_s
         try:
             self.server = HealthServer(self.heartbeat, self.metrics, port)
         except OSError as error:

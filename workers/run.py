@@ -29,6 +29,8 @@ from pipeline.config import Config, load_config
 from pipeline.messages import Decision
 from pipeline.redis_server import free_port, resolve_redis
 from pipeline.streams import LineKeys, StreamClient
+from workers.lifecycle import stop_bound_s
+from workers.score import limit_threads
 
 if TYPE_CHECKING:
     from models.synthetic import DemoLine
@@ -71,6 +73,7 @@ class Progress:
 
 
 def _prepare_model(args: argparse.Namespace, config: Config, out: Path) -> tuple[Path, DemoLine]:
+    limit_threads(config.worker.torch_threads)  # the fit runs here: [worker] torch_threads, as `fit` keeps to
     from models.fit import fit_scorer
     from models.images import list_images
     from models.synthetic import make_demo_line
@@ -135,6 +138,26 @@ def _start(
         command += ["--config", str(args.config)]
     log_file = (logs / f"{role}-{extra[-1] if extra else ''}.log").open("wb")
     return subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+# How much longer than a worker's stop bound (workers.lifecycle.stop_bound_s) `run` waits before SIGKILL: the
+# interpreter's own exit after the worker has finished
+STOP_SLACK_S = 5.0
+
+
+def stop_workers(
+    config: Config,
+    ingest: subprocess.Popen[bytes],
+    scorers: list[subprocess.Popen[bytes]],
+    sink: subprocess.Popen[bytes],
+) -> None:
+    """SIGTERM ingest, then the scorers, then the sink, each group once the one before has exited (so the sink
+    drains what the scorers committed last); each process is given its whole stop bound (``stop_bound_s``, as
+    deploy/'s grace periods are) before SIGKILL, which would leave its frames in hand to the next run's claims."""
+    wait_s = stop_bound_s(config) + STOP_SLACK_S
+    _stop([ingest], wait_s)
+    _stop(scorers, wait_s)
+    _stop([sink], wait_s)
 
 
 def _stop(processes: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
@@ -274,9 +297,7 @@ def run_demo(args: argparse.Namespace) -> int:
         finally:
             print("\r" + progress.line(args.frames), flush=True)
             print("stopping workers ...", flush=True)
-            _stop([ingest], 10)
-            _stop(scorers, config.worker.drain_timeout_s + 5)
-            _stop([sink], 15)
+            stop_workers(config, ingest, scorers, sink)
             client.close()
     auroc = _auroc(progress, demo)
     print("\nsummary")

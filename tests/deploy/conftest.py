@@ -12,6 +12,7 @@ import pytest
 from pipeline.config import load_config
 from tests.workers.conftest import processes, tiny_line  # noqa: F401  (fixtures shared with the worker tests)
 from tests.workers.processes import REPO_ROOT
+from workers.lifecycle import stop_bound_s as worker_stop_bound_s
 from workers.stream_commands import add_stream_commands
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -53,12 +54,6 @@ def parse_lineinspect(argv: list[str]) -> argparse.Namespace:
 
 
 def stop_bound_s() -> float:
-    """How long a worker may take to exit after SIGTERM with config.toml's settings, which supervisors' grace periods
-    must exceed: worker.drain_timeout_s to finish what it holds (retries through a Redis outage end there too), then
-    joining its in-hand keeper, which may be inside one Redis call (redis.connect_timeout_s + 1 s, workers/in_hand.py),
-    then waiting for a heartbeat write in flight before removing its key (one socket timeout, connect_timeout_s +
-    streams.block_ms, WorkerRuntime.exit_wait_s)."""
-    config = load_config(REPO_ROOT / "config.toml", environ={})
-    keeper_join_s = config.redis.connect_timeout_s + 1.0
-    key_removal_s = config.redis.connect_timeout_s + config.streams.block_ms / 1000.0
-    return config.worker.drain_timeout_s + keeper_join_s + key_removal_s
+    """How long a worker may take to exit after SIGTERM with config.toml's settings (``workers.lifecycle.stop_bound_s``,
+    the one definition ``lineinspect run`` waits by too), which supervisors' grace periods must exceed."""
+    return worker_stop_bound_s(load_config(REPO_ROOT / "config.toml", environ={}))

@@ -15,11 +15,11 @@ import uuid
 
 import pytest
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, config_from_mapping, load_config
 from pipeline.redis_server import EmbeddedRedis, free_port
 from pipeline.streams import StreamClient, StreamsUnavailable
 from tests.workers.processes import REPO_ROOT
-from workers.lifecycle import WorkerRuntime
+from workers.lifecycle import WorkerRuntime, keeper_join_s, stop_bound_s
 
 
 def test_every_worker_exports_whether_its_redis_answers(config: Config) -> None:
@@ -92,3 +92,18 @@ def test_a_beat_in_flight_when_the_worker_exits_does_not_outlive_it(config: Conf
             worker.kill()
             worker.wait()
             client.close()
+
+
+def test_a_stopping_worker_waits_one_redis_attempt_and_its_stop_bound_counts_it(config: Config) -> None:
+    # WorkerRuntime re-derived StreamClient's socket timeout (connect_timeout_s + block_ms) for its exit wait, and the
+    # deploy tests a third time for the stop bound: changing one left the others waiting by the old formula.
+    data = config.model_dump(mode="json")
+    data["redis"]["connect_timeout_s"] = 2.5
+    data["streams"]["block_ms"] = 300
+    settings = config_from_mapping(data)
+    with WorkerRuntime(settings, settings.redis.url or "", "score", "a", port=0) as runtime:
+        socket_timeout_s = runtime.client.redis.connection_pool.connection_kwargs["socket_timeout"]
+        assert runtime.client.attempt_timeout_s == socket_timeout_s == pytest.approx(2.8)
+        assert runtime.exit_wait_s == socket_timeout_s
+    drain_s = settings.worker.drain_timeout_s
+    assert stop_bound_s(settings) == pytest.approx(drain_s + keeper_join_s(settings) + socket_timeout_s)

@@ -162,6 +162,11 @@ class StartingBeat:
         self._thread.start()
         return self
 
+    def show(self, **fields: Any) -> None:
+        """Show ``fields`` with the "starting" beats from now on (e.g. another model directory being loaded)."""
+        self.fields = {**self.fields, **fields}  # a new dict: the beating thread may be reading the old one
+        self.heartbeat.refresh(force=True, **self.fields, starting_s=round(time.monotonic() - self._started, 1))
+
     def _run(self) -> None:
         while not self._closed.wait(self.interval_s):
             starting_s = time.monotonic() - self._started

@@ -139,27 +139,39 @@ class ModelSlot:
     def __init__(self, runtime: WorkerRuntime, keys: LineKeys, loader: ModelLoader, initial_dir: Path | None) -> None:
         self.runtime, self.keys, self.loader = runtime, keys, loader
         announced = runtime.client.get_model_dir(keys)
-        if announced is None:
-            if initial_dir is None:
-                msg = f"no model for line {keys.line_id}: pass --model DIR or set worker.model_dir (or {keys.model})"
-                raise ValueError(msg)
-            runtime.client.set_model_dir(keys, str(initial_dir), only_if_absent=True)
-            announced = runtime.client.get_model_dir(keys) or str(initial_dir)
-        elif initial_dir is not None and Path(announced) != initial_dir:
+        if announced is None and initial_dir is None:
+            msg = f"no model for line {keys.line_id}: pass --model DIR or set worker.model_dir (or {keys.model})"
+            raise ValueError(msg)
+        if announced is not None and initial_dir is not None and Path(announced) != initial_dir:
             logger.warning("line's model key overrides --model", extra={"model_dir": announced})
         self._failed: tuple[str, str | None] | None = None
-        with StartingBeat(runtime.heartbeat, runtime.config.worker.max_startup_s, loading=announced):
-            self.model_dir, self.scorer = self._first_model(announced, initial_dir)
+        first = announced if announced is not None else str(initial_dir)
+        with StartingBeat(runtime.heartbeat, runtime.config.worker.max_startup_s, loading=first) as starting:
+            self.model_dir, self.scorer = self._first_model(announced, initial_dir, starting)
+        if announced is None:
+            # Announced only once loaded: a --model that does not load, announced first, was what every worker
+            # started later was told to use. A peer that announced meanwhile is followed by refresh() as a promote.
+            runtime.client.set_model_dir(keys, self.model_dir, only_if_absent=True)
         runtime.metrics.set_model(keys.line_id, self.scorer.model_id)
         self._loading: threading.Thread | None = None
         self._ready: tuple[str, ScorerLike] | None = None
         self._next_poll = 0.0
 
-    def _first_model(self, announced: str, initial_dir: Path | None) -> tuple[str, ScorerLike]:
-        """The announced model; if it does not load, ``initial_dir`` (``--model``) when that loads. The key is left
-        as it is (whoever promoted the broken model fixes it; the worker swaps to whatever it names next) and the
-        broken directory is not retried until the key or its manifest changes. Neither loads: ValueError naming the
-        directory and why, the worker's one-line exit."""
+    def _first_model(
+        self, announced: str | None, initial_dir: Path | None, starting: StartingBeat
+    ) -> tuple[str, ScorerLike]:
+        """The announced model; if it does not load, ``initial_dir`` (``--model``) when that loads; with no model
+        announced, ``initial_dir``. The key is left as it is (whoever promoted the broken model fixes it; the worker
+        swaps to whatever it names next) and the broken directory is not retried until the key or its manifest
+        changes. Nothing loads: ValueError naming the directory and why, the worker's one-line exit."""
+        if announced is None:
+            assert initial_dir is not None
+            try:
+                return str(initial_dir), self.loader(initial_dir)
+            except Exception as error:
+                reason = f"{type(error).__name__}: {error}"
+                msg = f"model {initial_dir} (--model or worker.model_dir) does not load: {reason}"
+                raise ValueError(msg) from error
         try:
             return announced, self.loader(Path(announced))
         except Exception as error:
@@ -172,6 +184,7 @@ class ModelSlot:
             "the line's model key names a model that does not load; starting with --model instead",
             extra={"announced_model_dir": announced, "model_dir": str(initial_dir), "error": reason},
         )
+        starting.show(loading=str(initial_dir))
         try:
             return str(initial_dir), self.loader(initial_dir)
         except Exception as fallback_error:

@@ -19,7 +19,7 @@ from pipeline.streams import SCORER_GROUP, LineKeys, StreamEntry
 from tests.workers.conftest import TinyLine
 from tests.workers.helpers import decisions_in, frame_from_file, publish_frames, start_thread, wait_until
 from workers.lifecycle import WorkerRuntime
-from workers.score import BatchOutcome, ModelSlot, ScoreWorker, load_model
+from workers.score import BatchOutcome, ModelSlot, ScorerLike, ScoreWorker, load_model
 from workers.sink import SinkWorker
 
 
@@ -590,6 +590,51 @@ def test_a_broken_announced_model_falls_back_to_the_model_option(
         return slot.scorer.model_id == read_manifest(tiny_line.other_model_dir)["model_id"]
 
     wait_until(swapped, what="a newly promoted model to load")
+
+
+def test_a_model_option_that_does_not_load_is_not_announced(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    # With the line's model key unset, score-worker wrote its --model there before loading it: a --model that did not
+    # load was then what every later worker was told to use (each logged "model key names a model that does not
+    # load" and fell back to its own --model), and promote-less lines kept it for good.
+    from models.artifact import read_manifest
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{ not json")
+    runtime = make_runtime("score", "w1")
+    keys = LineKeys(runtime.config.streams.prefix, "line-1")
+    with pytest.raises(ValueError, match=f"model {broken} .*does not load") as caught:
+        ModelSlot(runtime, keys, load_model("cpu"), broken)
+    assert runtime.client.get_model_dir(keys) is None
+    assert "(--model or worker.model_dir)" in str(caught.value)  # not "named by the model key": it never was
+    slot = ModelSlot(make_runtime("score", "w2"), keys, load_model("cpu"), tiny_line.model_dir)
+    assert runtime.client.get_model_dir(keys) == slot.model_dir == str(tiny_line.model_dir)  # announced once loaded
+    assert slot.scorer.model_id == read_manifest(tiny_line.model_dir)["model_id"]
+
+
+def test_a_worker_falling_back_to_its_model_option_shows_that_it_loads_that_one(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
+) -> None:
+    # The "starting" beats named the announced directory for the whole start, also while the worker, that one having
+    # failed, loaded its --model: `lineinspect check` and /livez said it was loading a model it had given up on.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{ not json")
+    runtime = make_runtime("score", "w1")
+    keys = LineKeys(runtime.config.streams.prefix, "line-1")
+    runtime.client.set_model_dir(keys, str(broken))
+    shown: dict[str, tuple[object, object]] = {}
+
+    def load(model_dir: Path) -> ScorerLike:
+        (written,) = runtime.client.read_health(runtime.config.streams.prefix)
+        shown[model_dir.name] = (written["loading"], runtime.heartbeat.alive()[1]["loading"])
+        return load_model("cpu")(model_dir)
+
+    ModelSlot(runtime, keys, load, tiny_line.model_dir)
+    assert shown == {"broken": (str(broken), str(broken)),
+                     tiny_line.model_dir.name: (str(tiny_line.model_dir), str(tiny_line.model_dir))}  # fmt: skip
 
 
 @pytest.mark.parametrize("with_model_option", [False, True])

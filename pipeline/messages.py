@@ -132,7 +132,9 @@ def id_problem(value: str) -> str | None:
 
 def line_id_problem(line_id: str) -> str | None:
     """Why ``line_id`` cannot name a line (an id the wire refuses, or the heartbeats' key space), or None."""
-    if line_id == HEALTH_NAMESPACE:  # P:health:* holds every worker's heartbeat: the line's keys would mix with them
+    # P:health:<role>:<name> holds every worker's heartbeat: the keys of a line "health" or "health:<role>" would mix
+    # with them (line "health:score"'s model key P:health:score:model is scorer "model"'s heartbeat)
+    if line_id == HEALTH_NAMESPACE or line_id.startswith(f"{HEALTH_NAMESPACE}:"):
         return f"is reserved: {HEALTH_NAMESPACE!r} names the workers' heartbeat keys"
     return id_problem(line_id)
 

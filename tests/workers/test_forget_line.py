@@ -185,3 +185,19 @@ def test_a_missing_line_and_an_unreachable_redis_are_one_line_errors(
     assert main(["forget-line", "--line", "line-1", "--yes"]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
     assert len(errors) == 1 and errors[0].startswith("lineinspect forget-line: error: redis at "), errors
+
+
+def test_a_line_named_under_the_heartbeats_is_refused_and_no_heartbeat_is_removed(
+    client: StreamClient, stream_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Line 'health:score''s model key would be P:health:score:model: the heartbeat of a scorer named 'model'.
+    forget-line removed that heartbeat (of line-1's running scorer) as the line's model key."""
+    beat = health_key(stream_prefix, "score", "model")
+    client.write_health(beat, {"role": "score", "name": "model", "line": "line-1", "state": "ok"}, 30)
+    assert LineKeys(stream_prefix, "health:score").model == beat
+    before = snapshot(client, stream_prefix)
+
+    assert main(["forget-line", "--line", "health:score", "--yes"]) == 2
+    error = capsys.readouterr().err
+    assert "--line 'health:score' is reserved: 'health' names the workers' heartbeat keys" in error
+    assert snapshot(client, stream_prefix) == before

@@ -22,7 +22,7 @@ from pathlib import Path
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.logs import setup_logging
 from pipeline.messages import line_id_problem, metadata_size_problem
-from pipeline.streams import KeyUsage, LineFootprint, LineKeys, StreamClient, StreamsUnavailable
+from pipeline.streams import UNLINK_BATCH, KeyUsage, LineFootprint, LineKeys, StreamClient, StreamsUnavailable
 from workers.lifecycle import WorkerRuntime, default_worker_name, install_stop_handlers
 
 logger = logging.getLogger(__name__)
@@ -214,9 +214,25 @@ def cmd_forget_line(args: argparse.Namespace) -> int:
     footprint, refusals = _forget_plan(client, keys, args)
     if refusals:
         raise ValueError("; ".join(refusals))
-    removed = client.unlink(_removable(keys, footprint, args.keep_deadletters))
+    removed = _unlink(client, keys, _removable(keys, footprint, args.keep_deadletters))
     print(f"removed {removed} keys of line {keys.line_id!r}")
     return 0
+
+
+def _unlink(client: StreamClient, keys: LineKeys, names: list[str]) -> int:
+    """``client.unlink`` a batch at a time, so that Redis lost part-way is reported with what was removed before
+    (the line is then half forgotten, and another run removes the rest)."""
+    removed = done = 0
+    try:
+        for start in range(0, len(names), UNLINK_BATCH):
+            batch = names[start : start + UNLINK_BATCH]
+            removed += client.unlink(batch)
+            done += len(batch)
+    except StreamsUnavailable as error:
+        msg = (f"{error}; {done} of the {len(names)} keys of line {keys.line_id!r} were removed before, the others "
+               "are still there: run forget-line again once Redis answers to remove them")  # fmt: skip
+        raise StreamsUnavailable(msg) from error
+    return removed
 
 
 def _forget_plan(client: StreamClient, keys: LineKeys, args: argparse.Namespace) -> tuple[LineFootprint, list[str]]:

@@ -8,11 +8,14 @@ import socket
 from typing import Any
 
 import pytest
+import redis
 
 from pipeline.config import RedisSettings, StreamSettings
+from pipeline.redis_server import EmbeddedRedis
 from pipeline.streams import (
     SCORER_GROUP,
     SINK_GROUP,
+    UNLINK_BATCH,
     Commit,
     DeadLetter,
     LineKeys,
@@ -201,3 +204,42 @@ def test_a_line_named_under_the_heartbeats_is_refused_and_no_heartbeat_is_remove
     error = capsys.readouterr().err
     assert "--line 'health:score' is reserved: 'health' names the workers' heartbeat keys" in error
     assert snapshot(client, stream_prefix) == before
+
+
+def test_redis_lost_part_way_says_what_was_removed_and_a_second_run_removes_the_rest(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Keys go in batches of UNLINK_BATCH: a Redis lost after the first left the line half forgotten, and the command
+    said only 'unreachable during unlink' (and a worker's 'entries in hand stay pending'), not that keys were gone."""
+    with EmbeddedRedis(persistent=True) as server:  # its own server: this test stops it
+        monkeypatch.setenv("REDIS_URL", server.url)
+        monkeypatch.setenv("LINEINSPECT__REDIS__CONNECT_TIMEOUT_S", "0.5")
+        client = StreamClient(server.url, RedisSettings(), StreamSettings())
+        keys = LineKeys(client.settings.prefix, "retired")
+        run_line(client, keys)
+        markers = UNLINK_BATCH + 100 - len(line_keys_left(client, keys))
+        for number in range(markers):  # a line's published markers, many more than its other keys
+            client.redis.zadd(keys.published(f"old-{number}"), {"1-0": 1.0})
+            client.redis.expire(keys.published(f"old-{number}"), 600)
+        total = len(line_keys_left(client, keys))
+        unlink = redis.Redis.unlink
+        batches: list[int] = []
+
+        def server_lost_after_the_first_batch(self: redis.Redis, *names: str) -> Any:
+            batches.append(len(names))
+            if len(batches) == 2:
+                server.stop(kill=True)  # the real server goes: the second UNLINK meets a closed port
+            return unlink(self, *names)
+
+        monkeypatch.setattr(redis.Redis, "unlink", server_lost_after_the_first_batch)
+        assert main(["forget-line", "--line", "retired", "--yes"]) == 1
+        error = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+        assert len(error) == 1 and "unreachable during unlink" in error[0]
+        assert (f"{UNLINK_BATCH} of the {total} keys of line 'retired' were removed before, the others are still "
+                "there: run forget-line again once Redis answers to remove them") in error[0]  # fmt: skip
+        monkeypatch.setattr(redis.Redis, "unlink", unlink)
+        server.start()  # appendfsync always: what the first batch removed stays removed
+        assert len(line_keys_left(client, keys)) == total - UNLINK_BATCH
+        assert main(["forget-line", "--line", "retired", "--yes"]) == 0
+        assert f"removed {total - UNLINK_BATCH} keys of line 'retired'" in capsys.readouterr().out
+        assert not line_keys_left(client, keys)

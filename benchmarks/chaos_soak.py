@@ -16,7 +16,11 @@ different processes overlap:
   entries meanwhile);
 - ``restart_redis``: stop the server cleanly and start it again on the same port with its data, 0.5-3 s down;
 - ``corrupt_frames`` / ``unknown_version``: publish 1-4 entries that are not msgpack, have fields of the wrong type,
-  carry undecodable image bytes, or a schema version of 2 (with and without a readable ``frame_id``).
+  carry undecodable image bytes, or a schema version of 2 (with and without a readable ``frame_id``); or that break
+  the wire's limits: a ``frame_id`` of 10,000 characters or ending in CR/LF (README: an ``error`` decision and an
+  ``invalid_fields`` dead letter, both naming the frame by a stand-in id), metadata over 64 KiB (the same, under its
+  own id), a ``raw_shape`` array of 2,000 items (``not_msgpack``, refused before it is unpacked, with an ``error``
+  decision: its ``frame_id`` can be read, whether it comes before the array in the map or after it).
 
 Each entry is published as README tells camera software to (``XADD P:L:frames MAXLEN ~ <streams.maxlen> * payload
 ...``), in a script that also reads, in the same atomic step, the stream's oldest entry and the ``scorers`` group's
@@ -37,7 +41,8 @@ nothing pending, the results stream empty) and checks, from what its reader saw:
 
 1. every published frames-stream entry has exactly one decision (``frame_entry_id``) or exactly one dead letter
    (``source_entry_id``), or both where README allows it: a rejected frame whose ``frame_id`` can be read gets an
-   ``error`` decision whose ``error_reason`` is its dead letter's reason; each entry's outcome is the one its kind
+   ``error`` decision whose ``error_reason`` is its dead letter's reason; both name the frame by its ``frame_id``, or
+   by its stand-in (``codec.stand_in_id``) when that is no valid id; each entry's outcome is the one its kind
    calls for (good and defective parts: ``pass``/``fail``; a good part delivered more than ``streams.max_deliveries``
    times is also allowed its documented ``max_deliveries_exceeded`` dead letter and error decision, and counted);
    an entry trimmed after a scorer read it may instead have one ``entry_trimmed`` dead letter and no decision (the
@@ -56,7 +61,10 @@ nothing pending, the results stream empty) and checks, from what its reader saw:
    scrape may be older than its last publish); the scorers' ``lineinspect_dead_letters_total{reason}`` summed over
    every incarnation at most the frames-stream dead letters (equal when no scorer was killed or stopped by SIGTERM);
    no process exports ``lineinspect_dropped_frames_total`` above 0 (only ingest counts drops, and there is none:
-   frames trimmed unread are counted by no metric, only here).
+   frames trimmed unread are counted by no metric, only here);
+6. the soak's Redis holds at most one commit-reply key (``P:L:deadletter:commit:<token>``) per worker process that
+   ran: a client's next commit deletes its last one's (the code before 35c89ba kept one per commit with dead
+   letters, for an hour).
 
 Prints progress every 10 s, a summary at the end, and exits 1 when an invariant fails (the worker logs are then
 kept; ``--keep`` keeps them anyway). CPU: a 64 px model, two scorers with one torch thread each.
@@ -88,7 +96,7 @@ import msgpack
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline.codec import CodecError, decode_decision, encode_frame  # noqa: E402
+from pipeline.codec import CodecError, decode_decision, encode_frame, stand_in_id  # noqa: E402
 from pipeline.config import RedisSettings, StreamSettings, config_from_mapping  # noqa: E402
 from pipeline.messages import Decision, Frame  # noqa: E402
 from pipeline.redis_server import EmbeddedRedis, free_port  # noqa: E402
@@ -100,6 +108,7 @@ from pipeline.streams import (  # noqa: E402
     SINK_GROUP,
     LineKeys,
     StreamClient,
+    commit_reply_key,
 )
 
 LINE = "chaos"
@@ -131,8 +140,19 @@ EXPECTED = {
     "undecodable_image": Expected("undecodable_image", True, ("error",)),
     "unknown_version": Expected("unknown_schema_version", True, ("error",)),
     "unknown_version_no_id": Expected("unknown_schema_version", False),
+    # the wire's limits (README, "Publishing frames from your own software"): ids of at most 256 printable
+    # characters, metadata of at most 64 KiB, msgpack arrays and maps of at most 1024 items
+    "long_frame_id": Expected("invalid_fields", True, ("error",)),  # decision and dead letter under a stand-in id
+    "crlf_frame_id": Expected("invalid_fields", True, ("error",)),  # the same
+    "large_metadata": Expected("invalid_fields", True, ("error",)),
+    "long_array": Expected("not_msgpack", True, ("error",)),  # frame_id before the array: read, so decided
+    "long_array_first": Expected("not_msgpack", True, ("error",)),  # the array before it: skipped unbuilt, then read
 }
-CORRUPT_KINDS = ("not_msgpack", "invalid_fields", "undecodable_image")
+CORRUPT_KINDS = ("not_msgpack", "invalid_fields", "undecodable_image", "long_frame_id", "crlf_frame_id",
+                 "large_metadata", "long_array", "long_array_first")  # fmt: skip
+LONG_ID_CHARS = 10_000  # over messages.MAX_ID_CHARS (256)
+LARGE_METADATA_CHARS = 65 * 1024 + 1  # over messages.MAX_METADATA_BYTES (64 KiB) in one ASCII value
+LONG_ARRAY_ITEMS = 2_000  # over codec.MAX_CONTAINER_ITEMS (1024)
 VERSION_KINDS = ("unknown_version", "unknown_version_no_id")
 
 
@@ -140,7 +160,7 @@ VERSION_KINDS = ("unknown_version", "unknown_version_no_id")
 class Published:
     entry_id: str
     kind: str
-    frame_id: str
+    frame_id: str  # how its decision and dead letter must name the frame ('' where the payload names none)
 
 
 class Payloads:
@@ -159,7 +179,8 @@ class Payloads:
                      metadata={"label": label})  # fmt: skip
 
     def make(self, kind: str) -> tuple[bytes, str]:
-        """``(payload, frame_id)`` of one entry of ``kind`` (frame_id '' where the payload has none)."""
+        """``(payload, frame_id)`` of one entry of ``kind``: frame_id as its decision and dead letter must name it,
+        its stand-in where the payload's is no valid id, '' where the payload has none that can be read."""
         if kind in ("good", "defect"):
             frame = self._frame(self.rng.choice(self.good if kind == "good" else self.defect), kind)
             return encode_frame(frame), frame.frame_id
@@ -176,6 +197,16 @@ class Payloads:
         elif kind == "unknown_version_no_id":
             fields = {"version": 2, "line_id": LINE, "note": frame.frame_id}
             return _packed(fields), ""
+        elif kind in ("long_frame_id", "crlf_frame_id"):
+            fields["frame_id"] = (f"{frame.frame_id}-{'x' * LONG_ID_CHARS}"[:LONG_ID_CHARS] if kind == "long_frame_id"
+                                  else f"{frame.frame_id}\r\n")  # fmt: skip
+            return _packed(fields), stand_in_id(fields["frame_id"])
+        elif kind == "large_metadata":
+            fields["metadata"] = {"label": kind, "note": "m" * LARGE_METADATA_CHARS}
+        elif kind == "long_array":
+            fields["raw_shape"] = [1] * LONG_ARRAY_ITEMS  # after frame_id (Frame's field order)
+        elif kind == "long_array_first":
+            fields = {"raw_shape": [1] * LONG_ARRAY_ITEMS} | {k: v for k, v in fields.items() if k != "raw_shape"}
         return _packed(fields), frame.frame_id
 
 
@@ -645,6 +676,11 @@ def check_frames(
         if decision is not None and letter is not None and decision.error_reason != letter:
             violations.append(f"{where}: decision ({decision.verdict}, {decision.error_reason}) and a dead letter "
                               f"({letter}) that disagree")  # fmt: skip
+        named = {"decision": decision.frame_id if decision else item.frame_id,
+                 "dead letter": got_letters[0]["frame_id"] if got_letters else item.frame_id}  # fmt: skip
+        for what, frame_id in named.items():
+            if frame_id != item.frame_id:
+                violations.append(f"{where}: its {what} names frame {frame_id[:100]!r} ({len(frame_id)} characters)")
         redelivered = letter == "max_deliveries_exceeded" and decision is not None and expected.dead_letter is None
         if redelivered:
             outcomes["max_deliveries_exceeded"] += 1
@@ -750,6 +786,18 @@ def check_metrics(fleet: Fleet, state: LineState, keys: LineKeys, maxlen: int) -
     duplicates = sum(_counter(inc, "lineinspect_duplicate_decisions_total") for inc in sinks)
     notes.append(f"sinks: duplicate_decisions_total {duplicates:.0f} (redelivered results not published again)")
     return violations, notes
+
+
+def check_commit_replies(client: StreamClient, keys: LineKeys, fleet: Fleet, counts: dict[str, Any]) -> list[str]:
+    """Invariant 6: at most one commit-reply key per worker process that ran (each has one ``StreamClient``, whose
+    next commit deletes the reply key of its last); adds the count to ``counts``."""
+    pattern = commit_reply_key(keys.deadletter, "*")  # the prefix and line hold no glob character
+    replies = _retrying(lambda: [_text(name) for name in client.redis.scan_iter(match=pattern, count=1000)])
+    counts["commit_reply_keys"] = len(replies)
+    processes = len(fleet.incarnations)
+    if len(replies) > processes:
+        return [f"{len(replies)} commit-reply keys ({pattern}) left by {processes} worker processes: at most one each"]
+    return []
 
 
 def _within(entry_id: str, after: str, until: str | None) -> bool:
@@ -867,6 +915,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
             if args.hold_back_at and counts["fates"].get(TrimLog.UNREAD):
                 violations.append(f"{counts['fates'][TrimLog.UNREAD]} frames trimmed before any scorer read them, "
                                   f"from a publisher holding back at lag {args.hold_back_at}")  # fmt: skip
+            violations += check_commit_replies(client, keys, fleet, counts)
             counts["reader_missed"] = tail.missed()
             if any(missed != 0 for missed in counts["reader_missed"].values()) or tail.undecodable:
                 violations.append(f"the reader did not read every entry (missed, by stream: {counts['reader_missed']}; "

@@ -88,10 +88,17 @@ def threshold_reliability(good_images: int, false_reject_rate: float) -> str:
     rejected = f"{VALIDATION_REJECTS[below]:.1%} of other good parts when set from {below} good images"
     if above != below:
         rejected += f" and {VALIDATION_REJECTS[above]:.1%} from {above}"
-    more = f"{RELIABLE_GOOD_IMAGES}, better {needed}," if needed > RELIABLE_GOOD_IMAGES else str(RELIABLE_GOOD_IMAGES)
     return (f"{text} From fewer than {RELIABLE_GOOD_IMAGES} good images such a threshold is unreliable: on "
             f"validation such thresholds rejected {rejected} (benchmarks/RESULTS.md section 7). Before trusting its "
-            f"verdicts, calibrate on at least {more} good images the model has not seen.")  # fmt: skip
+            f"verdicts, calibrate on at least {good_images_to_calibrate_on(false_reject_rate)} good images the model "
+            "has not seen.")  # fmt: skip
+
+
+def good_images_to_calibrate_on(false_reject_rate: float) -> str:
+    """How many good images to calibrate on, in words: "20, better 200," (``RELIABLE_GOOD_IMAGES``, and as many as
+    resolve the rate when that is more), or "20" for a rate that fewer resolve (10%: 10)."""
+    needed = math.ceil(round(1 / false_reject_rate, 6))
+    return f"{RELIABLE_GOOD_IMAGES}, better {needed}," if needed > RELIABLE_GOOD_IMAGES else str(RELIABLE_GOOD_IMAGES)
 
 
 def best_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:

@@ -100,7 +100,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from models.artifact import check_model_destination
     from models.datasets import good_images
     from models.fit import fit_scorer
-    from models.threshold import RELIABLE_GOOD_IMAGES, ThresholdWarning
+    from models.threshold import ThresholdWarning, good_images_to_calibrate_on
 
     check_model_destination(args.out)  # before minutes of fitting, not after
     paths = good_images(args.good)
@@ -119,8 +119,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     calibrate = f"`lineinspect calibrate --model {args.out} --good GOOD_IMAGES`"
     if scorer.threshold is None:
         print(f"no threshold: the model scores but gives no pass/fail verdicts until {calibrate} sets one from at "
-              f"least {RELIABLE_GOOD_IMAGES}, better {math.ceil(round(1 / config.threshold.false_reject_rate, 6))}, "
-              "good images it has not seen")  # fmt: skip
+              f"least {good_images_to_calibrate_on(config.threshold.false_reject_rate)} good images it has not "
+              "seen")  # fmt: skip
     else:
         _print_reliability(scorer.threshold, calibrate)
     return 0

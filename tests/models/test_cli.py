@@ -342,3 +342,19 @@ def test_evaluate_without_masks_names_only_the_files_it_wrote(
     assert main(["evaluate", "--model", str(cli_model), "--data", str(data), "--out", str(out), "--quiet"]) == 0
     assert not (out / "pro.png").exists()
     assert f"report written to {out} (metrics.json, scores.json, roc.png, overlays/)" in capsys.readouterr().out
+
+
+def test_fit_without_threshold_asks_for_as_many_good_images_as_the_rate_needs(
+    demo_line: DemoLine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At a 10% false-reject rate 10 good images resolve the rate: fit asked for 'at least 20, better 10'."""
+    good = tmp_path / "good"
+    good.mkdir()
+    for path in sorted(demo_line.train_dir.iterdir())[:3]:  # too few for a threshold
+        shutil.copy(path, good / path.name)
+    (tmp_path / "config.toml").write_text(TINY_TOML + "[threshold]\nfalse_reject_rate = 0.1\n")
+    model = tmp_path / "model"
+    assert main(["fit", "--good", str(good), "--config", str(tmp_path / "config.toml"), "--out", str(model),
+                 "--quiet"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"`lineinspect calibrate --model {model} --good GOOD_IMAGES` sets one from at least 20 good images it" in out

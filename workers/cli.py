@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from workers.stream_commands import add_stream_commands
+from workers.stream_commands import CONSUMER_COMMANDS, add_stream_commands
 
 if TYPE_CHECKING:
     from models.scorer import Scorer, Threshold
@@ -391,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         # a worker that gave up on Redis (told to stop during an outage, or past a retry deadline): what it held stays
         # pending in Redis, redelivered to it (same name) or claimed by its peers. Exit 1: a runtime failure that a
         # supervisor restarts (2 is a configuration error, which it does not)
-        log.error("redis unreachable, exiting; entries in hand stay pending", extra={"error": str(error)})
+        held = "; entries in hand stay pending" if args.command in CONSUMER_COMMANDS else ""  # ingest, one-shots: none
+        log.error("redis unreachable, exiting%s", held, extra={"error": str(error)})
         print(f"lineinspect {args.command}: error: {error}", file=sys.stderr)
         return REDIS_LOST_EXIT
     except OSError as error:

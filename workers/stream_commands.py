@@ -27,6 +27,7 @@ from workers.lifecycle import WorkerRuntime, default_worker_name, install_stop_h
 
 logger = logging.getLogger(__name__)
 SCORE_WORKER_COMMAND = "score-worker"
+CONSUMER_COMMANDS = frozenset({SCORE_WORKER_COMMAND, "sink"})  # consumer-group members: what they hold stays pending
 
 
 def _config(args: argparse.Namespace) -> Config:

@@ -74,7 +74,8 @@ def test_promote_announces_only_models_that_load(
 
 
 def test_promote_gives_up_on_an_unreachable_redis_with_one_line_and_exit_1(
-    tiny_line: TinyLine, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tiny_line: TinyLine, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An operator's one-shot command must not wait for Redis forever as a worker does; exit 1, as every command
     that loses Redis (cli.main turns StreamsUnavailable into it)."""
@@ -86,6 +87,7 @@ def test_promote_gives_up_on_an_unreachable_redis_with_one_line_and_exit_1(
     assert main(["promote", "--line", "line-1", "--model", str(tiny_line.model_dir)]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
     assert len(errors) == 1 and errors[0].startswith("lineinspect promote: error: "), errors
+    assert "redis unreachable, exiting" in caplog.text and "entries in hand" not in caplog.text  # a worker's words
 
 
 def test_workers_refuse_to_start_without_redis(

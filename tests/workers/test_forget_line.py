@@ -168,6 +168,9 @@ def test_refuses_while_frames_wait_for_a_decision_and_can_keep_the_dead_letters(
     assert snapshot(client, stream_prefix) == before
 
     assert main(["forget-line", "--line", "line-1", "--yes", "--discard-undecided", "--keep-deadletters"]) == 0
+    out = capsys.readouterr().out
+    removed = int(out.split("removed ")[1].split()[0])
+    assert f"'line-1' (prefix {stream_prefix!r}): {removed} keys to remove" in out  # the kept stream not counted
     assert line_keys_left(client, keys) == {keys.deadletter}
     assert client.dead_letters(keys)[0]["reason"] == "not_msgpack"
 

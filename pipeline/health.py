@@ -9,6 +9,11 @@ at stop, unless Redis stalls past ``clear``'s wait and the process exits before 
 While a worker starts (a scorer loading its model, which may outlast the TTL), ``StartingBeat`` beats "starting"
 from its own thread, up to ``worker.max_startup_s``; past it the beats stop, as for a hung batch.
 
+A step taken for hung that is still running once ``/livez`` says so (its beats stopped a TTL ago, and the worker is not
+waiting for Redis) ends the process with ``HUNG_EXIT_STATUS`` (``Heartbeat.exit_if_hung``): only Kubernetes acts on
+``/livez``, while systemd (``Restart=on-failure``) and Compose (``restart: unless-stopped``) restart only a process
+that exits. What it held stays pending in Redis: peers claim it, or the worker re-reads it when restarted.
+
 The HTTP server answers ``/healthz`` (readiness: 200 when the heartbeat is fresh and the worker serves, "ok" or
 "draining"; 503 while starting or once stale; JSON body), ``/livez`` (liveness: as ``/healthz``, but also 200 while a
 fresh beat says "starting", and while the worker is waiting for an unreachable Redis, since restarting it cannot bring
@@ -22,8 +27,11 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
@@ -32,6 +40,10 @@ from pipeline.metrics import Metrics
 from pipeline.streams import StreamClient, health_key
 
 logger = logging.getLogger(__name__)
+
+# Exit status of a worker that ended itself because a step hung (1: gave up on Redis, 2: bad configuration, which
+# supervisors do not restart): deploy/'s units and Compose restart it
+HUNG_EXIT_STATUS = 3
 
 
 class Heartbeat:
@@ -49,6 +61,8 @@ class Heartbeat:
         self._lock = threading.Lock()  # the state, for the loop, the keeper and /healthz
         self._writing = threading.Lock()  # one write to Redis at a time, in the order their statuses are built
         self._stopped = False
+        self.exit_process: Callable[[int], object] = os._exit  # in-process tests replace it
+        self.exit_status: int | None = None  # set once exit_if_hung has ended (or asked to end) the process
 
     def beat(self, state: str = "ok", force: bool = False, **fields: Any) -> None:
         """Record progress; writes to Redis at most once a second (always when ``force``). Nothing once stopped."""
@@ -112,6 +126,30 @@ class Heartbeat:
         waiting = now - last_attempt < self.ttl_s + self.client.max_backoff_s
         return ok or waiting, {**status, "redis_unreachable_s": round(now - since, 3)}
 
+    def exit_if_hung(self, what: str, **details: Any) -> bool:
+        """For a watchdog that has taken a step for hung and finds it still running: once ``alive()`` says the worker
+        is not (no fresh beat, not waiting for Redis), log it critical (``what`` hung, ``details``, every thread's
+        stack) and end the process at once with ``HUNG_EXIT_STATUS`` (the hung thread cannot be unwound), so that
+        any supervisor restarts it. Entries in hand are left pending in Redis, as a killed worker's are. Returns
+        whether it has ended the process (only once); False while the worker is still alive."""
+        alive, status = self.alive()
+        with self._lock:
+            if alive or self.exit_status is not None or self._stopped:
+                return self.exit_status is not None
+            self.exit_status = HUNG_EXIT_STATUS
+        logger.critical(
+            f"{what} is hung: exiting with status {HUNG_EXIT_STATUS} so that the supervisor restarts the worker; "
+            "what it held stays pending in Redis for a peer's claims or its restart",
+            extra={"hung": what, **details, "health": status, "exit_status": HUNG_EXIT_STATUS,
+                   "threads": thread_stacks()},
+        )  # fmt: skip
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.exit_process(HUNG_EXIT_STATUS)
+        return True
+
     def stop(self) -> None:
         """The worker has stopped: /healthz turns 503 and nothing more is written to Redis (the key expires)."""
         with self._lock:
@@ -138,11 +176,24 @@ class Heartbeat:
             logger.debug("could not delete health key", extra={"key": self.key})
 
 
+def thread_stacks(frames_per_thread: int = 8) -> dict[str, list[str]]:
+    """Where each thread of the process is now: its innermost ``frames_per_thread`` frames, innermost last."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    return {
+        f"{names.get(ident, 'unknown')} ({ident})": [
+            f"{frame.filename}:{frame.lineno} in {frame.name}"
+            for frame in traceback.extract_stack(stack)[-frames_per_thread:]
+        ]
+        for ident, stack in sys._current_frames().items()
+    }
+
+
 class StartingBeat:
     """A context manager that keeps the "starting" beat fresh from its own thread while the block runs (a scorer
     loading its model: a big model, a slow disk), for up to ``max_s``: the worker is alive (``/livez`` 200) and
     shown starting in Redis, not ready (``/healthz`` 503). Past ``max_s`` the start is taken for hung: the beats
-    stop, so ``/livez`` turns 503 and the key expires a TTL later (a load that ends after all beats again)."""
+    stop, so ``/livez`` turns 503 and the key expires a TTL later (a load that ends before then beats again); a load
+    still running then ends the process (``Heartbeat.exit_if_hung``)."""
 
     def __init__(self, heartbeat: Heartbeat, max_s: float, **fields: Any) -> None:
         """``fields`` (e.g. the model directory being loaded) are shown with the "starting" beats, not after."""
@@ -168,15 +219,23 @@ class StartingBeat:
         self.heartbeat.refresh(force=True, **self.fields, starting_s=round(time.monotonic() - self._started, 1))
 
     def _run(self) -> None:
+        taken_for_hung = False
         while not self._closed.wait(self.interval_s):
             starting_s = time.monotonic() - self._started
+            if starting_s > self.max_s and taken_for_hung:
+                details = {"starting_s": round(starting_s, 1), "max_s": self.max_s, **self.fields}
+                if self.heartbeat.exit_if_hung("the start (worker.max_startup_s)", **details):
+                    return
+                continue
             if starting_s > self.max_s:
                 logger.error(
                     "still starting after worker.max_startup_s: taken for hung, the heartbeat stops (/livez turns "
-                    "503 and the health key expires); raise worker.max_startup_s if loading is only slow",
+                    "503 and the health key expires, then the worker exits); raise worker.max_startup_s if loading "
+                    "is only slow",
                     extra={"starting_s": round(starting_s, 1), "max_s": self.max_s, **self.fields},
                 )
-                return
+                taken_for_hung = True
+                continue
             try:
                 self.heartbeat.refresh(**self.fields, starting_s=round(starting_s, 1))
             except Exception as error:  # an outage past the drain deadline, or a Redis error: try again next round

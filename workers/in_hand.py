@@ -8,7 +8,8 @@ pending on this worker, so an entry a peer has claimed is never taken back) and 
 only while the worker makes progress: once the worker has spent ``worker.max_batch_duration_s`` on one step (a hung
 model, a hung disk; counted from the step's start, or from when entries came in hand after none were) it stops, so
 the claims take the entries ``claim_idle_ms`` later and a worker whose loop is stuck in that step turns /healthz and
-/livez 503. A killed worker's thread dies with it.
+/livez 503; if the step is still running then, the keeper ends the process (``Heartbeat.exit_if_hung``: exit status 3,
+so that systemd and Compose restart it too), leaving the entries pending. A killed worker's thread dies with it.
 """
 
 from __future__ import annotations
@@ -76,9 +77,12 @@ class InHand:
             if not held:
                 return
             hung = step_s > self.max_step_s
-            if hung and self._gave_up:
-                return
+            still_hung = hung and self._gave_up
             self._gave_up = hung
+        if still_hung:
+            what = f"a step on {self.stream} (worker.max_batch_duration_s)"
+            self.runtime.heartbeat.exit_if_hung(what, step_s=round(step_s, 1), max_s=self.max_step_s, held=len(held))
+            return
         if hung:
             logger.error(
                 "a step has taken longer than worker.max_batch_duration_s: taken for hung, its entries are left to "

@@ -64,12 +64,14 @@ def worker_config(config: Config, tmp_path: Path) -> Config:
 
 @pytest.fixture
 def make_runtime(worker_config: Config) -> Iterator[Callable[..., WorkerRuntime]]:
-    """Build WorkerRuntimes (entered) that are closed at the end of the test."""
+    """Build WorkerRuntimes (entered) that are closed at the end of the test. A step they take for hung does not end
+    the test process: ``heartbeat.exit_status`` records that it would have (``Heartbeat.exit_if_hung``)."""
     runtimes: list[WorkerRuntime] = []
 
     def make(role: str, name: str, config: Config | None = None) -> WorkerRuntime:
         cfg = config or worker_config
         runtime = WorkerRuntime(cfg, cfg.redis.url or "", role, name, port=0).__enter__()
+        runtime.heartbeat.exit_process = lambda _status: None
         runtimes.append(runtime)
         return runtime
 

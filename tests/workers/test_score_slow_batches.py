@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config, config_from_mapping
+from pipeline.health import HUNG_EXIT_STATUS
 from pipeline.streams import SCORER_GROUP, Commit, LineKeys, StreamClient
 from tests.workers.conftest import TinyLine
 from tests.workers.helpers import decisions_in, frame_from_file, publish_frames, start_thread, wait_until
@@ -127,6 +128,7 @@ def test_a_hung_batch_is_left_to_the_peers_and_turns_the_worker_unhealthy(
         assert time.monotonic() - started >= 1.5  # kept until the bound (unkept, claimed after claim_idle_ms)
         wait_until(lambda: status(runtime.server.port, "/livez") == 503, timeout_s=10, what="/livez to turn 503")
         assert status(runtime.server.port, "/healthz") == 503
+        wait_until(lambda: runtime.heartbeat.exit_status == HUNG_EXIT_STATUS, timeout_s=10, what="the hung exit")
         gate.set()  # the model comes back: its late commit acknowledges the frames (for the group, as XACK does)
         wait_until(lambda: client.group_stats(keys.frames)[SCORER_GROUP].pending == 0, what="the late commit")
         assert sorted(d.frame_entry_id or "" for d in decisions_in(client, keys.results)) == sorted(ids)

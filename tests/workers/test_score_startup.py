@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Config, config_from_mapping
+from pipeline.health import HUNG_EXIT_STATUS
 from pipeline.streams import LineKeys
 from tests.workers.conftest import TinyLine
 from tests.workers.helpers import start_thread, wait_until
@@ -100,6 +101,7 @@ def test_a_model_load_past_max_startup_s_is_taken_for_hung(
             thread, _ = start_loading(runtime, tiny_line.model_dir, gate)
             wait_until(lambda: status(runtime.server.port, "/livez") == 503, timeout_s=30, what="/livez 503")
             wait_until(lambda: not runtime.client.read_health(runtime.config.streams.prefix), 10, "the key to expire")
+            wait_until(lambda: runtime.heartbeat.exit_status == HUNG_EXIT_STATUS, 10, "the hung start's exit")
         assert "worker.max_startup_s" in caplog.text
     finally:
         gate.set()

@@ -13,7 +13,7 @@ import pytest
 
 from models.heatmap import enlargement
 from pipeline.codec import encode_decision, encode_frame, encode_pixels
-from pipeline.messages import Decision, Frame, now_ns
+from pipeline.messages import MAX_ID_CHARS, Decision, Frame, now_ns
 from pipeline.streams import SINK_GROUP
 from tests.workers.helpers import decisions_in, start_thread, wait_until
 from tests.workers.test_sink import result_for
@@ -59,7 +59,7 @@ def _by_frame(sink: SinkWorker) -> dict[str, Decision]:
 def test_a_frame_id_too_long_for_a_file_name_holds_up_nothing(make_runtime: Callable[..., WorkerRuntime]) -> None:
     runtime = make_runtime("sink", "s-long")
     sink = SinkWorker(runtime, "line-1")
-    long_id = "cam1-" + "9" * 300
+    long_id = "cam1-" + "9" * (MAX_ID_CHARS - 5)  # the longest id the wire takes: with ".png", over 255 bytes
     _deliver(sink, [_failed(sink, long_id), _failed(sink, "defect-1")])
 
     by_frame = _by_frame(sink)

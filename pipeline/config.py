@@ -514,13 +514,14 @@ class WorkerSettings(_Section):
         default=120.0, gt=0,
         description="How long a scoring worker may spend on one batch before it is taken for hung. Until then a slow "
         "batch keeps its frames from peers' claims and /healthz at 200; past it the worker stops both: a peer claims "
-        "the frames streams.claim_idle_ms later, /healthz and /livez turn 503 15 s later.",
+        "the frames streams.claim_idle_ms later, /healthz and /livez turn 503 15 s later, and the process then exits 3 "
+        "for its supervisor to restart it.",
     )  # fmt: skip
     max_startup_s: float = Field(
         default=180.0, gt=0,
         description="How long a scoring worker may take to load its model at start. Meanwhile it is shown starting "
         "(/livez 200, /healthz 503, its health key fresh); past it the start is taken for hung: /livez turns 503 and "
-        "the key expires 15 s later. Probes that restart a worker should ask /livez, which covers the load.",
+        "the key expires 15 s later, when the process exits 3. Probes that restart a worker should ask /livez.",
     )  # fmt: skip
     health_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
 

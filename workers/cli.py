@@ -11,7 +11,7 @@ children ``lineinspect run`` starts), so each error has one exit code and one me
 
 ``--good`` and ``--data`` accept a folder of images, an MVTec AD-layout folder, or a folder with a
 ``split.json`` (such as ``../shared/datasets/mtd``). Bad input is reported as one line and exit code 2; a streaming
-worker that gave up on Redis exits 1.
+worker that gave up on Redis exits 1, one hung past its bound (a batch or the first model load) exits 3.
 """
 
 from __future__ import annotations

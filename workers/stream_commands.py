@@ -6,6 +6,8 @@ forget-line.
 ``redis.url``); only ``run`` starts an embedded Redis when none is configured or reachable.
 ``workers.cli.main`` runs them and turns their errors into exit codes, one way for every command: a configuration
 error exits 2, a worker that gave up on Redis (``StreamsUnavailable``) exits 1 so that its supervisor restarts it.
+A worker hung past ``worker.max_batch_duration_s`` or ``worker.max_startup_s`` exits 3 (``pipeline.health``), for the
+same reason.
 """
 
 from __future__ import annotations

@@ -148,10 +148,10 @@ class ModelSlot:
         first = announced if announced is not None else str(initial_dir)
         with StartingBeat(runtime.heartbeat, runtime.config.worker.max_startup_s, loading=first) as starting:
             self.model_dir, self.scorer = self._first_model(announced, initial_dir, starting)
-        if announced is None:
             # Announced only once loaded: a --model that does not load, announced first, was what every worker
-            # started later was told to use. A peer that announced meanwhile is followed by refresh() as a promote.
-            runtime.client.set_model_dir(keys, self.model_dir, only_if_absent=True)
+            # started later was told to use. A peer that announced first while this one loaded is followed now.
+            if announced is None and not runtime.client.set_model_dir(keys, self.model_dir, only_if_absent=True):
+                self._follow_peer(starting)
         runtime.metrics.set_model(keys.line_id, self.scorer.model_id)
         self._loading: threading.Thread | None = None
         self._ready: tuple[str, ScorerLike] | None = None
@@ -193,6 +193,31 @@ class ModelSlot:
                 f"nor does --model {initial_dir}: {type(fallback_error).__name__}: {fallback_error}"
             )
             raise ValueError(msg) from fallback_error
+
+    def _follow_peer(self, starting: StartingBeat) -> None:
+        """The key was unset when this worker began loading ``--model`` and a peer announced its model meanwhile (two
+        scorers started together): load and use the peer's before scoring a frame, as a worker started after it
+        would, rather than score with this one's until a background reload swaps it (two models' verdicts on one
+        line). If it does not load, keep this worker's model (logged; not retried until the key or its manifest
+        changes, as after a failed promote)."""
+        announced = self.runtime.client.get_model_dir(self.keys)
+        if announced is None:  # announced and removed again meanwhile: refresh() announces this model
+            return
+        version = manifest_model_id(Path(announced))
+        if version == self.scorer.model_id:
+            return
+        logger.warning(
+            "a peer announced its model on the line's model key while this worker loaded --model; following the key",
+            extra={"model_dir": announced, "option_model_dir": self.model_dir},
+        )
+        starting.show(loading=announced)
+        try:
+            self.model_dir, self.scorer = announced, self.loader(Path(announced))
+        except Exception as error:
+            logger.error("the line's model key names a model that does not load; keeping --model",
+                         extra={"announced_model_dir": announced, "model_dir": self.model_dir,
+                                "error": f"{type(error).__name__}: {error}"})  # fmt: skip
+            self._failed = (announced, version)
 
     def _load(self, model_dir: str, version: str | None) -> None:
         try:

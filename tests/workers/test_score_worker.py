@@ -614,6 +614,30 @@ def test_a_model_option_that_does_not_load_is_not_announced(
     assert slot.scorer.model_id == read_manifest(tiny_line.model_dir)["model_id"]
 
 
+def test_scorers_starting_together_with_different_models_both_score_with_the_one_announced_first(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime]
+) -> None:
+    # Since --model is announced only once loaded (f3db34d), a second scorer started on a line with no model key
+    # found the key taken by a peer that finished loading first and scored with its own --model until a background
+    # reload swapped the peer's in: one line's frames got verdicts from two models (before f3db34d it read back the
+    # key it had lost and loaded the winner's model). Here the peer starts and announces while w2 loads.
+    from models.artifact import read_manifest
+
+    keys = LineKeys(make_runtime("score", "w0").config.streams.prefix, "line-1")
+    peers: list[ModelSlot] = []
+
+    def load_while_a_peer_starts(model_dir: Path) -> ScorerLike:
+        if not peers:
+            peers.append(ModelSlot(make_runtime("score", "w1"), keys, load_model("cpu"), tiny_line.model_dir))
+        return load_model("cpu")(model_dir)
+
+    runtime = make_runtime("score", "w2")
+    slot = ModelSlot(runtime, keys, load_while_a_peer_starts, tiny_line.other_model_dir)
+    assert runtime.client.get_model_dir(keys) == peers[0].model_dir == str(tiny_line.model_dir)
+    assert slot.model_dir == str(tiny_line.model_dir)
+    assert slot.scorer.model_id == peers[0].scorer.model_id == read_manifest(tiny_line.model_dir)["model_id"]
+
+
 def test_a_worker_falling_back_to_its_model_option_shows_that_it_loads_that_one(
     tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path
 ) -> None:

@@ -3,8 +3,8 @@
 Redis (configured and reachable, else embedded) -> demo line from scikit-image textures -> model (fitted unless
 ``--model``) announced on the line's model key -> sink, scoring worker(s) and ingest started as separate
 processes (``python -m workers.cli ...``, logs in ``OUT/logs/``) -> live progress from the decisions
-stream -> stop after ``--frames`` decisions or Ctrl-C -> children drained with SIGTERM -> summary with AUROC on the
-demo's known defects. Heatmaps of failed frames land in ``OUT/heatmaps/``.
+stream -> stop after ``--frames`` decisions or Ctrl-C -> children drained with SIGTERM (a second Ctrl-C stops them at
+once) -> summary with AUROC on the demo's known defects. Heatmaps of failed frames land in ``OUT/heatmaps/``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pipeline.config import Config, load_config
 from pipeline.messages import Decision
 from pipeline.redis_server import free_port, resolve_redis
 from pipeline.streams import LineKeys, StreamClient
-from workers.lifecycle import stop_bound_s
+from workers.lifecycle import install_stop_handlers, stop_bound_s
 from workers.score import limit_threads
 
 if TYPE_CHECKING:
@@ -143,6 +143,19 @@ def _start(
 # How much longer than a worker's stop bound (workers.lifecycle.stop_bound_s) `run` waits before SIGKILL: the
 # interpreter's own exit after the worker has finished
 STOP_SLACK_S = 5.0
+STOP_POLL_S = 0.1  # how soon a wait for a stopping worker sees a second Ctrl-C
+
+
+def stop_on_signals() -> tuple[threading.Event, threading.Event]:
+    """Ctrl-C (or SIGTERM) sets the first event: drain the workers and still print the summary. A second one sets
+    the second: stop them at once (``stop_workers``), as a second SIGTERM stops a worker; a third ends ``run``."""
+    stop, at_once = threading.Event(), threading.Event()
+    install_stop_handlers(
+        stop,
+        (at_once, "second stop request: stopping the workers at once (what they hold stays pending, for the next run)"),
+        message="stop requested: draining the workers (Ctrl-C again stops them at once)",
+    )
+    return stop, at_once
 
 
 def stop_workers(
@@ -150,26 +163,30 @@ def stop_workers(
     ingest: subprocess.Popen[bytes],
     scorers: list[subprocess.Popen[bytes]],
     sink: subprocess.Popen[bytes],
+    at_once: threading.Event | None = None,
 ) -> None:
     """SIGTERM ingest, then the scorers, then the sink, each group once the one before has exited (so the sink
     drains what the scorers committed last); each process is given its whole stop bound (``stop_bound_s``, as
-    deploy/'s grace periods are) before SIGKILL, which would leave its frames in hand to the next run's claims."""
+    deploy/'s grace periods are) before SIGKILL, which would leave its frames in hand to the next run's claims.
+    Once ``at_once`` is set (a second Ctrl-C) every worker still running is killed without waiting: up to three
+    stop bounds (over two minutes with config.toml) are too long to make a user wait who asked twice."""
     wait_s = stop_bound_s(config) + STOP_SLACK_S
-    _stop([ingest], wait_s)
-    _stop(scorers, wait_s)
-    _stop([sink], wait_s)
+    at_once = at_once or threading.Event()
+    for group in ([ingest], scorers, [sink]):
+        _stop(group, wait_s, at_once)
 
 
-def _stop(processes: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+def _stop(processes: list[subprocess.Popen[bytes]], timeout_s: float, at_once: threading.Event) -> None:
     for process in processes:
-        if process.poll() is None:
+        if process.poll() is None and not at_once.is_set():
             process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
     for process in processes:
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+        while process.poll() is None and not at_once.is_set() and time.monotonic() < deadline:
+            at_once.wait(STOP_POLL_S)
+        if process.poll() is None:
             process.kill()
-            process.wait()
+        process.wait()
 
 
 def _wait_ready(
@@ -234,9 +251,7 @@ def run_demo(args: argparse.Namespace) -> int:
     with resolve_redis(config.redis.url) as url:
         print(f"redis: {url}", flush=True)
         model_dir, demo = _prepare_model(args, config, out)  # Ctrl-C here simply interrupts
-        stop = threading.Event()  # from now on Ctrl-C drains the workers and still prints the summary
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        stop, at_once = stop_on_signals()  # from now on Ctrl-C drains the workers and still prints the summary
         client = StreamClient(url, config.redis, config.streams)
         keys = LineKeys(config.streams.prefix, args.line)
         client.set_model_dir(keys, str(model_dir))
@@ -297,7 +312,7 @@ def run_demo(args: argparse.Namespace) -> int:
         finally:
             print("\r" + progress.line(args.frames), flush=True)
             print("stopping workers ...", flush=True)
-            stop_workers(config, ingest, scorers, sink)
+            stop_workers(config, ingest, scorers, sink, at_once)
             client.close()
     auroc = _auroc(progress, demo)
     print("\nsummary")

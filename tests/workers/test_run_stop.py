@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, config_from_mapping
+from pipeline.config import Config, config_from_mapping, load_config
+from tests.workers.processes import REPO_ROOT
 from workers.lifecycle import stop_bound_s
-from workers.run import _prepare_model, stop_workers
+from workers.run import _prepare_model, stop_on_signals, stop_workers
 
 # Installs a SIGTERM handler, says so, and exits 0 the given number of seconds after SIGTERM: a worker draining.
 SLOW_TO_STOP = """
@@ -53,6 +55,36 @@ def test_run_gives_each_worker_its_whole_stop_bound_before_killing_it(config: Co
                 child.kill()
                 child.wait()
     assert [child.returncode for child in (ingest, *scorers, sink)] == [0, 0, 0, 0]  # none killed (-9)
+
+
+def run_stopping_its_workers() -> None:
+    """What ``lineinspect run`` does once its workers run (run by the test below): Ctrl-C handlers, then, once asked
+    to stop, ``stop_workers`` on workers that take a minute to drain (config.toml's stop bound: 41 s each)."""
+    stop, at_once = stop_on_signals()
+    ingest, scorers, sink = slow_to_stop(0.0), [slow_to_stop(60.0), slow_to_stop(60.0)], slow_to_stop(60.0)
+    print("ready", flush=True)
+    stop.wait()
+    print("stopping", flush=True)
+    stop_workers(load_config(environ={}), ingest, scorers, sink, at_once)
+    print(" ".join(str(child.returncode) for child in (ingest, *scorers, sink)), flush=True)
+
+
+def test_a_second_ctrl_c_stops_runs_workers_at_once() -> None:
+    # Since run waits each group of workers its whole stop bound (2e79f6a: 41 s with config.toml, so over two minutes
+    # for ingest, scorers and sink in turn), a second Ctrl-C only set the stop event again: the user waited it out.
+    code = "from tests.workers.test_run_stop import run_stopping_its_workers; run_stopping_its_workers()"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    run = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE)
+    try:
+        assert run.stdout is not None and run.stdout.readline() == b"ready\n"
+        run.send_signal(signal.SIGINT)
+        assert run.stdout.readline() == b"stopping\n"
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=30) == 0  # a hang guard: before, it returned only after the scorers' bound, 41 s
+        assert run.stdout.read().split()[1:] == [b"-9", b"-9", b"-9"]  # scorers and sink killed, not waited for
+    finally:
+        run.kill()
+        run.wait()
 
 
 def test_run_fits_its_model_under_the_configured_torch_threads(

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 # Exit status of a worker that ended itself because a step hung (1: gave up on Redis, 2: bad configuration, which
 # supervisors do not restart): deploy/'s units and Compose restart it
 HUNG_EXIT_STATUS = 3
+HUNG_REPORT_WAIT_S = 5.0  # how long a worker ending itself for a hung step waits for its critical log to be written
 
 
 class Heartbeat:
@@ -129,24 +130,34 @@ class Heartbeat:
     def exit_if_hung(self, what: str, **details: Any) -> bool:
         """For a watchdog that has taken a step for hung and finds it still running: once ``alive()`` says the worker
         is not (no fresh beat, not waiting for Redis), log it critical (``what`` hung, ``details``, every thread's
-        stack) and end the process at once with ``HUNG_EXIT_STATUS`` (the hung thread cannot be unwound), so that
-        any supervisor restarts it. Entries in hand are left pending in Redis, as a killed worker's are. Returns
-        whether it has ended the process (only once); False while the worker is still alive."""
+        stack; waiting up to ``HUNG_REPORT_WAIT_S`` for the log to be written) and end the process at once with
+        ``HUNG_EXIT_STATUS`` (the hung thread cannot be unwound), so that any supervisor restarts it. Entries in
+        hand are left pending in Redis, as a killed worker's are. Returns whether it has ended the process (only
+        once); False while the worker is still alive."""
         alive, status = self.alive()
         with self._lock:
             if alive or self.exit_status is not None or self._stopped:
                 return self.exit_status is not None
             self.exit_status = HUNG_EXIT_STATUS
-        logger.critical(
-            f"{what} is hung: exiting with status {HUNG_EXIT_STATUS} so that the supervisor restarts the worker; "
-            "what it held stays pending in Redis for a peer's claims or its restart",
-            extra={"hung": what, **details, "health": status, "exit_status": HUNG_EXIT_STATUS,
-                   "threads": thread_stacks()},
-        )  # fmt: skip
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        extra = {"hung": what, **details, "health": status, "exit_status": HUNG_EXIT_STATUS, "threads": thread_stacks()}
+
+        def report() -> None:
+            logger.critical(
+                f"{what} is hung: exiting with status {HUNG_EXIT_STATUS} so that the supervisor restarts the worker; "
+                "what it held stays pending in Redis for a peer's claims or its restart",
+                extra=extra,
+            )
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+        # Reported from another thread, waited for up to HUNG_REPORT_WAIT_S: a log stream that blocks (a full pipe
+        # nobody reads, journald or a container's log driver stalled; maybe what hung the worker, holding the
+        # handler's lock mid-write) must not keep the process from exiting
+        reporter = threading.Thread(target=report, name="hung-report", daemon=True)
+        reporter.start()
+        reporter.join(HUNG_REPORT_WAIT_S)
         self.exit_process(HUNG_EXIT_STATUS)
         return True
 

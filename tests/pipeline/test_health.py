@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import urllib.error
 import urllib.request
 
 from pipeline.config import Config, RedisSettings, StreamSettings
-from pipeline.health import HealthServer, Heartbeat
+from pipeline.health import HUNG_EXIT_STATUS, HUNG_REPORT_WAIT_S, HealthServer, Heartbeat
 from pipeline.metrics import Metrics
 from pipeline.redis_server import EmbeddedRedis
 from pipeline.streams import StreamClient
@@ -153,3 +154,40 @@ def test_a_beat_in_flight_at_stop_does_not_bring_the_key_back(config: Config) ->
         client.release.set()
         client.redis.delete(heartbeat.key)
         client.close()
+
+
+class Recording(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_hung_worker_exits_even_when_its_log_stream_blocks(client: StreamClient, config: Config) -> None:
+    # exit_if_hung logged its critical line, then exited: with the log stream blocked (a full pipe nobody reads, a
+    # stalled journald or container log driver), a thread stuck mid-write holds the handler's lock, and the watchdog
+    # waited on it for good, so the hung worker never exited. Here this test's thread holds that lock.
+    heartbeat = Heartbeat(client, config.streams.prefix, "score", "w1", ttl_s=0.2)
+    exits: list[int] = []
+    heartbeat.exit_process = exits.append
+    handler = Recording()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    handler.acquire()
+    try:
+        time.sleep(0.3)  # no beat for longer than the TTL: not alive
+        watchdog = threading.Thread(target=heartbeat.exit_if_hung, args=("a step",), daemon=True)
+        watchdog.start()
+        watchdog.join(HUNG_REPORT_WAIT_S + 10.0)  # a hang guard: before, it never returned
+        assert exits == [HUNG_EXIT_STATUS]
+        assert not handler.records  # the log stream is still blocked
+    finally:
+        handler.release()
+    deadline = time.monotonic() + 10.0
+    while not handler.records and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (record,) = handler.records  # written once the stream moves (in a real process, only if before the exit)
+    root.removeHandler(handler)
+    assert record.levelno == logging.CRITICAL and record.__dict__["hung"] == "a step"

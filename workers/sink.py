@@ -14,8 +14,9 @@ acknowledges the result. A crash in between leaves the result pending, to be red
 is not drawn again, so each failed frame's overlay is written once. The writer also applies heatmap retention.
 The results handed to the writer are kept from claims (the sink's own too) and the heartbeat fresh while it is slow
 (a disk stall), as a scorer keeps a slow batch (``workers.in_hand``): up to ``worker.max_batch_duration_s`` on one
-batch of overlays, after which they are left to the claims and the loop stops beating (/healthz and /livez turn 503)
-until the writer is back.
+overlay (a batch of them may take longer, each overlay written counting as progress), after which they are left to the
+claims and the loop stops beating (/healthz and /livez turn 503, and the process exits 3 if still stuck a heartbeat TTL
+later) until the writer is back.
 
 Every result is handled on its own. A decision is never held back for its heatmap: an overlay that cannot be written
 leaves the decision published without ``heatmap_ref`` and with ``metadata["heatmap_error"]`` saying why; a result
@@ -236,7 +237,12 @@ class SinkWorker:
                 strict=True,
             )
         )
-        drawn = {path: self._write_heatmap(job, path, payloads.get(job.entry_id)) for path, job in to_draw.items()}
+        drawn: dict[Path, str | None] = {}
+        for path, job in to_draw.items():
+            # each overlay is progress: up to READ_COUNT of them on a slow disk, together past max_batch_duration_s,
+            # are not a hung writer (taken for one, the sink stopped beating and then exited 3, b23e049)
+            self.held.step()
+            drawn[path] = self._write_heatmap(job, path, payloads.get(job.entry_id))
         refs.update({entry_id: drawn[path] for entry_id, path in waiting.items()})
         items = []
         for job in jobs:

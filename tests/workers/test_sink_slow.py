@@ -137,6 +137,38 @@ def test_a_lone_sink_does_not_take_back_its_own_slow_results_and_dead_letter_the
     assert client.dead_letters(keys) == []
 
 
+def test_a_writer_slow_on_each_overlay_of_a_batch_is_not_taken_for_hung(
+    make_runtime: Callable[..., WorkerRuntime], worker_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer takes up to READ_COUNT (64) overlays in one step, and the bound counted the whole step: on a disk
+    # slow on every write (here 0.25 s an overlay, 24 of them, against a 1 s bound) the sink, making progress all
+    # along, was taken for hung, stopped beating and, since b23e049, ended itself (exit 3) a heartbeat TTL later.
+    data = worker_config.model_dump(mode="json")
+    data["worker"]["max_batch_duration_s"] = 1.0
+    runtime = make_runtime("sink", "slow-disk", config_from_mapping(data))
+    runtime.heartbeat.ttl_s = HEARTBEAT_TTL_S
+    sink = SinkWorker(runtime, "line-1")
+    _frames, results = _frames_with_results(sink, 24)
+    write = sink.heatmaps.write
+
+    def slow_write(*args: Any) -> Path:
+        time.sleep(0.25)
+        return write(*args)
+
+    monkeypatch.setattr(sink.heatmaps, "write", slow_write)
+    _publish(sink, results)
+    client, keys = runtime.client, sink.keys
+    thread = start_thread(sink.run)
+    try:
+        wait_until(lambda: len(decisions_in(client, keys.decisions)) == len(results), timeout_s=60, what="decisions")
+    finally:
+        sink.runtime.stop.set()
+        thread.join(timeout=30)
+    assert runtime.heartbeat.exit_status is None  # never taken for hung, so never asked to exit
+    _assert_each_published_once_with_its_heatmap(client, keys.decisions, results)
+    assert client.dead_letters(keys) == []
+
+
 def test_a_writer_hung_past_max_batch_duration_leaves_its_results_to_the_claims(
     slow_sink: Callable[..., tuple[SinkWorker, StalledDisk, list[Decision]]], worker_config: Config
 ) -> None:

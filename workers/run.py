@@ -160,7 +160,7 @@ def stop_on_signals() -> tuple[threading.Event, threading.Event]:
 
 def stop_workers(
     config: Config,
-    ingest: subprocess.Popen[bytes],
+    ingest: subprocess.Popen[bytes] | None,
     scorers: list[subprocess.Popen[bytes]],
     sink: subprocess.Popen[bytes],
     at_once: threading.Event | None = None,
@@ -172,7 +172,7 @@ def stop_workers(
     stop bounds (over two minutes with config.toml) are too long to make a user wait who asked twice."""
     wait_s = stop_bound_s(config) + STOP_SLACK_S
     at_once = at_once or threading.Event()
-    for group in ([ingest], scorers, [sink]):
+    for group in ([ingest] if ingest else [], scorers, [sink]):
         _stop(group, wait_s, at_once)
 
 
@@ -270,6 +270,11 @@ def run_demo(args: argparse.Namespace) -> int:
         failed = _wait_ready(
             client, config.streams.prefix, args.line, {"score": args.workers, "sink": 1}, [sink, *scorers], stop
         )
+        if failed or stop.is_set():  # a worker died, or Ctrl-C while they loaded: no frames to send
+            stop_workers(config, None, scorers, sink, at_once)
+            client.close()
+            print(f"error: {failed}; see {logs}" if failed else "stopped before any frame was sent", file=sys.stderr)
+            return 1 if failed else 0
         ingest = _start(
             "ingest",
             [

@@ -107,3 +107,30 @@ def test_ctrl_c_drains_the_workers_and_still_prints_the_summary(tmp_path: Path, 
     logs = "".join(path.read_text() for path in (tmp_path / "out" / "logs").iterdir())
     assert logs.count('"msg": "worker stopped"') == 3  # ingest, scoring worker and sink all exited cleanly
     assert client.read_health(prefix) == []
+
+
+def test_ctrl_c_while_the_workers_load_sends_no_frame(tmp_path: Path, redis_url: str) -> None:
+    # ingest was started anyway once the wait for the workers ended, and sent frames to a line being stopped
+    pytest.importorskip("models.synthetic")
+    prefix = f"run-test-{uuid.uuid4().hex[:10]}"
+    env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(REPO_ROOT), "LINEINSPECT__SINK__METRICS_PORT": "0",
+           "LINEINSPECT__STREAMS__PREFIX": prefix, "OMP_NUM_THREADS": "1"}  # fmt: skip
+    out = tmp_path / "out"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "run", "--frames", "0", "--image-size", "64", "--out", str(out)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert run.stdout is not None
+    seen = []
+    for line in run.stdout:  # the fit, then the workers start
+        seen.append(line)
+        if line.startswith("waiting for the workers to load the model"):
+            run.send_signal(signal.SIGINT)
+            break
+    output = "".join(seen) + run.communicate(timeout=180)[0]
+    assert run.returncode == 0, output[-3000:]
+    assert "stopped before any frame was sent" in output and "started ingest" not in output
+    assert not list((out / "logs").glob("ingest*"))
+    assert StreamClient(redis_url, RedisSettings(), StreamSettings(prefix=prefix)).length(
+        LineKeys(prefix, "line-1").frames
+    ) == 0

@@ -503,19 +503,19 @@ class WorkerSettings(_Section):
     decode_threads: int = Field(default=2, ge=1, le=64)
     torch_threads: int = Field(
         default=0, ge=0, le=256,
-        description="Threads for the scorer's torch work; 0: torch's default (one per core of the host). With several "
-        "scorers on one host keep scorers x threads <= cores: oversubscribed OpenMP threads spin against each other "
-        "(two scorers of 2 threads on 2 cores ran 10-20x slower). `lineinspect run` sets cores / workers. On a host "
-        "shared with other busy software use 1: one thread keeps its rate, two lose most of theirs.",
+        description="Threads for torch work in scorers, fit and calibrate; 0: torch's default (one per core). With "
+        "several scorers on one host keep scorers x threads <= cores: oversubscribed OpenMP threads spin against each "
+        "other (two scorers of 2 threads on 2 cores ran 10-20x slower). `lineinspect run` sets cores / workers. On a "
+        "host shared with other busy software use 1: one thread keeps its rate, two lose most of theirs.",
     )  # fmt: skip
     stale_after_ms: int | None = Field(default=None, ge=1, description="Skip frames older than this; None scores all.")
     drain_timeout_s: float = Field(default=25.0, gt=0)
     max_batch_duration_s: float = Field(
         default=120.0, gt=0,
-        description="How long a scoring worker may spend on one batch before it is taken for hung. Until then a slow "
-        "batch keeps its frames from peers' claims and /healthz at 200; past it the worker stops both: a peer claims "
-        "the frames streams.claim_idle_ms later, /healthz and /livez turn 503 15 s later, and the process then exits 3 "
-        "for its supervisor to restart it.",
+        description="How long a scoring worker may spend on one batch (a sink on one overlay) before it is taken for "
+        "hung. Until then a slow batch keeps its frames from peers' claims and /healthz at 200; past it the worker "
+        "stops both: a peer claims the frames streams.claim_idle_ms later, /healthz and /livez turn 503 15 s later, "
+        "and the process then exits 3 for its supervisor to restart it.",
     )  # fmt: skip
     max_startup_s: float = Field(
         default=180.0, gt=0,

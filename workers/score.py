@@ -138,6 +138,8 @@ class ModelSlot:
 
     def __init__(self, runtime: WorkerRuntime, keys: LineKeys, loader: ModelLoader, initial_dir: Path | None) -> None:
         self.runtime, self.keys, self.loader = runtime, keys, loader
+        # absolute: the key it may announce it under is read by workers started in other directories
+        initial_dir = initial_dir.absolute() if initial_dir is not None else None  # a symlink stays one (flips)
         announced = runtime.client.get_model_dir(keys)
         if announced is None and initial_dir is None:
             msg = f"no model for line {keys.line_id}: pass --model DIR or set worker.model_dir (or {keys.model})"

@@ -614,6 +614,17 @@ def test_a_model_option_that_does_not_load_is_not_announced(
     assert slot.scorer.model_id == read_manifest(tiny_line.model_dir)["model_id"]
 
 
+def test_a_relative_model_option_is_announced_as_an_absolute_path(
+    tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the key held "models/demo" as given: a scorer started in another directory would load another (or no) model
+    monkeypatch.chdir(tiny_line.model_dir.parent)
+    runtime = make_runtime("score", "w1")
+    keys = LineKeys(runtime.config.streams.prefix, "line-1")
+    ModelSlot(runtime, keys, load_model("cpu"), Path(tiny_line.model_dir.name))
+    assert runtime.client.get_model_dir(keys) == str(tiny_line.model_dir.absolute())
+
+
 def test_scorers_starting_together_with_different_models_both_score_with_the_one_announced_first(
     tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime]
 ) -> None:

@@ -139,7 +139,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Exit 0 when at least one matching worker has a fresh, healthy heartbeat in Redis, else 1."""
+    """Exit 0 when there is a matching worker (``--role``, ``--line``, ``--name``; unset: any) and every matching
+    worker's fresh heartbeat in Redis says ok, starting or draining; else 1."""
     config = _config(args)
     client = _one_shot_client(config)
     try:
@@ -321,7 +322,8 @@ def add_stream_commands(subparsers: argparse._SubParsersAction) -> None:  # type
     sink.set_defaults(func=cmd_sink)
 
     check = subparsers.add_parser("check", help="exit 0 when matching workers are healthy (Redis heartbeats)")
-    _common(check)
+    _common(check, line=False)
+    check.add_argument("--line", default=None, help="only this line's workers (default: every line's)")
     check.add_argument("--role", choices=["ingest", "score", "sink"], default=None)
     check.add_argument("--name", default=None, help="only this worker (containers: <hostname>-<role>)")
     check.set_defaults(func=cmd_check)

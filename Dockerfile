@@ -3,7 +3,7 @@
 #   docker build --build-arg BASE=slim -t lineinspect:slim .                  # ingest and sink: python slim, CPU torch
 #   docker build --build-arg BASE=cuda --build-arg EXTRAS=gpu -t lineinspect:cuda .   # scoring workers: CUDA runtime
 # BuildKit builds only the stages the chosen BASE needs. The entrypoint is the `lineinspect` CLI; the container's
-# command is the subcommand (ingest | score-worker | sink ...). Workers serve /healthz and /metrics on 9102.
+# command is the subcommand (ingest | score-worker | sink ...). Workers serve /healthz, /livez and /metrics on 9102.
 # Give containers a stop grace period of 45 s (Docker's default is 10 s; compose.yaml sets it): a worker drains for up
 # to worker.drain_timeout_s (25 s), and with Redis stalled its exit takes ~11 s more (tests/deploy/conftest.py).
 ARG BASE=slim

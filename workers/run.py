@@ -241,10 +241,11 @@ def _known_verdicts(progress: Progress, demo: DemoLine) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """``lineinspect run``'s exit code; ``args.line`` is the line id ``stream_commands.cmd_run`` checked (``--line``,
+    else ``worker.line_id``)."""
     config = load_config(args.config)
     if args.image_size:
         config = config.model_copy(update={"model": config.model.model_copy(update={"image_size": args.image_size})})
-    args.line = args.line or config.worker.line_id
     out = Path(args.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -237,6 +237,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not args.line:
         msg = "replay needs --line: the shadow line whose workers run the candidate model (never the recorded line)"
         raise ConfigError(msg)
+    line_id = _line(args, config)  # a line no worker may run (its scorers and sink refuse it) takes no frames either
     if not args.timeout_s > 0:  # NaN too
         msg = f"--timeout-s must be more than 0 seconds, got {args.timeout_s:g}"
         raise ConfigError(msg)
@@ -253,10 +254,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     # the recording read and verified whole, and the line checked, before the runtime (health port, Redis) starts:
     # a missing, damaged or foreign file is refused (RecordingError, exit 2) before anything reaches the line
     source = ReplaySource("replay", Path(args.file), args.speed, run_id=run_id)
-    shadow_line(source.recording, args.line)
+    shadow_line(source.recording, line_id)
     with WorkerRuntime(config, _redis_url(config), "replay", f"replay-{run_id}", 0) as runtime:
         install_stop_handlers(runtime.stop)
-        report = replay_and_compare(runtime, source, args.line, args.timeout_s)
+        report = replay_and_compare(runtime, source, line_id, args.timeout_s)
     text = json.dumps(report, indent=2)
     print(text)
     if report_path is not None:
@@ -269,6 +270,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from workers.run import run_demo
 
+    # checked before the demo line, the fit and Redis: run's workers would refuse it, after run wrote its model key
+    args.line = _line(args, _config(args))
     return run_demo(args)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgpack
 import pytest
+import redis
 
 from pipeline.codec import encode_decision, encode_frame
 from pipeline.messages import Decision
@@ -460,3 +461,23 @@ def test_recorded_frames_the_replay_cannot_send_are_counted_and_the_others_still
         "lineinspect_dropped_frames_total", {"line": "nobody-scores-this", "camera": "c" * 250, "reason": "invalid"}
     )
     assert dropped == 1
+
+
+@pytest.mark.parametrize(("line", "problem"), [("health:score", "is reserved: 'health' names the workers' heartbeat"),
+                                               ("shadow\r", "holds control character U+000D")])  # fmt: skip
+def test_replay_refuses_a_shadow_line_no_worker_may_run(
+    line: str, problem: str, redis_url: str, stream_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """replay took --line as given, where every other command refuses a line id the wire or the heartbeats' keys
+    cannot take: onto 'health:score' it published the recording to P:health:score:frames, among the heartbeats
+    (P:health:<role>:<name>), and onto 'shadow\\r' it sent no frame (each refused by the wire) and reported that."""
+    from workers.cli import main
+
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("LINEINSPECT__STREAMS__PREFIX", stream_prefix)
+    recording = write_recording(tmp_path / "rec.lir", [tiny_frame(f"f{n}") for n in range(2)])
+    assert main(["replay", str(recording), "--line", line, "--timeout-s", "0.5"]) == 2
+    assert f"lineinspect replay: error: --line {line!r} {problem}" in capsys.readouterr().err
+    client = redis.Redis.from_url(redis_url)
+    assert list(client.scan_iter(match=f"{stream_prefix}:*")) == []  # nothing reached Redis

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import RedisSettings, StreamSettings
-from pipeline.streams import LineKeys, StreamClient
+from pipeline.streams import LineKeys, StreamClient, health_key
 from tests.workers.helpers import wait_until
 from tests.workers.processes import REPO_ROOT
 
@@ -134,3 +134,24 @@ def test_ctrl_c_while_the_workers_load_sends_no_frame(tmp_path: Path, redis_url:
     assert StreamClient(redis_url, RedisSettings(), StreamSettings(prefix=prefix)).length(
         LineKeys(prefix, "line-1").frames
     ) == 0
+
+
+def test_run_refuses_a_line_no_worker_may_run_before_fitting_or_touching_redis(tmp_path: Path, redis_url: str) -> None:
+    # run took --line as given: it made the demo line, fitted, and wrote the model key P:health:score:model (scorer
+    # 'model''s heartbeat, of another line) before its workers, which refuse such a line, exited at start
+    prefix = f"run-test-{uuid.uuid4().hex[:10]}"
+    client = StreamClient(redis_url, RedisSettings(), StreamSettings(prefix=prefix))
+    beat = health_key(prefix, "score", "model")
+    client.write_health(beat, {"role": "score", "name": "model", "line": "line-1", "state": "ok"}, 60)
+    env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(REPO_ROOT), "LINEINSPECT__SINK__METRICS_PORT": "0",
+           "LINEINSPECT__STREAMS__PREFIX": prefix, "OMP_NUM_THREADS": "1"}  # fmt: skip
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "run", "--line", "health:score", "--model", str(tmp_path / "model"),
+         "--image-size", "64", "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    assert "--line 'health:score' is reserved: 'health' names the workers' heartbeat keys" in result.stderr
+    assert client.read_health(prefix) == [{"role": "score", "name": "model", "line": "line-1", "state": "ok"}]
+    assert not out.exists()  # no demo line made, no worker started

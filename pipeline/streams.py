@@ -1075,7 +1075,17 @@ class StreamClient:
         pattern = health_key(prefix, "*", "*")
         keys = self._call(lambda: list(self.redis.scan_iter(match=pattern, count=500)), "read_health")
         values = self._call(lambda: self.redis.mget(keys) if keys else [], "read_health")
-        return [json.loads(value) for value in values if value is not None]
+        statuses = []
+        for key, value in zip(keys, values, strict=True):
+            try:
+                status = json.loads(value) if value is not None else None
+            except ValueError:
+                status = None
+            if isinstance(status, dict):
+                statuses.append(status)
+            elif value is not None:  # not a heartbeat (another program's key under P:health): check, run and
+                logger.warning("not a heartbeat, skipped", extra={"key": key})  # forget-line read on
+        return statuses
 
 
     def line_footprint(self, keys: LineKeys) -> LineFootprint:

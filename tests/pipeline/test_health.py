@@ -13,7 +13,7 @@ from pipeline.config import Config, RedisSettings, StreamSettings
 from pipeline.health import HUNG_EXIT_STATUS, HUNG_REPORT_WAIT_S, HealthServer, Heartbeat
 from pipeline.metrics import Metrics
 from pipeline.redis_server import EmbeddedRedis
-from pipeline.streams import StreamClient
+from pipeline.streams import StreamClient, health_key
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -191,3 +191,12 @@ def test_a_hung_worker_exits_even_when_its_log_stream_blocks(client: StreamClien
     (record,) = handler.records  # written once the stream moves (in a real process, only if before the exit)
     root.removeHandler(handler)
     assert record.levelno == logging.CRITICAL and record.__dict__["hung"] == "a step"
+
+
+def test_a_key_among_the_heartbeats_that_is_not_one_is_skipped(redis_url: str, stream_prefix: str) -> None:
+    # one non-JSON value under P:health:*:* broke `lineinspect check`, forget-line and run's wait for its workers
+    client = StreamClient(redis_url, RedisSettings(), StreamSettings(prefix=stream_prefix))
+    client.write_health(health_key(stream_prefix, "score", "w1"), {"role": "score", "name": "w1", "state": "ok"}, 30)
+    client.redis.set(health_key(stream_prefix, "score", "model"), "/models/v1", px=30_000)
+    client.redis.set(health_key(stream_prefix, "sink", "list"), "[1, 2]", px=30_000)
+    assert [status["name"] for status in client.read_health(stream_prefix)] == ["w1"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.logs import setup_logging
-from pipeline.messages import line_id_problem, metadata_size_problem
+from pipeline.messages import MAX_METADATA_ENTRIES, line_id_problem, metadata_size_problem
 from pipeline.streams import LineKeys, StreamClient, StreamsUnavailable
 from workers.lifecycle import WorkerRuntime, default_worker_name, install_stop_handlers
 
@@ -128,6 +128,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         msg = f"--metadata takes KEY=VALUE, got {args.metadata}"
         raise ValueError(msg)
     problem = metadata_size_problem(metadata)
+    if len(metadata) > MAX_METADATA_ENTRIES:  # a source's own keys (source_file, label) may still tip it over
+        problem = f"{len(metadata)} entries; a frame's metadata holds at most {MAX_METADATA_ENTRIES}"
     if problem is not None:
         msg = f"--metadata: {problem}"
         raise ValueError(msg)

@@ -179,3 +179,6 @@ def test_ingest_refuses_ids_and_metadata_its_frames_could_not_carry(
     assert "is 317 characters; ids hold at most 256" in capsys.readouterr().err
     assert main(["ingest", "--source", source, "--metadata", f"recipe={'x' * 70_000}"]) == 2
     assert "--metadata: keys and str values hold at least 70006 bytes" in capsys.readouterr().err
+    many = [f"--metadata=k{index}=v" for index in range(257)]
+    assert main(["ingest", "--source", source, *many]) == 2
+    assert "--metadata: 257 entries; a frame's metadata holds at most 256" in capsys.readouterr().err

@@ -268,9 +268,13 @@ def run_demo(args: argparse.Namespace) -> int:
         scorers = [_start("score-worker", ["--name", f"run-score-{i}"], args, scorer_env, logs)
                    for i in range(args.workers)]  # fmt: skip
         print("waiting for the workers to load the model ...", flush=True)
-        failed = _wait_ready(
-            client, config.streams.prefix, args.line, {"score": args.workers, "sink": 1}, [sink, *scorers], stop
-        )
+        try:
+            failed = _wait_ready(
+                client, config.streams.prefix, args.line, {"score": args.workers, "sink": 1}, [sink, *scorers], stop
+            )
+        except BaseException:  # Redis lost while waiting: the workers run in sessions of their own, Ctrl-C misses them
+            stop_workers(config, None, scorers, sink, at_once)
+            raise
         if failed or stop.is_set():  # a worker died, or Ctrl-C while they loaded: no frames to send
             stop_workers(config, None, scorers, sink, at_once)
             client.close()

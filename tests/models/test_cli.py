@@ -315,17 +315,23 @@ def test_fit_and_calibrate_keep_to_the_configured_torch_threads(demo_line: DemoL
         assert done.stdout.split()[-2:] == ["1", "10000"], command[0]
 
 
-def test_score_says_why_an_uncalibrated_models_verdicts_are_unknown(
-    demo_line: DemoLine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def fit_without_threshold(demo_line: DemoLine, tmp_path: Path, config_toml: str) -> Path:
+    """A model fitted with ``config_toml`` on 3 of the demo's good images, too few for a threshold."""
     good = tmp_path / "good"
     good.mkdir()
-    for path in sorted(demo_line.train_dir.iterdir())[:3]:  # too few for a threshold
+    for path in sorted(demo_line.train_dir.iterdir())[:3]:
         shutil.copy(path, good / path.name)
-    (tmp_path / "config.toml").write_text(TINY_TOML)
+    (tmp_path / "config.toml").write_text(config_toml)
     model = tmp_path / "model"
     assert main(["fit", "--good", str(good), "--config", str(tmp_path / "config.toml"), "--out", str(model),
                  "--quiet"]) == 0  # fmt: skip
+    return model
+
+
+def test_score_says_why_an_uncalibrated_models_verdicts_are_unknown(
+    demo_line: DemoLine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = fit_without_threshold(demo_line, tmp_path, TINY_TOML)
     capsys.readouterr()
     assert main(["score", "--model", str(model), str(demo_line.test_images[0])]) == 0
     out, err = capsys.readouterr()
@@ -348,13 +354,6 @@ def test_fit_without_threshold_asks_for_as_many_good_images_as_the_rate_needs(
     demo_line: DemoLine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """At a 10% false-reject rate 10 good images resolve the rate: fit asked for 'at least 20, better 10'."""
-    good = tmp_path / "good"
-    good.mkdir()
-    for path in sorted(demo_line.train_dir.iterdir())[:3]:  # too few for a threshold
-        shutil.copy(path, good / path.name)
-    (tmp_path / "config.toml").write_text(TINY_TOML + "[threshold]\nfalse_reject_rate = 0.1\n")
-    model = tmp_path / "model"
-    assert main(["fit", "--good", str(good), "--config", str(tmp_path / "config.toml"), "--out", str(model),
-                 "--quiet"]) == 0  # fmt: skip
+    model = fit_without_threshold(demo_line, tmp_path, TINY_TOML + "[threshold]\nfalse_reject_rate = 0.1\n")
     out = capsys.readouterr().out
     assert f"`lineinspect calibrate --model {model} --good GOOD_IMAGES` sets one from at least 20 good images it" in out

@@ -561,14 +561,20 @@ def test_rejected_payloads_that_name_their_frame_get_an_error_decision(
     assert decision.frame_entry_id == entry_id
 
 
+def broken_model_dir(tmp_path: Path) -> Path:
+    """A model directory whose manifest is not JSON: it does not load."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{ not json")
+    return broken
+
+
 def test_a_broken_announced_model_falls_back_to_the_model_option(
     tiny_line: TinyLine, make_runtime: Callable[..., WorkerRuntime], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from models.artifact import read_manifest
 
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "manifest.json").write_text("{ not json")
+    broken = broken_model_dir(tmp_path)
     runtime = make_runtime("score", "w1")
     keys = LineKeys(runtime.config.streams.prefix, "line-1")
     runtime.client.set_model_dir(keys, str(broken))
@@ -600,9 +606,7 @@ def test_a_model_option_that_does_not_load_is_not_announced(
     # load" and fell back to its own --model), and promote-less lines kept it for good.
     from models.artifact import read_manifest
 
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "manifest.json").write_text("{ not json")
+    broken = broken_model_dir(tmp_path)
     runtime = make_runtime("score", "w1")
     keys = LineKeys(runtime.config.streams.prefix, "line-1")
     with pytest.raises(ValueError, match=f"model {broken} .*does not load") as caught:
@@ -654,9 +658,7 @@ def test_a_worker_falling_back_to_its_model_option_shows_that_it_loads_that_one(
 ) -> None:
     # The "starting" beats named the announced directory for the whole start, also while the worker, that one having
     # failed, loaded its --model: `lineinspect check` and /livez said it was loading a model it had given up on.
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "manifest.json").write_text("{ not json")
+    broken = broken_model_dir(tmp_path)
     runtime = make_runtime("score", "w1")
     keys = LineKeys(runtime.config.streams.prefix, "line-1")
     runtime.client.set_model_dir(keys, str(broken))

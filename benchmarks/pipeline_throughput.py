@@ -137,9 +137,7 @@ class MemorySampler:
         if now >= self._next:
             self._next = now + self.every_s
             self.used_memory.append(int(self.client.redis.info("memory")["used_memory"]))
-            self.streams_memory.append(
-                sum(self.client.redis.memory_usage(key, samples=0) or 0 for key in self.streams)
-            )
+            self.streams_memory.append(sum(self.client.redis.memory_usage(key, samples=0) or 0 for key in self.streams))
         if now >= self._next_scan:
             self._next_scan = now + self.scan_every_s
             self.scans.append(self.scan())
@@ -200,9 +198,7 @@ class Line:
         return ["sink"] + [f"score_{index}" for index in range(len(self.workers) - 1)]
 
 
-def ingest_and_collect(
-    line: Line, count: int, max_fps: float | None, sampler: MemorySampler
-) -> list[dict[str, Any]]:
+def ingest_and_collect(line: Line, count: int, max_fps: float | None, sampler: MemorySampler) -> list[dict[str, Any]]:
     """Run an ingest of ``count`` frames (paced at ``max_fps`` when given) and return their decisions' timings."""
     client, keys = line.client, line.keys
     position = client.last_id(keys.decisions)

@@ -50,24 +50,38 @@ SESSION6_PADIM: dict[str, Any] = {"method": "padim", "scoring": {"image_score": 
 # Other methods alone, with and without position normalisation (their RESULTS section 6 settings)
 METHOD_VARIANTS: dict[str, dict] = {
     f"{method}{suffix}": {**settings, "scoring": {**settings.get("scoring", {}), **scoring}}
-    for method, settings in dict[str, dict[str, dict[str, Any]]]({
-        "npad": {"model": {"method": "npad"}},
-        "padim": {"model": {"method": "padim", "aggregation_kernel": 1}, "scoring": {"image_score": "max"}},
-        # session 5: settings of the fusion's PaDiM member (all 152 Lite0 channels; PatchCore's 3x3 average)
-        "padim-channels-152": {"model": {"method": "padim", "aggregation_kernel": 1}, "padim": {"channels": 152},
-                               "scoring": {"image_score": "max"}},
-        "padim-aggregate-3": {"model": {"method": "padim"}, "scoring": {"image_score": "max"}},
-        "padim-topk": {"model": {"method": "padim", "aggregation_kernel": 1}, "scoring": {"image_score": "topk"}},
-        "padim-layers-2-3-4": {"model": {"method": "padim", "aggregation_kernel": 1,
-                                         "layers": ["blocks.2", "blocks.3", "blocks.4"]},
-                               "padim": {"channels": 232}, "scoring": {"image_score": "max"}},
-        # session 10: the default fusion's coarse member alone (background_lift.py)
-        "padim-layers-2-3-4-size-160": {"model": {"method": "padim", "aggregation_kernel": 1, "image_size": 160,
-                                                  "layers": ["blocks.2", "blocks.3", "blocks.4"]},
-                                        "padim": {"channels": 232}, "scoring": {"image_score": "max"}},
-        "gaussian": {"model": {"method": "gaussian"}},
-        "cfa": {"model": {"method": "cfa"}},
-    }).items()
+    for method, settings in dict[str, dict[str, dict[str, Any]]](
+        {
+            "npad": {"model": {"method": "npad"}},
+            "padim": {"model": {"method": "padim", "aggregation_kernel": 1}, "scoring": {"image_score": "max"}},
+            # session 5: settings of the fusion's PaDiM member (all 152 Lite0 channels; PatchCore's 3x3 average)
+            "padim-channels-152": {
+                "model": {"method": "padim", "aggregation_kernel": 1},
+                "padim": {"channels": 152},
+                "scoring": {"image_score": "max"},
+            },
+            "padim-aggregate-3": {"model": {"method": "padim"}, "scoring": {"image_score": "max"}},
+            "padim-topk": {"model": {"method": "padim", "aggregation_kernel": 1}, "scoring": {"image_score": "topk"}},
+            "padim-layers-2-3-4": {
+                "model": {"method": "padim", "aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4"]},
+                "padim": {"channels": 232},
+                "scoring": {"image_score": "max"},
+            },
+            # session 10: the default fusion's coarse member alone (background_lift.py)
+            "padim-layers-2-3-4-size-160": {
+                "model": {
+                    "method": "padim",
+                    "aggregation_kernel": 1,
+                    "image_size": 160,
+                    "layers": ["blocks.2", "blocks.3", "blocks.4"],
+                },
+                "padim": {"channels": 232},
+                "scoring": {"image_score": "max"},
+            },
+            "gaussian": {"model": {"method": "gaussian"}},
+            "cfa": {"model": {"method": "cfa"}},
+        }
+    ).items()
     for suffix, scoring in {"": {}, "-unnormalised": {"normalise_positions": False}}.items()
 }
 VARIANTS: dict[str, dict] = {
@@ -123,51 +137,98 @@ VARIANTS: dict[str, dict] = {
     # session 5: PatchCore without its recommended PaDiM companion (the default until session 5), and the fusion
     # spelt out: must reproduce "patchcore+padim"
     "patchcore": {"fusion": {"members": []}},
-    "fusion-padim": {"fusion": {"members": [{"method": "padim", "model": {"aggregation_kernel": 1},
-                                             "scoring": {"image_score": "max"}}]}},
+    "fusion-padim": {
+        "fusion": {
+            "members": [{"method": "padim", "model": {"aggregation_kernel": 1}, "scoring": {"image_score": "max"}}]
+        }
+    },
     # session 7: the session-6 default, without the coarser (160 px) PaDiM the default fusion has since; the same
     # PatchCore + PaDiM pair on smaller inputs, to be fused with it ("fusion-224+pair-160": maps resized to 224)
     "fusion-224": {"fusion": {"members": [SESSION6_PADIM]}},
     **{f"pair-{size}": {"model": {"image_size": size}, "fusion": {"members": [SESSION6_PADIM]}} for size in (112, 160)},
     # session 7: only one method of the coarser pair (cheaper: PaDiM at 160 px has no index search)
-    "coarse-padim-only": {"fusion": {"members": [
-        SESSION6_PADIM, SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"image_size": 160}}]}},
+    "coarse-padim-only": {
+        "fusion": {
+            "members": [SESSION6_PADIM, SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"image_size": 160}}]
+        }
+    },
     # session 8: the coarser PaDiM's input size (default 160 = 5/7 of 224)
-    **{f"coarse-{size}": {"fusion": {"members": [
-        SESSION6_PADIM, SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"image_size": size}}]}}
-       for size in (128, 144, 176, 192)},
+    **{
+        f"coarse-{size}": {
+            "fusion": {
+                "members": [SESSION6_PADIM, SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"image_size": size}}]
+            }
+        }
+        for size in (128, 144, 176, 192)
+    },
     # session 9: a third, coarser PaDiM view beside the 160 px one (112 px had helped large and surface defects most
     # in session 7 but cost fine ones as a pair replacing 160 px; here it only adds a member)
-    "coarse-160-112": {"fusion": {"members": [SESSION6_PADIM] + [
-        SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"image_size": size}} for size in (160, 112)]}},
+    "coarse-160-112": {
+        "fusion": {
+            "members": [SESSION6_PADIM]
+            + [SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"image_size": size}} for size in (160, 112)]
+        }
+    },
     # session 10: both PaDiM members over blocks.2-3 (without blocks.4: a smaller receptive field, which
     # background_lift.py found to lift defective frames' backgrounds less)
-    "padim-members-2-3": {"fusion": {"members": [
-        SESSION6_PADIM | {"model": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3"]}},
-        SESSION6_PADIM | {"model": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3"], "image_size": 160}}]}},
+    "padim-members-2-3": {
+        "fusion": {
+            "members": [
+                SESSION6_PADIM | {"model": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3"]}},
+                SESSION6_PADIM
+                | {"model": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3"], "image_size": 160}},
+            ]
+        }
+    },
     # session 11: a fourth member on the stride-4 grid (Lite0 blocks.1 + blocks.2, 24 + 40 channels, 56 x 56 at
     # 224 px): small receptive fields, which lift a defective frame's background least, and finer maps for thin
     # defects
-    "fine-padim": {"fusion": {"members": [
-        SESSION6_PADIM, SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"image_size": 160}},
-        SESSION6_PADIM | {"model": {"aggregation_kernel": 1, "layers": ["blocks.1", "blocks.2"]}}]}},
+    "fine-padim": {
+        "fusion": {
+            "members": [
+                SESSION6_PADIM,
+                SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"image_size": 160}},
+                SESSION6_PADIM | {"model": {"aggregation_kernel": 1, "layers": ["blocks.1", "blocks.2"]}},
+            ]
+        }
+    },
     # session 11: a fourth member, PaDiM over local pixel statistics (cell means, deviations and gradient energy of
     # 8, 16 and 32 px cells), lost on every set and was removed: run it from commit 18bd092
     # session 11: both PaDiM members over 3x3-averaged features (PatchCore's local aggregation) instead of raw ones:
     # steadier per-position Gaussians for large, low-contrast defects? (The default since session 12.)
-    "padim-members-aggregate-3": {"fusion": {"members": [
-        SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"aggregation_kernel": 3}},
-        SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"aggregation_kernel": 3, "image_size": 160}}]}},
+    "padim-members-aggregate-3": {
+        "fusion": {
+            "members": [
+                SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"aggregation_kernel": 3}},
+                SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"aggregation_kernel": 3, "image_size": 160}},
+            ]
+        }
+    },
     # session 11: only the coarse (160 px) member, the one there for large defects, over 3x3-averaged features
-    "coarse-aggregate-3": {"fusion": {"members": [
-        SESSION6_PADIM,
-        SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"aggregation_kernel": 3, "image_size": 160}}]}},
-    "coarse-patchcore-only": {"fusion": {"members": [
-        SESSION6_PADIM, {"method": "patchcore", "model": {"image_size": 160}, "scoring": {}}]}},
+    "coarse-aggregate-3": {
+        "fusion": {
+            "members": [
+                SESSION6_PADIM,
+                SESSION6_PADIM | {"model": SESSION6_PADIM["model"] | {"aggregation_kernel": 3, "image_size": 160}},
+            ]
+        }
+    },
+    "coarse-patchcore-only": {
+        "fusion": {"members": [SESSION6_PADIM, {"method": "patchcore", "model": {"image_size": 160}, "scoring": {}}]}
+    },
     # session 6: the PaDiM member over blocks.2-5 (Lite0's stride-32 blocks.5 adds 192 channels of wider context)
-    "fusion-padim-2-5": {"padim": {"channels": 424}, "fusion": {"members": [{"method": "padim", "model": {
-        "aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4", "blocks.5"]},
-        "scoring": {"image_score": "max"}}]}},
+    "fusion-padim-2-5": {
+        "padim": {"channels": 424},
+        "fusion": {
+            "members": [
+                {
+                    "method": "padim",
+                    "model": {"aggregation_kernel": 1, "layers": ["blocks.2", "blocks.3", "blocks.4", "blocks.5"]},
+                    "scoring": {"image_score": "max"},
+                }
+            ]
+        },
+    },
     # session 8: N-pad's inference neighbourhood for the PaDiM members: each patch scored against the nearest of the
     # Gaussians within 1 (2) grid cells, so parts displaced by up to 8 (16) px at stride 8 stay normal
     "padim-radius-1": {"padim": {"inference_radius": 1}},

@@ -21,6 +21,7 @@ fi
 if [ "${1:-}" = "test" ]; then
   shift
   "$VENV/bin/ruff" check .   # every Python file, deploy/ scripts included
+  "$VENV/bin/ruff" format --check .   # one layout: a file ruff would reformat fails here
   "$VENV/bin/mypy" .
   exec "$VENV/bin/pytest" -q "$@"
 fi

@@ -137,6 +137,7 @@ class InspectionMask:
 
     def cell_shares(self, size: int, grid_h: int, grid_w: int) -> torch.Tensor:
         """``(grid_h * grid_w,)`` float: the inspected share of each patch cell of a ``(size, size)`` map."""
+
         def compute() -> torch.Tensor:
             inspected = self.pixels(size).float()[None, None]
             return torch.nn.functional.adaptive_avg_pool2d(inspected, (grid_h, grid_w)).flatten()
@@ -146,6 +147,7 @@ class InspectionMask:
     def cells(self, size: int, grid_h: int, grid_w: int) -> torch.Tensor:
         """``(grid_h * grid_w,)`` bool: the patch cells of a ``(size, size)`` map that count for the image score
         (``MIN_CELL_SHARE`` of them inspected; where no cell has that much, every cell with any inspected pixel)."""
+
         def compute() -> torch.Tensor:
             shares = self.cell_shares(size, grid_h, grid_w)
             counted = shares >= MIN_CELL_SHARE

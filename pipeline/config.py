@@ -123,7 +123,9 @@ class BankSettings(_Section):
         default=8.0, gt=0, le=64, description="bounded_coreset, compressed: bank rows = ratio x patches of one image."
     )
     pool_patches: int = Field(
-        default=200_000, ge=1000, le=10_000_000,
+        default=200_000,
+        ge=1000,
+        le=10_000_000,
         description="bounded_coreset: patches sampled uniformly from all training images for the k-center search.",
     )
     ema_momentum: float = Field(
@@ -263,7 +265,10 @@ class PatchSVDDSettings(_Section):
     kmeans_weight: float = Field(default=1.0, ge=0, description="multiscale: weight of the k-means loss.")
     kmeans_clusters: int = Field(default=16, ge=1, le=1024, description="multiscale: centroids per scale.")
     similarity_margin: float = Field(
-        default=0.1, ge=0, le=2, description="multiscale: a jittered patch must be this much more cosine-similar "
+        default=0.1,
+        ge=0,
+        le=2,
+        description="multiscale: a jittered patch must be this much more cosine-similar "
         "to its anchor than the anchor's next-patch neighbour.",
     )
     learning_rate: float = Field(default=1e-4, gt=0, le=1, description="Adam learning rate (official 1e-4).")
@@ -271,14 +276,18 @@ class PatchSVDDSettings(_Section):
         default=64, ge=2, le=1024, description="Patch pairs per task and scale per step (official 64)."
     )
     epochs: int = Field(
-        default=1000, ge=0, le=100_000,
+        default=1000,
+        ge=0,
+        le=100_000,
         description="Cap on passes; one pass draws one pair per task and scale from every training image.",
     )
     max_train_seconds: float = Field(
         default=600.0, gt=0, description="Wall-time cap on training (the budget that binds on a CPU)."
     )
     bank_rows: int = Field(
-        default=32_768, ge=16, description="Training patch embeddings kept per scale (random subsample).",
+        default=32_768,
+        ge=16,
+        description="Training patch embeddings kept per scale (random subsample).",
     )
     seed: int = 0
 
@@ -387,8 +396,14 @@ class NpadSettings(_Section):
 # maps are resized to [model] image_size before the mean).
 SHARED_MODEL_KEYS = ("method", "resize", "intensity", "registration", "inspection_mask", "device")
 SHARED_SCORING_KEYS = (
-    "shift_pixels", "shift_pattern", "shift_aggregate", "shift_only_failing", "batch_size", "normalise_positions",
-    "normalisation_fraction", "map_baseline",
+    "shift_pixels",
+    "shift_pattern",
+    "shift_aggregate",
+    "shift_only_failing",
+    "batch_size",
+    "normalise_positions",
+    "normalisation_fraction",
+    "map_baseline",
 )
 
 

@@ -1087,7 +1087,6 @@ class StreamClient:
                 logger.warning("not a heartbeat, skipped", extra={"key": key})  # forget-line read on
         return statuses
 
-
     def line_footprint(self, keys: LineKeys) -> LineFootprint:
         """The line's keys (by SCAN, never KEYS, matching only its own names, each checked for the type the line
         gives it) with their sizes, and its frames that have no published decision yet. Writes nothing."""
@@ -1164,6 +1163,7 @@ class StreamClient:
         for start in range(0, len(names), UNLINK_BATCH):
             removed += int(self._call(partial(self.redis.unlink, *names[start : start + UNLINK_BATCH]), "unlink"))
         return removed
+
 
 def _dead_letter_fields(letter: DeadLetter, source_stream: str) -> dict[str, str | bytes]:
     """The stream fields of a dead letter; a payload over ``DEAD_LETTER_PAYLOAD_BYTES`` keeps only its first bytes,

@@ -159,8 +159,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     scorer = load_scorer(args.model, args.device)
     threshold = scorer.threshold.value if scorer.threshold else None
     if threshold is None:
-        print(f"lineinspect score: the model has no threshold, so every verdict is 'unknown': run `lineinspect "
-              f"calibrate --model {args.model} --good GOOD_IMAGES` on good images it has not seen", file=sys.stderr)
+        print(
+            f"lineinspect score: the model has no threshold, so every verdict is 'unknown': run `lineinspect "
+            f"calibrate --model {args.model} --good GOOD_IMAGES` on good images it has not seen",
+            file=sys.stderr,
+        )
     if args.heatmaps:
         _writable_directory(args.heatmaps, "heatmap directory")
     written: set[str] = set()
@@ -343,8 +346,12 @@ def _add_model_commands(subparsers: argparse._SubParsersAction) -> None:
                                 "passing frames keep unshifted scores). Default: every frame shifted")  # fmt: skip
         else:
             parser.add_argument("--good", type=Path, required=True, help="held-out good images")
-            parser.add_argument("--false-reject-rate", type=_fraction(0.0, 0.5), default=None,
-                                help="share of good parts allowed to fail (default: [threshold] false_reject_rate)")
+            parser.add_argument(
+                "--false-reject-rate",
+                type=_fraction(0.0, 0.5),
+                default=None,
+                help="share of good parts allowed to fail (default: [threshold] false_reject_rate)",
+            )
             parser.add_argument("--data", type=Path, default=None, help="labelled data: also report best-F1 threshold")
 
     demo = command("demo", cmd_demo, "fit and evaluate on a synthetic demo line (no Redis)")

@@ -138,7 +138,15 @@ def replay_and_compare(
             "timed_out": len(candidate) < expected and not stopped,
             "stopped": stopped,
             "warnings": _warnings(
-                path, recording, source, ingestor.published, len(candidate), stopped, stalled, line_id, timeout_s,
+                path,
+                recording,
+                source,
+                ingestor.published,
+                len(candidate),
+                stopped,
+                stalled,
+                line_id,
+                timeout_s,
                 ingestor.not_sent,
             )
             + _model_warnings(

@@ -70,4 +70,3 @@ class AnomalyMethod(ABC):
     @abstractmethod
     def describe(self) -> str:
         """One line for people: what was fitted (e.g. 'compressed bank 6272 x 152')."""
-

@@ -74,8 +74,6 @@ ALL_CHANNEL_SUMS_BUDGET = 1 << 30  # bytes: above this, count channel sparsity i
 FIT_MEMORY_LIMIT = 4 << 30  # bytes of per-position sums + covariances: refuse settings that need more
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The paper's pieces, each a pure function
 # ---------------------------------------------------------------------------------------------------------------

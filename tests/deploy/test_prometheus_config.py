@@ -61,7 +61,5 @@ def test_every_requested_alert_and_recording_rule_exists(deploy_dir: Path) -> No
     tested = yaml.safe_load((deploy_dir / "prometheus" / "alerts_test.yml").read_text())["tests"]
     exercised = {case["alertname"] for test in tested for case in test.get("alert_rule_test", [])}
     assert alerts - exercised == set()  # every alert has a promtool case
-    firing = {
-        case["alertname"] for test in tested for case in test.get("alert_rule_test", []) if case["exp_alerts"]
-    }
+    firing = {case["alertname"] for test in tested for case in test.get("alert_rule_test", []) if case["exp_alerts"]}
     assert alerts - firing == set()  # ... in which it fires, not only one where it stays quiet

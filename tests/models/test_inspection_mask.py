@@ -177,8 +177,13 @@ def test_a_mask_too_thin_for_the_models_size_is_refused_before_fitting(demo_line
     config = config_from_mapping(TINY | {"model": TINY["model"] | {"inspection_mask": str(tmp_path / "seam.png")}})
     with pytest.raises(MaskError, match=r"no whole pixel at 96x96 px .*patchcore.*draw it wider"):
         fit_scorer(sorted(demo_line.train_dir.iterdir()), config, progress=False)
-    registered = config_from_mapping(TINY | {"model": TINY["model"] | {"inspection_mask": str(tmp_path / "seam.png"),
-                                                                       "image_size": 320, "registration": "on"}})
+    registered = config_from_mapping(
+        TINY
+        | {
+            "model": TINY["model"]
+            | {"inspection_mask": str(tmp_path / "seam.png"), "image_size": 320, "registration": "on"}
+        }
+    )
     with pytest.raises(MaskError, match=r"no whole pixel at 128x128 px .*registration"):
         fit_scorer(sorted(demo_line.train_dir.iterdir()), registered, progress=False)
 

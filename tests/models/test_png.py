@@ -80,8 +80,9 @@ def test_a_png_cut_at_any_byte_is_truncated() -> None:
     assert len([kind for _, kind, _ in chunks(data) if kind == b"IDAT"]) >= 2
     for cut in range(len(PNG_SIGNATURE), len(data)):
         layout = walk_png(data[:cut])
-        assert layout.problem is not None and layout.problem.endswith("truncated (a file still being written, "
-                                                                      "or a copy or transfer cut short)"), cut
+        assert layout.problem is not None and layout.problem.endswith(
+            "truncated (a file still being written, or a copy or transfer cut short)"
+        ), cut
         assert layout.size == ((96, 64) if cut >= 24 else None), cut  # the size is read once IHDR holds it
     for cut in (10, 30, len(data) // 2, len(data) - 5):
         with pytest.raises(ImageError, match=r"frame-9: PNG data ends .*: truncated"):

@@ -109,9 +109,7 @@ def test_two_claimers_racing_over_trimmed_entries_report_each_once(config: Confi
     assert client.group_stats(keys.frames)[SCORER_GROUP].pending == 0
 
 
-def test_a_result_acked_and_deleted_while_a_peer_claims_is_not_reported_trimmed(
-    config: Config, keys: LineKeys
-) -> None:
+def test_a_result_acked_and_deleted_while_a_peer_claims_is_not_reported_trimmed(config: Config, keys: LineKeys) -> None:
     # The sink deletes results it acknowledges. A peer sink's claim that listed an entry as idle, then found it gone
     # after the owner acknowledged and deleted it, reported it trimmed: a false entry_trimmed dead letter for a
     # result whose decision had been published.
@@ -136,6 +134,7 @@ def test_a_result_acked_and_deleted_while_a_peer_claims_is_not_reported_trimmed(
     owner.close()
     claimer.close()
     assert reported == []
+
 
 def test_commit_appends_dead_letters_and_acks_together(client: StreamClient, keys: LineKeys) -> None:
     client.ensure_group(keys.frames, SCORER_GROUP)
@@ -238,6 +237,7 @@ def test_every_frame_reusing_an_id_is_recognised_for_a_full_ttl_and_the_marker_s
 ) -> None:
     """A camera that sends one id for every frame: a frame decided just before the id's first frame expires must
     still be recognised when redelivered, and frames older than the TTL leave the marker."""
+
     def publish(entry_id: str) -> Publication:
         [outcome] = client.publish_decisions_once(keys, [DecisionToPublish("cam", entry_id, b"d", b"d reused")], 1)
         return outcome

@@ -51,9 +51,7 @@ def run_line(client: StreamClient, keys: LineKeys, frames: int = 3) -> list[str]
 
 def snapshot(client: StreamClient, prefix: str) -> dict[str, Any]:
     """Every key under ``prefix`` with a dump of its value."""
-    return {
-        name.decode(): client.redis.dump(name) for name in client.redis.scan_iter(match=f"{prefix}:*", count=1000)
-    }
+    return {name.decode(): client.redis.dump(name) for name in client.redis.scan_iter(match=f"{prefix}:*", count=1000)}
 
 
 def line_keys_left(client: StreamClient, keys: LineKeys) -> set[str]:

@@ -131,9 +131,12 @@ def test_ctrl_c_while_the_workers_load_sends_no_frame(tmp_path: Path, redis_url:
     assert run.returncode == 0, output[-3000:]
     assert "stopped before any frame was sent" in output and "started ingest" not in output
     assert not list((out / "logs").glob("ingest*"))
-    assert StreamClient(redis_url, RedisSettings(), StreamSettings(prefix=prefix)).length(
-        LineKeys(prefix, "line-1").frames
-    ) == 0
+    assert (
+        StreamClient(redis_url, RedisSettings(), StreamSettings(prefix=prefix)).length(
+            LineKeys(prefix, "line-1").frames
+        )
+        == 0
+    )
 
 
 def test_run_refuses_a_line_no_worker_may_run_before_fitting_or_touching_redis(tmp_path: Path, redis_url: str) -> None:

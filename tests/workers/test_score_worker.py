@@ -313,6 +313,7 @@ def test_a_promoted_model_survives_redis_losing_the_model_key(
 
     wait_until(swapped, what="the promoted model")
     runtime.client.redis.delete(keys.model)  # Redis came back empty
+
     def reannounced() -> bool:
         slot.refresh()
         return runtime.client.get_model_dir(keys) is not None
@@ -554,7 +555,10 @@ def test_rejected_payloads_that_name_their_frame_get_an_error_decision(
     assert (letter["reason"], letter["frame_id"]) == (reason, fields["frame_id"])
     [decision] = decisions_in(runtime.client, worker.keys.results)
     assert (decision.frame_id, decision.line_id, decision.verdict, decision.error_reason) == (
-        fields["frame_id"], "line-1", "error", reason
+        fields["frame_id"],
+        "line-1",
+        "error",
+        reason,
     )
     assert decision.camera_id == "cam0" and decision.score is None
     # the sink tells a redelivery of this entry (another worker's decision for it: suppressed) from a new frame

@@ -114,9 +114,7 @@ def test_heatmap_store_prunes_files_on_disk(tmp_path: Path) -> None:
     assert kept == sorted(store.path_for("line/1", f"frame {index}").name for index in (2, 3))
 
 
-def _frames_with_results(
-    sink: SinkWorker, count: int, verdict: str = "fail"
-) -> tuple[list[Frame], list[Decision]]:
+def _frames_with_results(sink: SinkWorker, count: int, verdict: str = "fail") -> tuple[list[Frame], list[Decision]]:
     """``count`` frames on the frames stream and a scoring result for each (with a map when ``verdict`` is fail)."""
     client, keys = sink.runtime.client, sink.keys
     pixels, extra = encode_pixels(np.full((40, 40, 3), 60, dtype=np.uint8), "png")

@@ -74,7 +74,9 @@ def test_promote_announces_only_models_that_load(
 
 
 def test_promote_gives_up_on_an_unreachable_redis_with_one_line_and_exit_1(
-    tiny_line: TinyLine, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tiny_line: TinyLine,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An operator's one-shot command must not wait for Redis forever as a worker does; exit 1, as every command

@@ -101,7 +101,6 @@ def test_pooled_gaussians_are_those_of_the_neighbours_samples_together() -> None
     assert same_mean is mean and same_covariance is covariance
 
 
-
 def _pattern(count: int, size: int, seed: int) -> torch.Tensor:
     """Good parts: one fixed smooth 2-D pattern plus a little noise, ``(count, 3, size, size)`` in [0, 1]."""
     generator = torch.Generator().manual_seed(seed)

@@ -168,12 +168,7 @@ class ModelSlot:
         changes. Nothing loads: ValueError naming the directory and why, the worker's one-line exit."""
         if announced is None:
             assert initial_dir is not None
-            try:
-                return str(initial_dir), self.loader(initial_dir)
-            except Exception as error:
-                reason = f"{type(error).__name__}: {error}"
-                msg = f"model {initial_dir} (--model or worker.model_dir) does not load: {reason}"
-                raise ValueError(msg) from error
+            return self._load_option(initial_dir)
         try:
             return announced, self.loader(Path(announced))
         except Exception as error:
@@ -187,14 +182,18 @@ class ModelSlot:
             extra={"announced_model_dir": announced, "model_dir": str(initial_dir), "error": reason},
         )
         starting.show(loading=str(initial_dir))
+        return self._load_option(initial_dir, f"model {announced} (named by {self.keys.model}) does not load: {reason}")
+
+    def _load_option(self, initial_dir: Path, failed_before: str = "") -> tuple[str, ScorerLike]:
+        """``initial_dir`` (``--model``) and its scorer; ValueError naming it, after ``failed_before`` (the announced
+        model's failure) when given, if it does not load."""
         try:
             return str(initial_dir), self.loader(initial_dir)
-        except Exception as fallback_error:
-            msg = (
-                f"model {announced} (named by {self.keys.model}) does not load: {reason}; "
-                f"nor does --model {initial_dir}: {type(fallback_error).__name__}: {fallback_error}"
-            )
-            raise ValueError(msg) from fallback_error
+        except Exception as error:
+            reason = f"{type(error).__name__}: {error}"
+            msg = (f"{failed_before}; nor does --model {initial_dir}: {reason}" if failed_before
+                   else f"model {initial_dir} (--model or worker.model_dir) does not load: {reason}")  # fmt: skip
+            raise ValueError(msg) from error
 
     def _follow_peer(self, starting: StartingBeat) -> None:
         """The key was unset when this worker began loading ``--model`` and a peer announced its model meanwhile (two

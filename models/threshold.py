@@ -16,6 +16,7 @@ import numpy as np
 if TYPE_CHECKING:  # imported where it is built: judging a threshold (lineinspect replay) needs no torch
     from models.scorer import Threshold
 
+FALSE_REJECT_RATE_METHOD = "false_reject_rate"  # Threshold.method of a threshold set from good images' scores
 MIN_GOOD_IMAGES = 2  # one score has no spread for a margin: its threshold would fail half of all good parts
 RELIABLE_GOOD_IMAGES = 20  # fewer: thresholds rejected 1-50% of other good images on validation (RESULTS.md 7)
 # Share of other good parts that thresholds set from k good images (their largest score plus one inter-quartile
@@ -59,7 +60,7 @@ def false_reject_threshold(good_scores: np.ndarray, false_reject_rate: float) ->
     else:
         # Everything strictly above the threshold fails; put it at the score that leaves allowed_rejects above it.
         value = float(scores[scores.size - allowed_rejects - 1])
-    return Threshold(value=value, method="false_reject_rate", false_reject_rate=false_reject_rate,
+    return Threshold(value=value, method=FALSE_REJECT_RATE_METHOD, false_reject_rate=false_reject_rate,
                      good_images=int(scores.size))  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-FALSE_REJECT_RATE_METHOD = "false_reject_rate"  # models.scorer.Threshold.method of a threshold set from good scores
+from models.threshold import FALSE_REJECT_RATE_METHOD, threshold_reliability  # numpy only: no torch
 
 
 def threshold_basis(model_dir: str | None, decided_by: Sequence[str]) -> dict[str, Any] | None:
@@ -51,8 +51,6 @@ def _model(basis: Mapping[str, Any]) -> str:
 
 def _weak(side: str, basis: Mapping[str, Any]) -> str | None:
     """What is weak about one side's threshold, or None."""
-    from models.threshold import threshold_reliability
-
     model, model_dir = _model(basis), basis["model_dir"]
     calibrate = f"`lineinspect calibrate --model {model_dir} --good GOOD_IMAGES`"
     if basis["threshold"] is None:

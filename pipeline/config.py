@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.messages import line_id_problem
+from pipeline.messages import brief_repr, line_id_problem
 
 ENV_PREFIX = "LINEINSPECT__"
 Resize = Literal["stretch", "pad", "tile"]  # how frames reach the model's square input (ModelSettings.resize)
@@ -547,7 +547,7 @@ class WorkerSettings(_Section):
         character) apply, so a line's own frames are not refused as ``invalid_fields``."""
         problem = line_id_problem(line_id)
         if problem is not None:
-            msg = f"line id {line_id[:40]!r}{'...' if len(line_id) > 40 else ''} {problem}"
+            msg = f"line id {brief_repr(line_id)} {problem}"
             raise ValueError(msg)
         return line_id
 

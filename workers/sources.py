@@ -27,7 +27,7 @@ from typing import Protocol
 import cv2
 
 from pipeline.codec import encode_pixels
-from pipeline.messages import Encoding, MetadataValue, id_problem
+from pipeline.messages import Encoding, MetadataValue, brief_repr, id_problem
 
 ENCODED_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 LABEL_KEY = "label"  # frame metadata naming the part's truth: "good" or a defect type (replay reports by it)
@@ -165,7 +165,7 @@ def parse_source(spec: str, default_camera_id: str, encoding: Encoding, jpeg_qua
     camera_id = camera_id or default_camera_id
     problem = id_problem(new_frame_id(camera_id))
     if problem is not None:  # checked here, or the ingest worker would stop at its first frame
-        msg = (f"camera id {camera_id[:40]!r}{'...' if len(camera_id) > 40 else ''} in {spec[:80]!r}: a frame id "
+        msg = (f"camera id {brief_repr(camera_id)} in {brief_repr(spec)}: a frame id "
                f"made from it (CAMERA_ID-<16 hex digits>) {problem}")  # fmt: skip
         raise ValueError(msg)
     if kind in ("folder", "loop-folder"):

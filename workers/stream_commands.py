@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.logs import setup_logging
-from pipeline.messages import MAX_METADATA_ENTRIES, line_id_problem, metadata_size_problem
+from pipeline.messages import MAX_METADATA_ENTRIES, brief_repr, line_id_problem, metadata_size_problem
 from pipeline.streams import LineKeys, StreamClient, StreamsUnavailable
 from workers.lifecycle import WorkerRuntime, default_worker_name, install_stop_handlers
 
@@ -56,7 +56,7 @@ def _line(args: argparse.Namespace, config: Config) -> str:
     line_id = str(args.line or config.worker.line_id)
     problem = line_id_problem(line_id)
     if problem is not None:
-        msg = f"--line {line_id[:40]!r}{'...' if len(line_id) > 40 else ''} {problem}"
+        msg = f"--line {brief_repr(line_id)} {problem}"
         raise ValueError(msg)
     return line_id
 
